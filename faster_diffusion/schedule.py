@@ -1,0 +1,266 @@
+"""Key-step schedules: at which denoising steps the UNet encoder runs.
+
+A key step is an index ``i`` into the scheduler's timesteps ``tau_0 > tau_1 > ... > tau_{N-1}``. At a key
+step the encoder runs; every other step reuses the encoder features of the latest key step (Li et al.,
+"Faster Diffusion", NeurIPS 2024, Sec. 3.2). Step 0 is always a key step.
+
+Two values live here:
+
+- :class:`KeySteps` says *how* to choose key steps (the paper's preset, every k-th step, an explicit list,
+  or every step). It does not know the number of steps yet. ``KeySteps.parse`` reads the text a user types.
+- :class:`KeyStepSchedule` is the resolved, validated set of indices for a given number of steps. Everything
+  else in the package reads it; nothing recomputes it.
+
+Example:
+    >>> from faster_diffusion import KeySteps
+    >>> KeySteps.parse("paper").resolve(20).indices
+    (0, 1, 2, 3, 5, 10, 15)
+    >>> KeySteps.parse("uniform:4").resolve(10).groups
+    ((0, 4), (4, 8), (8, 10))
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+#: Key steps of the paper for DDIM with 50 steps: t_key = {50, 49, 48, 47, 45, 40, 35, 25, 15} in the paper's
+#: 1-based, descending notation (Sec. 4.1 and the authors' reference code), as 0-based indices.
+PAPER_DDIM_50_KEY_STEPS: tuple[int, ...] = (0, 1, 2, 3, 5, 10, 15, 25, 35)
+
+#: The number of steps the paper's list was written for.
+PAPER_REFERENCE_STEPS = 50
+
+#: Key steps of the paper for DPM-Solver and DPM-Solver++ with 20 steps: the DDIM list cut at 20 (reference
+#: code).
+PAPER_DPM_SOLVER_20_KEY_STEPS: tuple[int, ...] = tuple(i for i in PAPER_DDIM_50_KEY_STEPS if i < 20)
+
+#: Uniform spacing the authors recommend for community fine-tunes (reference code README): every 4th step.
+RECOMMENDED_UNIFORM_EVERY = 4
+
+#: What ``KeySteps.parse`` accepts, for error messages.
+ACCEPTED_FORMS = (
+    "'paper', 'all', 'uniform:K' (K a whole number >= 1), or a comma-separated list of step indices "
+    "that starts with 0, such as '0,1,2,3,5,10,15,25,35'"
+)
+
+
+class KeyStepError(ValueError):
+    """A key-step specification that cannot be used. The message names the input and what is allowed."""
+
+
+class KeyStepKind(enum.Enum):
+    PAPER = "paper"
+    UNIFORM = "uniform"
+    EXPLICIT = "explicit"
+    ALL = "all"
+
+
+def paper_key_steps(num_steps: int) -> tuple[int, ...]:
+    """The paper's key steps for ``num_steps`` steps.
+
+    The paper gives one list, for 50 steps, and derives its 20-step DPM-Solver list by cutting it at 20.
+    We apply the same two rules to any step count:
+
+    - ``num_steps <= 50``: the 50-step list cut at ``num_steps`` (gives the paper's lists for 50 and 20);
+    - ``num_steps > 50``: the 50-step list scaled to ``num_steps``, ``floor(i * num_steps / 50 + 1/2)``
+      (rounded half up), so the key steps sit at the same fractions of the trajectory (scaling up never
+      merges two indices).
+    """
+    _check_num_steps(num_steps)
+    if num_steps <= PAPER_REFERENCE_STEPS:
+        return tuple(i for i in PAPER_DDIM_50_KEY_STEPS if i < num_steps)
+    return tuple(math.floor(i * num_steps / PAPER_REFERENCE_STEPS + 0.5) for i in PAPER_DDIM_50_KEY_STEPS)
+
+
+def uniform_key_steps(num_steps: int, every: int) -> tuple[int, ...]:
+    """Every ``every``-th step is a key step: ``i % every == 0`` (the reference code's uniform mode)."""
+    _check_num_steps(num_steps)
+    return tuple(range(0, num_steps, every))
+
+
+def _check_num_steps(num_steps: int) -> None:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise KeyStepError(f"num_steps must be a whole number >= 1, got {num_steps!r}")
+
+
+@dataclass(frozen=True)
+class KeySteps:
+    """How to choose key steps, before the number of steps is known.
+
+    Build one with :meth:`paper`, :meth:`uniform`, :meth:`explicit`, :meth:`every_step` or :meth:`parse`,
+    then call :meth:`resolve` with the number of inference steps.
+    """
+
+    kind: KeyStepKind
+    #: For ``UNIFORM``: k, every k-th step is a key step.
+    every: int | None = None
+    #: For ``EXPLICIT``: the indices as given (validated for a step count by :meth:`resolve`).
+    indices: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        every = self.every
+        if self.kind is KeyStepKind.UNIFORM and (
+            isinstance(every, bool) or not isinstance(every, int) or every < 1
+        ):
+            raise KeyStepError(f"key_steps: uniform spacing must be a whole number >= 1, got {every!r}")
+        if self.kind is KeyStepKind.EXPLICIT:
+            _validate_explicit(self.indices)
+
+    @classmethod
+    def paper(cls) -> KeySteps:
+        """The paper's preset; see :func:`paper_key_steps` for step counts other than 50 and 20."""
+        return cls(KeyStepKind.PAPER)
+
+    @classmethod
+    def uniform(cls, every: int) -> KeySteps:
+        """Every ``every``-th step (``i % every == 0``). ``uniform(1)`` is every step."""
+        return cls(KeyStepKind.UNIFORM, every=every)
+
+    @classmethod
+    def explicit(cls, indices: Iterable[int]) -> KeySteps:
+        """An explicit, strictly increasing list of 0-based step indices that starts with 0."""
+        if isinstance(indices, (str, bytes)) or not isinstance(indices, Iterable):
+            raise KeyStepError(f"key_steps: expected a list of step indices, got {indices!r}")
+        return cls(KeyStepKind.EXPLICIT, indices=tuple(indices))
+
+    @classmethod
+    def every_step(cls) -> KeySteps:
+        """Every step is a key step: the encoder always runs, which is plain stock sampling."""
+        return cls(KeyStepKind.ALL)
+
+    @classmethod
+    def parse(cls, text: str) -> KeySteps:
+        """Read the text form a user types.
+
+        Accepted: ``paper``, ``all``, ``uniform:K`` and a comma-separated index list such as
+        ``0,1,2,3,5,10,15,25,35`` (spaces and surrounding brackets are allowed). Case does not matter.
+        """
+        if not isinstance(text, str):
+            raise KeyStepError(f"key_steps must be text, got {type(text).__name__}: {text!r}")
+        raw = text
+        text = text.strip().lower()
+        if text == "paper":
+            return cls.paper()
+        if text in ("all", "every"):
+            return cls.every_step()
+        match = re.fullmatch(r"uniform\s*[:=]\s*(\S+)", text)
+        if match:
+            value = match.group(1)
+            if not re.fullmatch(r"\d+", value):
+                raise KeyStepError(
+                    f"key_steps: invalid value {raw!r}: uniform spacing must be a whole number >= 1, "
+                    f"got {value!r}"
+                )
+            return cls.uniform(int(value))
+        body = text
+        if body.startswith("[") and body.endswith("]"):
+            body = body[1:-1]
+        parts = [part.strip() for part in body.split(",")]
+        if not body.strip() or not all(re.fullmatch(r"[+-]?\d+", part) for part in parts):
+            raise KeyStepError(f"key_steps: invalid value {raw!r}: expected {ACCEPTED_FORMS}")
+        return cls.explicit(int(part) for part in parts)
+
+    def resolve(self, num_steps: int) -> KeyStepSchedule:
+        """The validated schedule for ``num_steps`` inference steps."""
+        _check_num_steps(num_steps)
+        if self.kind is KeyStepKind.PAPER:
+            indices = paper_key_steps(num_steps)
+        elif self.kind is KeyStepKind.UNIFORM:
+            indices = uniform_key_steps(num_steps, self.every)
+        elif self.kind is KeyStepKind.ALL:
+            indices = tuple(range(num_steps))
+        else:
+            out_of_range = [i for i in self.indices if i >= num_steps]
+            if out_of_range:
+                raise KeyStepError(
+                    f"key_steps: index {out_of_range[0]} is out of range for {num_steps} steps; "
+                    f"allowed indices are 0 to {num_steps - 1}"
+                )
+            indices = self.indices
+        return KeyStepSchedule(num_steps=num_steps, indices=indices, source=self)
+
+    def __str__(self) -> str:
+        if self.kind is KeyStepKind.UNIFORM:
+            return f"uniform:{self.every}"
+        if self.kind is KeyStepKind.EXPLICIT:
+            return ",".join(str(i) for i in self.indices)
+        return self.kind.value
+
+
+def _validate_explicit(indices: tuple | None) -> None:
+    if not indices:
+        raise KeyStepError("key_steps: the list of step indices is empty; it must start with 0")
+    for value in indices:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise KeyStepError(f"key_steps: step indices must be whole numbers, got {value!r}")
+    negative = [i for i in indices if i < 0]
+    if negative:
+        raise KeyStepError(f"key_steps: step indices must be >= 0, got {negative[0]}")
+    if 0 not in indices:
+        raise KeyStepError(
+            f"key_steps: the list must contain step 0 (the first step always runs the encoder), "
+            f"got {list(indices)}"
+        )
+    seen = set()
+    for value in indices:
+        if value in seen:
+            raise KeyStepError(f"key_steps: step {value} is listed twice in {list(indices)}")
+        seen.add(value)
+    if list(indices) != sorted(indices):
+        raise KeyStepError(f"key_steps: step indices must be in increasing order, got {list(indices)}")
+
+
+@dataclass(frozen=True)
+class KeyStepSchedule:
+    """The key steps for one run of ``num_steps`` steps. Immutable; validated when built."""
+
+    num_steps: int
+    indices: tuple[int, ...]
+    #: The specification this schedule was resolved from, for echoing back.
+    source: KeySteps | None = None
+
+    def __post_init__(self) -> None:
+        _check_num_steps(self.num_steps)
+        _validate_explicit(self.indices)
+        if self.indices[-1] >= self.num_steps:
+            raise KeyStepError(
+                f"key_steps: index {self.indices[-1]} is out of range for {self.num_steps} steps; "
+                f"allowed indices are 0 to {self.num_steps - 1}"
+            )
+
+    @property
+    def groups(self) -> tuple[tuple[int, int], ...]:
+        """Half-open ranges ``(start, stop)``: a key step and the non-key steps that reuse its features."""
+        stops = (*self.indices[1:], self.num_steps)
+        return tuple(zip(self.indices, stops, strict=True))
+
+    @property
+    def group_end(self) -> tuple[int, ...]:
+        """For each step index, the end (exclusive) of the group it belongs to."""
+        ends = []
+        for start, stop in self.groups:
+            ends.extend([stop] * (stop - start))
+        return tuple(ends)
+
+    @property
+    def is_key(self) -> tuple[bool, ...]:
+        """For each step index, whether the encoder runs there."""
+        keys = set(self.indices)
+        return tuple(i in keys for i in range(self.num_steps))
+
+    @property
+    def num_key_steps(self) -> int:
+        return len(self.indices)
+
+    @property
+    def is_every_step(self) -> bool:
+        return len(self.indices) == self.num_steps
+
+    def describe(self) -> str:
+        """One line that says what was used, e.g. ``paper: 9 of 50 steps are key steps [0, 1, ...]``."""
+        name = str(self.source) if self.source is not None else "explicit"
+        return f"{name}: {self.num_key_steps} of {self.num_steps} steps are key steps {list(self.indices)}"
