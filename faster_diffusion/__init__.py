@@ -1,0 +1,52 @@
+"""Faster Diffusion for stock diffusers Stable Diffusion pipelines.
+
+Encoder propagation with a batched decoder and prior noise injection, after Li et al., "Faster Diffusion:
+Rethinking the Role of the Encoder for Diffusion Model Inference" (NeurIPS 2024).
+
+    >>> from faster_diffusion import FasterDiffusionConfig, KeySteps, apply_faster_diffusion, use_sampler
+    >>> use_sampler(pipe, "DDIM-50")                                  # doctest: +SKIP
+    >>> config = FasterDiffusionConfig(key_steps=KeySteps.paper())   # doctest: +SKIP
+    >>> handle = apply_faster_diffusion(pipe, config)                 # doctest: +SKIP
+    >>> image = pipe("an astronaut riding a horse", num_inference_steps=50).images[0]  # doctest: +SKIP
+    >>> handle.remove()                                               # doctest: +SKIP
+"""
+
+from .noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, NoiseInjection
+from .propagation import (
+    FasterDiffusion,
+    FasterDiffusionConfig,
+    RunStats,
+    UnsupportedModelError,
+    apply_faster_diffusion,
+    get_faster_diffusion,
+    remove_faster_diffusion,
+)
+from .samplers import Sampler, make_scheduler, use_sampler
+from .schedule import (
+    PAPER_DDIM_50_KEY_STEPS,
+    PAPER_DPM_SOLVER_20_KEY_STEPS,
+    KeyStepError,
+    KeySteps,
+    KeyStepSchedule,
+)
+
+__all__ = [
+    "PAPER_DDIM_50_KEY_STEPS",
+    "PAPER_DPM_SOLVER_20_KEY_STEPS",
+    "PRIOR_NOISE_ALPHA",
+    "PRIOR_NOISE_TAU",
+    "FasterDiffusion",
+    "FasterDiffusionConfig",
+    "KeyStepError",
+    "KeyStepSchedule",
+    "KeySteps",
+    "NoiseInjection",
+    "RunStats",
+    "Sampler",
+    "UnsupportedModelError",
+    "apply_faster_diffusion",
+    "get_faster_diffusion",
+    "make_scheduler",
+    "remove_faster_diffusion",
+    "use_sampler",
+]

@@ -1,0 +1,514 @@
+"""Encoder propagation with a batched decoder, attached to a stock diffusers pipeline.
+
+The UNet encoder (``conv_in``, the down blocks and the mid block) runs only at key steps. At a key step k,
+the decoder passes of the whole group k, k+1, ..., k'-1 run as one batch, on the encoder features of step k
+and the time embedding of each step (Li et al., "Faster Diffusion", Sec. 3.2 and 3.3). The stock pipeline
+loop then receives those noise predictions one step at a time, as if the UNet had run at every step.
+
+How it attaches, without copying ``StableDiffusionPipeline.__call__`` or ``UNet2DConditionModel.forward``:
+
+- A diffusers :class:`~diffusers.hooks.ModelHook` on the UNet decides, per call, which steps to decode and
+  calls the *stock* ``forward`` once per decoder batch, with the batch's timesteps.
+- Hooks on ``conv_in``, each down block and the mid block either compute their output on the key step's
+  rows of the batch and keep it, or hand back the kept output; either way repeated to the batch size.
+- A small wrapper on the scheduler instance's ``set_timesteps`` (a run starts: state is reset) and ``step``
+  (prior noise injection, then the step count advances). The step index comes from that count, never from a
+  lookup by timestep value, so the loop makes no host sync of its own.
+
+``remove()`` takes all of it off again, after which the pipeline gives back stock output exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+from .noise import NoiseInjection, inject_prior_noise
+from .schedule import KeySteps, KeyStepSchedule
+
+_UNET_HOOK = "faster_diffusion"
+_ENCODER_HOOK = "faster_diffusion_encoder"
+
+#: UNet inputs that carry one row per sample; a decoder batch of g steps repeats them g times.
+_BATCHED_INPUTS = ("encoder_hidden_states", "timestep_cond", "attention_mask", "encoder_attention_mask")
+
+#: UNet inputs that would change the encoder features in ways propagation cannot reuse.
+_UNSUPPORTED_INPUTS = (
+    "class_labels",
+    "down_block_additional_residuals",
+    "mid_block_additional_residual",
+    "down_intrablock_additional_residuals",
+)
+
+
+class UnsupportedModelError(ValueError):
+    """The pipeline or UNet uses a feature that encoder propagation does not support."""
+
+
+@dataclass(frozen=True)
+class FasterDiffusionConfig:
+    """Settings of encoder propagation.
+
+    Example:
+        >>> FasterDiffusionConfig(key_steps=KeySteps.uniform(4), max_decoder_batch=8).parallel
+        True
+    """
+
+    #: Which steps run the encoder. Resolved against the number of steps at the start of every run.
+    key_steps: KeySteps = field(default_factory=KeySteps.paper)
+    #: Run the decoder passes of a group as one batch (the paper's parallel decoder). When false, the
+    #: decoder runs one step at a time; the result is the same up to float rounding.
+    parallel: bool = True
+    #: Cap on how many steps one decoder batch holds (``None``: a whole group). Bounds memory on large
+    #: images; a group larger than the cap is split into consecutive chunks. Ignored when not parallel.
+    max_decoder_batch: int | None = None
+    #: Prior noise injection settings.
+    noise_injection: NoiseInjection = field(default_factory=NoiseInjection)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key_steps, KeySteps):
+            raise TypeError(f"key_steps must be a KeySteps value, got {self.key_steps!r}")
+        if not isinstance(self.parallel, bool):
+            raise TypeError(f"parallel must be true or false, got {self.parallel!r}")
+        cap = self.max_decoder_batch
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ValueError(f"max_decoder_batch must be a whole number >= 1 or None, got {cap!r}")
+        if not isinstance(self.noise_injection, NoiseInjection):
+            raise TypeError(f"noise_injection must be a NoiseInjection value, got {self.noise_injection!r}")
+
+    @property
+    def decoder_batch_cap(self) -> int | None:
+        """Steps per decoder batch at most; 1 when not parallel, ``None`` for no cap."""
+        return self.max_decoder_batch if self.parallel else 1
+
+
+@dataclass
+class RunStats:
+    """What one generation did. Counts are per pipeline call, for the whole image batch."""
+
+    schedule: KeyStepSchedule | None = None
+    #: Encoder passes (each over the whole CFG batch of one step).
+    encoder_passes: int = 0
+    #: Decoder passes, counted in steps (a batch of g steps counts g).
+    decoder_passes: int = 0
+    #: Calls of the stock UNet forward (one per decoder batch).
+    decoder_batches: int = 0
+    #: Scheduler steps taken.
+    steps: int = 0
+    #: Steps at which prior noise was injected.
+    injected_steps: int = 0
+
+
+class _RunState:
+    """Per-run state, shared by the hooks. Reset when a run starts, released when it ends."""
+
+    def __init__(self) -> None:
+        self.stats = RunStats()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the run and drop every cached tensor; the stats of the last run stay readable."""
+        self.active = False
+        self.is_key: tuple[bool, ...] = ()
+        self.group_end: tuple[int, ...] = ()
+        self.inject: tuple[bool, ...] = ()
+        self.timesteps: torch.Tensor | None = None
+        self.num_steps = 0
+        self.step = 0
+        self.unet_calls = 0
+        self.predictions: dict[int, torch.Tensor] = {}
+        self.encoder_cache: dict[int, Any] = {}
+        self.encoder_rows: int | None = None
+        self.initial_latents: torch.Tensor | None = None
+        # Set by the UNet hook for the length of one stock forward call.
+        self.computing_encoder = False
+        self.repeat = 0
+
+
+def _map_tensors(value: Any, fn) -> Any:
+    """Apply ``fn`` to every tensor in a (nested) tuple or list."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map_tensors(item, fn) for item in value)
+    return value
+
+
+def _repeat_rows(value: Any, times: int) -> Any:
+    """Repeat the batch dimension of every tensor in ``value`` ``times`` times (a tensor met twice is repeated
+    once and shared, as down blocks return their last output both as hidden states and as a skip feature)."""
+    if times == 1:
+        return value
+    seen: dict[int, torch.Tensor] = {}
+
+    def repeat(tensor: torch.Tensor) -> torch.Tensor:
+        key = id(tensor)
+        if key not in seen:
+            seen[key] = tensor.repeat(times, *([1] * (tensor.dim() - 1)))
+        return seen[key]
+
+    return _map_tensors(value, repeat)
+
+
+class _EncoderModuleHook(ModelHook):
+    """On ``conv_in``, a down block or the mid block: compute and keep, or reuse, its output."""
+
+    def __init__(self, state: _RunState, slot: int) -> None:
+        super().__init__()
+        self.state = state
+        self.slot = slot
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        state = self.state
+        if not state.repeat:
+            # Called outside a decoder batch of ours (for example the UNet used directly): stock behaviour.
+            return self.fn_ref.original_forward(*args, **kwargs)
+        should_compute_encoder = state.computing_encoder
+        if should_compute_encoder:
+            if state.repeat > 1:
+                rows = state.encoder_rows
+                total = rows * state.repeat
+
+                def first_rows(tensor: torch.Tensor) -> torch.Tensor:
+                    return tensor[:rows] if tensor.dim() > 0 and tensor.shape[0] == total else tensor
+
+                args = _map_tensors(args, first_rows)
+                kwargs = {name: _map_tensors(value, first_rows) for name, value in kwargs.items()}
+            output = self.fn_ref.original_forward(*args, **kwargs)
+            state.encoder_cache[self.slot] = output
+        else:
+            output = state.encoder_cache[self.slot]
+        return _repeat_rows(output, state.repeat)
+
+
+class _PropagationHook(ModelHook):
+    """On the UNet: serve each step's noise prediction, decoding a whole group per stock forward call."""
+
+    def __init__(self, state: _RunState, handle: FasterDiffusion) -> None:
+        super().__init__()
+        self.state = state
+        self.handle = handle
+        self._signature: inspect.Signature | None = None
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self._signature = inspect.signature(module.forward)
+        return module
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        state = self.state
+        self.handle._check_scheduler()
+        if not state.active:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        bound = self._signature.bind(*args, **kwargs)
+        inputs = dict(bound.arguments)
+        return_dict = inputs.get("return_dict", True)
+        _check_supported_call(module, inputs)
+        step = state.unet_calls
+        if step != state.step:
+            raise RuntimeError(
+                "faster_diffusion: the UNet was called twice for one scheduler step. Encoder propagation "
+                "supports pipelines that call the UNet once per step with the whole guidance batch, as "
+                "StableDiffusionPipeline does."
+            )
+        if step >= state.num_steps:
+            raise RuntimeError(
+                f"faster_diffusion: UNet call {step + 1} in a run of {state.num_steps} steps; the "
+                "scheduler's "
+                "set_timesteps() must be called at the start of every run"
+            )
+        if step not in state.predictions:
+            self._decode(module, step, inputs)
+        prediction = state.predictions.pop(step)
+        state.unet_calls += 1
+        if return_dict:
+            return UNet2DConditionOutput(sample=prediction)
+        return (prediction,)
+
+    def _decode(self, module: torch.nn.Module, start: int, inputs: dict[str, Any]) -> None:
+        """Run the stock forward once for steps ``start .. stop-1`` of the current group."""
+        state = self.state
+        stop = state.group_end[start]
+        cap = self.handle.config.decoder_batch_cap
+        if cap is not None:
+            stop = min(stop, start + cap)
+        steps = stop - start
+        sample = inputs["sample"]
+        rows = sample.shape[0]
+        should_compute_encoder = state.is_key[start]
+        if should_compute_encoder:
+            state.encoder_rows = rows
+        elif rows != state.encoder_rows:
+            raise RuntimeError(
+                f"faster_diffusion: the batch changed from {state.encoder_rows} to {rows} rows within a run"
+            )
+        if steps > 1:
+            inputs["sample"] = sample.repeat(steps, *([1] * (sample.dim() - 1)))
+            inputs["timestep"] = state.timesteps[start:stop].repeat_interleave(rows)
+            for name in _BATCHED_INPUTS:
+                if inputs.get(name) is not None:
+                    inputs[name] = _repeat_rows(inputs[name], steps)
+        inputs["return_dict"] = False
+        state.computing_encoder = should_compute_encoder
+        state.repeat = steps
+        try:
+            noise_pred = self.fn_ref.original_forward(**inputs)[0]
+        finally:
+            state.computing_encoder = False
+            state.repeat = 0
+        for offset, prediction in enumerate(noise_pred.chunk(steps)):
+            state.predictions[start + offset] = prediction
+        state.stats.encoder_passes += int(should_compute_encoder)
+        state.stats.decoder_passes += steps
+        state.stats.decoder_batches += 1
+
+
+def _check_supported_call(unet: torch.nn.Module, inputs: dict[str, Any]) -> None:
+    for name in _UNSUPPORTED_INPUTS:
+        if inputs.get(name) is not None:
+            raise UnsupportedModelError(
+                f"faster_diffusion: the UNet input {name!r} (ControlNet, T2I-Adapter or class conditioning) "
+                "is not supported with encoder propagation; remove faster diffusion for this pipeline"
+            )
+    added = inputs.get("added_cond_kwargs")
+    if added:
+        raise UnsupportedModelError(
+            f"faster_diffusion: added_cond_kwargs {sorted(added)} (IP-Adapter or SDXL conditioning) are not "
+            "supported with encoder propagation"
+        )
+    check_supported_unet(unet)
+
+
+def check_supported_unet(unet: torch.nn.Module) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``unet`` is an SD 1.x/2.x ``UNet2DConditionModel``."""
+    if not isinstance(unet, UNet2DConditionModel):
+        raise UnsupportedModelError(
+            f"faster_diffusion supports UNet2DConditionModel (Stable Diffusion 1.x/2.x), got "
+            f"{type(unet).__name__}"
+        )
+    config = unet.config
+    unsupported = {
+        "class_embed_type": config.class_embed_type,
+        "num_class_embeds": config.num_class_embeds,
+        "addition_embed_type": config.addition_embed_type,
+        "encoder_hid_dim_type": config.encoder_hid_dim_type,
+    }
+    found = {name: value for name, value in unsupported.items() if value is not None}
+    if found:
+        details = ", ".join(f"{name}={value!r}" for name, value in found.items())
+        raise UnsupportedModelError(
+            f"faster_diffusion supports Stable Diffusion 1.x/2.x UNets without class or added embeddings; "
+            f"this UNet has {details}"
+        )
+
+
+class _SchedulerTap:
+    """Wraps ``set_timesteps`` and ``step`` of one scheduler instance; undone by :meth:`detach`.
+
+    Schedulers are not ``nn.Module``s, so diffusers' hook registry cannot hold these. The wrappers keep the
+    wrapped methods' signatures (the pipeline inspects them for ``eta``, ``generator`` and ``timesteps``).
+    """
+
+    _METHODS = ("set_timesteps", "step")
+
+    def __init__(self, scheduler: Any, state: _RunState, handle: FasterDiffusion) -> None:
+        self.scheduler = scheduler
+        self.state = state
+        self.handle = handle
+        self._originals: dict[str, Any] = {}
+        self._step_signature: inspect.Signature | None = None
+
+    def attach(self) -> None:
+        for name in self._METHODS:
+            original = getattr(self.scheduler, name)
+            self._originals[name] = original
+            setattr(self.scheduler, name, self._wrap(original, getattr(self, f"_{name}")))
+        self._step_signature = inspect.signature(self._originals["step"])
+
+    @staticmethod
+    def _wrap(original: Any, replacement: Any) -> Any:
+        @functools.wraps(original)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return replacement(*args, **kwargs)
+
+        return wrapper
+
+    def detach(self) -> None:
+        for name in self._METHODS:
+            if name in vars(self.scheduler):
+                delattr(self.scheduler, name)
+        self._originals.clear()
+
+    def _set_timesteps(self, *args: Any, **kwargs: Any) -> Any:
+        result = self._originals["set_timesteps"](*args, **kwargs)
+        self.handle._start_run(self.scheduler.timesteps)
+        return result
+
+    def _step(self, *args: Any, **kwargs: Any) -> Any:
+        state = self.state
+        original = self._originals["step"]
+        if not state.active:
+            return original(*args, **kwargs)
+        index = state.step
+        bound = self._step_signature.bind(*args, **kwargs)
+        sample = bound.arguments["sample"]
+        if index == 0:
+            # z_T: the latents exactly as the pipeline prepared them (after init_noise_sigma scaling).
+            state.initial_latents = sample
+        should_inject_noise = state.inject[index]
+        if should_inject_noise:
+            alpha = self.handle.config.noise_injection.alpha
+            bound.arguments["sample"] = inject_prior_noise(sample, state.initial_latents, alpha)
+        result = original(*bound.args, **bound.kwargs)
+        state.step += 1
+        state.stats.steps += 1
+        state.stats.injected_steps += int(should_inject_noise)
+        if state.step == state.num_steps:
+            state.reset()  # the run is over: drop cached features and predictions
+        return result
+
+
+class FasterDiffusion:
+    """Faster diffusion attached to one pipeline. Made by :func:`apply_faster_diffusion`.
+
+    ``last_run`` holds the :class:`RunStats` of the latest generation. Use ``remove()`` (or a ``with``
+    block) to take the feature off; the pipeline then gives stock output exactly.
+    """
+
+    def __init__(self, pipe: Any, config: FasterDiffusionConfig) -> None:
+        self.config = config
+        self._pipe = weakref.ref(pipe)
+        self.unet = pipe.unet
+        self.scheduler = pipe.scheduler
+        self._state = _RunState()
+        self._tap = _SchedulerTap(self.scheduler, self._state, self)
+        self._encoder_modules = [self.unet.conv_in, *self.unet.down_blocks]
+        if self.unet.mid_block is not None:
+            self._encoder_modules.append(self.unet.mid_block)
+        self.attached = False
+
+    @property
+    def last_run(self) -> RunStats:
+        return self._state.stats
+
+    def _attach(self) -> None:
+        for slot, module in enumerate(self._encoder_modules):
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(
+                _EncoderModuleHook(self._state, slot), _ENCODER_HOOK
+            )
+        HookRegistry.check_if_exists_or_initialize(self.unet).register_hook(
+            _PropagationHook(self._state, self), _UNET_HOOK
+        )
+        self._tap.attach()
+        self.attached = True
+
+    def remove(self) -> None:
+        """Take faster diffusion off the pipeline. Safe to call twice."""
+        if not self.attached:
+            return
+        self._tap.detach()
+        HookRegistry.check_if_exists_or_initialize(self.unet).remove_hook(_UNET_HOOK, recurse=False)
+        for module in self._encoder_modules:
+            HookRegistry.check_if_exists_or_initialize(module).remove_hook(_ENCODER_HOOK, recurse=False)
+        self._state.reset()
+        self.attached = False
+
+    def __enter__(self) -> FasterDiffusion:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.remove()
+
+    def schedule_for(self, num_steps: int) -> KeyStepSchedule:
+        """The key-step schedule a run of ``num_steps`` steps will use (validates it now)."""
+        return self.config.key_steps.resolve(num_steps)
+
+    def _check_scheduler(self) -> None:
+        pipe = self._pipe()
+        if pipe is not None and pipe.scheduler is not self.scheduler:
+            raise RuntimeError(
+                "faster_diffusion: pipe.scheduler was replaced after apply_faster_diffusion(); set the "
+                "scheduler first, or call remove() and apply_faster_diffusion() again"
+            )
+
+    def _start_run(self, timesteps: torch.Tensor) -> None:
+        state = self._state
+        state.reset()
+        begin_index = getattr(self.scheduler, "begin_index", None)
+        if begin_index not in (None, 0):
+            raise UnsupportedModelError(
+                "faster_diffusion: runs that start part-way through the schedule (image-to-image, "
+                "begin_index set) are not supported"
+            )
+        check_supported_unet(self.unet)
+        # One host read of the timesteps per run (not per step), to place the injection steps.
+        values = timesteps.detach().to("cpu", torch.float64).tolist()
+        schedule = self.config.key_steps.resolve(len(values))
+        state.stats = RunStats(schedule=schedule)
+        state.is_key = schedule.is_key
+        state.group_end = schedule.group_end
+        state.inject = self.config.noise_injection.applies_at(values)
+        state.timesteps = timesteps
+        state.num_steps = len(values)
+        state.active = True
+
+
+def apply_faster_diffusion(pipe: Any, config: FasterDiffusionConfig | None = None) -> FasterDiffusion:
+    """Attach faster diffusion to a diffusers Stable Diffusion pipeline, in place.
+
+    The pipeline's current scheduler is used as it is (see :func:`faster_diffusion.use_sampler` to switch to
+    DDIM or DPM-Solver first). Returns a handle whose ``remove()`` takes the feature off again.
+
+    Example:
+        >>> from faster_diffusion import FasterDiffusionConfig, KeySteps, apply_faster_diffusion
+        >>> from faster_diffusion.tiny import build_tiny_pipeline
+        >>> pipe = build_tiny_pipeline()
+        >>> handle = apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=KeySteps.paper()))
+        >>> latents = pipe("a red circle", num_inference_steps=20, output_type="latent").images
+        >>> handle.last_run.encoder_passes, handle.last_run.decoder_passes
+        (7, 20)
+        >>> handle.remove()
+    """
+    if config is None:
+        config = FasterDiffusionConfig()
+    if not isinstance(config, FasterDiffusionConfig):
+        raise TypeError(f"config must be a FasterDiffusionConfig, got {type(config).__name__}")
+    unet = getattr(pipe, "unet", None)
+    scheduler = getattr(pipe, "scheduler", None)
+    if unet is None or scheduler is None:
+        raise UnsupportedModelError(
+            f"faster_diffusion needs a pipeline with a unet and a scheduler, got {type(pipe).__name__}"
+        )
+    check_supported_unet(unet)
+    for name in ("set_timesteps", "step"):
+        if not callable(getattr(scheduler, name, None)):
+            raise UnsupportedModelError(f"faster_diffusion: the scheduler has no {name}() method")
+    if get_faster_diffusion(pipe) is not None:
+        raise RuntimeError("faster_diffusion is already applied to this pipeline; call remove() first")
+    handle = FasterDiffusion(pipe, config)
+    handle._attach()
+    return handle
+
+
+def get_faster_diffusion(pipe: Any) -> FasterDiffusion | None:
+    """The handle attached to ``pipe``, or ``None``."""
+    unet = getattr(pipe, "unet", None)
+    registry = getattr(unet, "_diffusers_hook", None)
+    hook = registry.get_hook(_UNET_HOOK) if registry is not None else None
+    return hook.handle if hook is not None else None
+
+
+def remove_faster_diffusion(pipe: Any) -> bool:
+    """Take faster diffusion off ``pipe`` if it is attached. Returns whether anything was removed."""
+    handle = get_faster_diffusion(pipe)
+    if handle is None:
+        return False
+    handle.remove()
+    return True

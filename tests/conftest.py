@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny SD-shaped pipelines with random weights, built on the CPU in well under a second."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from faster_diffusion import use_sampler
+from faster_diffusion.tiny import build_tiny_pipeline
+
+SAMPLERS = ("DDIM-50", "DPM-Solver-20", "DPM-Solver++-20")
+
+#: Four resolutions like SD's UNet (three down-samplings), so 24 x 40 px images give latents of 12 x 20 that
+#: are not a multiple of 8: the UNet then passes explicit up-sampling sizes, as SD does at 8-px sizes that
+#: are not multiples of 64.
+SD_SHAPED_UNET = dict(
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 32, 64, 64),
+)
+
+#: An SD 2.x-style UNet: linear projections in the transformers, per-level head dims, upcast attention.
+SD2_SHAPED_UNET = dict(use_linear_projection=True, attention_head_dim=(2, 4), upcast_attention=True)
+
+# The tiny models are far too small to gain from several threads; one thread is faster and keeps timings of
+# other processes on this machine undisturbed.
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def make_pipe():
+    """Build a tiny pipeline with the given sampler; the same seed gives the same weights."""
+
+    def make(sampler: str = "DDIM-50", seed: int = 0, **kwargs):
+        pipe = build_tiny_pipeline(seed, **kwargs)
+        use_sampler(pipe, sampler)
+        return pipe
+
+    return make
+
+
+def generate_latents(
+    pipe, prompt: str = "a red circle above a blue square", *, steps: int, seed: int = 0, **kwargs
+):
+    """Final latents of a pipeline call, with a fixed seed."""
+    kwargs.setdefault("height", 16)
+    kwargs.setdefault("width", 16)
+    with torch.inference_mode():
+        return pipe(
+            prompt,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="latent",
+            **kwargs,
+        ).images
