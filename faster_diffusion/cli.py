@@ -1,0 +1,181 @@
+"""Command line: ``python -m faster_diffusion "a photo of an astronaut riding a horse"``.
+
+Generates images from a diffusers Stable Diffusion weights folder with faster diffusion, and with
+``--compare`` also with stock diffusers from the same seed, printing both times, the speedup and the
+difference between the images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .generate import MAX_SEED, GenerationRequest, GenerationResult, faster_config, generate
+from .loading import (
+    DOWNLOAD_COMMAND,
+    WEIGHTS_ENV,
+    WeightsError,
+    default_weights_dir,
+    has_weights,
+    load_pipeline,
+)
+from .noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU
+from .samplers import Sampler
+from .schedule import ACCEPTED_FORMS, KeyStepError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m faster_diffusion",
+        description="Stable Diffusion text-to-image with Faster Diffusion (encoder propagation, batched "
+        "decoder, prior noise injection).",
+    )
+    parser.add_argument("prompt", help="the text to render")
+    parser.add_argument("--negative-prompt", default="", help="text to steer away from")
+    parser.add_argument(
+        "--sampler", default=Sampler.DDIM.value, help=f"one of {', '.join(s.value for s in Sampler)}"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="override the sampler's step count")
+    parser.add_argument("--key-steps", default="paper", help=f"key steps: {ACCEPTED_FORMS}")
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="decode one step at a time instead of batching a group's decoder passes",
+    )
+    parser.add_argument(
+        "--max-decoder-batch", type=int, default=None, help="cap on the steps decoded in one batch"
+    )
+    parser.add_argument("--no-noise-injection", action="store_true", help="turn prior noise injection off")
+    parser.add_argument("--noise-strength", type=float, default=PRIOR_NOISE_ALPHA, help="alpha")
+    parser.add_argument("--noise-threshold", type=float, default=PRIOR_NOISE_TAU, help="tau (timestep value)")
+    parser.add_argument("--seed", type=int, default=0, help=f"0 to {MAX_SEED}")
+    parser.add_argument("--width", type=int, default=None, help="multiple of 8 (default: the model's size)")
+    parser.add_argument("--height", type=int, default=None, help="multiple of 8 (default: the model's size)")
+    parser.add_argument("--num-outputs", type=int, default=1)
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNG files")
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help=f"diffusers weights folder (default: ${WEIGHTS_ENV} or weights/)",
+    )
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--no-safety-checker", action="store_true", help="do not run the safety checker")
+    parser.add_argument(
+        "--compare", action="store_true", help="also run stock diffusers with the same seed and compare"
+    )
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    """The pipeline named by --weights, or the default folder, or the built-in demo model."""
+    if args.weights is not None:
+        return load_pipeline(
+            args.weights, device=args.device, safety_checker=not args.no_safety_checker
+        ), str(args.weights)
+    folder = default_weights_dir()
+    if has_weights(folder):
+        return load_pipeline(folder, device=args.device, safety_checker=not args.no_safety_checker), str(
+            folder
+        )
+    from .tiny import build_tiny_pipeline
+
+    print(
+        f"No Stable Diffusion weights in {folder}/ (fill it with `{DOWNLOAD_COMMAND}`). Using the built-in "
+        "tiny demo model with RANDOM weights: its images are noise, but every step of the method runs and is "
+        "timed.",
+        flush=True,
+    )
+    return build_tiny_pipeline(0), "built-in tiny demo model (random weights)"
+
+
+def _save(result: GenerationResult, folder: Path, prefix: str) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, (image, flagged) in enumerate(zip(result.images, result.nsfw, strict=True)):
+        path = folder / f"{prefix}-{index}.png"
+        image.save(path)
+        paths.append(path)
+        if flagged:
+            print(f"  {path}: flagged by the safety checker (blacked out)")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        faster = faster_config(
+            args.key_steps,
+            parallel=not args.sequential,
+            max_decoder_batch=args.max_decoder_batch,
+            noise_injection=not args.no_noise_injection,
+            noise_strength=args.noise_strength,
+            noise_threshold=args.noise_threshold,
+        )
+        pipe, source = _load(args)
+        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        request = GenerationRequest(
+            prompt=args.prompt,
+            negative_prompt=args.negative_prompt,
+            sampler=args.sampler,
+            num_steps=args.steps,
+            width=args.width or size,
+            height=args.height or size,
+            num_outputs=args.num_outputs,
+            guidance_scale=args.guidance_scale,
+            seed=args.seed,
+            faster=faster,
+        )
+        schedule = request.schedule
+    except (KeyStepError, ValueError, TypeError, WeightsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    print(f"Model: {source}")
+    print(
+        f"Sampler: {request.sampler.value}, {request.steps} steps, {request.width}x{request.height}, "
+        f"seed {request.seed}"
+    )
+    print(f"Key steps: {schedule.describe()}")
+    noise = faster.noise_injection
+    injection = f"alpha={noise.alpha:g} at timesteps below {noise.tau:g}" if noise.enabled else "off"
+    print(f"Noise injection: {injection}")
+    fast = generate(pipe, request, accelerate=True)
+    paths = _save(fast, args.out, "faster")
+    stats = fast.stats
+    print(
+        f"Faster diffusion: {fast.seconds:.2f} s ({fast.loop_seconds:.2f} s denoising), "
+        f"{stats.encoder_passes} encoder / {stats.decoder_passes} decoder passes in "
+        f"{stats.decoder_batches} decoder batches"
+    )
+    for path in paths:
+        print(f"  wrote {path}")
+    if args.compare:
+        stock = generate(pipe, request, accelerate=False)
+        stock_paths = _save(stock, args.out, "stock")
+        print(f"Stock diffusers: {stock.seconds:.2f} s ({stock.loop_seconds:.2f} s denoising)")
+        for path in stock_paths:
+            print(f"  wrote {path}")
+        print(
+            f"Speedup: {stock.seconds / fast.seconds:.2f}x end to end, "
+            f"{stock.loop_seconds / fast.loop_seconds:.2f}x denoising"
+        )
+        for index, (a, b) in enumerate(zip(fast.images, stock.images, strict=True)):
+            diff = np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))
+            mse = float(np.mean(diff**2))
+            psnr = float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+            print(
+                f"Image {index} difference (faster vs stock, 0-255): mean {diff.mean():.2f}, "
+                f"max {diff.max():.0f}, PSNR {psnr:.1f} dB"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

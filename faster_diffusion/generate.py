@@ -1,0 +1,210 @@
+"""One text-to-image request, run with faster diffusion or with stock diffusers, timed the same way.
+
+This is the layer the command line and the Cog predictor share: it maps a validated request onto a stock
+``StableDiffusionPipeline`` call, attaching faster diffusion for that call only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .noise import NoiseInjection
+from .propagation import FasterDiffusionConfig, RunStats, apply_faster_diffusion, remove_faster_diffusion
+from .samplers import Sampler, use_sampler
+from .schedule import KeySteps, KeyStepSchedule
+
+#: Largest seed accepted (torch generators take 64-bit seeds; this keeps seeds printable and portable).
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to generate. Validated when built; every error names the field."""
+
+    prompt: str | list[str]
+    negative_prompt: str | None = None
+    sampler: Sampler = Sampler.DDIM
+    #: Steps; ``None`` uses the sampler's own (50 for DDIM, 20 for DPM-Solver).
+    num_steps: int | None = None
+    width: int = 512
+    height: int = 512
+    num_outputs: int = 1
+    guidance_scale: float = 7.5
+    seed: int = 0
+    #: The faster-diffusion settings; used when the request is run with ``accelerate=True``.
+    faster: FasterDiffusionConfig = field(default_factory=FasterDiffusionConfig)
+
+    def __post_init__(self) -> None:
+        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt must be text or a non-empty list of texts, got {self.prompt!r}")
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise ValueError(f"negative_prompt must be text, got {self.negative_prompt!r}")
+        object.__setattr__(self, "sampler", Sampler.parse(self.sampler))
+        if self.num_steps is not None:
+            _check_int("num_steps", self.num_steps, 1, 1000)
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            _check_int(name, value, 8, 4096)
+            if value % 8:
+                raise ValueError(f"{name} must be a multiple of 8, got {value}")
+        _check_int("num_outputs", self.num_outputs, 1, 64)
+        guidance = self.guidance_scale
+        if (
+            isinstance(guidance, bool)
+            or not isinstance(guidance, (int, float))
+            or not math.isfinite(guidance)
+        ):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance!r}")
+        if guidance < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance}")
+        _check_int("seed", self.seed, 0, MAX_SEED)
+        if not isinstance(self.faster, FasterDiffusionConfig):
+            raise TypeError(f"faster must be a FasterDiffusionConfig, got {self.faster!r}")
+
+    @property
+    def steps(self) -> int:
+        return self.num_steps or self.sampler.default_steps
+
+    @property
+    def schedule(self) -> KeyStepSchedule:
+        """The key steps this request will use (raises ``KeyStepError`` if they do not fit the step count)."""
+        return self.faster.key_steps.resolve(self.steps)
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+
+
+def faster_config(
+    key_steps: str | KeySteps = "paper",
+    *,
+    parallel: bool = True,
+    max_decoder_batch: int | None = None,
+    noise_injection: bool = True,
+    noise_strength: float | None = None,
+    noise_threshold: float | None = None,
+) -> FasterDiffusionConfig:
+    """A :class:`FasterDiffusionConfig` from plain user inputs (text key steps, on/off switches)."""
+    keys = key_steps if isinstance(key_steps, KeySteps) else KeySteps.parse(key_steps)
+    noise = NoiseInjection(enabled=noise_injection)
+    if noise_strength is not None:
+        noise = NoiseInjection(enabled=noise_injection, alpha=noise_strength, tau=noise.tau)
+    if noise_threshold is not None:
+        noise = NoiseInjection(enabled=noise_injection, alpha=noise.alpha, tau=noise_threshold)
+    return FasterDiffusionConfig(
+        key_steps=keys, parallel=parallel, max_decoder_batch=max_decoder_batch, noise_injection=noise
+    )
+
+
+@dataclass
+class GenerationResult:
+    """Images and what it took to make them."""
+
+    images: list[Any]
+    nsfw: list[bool]
+    accelerated: bool
+    #: Encoder/decoder pass counts (accelerated runs only).
+    stats: RunStats | None
+    #: Wall time of the whole pipeline call.
+    seconds: float
+    #: Wall time of the denoising loop: from the first UNet call to the end of the last step.
+    loop_seconds: float
+
+
+class _LoopTimer:
+    """Times the denoising loop of one pipeline call, the same way for stock and accelerated runs.
+
+    The start is the first UNet call (a forward pre-hook); the end is the last step's callback. On CUDA the
+    end waits for the GPU once, so the time is real; there is no sync inside the loop.
+    """
+
+    def __init__(self, unet: torch.nn.Module, num_steps: int, user_callback: Callable | None) -> None:
+        self.num_steps = num_steps
+        self.user_callback = user_callback
+        self.start: float | None = None
+        self.end: float | None = None
+        self._hook = unet.register_forward_pre_hook(self._on_unet)
+
+    def _on_unet(self, module: torch.nn.Module, args: Any) -> None:
+        if self.start is None:
+            self.start = time.perf_counter()
+
+    def callback(self, pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        if self.user_callback is not None:
+            tensors = self.user_callback(pipe, step, timestep, tensors) or tensors
+        if step == self.num_steps - 1:
+            latents = tensors.get("latents")
+            if isinstance(latents, torch.Tensor) and latents.device.type == "cuda":
+                torch.cuda.synchronize(latents.device)
+            self.end = time.perf_counter()
+        return tensors
+
+    def close(self) -> float:
+        self._hook.remove()
+        if self.start is None or self.end is None:
+            return float("nan")
+        return self.end - self.start
+
+
+def generate(
+    pipe: Any,
+    request: GenerationRequest,
+    *,
+    accelerate: bool = True,
+    output_type: str = "pil",
+    step_callback: Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]] | None = None,
+) -> GenerationResult:
+    """Run ``request`` on ``pipe``: with faster diffusion attached for this call, or stock when
+    ``accelerate`` is false. The pipeline is left as it was found, apart from its sampler.
+
+    ``step_callback`` is diffusers' ``callback_on_step_end``; raising from it stops the run between steps.
+    """
+    if not isinstance(request, GenerationRequest):
+        raise TypeError(f"request must be a GenerationRequest, got {type(request).__name__}")
+    remove_faster_diffusion(pipe)
+    use_sampler(pipe, request.sampler)
+    handle = apply_faster_diffusion(pipe, request.faster) if accelerate else None
+    device = getattr(pipe, "_execution_device", torch.device("cpu"))
+    generator = torch.Generator(device=device).manual_seed(request.seed)
+    timer = _LoopTimer(pipe.unet, request.steps, step_callback)
+    started = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            output = pipe(
+                request.prompt,
+                negative_prompt=request.negative_prompt or None,
+                num_inference_steps=request.steps,
+                width=request.width,
+                height=request.height,
+                num_images_per_prompt=request.num_outputs,
+                guidance_scale=request.guidance_scale,
+                generator=generator,
+                output_type=output_type,
+                callback_on_step_end=timer.callback,
+            )
+        seconds = time.perf_counter() - started
+    finally:
+        loop_seconds = timer.close()
+        if handle is not None:
+            handle.remove()
+    images = list(output.images)
+    nsfw = output.nsfw_content_detected
+    nsfw = [bool(flag) for flag in nsfw] if nsfw is not None else [False] * len(images)
+    return GenerationResult(
+        images=images,
+        nsfw=nsfw,
+        accelerated=accelerate,
+        stats=handle.last_run if handle is not None else None,
+        seconds=seconds,
+        loop_seconds=loop_seconds,
+    )
