@@ -134,7 +134,7 @@ def load_pipeline(
             local_files_only=True,
             use_safetensors=True,
             variant=weights.variant,
-            torch_dtype=dtype,
+            dtype=dtype,
             **extra,
         )
     except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as error:

@@ -1,0 +1,131 @@
+"""The request layer shared by the command line and the predictor, and the command line itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from faster_diffusion import KeySteps, Sampler
+from faster_diffusion.cli import main
+from faster_diffusion.generate import GenerationRequest, faster_config, generate
+from faster_diffusion.tiny import build_tiny_pipeline, save_tiny_weights
+
+
+def request(**overrides):
+    values = dict(prompt="a red circle above a blue square", width=16, height=16, seed=3)
+    values.update(overrides)
+    return GenerationRequest(**values)
+
+
+@pytest.mark.parametrize("sampler", list(Sampler))
+def test_accelerated_run_counts_and_stock_equivalent_matches_stock_pixels(sampler):
+    pipe = build_tiny_pipeline(0)
+    fast = generate(pipe, request(sampler=sampler, num_outputs=2))
+    assert len(fast.images) == 2 and fast.images[0].size == (16, 16)
+    keys = KeySteps.paper().resolve(sampler.default_steps)
+    assert (fast.stats.encoder_passes, fast.stats.decoder_passes) == (
+        keys.num_key_steps,
+        sampler.default_steps,
+    )
+    assert fast.loop_seconds > 0 and fast.seconds >= fast.loop_seconds
+
+    stock = generate(pipe, request(sampler=sampler, num_outputs=2), accelerate=False)
+    same = generate(
+        pipe, request(sampler=sampler, num_outputs=2, faster=faster_config("all", noise_injection=False))
+    )
+    for a, b in zip(same.images, stock.images, strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert stock.stats is None
+    assert not np.array_equal(np.asarray(fast.images[0]), np.asarray(stock.images[0]))
+
+
+def test_generate_leaves_the_pipeline_stock_even_when_a_step_raises():
+    pipe = build_tiny_pipeline(0)
+
+    def cancel(pipeline, step, timestep, tensors):
+        if step == 4:
+            raise KeyboardInterrupt
+        return tensors
+
+    with pytest.raises(KeyboardInterrupt):
+        generate(pipe, request(), step_callback=cancel)
+    assert (
+        not hasattr(pipe.unet, "_diffusers_hook")
+        or pipe.unet._diffusers_hook.get_hook("faster_diffusion") is None
+    )
+    assert generate(pipe, request()).stats.encoder_passes == 9
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(width=100), "width must be a multiple of 8, got 100"),
+        (dict(height=0), "height must be between 8 and 4096, got 0"),
+        (dict(num_outputs=0), "num_outputs must be between 1 and 64, got 0"),
+        (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number"),
+        (dict(seed=-1), "seed must be between 0 and 4294967295, got -1"),
+        (dict(seed=1.5), "seed must be a whole number, got 1.5"),
+        (dict(sampler="euler"), "sampler: unknown value 'euler'; allowed: 'DDIM-50', 'DPM-Solver-20'"),
+        (dict(prompt=""), None),
+        (dict(prompt=None), "prompt must be text or a non-empty list of texts"),
+        (dict(num_steps=0), "num_steps must be between 1 and 1000, got 0"),
+    ],
+)
+def test_request_validation_names_the_field(overrides, message):
+    if message is None:
+        request(**overrides)  # an empty prompt is allowed, as in diffusers (unconditional generation)
+        return
+    with pytest.raises(ValueError) as error:
+        request(**overrides)
+    assert message in str(error.value)
+
+
+def test_faster_config_from_user_inputs():
+    config = faster_config(
+        "uniform:4", parallel=False, noise_injection=True, noise_strength=0.01, noise_threshold=600
+    )
+    assert config.key_steps == KeySteps.uniform(4)
+    assert (config.noise_injection.alpha, config.noise_injection.tau, config.parallel) == (0.01, 600, False)
+    with pytest.raises(ValueError, match="alpha \\(strength\\) must be >= 0"):
+        faster_config(noise_strength=-1)
+
+
+def test_cli_compare_on_a_weights_folder(tmp_path, capsys):
+    weights = save_tiny_weights(tmp_path / "weights", with_safety_checker=True)
+    out_dir = str(tmp_path / "out")
+    argv = ["a red circle", "--weights", str(weights), "--compare", "--out", out_dir, "--seed", "7"]
+    code = main([*argv, "--sampler", "DPM-Solver-20", "--num-outputs", "2"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "Key steps: paper: 7 of 20 steps are key steps [0, 1, 2, 3, 5, 10, 15]" in out
+    assert "7 encoder / 20 decoder passes in 7 decoder batches" in out
+    assert "Speedup: " in out and "PSNR" in out
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["faster-0.png", "faster-1.png", "stock-0.png", "stock-1.png"]
+
+
+def test_cli_without_weights_says_it_uses_the_demo_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FASTER_DIFFUSION_WEIGHTS", str(tmp_path / "empty"))
+    assert main(["a cat", "--out", str(tmp_path / "out"), "--key-steps", "all", "--no-noise-injection"]) == 0
+    out = capsys.readouterr().out
+    assert "Using the built-in tiny demo model with RANDOM weights" in out
+    assert "Noise injection: off" in out
+    assert (tmp_path / "out" / "faster-0.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--key-steps", "1,2"], "error: key_steps: the list must contain step 0"),
+        (["--key-steps", "0,60"], "error: key_steps: index 60 is out of range for 50 steps"),
+        (["--width", "20"], "error: width must be a multiple of 8, got 20"),
+        (["--sampler", "plms"], "error: sampler: unknown value 'plms'"),
+        (["--noise-strength", "-1"], "error: noise_injection: alpha (strength) must be >= 0"),
+        (["--weights", "/nonexistent/sd"], "error: No weights folder at /nonexistent/sd. Fill it with"),
+    ],
+)
+def test_cli_rejects_bad_input_clearly(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FASTER_DIFFUSION_WEIGHTS", str(tmp_path / "empty"))
+    assert main(["a cat", "--out", str(tmp_path / "out"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
