@@ -467,9 +467,11 @@ def apply_faster_diffusion(pipe: Any, config: FasterDiffusionConfig | None = Non
     DDIM or DPM-Solver first). Returns a handle whose ``remove()`` takes the feature off again.
 
     Example:
-        >>> from faster_diffusion import FasterDiffusionConfig, KeySteps, apply_faster_diffusion
+        >>> from faster_diffusion import FasterDiffusionConfig, KeySteps, apply_faster_diffusion, use_sampler
         >>> from faster_diffusion.tiny import build_tiny_pipeline
         >>> pipe = build_tiny_pipeline()
+        >>> use_sampler(pipe, "DPM-Solver-20")
+        <Sampler.DPM_SOLVER: 'DPM-Solver-20'>
         >>> handle = apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=KeySteps.paper()))
         >>> latents = pipe("a red circle", num_inference_steps=20, output_type="latent").images
         >>> handle.last_run.encoder_passes, handle.last_run.decoder_passes
