@@ -1,0 +1,231 @@
+"""The work behind the Cog predictor: ``predict.py`` only declares the inputs and maps them to a request.
+
+- :func:`check_inputs` checks every ``run()`` input against its ``cog.Input`` declaration (type, choices,
+  bounds), as Cog's schema would: the Cog server validates nothing when it runs without the schema that
+  ``cog build`` generates (for example ``python -m cog.server.http`` in a checkout).
+- :class:`TextToImage` holds the loaded pipeline and runs a request with faster diffusion and, to compare,
+  with stock diffusers; a cancel stops it between steps (:mod:`.cancel`). It drops images the safety checker
+  flags, prints what it did, and reports metrics.
+- :func:`save_images` writes the outputs as ``out-{i}.{ext}``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import secrets
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import transformers
+from cog import FieldInfo
+
+from .cancel import StoppedBetweenSteps, run_stoppable
+from .generate import MAX_SEED, GenerationRequest, GenerationResult, generate
+from .loading import default_weights_dir, load_pipeline
+
+#: Pillow's name for each output format.
+IMAGE_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
+
+
+class NSFWError(RuntimeError):
+    """The safety checker flagged every image of a run."""
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def check_inputs(run: Callable[..., Any], declarations: type, values: Mapping[str, Any]) -> None:
+    """Check the ``values`` of ``run``'s parameters against their ``Input(...)`` declarations.
+
+    ``declarations`` is the class that holds one ``Input(...)`` per parameter, by name: the server replaces
+    ``run``'s own defaults with plain values when it loads the predictor, so they cannot be read from there.
+    Checks the type from ``run``'s annotation (``str``, ``int``, ``float``, ``bool``, optionally ``| None``),
+    the choices and the ``ge``/``le`` bounds. Raises ``ValueError`` naming the input, the value and what is
+    allowed.
+    """
+    for name, parameter in inspect.signature(run).parameters.items():
+        spec = getattr(declarations, name, None)
+        if isinstance(spec, FieldInfo):
+            _check_input(name, values[name], parameter.annotation, spec)
+
+
+def _check_input(name: str, value: Any, annotation: Any, spec: FieldInfo) -> None:
+    kinds = set(annotation.__args__) if isinstance(annotation, types.UnionType) else {annotation}
+    if value is None:
+        if type(None) not in kinds:
+            raise ValueError(f"{name} is required")
+        return
+    kind = next(k for k in kinds if k is not type(None))
+    if kind is bool:
+        valid = isinstance(value, bool)
+        expected = "true or false"
+    elif kind is int:
+        valid = isinstance(value, int) and not isinstance(value, bool)
+        expected = "a whole number"
+    elif kind is float:
+        valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        expected = "a finite number"
+    else:
+        valid = isinstance(value, kind)
+        expected = "text" if kind is str else kind.__name__
+    if not valid:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    if spec.choices is not None and value not in spec.choices:
+        allowed = ", ".join(repr(choice) for choice in spec.choices)
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    low, high = spec.ge, spec.le
+    if (low is not None and value < low) or (high is not None and value > high):
+        if low is not None and high is not None:
+            raise ValueError(f"{name} must be between {low} and {high}, got {value!r}")
+        bound = f">= {low}" if low is not None else f"<= {high}"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+
+
+def random_seed() -> int:
+    """A seed for a request that gave none."""
+    return secrets.randbelow(MAX_SEED + 1)
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+@dataclass
+class Outcome:
+    """What one prediction made: the images to return and the runs behind them."""
+
+    #: The images that passed the safety checker: the faster ones, then (when comparing) the stock ones.
+    images: list[Any]
+    faster: GenerationResult
+    #: The stock diffusers run, when comparing.
+    stock: GenerationResult | None
+
+    @property
+    def metrics(self) -> dict[str, int | float]:
+        """Pass counts and UNet-loop seconds of the faster run (and of the baseline, with the speedup)."""
+        stats = self.faster.stats
+        metrics: dict[str, int | float] = {
+            "encoder_passes": stats.encoder_passes,
+            "decoder_passes": stats.decoder_passes,
+            "unet_seconds": self.faster.loop_seconds,
+        }
+        if self.stock is not None:
+            metrics["baseline_unet_seconds"] = self.stock.loop_seconds
+            metrics["speedup"] = self.stock.loop_seconds / self.faster.loop_seconds
+        metrics["image_output_count"] = len(self.images)
+        return {key: value for key, value in metrics.items() if math.isfinite(value)}
+
+
+class TextToImage:
+    """A loaded Stable Diffusion pipeline, served with faster diffusion."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+        # The same modules without the safety checker, for requests that turn it off: a second pipeline object
+        # over the shared components, so that neither a reload nor a change to ``pipe`` is needed per request.
+        self.pipe_without_checker = pipe
+        if pipe.safety_checker is not None:
+            components = {**pipe.components, "safety_checker": None, "feature_extractor": None}
+            self.pipe_without_checker = type(pipe)(**components, requires_safety_checker=False)
+            self.pipe_without_checker.set_progress_bar_config(disable=True)
+
+    @classmethod
+    def load(cls, folder: str | Path | None = None) -> TextToImage:
+        """Load ``folder`` (default: ``$FASTER_DIFFUSION_WEIGHTS`` or ``weights/``); print what was loaded.
+
+        Raises :class:`~faster_diffusion.loading.WeightsError`, naming the folder and the command that fills
+        it, when the folder is missing or unusable.
+        """
+        folder = (Path(folder) if folder is not None else default_weights_dir()).absolute()
+        # Loading progress bars would fill the server's setup log with carriage-return redraws.
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+        pipe = load_pipeline(folder)
+        attention = sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()})
+        checker = "on" if pipe.safety_checker is not None else f"none ({folder} has no safety checker)"
+        print(
+            f"Loaded {folder} on {pipe.device.type} ({str(pipe.unet.dtype).removeprefix('torch.')}, "
+            f"attention: {', '.join(attention)}); safety checker: {checker}"
+        )
+        return cls(pipe)
+
+    def generate(
+        self, request: GenerationRequest, *, safety_checker: bool = True, compare: bool = False
+    ) -> Outcome:
+        """Run ``request`` with faster diffusion and, when ``compare``, with stock diffusers (same seed).
+
+        Images flagged by the safety checker are dropped; :class:`NSFWError` if that leaves none.
+        """
+        schedule = request.schedule  # raises KeyStepError for key steps that do not fit the sampler's steps
+        noise = request.faster.noise_injection
+        print(f"Key steps: {schedule.describe()}")
+        injection = f"alpha={noise.alpha:g} at timesteps below {noise.tau:g}" if noise.enabled else "off"
+        print(f"Noise injection: {injection}")
+        pipe = self.pipe if safety_checker else self.pipe_without_checker
+        faster = _run(pipe, request, accelerate=True)
+        stats = faster.stats
+        print(
+            f"Faster diffusion: {faster.seconds:.2f} s ({faster.loop_seconds:.2f} s denoising), "
+            f"{stats.encoder_passes} encoder / {stats.decoder_passes} decoder passes in "
+            f"{stats.decoder_batches} decoder batches"
+        )
+        stock = None
+        if compare:
+            stock = _run(pipe, request, accelerate=False)
+            print(f"Stock diffusers: {stock.seconds:.2f} s ({stock.loop_seconds:.2f} s denoising)")
+            print(
+                f"Speedup: {stock.seconds / faster.seconds:.2f}x end to end, "
+                f"{stock.loop_seconds / faster.loop_seconds:.2f}x denoising"
+            )
+        runs = [faster] if stock is None else [faster, stock]
+        images = [image for run in runs for image in run.images]
+        flags = [flag for run in runs for flag in run.nsfw]
+        for index in (i for i, flagged in enumerate(flags) if flagged):
+            print(f"NSFW content detected in image {index}; it is left out")
+        kept = [image for image, flagged in zip(images, flags, strict=True) if not flagged]
+        if not kept:
+            raise NSFWError(
+                f"NSFW content detected in all {len(images)} outputs. Try running it again with a different "
+                "prompt or seed."
+            )
+        return Outcome(images=kept, faster=faster, stock=stock)
+
+
+def _run(pipe: Any, request: GenerationRequest, *, accelerate: bool) -> GenerationResult:
+    """:func:`~faster_diffusion.generate.generate`, stopped between steps if this thread is interrupted."""
+
+    def report(ended: BaseException | None) -> None:
+        if isinstance(ended, StoppedBetweenSteps):
+            run = "faster diffusion" if accelerate else "stock diffusers"
+            print(f"Canceled: {run} stopped after {ended.steps_done} of {request.steps} steps")
+
+    return run_stoppable(
+        lambda stop: generate(pipe, request, accelerate=accelerate, step_callback=stop.callback),
+        on_interrupt=report,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+def save_images(images: list[Any], folder: Path, output_format: str, quality: int) -> list[Path]:
+    """Save ``images`` into ``folder`` as ``out-0.<ext>``, ``out-1.<ext>``, ...; earlier outputs are removed.
+
+    ``quality`` (0 to 100) applies to webp and jpg; png is lossless.
+    """
+    if output_format not in IMAGE_FORMATS:
+        raise ValueError(f"output_format must be one of {', '.join(IMAGE_FORMATS)}, got {output_format!r}")
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("out-*"):
+        old.unlink()
+    options = {} if output_format == "png" else {"quality": quality}
+    paths = []
+    for index, image in enumerate(images):
+        path = folder / f"out-{index}.{output_format}"
+        image.save(path, format=IMAGE_FORMATS[output_format], **options)
+        paths.append(path)
+    return paths

@@ -1,0 +1,137 @@
+"""The Cog model: Stable Diffusion text-to-image with Faster Diffusion (encoder propagation, a parallel
+decoder and prior noise injection; Li et al., NeurIPS 2024).
+
+``run()`` maps its inputs to a request for the ``faster_diffusion`` package and saves the images; the work is
+in ``faster_diffusion.serving``.
+"""
+
+import tempfile
+
+from cog import BaseRunner, Input, Path
+
+from faster_diffusion.generate import GenerationRequest, faster_config
+from faster_diffusion.serving import TextToImage, check_inputs, random_seed, save_images
+
+
+class Inputs:
+    """Every input, declared once. Descriptions, choices, bounds and defaults are single literals, so that
+    ``cog build`` can read them into the model's schema; ``run()`` checks its values against these same
+    declarations."""
+
+    prompt = Input(
+        description="The text to render.", default="a photo of an astronaut riding a horse on mars"
+    )
+    negative_prompt = Input(description="Text to steer away from.", default="")
+    sampler = Input(
+        description="The sampler and its number of steps, as in the paper.",
+        choices=["DDIM-50", "DPM-Solver-20", "DPM-Solver++-20"],
+        default="DDIM-50",
+    )
+    key_steps = Input(
+        description="The steps at which the UNet encoder runs; the other steps reuse its features. 'paper' (the paper's key steps), 'all' (every step: the stock result), 'uniform:K' (every K-th step), or a comma-separated list of step indices that starts with 0, such as '0,1,2,3,5,10,15,25,35'.",  # noqa: E501 (one literal, for cog build)
+        default="paper",
+    )
+    parallel_decoder = Input(
+        description="Run the decoder passes between two key steps as one batch (the paper's parallel decoder). Off: one step at a time, with the same images up to float rounding.",  # noqa: E501
+        default=True,
+    )
+    noise_injection = Input(
+        description="Prior noise injection: add a little of the initial noise back in late in sampling, which restores fine texture.",  # noqa: E501
+        default=True,
+    )
+    noise_strength = Input(
+        description="Strength of the injected noise (the paper's alpha: 0.003).",
+        ge=0.0,
+        le=0.1,
+        default=0.003,
+    )
+    noise_threshold = Input(
+        description="Noise is injected at the steps whose timestep is below this (the paper's tau: 500).",
+        ge=0,
+        le=1000,
+        default=500,
+    )
+    width = Input(
+        description="Width of the output images in pixels: a multiple of 8.", ge=64, le=1024, default=512
+    )
+    height = Input(
+        description="Height of the output images in pixels: a multiple of 8.", ge=64, le=1024, default=512
+    )
+    num_outputs = Input(description="Number of images to generate.", ge=1, le=4, default=1)
+    guidance_scale = Input(description="Scale for classifier-free guidance.", ge=1.0, le=20.0, default=7.5)
+    seed = Input(
+        description="Random seed. Leave blank to pick one at random.", ge=0, le=4294967295, default=None
+    )
+    output_format = Input(
+        description="Format of the output images.", choices=["webp", "jpg", "png"], default="webp"
+    )
+    output_quality = Input(
+        description="Quality of the output images, from 0 to 100 (best). Not used for png.",
+        ge=0,
+        le=100,
+        default=80,
+    )
+    disable_safety_checker = Input(
+        description="Disable the safety checker for the generated images.", default=False
+    )
+    compare_with_baseline = Input(
+        description="Also run stock diffusers with the same seed. The output then holds both sets of images, the faster ones first, and the log prints both timings and the speedup.",  # noqa: E501
+        default=False,
+    )
+
+
+class Predictor(BaseRunner):
+    def setup(self) -> None:
+        """Load the weights from weights/, or from the folder named by FASTER_DIFFUSION_WEIGHTS."""
+        self.model = TextToImage.load()
+        self.outputs = Path(tempfile.mkdtemp(prefix="faster-diffusion-"))
+
+    def run(
+        self,
+        prompt: str = Inputs.prompt,
+        negative_prompt: str = Inputs.negative_prompt,
+        sampler: str = Inputs.sampler,
+        key_steps: str = Inputs.key_steps,
+        parallel_decoder: bool = Inputs.parallel_decoder,
+        noise_injection: bool = Inputs.noise_injection,
+        noise_strength: float = Inputs.noise_strength,
+        noise_threshold: int = Inputs.noise_threshold,
+        width: int = Inputs.width,
+        height: int = Inputs.height,
+        num_outputs: int = Inputs.num_outputs,
+        guidance_scale: float = Inputs.guidance_scale,
+        seed: int | None = Inputs.seed,
+        output_format: str = Inputs.output_format,
+        output_quality: int = Inputs.output_quality,
+        disable_safety_checker: bool = Inputs.disable_safety_checker,
+        compare_with_baseline: bool = Inputs.compare_with_baseline,
+    ) -> list[Path]:
+        """Generate images with faster diffusion (and with stock diffusers too, when comparing)."""
+        check_inputs(self.run, Inputs, locals())
+        seed = random_seed() if seed is None else seed
+        print(f"Using seed: {seed}")
+        request = GenerationRequest(
+            prompt=prompt,
+            negative_prompt=negative_prompt or None,
+            sampler=sampler,
+            width=width,
+            height=height,
+            num_outputs=num_outputs,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            faster=faster_config(
+                key_steps,
+                parallel=parallel_decoder,
+                noise_injection=noise_injection,
+                noise_strength=noise_strength,
+                noise_threshold=noise_threshold,
+            ),
+        )
+        outcome = self.model.generate(
+            request, safety_checker=not disable_safety_checker, compare=compare_with_baseline
+        )
+        for name, value in outcome.metrics.items():
+            self.record_metric(name, value)
+        return [
+            Path(path) for path in save_images(outcome.images, self.outputs, output_format, output_quality)
+        ]

@@ -1,0 +1,187 @@
+"""The Cog model through the real Cog HTTP server, as Replicate calls it.
+
+``python -m cog.server.http`` runs ``predict.py:Predictor`` on 127.0.0.1 with a tiny SD-shaped weights folder
+(random weights, an SD-like VAE, a safety checker), and every test posts the JSON body Replicate sends. The
+server runs without the schema ``cog build`` generates, so every check of the inputs is the predictor's own.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import numpy as np
+import pytest
+
+from .cog_server import WebhookReceiver, decode_outputs, running_server, save_server_weights
+
+#: A cheap request for the tiny model: 64 x 64 px is its smallest size, 8 x 8 latents.
+SMALL = dict(prompt="a red circle above a blue square", width=64, height=64, output_format="png")
+
+#: A request that takes the tiny model seconds (256 x 256 px, DDIM with 50 steps), to cancel.
+SLOW = dict(prompt="a photo of a cat", width=256, height=256, sampler="DDIM-50", seed=1)
+
+MIME_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
+PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cog")
+    with running_server(save_server_weights(folder / "weights"), folder / "server.log") as server:
+        health = server.wait_for_setup()
+        assert health["status"] == "READY", health
+        yield server
+
+
+@pytest.fixture(scope="module")
+def compared(server):
+    """Two images from faster diffusion, then two from stock diffusers, with the same seed."""
+    prediction = server.predict(**SMALL, num_outputs=2, seed=5, compare_with_baseline=True)
+    assert prediction["status"] == "succeeded", prediction.get("error")
+    return prediction
+
+
+def pixels(prediction) -> list[np.ndarray]:
+    return [np.asarray(image.convert("RGB")) for _, image in decode_outputs(prediction)]
+
+
+def same_pixels(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("sampler", "output_format", "width", "height", "key_steps"),
+    [
+        ("DDIM-50", "png", 64, 64, 9),
+        ("DPM-Solver-20", "jpg", 128, 64, 7),
+        ("DPM-Solver++-20", "webp", 64, 96, 7),
+    ],
+)
+def test_each_sampler_returns_images_of_the_requested_size_and_format(
+    server, sampler, output_format, width, height, key_steps
+):
+    request = dict(SMALL, sampler=sampler, output_format=output_format, width=width, height=height)
+    prediction = server.predict(**request, num_outputs=2, seed=7)
+
+    assert prediction["status"] == "succeeded", prediction.get("error")
+    outputs = [(mime, image.format, image.size) for mime, image in decode_outputs(prediction)]
+    assert outputs == [(MIME_TYPES[output_format], PIL_FORMATS[output_format], (width, height))] * 2
+    metrics = prediction["metrics"]
+    steps = 50 if sampler == "DDIM-50" else 20
+    assert (metrics["encoder_passes"], metrics["decoder_passes"]) == (key_steps, steps)
+    assert metrics["image_output_count"] == 2
+    assert metrics["unet_seconds"] > 0
+
+
+def test_the_same_seed_gives_identical_pixels_and_the_seed_is_logged(server):
+    first = server.predict(**SMALL, seed=1234)
+    second = server.predict(**SMALL, seed=1234)
+    other = server.predict(**SMALL, seed=1235)
+
+    assert "Using seed: 1234\n" in first["logs"]
+    assert same_pixels(pixels(first), pixels(second))
+    assert not same_pixels(pixels(first), pixels(other))
+
+
+def test_without_a_seed_a_random_one_is_logged_and_reproduces_the_images(server):
+    unseeded = server.predict(**SMALL)
+    seed = int(re.search(r"^Using seed: (\d+)$", unseeded["logs"], re.MULTILINE).group(1))
+
+    assert same_pixels(pixels(unseeded), pixels(server.predict(**SMALL, seed=seed)))
+
+
+def test_compare_with_baseline_returns_the_faster_images_then_the_stock_ones(server, compared):
+    faster = server.predict(**SMALL, num_outputs=2, seed=5)
+
+    images = pixels(compared)
+    assert len(images) == 4
+    assert same_pixels(images[:2], pixels(faster))
+    assert not same_pixels(images[:2], images[2:])
+    assert compared["metrics"]["image_output_count"] == 4
+    assert compared["metrics"]["speedup"] > 0 and compared["metrics"]["baseline_unet_seconds"] > 0
+    assert re.search(r"^Stock diffusers: [\d.]+ s", compared["logs"], re.MULTILINE)
+    assert re.search(r"^Speedup: [\d.]+x end to end, [\d.]+x denoising$", compared["logs"], re.MULTILINE)
+
+
+def test_all_key_steps_without_noise_injection_give_the_stock_pixels(server, compared):
+    every_step = server.predict(**SMALL, num_outputs=2, seed=5, key_steps="all", noise_injection=False)
+
+    assert every_step["metrics"]["encoder_passes"] == 50
+    assert same_pixels(pixels(every_step), pixels(compared)[2:])
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (dict(key_steps="0,2,x"), "key_steps: invalid value '0,2,x'"),
+        (dict(key_steps="0,60"), "key_steps: index 60 is out of range for 50 steps"),
+        (dict(width=100), "width must be a multiple of 8, got 100"),
+        (dict(width=2048), "width must be between 64 and 1024, got 2048"),
+        (dict(sampler="Euler"), "sampler must be one of 'DDIM-50', 'DPM-Solver-20', 'DPM-Solver++-20'"),
+        (dict(num_outputs=0), "num_outputs must be between 1 and 4, got 0"),
+        (dict(num_outputs=5), "num_outputs must be between 1 and 4, got 5"),
+        (dict(noise_strength=-0.001), "noise_strength must be between 0.0 and 0.1, got -0.001"),
+        (dict(output_format="gif"), "output_format must be one of 'webp', 'jpg', 'png', got 'gif'"),
+    ],
+)
+def test_a_bad_input_fails_naming_it_and_the_next_request_succeeds(server, bad, message):
+    failed = server.predict(**dict(SMALL, **bad))
+
+    assert failed["status"] == "failed"
+    assert message in failed["error"]
+    assert server.predict(**SMALL, sampler="DPM-Solver-20")["status"] == "succeeded"
+
+
+def test_a_canceled_async_prediction_stops_between_steps_and_the_server_carries_on(server):
+    webhook = WebhookReceiver()
+    try:
+        body = dict(id="cancel-me", input=SLOW, webhook=webhook.url, webhook_events_filter=["completed"])
+        status, _ = server.request("PUT", "/predictions/cancel-me", body, {"Prefer": "respond-async"})
+        assert status == 202
+        server.wait_for_log("cancel-me", "Noise injection")  # printed just before the denoising loop starts
+        time.sleep(0.3)
+        assert server.request("POST", "/predictions/cancel-me/cancel")[0] == 200
+        ended = webhook.wait_for(lambda update: update.get("id") == "cancel-me")
+    finally:
+        webhook.close()
+
+    assert ended["status"] == "canceled"
+    stopped = re.search(r"^Canceled: faster diffusion stopped after (\d+) of 50 steps$", ended["logs"], re.M)
+    assert stopped and 1 <= int(stopped.group(1)) < 50, ended["logs"]
+    after = server.predict(**SMALL)
+    assert after["status"] == "succeeded"
+    assert (after["metrics"]["encoder_passes"], after["metrics"]["decoder_passes"]) == (9, 50)
+
+
+def test_the_server_log_has_no_deprecation_warning(server):
+    assert server.predict(**SMALL)["status"] == "succeeded"
+    _, health = server.request("GET", "/health-check")
+
+    assert "Detected sync run()" in server.log_text()
+    assert "deprecat" not in (server.log_text() + health["setup"]["logs"]).lower()
+
+
+def test_flagged_images_fail_the_run_unless_the_safety_checker_is_disabled(tmp_path):
+    weights = save_server_weights(tmp_path / "weights", flag_everything=True)
+    with running_server(weights, tmp_path / "server.log") as server:
+        assert server.wait_for_setup()["status"] == "READY"
+        flagged = server.predict(**SMALL, num_outputs=2)
+        unchecked = server.predict(**SMALL, num_outputs=2, disable_safety_checker=True)
+        checked_again = server.predict(**SMALL)
+
+    assert flagged["status"] == "failed"
+    assert "NSFW content detected in all 2 outputs. Try running it again" in flagged["error"]
+    assert unchecked["status"] == "succeeded"
+    assert len(decode_outputs(unchecked)) == 2
+    assert checked_again["status"] == "failed"
+
+
+def test_setup_without_weights_fails_and_names_the_download_command(tmp_path):
+    missing = tmp_path / "no-weights-here"
+    with running_server(missing, tmp_path / "server.log") as server:
+        health = server.wait_for_setup()
+
+    assert health["status"] == "SETUP_FAILED"
+    assert f"No weights folder at {missing}" in health["setup"]["logs"]
+    assert "Fill it with `script/download-weights`" in health["setup"]["logs"]

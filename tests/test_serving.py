@@ -1,0 +1,273 @@
+"""The predictor's parts without the server: its input declarations and checks, stopping between steps on a
+cancel, the safety checker per request, outputs and metrics."""
+
+from __future__ import annotations
+
+import ast
+import ctypes
+import inspect
+import io
+import threading
+import time
+import tokenize
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cog import CancelationException, FieldInfo
+from PIL import Image
+
+import predict
+from faster_diffusion import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, KeySteps, Sampler
+from faster_diffusion.cancel import StoppedBetweenSteps, run_stoppable
+from faster_diffusion.generate import MAX_SEED, GenerationRequest, generate
+from faster_diffusion.serving import IMAGE_FORMATS, NSFWError, Outcome, TextToImage, check_inputs, save_images
+from faster_diffusion.tiny import build_tiny_pipeline, make_safety_checker_flag_everything, save_tiny_weights
+
+PREDICT_PY = Path(predict.__file__)
+RUN = predict.Predictor().run
+
+
+def defaults() -> dict:
+    return {name: getattr(predict.Inputs, name).default for name in inspect.signature(RUN).parameters}
+
+
+def tiny_request(**overrides) -> GenerationRequest:
+    return GenerationRequest(**{"prompt": "a red cat", "width": 16, "height": 16, "seed": 1, **overrides})
+
+
+# ------------------------------------------------------------------------------------------ declarations
+
+
+def test_every_run_input_is_declared_once_in_inputs_with_a_description():
+    tree = ast.parse(PREDICT_PY.read_text())
+    run = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "run")
+    parameters = [a.arg for a in run.args.args[1:]]
+    references = [(d.value.id, d.attr) for d in run.args.defaults]
+
+    assert references == [("Inputs", name) for name in parameters]
+    declared = [name for name, value in vars(predict.Inputs).items() if isinstance(value, FieldInfo)]
+    assert declared == parameters
+    assert all(getattr(predict.Inputs, name).description for name in declared)
+
+
+def test_input_declarations_are_single_literals_that_cog_build_can_read():
+    """cog build reads the schema statically: descriptions must be one string literal (an implicitly joined
+    string reaches the schema garbled), bounds number literals, choices a list of literals."""
+    source = PREDICT_PY.read_text()
+    inputs = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "Inputs")
+    for statement in inputs.body:
+        if not isinstance(statement, ast.Assign):
+            continue
+        call = statement.value
+        assert isinstance(call, ast.Call) and call.func.id == "Input"
+        for keyword in call.keywords:
+            segment = ast.get_source_segment(source, keyword.value)
+            tokens = tokenize.generate_tokens(io.StringIO(segment).readline)
+            strings = [token for token in tokens if token.type == tokenize.STRING]
+            if keyword.arg == "description":
+                assert len(strings) == 1 and segment == strings[0].string, segment
+            elif keyword.arg == "choices":
+                assert isinstance(keyword.value, ast.List)
+                assert all(isinstance(item, ast.Constant) for item in keyword.value.elts), segment
+            else:
+                assert isinstance(keyword.value, ast.Constant), segment
+
+
+def test_input_limits_agree_with_the_core():
+    inputs = predict.Inputs
+    assert inputs.sampler.choices == [sampler.value for sampler in Sampler]
+    assert Sampler.parse(inputs.sampler.default)
+    assert KeySteps.parse(inputs.key_steps.default) == KeySteps.paper()
+    assert inputs.noise_strength.default == PRIOR_NOISE_ALPHA
+    assert inputs.noise_threshold.default == PRIOR_NOISE_TAU
+    assert (inputs.seed.ge, inputs.seed.le) == (0, MAX_SEED)
+    assert inputs.output_format.choices == list(IMAGE_FORMATS)
+    for size in (inputs.width, inputs.height):
+        assert size.ge % 8 == size.le % 8 == size.default % 8 == 0
+
+
+# ------------------------------------------------------------------------------------------ input checks
+
+
+def test_the_defaults_pass_the_input_checks():
+    check_inputs(RUN, predict.Inputs, defaults())
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("width", 2048, "width must be between 64 and 1024, got 2048"),
+        ("height", 32, "height must be between 64 and 1024, got 32"),
+        ("width", "512", "width must be a whole number, got '512'"),
+        ("num_outputs", True, "num_outputs must be a whole number, got True"),
+        ("num_outputs", 5, "num_outputs must be between 1 and 4, got 5"),
+        ("guidance_scale", "7", "guidance_scale must be a finite number, got '7'"),
+        ("guidance_scale", float("nan"), "guidance_scale must be a finite number, got nan"),
+        ("guidance_scale", 0.5, "guidance_scale must be between 1.0 and 20.0, got 0.5"),
+        ("seed", -1, "seed must be between 0 and 4294967295, got -1"),
+        ("prompt", None, "prompt is required"),
+        ("parallel_decoder", "yes", "parallel_decoder must be true or false, got 'yes'"),
+        (
+            "sampler",
+            "ddim",
+            "sampler must be one of 'DDIM-50', 'DPM-Solver-20', 'DPM-Solver++-20', got 'ddim'",
+        ),
+        ("output_format", "jpeg", "output_format must be one of 'webp', 'jpg', 'png', got 'jpeg'"),
+        ("output_quality", 101, "output_quality must be between 0 and 100, got 101"),
+        ("noise_strength", -0.5, "noise_strength must be between 0.0 and 0.1, got -0.5"),
+        ("noise_threshold", 1001, "noise_threshold must be between 0 and 1000, got 1001"),
+    ],
+)
+def test_a_bad_input_is_rejected_naming_it(name, value, message):
+    with pytest.raises(ValueError) as error:
+        check_inputs(RUN, predict.Inputs, {**defaults(), name: value})
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize(("name", "value"), [("guidance_scale", 7), ("seed", None), ("seed", MAX_SEED)])
+def test_whole_numbers_pass_as_floats_and_the_seed_may_be_left_out(name, value):
+    check_inputs(RUN, predict.Inputs, {**defaults(), name: value})
+
+
+# ------------------------------------------------------------------------------------------ stopping
+
+
+def test_an_exception_raised_into_the_waiting_thread_stops_the_run_at_the_next_step():
+    """What Cog does to cancel a synchronous run(): raise CancelationException inside its thread."""
+    pipe = build_tiny_pipeline(0)
+    request = tiny_request()
+    at_step_2 = threading.Event()
+    steps, ended, raised = [], [], []
+
+    def work(stop):
+        def callback(pipe, step, timestep, tensors):
+            steps.append(step)
+            if step == 2:
+                at_step_2.set()
+                time.sleep(0.5)  # the cancel arrives in the waiting thread meanwhile
+            return stop.callback(pipe, step, timestep, tensors)
+
+        return generate(pipe, request, step_callback=callback)
+
+    def caller():
+        try:
+            run_stoppable(work, on_interrupt=ended.append)
+        except CancelationException:
+            raised.append(True)
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    assert at_step_2.wait(30)
+    cancel = ctypes.py_object(CancelationException)
+    assert ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), cancel) == 1
+    thread.join(30)
+
+    assert raised == [True]
+    assert steps == [0, 1, 2]
+    assert isinstance(ended[0], StoppedBetweenSteps) and ended[0].steps_done == 3
+    assert generate(pipe, request).stats.encoder_passes == 9  # the pipeline is whole again
+
+
+def test_without_an_interruption_the_result_or_the_error_of_the_run_comes_back():
+    assert run_stoppable(lambda stop: 42) == 42
+    with pytest.raises(ValueError, match="bad things"):
+        run_stoppable(lambda stop: (_ for _ in ()).throw(ValueError("bad things")))
+
+
+# ------------------------------------------------------------------------------------------ safety checker
+
+
+def flag_odd_images(pipe) -> None:
+    def check(clip_input, images):
+        return images, [index % 2 == 1 for index in range(len(images))]
+
+    pipe.safety_checker.forward = check
+
+
+def test_the_unchecked_pipeline_shares_the_models_and_leaves_the_checked_one_alone():
+    pipe = build_tiny_pipeline(0, with_safety_checker=True)
+    checker, config = pipe.safety_checker, dict(pipe.config)
+    model = TextToImage(pipe)
+
+    assert model.pipe_without_checker.safety_checker is None
+    for name in ("unet", "vae", "text_encoder", "tokenizer"):
+        assert getattr(model.pipe_without_checker, name) is getattr(pipe, name)
+    assert pipe.safety_checker is checker and dict(pipe.config) == config
+
+
+def test_a_folder_without_a_safety_checker_loads_runs_and_says_so(tmp_path, capsys):
+    model = TextToImage.load(save_tiny_weights(tmp_path / "weights", with_safety_checker=False))
+
+    assert f"safety checker: none ({tmp_path / 'weights'} has no safety checker)" in capsys.readouterr().out
+    assert model.pipe_without_checker is model.pipe
+    assert len(model.generate(tiny_request()).images) == 1
+
+
+def test_flagged_images_are_left_out_and_the_rest_returned_in_order(capsys):
+    pipe = build_tiny_pipeline(0, with_safety_checker=True)
+    flag_odd_images(pipe)
+    model = TextToImage(pipe)
+
+    outcome = model.generate(tiny_request(num_outputs=3), compare=True)
+    unchecked = model.generate(tiny_request(num_outputs=3), safety_checker=False)
+
+    assert len(outcome.images) == 4  # images 0 and 2 of each run
+    kept = [np.asarray(image) for image in outcome.images]
+    assert np.array_equal(kept[0], np.asarray(outcome.faster.images[0]))
+    assert np.array_equal(kept[2], np.asarray(outcome.stock.images[0]))
+    assert "NSFW content detected in image 1; it is left out" in capsys.readouterr().out
+    assert len(unchecked.images) == 3
+
+
+def test_a_run_whose_images_are_all_flagged_fails():
+    pipe = build_tiny_pipeline(0, with_safety_checker=True)
+    make_safety_checker_flag_everything(pipe.safety_checker)
+
+    with pytest.raises(NSFWError, match="NSFW content detected in all 2 outputs"):
+        TextToImage(pipe).generate(tiny_request(num_outputs=2))
+
+
+# ------------------------------------------------------------------------------------------ outputs
+
+
+def test_metrics_report_passes_unet_seconds_and_the_speedup_only_when_comparing():
+    model = TextToImage(build_tiny_pipeline(0))
+
+    alone = model.generate(tiny_request()).metrics
+    compared = model.generate(tiny_request(), compare=True).metrics
+
+    assert set(alone) == {"encoder_passes", "decoder_passes", "unet_seconds", "image_output_count"}
+    assert (alone["encoder_passes"], alone["decoder_passes"], alone["image_output_count"]) == (9, 50, 1)
+    assert compared["image_output_count"] == 2
+    assert compared["speedup"] == compared["baseline_unet_seconds"] / compared["unet_seconds"]
+
+
+def test_metrics_leave_out_times_that_were_not_measured():
+    model = TextToImage(build_tiny_pipeline(0))
+    outcome = model.generate(tiny_request())
+    outcome.faster.loop_seconds = float("nan")
+
+    assert "unet_seconds" not in Outcome(outcome.images, outcome.faster, None).metrics
+
+
+@pytest.mark.parametrize("output_format", ["webp", "jpg", "png"])
+def test_images_are_saved_as_numbered_files_in_the_requested_format(tmp_path, output_format):
+    (tmp_path / "out-7.png").write_bytes(b"from an earlier prediction")
+    images = [Image.new("RGB", (64, 48), color) for color in ("red", "blue")]
+
+    paths = save_images(images, tmp_path, output_format, 80)
+
+    assert [p.name for p in paths] == [f"out-0.{output_format}", f"out-1.{output_format}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in paths]
+    for path in paths:
+        with Image.open(path) as image:
+            assert (image.format, image.size) == (IMAGE_FORMATS[output_format], (64, 48))
+
+
+def test_output_quality_changes_lossy_files(tmp_path):
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    image = Image.fromarray(noise)
+    low = save_images([image], tmp_path / "low", "jpg", 5)[0].stat().st_size
+    high = save_images([image], tmp_path / "high", "jpg", 95)[0].stat().st_size
+    assert low < high
