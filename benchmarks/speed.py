@@ -1,0 +1,861 @@
+"""Speed of faster diffusion against stock diffusers, on the SD v1.5 architecture, on this machine.
+
+Builds Stable Diffusion v1.5 exactly as published (UNet, VAE, CLIP text encoder, scheduler config) but with
+random weights, since the weights do not change the cost of a forward pass, and times three modes in one
+process with the repeats interleaved (round-robin), so that drift of the machine hits every mode alike:
+
+- ``stock``: plain diffusers, nothing attached;
+- ``propagation``: encoder propagation with the paper's key steps, decoder one step at a time;
+- ``propagation+batched``: the same, with the decoder passes of each group run as one batch (the paper's
+  parallel decoder).
+
+Both accelerated modes use prior noise injection (the paper's setting; it costs nothing). For each sampler and
+mode it reports the UNet-loop and end-to-end seconds per image (medians), the speedups over stock (ratios of
+medians), the encoder and decoder pass counts, and the peak RSS increase. It also measures the share of a
+UNet step spent in the encoder (``conv_in`` + down blocks + mid block, at the CFG batch of 2), and the bound
+that share puts on propagation alone: ``N / (N - (N - |K|) * share)``.
+
+    python benchmarks/speed.py                       # 256 px, 3 repeats -> benchmarks/results/speed-256.md
+    python benchmarks/speed.py --size 512
+    python benchmarks/speed.py --quick --out /tmp/speed-quick.md   # tiny model, seconds (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import gc
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a script (python benchmarks/speed.py): make the package importable
+    sys.path.insert(0, str(REPO_ROOT))
+
+import diffusers  # noqa: E402
+import transformers  # noqa: E402
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+
+from faster_diffusion import (  # noqa: E402
+    FasterDiffusionConfig,
+    KeySteps,
+    NoiseInjection,
+    Sampler,
+    apply_faster_diffusion,
+    use_sampler,
+)
+from faster_diffusion.tiny import build_tiny_pipeline, build_tiny_tokenizer  # noqa: E402
+
+# ------------------------------------------------------------------------------------------ SD v1.5 configs
+# From the published config files of SD v1.5 (unet/config.json, vae/config.json, text_encoder/config.json,
+# scheduler/scheduler_config.json of stable-diffusion-v1-5).
+
+SD15_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+}
+
+SD15_VAE_CONFIG: dict[str, Any] = {
+    "sample_size": 512,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "scaling_factor": 0.18215,
+}
+
+#: CLIP ViT-L/14 text tower. The token ids are set from the tokenizer (see ``build_sd15_pipeline``).
+SD15_TEXT_ENCODER_CONFIG: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "projection_dim": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "attention_dropout": 0.0,
+    "dropout": 0.0,
+}
+
+SD15_SCHEDULER_CONFIG: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "trained_betas": None,
+}
+
+MODES = ("stock", "propagation", "propagation+batched")
+PROPAGATION_MODE = "propagation"
+BATCHED_MODE = "propagation+batched"
+
+#: Targets of our issue, as end-to-end speedups over stock in the same run at 256 px.
+TARGET_SIZE = 256
+TARGET_PROPAGATION_BOUND_FRACTION = 0.97
+TARGET_BATCHED_SPEEDUP = {Sampler.DDIM: 1.45, Sampler.DPM_SOLVER: 1.47}
+
+DEFAULT_PROMPT = "a photo of an astronaut riding a horse on the moon"
+MEMORY_POLL_SECONDS = 0.005
+
+
+# ------------------------------------------------------------------------------------------ model building
+
+
+def _random_init_(model: torch.nn.Module, seed: int) -> None:
+    """Seeded random values like PyTorch's default init, in place: weights U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+    1-D weights (norm scales) 1, biases 0. Only the cost of the forward pass matters here, not the values."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() < 2:
+                param.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                bound = 1.0 / math.sqrt(param[0].numel())
+                param.uniform_(-bound, bound, generator=generator)
+
+
+def _build_random(factory: Callable[[], torch.nn.Module], seed: int) -> torch.nn.Module:
+    """``factory()`` with its parameters allocated uninitialised and filled by :func:`_random_init_`.
+
+    The model is built with its parameters on the meta device (buffers real, e.g. CLIP's position ids), so
+    the stock init (kaiming etc.) is skipped: it took ~14 s for the UNet here, this takes ~7 s, most of it
+    the first touch of 3.4 GB of fresh memory.
+    """
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = factory()
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    _random_init_(model, seed)
+    return model.eval().requires_grad_(False)
+
+
+def build_sd15_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """SD v1.5's architecture and scheduler config with random weights, fp32 on CPU, no safety checker.
+
+    The tokenizer is a CLIP BPE tokenizer over a small vocabulary (the real CLIP vocabulary is not available
+    offline). The pipeline always pads prompts to 77 tokens, so the text encoder's cost is the real one.
+    """
+    tokenizer = build_tiny_tokenizer()
+    text_config = CLIPTextConfig(
+        **SD15_TEXT_ENCODER_CONFIG,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=_build_random(lambda: AutoencoderKL(**SD15_VAE_CONFIG), seed),
+        text_encoder=_build_random(lambda: CLIPTextModel(text_config), seed + 1),
+        tokenizer=tokenizer,
+        unet=_build_random(lambda: UNet2DConditionModel(**SD15_UNET_CONFIG), seed + 2),
+        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ------------------------------------------------------------------------------------------ measurement
+
+
+def _malloc_trim() -> bool:
+    """Hand freed heap memory back to the OS (glibc), so that RSS growth during the next call is real."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+def _rss_reader() -> Callable[[], int]:
+    try:
+        import psutil
+
+        process = psutil.Process()
+        return lambda: process.memory_info().rss
+    except ImportError:  # Linux fallback
+        page = os.sysconf("SC_PAGE_SIZE")
+
+        def read() -> int:
+            with open("/proc/self/statm") as statm:
+                return int(statm.read().split()[1]) * page
+
+        return read
+
+
+class RssSampler:
+    """Polls this process's RSS every ``interval`` seconds on a thread; keeps (time, rss) samples."""
+
+    def __init__(self, interval: float = MEMORY_POLL_SECONDS) -> None:
+        self.interval = interval
+        self.read = _rss_reader()
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter(), self.read()))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self.baseline = self.read()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append((time.perf_counter(), self.read()))
+
+    def peak_increase(self, start: float = -math.inf, end: float = math.inf) -> int:
+        """Largest RSS minus the baseline among samples taken within [start, end] (bytes, >= 0)."""
+        window = [rss for t, rss in self.samples if start <= t <= end] or [self.baseline]
+        return max(0, max(window) - self.baseline)
+
+
+class CpuUse:
+    """CPU time used by *other* processes over an interval, as a share of the machine's capacity."""
+
+    def __init__(self) -> None:
+        self.ncpu = os.cpu_count() or 1
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.start = self._read()
+
+    @staticmethod
+    def _read() -> tuple[float, int, int] | None:
+        try:
+            with open("/proc/stat") as stat:
+                fields = [int(v) for v in stat.readline().split()[1:]]
+            with open("/proc/self/stat") as own:
+                own_fields = own.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        busy_all = sum(fields) - fields[3] - fields[4]  # minus idle and iowait
+        busy_own = int(own_fields[11]) + int(own_fields[12])  # utime + stime, all threads
+        return time.perf_counter(), busy_all, busy_own
+
+    def others_percent(self) -> float | None:
+        end = self._read()
+        if self.start is None or end is None:
+            return None
+        elapsed = end[0] - self.start[0]
+        others = (end[1] - self.start[1]) - (end[2] - self.start[2])
+        return max(0.0, 100.0 * others / self.tick / (elapsed * self.ncpu)) if elapsed > 0 else None
+
+
+@dataclass
+class Run:
+    sampler: Sampler
+    mode: str
+    repeat: int  # -1 for the warm-up
+    loop_seconds: float
+    e2e_seconds: float
+    unet_calls: int
+    encoder_passes: int
+    decoder_passes: int
+    decoder_batches: int
+    peak_loop_bytes: int
+    peak_call_bytes: int
+    others_cpu_percent: float | None
+    #: (call seconds, encoder seconds) of each UNet call; stock runs only (one encoder pass per call).
+    stock_calls: list[tuple[float, float]] = field(default_factory=list)
+
+
+class UnetClock:
+    """Forward hooks that time every call of a UNet and of its encoder (``conv_in`` .. mid block)."""
+
+    def __init__(self, unet: UNet2DConditionModel) -> None:
+        self.calls: list[float] = []
+        self.returns: list[float] = []
+        self.encoder_starts: list[float] = []
+        self.encoder_ends: list[float] = []
+        last = unet.mid_block if unet.mid_block is not None else unet.down_blocks[-1]
+        now = time.perf_counter
+        self._hooks = [
+            unet.register_forward_pre_hook(lambda m, a: self.calls.append(now())),
+            unet.register_forward_hook(lambda m, a, o: self.returns.append(now())),
+            unet.conv_in.register_forward_pre_hook(lambda m, a: self.encoder_starts.append(now())),
+            last.register_forward_hook(lambda m, a, o: self.encoder_ends.append(now())),
+        ]
+
+    def clear(self) -> None:
+        for marks in (self.calls, self.returns, self.encoder_starts, self.encoder_ends):
+            marks.clear()
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+    def stock_calls(self) -> list[tuple[float, float]]:
+        """(call seconds, encoder seconds) of each call, for stock calls (one encoder pass per call)."""
+        marks = zip(self.calls, self.returns, self.encoder_starts, self.encoder_ends, strict=True)
+        return [(end - start, enc_end - enc_start) for start, end, enc_start, enc_end in marks]
+
+
+@dataclass
+class Bench:
+    pipe: StableDiffusionPipeline
+    size: int
+    prompt: str
+    negative_prompt: str
+    guidance_scale: float
+    seed: int
+    trim: bool
+    clock: UnetClock
+
+    def run(self, sampler: Sampler, mode: str, repeat: int) -> Run:
+        """One image with ``sampler`` in ``mode``; the pipeline is stock again afterwards."""
+        pipe = self.pipe
+        use_sampler(pipe, sampler)
+        handle = None
+        if mode != "stock":
+            config = FasterDiffusionConfig(
+                key_steps=KeySteps.paper(),
+                parallel=mode == BATCHED_MODE,
+                max_decoder_batch=None,
+                noise_injection=NoiseInjection(),
+            )
+            handle = apply_faster_diffusion(pipe, config)
+        steps = sampler.default_steps
+        loop_end: list[float] = []
+
+        def on_step_end(pipeline: Any, index: int, timestep: Any, callback_kwargs: dict) -> dict:
+            if index == steps - 1:
+                loop_end.append(time.perf_counter())
+            return {}
+
+        try:
+            gc.collect()
+            if self.trim:
+                _malloc_trim()
+            self.clock.clear()
+            cpu = CpuUse()
+            with torch.inference_mode(), RssSampler() as rss:
+                start = time.perf_counter()
+                pipe(
+                    self.prompt,
+                    negative_prompt=self.negative_prompt,
+                    num_inference_steps=steps,
+                    guidance_scale=self.guidance_scale,
+                    height=self.size,
+                    width=self.size,
+                    generator=torch.Generator().manual_seed(self.seed),
+                    output_type="pil",
+                    callback_on_step_end=on_step_end,
+                )
+                end = time.perf_counter()
+            others = cpu.others_percent()
+            loop_start = self.clock.calls[0]
+            calls = len(self.clock.calls)
+            stock_calls = self.clock.stock_calls() if mode == "stock" else []
+            stats = handle.last_run if handle is not None else None
+        finally:
+            if handle is not None:
+                handle.remove()
+        return Run(
+            sampler=sampler,
+            mode=mode,
+            repeat=repeat,
+            loop_seconds=loop_end[0] - loop_start,
+            e2e_seconds=end - start,
+            unet_calls=calls,
+            encoder_passes=stats.encoder_passes if stats else calls,
+            decoder_passes=stats.decoder_passes if stats else calls,
+            decoder_batches=stats.decoder_batches if stats else calls,
+            peak_loop_bytes=rss.peak_increase(loop_start, loop_end[0]),
+            peak_call_bytes=rss.peak_increase(),
+            others_cpu_percent=others,
+            stock_calls=stock_calls,
+        )
+
+
+@dataclass
+class UnetTiming:
+    """Medians over repeats of stock UNet calls at one CFG batch."""
+
+    group: int  # steps per call (the CFG batch is 2 * group)
+    total: float
+    encoder: float
+    decoder: float
+    others_cpu_percent: float | None
+
+
+def time_unet(
+    clock: UnetClock, unet: UNet2DConditionModel, latent_size: int, group: int, repeats: int
+) -> UnetTiming:
+    """Time stock UNet calls at CFG batch ``2 * group`` (one untimed warm-up, then ``repeats``), splitting
+    each call into encoder (``conv_in`` .. mid block) and decoder (everything after the mid block)."""
+    generator = torch.Generator().manual_seed(0)
+    batch = 2 * group
+    sample = torch.randn(batch, unet.config.in_channels, latent_size, latent_size, generator=generator)
+    text = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=generator)
+    timestep = torch.full((batch,), 500)
+    with torch.inference_mode():
+        unet(sample, timestep, encoder_hidden_states=text)
+        clock.clear()
+        cpu = CpuUse()
+        for _ in range(repeats):
+            unet(sample, timestep, encoder_hidden_states=text)
+    calls = clock.stock_calls()
+    decoders = [end - encoder_end for end, encoder_end in zip(clock.returns, clock.encoder_ends, strict=True)]
+    return UnetTiming(
+        group=group,
+        total=statistics.median(call for call, _ in calls),
+        encoder=statistics.median(encoder for _, encoder in calls),
+        decoder=statistics.median(decoders),
+        others_cpu_percent=cpu.others_percent(),
+    )
+
+
+# ------------------------------------------------------------------------------------------ reporting
+
+
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def _mib(num_bytes: float) -> str:
+    return f"{num_bytes / 2**20:,.0f}"
+
+
+def propagation_bound(num_steps: int, num_key: int, share: float) -> float:
+    """The UNet-loop speedup of propagation alone if skipping the encoder were free: N / (N - (N-|K|) s)."""
+    return num_steps / (num_steps - (num_steps - num_key) * share)
+
+
+@dataclass
+class Summary:
+    sampler: Sampler
+    mode: str
+    runs: list[Run]
+    stock: list[Run]
+
+    @property
+    def loop(self) -> float:
+        return _median([r.loop_seconds for r in self.runs])
+
+    @property
+    def e2e(self) -> float:
+        return _median([r.e2e_seconds for r in self.runs])
+
+    @property
+    def loop_speedup(self) -> float:
+        return _median([r.loop_seconds for r in self.stock]) / self.loop
+
+    @property
+    def e2e_speedup(self) -> float:
+        return _median([r.e2e_seconds for r in self.stock]) / self.e2e
+
+
+def _spread(values: Sequence[float]) -> str:
+    return f"{min(values):.2f}–{max(values):.2f}" if len(values) > 1 else "–"
+
+
+def results_table(summaries: list[Summary]) -> list[str]:
+    lines = [
+        "| sampler | mode | UNet loop s/img | loop speedup | end-to-end s/img | e2e speedup "
+        "| encoder / decoder passes (decoder batches) | peak RSS increase MiB, loop / call |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        first = s.runs[0]
+        loops = [r.loop_seconds for r in s.runs]
+        e2es = [r.e2e_seconds for r in s.runs]
+        peak_loop = _median([r.peak_loop_bytes for r in s.runs])
+        peak_call = _median([r.peak_call_bytes for r in s.runs])
+        lines.append(
+            f"| {s.sampler.value} | {s.mode} | {s.loop:.2f} ({_spread(loops)}) | {s.loop_speedup:.2f}x "
+            f"| {s.e2e:.2f} ({_spread(e2es)}) | {s.e2e_speedup:.2f}x "
+            f"| {first.encoder_passes} / {first.decoder_passes} ({first.decoder_batches}) "
+            f"| {_mib(peak_loop)} / {_mib(peak_call)} |"
+        )
+    return lines
+
+
+def bound_table(summaries: list[Summary], share: float) -> tuple[list[str], dict[Sampler, dict[str, float]]]:
+    lines = [
+        "| sampler | N | key steps | encoder share | loop bound | e2e bound "
+        "| propagation loop speedup (% of loop bound) | propagation e2e speedup (% of e2e bound; "
+        "% of loop bound) | share implied by propagation loop |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    found: dict[Sampler, dict[str, float]] = {}
+    for s in summaries:
+        if s.mode != PROPAGATION_MODE:
+            continue
+        n = s.runs[0].decoder_passes
+        k = s.runs[0].encoder_passes
+        stock_loop = _median([r.loop_seconds for r in s.stock])
+        stock_e2e = _median([r.e2e_seconds for r in s.stock])
+        loop_bound = propagation_bound(n, k, share)
+        ideal_loop = stock_loop / loop_bound
+        e2e_bound = stock_e2e / (stock_e2e - stock_loop + ideal_loop)
+        implied = (1 - s.loop / stock_loop) * n / (n - k) if n > k else float("nan")
+        found[s.sampler] = {
+            "loop_bound": loop_bound,
+            "e2e_bound": e2e_bound,
+            "loop_fraction": s.loop_speedup / loop_bound,
+            "e2e_fraction": s.e2e_speedup / e2e_bound,
+            "e2e_fraction_of_loop_bound": s.e2e_speedup / loop_bound,
+        }
+        f = found[s.sampler]
+        lines.append(
+            f"| {s.sampler.value} | {n} | {k} | {share:.1%} | {loop_bound:.3f}x | {e2e_bound:.3f}x "
+            f"| {s.loop_speedup:.3f}x ({f['loop_fraction']:.1%}) "
+            f"| {s.e2e_speedup:.3f}x ({f['e2e_fraction']:.1%}; {f['e2e_fraction_of_loop_bound']:.1%}) "
+            f"| {implied:.1%} |"
+        )
+    return lines, found
+
+
+def targets_lines(summaries: list[Summary], bounds: dict[Sampler, dict[str, float]], size: int) -> list[str]:
+    lines = []
+    if size != TARGET_SIZE:
+        lines.append(f"(The targets are defined at {TARGET_SIZE} px; shown here for information only.)")
+        lines.append("")
+
+    def check(ok: bool) -> str:
+        return "PASS" if ok else "FAIL"
+
+    for s in summaries:
+        if s.mode == PROPAGATION_MODE and s.sampler in bounds:
+            fraction = bounds[s.sampler]["e2e_fraction"]
+            lines.append(
+                f"- {check(fraction >= TARGET_PROPAGATION_BOUND_FRACTION)}: {s.sampler.value} propagation "
+                f"reaches {fraction:.1%} of its end-to-end bound (target >= "
+                f"{TARGET_PROPAGATION_BOUND_FRACTION:.0%}); {bounds[s.sampler]['loop_fraction']:.1%} of the "
+                "UNet-loop bound"
+            )
+        if s.mode == BATCHED_MODE and s.sampler in TARGET_BATCHED_SPEEDUP:
+            target = TARGET_BATCHED_SPEEDUP[s.sampler]
+            lines.append(
+                f"- {check(s.e2e_speedup >= target)}: {s.sampler.value} propagation+batched end-to-end "
+                f"{s.e2e_speedup:.2f}x (target >= {target:.2f}x)"
+            )
+    slower = [s for s in summaries if s.mode != "stock" and (s.e2e_speedup < 1 or s.loop_speedup < 1)]
+    names = ", ".join(f"{s.sampler.value} {s.mode}" for s in slower)
+    lines.append(
+        f"- {check(not slower)}: no mode slower than stock" + (f" (slower: {names})" if slower else "")
+    )
+    return lines
+
+
+def raw_table(runs: list[Run]) -> list[str]:
+    lines = [
+        "| repeat | sampler | mode | UNet loop s | end-to-end s | UNet calls | peak RSS +MiB loop / call "
+        "| other processes' CPU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        others = f"{r.others_cpu_percent:.0f}%" if r.others_cpu_percent is not None else "n/a"
+        label = "warm-up" if r.repeat < 0 else str(r.repeat + 1)
+        lines.append(
+            f"| {label} | {r.sampler.value} | {r.mode} | {r.loop_seconds:.2f} | {r.e2e_seconds:.2f} "
+            f"| {r.unet_calls} | {_mib(r.peak_loop_bytes)} / {_mib(r.peak_call_bytes)} | {others} |"
+        )
+    return lines
+
+
+def decoder_table(timings: list[UnetTiming]) -> list[str]:
+    base = timings[0].decoder / timings[0].group
+    lines = [
+        "| steps per decoder batch g (CFG batch 2g) | UNet call s | encoder s | decoder s "
+        "| decoder s per step | vs first row | other processes' CPU |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in timings:
+        per_step = t.decoder / t.group
+        others = f"{t.others_cpu_percent:.0f}%" if t.others_cpu_percent is not None else "n/a"
+        lines.append(
+            f"| {t.group} ({2 * t.group}) | {t.total:.3f} | {t.encoder:.3f} | {t.decoder:.3f} "
+            f"| {per_step:.3f} | {per_step / base:.2f} | {others} |"
+        )
+    return lines
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _attention_backend(unet: UNet2DConditionModel) -> str:
+    names = sorted({type(p).__name__ for p in unet.attn_processors.values()})
+    return ", ".join(names)
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, choices=(256, 512), default=256, help="image size in px")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per sampler and mode")
+    parser.add_argument(
+        "--samplers", default="DDIM-50,DPM-Solver-20", help="comma-separated: DDIM-50, DPM-Solver-20, ..."
+    )
+    parser.add_argument("--out", type=Path, default=None, help="Markdown report (default: see --quick)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: tiny model at its native 16 px, 1 repeat, 1 thread unless --threads; writes to a "
+        "temp file unless --out is given",
+    )
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the latents and of the random weights")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="put the UNet in channels_last (applies to every mode)"
+    )
+    parser.add_argument(
+        "--decoder-probe",
+        default="",
+        help="after the runs, also time stock UNet calls at CFG batch 2g for these g, e.g. 1,2,5,10,15, "
+        "to see what batching saves per decoder step",
+    )
+    parser.add_argument("--probe-repeats", type=int, default=2, help="timed calls per --decoder-probe size")
+    parser.add_argument(
+        "--no-malloc-trim",
+        action="store_true",
+        help="do not return freed heap memory to the OS before each call (makes RSS increases unreliable)",
+    )
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.probe_repeats < 1:
+        parser.error(f"--probe-repeats must be >= 1, got {args.probe_repeats}")
+    try:
+        args.sampler_list = [Sampler.parse(name) for name in args.samplers.split(",") if name.strip()]
+        args.probe_groups = [int(g) for g in args.decoder_probe.split(",") if g.strip()]
+    except ValueError as error:
+        parser.error(str(error))
+    if not args.sampler_list:
+        parser.error("--samplers: give at least one sampler")
+    if any(g < 1 for g in args.probe_groups):
+        parser.error(f"--decoder-probe: group sizes must be >= 1, got {args.decoder_probe!r}")
+    if args.quick:
+        args.repeats = 1
+        if args.threads is None:
+            # The tiny model gains nothing from a second thread, and threads that wait for each other at
+            # every small op slow down badly when another process shares the cores.
+            args.threads = 1
+    if args.out is None:
+        if args.quick:
+            args.out = Path(tempfile.gettempdir()) / "faster-diffusion-speed-quick.md"
+        else:
+            args.out = REPO_ROOT / "benchmarks" / "results" / f"speed-{args.size}.md"
+    return args
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__), *sys.argv[1:]])
+    if argv is not None:
+        command = "python benchmarks/speed.py " + " ".join(shlex.quote(a) for a in argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    began = time.perf_counter()
+    date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    load_start = os.getloadavg()
+
+    _log("building the pipeline ...")
+    build_start = time.perf_counter()
+    if args.quick:
+        pipe = build_tiny_pipeline(args.seed)
+        model = "tiny SD-shaped test model (faster_diffusion.tiny), random weights"
+        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    else:
+        pipe = build_sd15_pipeline(args.seed)
+        model = "SD v1.5 architecture (published configs), random weights"
+        size = args.size
+    if args.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+    build_seconds = time.perf_counter() - build_start
+    _log(f"built in {build_seconds:.1f} s; {size} px, {torch.get_num_threads()} threads")
+
+    bench = Bench(
+        pipe=pipe,
+        size=size,
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+        trim=not args.no_malloc_trim,
+        clock=UnetClock(pipe.unet),
+    )
+    warmups: list[Run] = []
+    runs: list[Run] = []
+    timed_cpu = None
+    for repeat in range(-1, args.repeats):
+        if repeat == 0:
+            timed_cpu = CpuUse()
+        for sampler in args.sampler_list:
+            for mode in MODES:
+                result = bench.run(sampler, mode, repeat)
+                (warmups if repeat < 0 else runs).append(result)
+                label = "warm-up" if repeat < 0 else f"repeat {repeat + 1}/{args.repeats}"
+                _log(
+                    f"{label} {sampler.value} {mode}: loop {result.loop_seconds:.2f} s, "
+                    f"e2e {result.e2e_seconds:.2f} s, peak +{_mib(result.peak_call_bytes)} MiB"
+                )
+    timed_others = timed_cpu.others_percent() if timed_cpu else None
+
+    latent_size = size // pipe.vae_scale_factor
+    probe = []
+    for group in args.probe_groups:
+        _log(f"decoder probe: {group} steps per batch ...")
+        probe.append(time_unet(bench.clock, pipe.unet, latent_size, group, args.probe_repeats))
+    total_seconds = time.perf_counter() - began
+
+    stock_calls = [call for r in runs for call in r.stock_calls]
+    shares = [encoder / call for call, encoder in stock_calls]
+    call_median = statistics.median(call for call, _ in stock_calls)
+    encoder_median = statistics.median(encoder for _, encoder in stock_calls)
+    share = statistics.median(shares)
+    share_low, _, share_high = statistics.quantiles(shares, n=4) if len(shares) > 1 else (share, share, share)
+
+    summaries = []
+    for sampler in args.sampler_list:
+        stock = [r for r in runs if r.sampler is sampler and r.mode == "stock"]
+        for mode in MODES:
+            summaries.append(
+                Summary(sampler, mode, [r for r in runs if r.sampler is sampler and r.mode == mode], stock)
+            )
+    bounds_lines, bounds = bound_table(summaries, share)
+    per_run_others = [r.others_cpu_percent for r in runs if r.others_cpu_percent is not None]
+
+    settings = [
+        f"- Command: `{command}`",
+        f"- Date: {date}; total run time {total_seconds / 60:.1f} min "
+        f"(pipeline built in {build_seconds:.1f} s)",
+        f"- Model: {model}; {size} x {size} px; fp32 on CPU, eval mode, `torch.inference_mode()`; "
+        "no safety checker",
+        f"- Machine: {_cpu_model()}, {os.cpu_count()} logical CPUs; torch {torch.__version__} "
+        f"(`torch.get_num_threads()` = {torch.get_num_threads()}), diffusers {diffusers.__version__}, "
+        f"transformers {transformers.__version__}, Python {platform.python_version()}",
+        f"- UNet memory format: {'channels_last' if args.channels_last else 'contiguous (NCHW), stock'}; "
+        f"attention processor: {_attention_backend(pipe.unet)}; threads: "
+        f"{'set to ' + str(args.threads) if args.threads is not None else 'torch default'}. "
+        "Every setting applies identically to all modes.",
+        f"- Generation: prompt {args.prompt!r}, negative prompt {args.negative_prompt!r}, guidance "
+        f'{args.guidance_scale}, seed {args.seed} for every run, `output_type="pil"`',
+        "- Accelerated modes: the paper's key steps (`KeySteps.paper()`), prior noise injection on "
+        "(alpha 0.003, tau 500); `propagation`: `parallel=False`; `propagation+batched`: `parallel=True`, "
+        "no cap on the decoder batch",
+        f"- Repeats: {args.repeats} timed per sampler and mode after one untimed warm-up each, interleaved "
+        "round-robin (repeat -> sampler -> mode); medians quoted, (min–max) in brackets; speedups are "
+        "ratios of medians against `stock` of the same run",
+        f"- Load by other processes during the timed runs: {timed_others:.0f}% of the machine's CPU capacity "
+        f"on average (per run: {min(per_run_others):.0f}–{max(per_run_others):.0f}%); load average "
+        f"{load_start[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"
+        if timed_others is not None and per_run_others
+        else "- Load by other processes: not measurable on this platform",
+    ]
+    method = [
+        "- **UNet loop**: from the first call of `pipe.unet` (a forward pre-hook) to the end of the last "
+        "scheduler step (`callback_on_step_end` at the last step); measured the same way for every mode.",
+        "- **End-to-end**: the whole `pipe(...)` call: text encoding, the loop, VAE decode, PIL conversion.",
+        "- **Peak RSS increase**: a thread polls the process RSS every "
+        f"{MEMORY_POLL_SECONDS * 1000:.0f} ms during the call; the peak minus the RSS just before the call, "
+        "over the UNet loop and over the whole call. Before each call, `gc.collect()` and glibc "
+        "`malloc_trim(0)` hand freed memory back to the OS"
+        + (" (disabled by --no-malloc-trim)" if args.no_malloc_trim else "")
+        + ", so that reuse of memory freed by an earlier run does not hide growth. The weights are "
+        "not counted (they are resident before the call).",
+        "- **Encoder share**: in every UNet call of the timed `stock` runs (CFG batch 2, the real latents), "
+        "forward hooks time the encoder, from `conv_in` being called to the mid block returning, and the "
+        f"whole call. Share = median over those {len(shares)} calls of encoder / call = {share:.1%} "
+        f"(quartiles {share_low:.1%}–{share_high:.1%}; median call "
+        f"{call_median:.3f} s, encoder {encoder_median:.3f} s).",
+        "- **Bounds**: loop bound = N / (N - (N - |K|) * share), the loop speedup propagation alone would "
+        "reach if skipping the encoder were free and nothing else changed; e2e bound = the same saving "
+        "applied to the stock end-to-end time (text encoder and VAE unchanged). 'Share implied' = the "
+        "encoder share that the measured propagation loop time corresponds to.",
+    ]
+
+    report = [f"# Faster Diffusion speed benchmark: {size} px, CPU", "", *settings, "", "## Results", ""]
+    report += results_table(summaries)
+    report += ["", "## Encoder share and the bound on propagation alone", "", *bounds_lines]
+    if not args.quick:
+        report += ["", "## Targets (issue: end-to-end speedups over stock at 256 px)", ""]
+        report += targets_lines(summaries, bounds, size)
+    if len(probe) > 1:
+        report += ["", "## Decoder cost per step against the decoder batch (stock UNet calls)", ""]
+        report += decoder_table(probe)
+    report += ["", "## How it is measured", "", *method, "", "## All runs", ""]
+    report += raw_table(warmups + runs)
+    text = "\n".join(report) + "\n"
+
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text, encoding="utf-8")
+    _log(f"wrote {args.out} ({total_seconds / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
