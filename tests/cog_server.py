@@ -78,6 +78,8 @@ class CogServer:
             "FASTER_DIFFUSION_WEIGHTS": str(weights),
             "OMP_NUM_THREADS": "1",  # the tiny model gains nothing from threads; spare the other processes
             "PYTHONUNBUFFERED": "1",
+            # coglet starts its worker with the `python` on PATH: make that this interpreter.
+            "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
         }
         with open(log, "wb") as out:
             self.process = subprocess.Popen(
