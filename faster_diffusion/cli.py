@@ -14,7 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .generate import MAX_SEED, GenerationRequest, GenerationResult, faster_config, generate
+from .generate import (
+    MAX_SEED,
+    GenerationRequest,
+    GenerationResult,
+    describe_speedup,
+    faster_config,
+    generate,
+)
 from .loading import (
     DOWNLOAD_COMMAND,
     WEIGHTS_ENV,
@@ -74,15 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(args: argparse.Namespace):
     """The pipeline named by --weights, or the default folder, or the built-in demo model."""
-    if args.weights is not None:
-        return load_pipeline(
-            args.weights, device=args.device, safety_checker=not args.no_safety_checker
-        ), str(args.weights)
-    folder = default_weights_dir()
-    if has_weights(folder):
-        return load_pipeline(folder, device=args.device, safety_checker=not args.no_safety_checker), str(
-            folder
-        )
+    folder = args.weights if args.weights is not None else default_weights_dir()
+    if args.weights is not None or has_weights(folder):
+        pipe = load_pipeline(folder, device=args.device, safety_checker=not args.no_safety_checker)
+        return pipe, str(folder)
     from .tiny import build_tiny_pipeline
 
     print(
@@ -143,29 +145,19 @@ def main(argv: list[str] | None = None) -> int:
         f"seed {request.seed}"
     )
     print(f"Key steps: {schedule.describe()}")
-    noise = faster.noise_injection
-    injection = f"alpha={noise.alpha:g} at timesteps below {noise.tau:g}" if noise.enabled else "off"
-    print(f"Noise injection: {injection}")
+    print(f"Noise injection: {faster.noise_injection.describe()}")
     fast = generate(pipe, request, accelerate=True)
     paths = _save(fast, args.out, "faster")
-    stats = fast.stats
-    print(
-        f"Faster diffusion: {fast.seconds:.2f} s ({fast.loop_seconds:.2f} s denoising), "
-        f"{stats.encoder_passes} encoder / {stats.decoder_passes} decoder passes in "
-        f"{stats.decoder_batches} decoder batches"
-    )
+    print(fast.describe())
     for path in paths:
         print(f"  wrote {path}")
     if args.compare:
         stock = generate(pipe, request, accelerate=False)
         stock_paths = _save(stock, args.out, "stock")
-        print(f"Stock diffusers: {stock.seconds:.2f} s ({stock.loop_seconds:.2f} s denoising)")
+        print(stock.describe())
         for path in stock_paths:
             print(f"  wrote {path}")
-        print(
-            f"Speedup: {stock.seconds / fast.seconds:.2f}x end to end, "
-            f"{stock.loop_seconds / fast.loop_seconds:.2f}x denoising"
-        )
+        print(describe_speedup(fast, stock))
         for index, (a, b) in enumerate(zip(fast.images, stock.images, strict=True)):
             diff = np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))
             mse = float(np.mean(diff**2))

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .noise import NoiseInjection
+from .noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, NoiseInjection
 from .propagation import FasterDiffusionConfig, RunStats, apply_faster_diffusion, remove_faster_diffusion
 from .samplers import Sampler, use_sampler
 from .schedule import KeySteps, KeyStepSchedule
@@ -96,11 +96,11 @@ def faster_config(
 ) -> FasterDiffusionConfig:
     """A :class:`FasterDiffusionConfig` from plain user inputs (text key steps, on/off switches)."""
     keys = key_steps if isinstance(key_steps, KeySteps) else KeySteps.parse(key_steps)
-    noise = NoiseInjection(enabled=noise_injection)
-    if noise_strength is not None:
-        noise = NoiseInjection(enabled=noise_injection, alpha=noise_strength, tau=noise.tau)
-    if noise_threshold is not None:
-        noise = NoiseInjection(enabled=noise_injection, alpha=noise.alpha, tau=noise_threshold)
+    noise = NoiseInjection(
+        enabled=noise_injection,
+        alpha=PRIOR_NOISE_ALPHA if noise_strength is None else noise_strength,
+        tau=PRIOR_NOISE_TAU if noise_threshold is None else noise_threshold,
+    )
     return FasterDiffusionConfig(
         key_steps=keys, parallel=parallel, max_decoder_batch=max_decoder_batch, noise_injection=noise
     )
@@ -119,6 +119,24 @@ class GenerationResult:
     seconds: float
     #: Wall time of the denoising loop: from the first UNet call to the end of the last step.
     loop_seconds: float
+
+    def describe(self) -> str:
+        """One line for logs: the times and, for an accelerated run, the pass counts."""
+        if self.stats is None:
+            return f"Stock diffusers: {self.seconds:.2f} s ({self.loop_seconds:.2f} s denoising)"
+        return (
+            f"Faster diffusion: {self.seconds:.2f} s ({self.loop_seconds:.2f} s denoising), "
+            f"{self.stats.encoder_passes} encoder / {self.stats.decoder_passes} decoder passes in "
+            f"{self.stats.decoder_batches} decoder batches"
+        )
+
+
+def describe_speedup(faster: GenerationResult, stock: GenerationResult) -> str:
+    """One line for logs: the speedup of ``faster`` over ``stock``, end to end and in the denoising loop."""
+    return (
+        f"Speedup: {stock.seconds / faster.seconds:.2f}x end to end, "
+        f"{stock.loop_seconds / faster.loop_seconds:.2f}x denoising"
+    )
 
 
 class _LoopTimer:

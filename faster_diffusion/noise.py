@@ -53,6 +53,10 @@ class NoiseInjection:
     def off(cls) -> NoiseInjection:
         return cls(enabled=False)
 
+    def describe(self) -> str:
+        """One line for logs, e.g. ``alpha=0.003 at timesteps below 500`` or ``off``."""
+        return f"alpha={self.alpha:g} at timesteps below {self.tau:g}" if self.enabled else "off"
+
     def applies_at(self, timesteps: Sequence[float]) -> tuple[bool, ...]:
         """For each timestep value, whether noise is injected before that step's scheduler update."""
         if not self.enabled or self.alpha == 0:

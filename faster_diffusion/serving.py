@@ -25,7 +25,7 @@ import transformers
 from cog import FieldInfo
 
 from .cancel import StoppedBetweenSteps, run_stoppable
-from .generate import MAX_SEED, GenerationRequest, GenerationResult, generate
+from .generate import MAX_SEED, GenerationRequest, GenerationResult, describe_speedup, generate
 from .loading import default_weights_dir, load_pipeline
 
 #: Pillow's name for each output format.
@@ -161,26 +161,16 @@ class TextToImage:
         Images flagged by the safety checker are dropped; :class:`NSFWError` if that leaves none.
         """
         schedule = request.schedule  # raises KeyStepError for key steps that do not fit the sampler's steps
-        noise = request.faster.noise_injection
         print(f"Key steps: {schedule.describe()}")
-        injection = f"alpha={noise.alpha:g} at timesteps below {noise.tau:g}" if noise.enabled else "off"
-        print(f"Noise injection: {injection}")
+        print(f"Noise injection: {request.faster.noise_injection.describe()}")
         pipe = self.pipe if safety_checker else self.pipe_without_checker
         faster = _run(pipe, request, accelerate=True)
-        stats = faster.stats
-        print(
-            f"Faster diffusion: {faster.seconds:.2f} s ({faster.loop_seconds:.2f} s denoising), "
-            f"{stats.encoder_passes} encoder / {stats.decoder_passes} decoder passes in "
-            f"{stats.decoder_batches} decoder batches"
-        )
+        print(faster.describe())
         stock = None
         if compare:
             stock = _run(pipe, request, accelerate=False)
-            print(f"Stock diffusers: {stock.seconds:.2f} s ({stock.loop_seconds:.2f} s denoising)")
-            print(
-                f"Speedup: {stock.seconds / faster.seconds:.2f}x end to end, "
-                f"{stock.loop_seconds / faster.loop_seconds:.2f}x denoising"
-            )
+            print(stock.describe())
+            print(describe_speedup(faster, stock))
         runs = [faster] if stock is None else [faster, stock]
         images = [image for run in runs for image in run.images]
         flags = [flag for run in runs for flag in run.nsfw]
