@@ -27,11 +27,13 @@ __all__ = [
     "TINY_PROMPT_WORDS",
     "TINY_UNET_CONFIG",
     "TINY_VAE_CONFIG",
+    "build_clip_tokenizer",
     "build_tiny_components",
     "build_tiny_pipeline",
     "build_tiny_tokenizer",
     "make_safety_checker_flag_everything",
     "save_tiny_weights",
+    "write_vocab_files",
 ]
 
 #: Words that the tiny tokenizer encodes as a single token each. Anything else still tokenizes, via
@@ -138,9 +140,9 @@ def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     return symbols
 
 
-@functools.lru_cache(maxsize=1)
-def _tiny_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
-    """Build a CLIP-style vocabulary and merge list in which every ``TINY_PROMPT_WORDS`` entry is one token.
+@functools.lru_cache(maxsize=4)
+def _vocab_and_merges(words: tuple[str, ...]) -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    """Build a CLIP-style vocabulary and merge list in which every entry of ``words`` is one token.
 
     Layout mirrors the real CLIP vocabulary: 256 byte symbols, the same with ``</w>``, one token per
     merge, then ``<|startoftext|>`` and ``<|endoftext|>``. The end-of-word marker is always attached to a
@@ -153,7 +155,7 @@ def _tiny_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...
     tokens = list(base) + [c + END_OF_WORD for c in base]
     merges: list[tuple[str, str]] = []
     ranks: dict[tuple[str, str], int] = {}
-    for word in TINY_PROMPT_WORDS:
+    for word in words:
         segments = _bpe([*word[:-1], word[-1] + END_OF_WORD], ranks)
         left = segments[0]
         for right in segments[1:]:
@@ -170,13 +172,12 @@ def _tiny_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...
     return vocab, tuple(merges)
 
 
-def build_tiny_tokenizer() -> CLIPTokenizer:
-    """A CLIP BPE tokenizer (``model_max_length=77``) over the tiny vocabulary.
+def build_clip_tokenizer(words: tuple[str, ...], model_max_length: int = MODEL_MAX_LENGTH) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer in which every entry of ``words`` is a single token.
 
-    Every word of ``TINY_PROMPT_WORDS`` is a single token; any other text falls back to byte-level
-    character tokens, so nothing ever fails to tokenize.
+    Any other text falls back to byte-level character tokens, so nothing ever fails to tokenize.
     """
-    vocab, merges = _tiny_vocab_and_merges()
+    vocab, merges = _vocab_and_merges(tuple(words))
     # transformers 5's CLIPTokenizer is backed by `tokenizers`; its BPE takes merges as (left, right)
     # tuples (a list of "left right" strings is rejected).
     return CLIPTokenizer(
@@ -186,13 +187,19 @@ def build_tiny_tokenizer() -> CLIPTokenizer:
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         pad_token=EOS_TOKEN,
-        model_max_length=MODEL_MAX_LENGTH,
+        model_max_length=model_max_length,
     )
 
 
-def _write_vocab_files(folder: Path) -> None:
+def build_tiny_tokenizer() -> CLIPTokenizer:
+    """A CLIP BPE tokenizer (``model_max_length=77``); each ``TINY_PROMPT_WORDS`` entry is one token."""
+    return build_clip_tokenizer(TINY_PROMPT_WORDS)
+
+
+def write_vocab_files(folder: str | os.PathLike, words: tuple[str, ...] = TINY_PROMPT_WORDS) -> None:
     """Write ``vocab.json`` and ``merges.txt`` (as shipped with real SD weights) into ``folder``."""
-    vocab, merges = _tiny_vocab_and_merges()
+    folder = Path(folder)
+    vocab, merges = _vocab_and_merges(tuple(words))
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     lines = ["#version: 0.2"] + [f"{left} {right}" for left, right in merges]
     (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -312,5 +319,5 @@ def save_tiny_weights(folder: str | os.PathLike, seed: int = 0, *, with_safety_c
     pipe = build_tiny_pipeline(seed, with_safety_checker=with_safety_checker)
     pipe.save_pretrained(folder, safe_serialization=True)
     # Real SD checkpoints also ship the slow-tokenizer files; keep the layout identical.
-    _write_vocab_files(folder / "tokenizer")
+    write_vocab_files(folder / "tokenizer")
     return folder
