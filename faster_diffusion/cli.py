@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import reference, shapes
 from .generate import (
     MAX_SEED,
     GenerationRequest,
@@ -34,6 +35,9 @@ from .loading import (
 from .noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU
 from .samplers import Sampler
 from .schedule import ACCEPTED_FORMS, KeyStepError
+
+#: Stable Diffusion's usual classifier-free guidance scale.
+DEFAULT_GUIDANCE = 7.5
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--width", type=int, default=None, help="multiple of 8 (default: the model's size)")
     parser.add_argument("--height", type=int, default=None, help="multiple of 8 (default: the model's size)")
     parser.add_argument("--num-outputs", type=int, default=1)
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help=f"classifier-free guidance (default: {DEFAULT_GUIDANCE}; {reference.GUIDANCE_SCALE} for the "
+        "built-in reference model)",
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNG files")
     parser.add_argument(
         "--weights",
@@ -81,20 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace):
-    """The pipeline named by --weights, or the default folder, or the built-in demo model."""
+    """The pipeline named by --weights, or the default folder, or the built-in reference model.
+
+    Returns ``(pipe, description, is_reference)``.
+    """
     folder = args.weights if args.weights is not None else default_weights_dir()
     if args.weights is not None or has_weights(folder):
         pipe = load_pipeline(folder, device=args.device, safety_checker=not args.no_safety_checker)
-        return pipe, str(folder)
-    from .tiny import build_tiny_pipeline
-
+        return pipe, str(folder), False
     print(
         f"No Stable Diffusion weights in {folder}/ (fill it with `{DOWNLOAD_COMMAND}`). Using the built-in "
-        "tiny demo model with RANDOM weights: its images are noise, but every step of the method runs and is "
-        "timed.",
+        "reference model: a small latent diffusion model trained on captioned shapes, 32x32 images. It knows "
+        f'prompts like "{reference.EXAMPLE_PROMPT}".',
         flush=True,
     )
-    return build_tiny_pipeline(0), "built-in tiny demo model (random weights)"
+    pipe = load_pipeline(reference.MODEL_DIR, device=args.device, safety_checker=False)
+    return pipe, f"built-in reference model ({reference.MODEL_DIR})", True
 
 
 def _save(result: GenerationResult, folder: Path, prefix: str) -> list[Path]:
@@ -121,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             noise_strength=args.noise_strength,
             noise_threshold=args.noise_threshold,
         )
-        pipe, source = _load(args)
+        pipe, source, is_reference = _load(args)
+        guidance = args.guidance_scale
+        if guidance is None:
+            guidance = reference.GUIDANCE_SCALE if is_reference else DEFAULT_GUIDANCE
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         request = GenerationRequest(
             prompt=args.prompt,
@@ -131,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             width=args.width or size,
             height=args.height or size,
             num_outputs=args.num_outputs,
-            guidance_scale=args.guidance_scale,
+            guidance_scale=guidance,
             seed=args.seed,
             faster=faster,
         )
@@ -141,9 +156,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     print(f"Model: {source}")
+    unknown = reference.unknown_words(args.prompt + " " + args.negative_prompt) if is_reference else []
+    if unknown:
+        print(
+            f"Warning: the reference model was never trained on {', '.join(repr(w) for w in unknown)}; it "
+            f"knows only these words: {' '.join(shapes.VOCABULARY)}"
+        )
     print(
         f"Sampler: {request.sampler.value}, {request.steps} steps, {request.width}x{request.height}, "
-        f"seed {request.seed}"
+        f"seed {request.seed}, guidance {request.guidance_scale}"
     )
     print(f"Key steps: {schedule.describe()}")
     print(f"Noise injection: {faster.noise_injection.describe()}")

@@ -104,11 +104,12 @@ def test_cli_compare_on_a_weights_folder(tmp_path, capsys):
     assert files == ["faster-0.png", "faster-1.png", "stock-0.png", "stock-1.png"]
 
 
-def test_cli_without_weights_says_it_uses_the_demo_model(tmp_path, monkeypatch, capsys):
+def test_cli_without_weights_says_it_uses_the_reference_model(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FASTER_DIFFUSION_WEIGHTS", str(tmp_path / "empty"))
-    assert main(["a cat", "--out", str(tmp_path / "out"), "--key-steps", "all", "--no-noise-injection"]) == 0
+    prompt = "a red circle"
+    assert main([prompt, "--out", str(tmp_path / "out"), "--key-steps", "all", "--no-noise-injection"]) == 0
     out = capsys.readouterr().out
-    assert "Using the built-in tiny demo model with RANDOM weights" in out
+    assert "No Stable Diffusion weights in" in out and "Using the built-in reference model" in out
     assert "Noise injection: off" in out
     assert (tmp_path / "out" / "faster-0.png").exists()
 
