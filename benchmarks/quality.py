@@ -1,0 +1,563 @@
+"""What the acceleration costs in image quality, measured on the trained reference model.
+
+Generates a fixed set of prompt x seed pairs, all from attribute combinations that training never saw
+(``shapes.HELD_OUT_COMBOS``, 80 combinations x 3 seeds = 240 pairs), with each configuration:
+
+- ``stock``: plain diffusers;
+- ``paper``: the paper's key steps, with prior noise injection (the default of this project);
+- ``paper, no noise``: the same without noise injection;
+- ``uniform:k``: a key step every k steps, with noise injection;
+- ``paper reversed``: a badly placed set of the same size as the paper's, with the paper's gaps in reverse
+  order, so key steps are dense at the end of sampling and sparse at the start
+  (``[0, 15, 25, 35, 40, 45, 47, 48, 49]`` for 50 steps).
+
+and reports, per sampler (DDIM-50 and DPM-Solver-20):
+
+- prompt faithfulness: how often the attribute classifier reads all five attributes of the prompt off the
+  image, and each attribute alone (stands in for CLIP score);
+- a Fréchet distance between the classifier's 64-d features of generated and of real held-out images (stands
+  in for FID), with the floor given by a second real set;
+- fidelity to stock: PSNR and SSIM of each accelerated image against the stock image from the same seed;
+- cost: encoder and decoder passes per image trajectory, and wall time of the whole set.
+
+Intervals are 95%: percentile bootstraps over the prompt x seed pairs for accuracies, PSNR and SSIM, and half
+samples without replacement for Fréchet distances (see ``recentred_interval``). The draws are shared by all
+configurations, so a difference to stock gets an interval too. It also reproduces the paper's
+analysis (its Fig. 2): the relative change of the encoder's (mid block) and the decoder's (last up block)
+features between adjacent steps of stock sampling, plotted to ``feature-change.png``.
+
+    python benchmarks/quality.py               # full run -> benchmarks/results/quality.md (+ .json, PNGs)
+    python benchmarks/quality.py --quick --out /tmp/q.md   # a smoke run in seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):
+    sys.path.insert(0, str(REPO_ROOT))
+
+from faster_diffusion import (  # noqa: E402
+    FasterDiffusionConfig,
+    KeySteps,
+    NoiseInjection,
+    Sampler,
+    apply_faster_diffusion,
+    reference,
+    shapes,
+    use_sampler,
+)
+from faster_diffusion.loading import load_pipeline  # noqa: E402
+from faster_diffusion.schedule import paper_key_steps  # noqa: E402
+
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+SAMPLERS = (Sampler.DDIM, Sampler.DPM_SOLVER)
+UNIFORM_KS = (2, 3, 5)
+SEEDS_PER_COMBO = 3
+REAL_PER_COMBO = 4
+REAL_SEED = 50_000  # jitter seeds of the real reference set
+REAL_FLOOR_SEED = 60_000  # jitter seeds of the second real set (the Fréchet floor)
+#: Paper's numbers (SD v1.5, DDIM-50 / DPM-Solver-20, 10K MS-COCO prompts), for the README table.
+PAPER = {
+    Sampler.DDIM: {"fid": (21.75, 21.08), "clip": (0.773, 0.783), "fid_no_noise": 21.71},
+    Sampler.DPM_SOLVER: {"fid": (21.36, 21.25), "clip": (0.780, 0.779)},
+}
+
+
+def reversed_paper_key_steps(num_steps: int) -> tuple[int, ...]:
+    """The paper's key steps mirrored in time: same count and gaps, dense at the end instead of the start."""
+    paper = paper_key_steps(num_steps)
+    return (0, *sorted(num_steps - i for i in paper if i > 0))
+
+
+@dataclass
+class Config:
+    name: str
+    key_steps: KeySteps | None  # None: stock
+    noise: bool = True
+
+    def faster(self) -> FasterDiffusionConfig | None:
+        if self.key_steps is None:
+            return None
+        return FasterDiffusionConfig(
+            key_steps=self.key_steps, noise_injection=NoiseInjection(enabled=self.noise)
+        )
+
+
+def configs_for(sampler: Sampler, quick: bool) -> list[Config]:
+    steps = sampler.default_steps
+    configs = [Config("stock", None), Config("paper", KeySteps.paper())]
+    if quick:
+        return [*configs, Config("paper reversed", KeySteps.explicit(reversed_paper_key_steps(steps)))]
+    configs.append(Config("paper, no noise", KeySteps.paper(), noise=False))
+    configs += [Config(f"uniform:{k}", KeySteps.uniform(k)) for k in UNIFORM_KS]
+    configs.append(Config("paper reversed", KeySteps.explicit(reversed_paper_key_steps(steps))))
+    return configs
+
+
+@dataclass
+class RunResult:
+    images: np.ndarray  # (N, 3, 32, 32) in [-1, 1]
+    seconds: float
+    encoder_passes: int = 0
+    decoder_passes: int = 0
+    key_steps: tuple[int, ...] = ()
+    metrics: dict = field(default_factory=dict)
+
+
+def generate(
+    pipe, sampler: Sampler, config: Config, prompts, seeds, guidance: float, batch: int
+) -> RunResult:
+    use_sampler(pipe, sampler)
+    handle = apply_faster_diffusion(pipe, config.faster()) if config.key_steps is not None else None
+    images, seconds, encoder, decoder, keys = [], 0.0, 0, 0, ()
+    try:
+        for i in range(0, len(prompts), batch):
+            generators = [torch.Generator().manual_seed(int(s)) for s in seeds[i : i + batch]]
+            started = time.perf_counter()
+            with torch.inference_mode():
+                out = pipe(
+                    list(prompts[i : i + batch]),
+                    num_inference_steps=sampler.default_steps,
+                    guidance_scale=guidance,
+                    generator=generators,
+                    output_type="np",
+                ).images
+            seconds += time.perf_counter() - started
+            images.append(out.transpose(0, 3, 1, 2) * 2.0 - 1.0)
+            if handle is not None:
+                stats = handle.last_run
+                encoder, decoder, keys = stats.encoder_passes, stats.decoder_passes, stats.schedule.indices
+    finally:
+        if handle is not None:
+            handle.remove()
+    if handle is None:
+        encoder = decoder = sampler.default_steps
+        keys = tuple(range(sampler.default_steps))
+    return RunResult(np.concatenate(images).astype(np.float32), seconds, encoder, decoder, keys)
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to feature sets ``a`` (N, D) and ``b`` (M, D)."""
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
+        raise ValueError(f"need two (N>=2, D) feature arrays of the same D, got {a.shape} and {b.shape}")
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    # tr(sqrt(A B)) = sum of sqrt(eig(sqrt(A) B sqrt(A))), all symmetric PSD.
+    w, v = np.linalg.eigh(cov_a)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    middle = np.linalg.eigvalsh(root_a @ cov_b @ root_a)
+    trace_root = np.sqrt(np.clip(middle, 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_root)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-image PSNR (dB) of images in [-1, 1], (N, C, H, W); identical images give inf."""
+    mse = ((a.astype(np.float64) - b) ** 2).mean(axis=(1, 2, 3))
+    with np.errstate(divide="ignore"):
+        return 10 * np.log10(4.0 / mse)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-image SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5), averaged over channels."""
+    x = torch.from_numpy((a.astype(np.float64) + 1) / 2)
+    y = torch.from_numpy((b.astype(np.float64) + 1) / 2)
+    coords = torch.arange(11, dtype=torch.float64) - 5
+    g = torch.exp(-(coords**2) / (2 * 1.5**2))
+    g = g / g.sum()
+    window = (g[:, None] * g[None, :]).expand(x.shape[1], 1, 11, 11)
+
+    def blur(t):
+        return torch.nn.functional.conv2d(t, window, groups=t.shape[1])
+
+    c1, c2 = 0.01**2, 0.03**2
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return s.mean(dim=(1, 2, 3)).numpy()
+
+
+def classify(classifier, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted labels (N, 5), features (N, 64))."""
+    x = torch.from_numpy(images)
+    with torch.no_grad():
+        labels = torch.cat([classifier.predict(c) for c in x.split(256)]).numpy()
+        features = torch.cat([classifier.features(c) for c in x.split(256)]).numpy()
+    return labels, features
+
+
+def half_samples(rng: np.random.Generator, n: int, count: int) -> list[np.ndarray]:
+    """``count`` random halves of ``range(n)``, drawn without replacement."""
+    return [rng.permutation(n)[: n // 2] for _ in range(count)]
+
+
+def recentred_interval(point: float, half_values: np.ndarray) -> tuple[float, float]:
+    """A 95% interval for a Fréchet distance from its values on half samples.
+
+    A bootstrap with replacement does not work for a Fréchet distance: repeated rows shrink the covariance's
+    rank and push every resample far above the full-set value. Half samples drawn without replacement have
+    no repeats; their spread around their median, scaled by sqrt(1/2) (variance ~ 1/n), is put around the
+    full-set value.
+    """
+    spread = (half_values - np.median(half_values)) * np.sqrt(0.5)
+    low, high = np.percentile(spread, [2.5, 97.5])
+    return point + float(low), point + float(high)
+
+
+def interval(values: np.ndarray) -> tuple[float, float]:
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+# ---------------------------------------------------------------------------------------- feature change
+
+
+def feature_change(pipe, sampler: Sampler, prompts, seeds, guidance: float) -> dict[str, list[float]]:
+    """Mean relative change ||f_t - f_{t-1}|| / ||f_{t-1}|| of encoder and decoder features per step."""
+    use_sampler(pipe, sampler)
+    captured: dict[str, list[torch.Tensor]] = {"encoder": [], "decoder": []}
+    modules = {"encoder": pipe.unet.mid_block, "decoder": pipe.unet.up_blocks[-1]}
+    hooks = [
+        module.register_forward_hook(
+            lambda m, args, out, name=name: captured[name].append(out.detach().clone())
+        )
+        for name, module in modules.items()
+    ]
+    try:
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        with torch.inference_mode():
+            pipe(
+                list(prompts),
+                num_inference_steps=sampler.default_steps,
+                guidance_scale=guidance,
+                generator=generators,
+                output_type="latent",
+            )
+    finally:
+        for hook in hooks:
+            hook.remove()
+    result = {}
+    for name, features in captured.items():
+        changes = []
+        for previous, current in itertools.pairwise(features):
+            diff = (current - previous).flatten(1).norm(dim=1)
+            changes.append(float((diff / previous.flatten(1).norm(dim=1)).mean()))
+        result[name] = changes
+    return result
+
+
+def plot_feature_change(changes: dict[Sampler, dict[str, list[float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(changes), figsize=(6 * len(changes), 3.8), squeeze=False)
+    for ax, (sampler, curves) in zip(axes[0], changes.items(), strict=True):
+        steps = np.arange(1, len(curves["encoder"]) + 1)
+        ax.plot(steps, curves["encoder"], marker="o", markersize=3, label="encoder (mid block output)")
+        ax.plot(steps, curves["decoder"], marker="o", markersize=3, label="decoder (last up block output)")
+        for k in paper_key_steps(sampler.default_steps):
+            ax.axvline(k, color="0.85", linewidth=0.8, zorder=0)
+        ax.set_xlabel("step (vertical lines: the paper's key steps)")
+        ax.set_ylabel("relative change from the previous step")
+        ax.set_yscale("log")
+        ax.set_title(f"{sampler.value}, stock sampling")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_comparison_grid(real: np.ndarray, rows: dict[str, np.ndarray], path: Path, count: int = 12) -> None:
+    """One row per configuration (real images first), ``count`` pairs per row, with row labels."""
+    from PIL import Image, ImageDraw
+
+    scale, pad, label_width = 3, 2, 150
+    size = shapes.IMAGE_SIZE * scale
+    all_rows = {"real (held out)": real, **rows}
+    grid = Image.new("RGB", (label_width + count * (size + pad), len(all_rows) * (size + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (name, images) in enumerate(all_rows.items()):
+        draw.text((4, r * (size + pad) + size // 2 - 6), name, fill="black")
+        pixels = ((images[:count].clip(-1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
+        for c, image in enumerate(pixels):
+            tile = Image.fromarray(image).resize((size, size), Image.Resampling.NEAREST)
+            grid.paste(tile, (label_width + c * (size + pad), r * (size + pad)))
+    grid.save(path)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def evaluate(
+    results: dict[str, RunResult],
+    labels: np.ndarray,
+    real_features: np.ndarray,
+    classifier,
+    boot: int,
+    rng: np.random.Generator,
+) -> None:
+    """Fill ``metrics`` of every result, with intervals over the prompt x seed pairs (drawn jointly for all
+    configurations, so differences to stock get intervals too)."""
+    n = len(labels)
+    draws = [rng.integers(0, n, n) for _ in range(boot)]
+    stock = results["stock"]
+    per_config = {}
+    for name, result in results.items():
+        predicted, features = classify(classifier, result.images)
+        correct = predicted == labels
+        per_config[name] = (correct.all(axis=1).astype(np.float64), features)
+        result.metrics["attributes"] = {
+            a: float(correct[:, i].mean()) for i, a in enumerate(shapes.ATTRIBUTES)
+        }
+        result.metrics["all"] = float(correct.all(axis=1).mean())
+        result.metrics["fd"] = frechet_distance(features, real_features)
+        if name != "stock":
+            p, s = psnr(result.images, stock.images), ssim(result.images, stock.images)
+            result.metrics["psnr"] = float(np.mean(np.minimum(p, 100.0)))
+            result.metrics["ssim"] = float(np.mean(s))
+            result.metrics["psnr_ci"] = interval(np.array([np.minimum(p, 100.0)[d].mean() for d in draws]))
+            result.metrics["ssim_ci"] = interval(np.array([s[d].mean() for d in draws]))
+    stock_all, stock_features = per_config["stock"]
+    halves = half_samples(rng, n, boot)
+    real_halves = half_samples(rng, len(real_features), boot)
+
+    def half_fds(features: np.ndarray) -> np.ndarray:
+        pairs = zip(halves, real_halves, strict=True)
+        return np.array([frechet_distance(features[h], real_features[r]) for h, r in pairs])
+
+    stock_half = half_fds(stock_features)
+    for name, result in results.items():
+        all_correct, features = per_config[name]
+        fds = half_fds(features)
+        accs = np.array([all_correct[d].mean() for d in draws])
+        result.metrics["all_ci"] = interval(accs)
+        result.metrics["fd_ci"] = recentred_interval(result.metrics["fd"], fds)
+        if name != "stock":
+            result.metrics["all_delta_ci"] = interval(accs - np.array([stock_all[d].mean() for d in draws]))
+            delta = result.metrics["fd"] - stock.metrics["fd"]
+            result.metrics["fd_delta_ci"] = recentred_interval(delta, fds - stock_half)
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def fmt_ci(value: float, ci: tuple[float, float], digits: int = 1, scale: float = 1.0) -> str:
+    return f"{value * scale:.{digits}f} [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]"
+
+
+def report(
+    args,
+    guidance: float,
+    results: dict[Sampler, dict[str, RunResult]],
+    floor: float,
+    floor_ci: tuple[float, float],
+    real_accuracy: dict,
+    n_pairs: int,
+    started: str,
+    wall: float,
+) -> str:
+    real_attrs = ", ".join(f"{a} {real_accuracy[a] * 100:.1f}%" for a in shapes.ATTRIBUTES)
+    lines = [
+        "# Quality of faster diffusion on the reference model",
+        "",
+        f"Command: `{' '.join(shlex.quote(a) for a in ['python', 'benchmarks/quality.py', *args.argv])}`  ",
+        f"Started {started}; took {wall / 60:.1f} min. torch {torch.__version__}, {platform.machine()}, "
+        f"{torch.get_num_threads()} threads.  ",
+        f"Model: `{_display(args.model)}` (trained by `training/train_reference.py`). "
+        f"{n_pairs} prompt x seed pairs from attribute combinations that training never saw; guidance "
+        f"{guidance}; 32x32 images. 95% intervals in brackets: bootstrap ({args.boot} resamples) for "
+        "accuracies, PSNR and SSIM; half samples without replacement, recentred, for Fréchet distances.",
+        "",
+        f"The classifier reads all five attributes correctly off {real_accuracy['all'] * 100:.1f}% of real "
+        f"held-out images ({real_attrs}): the ceiling of the faithfulness column. Fréchet distance between "
+        f"two independent real sets (the floor): {fmt_ci(floor, floor_ci, 2)}.",
+        "",
+    ]
+    for sampler, by_config in results.items():
+        stock = by_config["stock"]
+        lines += [
+            f"## {sampler.value}",
+            "",
+            "| configuration | key steps | encoder / decoder passes | wall time (s) | speedup "
+            "| all 5 attributes correct (%) | Δ vs stock (pts) "
+            "| shape / colour / size / position / background (%) "
+            "| Fréchet distance | Δ vs stock | PSNR vs stock (dB) | SSIM vs stock |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in by_config.items():
+            m = r.metrics
+            attrs = " / ".join(f"{m['attributes'][a] * 100:.0f}" for a in shapes.ATTRIBUTES)
+            keys = "all" if name == "stock" else ", ".join(map(str, r.key_steps))
+            delta_all = (
+                ""
+                if name == "stock"
+                else (
+                    f"{(m['all'] - stock.metrics['all']) * 100:+.1f} [{m['all_delta_ci'][0] * 100:+.1f}, "
+                    f"{m['all_delta_ci'][1] * 100:+.1f}]"
+                )
+            )
+            delta_fd = (
+                ""
+                if name == "stock"
+                else (
+                    f"{m['fd'] - stock.metrics['fd']:+.2f} "
+                    f"[{m['fd_delta_ci'][0]:+.2f}, {m['fd_delta_ci'][1]:+.2f}]"
+                )
+            )
+            fidelity = (
+                ("–", "–")
+                if name == "stock"
+                else (fmt_ci(m["psnr"], m["psnr_ci"], 1), fmt_ci(m["ssim"], m["ssim_ci"], 3))
+            )
+            lines.append(
+                f"| {name} | {keys} | {r.encoder_passes} / {r.decoder_passes} | {r.seconds:.1f} | "
+                f"{stock.seconds / r.seconds:.2f}x | {fmt_ci(m['all'], m['all_ci'], 1, 100)} | {delta_all} | "
+                f"{attrs} | {fmt_ci(m['fd'], m['fd_ci'], 2)} | {delta_fd} | {fidelity[0]} | {fidelity[1]} |"
+            )
+        lines.append("")
+    lines += [
+        "Wall time is one pass over the whole set, batched, on this CPU; the configurations ran one after "
+        "the other, so it is a rough cost (benchmarks/speed.py measures speed properly). Encoder / decoder "
+        "passes are per image trajectory.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run: 8 pairs, DDIM-50, 3 configurations"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS / "quality.md")
+    parser.add_argument("--model", type=Path, default=reference.MODEL_DIR, help="reference model folder")
+    parser.add_argument("--classifier", type=Path, default=reference.CLASSIFIER_PATH)
+    parser.add_argument("--guidance", type=float, default=reference.GUIDANCE_SCALE)
+    parser.add_argument("--boot", type=int, default=None, help="bootstrap resamples (default 1000, quick 20)")
+    parser.add_argument("--batch", type=int, default=80, help="prompts per pipeline call")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    if args.boot is None:
+        args.boot = 20 if args.quick else 1000
+    if args.boot < 2:
+        parser.error("--boot must be at least 2")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    t0 = time.perf_counter()
+
+    pipe = load_pipeline(args.model, device="cpu", safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    classifier = reference.load_classifier(args.classifier)
+    combos = shapes.HELD_OUT_COMBOS[:4] if args.quick else shapes.HELD_OUT_COMBOS
+    per_combo = 2 if args.quick else SEEDS_PER_COMBO
+    scenes = [shapes.Scene(*c) for c in combos for _ in range(per_combo)]
+    prompts = [shapes.caption(s) for s in scenes]
+    seeds = list(range(len(scenes)))
+    labels = np.array([s.labels() for s in scenes])
+
+    real_scenes = [shapes.Scene(*c) for c in combos for _ in range(REAL_PER_COMBO)]
+    real = shapes.render_batch(real_scenes, [REAL_SEED + i for i in range(len(real_scenes))])
+    real_labels, real_features = classify(classifier, real)
+    correct = real_labels == np.array([s.labels() for s in real_scenes])
+    real_accuracy = {a: float(correct[:, i].mean()) for i, a in enumerate(shapes.ATTRIBUTES)}
+    real_accuracy["all"] = float(correct.all(axis=1).mean())
+    floor_images = shapes.render_batch(scenes, [REAL_FLOOR_SEED + i for i in range(len(scenes))])
+    _, floor_features = classify(classifier, floor_images)
+    rng = np.random.default_rng(0)
+    floor = frechet_distance(floor_features, real_features)
+    floor_halves = zip(
+        half_samples(rng, len(scenes), args.boot), half_samples(rng, len(real), args.boot), strict=True
+    )
+    floor_ci = recentred_interval(
+        floor, np.array([frechet_distance(floor_features[h], real_features[r]) for h, r in floor_halves])
+    )
+
+    results: dict[Sampler, dict[str, RunResult]] = {}
+    changes = {}
+    for sampler in SAMPLERS:
+        # One untimed call first, so one-off start-up costs land on no configuration.
+        generate(pipe, sampler, Config("warm-up", None), prompts[:2], seeds[:2], args.guidance, args.batch)
+        results[sampler] = {}
+        for config in configs_for(sampler, args.quick):
+            result = generate(pipe, sampler, config, prompts, seeds, args.guidance, args.batch)
+            results[sampler][config.name] = result
+            print(f"{sampler.value} {config.name}: {result.seconds:.1f} s", flush=True)
+        evaluate(results[sampler], labels, real_features, classifier, args.boot, rng)
+        n_change = 8 if args.quick else 64
+        changes[sampler] = feature_change(pipe, sampler, prompts[:n_change], seeds[:n_change], args.guidance)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    stem = args.out.with_suffix("")
+    plot_feature_change(changes, Path(f"{stem}-feature-change.png"))
+    for sampler, by_config in results.items():
+        save_comparison_grid(
+            real[::REAL_PER_COMBO][: len(combos)],
+            {name: r.images[::per_combo] for name, r in by_config.items()},
+            Path(f"{stem}-samples-{sampler.name.lower()}.png"),
+        )
+    text = report(
+        args,
+        args.guidance,
+        results,
+        floor,
+        floor_ci,
+        real_accuracy,
+        len(prompts),
+        started,
+        time.perf_counter() - t0,
+    )
+    args.out.write_text(text)
+    data = {
+        "guidance": args.guidance,
+        "pairs": len(prompts),
+        "real_accuracy": real_accuracy,
+        "frechet_floor": [floor, *floor_ci],
+        "feature_change": {s.value: c for s, c in changes.items()},
+        "results": {
+            s.value: {
+                name: {
+                    "key_steps": list(r.key_steps),
+                    "encoder_passes": r.encoder_passes,
+                    "decoder_passes": r.decoder_passes,
+                    "seconds": r.seconds,
+                    **r.metrics,
+                }
+                for name, r in by_config.items()
+            }
+            for s, by_config in results.items()
+        },
+    }
+    Path(f"{stem}.json").write_text(json.dumps(data, indent=1))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

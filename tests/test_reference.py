@@ -1,0 +1,211 @@
+"""The shapes world, the trained reference model, its attribute classifier and the quality benchmark."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from faster_diffusion import Sampler, reference, shapes
+from faster_diffusion.cli import main
+from faster_diffusion.loading import inspect_weights, load_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import quality  # noqa: E402
+
+# ------------------------------------------------------------------------------------------------- shapes
+
+
+def test_render_is_a_pure_function_of_scene_and_seed():
+    scene = shapes.Scene("circle", "red", "small", "top left", "black")
+    a, b, c = (np.asarray(shapes.render(scene, s)) for s in (3, 3, 4))
+    assert a.shape == (32, 32, 3)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_render_puts_the_shape_where_the_caption_says():
+    for position, (_, column, row) in shapes.POSITIONS.items():
+        image = np.asarray(
+            shapes.render(shapes.Scene("square", "blue", "small", position, "white"), 0), float
+        )
+        blue = (image[..., 2] - image[..., 0]) > 100  # blue pixels on a white background
+        ys, xs = np.nonzero(blue)
+        assert blue.sum() > 20
+        assert abs(xs.mean() - (8 + 8 * column)) < 2.5 and abs(ys.mean() - (8 + 8 * row)) < 2.5, position
+
+
+def test_captions():
+    scene = shapes.Scene("triangle", "orange", "large", "bottom right", "gray")
+    assert shapes.caption(scene) == "a large orange triangle at the bottom right on a gray background"
+    assert shapes.caption(scene, drop=["size", "background"]) == "a orange triangle at the bottom right"
+    with pytest.raises(ValueError, match="only size, position and background can be dropped"):
+        shapes.caption(scene, drop=["colour"])
+    with pytest.raises(ValueError, match="colour must be one of red, green"):
+        shapes.Scene("circle", "pink", "small", "top", "black")
+    with pytest.raises(ValueError, match="got 1 scenes but 2 seeds"):
+        shapes.render_batch([scene], [1, 2])
+
+
+def test_held_out_combinations_never_reach_training_but_every_value_does():
+    held_out, train = set(shapes.HELD_OUT_COMBOS), set(shapes.TRAIN_COMBOS)
+    assert len(held_out) == 80 and len(train) == 892 and not held_out & train
+    for i, (name, values) in enumerate(shapes.ATTRIBUTES.items()):
+        assert {combo[i] for combo in train} == set(values), name
+    rng = np.random.default_rng(0)
+    assert all(shapes.sample_scene(rng).combo in train for _ in range(500))
+
+
+def test_every_vocabulary_word_is_one_token_and_captions_fit():
+    tokenizer = reference.build_tokenizer()
+    for word in shapes.VOCABULARY:
+        assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+    longest = max((shapes.caption(shapes.Scene(*c)) for c in shapes.TRAIN_COMBOS), key=len)
+    assert len(tokenizer(longest).input_ids) <= reference.TEXT_MAX_LENGTH
+    assert reference.unknown_words("A red Cat, on a dog cat") == ["cat", "dog"]
+
+
+# ----------------------------------------------------------------------------------------- the classifier
+
+
+def test_classifier_reads_held_out_real_images_far_above_chance():
+    classifier = reference.load_classifier()
+    scenes = [shapes.Scene(*c) for c in shapes.HELD_OUT_COMBOS for _ in range(2)]
+    images = torch.from_numpy(shapes.render_batch(scenes, [777_000 + i for i in range(len(scenes))]))
+    predicted = classifier.predict(images).numpy()
+    correct = predicted == np.array([s.labels() for s in scenes])
+    for i, (name, values) in enumerate(shapes.ATTRIBUTES.items()):
+        accuracy = correct[:, i].mean()
+        assert accuracy >= 0.9, f"{name}: {accuracy:.2f} (chance {1 / len(values):.2f})"
+    assert correct.all(axis=1).mean() >= 0.8  # chance: 1 in 972
+
+
+def test_classifier_rejects_wrong_shapes_and_missing_files(tmp_path):
+    classifier = reference.AttributeClassifier()
+    with pytest.raises(ValueError, match=r"expected images of shape \(N, 3, 32, 32\), got \(2, 3, 16, 16\)"):
+        classifier.features(torch.zeros(2, 3, 16, 16))
+    with pytest.raises(FileNotFoundError, match=r"train it with `python training/train_reference\.py"):
+        reference.load_classifier(tmp_path / "missing.safetensors")
+
+
+# ---------------------------------------------------------------------------------------- the model itself
+
+
+@pytest.fixture(scope="module")
+def reference_pipe():
+    return load_pipeline(reference.MODEL_DIR, device="cpu", safety_checker=False)
+
+
+def test_reference_model_is_a_complete_sd_style_weights_folder():
+    folder = inspect_weights(reference.MODEL_DIR)
+    assert folder.variant is None and not folder.has_safety_checker
+    index = json.loads((reference.MODEL_DIR / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    weights = sorted(
+        p.relative_to(reference.MODEL_DIR).as_posix() for p in reference.MODEL_DIR.rglob("*.safetensors")
+    )
+    assert weights == [
+        "text_encoder/model.safetensors",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    ]
+    assert sum(p.stat().st_size for p in reference.MODEL_DIR.rglob("*")) < 20 * 2**20
+
+
+@pytest.mark.parametrize("sampler", [Sampler.DDIM, Sampler.DPM_SOLVER])
+def test_reference_model_renders_held_out_prompts_faithfully(reference_pipe, sampler):
+    """Stock sampling of prompts training never saw: the classifier must read them back, mostly right."""
+    result = quality.generate(
+        reference_pipe,
+        sampler,
+        quality.Config("stock", None),
+        [shapes.caption(shapes.Scene(*c)) for c in shapes.HELD_OUT_COMBOS[::8]],
+        list(range(10)),
+        reference.GUIDANCE_SCALE,
+        batch=10,
+    )
+    assert result.images.shape == (10, 3, 32, 32)
+    labels = np.array([shapes.Scene(*c).labels() for c in shapes.HELD_OUT_COMBOS[::8]])
+    predicted, _ = quality.classify(reference.load_classifier(), result.images)
+    assert (predicted == labels).all(axis=1).mean() >= 0.5  # chance: 1 in 972
+
+
+def test_cli_uses_the_reference_model_without_weights(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FASTER_DIFFUSION_WEIGHTS", str(tmp_path / "empty"))
+    prompt = "a large blue square in the center on a white background"
+    assert main([prompt, "--out", str(tmp_path / "out"), "--steps", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "Using the built-in reference model" in out and "Warning" not in out
+    assert f"guidance {reference.GUIDANCE_SCALE}" in out
+    image = np.asarray(Image.open(tmp_path / "out" / "faster-0.png"), float)
+    assert image.shape == (32, 32, 3)
+    # A blue square in the middle of a white image.
+    assert image[14:18, 14:18, 2].mean() - image[14:18, 14:18, 0].mean() > 80
+    assert image[:3, :3].mean() > 180
+
+
+def test_cli_warns_about_words_the_reference_model_does_not_know(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FASTER_DIFFUSION_WEIGHTS", str(tmp_path / "empty"))
+    assert main(["a photo of a cat", "--out", str(tmp_path / "out"), "--steps", "4"]) == 0
+    assert "the reference model was never trained on 'photo', 'cat'" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------- benchmark
+
+
+def test_frechet_distance_psnr_and_ssim():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4000, 3))
+    assert quality.frechet_distance(a, a) == pytest.approx(0, abs=1e-8)
+    # Same covariance, mean shifted by (1, 2, 0): distance |shift|^2 = 5.
+    assert quality.frechet_distance(a, a + np.array([1.0, 2.0, 0.0])) == pytest.approx(5.0, abs=1e-6)
+    # N(0, I) against N(0, 4I) in 3-D: 3 * (1 + 4 - 2 * 2) = 3.
+    assert quality.frechet_distance(a, 2 * rng.normal(size=(4000, 3))) == pytest.approx(3.0, rel=0.1)
+    with pytest.raises(ValueError, match="same D"):
+        quality.frechet_distance(a, a[:, :2])
+    images = rng.uniform(-1, 1, size=(2, 3, 32, 32)).astype(np.float32)
+    assert np.isinf(quality.psnr(images, images)).all()
+    assert quality.ssim(images, images) == pytest.approx([1.0, 1.0])
+    # A constant offset d has MSE d^2: PSNR = 10 log10(2^2 / d^2).
+    assert quality.psnr(images * 0.5, images * 0.5 + 0.02) == pytest.approx([10 * np.log10(4 / 0.02**2)] * 2)
+    assert quality.ssim(images, -images).max() < 0  # anti-correlated structure
+    light, heavy = (np.clip(images + rng.normal(scale=s, size=images.shape), -1, 1) for s in (0.1, 0.5))
+    assert (quality.ssim(images, heavy) < quality.ssim(images, light)).all()
+    assert (quality.ssim(images, light) < 1).all()
+
+
+def test_reversed_paper_key_steps():
+    assert quality.reversed_paper_key_steps(50) == (0, 15, 25, 35, 40, 45, 47, 48, 49)
+    assert quality.reversed_paper_key_steps(20) == (0, 5, 10, 15, 17, 18, 19)
+
+
+def test_quality_benchmark_quick_run_writes_a_report(tmp_path):
+    out = tmp_path / "quality.md"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/quality.py", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = out.read_text()
+    for sampler in ("DDIM-50", "DPM-Solver-20"):
+        assert f"## {sampler}" in report
+    assert "| paper | 0, 1, 2, 3, 5, 10, 15, 25, 35 | 9 / 50 |" in report
+    assert "| paper reversed | 0, 5, 10, 15, 17, 18, 19 | 7 / 20 |" in report
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert set(data["results"]["DDIM-50"]) == {"stock", "paper", "paper reversed"}
+    for name in ("feature-change.png", "samples-ddim.png", "samples-dpm_solver.png"):
+        assert (tmp_path / f"quality-{name}").stat().st_size > 1000
