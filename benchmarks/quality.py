@@ -197,10 +197,8 @@ def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def classify(classifier, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(predicted labels (N, 5), features (N, 64))."""
     x = torch.from_numpy(images)
-    with torch.no_grad():
-        labels = torch.cat([classifier.predict(c) for c in x.split(256)]).numpy()
-        features = torch.cat([classifier.features(c) for c in x.split(256)]).numpy()
-    return labels, features
+    labels, features = zip(*(classifier.predict_with_features(c) for c in x.split(256)), strict=True)
+    return torch.cat(labels).numpy(), torch.cat(features).numpy()
 
 
 def half_samples(rng: np.random.Generator, n: int, count: int) -> list[np.ndarray]:
@@ -323,12 +321,10 @@ def evaluate(
     per_config = {}
     for name, result in results.items():
         predicted, features = classify(classifier, result.images)
-        correct = predicted == labels
-        per_config[name] = (correct.all(axis=1).astype(np.float64), features)
-        result.metrics["attributes"] = {
-            a: float(correct[:, i].mean()) for i, a in enumerate(shapes.ATTRIBUTES)
-        }
-        result.metrics["all"] = float(correct.all(axis=1).mean())
+        per_config[name] = ((predicted == labels).all(axis=1).astype(np.float64), features)
+        accuracy = reference.attribute_accuracy(predicted, labels)
+        result.metrics["all"] = accuracy.pop("all")
+        result.metrics["attributes"] = accuracy
         result.metrics["fd"] = frechet_distance(features, real_features)
         if name != "stock":
             p, s = psnr(result.images, stock.images), ssim(result.images, stock.images)
@@ -485,9 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     real_scenes = [shapes.Scene(*c) for c in combos for _ in range(REAL_PER_COMBO)]
     real = shapes.render_batch(real_scenes, [REAL_SEED + i for i in range(len(real_scenes))])
     real_labels, real_features = classify(classifier, real)
-    correct = real_labels == np.array([s.labels() for s in real_scenes])
-    real_accuracy = {a: float(correct[:, i].mean()) for i, a in enumerate(shapes.ATTRIBUTES)}
-    real_accuracy["all"] = float(correct.all(axis=1).mean())
+    real_accuracy = reference.attribute_accuracy(real_labels, [s.labels() for s in real_scenes])
     floor_images = shapes.render_batch(scenes, [REAL_FLOOR_SEED + i for i in range(len(scenes))])
     _, floor_features = classify(classifier, floor_images)
     rng = np.random.default_rng(0)

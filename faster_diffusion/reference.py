@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,6 +29,7 @@ __all__ = [
     "UNET_CONFIG",
     "VAE_CONFIG",
     "AttributeClassifier",
+    "attribute_accuracy",
     "build_tokenizer",
     "load_classifier",
     "text_encoder_config",
@@ -165,10 +167,25 @@ class AttributeClassifier(nn.Module):
         return {name: head(features) for name, head in self.heads.items()}
 
     @torch.no_grad()
+    def predict_with_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`predict` and :meth:`features` from one pass over ``images``."""
+        features = self.features(images)
+        labels = torch.stack([self.heads[name](features).argmax(dim=1) for name in shapes.ATTRIBUTES], dim=1)
+        return labels, features
+
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """Predicted class index of each attribute: (N, 5), columns in :data:`shapes.ATTRIBUTES` order."""
-        logits = self(images)
-        return torch.stack([logits[name].argmax(dim=1) for name in shapes.ATTRIBUTES], dim=1)
+        return self.predict_with_features(images)[0]
+
+
+def attribute_accuracy(predicted: Any, labels: Any) -> dict[str, float]:
+    """How often ``predicted`` (N, 5) matches ``labels`` (N, 5): per attribute, and all five (``"all"``)."""
+    correct = np.asarray(predicted) == np.asarray(labels)
+    if correct.ndim != 2 or correct.shape[1] != len(shapes.ATTRIBUTES):
+        raise ValueError(f"expected (N, {len(shapes.ATTRIBUTES)}) labels, got shape {correct.shape}")
+    result = {name: float(correct[:, i].mean()) for i, name in enumerate(shapes.ATTRIBUTES)}
+    result["all"] = float(correct.all(axis=1).mean())
+    return result
 
 
 def load_classifier(path: str | os.PathLike = CLASSIFIER_PATH) -> AttributeClassifier:

@@ -88,6 +88,23 @@ def test_classifier_reads_held_out_real_images_far_above_chance():
     assert correct.all(axis=1).mean() >= 0.8  # chance: 1 in 972
 
 
+def test_attribute_accuracy():
+    labels = np.array([[0, 1, 0, 2, 1], [1, 2, 1, 3, 0]])
+    predicted = labels.copy()
+    predicted[1, 3] = 4  # one position wrong
+    accuracy = reference.attribute_accuracy(predicted, labels)
+    assert accuracy == {
+        "shape": 1.0,
+        "colour": 1.0,
+        "size": 1.0,
+        "position": 0.5,
+        "background": 1.0,
+        "all": 0.5,
+    }
+    with pytest.raises(ValueError, match=r"expected \(N, 5\) labels, got shape \(2, 3\)"):
+        reference.attribute_accuracy(labels[:, :3], labels[:, :3])
+
+
 def test_classifier_rejects_wrong_shapes_and_missing_files(tmp_path):
     classifier = reference.AttributeClassifier()
     with pytest.raises(ValueError, match=r"expected images of shape \(N, 3, 32, 32\), got \(2, 3, 16, 16\)"):

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from faster_diffusion import reference, shapes  # noqa: E402
+from faster_diffusion import Sampler, reference, shapes, use_sampler  # noqa: E402
 from faster_diffusion.tiny import SD15_SCHEDULER_CONFIG, write_vocab_files  # noqa: E402
 
 RESULTS = ROOT / "training" / "results"
@@ -201,23 +201,17 @@ def _save_pipeline(pipe, folder: Path) -> None:
 
 
 def _sample_grid(pipe, path: Path, guidance: float = 5.0) -> None:
-    from diffusers import DDIMScheduler
-
     rng = np.random.default_rng(7)
     scenes = [shapes.Scene(*shapes.HELD_OUT_COMBOS[int(i)]) for i in rng.permutation(80)[:16]]
     prompts = [shapes.caption(s) for s in scenes]
-    scheduler = pipe.scheduler
-    pipe.scheduler = DDIMScheduler.from_config(scheduler.config)
-    try:
-        images = pipe(
-            prompts,
-            num_inference_steps=50,
-            guidance_scale=guidance,
-            generator=torch.Generator().manual_seed(0),
-            output_type="np",
-        ).images
-    finally:
-        pipe.scheduler = scheduler
+    use_sampler(pipe, Sampler.DDIM)  # the pipeline has been saved already; its scheduler can change
+    images = pipe(
+        prompts,
+        num_inference_steps=50,
+        guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
     real = shapes.render_batch(scenes, list(range(16)))
     save_grid(np.concatenate([real, images.transpose(0, 3, 1, 2) * 2 - 1]), path)
 
@@ -312,12 +306,8 @@ def _labels(scenes: list[shapes.Scene]) -> torch.Tensor:
 
 
 def classifier_accuracy(model, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    with torch.no_grad():
-        predicted = torch.cat([model.predict(chunk) for chunk in images.split(512)])
-    correct = predicted == labels
-    result = {name: correct[:, i].float().mean().item() for i, name in enumerate(shapes.ATTRIBUTES)}
-    result["all"] = correct.all(dim=1).float().mean().item()
-    return result
+    predicted = torch.cat([model.predict(chunk) for chunk in images.split(512)])
+    return reference.attribute_accuracy(predicted.numpy(), labels.numpy())
 
 
 def held_out_real(count_per_combo: int = 4, seed: int = 10_000) -> tuple[list[shapes.Scene], torch.Tensor]:
@@ -374,13 +364,11 @@ GUIDANCE_PROMPTS = 160
 def choose_guidance(out: Path) -> dict:
     """Stock DDIM-50 at each candidate guidance scale, on prompts of *training* combinations (the quality
     benchmark's held-out prompts are not used), scored by the classifier; the best scale wins."""
-    from diffusers import DDIMScheduler
-
     from faster_diffusion.loading import load_pipeline
 
     pipe = load_pipeline(out, device="cpu", safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    use_sampler(pipe, Sampler.DDIM)
     classifier = reference.load_classifier()
     rng = np.random.default_rng(4)
     scenes = [shapes.sample_scene(rng) for _ in range(GUIDANCE_PROMPTS)]
