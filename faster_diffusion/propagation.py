@@ -190,7 +190,12 @@ class _EncoderModuleHook(ModelHook):
 
 
 class _PropagationHook(ModelHook):
-    """On the UNet: serve each step's noise prediction, decoding a whole group per stock forward call."""
+    """On the UNet: serve each step's noise prediction, decoding a whole group per stock forward call.
+
+    Stateful in diffusers' sense: ``HookRegistry.reset_stateful_hooks`` drops the run (:meth:`reset_state`).
+    """
+
+    _is_stateful = True
 
     def __init__(self, state: _RunState, handle: FasterDiffusion) -> None:
         super().__init__()
@@ -200,6 +205,11 @@ class _PropagationHook(ModelHook):
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self._signature = inspect.signature(module.forward)
+        return module
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        """End the run: drop the cached features and predictions."""
+        self.state.reset()
         return module
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -375,6 +385,64 @@ class _SchedulerTap:
         return result
 
 
+class _LoopProgressBar:
+    """The pipeline's progress bar, unchanged, except that leaving its ``with`` block ends the run."""
+
+    def __init__(self, bar: Any, on_exit: Any) -> None:
+        self._bar = bar
+        self._on_exit = on_exit
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bar, name)
+
+    def __iter__(self) -> Any:
+        return iter(self._bar)
+
+    def __len__(self) -> int:
+        return len(self._bar)
+
+    def __enter__(self) -> _LoopProgressBar:
+        self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> Any:
+        try:
+            return self._bar.__exit__(*exc_info)
+        finally:
+            self._on_exit()
+
+
+class _RunEndTap:
+    """Wraps ``progress_bar`` of one pipeline instance, so that the run ends when the denoising loop does.
+
+    Every diffusers pipeline runs its loop inside ``with self.progress_bar(total=...)``. Leaving that block,
+    however the loop ends (finished, stopped by ``pipe._interrupt``, or by an exception), drops the run's
+    cached features and predictions, so that nothing stale is served afterwards. Undone by :meth:`detach`.
+    """
+
+    def __init__(self, pipe: Any, state: _RunState) -> None:
+        self._pipe = weakref.ref(pipe)
+        self.state = state
+
+    def attach(self) -> None:
+        pipe = self._pipe()
+        original = getattr(pipe, "progress_bar", None)
+        if not callable(original):
+            return
+        state = self.state
+
+        @functools.wraps(original)
+        def progress_bar(*args: Any, **kwargs: Any) -> _LoopProgressBar:
+            return _LoopProgressBar(original(*args, **kwargs), state.reset)
+
+        pipe.progress_bar = progress_bar
+
+    def detach(self) -> None:
+        pipe = self._pipe()
+        if pipe is not None and "progress_bar" in vars(pipe):
+            delattr(pipe, "progress_bar")
+
+
 class FasterDiffusion:
     """Faster diffusion attached to one pipeline. Made by :func:`apply_faster_diffusion`.
 
@@ -389,6 +457,7 @@ class FasterDiffusion:
         self.scheduler = pipe.scheduler
         self._state = _RunState()
         self._tap = _SchedulerTap(self.scheduler, self._state, self)
+        self._run_end = _RunEndTap(pipe, self._state)
         self._encoder_modules = [self.unet.conv_in, *self.unet.down_blocks]
         if self.unet.mid_block is not None:
             self._encoder_modules.append(self.unet.mid_block)
@@ -407,6 +476,7 @@ class FasterDiffusion:
             _PropagationHook(self._state, self), _UNET_HOOK
         )
         self._tap.attach()
+        self._run_end.attach()
         self.attached = True
 
     def remove(self) -> None:
@@ -414,6 +484,7 @@ class FasterDiffusion:
         if not self.attached:
             return
         self._tap.detach()
+        self._run_end.detach()
         HookRegistry.check_if_exists_or_initialize(self.unet).remove_hook(_UNET_HOOK, recurse=False)
         for module in self._encoder_modules:
             HookRegistry.check_if_exists_or_initialize(module).remove_hook(_ENCODER_HOOK, recurse=False)

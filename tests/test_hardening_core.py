@@ -1,0 +1,122 @@
+"""Paths of a diffusers run that change the run under the hooks: callbacks that switch guidance off or replace
+the text embeddings part-way through a group, image-to-image, and runs that end early."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.callbacks import SDCFGCutoffCallback
+
+from faster_diffusion import (
+    FasterDiffusionConfig,
+    KeySteps,
+    NoiseInjection,
+    apply_faster_diffusion,
+)
+
+from .conftest import generate_latents
+
+STOCK_EQUIVALENT = FasterDiffusionConfig(
+    key_steps=KeySteps.every_step(), noise_injection=NoiseInjection.off()
+)
+PAPER = FasterDiffusionConfig(key_steps=KeySteps.paper())
+PAPER_ONE_STEP_AT_A_TIME = FasterDiffusionConfig(key_steps=KeySteps.paper(), parallel=False)
+PROMPT = "a red circle above a blue square"
+
+#: DDIM-50 with the paper's key steps has the groups [5, 10) (a middle group) and [35, 50) (the last group).
+#: A callback at the end of step 7 or 40 changes what steps 8-9 or 41-49 send to the UNet: steps that reuse
+#: the features of key step 5 or 35, and whose predictions the batched decoder has already made.
+MIDDLE_OF_A_GROUP, MIDDLE_OF_THE_LAST_GROUP = 7, 40
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def tensors_held(handle) -> list[torch.Tensor]:
+    """Every tensor the handle's per-run state still references."""
+    found: list[torch.Tensor] = []
+
+    def walk(value) -> None:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+
+    for value in vars(handle._state).values():
+        walk(value)
+    return found
+
+
+def cutoff(step: int) -> SDCFGCutoffCallback:
+    """diffusers' own callback that switches classifier-free guidance off after ``step``."""
+    return SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=step)
+
+
+# --- 5. State is dropped when the pipeline call ends, however it ends ------------------------------------
+
+
+def interrupt_at(step: int):
+    def interrupt(pipeline, index, timestep, tensors):
+        if index == step:
+            pipeline._interrupt = True
+        return tensors
+
+    return interrupt
+
+
+def raise_at(step: int):
+    def explode(pipeline, index, timestep, tensors):
+        if index == step:
+            raise KeyboardInterrupt("cancelled")
+        return tensors
+
+    return explode
+
+
+@pytest.mark.parametrize("end", ["interrupt", "exception"])
+def test_a_run_that_ends_early_leaves_no_state_behind(make_pipe, end):
+    reference = make_pipe()
+    pipe = make_pipe()
+    handle = apply_faster_diffusion(pipe, PAPER)
+    fresh = make_pipe()
+    apply_faster_diffusion(fresh, PAPER)
+    expected = generate_latents(fresh, steps=50)
+
+    if end == "interrupt":
+        generate_latents(pipe, steps=50, callback_on_step_end=interrupt_at(MIDDLE_OF_A_GROUP))
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            generate_latents(pipe, steps=50, callback_on_step_end=raise_at(MIDDLE_OF_A_GROUP))
+    # (a) Nothing of the run is kept.
+    assert not handle._state.active
+    assert tensors_held(handle) == []
+    # (b) The UNet used directly is stock, even with the timestep of the step the run would have taken next.
+    sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    text = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(4))
+    t = pipe.scheduler.timesteps[MIDDLE_OF_A_GROUP + 1]
+    with torch.inference_mode():
+        direct = pipe.unet(sample, t, encoder_hidden_states=text).sample
+        assert torch.equal(direct, reference.unet(sample, t, encoder_hidden_states=text).sample)
+    # (c) The next run is a fresh one.
+    assert torch.equal(generate_latents(pipe, steps=50), expected)
+
+
+def test_diffusers_reset_of_stateful_hooks_drops_the_run(make_pipe):
+    pipe = make_pipe()
+    handle = apply_faster_diffusion(pipe, PAPER)
+    held_after_reset = []
+
+    def reset(pipeline, index, timestep, tensors):
+        if index == MIDDLE_OF_A_GROUP:
+            pipeline.unet._diffusers_hook.reset_stateful_hooks()
+            held_after_reset.append(tensors_held(handle))
+            pipeline._interrupt = True
+        return tensors
+
+    generate_latents(pipe, steps=50, callback_on_step_end=reset)
+    assert held_after_reset == [[]]
