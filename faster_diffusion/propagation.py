@@ -234,6 +234,8 @@ class _PropagationHook(ModelHook):
                 "scheduler's "
                 "set_timesteps() must be called at the start of every run"
             )
+        if step == 0:
+            self._check_starts_at_first_timestep(inputs["timestep"])
         if step not in state.predictions:
             self._decode(module, step, inputs)
         prediction = state.predictions.pop(step)
@@ -278,6 +280,33 @@ class _PropagationHook(ModelHook):
         state.stats.encoder_passes += int(should_compute_encoder)
         state.stats.decoder_passes += steps
         state.stats.decoder_batches += 1
+
+    def _check_starts_at_first_timestep(self, timestep: Any) -> None:
+        """Refuse a run that starts part-way through the schedule set by ``set_timesteps`` (image-to-image,
+        inpainting with strength < 1): its steps are not the steps the key steps and injection were placed on.
+
+        The pipeline passes a view of the scheduler's own timesteps, recognised without a host sync; anything
+        else costs one host read per run.
+        """
+        state = self.state
+        first = state.timesteps
+        if (
+            isinstance(timestep, torch.Tensor)
+            and timestep.dtype == first.dtype
+            and timestep.device == first.device
+            and timestep.data_ptr() == first.data_ptr()
+        ):
+            return
+        value = timestep.reshape(-1)[0] if isinstance(timestep, torch.Tensor) else timestep
+        if float(value) == float(first[0]):
+            return
+        state.reset()
+        raise UnsupportedModelError(
+            f"faster_diffusion: the run's first UNet call has timestep {float(value):g}, but the schedule "
+            f"set by set_timesteps() starts at {float(first[0]):g}. Runs that start part-way through the "
+            "schedule (image-to-image or inpainting with strength < 1) are not supported with encoder "
+            "propagation; use strength=1.0, or remove faster diffusion for this pipeline"
+        )
 
 
 def _check_supported_call(unet: torch.nn.Module, inputs: dict[str, Any]) -> None:

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers import StableDiffusionImg2ImgPipeline
 from diffusers.callbacks import SDCFGCutoffCallback
 
 from faster_diffusion import (
     FasterDiffusionConfig,
     KeySteps,
     NoiseInjection,
+    UnsupportedModelError,
     apply_faster_diffusion,
 )
+from faster_diffusion.tiny import build_tiny_pipeline
 
 from .conftest import generate_latents
 
@@ -55,6 +58,64 @@ def tensors_held(handle) -> list[torch.Tensor]:
 def cutoff(step: int) -> SDCFGCutoffCallback:
     """diffusers' own callback that switches classifier-free guidance off after ``step``."""
     return SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=step)
+
+
+# --- 3. Image-to-image -----------------------------------------------------------------------------------
+
+
+def tiny_pipe(sampler: str | None, make_pipe):
+    """A tiny pipeline with the given sampler, or with SD's default PNDM scheduler for ``None``."""
+    return build_tiny_pipeline(0) if sampler is None else make_pipe(sampler)
+
+
+def image_to_image(pipe, *, strength: float, steps: int) -> torch.Tensor:
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    with torch.inference_mode():
+        return img2img(
+            PROMPT,
+            image=image,
+            strength=strength,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+        ).images
+
+
+@pytest.mark.parametrize("sampler", ["DDIM-50", "DPM-Solver-20", None], ids=["DDIM", "DPM-Solver", "PNDM"])
+def test_image_to_image_part_way_through_the_schedule_fails_clearly(make_pipe, sampler):
+    pipe = tiny_pipe(sampler, make_pipe)
+    stock = generate_latents(tiny_pipe(sampler, make_pipe), steps=20)
+    handle = apply_faster_diffusion(pipe, PAPER)
+    fresh = tiny_pipe(sampler, make_pipe)
+    apply_faster_diffusion(fresh, PAPER)
+    expected = generate_latents(fresh, steps=20)
+
+    with pytest.raises(UnsupportedModelError, match=r"image-to-image"):
+        image_to_image(pipe, strength=0.5, steps=20)
+    assert not handle._state.active
+    assert tensors_held(handle) == []
+    # Text-to-image on the same pipeline is unaffected, accelerated and, once removed, stock.
+    assert torch.equal(generate_latents(pipe, steps=20), expected)
+    handle.remove()
+    assert torch.equal(generate_latents(pipe, steps=20), stock)
+
+
+@pytest.mark.parametrize("sampler", ["DDIM-50", "DPM-Solver-20", None], ids=["DDIM", "DPM-Solver", "PNDM"])
+def test_image_to_image_over_the_whole_schedule_is_exact(make_pipe, sampler):
+    stock = image_to_image(tiny_pipe(sampler, make_pipe), strength=1.0, steps=20)
+    same = tiny_pipe(sampler, make_pipe)
+    apply_faster_diffusion(same, STOCK_EQUIVALENT)
+    assert torch.equal(image_to_image(same, strength=1.0, steps=20), stock)
+
+    batched, sequential = tiny_pipe(sampler, make_pipe), tiny_pipe(sampler, make_pipe)
+    handle = apply_faster_diffusion(batched, PAPER)
+    apply_faster_diffusion(sequential, PAPER_ONE_STEP_AT_A_TIME)
+    fast = image_to_image(batched, strength=1.0, steps=20)
+    close(fast, image_to_image(sequential, strength=1.0, steps=20))
+    steps = len(batched.scheduler.timesteps)  # PNDM adds one step to the 20 asked for
+    assert (handle.last_run.encoder_passes, handle.last_run.decoder_passes) == (7, steps)
 
 
 # --- 5. State is dropped when the pipeline call ends, however it ends ------------------------------------
