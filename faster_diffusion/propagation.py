@@ -127,6 +127,8 @@ class _RunState:
         self.predictions: dict[int, torch.Tensor] = {}
         self.encoder_cache: dict[int, Any] = {}
         self.encoder_rows: int | None = None
+        # What the cached predictions were decoded from: see _batch_inputs.
+        self.decoded_inputs: tuple[Any, ...] = ()
         self.initial_latents: torch.Tensor | None = None
         # Set by the UNet hook for the length of one stock forward call.
         self.computing_encoder = False
@@ -156,6 +158,18 @@ def _repeat_rows(value: Any, times: int) -> Any:
         return seen[key]
 
     return _map_tensors(value, repeat)
+
+
+def _batch_inputs(inputs: dict[str, Any]) -> tuple[Any, ...]:
+    """What a decoder batch depends on besides the latents and the timestep: the shape of the sample and the
+    conditioning inputs. Compared by identity, so checking that a call matches a batch needs no host sync."""
+    conditioning = tuple(inputs.get(name) for name in (*_BATCHED_INPUTS, "cross_attention_kwargs"))
+    return (tuple(inputs["sample"].shape), *conditioning)
+
+
+def _same_batch_inputs(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Whether two :func:`_batch_inputs` describe the same batch: equal shapes, the very same inputs."""
+    return len(a) == len(b) > 0 and a[0] == b[0] and all(x is y for x, y in zip(a[1:], b[1:], strict=True))
 
 
 class _EncoderModuleHook(ModelHook):
@@ -236,6 +250,10 @@ class _PropagationHook(ModelHook):
             )
         if step == 0:
             self._check_starts_at_first_timestep(inputs["timestep"])
+        if step in state.predictions and not _same_batch_inputs(_batch_inputs(inputs), state.decoded_inputs):
+            # A callback changed the batch or the text embeddings after the batch was decoded (diffusers'
+            # SDCFGCutoffCallback drops the unconditional half): decode the rest of the group again.
+            state.predictions.clear()
         if step not in state.predictions:
             self._decode(module, step, inputs)
         prediction = state.predictions.pop(step)
@@ -261,6 +279,7 @@ class _PropagationHook(ModelHook):
             raise RuntimeError(
                 f"faster_diffusion: the batch changed from {state.encoder_rows} to {rows} rows within a run"
             )
+        state.decoded_inputs = _batch_inputs(inputs)
         if steps > 1:
             inputs["sample"] = sample.repeat(steps, *([1] * (sample.dim() - 1)))
             inputs["timestep"] = state.timesteps[start:stop].repeat_interleave(rows)

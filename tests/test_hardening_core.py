@@ -60,6 +60,39 @@ def cutoff(step: int) -> SDCFGCutoffCallback:
     return SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=step)
 
 
+# --- 2. A callback replaces prompt_embeds part-way through a group ---------------------------------------
+
+
+def replace_embeddings_at(step: int, prompt: str = "a green triangle on a black background"):
+    def replace(pipeline, index, timestep, tensors):
+        if index == step:
+            positive, negative = pipeline.encode_prompt(prompt, "cpu", 1, True, None)
+            tensors["prompt_embeds"] = torch.cat([negative, positive])
+        return tensors
+
+    return replace
+
+
+@pytest.mark.parametrize("step", [MIDDLE_OF_A_GROUP, MIDDLE_OF_THE_LAST_GROUP])
+@pytest.mark.parametrize("cap", [None, 4])
+def test_new_prompt_embeds_inside_a_group_batched_equals_one_step_at_a_time(make_pipe, step, cap):
+    call = dict(steps=50, callback_on_step_end=replace_embeddings_at(step))
+    batched, sequential = make_pipe(), make_pipe()
+    apply_faster_diffusion(batched, FasterDiffusionConfig(max_decoder_batch=cap))
+    apply_faster_diffusion(sequential, PAPER_ONE_STEP_AT_A_TIME)
+    fast = generate_latents(batched, **call)
+    close(fast, generate_latents(sequential, **call))
+    assert not torch.allclose(fast, generate_latents(batched, steps=50))  # the new prompt matters
+
+
+def test_new_prompt_embeds_with_every_step_a_key_step_equals_stock(make_pipe):
+    call = dict(steps=50, callback_on_step_end=replace_embeddings_at(MIDDLE_OF_A_GROUP))
+    stock = generate_latents(make_pipe(), **call)
+    pipe = make_pipe()
+    apply_faster_diffusion(pipe, STOCK_EQUIVALENT)
+    assert torch.equal(generate_latents(pipe, **call), stock)
+
+
 # --- 3. Image-to-image -----------------------------------------------------------------------------------
 
 
