@@ -160,6 +160,19 @@ def _repeat_rows(value: Any, times: int) -> Any:
     return _map_tensors(value, repeat)
 
 
+def _last_rows(value: Any, rows: int) -> Any:
+    """The last ``rows`` rows of every tensor in ``value`` (views; a tensor met twice stays shared)."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def last(tensor: torch.Tensor) -> torch.Tensor:
+        key = id(tensor)
+        if key not in seen:
+            seen[key] = tensor[tensor.shape[0] - rows :]
+        return seen[key]
+
+    return _map_tensors(value, last)
+
+
 def _batch_inputs(inputs: dict[str, Any]) -> tuple[Any, ...]:
     """What a decoder batch depends on besides the latents and the timestep: the shape of the sample and the
     conditioning inputs. Compared by identity, so checking that a call matches a batch needs no host sync."""
@@ -170,6 +183,27 @@ def _batch_inputs(inputs: dict[str, Any]) -> tuple[Any, ...]:
 def _same_batch_inputs(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     """Whether two :func:`_batch_inputs` describe the same batch: equal shapes, the very same inputs."""
     return len(a) == len(b) > 0 and a[0] == b[0] and all(x is y for x, y in zip(a[1:], b[1:], strict=True))
+
+
+def _is_last_rows_of(new: Any, old: Any) -> bool:
+    """Whether tensor ``new`` is a view of the last rows of tensor ``old``, as ``old[-n:]`` and
+    ``old.chunk(2)[1]`` are."""
+    if not isinstance(new, torch.Tensor) or not isinstance(old, torch.Tensor):
+        return False
+    if (
+        new.dim() != old.dim()
+        or new.dim() == 0
+        or new.shape[1:] != old.shape[1:]
+        or new.shape[0] > old.shape[0]
+    ):
+        return False
+    tail = old[old.shape[0] - new.shape[0] :]
+    return (
+        new.dtype == tail.dtype
+        and new.device == tail.device
+        and new.data_ptr() == tail.data_ptr()
+        and new.stride() == tail.stride()
+    )
 
 
 class _EncoderModuleHook(ModelHook):
@@ -276,9 +310,7 @@ class _PropagationHook(ModelHook):
         if should_compute_encoder:
             state.encoder_rows = rows
         elif rows != state.encoder_rows:
-            raise RuntimeError(
-                f"faster_diffusion: the batch changed from {state.encoder_rows} to {rows} rows within a run"
-            )
+            self._keep_conditional_rows(start, rows, inputs)
         state.decoded_inputs = _batch_inputs(inputs)
         if steps > 1:
             inputs["sample"] = sample.repeat(steps, *([1] * (sample.dim() - 1)))
@@ -299,6 +331,30 @@ class _PropagationHook(ModelHook):
         state.stats.encoder_passes += int(should_compute_encoder)
         state.stats.decoder_passes += steps
         state.stats.decoder_batches += 1
+
+    def _keep_conditional_rows(self, step: int, rows: int, inputs: dict[str, Any]) -> None:
+        """At a step that reuses a key step's features, the batch shrank: keep the features of its last rows.
+
+        Only classifier-free guidance switched off part-way is supported (diffusers' ``SDCFGCutoffCallback``):
+        the new text embeddings are a view of the conditional half of the previous ones, which is the second
+        half of the guidance batch. The encoder treats every row on its own, so the last rows of its features
+        are the features of the conditional rows alone.
+        """
+        state = self.state
+        old_rows = state.encoder_rows
+        # The text embeddings of the previous decoder batch (_batch_inputs: the sample's shape, then them).
+        previous = state.decoded_inputs[1] if state.decoded_inputs else None
+        if 2 * rows != old_rows or not _is_last_rows_of(inputs.get("encoder_hidden_states"), previous):
+            state.reset()
+            raise UnsupportedModelError(
+                f"faster_diffusion: the batch changed from {old_rows} to {rows} rows at step {step}, which "
+                "reuses the encoder features of an earlier key step. Encoder propagation supports only "
+                "dropping the unconditional half there (classifier-free guidance switched off, as by "
+                "diffusers' SDCFGCutoffCallback: prompt_embeds cut to its conditional half, "
+                "prompt_embeds.chunk(2)[1]); change the batch at a key step, or use key steps 'all'"
+            )
+        state.encoder_cache = {slot: _last_rows(value, rows) for slot, value in state.encoder_cache.items()}
+        state.encoder_rows = rows
 
     def _check_starts_at_first_timestep(self, timestep: Any) -> None:
         """Refuse a run that starts part-way through the schedule set by ``set_timesteps`` (image-to-image,

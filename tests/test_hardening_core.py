@@ -18,6 +18,7 @@ from faster_diffusion import (
 from faster_diffusion.tiny import build_tiny_pipeline
 
 from .conftest import generate_latents
+from .reference import decoder, encoder
 
 STOCK_EQUIVALENT = FasterDiffusionConfig(
     key_steps=KeySteps.every_step(), noise_injection=NoiseInjection.off()
@@ -58,6 +59,128 @@ def tensors_held(handle) -> list[torch.Tensor]:
 def cutoff(step: int) -> SDCFGCutoffCallback:
     """diffusers' own callback that switches classifier-free guidance off after ``step``."""
     return SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=step)
+
+
+# --- 1. A callback changes the guidance batch part-way through a group -----------------------------------
+
+
+@torch.inference_mode()
+def reference_with_cfg_cutoff(
+    pipe, *, num_steps: int, key_steps: tuple[int, ...], cutoff_step: int, seed: int = 0
+) -> torch.Tensor:
+    """METHOD.md's loop, written out over the UNet halves, with guidance switched off after ``cutoff_step``.
+
+    After the cutoff the batch holds only the conditional rows. A step that reuses the features of a key step
+    from before the cutoff decodes the conditional rows of those features: the encoder treats every row on its
+    own, so they are the features the encoder gives for the conditional rows alone.
+    """
+    unet, scheduler = pipe.unet, pipe.scheduler
+    positive, negative = pipe.encode_prompt(PROMPT, "cpu", 1, True, None)
+    scheduler.set_timesteps(num_steps, device="cpu")
+    latents = pipe.prepare_latents(
+        1,
+        unet.config.in_channels,
+        16,
+        16,
+        positive.dtype,
+        torch.device("cpu"),
+        torch.Generator().manual_seed(seed),
+    )
+    features = None
+    for index, t in enumerate(scheduler.timesteps):
+        guided = index <= cutoff_step
+        text = torch.cat([negative, positive]) if guided else positive
+        model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+        if index in key_steps:
+            features = encoder(unet, model_input, t, text)
+        skips, mid = features
+        rows = model_input.shape[0]
+        skips, mid = tuple(skip[-rows:] for skip in skips), mid[-rows:]
+        noise = decoder(unet, skips, mid, t, text)
+        if guided:
+            uncond, cond = noise.chunk(2)
+            noise = uncond + 7.5 * (cond - uncond)
+        latents = scheduler.step(noise, t, latents).prev_sample
+    return latents
+
+
+@pytest.mark.parametrize("sampler", ["DDIM-50", "DPM-Solver-20"])
+@pytest.mark.parametrize("step", [0, 3, MIDDLE_OF_A_GROUP, MIDDLE_OF_THE_LAST_GROUP - 25])
+def test_cfg_cutoff_with_every_step_a_key_step_equals_stock(make_pipe, sampler, step):
+    steps = 50 if sampler == "DDIM-50" else 20
+    stock = generate_latents(make_pipe(sampler), steps=steps, callback_on_step_end=cutoff(step))
+    pipe = make_pipe(sampler)
+    apply_faster_diffusion(pipe, STOCK_EQUIVALENT)
+    ours = generate_latents(pipe, steps=steps, callback_on_step_end=cutoff(step))
+    assert torch.equal(ours, stock)
+
+
+@pytest.mark.parametrize("step", [MIDDLE_OF_A_GROUP, MIDDLE_OF_THE_LAST_GROUP])
+@pytest.mark.parametrize("cap", [None, 4])
+def test_cfg_cutoff_inside_a_group_matches_the_reference_and_one_step_at_a_time(make_pipe, step, cap):
+    no_noise = NoiseInjection.off()
+    reference = reference_with_cfg_cutoff(
+        make_pipe(), num_steps=50, key_steps=KeySteps.paper().resolve(50).indices, cutoff_step=step
+    )
+    batched, sequential = make_pipe(), make_pipe()
+    handle = apply_faster_diffusion(
+        batched, FasterDiffusionConfig(max_decoder_batch=cap, noise_injection=no_noise)
+    )
+    apply_faster_diffusion(sequential, FasterDiffusionConfig(parallel=False, noise_injection=no_noise))
+    fast = generate_latents(batched, steps=50, callback_on_step_end=cutoff(step))
+    assert fast.shape == (1, 4, 8, 8)  # one latent per prompt, not one per guidance row
+    close(fast, reference)
+    close(generate_latents(sequential, steps=50, callback_on_step_end=cutoff(step)), reference)
+    assert handle.last_run.encoder_passes == 9
+
+
+def test_cfg_cutoff_keeping_the_conditional_half_of_several_images(make_pipe):
+    """Two images per prompt: the conditional half is two rows, kept by ``prompt_embeds.chunk(2)[1]``."""
+
+    def keep_conditional_half(pipeline, step, timestep, tensors):
+        if step == MIDDLE_OF_A_GROUP:
+            pipeline._guidance_scale = 0.0
+            tensors["prompt_embeds"] = tensors["prompt_embeds"].chunk(2)[1]
+        return tensors
+
+    call = dict(
+        steps=50,
+        num_images_per_prompt=2,
+        callback_on_step_end=keep_conditional_half,
+        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+    )
+    stock = generate_latents(make_pipe(), **call)
+    same = make_pipe()
+    apply_faster_diffusion(same, STOCK_EQUIVALENT)
+    assert torch.equal(generate_latents(same, **call), stock)
+
+    batched, sequential = make_pipe(), make_pipe()
+    apply_faster_diffusion(batched, PAPER)
+    apply_faster_diffusion(sequential, PAPER_ONE_STEP_AT_A_TIME)
+    fast = generate_latents(batched, **call)
+    assert fast.shape == stock.shape == (2, 4, 8, 8)
+    close(fast, generate_latents(sequential, **call))
+
+
+def test_a_batch_change_that_is_not_the_conditional_half_gets_a_clear_error(make_pipe):
+    def new_batch(pipeline, step, timestep, tensors):
+        if step == MIDDLE_OF_A_GROUP:
+            pipeline._guidance_scale = 0.0
+            tensors["prompt_embeds"] = tensors["prompt_embeds"][-1:].clone()
+        return tensors
+
+    pipe = make_pipe()
+    handle = apply_faster_diffusion(pipe, PAPER)
+    expected = generate_latents(pipe, steps=50)
+    with pytest.raises(UnsupportedModelError, match=r"batch changed from 2 to 1 rows at step 8"):
+        generate_latents(
+            pipe,
+            steps=50,
+            callback_on_step_end=new_batch,
+            callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+        )
+    assert tensors_held(handle) == []
+    assert torch.equal(generate_latents(pipe, steps=50), expected)
 
 
 # --- 2. A callback replaces prompt_embeds part-way through a group ---------------------------------------
