@@ -127,6 +127,8 @@ class _RunState:
         self.predictions: dict[int, torch.Tensor] = {}
         self.encoder_cache: dict[int, Any] = {}
         self.encoder_rows: int | None = None
+        # What the cached predictions were decoded from: see _batch_inputs.
+        self.decoded_inputs: tuple[Any, ...] = ()
         self.initial_latents: torch.Tensor | None = None
         # Set by the UNet hook for the length of one stock forward call.
         self.computing_encoder = False
@@ -156,6 +158,52 @@ def _repeat_rows(value: Any, times: int) -> Any:
         return seen[key]
 
     return _map_tensors(value, repeat)
+
+
+def _last_rows(value: Any, rows: int) -> Any:
+    """The last ``rows`` rows of every tensor in ``value`` (views; a tensor met twice stays shared)."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def last(tensor: torch.Tensor) -> torch.Tensor:
+        key = id(tensor)
+        if key not in seen:
+            seen[key] = tensor[tensor.shape[0] - rows :]
+        return seen[key]
+
+    return _map_tensors(value, last)
+
+
+def _batch_inputs(inputs: dict[str, Any]) -> tuple[Any, ...]:
+    """What a decoder batch depends on besides the latents and the timestep: the shape of the sample and the
+    conditioning inputs. Compared by identity, so checking that a call matches a batch needs no host sync."""
+    conditioning = tuple(inputs.get(name) for name in (*_BATCHED_INPUTS, "cross_attention_kwargs"))
+    return (tuple(inputs["sample"].shape), *conditioning)
+
+
+def _same_batch_inputs(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Whether two :func:`_batch_inputs` describe the same batch: equal shapes, the very same inputs."""
+    return len(a) == len(b) > 0 and a[0] == b[0] and all(x is y for x, y in zip(a[1:], b[1:], strict=True))
+
+
+def _is_last_rows_of(new: Any, old: Any) -> bool:
+    """Whether tensor ``new`` is a view of the last rows of tensor ``old``, as ``old[-n:]`` and
+    ``old.chunk(2)[1]`` are."""
+    if not isinstance(new, torch.Tensor) or not isinstance(old, torch.Tensor):
+        return False
+    if (
+        new.dim() != old.dim()
+        or new.dim() == 0
+        or new.shape[1:] != old.shape[1:]
+        or new.shape[0] > old.shape[0]
+    ):
+        return False
+    tail = old[old.shape[0] - new.shape[0] :]
+    return (
+        new.dtype == tail.dtype
+        and new.device == tail.device
+        and new.data_ptr() == tail.data_ptr()
+        and new.stride() == tail.stride()
+    )
 
 
 class _EncoderModuleHook(ModelHook):
@@ -190,7 +238,12 @@ class _EncoderModuleHook(ModelHook):
 
 
 class _PropagationHook(ModelHook):
-    """On the UNet: serve each step's noise prediction, decoding a whole group per stock forward call."""
+    """On the UNet: serve each step's noise prediction, decoding a whole group per stock forward call.
+
+    Stateful in diffusers' sense: ``HookRegistry.reset_stateful_hooks`` drops the run (:meth:`reset_state`).
+    """
+
+    _is_stateful = True
 
     def __init__(self, state: _RunState, handle: FasterDiffusion) -> None:
         super().__init__()
@@ -200,6 +253,11 @@ class _PropagationHook(ModelHook):
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self._signature = inspect.signature(module.forward)
+        return module
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        """End the run: drop the cached features and predictions."""
+        self.state.reset()
         return module
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -224,6 +282,12 @@ class _PropagationHook(ModelHook):
                 "scheduler's "
                 "set_timesteps() must be called at the start of every run"
             )
+        if step == 0:
+            self._check_starts_at_first_timestep(inputs["timestep"])
+        if step in state.predictions and not _same_batch_inputs(_batch_inputs(inputs), state.decoded_inputs):
+            # A callback changed the batch or the text embeddings after the batch was decoded (diffusers'
+            # SDCFGCutoffCallback drops the unconditional half): decode the rest of the group again.
+            state.predictions.clear()
         if step not in state.predictions:
             self._decode(module, step, inputs)
         prediction = state.predictions.pop(step)
@@ -246,9 +310,8 @@ class _PropagationHook(ModelHook):
         if should_compute_encoder:
             state.encoder_rows = rows
         elif rows != state.encoder_rows:
-            raise RuntimeError(
-                f"faster_diffusion: the batch changed from {state.encoder_rows} to {rows} rows within a run"
-            )
+            self._keep_conditional_rows(start, rows, inputs)
+        state.decoded_inputs = _batch_inputs(inputs)
         if steps > 1:
             inputs["sample"] = sample.repeat(steps, *([1] * (sample.dim() - 1)))
             inputs["timestep"] = state.timesteps[start:stop].repeat_interleave(rows)
@@ -268,6 +331,57 @@ class _PropagationHook(ModelHook):
         state.stats.encoder_passes += int(should_compute_encoder)
         state.stats.decoder_passes += steps
         state.stats.decoder_batches += 1
+
+    def _keep_conditional_rows(self, step: int, rows: int, inputs: dict[str, Any]) -> None:
+        """At a step that reuses a key step's features, the batch shrank: keep the features of its last rows.
+
+        Only classifier-free guidance switched off part-way is supported (diffusers' ``SDCFGCutoffCallback``):
+        the new text embeddings are a view of the conditional half of the previous ones, which is the second
+        half of the guidance batch. The encoder treats every row on its own, so the last rows of its features
+        are the features of the conditional rows alone.
+        """
+        state = self.state
+        old_rows = state.encoder_rows
+        # The text embeddings of the previous decoder batch (_batch_inputs: the sample's shape, then them).
+        previous = state.decoded_inputs[1] if state.decoded_inputs else None
+        if 2 * rows != old_rows or not _is_last_rows_of(inputs.get("encoder_hidden_states"), previous):
+            state.reset()
+            raise UnsupportedModelError(
+                f"faster_diffusion: the batch changed from {old_rows} to {rows} rows at step {step}, which "
+                "reuses the encoder features of an earlier key step. Encoder propagation supports only "
+                "dropping the unconditional half there (classifier-free guidance switched off, as by "
+                "diffusers' SDCFGCutoffCallback: prompt_embeds cut to its conditional half, "
+                "prompt_embeds.chunk(2)[1]); change the batch at a key step, or use key steps 'all'"
+            )
+        state.encoder_cache = {slot: _last_rows(value, rows) for slot, value in state.encoder_cache.items()}
+        state.encoder_rows = rows
+
+    def _check_starts_at_first_timestep(self, timestep: Any) -> None:
+        """Refuse a run that starts part-way through the schedule set by ``set_timesteps`` (image-to-image,
+        inpainting with strength < 1): its steps are not the steps the key steps and injection were placed on.
+
+        The pipeline passes a view of the scheduler's own timesteps, recognised without a host sync; anything
+        else costs one host read per run.
+        """
+        state = self.state
+        first = state.timesteps
+        if (
+            isinstance(timestep, torch.Tensor)
+            and timestep.dtype == first.dtype
+            and timestep.device == first.device
+            and timestep.data_ptr() == first.data_ptr()
+        ):
+            return
+        value = timestep.reshape(-1)[0] if isinstance(timestep, torch.Tensor) else timestep
+        if float(value) == float(first[0]):
+            return
+        state.reset()
+        raise UnsupportedModelError(
+            f"faster_diffusion: the run's first UNet call has timestep {float(value):g}, but the schedule "
+            f"set by set_timesteps() starts at {float(first[0]):g}. Runs that start part-way through the "
+            "schedule (image-to-image or inpainting with strength < 1) are not supported with encoder "
+            "propagation; use strength=1.0, or remove faster diffusion for this pipeline"
+        )
 
 
 def _check_supported_call(unet: torch.nn.Module, inputs: dict[str, Any]) -> None:
@@ -375,6 +489,64 @@ class _SchedulerTap:
         return result
 
 
+class _LoopProgressBar:
+    """The pipeline's progress bar, unchanged, except that leaving its ``with`` block ends the run."""
+
+    def __init__(self, bar: Any, on_exit: Any) -> None:
+        self._bar = bar
+        self._on_exit = on_exit
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bar, name)
+
+    def __iter__(self) -> Any:
+        return iter(self._bar)
+
+    def __len__(self) -> int:
+        return len(self._bar)
+
+    def __enter__(self) -> _LoopProgressBar:
+        self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> Any:
+        try:
+            return self._bar.__exit__(*exc_info)
+        finally:
+            self._on_exit()
+
+
+class _RunEndTap:
+    """Wraps ``progress_bar`` of one pipeline instance, so that the run ends when the denoising loop does.
+
+    Every diffusers pipeline runs its loop inside ``with self.progress_bar(total=...)``. Leaving that block,
+    however the loop ends (finished, stopped by ``pipe._interrupt``, or by an exception), drops the run's
+    cached features and predictions, so that nothing stale is served afterwards. Undone by :meth:`detach`.
+    """
+
+    def __init__(self, pipe: Any, state: _RunState) -> None:
+        self._pipe = weakref.ref(pipe)
+        self.state = state
+
+    def attach(self) -> None:
+        pipe = self._pipe()
+        original = getattr(pipe, "progress_bar", None)
+        if not callable(original):
+            return
+        state = self.state
+
+        @functools.wraps(original)
+        def progress_bar(*args: Any, **kwargs: Any) -> _LoopProgressBar:
+            return _LoopProgressBar(original(*args, **kwargs), state.reset)
+
+        pipe.progress_bar = progress_bar
+
+    def detach(self) -> None:
+        pipe = self._pipe()
+        if pipe is not None and "progress_bar" in vars(pipe):
+            delattr(pipe, "progress_bar")
+
+
 class FasterDiffusion:
     """Faster diffusion attached to one pipeline. Made by :func:`apply_faster_diffusion`.
 
@@ -389,6 +561,7 @@ class FasterDiffusion:
         self.scheduler = pipe.scheduler
         self._state = _RunState()
         self._tap = _SchedulerTap(self.scheduler, self._state, self)
+        self._run_end = _RunEndTap(pipe, self._state)
         self._encoder_modules = [self.unet.conv_in, *self.unet.down_blocks]
         if self.unet.mid_block is not None:
             self._encoder_modules.append(self.unet.mid_block)
@@ -407,6 +580,7 @@ class FasterDiffusion:
             _PropagationHook(self._state, self), _UNET_HOOK
         )
         self._tap.attach()
+        self._run_end.attach()
         self.attached = True
 
     def remove(self) -> None:
@@ -414,6 +588,7 @@ class FasterDiffusion:
         if not self.attached:
             return
         self._tap.detach()
+        self._run_end.detach()
         HookRegistry.check_if_exists_or_initialize(self.unet).remove_hook(_UNET_HOOK, recurse=False)
         for module in self._encoder_modules:
             HookRegistry.check_if_exists_or_initialize(module).remove_hook(_ENCODER_HOOK, recurse=False)
