@@ -31,6 +31,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
+from .memory import AUTO, auto_decoder_batch_cap
 from .noise import NoiseInjection, inject_prior_noise
 from .schedule import KeySteps, KeyStepSchedule
 
@@ -67,9 +68,11 @@ class FasterDiffusionConfig:
     #: Run the decoder passes of a group as one batch (the paper's parallel decoder). When false, the
     #: decoder runs one step at a time; the result is the same up to float rounding.
     parallel: bool = True
-    #: Cap on how many steps one decoder batch holds (``None``: a whole group). Bounds memory on large
-    #: images; a group larger than the cap is split into consecutive chunks. Ignored when not parallel.
-    max_decoder_batch: int | None = None
+    #: Cap on how many steps one decoder batch holds. ``"auto"``: chosen per batch for the device, the image
+    #: size and the free memory (see :mod:`faster_diffusion.memory`); ``None``: no cap, a whole group. Bounds
+    #: memory on large images; a group larger than the cap is split into consecutive chunks. Ignored when
+    #: not parallel.
+    max_decoder_batch: int | str | None = AUTO
     #: Prior noise injection settings.
     noise_injection: NoiseInjection = field(default_factory=NoiseInjection)
 
@@ -79,14 +82,18 @@ class FasterDiffusionConfig:
         if not isinstance(self.parallel, bool):
             raise TypeError(f"parallel must be true or false, got {self.parallel!r}")
         cap = self.max_decoder_batch
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
-            raise ValueError(f"max_decoder_batch must be a whole number >= 1 or None, got {cap!r}")
+        if cap is not None and cap != AUTO and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ValueError(
+                f"max_decoder_batch must be 'auto', a whole number >= 1 or None (no cap: whole groups), "
+                f"got {cap!r}"
+            )
         if not isinstance(self.noise_injection, NoiseInjection):
             raise TypeError(f"noise_injection must be a NoiseInjection value, got {self.noise_injection!r}")
 
     @property
-    def decoder_batch_cap(self) -> int | None:
-        """Steps per decoder batch at most; 1 when not parallel, ``None`` for no cap."""
+    def decoder_batch_cap(self) -> int | str | None:
+        """Steps per decoder batch at most; 1 when not parallel, ``None`` for no cap, ``"auto"`` for the
+        automatic cap."""
         return self.max_decoder_batch if self.parallel else 1
 
 
@@ -237,6 +244,8 @@ class _PropagationHook(ModelHook):
         state = self.state
         stop = state.group_end[start]
         cap = self.handle.config.decoder_batch_cap
+        if cap == AUTO:
+            cap = auto_decoder_batch_cap(module, inputs["sample"], stop - start)
         if cap is not None:
             stop = min(stop, start + cap)
         steps = stop - start
