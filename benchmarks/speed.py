@@ -800,7 +800,21 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+@dataclass
+class Benchmark:
+    """What one benchmark run measured: the Markdown report and the per-sampler, per-mode summaries."""
+
+    report: str
+    summaries: list[Summary]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    benchmark(argv)
+    return 0
+
+
+def benchmark(argv: Sequence[str] | None = None) -> Benchmark:
+    """Run the benchmark with command-line arguments ``argv``; print and write the report, and return it."""
     args = parse_args(argv)
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__), *sys.argv[1:]])
     if argv is not None:
@@ -961,7 +975,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text, encoding="utf-8")
     _log(f"wrote {args.out} ({total_seconds / 60:.1f} min)")
-    return 0
+    return Benchmark(report=text, summaries=summaries)
 
 
 if __name__ == "__main__":
