@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from .memory import AUTO, auto_decoder_batch_cap
@@ -37,6 +38,7 @@ from .schedule import KeySteps, KeyStepSchedule
 
 _UNET_HOOK = "faster_diffusion"
 _ENCODER_HOOK = "faster_diffusion_encoder"
+_TEXT_HOOK = "faster_diffusion_text"
 
 #: UNet inputs that carry one row per sample; a decoder batch of g steps repeats them g times.
 _BATCHED_INPUTS = ("encoder_hidden_states", "timestep_cond", "attention_mask", "encoder_attention_mask")
@@ -194,6 +196,23 @@ class _EncoderModuleHook(ModelHook):
         else:
             output = state.encoder_cache[self.slot]
         return _repeat_rows(output, state.repeat)
+
+
+class _RepeatedTextHook(ModelHook):
+    """On a decoder cross-attention's ``to_k`` or ``to_v``: in a decoder batch of g steps, the text rows are
+    the same g times over, so project one copy and repeat the result (the projection is row by row)."""
+
+    def __init__(self, state: _RunState) -> None:
+        super().__init__()
+        self.state = state
+
+    def new_forward(self, module: torch.nn.Module, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        state = self.state
+        rows = state.encoder_rows
+        if state.repeat > 1 and rows and hidden.shape[0] == rows * state.repeat:
+            output = self.fn_ref.original_forward(hidden[:rows], *args, **kwargs)
+            return output.repeat(state.repeat, *([1] * (output.dim() - 1)))
+        return self.fn_ref.original_forward(hidden, *args, **kwargs)
 
 
 class _PropagationHook(ModelHook):
@@ -401,6 +420,12 @@ class FasterDiffusion:
         self._encoder_modules = [self.unet.conv_in, *self.unet.down_blocks]
         if self.unet.mid_block is not None:
             self._encoder_modules.append(self.unet.mid_block)
+        self._text_projections = [
+            projection
+            for module in self.unet.up_blocks.modules()
+            if isinstance(module, Attention) and module.is_cross_attention
+            for projection in (module.to_k, module.to_v)
+        ]
         self.attached = False
 
     @property
@@ -411,6 +436,10 @@ class FasterDiffusion:
         for slot, module in enumerate(self._encoder_modules):
             HookRegistry.check_if_exists_or_initialize(module).register_hook(
                 _EncoderModuleHook(self._state, slot), _ENCODER_HOOK
+            )
+        for projection in self._text_projections:
+            HookRegistry.check_if_exists_or_initialize(projection).register_hook(
+                _RepeatedTextHook(self._state), _TEXT_HOOK
             )
         HookRegistry.check_if_exists_or_initialize(self.unet).register_hook(
             _PropagationHook(self._state, self), _UNET_HOOK
@@ -426,6 +455,8 @@ class FasterDiffusion:
         HookRegistry.check_if_exists_or_initialize(self.unet).remove_hook(_UNET_HOOK, recurse=False)
         for module in self._encoder_modules:
             HookRegistry.check_if_exists_or_initialize(module).remove_hook(_ENCODER_HOOK, recurse=False)
+        for projection in self._text_projections:
+            HookRegistry.check_if_exists_or_initialize(projection).remove_hook(_TEXT_HOOK, recurse=False)
         self._state.reset()
         self.attached = False
 

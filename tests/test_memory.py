@@ -178,3 +178,25 @@ def test_default_config_splits_large_groups_on_the_cpu_and_matches_one_step_at_a
     # Paper groups 1, 1, 1, 2, 5, 5, 10, 10, 15 steps; at most 5 steps a batch on the CPU: 1+1+1+1+1+1+2+2+3.
     assert handle.last_run.decoder_batches == 13
     assert handle.last_run.decoder_passes == 50
+
+
+def test_decoder_cross_attention_projects_the_text_once_per_batch(make_pipe):
+    """In a decoder batch of g steps the text rows repeat g times; their keys and values are computed once."""
+    pipe = make_pipe("DDIM-50")
+    attention = pipe.unet.up_blocks[-1].attentions[0].transformer_blocks[0].attn2
+    projected_rows = []
+    for projection in (attention.to_k, attention.to_v):
+        stock_forward = projection.forward
+
+        def counting(hidden, *args, _forward=stock_forward, **kwargs):
+            projected_rows.append(hidden.shape[0])
+            return _forward(hidden, *args, **kwargs)
+
+        projection.forward = counting
+    handle = apply_faster_diffusion(
+        pipe, FasterDiffusionConfig(key_steps=KeySteps.paper(), max_decoder_batch=5)
+    )
+    generate_latents(pipe, steps=50)
+    assert handle.last_run.decoder_batches == 13 < 50  # batches of up to 5 steps ran
+    assert set(projected_rows) == {2}  # the CFG rows of one step, never 2 x 5
+    assert len(projected_rows) == 2 * 13
