@@ -9,14 +9,17 @@ process with the repeats interleaved (round-robin), so that drift of the machine
 - ``propagation+batched``: the same, with the decoder passes of each group run as one batch (the paper's
   parallel decoder).
 
-Both accelerated modes use prior noise injection (the paper's setting; it costs nothing). For each sampler and
-mode it reports the UNet-loop and end-to-end seconds per image (medians), the speedups over stock (ratios of
-medians), the encoder and decoder pass counts, and the peak RSS increase. It also measures the share of a
-UNet step spent in the encoder (``conv_in`` + down blocks + mid block, at the CFG batch of 2), and the bound
-that share puts on propagation alone: ``N / (N - (N - |K|) * share)``.
+Both accelerated modes use prior noise injection (the paper's setting; it costs nothing). The batched mode
+caps its decoder batch with ``--max-decoder-batch`` (default ``auto``, the package's default). For each
+sampler and mode it reports the UNet-loop and end-to-end seconds per image (medians), the speedups over stock
+(ratios of medians), the encoder and decoder pass counts, and the peak memory against stock: the process's
+peak RSS on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA. It also measures the share of a UNet step
+spent in the encoder (``conv_in`` + down blocks + mid block, at the CFG batch of 2), and the bound that share
+puts on propagation alone: ``N / (N - (N - |K|) * share)``.
 
     python benchmarks/speed.py                       # 256 px, 3 repeats -> benchmarks/results/speed-256.md
     python benchmarks/speed.py --size 512
+    python benchmarks/speed.py --device cuda --dtype float16 --size 512   # on a GPU (script/gpu-check)
     python benchmarks/speed.py --quick --out /tmp/speed-quick.md   # tiny model, seconds (smoke test)
 """
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
+import functools
 import gc
 import math
 import os
@@ -128,10 +132,10 @@ MODES = ("stock", "propagation", "propagation+batched")
 PROPAGATION_MODE = "propagation"
 BATCHED_MODE = "propagation+batched"
 
-#: Targets of our issue, as end-to-end speedups over stock in the same run at 256 px.
+#: Targets of our issue, as end-to-end speedups over stock in the same run at 256 px on the CPU.
 TARGET_SIZE = 256
 TARGET_PROPAGATION_BOUND_FRACTION = 0.97
-TARGET_BATCHED_SPEEDUP = {Sampler.DDIM: 1.45, Sampler.DPM_SOLVER: 1.47}
+TARGET_BATCHED_SPEEDUP = {Sampler.DDIM: 1.6, Sampler.DPM_SOLVER: 1.7}
 
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on the moon"
 MEMORY_POLL_SECONDS = 0.005
@@ -303,6 +307,10 @@ class Run:
     peak_loop_bytes: int
     peak_call_bytes: int
     others_cpu_percent: float | None
+    #: The process's RSS just before the call (weights and everything else already resident).
+    rss_before: int = 0
+    #: ``torch.cuda.max_memory_allocated`` over the call (CUDA only), weights included.
+    peak_device_bytes: int | None = None
     #: (call seconds, encoder seconds) of each UNet call; stock runs only (one encoder pass per call).
     stock_calls: list[tuple[float, float]] = field(default_factory=list)
     #: Seconds of each UNet call of the pipeline, and the key steps (accelerated modes only).
@@ -314,16 +322,34 @@ class Run:
         return [seconds for step, seconds in enumerate(self.call_seconds) if step not in self.key_steps]
 
 
-class UnetClock:
-    """Forward hooks that time every call of a UNet and of its encoder (``conv_in`` .. mid block)."""
+def _no_sync() -> None:
+    pass
 
-    def __init__(self, unet: UNet2DConditionModel) -> None:
+
+def device_sync(device: torch.device) -> Callable[[], None]:
+    """What makes a wall-clock reading on ``device`` count the work queued so far."""
+    if device.type == "cuda":
+        return functools.partial(torch.cuda.synchronize, device)
+    return _no_sync
+
+
+class UnetClock:
+    """Forward hooks that time every call of a UNet and of its encoder (``conv_in`` .. mid block).
+
+    ``sync`` runs before each reading (``torch.cuda.synchronize`` on CUDA, where kernels run asynchronously).
+    """
+
+    def __init__(self, unet: UNet2DConditionModel, sync: Callable[[], None] = _no_sync) -> None:
         self.calls: list[float] = []
         self.returns: list[float] = []
         self.encoder_starts: list[float] = []
         self.encoder_ends: list[float] = []
         last = unet.mid_block if unet.mid_block is not None else unet.down_blocks[-1]
-        now = time.perf_counter
+
+        def now() -> float:
+            sync()
+            return time.perf_counter()
+
         self._hooks = [
             unet.register_forward_pre_hook(lambda m, a: self.calls.append(now())),
             unet.register_forward_hook(lambda m, a, o: self.returns.append(now())),
@@ -358,6 +384,9 @@ class Bench:
     seed: int
     trim: bool
     clock: UnetClock
+    #: ``FasterDiffusionConfig.max_decoder_batch`` of the batched mode.
+    max_decoder_batch: int | str | None = "auto"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def run(self, sampler: Sampler, mode: str, repeat: int) -> Run:
         """One image with ``sampler`` in ``mode``; the pipeline is stock again afterwards."""
@@ -368,15 +397,18 @@ class Bench:
             config = FasterDiffusionConfig(
                 key_steps=KeySteps.paper(),
                 parallel=mode == BATCHED_MODE,
-                max_decoder_batch=None,
+                max_decoder_batch=self.max_decoder_batch,
                 noise_injection=NoiseInjection(),
             )
             handle = apply_faster_diffusion(pipe, config)
         steps = sampler.default_steps
         loop_end: list[float] = []
+        sync = device_sync(self.device)
+        cuda = self.device.type == "cuda"
 
         def on_step_end(pipeline: Any, index: int, timestep: Any, callback_kwargs: dict) -> dict:
             if index == steps - 1:
+                sync()
                 loop_end.append(time.perf_counter())
             return {}
 
@@ -385,8 +417,12 @@ class Bench:
             if self.trim:
                 _malloc_trim()
             self.clock.clear()
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(self.device)
             cpu = CpuUse()
             with torch.inference_mode(), RssSampler() as rss:
+                sync()
                 start = time.perf_counter()
                 pipe(
                     self.prompt,
@@ -399,8 +435,10 @@ class Bench:
                     output_type="pil",
                     callback_on_step_end=on_step_end,
                 )
+                sync()
                 end = time.perf_counter()
             others = cpu.others_percent()
+            peak_device = torch.cuda.max_memory_allocated(self.device) if cuda else None
             loop_start = self.clock.calls[0]
             calls = len(self.clock.calls)
             stock_calls = self.clock.stock_calls() if mode == "stock" else []
@@ -422,6 +460,8 @@ class Bench:
             peak_loop_bytes=rss.peak_increase(loop_start, loop_end[0]),
             peak_call_bytes=rss.peak_increase(),
             others_cpu_percent=others,
+            rss_before=rss.baseline,
+            peak_device_bytes=peak_device,
             stock_calls=stock_calls,
             call_seconds=call_seconds,
             key_steps=stats.schedule.indices if stats else (),
@@ -448,7 +488,8 @@ def time_unet(
     batch = 2 * group
     sample = torch.randn(batch, unet.config.in_channels, latent_size, latent_size, generator=generator)
     text = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=generator)
-    timestep = torch.full((batch,), 500)
+    sample, text = (tensor.to(unet.device, unet.dtype) for tensor in (sample, text))
+    timestep = torch.full((batch,), 500, device=unet.device)
     with torch.inference_mode():
         unet(sample, timestep, encoder_hidden_states=text)
         clock.clear()
@@ -505,6 +546,21 @@ class Summary:
     def e2e_speedup(self) -> float:
         return _median([r.e2e_seconds for r in self.stock]) / self.e2e
 
+    @property
+    def peak_memory(self) -> float:
+        return _median([peak_memory_bytes(r) for r in self.runs])
+
+    @property
+    def memory_vs_stock(self) -> float:
+        return self.peak_memory / _median([peak_memory_bytes(r) for r in self.stock])
+
+
+def peak_memory_bytes(run: Run) -> int:
+    """The call's peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, else the process's peak RSS."""
+    if run.peak_device_bytes is not None:
+        return run.peak_device_bytes
+    return run.rss_before + run.peak_call_bytes
+
 
 def _spread(values: Sequence[float]) -> str:
     return f"{min(values):.2f}–{max(values):.2f}" if len(values) > 1 else "–"
@@ -513,8 +569,9 @@ def _spread(values: Sequence[float]) -> str:
 def results_table(summaries: list[Summary]) -> list[str]:
     lines = [
         "| sampler | mode | UNet loop s/img | loop speedup | end-to-end s/img | e2e speedup "
-        "| encoder / decoder passes (decoder batches) | peak RSS increase MiB, loop / call |",
-        "|---|---|---|---|---|---|---|---|",
+        "| encoder / decoder passes (decoder batches) | peak RSS increase MiB, loop / call "
+        "| peak memory MiB (vs stock) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         first = s.runs[0]
@@ -526,7 +583,7 @@ def results_table(summaries: list[Summary]) -> list[str]:
             f"| {s.sampler.value} | {s.mode} | {s.loop:.2f} ({_spread(loops)}) | {s.loop_speedup:.2f}x "
             f"| {s.e2e:.2f} ({_spread(e2es)}) | {s.e2e_speedup:.2f}x "
             f"| {first.encoder_passes} / {first.decoder_passes} ({first.decoder_batches}) "
-            f"| {_mib(peak_loop)} / {_mib(peak_call)} |"
+            f"| {_mib(peak_loop)} / {_mib(peak_call)} | {_mib(s.peak_memory)} ({s.memory_vs_stock:.2f}x) |"
         )
     return lines
 
@@ -645,6 +702,10 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
+
+
 def _attention_backend(unet: UNet2DConditionModel) -> str:
     names = sorted({type(p).__name__ for p in unet.attn_processors.values()})
     return ", ".join(names)
@@ -655,7 +716,17 @@ def _attention_backend(unet: UNet2DConditionModel) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, choices=(256, 512), default=256, help="image size in px")
+    parser.add_argument("--size", type=int, choices=(256, 512, 1024), default=256, help="image size in px")
+    parser.add_argument("--device", default="cpu", help="torch device of the pipeline, e.g. cpu or cuda")
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="pipeline dtype")
+    parser.add_argument(
+        "--attention", choices=("sdpa", "xformers"), default="sdpa", help="attention kernels (stock: sdpa)"
+    )
+    parser.add_argument(
+        "--max-decoder-batch",
+        default="auto",
+        help="cap of the batched mode: auto (the default cap), none (whole groups) or a number of steps",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per sampler and mode")
     parser.add_argument(
         "--samplers", default="DDIM-50,DPM-Solver-20", help="comma-separated: DDIM-50, DPM-Solver-20, ..."
@@ -701,6 +772,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--samplers: give at least one sampler")
     if any(g < 1 for g in args.probe_groups):
         parser.error(f"--decoder-probe: group sizes must be >= 1, got {args.decoder_probe!r}")
+    cap = args.max_decoder_batch.strip().lower()
+    if cap not in ("auto", "none") and not (cap.isdigit() and int(cap) >= 1):
+        parser.error(
+            f"--max-decoder-batch must be auto, none or a whole number >= 1, got {args.max_decoder_batch!r}"
+        )
+    args.decoder_cap = None if cap == "none" else cap if cap == "auto" else int(cap)
+    try:
+        args.torch_device = torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device: {error}")
     if args.quick:
         args.repeats = 1
         if args.threads is None:
@@ -719,7 +800,21 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+@dataclass
+class Benchmark:
+    """What one benchmark run measured: the Markdown report and the per-sampler, per-mode summaries."""
+
+    report: str
+    summaries: list[Summary]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    benchmark(argv)
+    return 0
+
+
+def benchmark(argv: Sequence[str] | None = None) -> Benchmark:
+    """Run the benchmark with command-line arguments ``argv``; print and write the report, and return it."""
     args = parse_args(argv)
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__), *sys.argv[1:]])
     if argv is not None:
@@ -740,6 +835,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         pipe = build_sd15_pipeline(args.seed)
         model = "SD v1.5 architecture (published configs), random weights"
         size = args.size
+    device = args.torch_device
+    pipe.to(device, getattr(torch, args.dtype))
+    if args.attention == "xformers":
+        pipe.enable_xformers_memory_efficient_attention()
     if args.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
     build_seconds = time.perf_counter() - build_start
@@ -753,7 +852,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         guidance_scale=args.guidance_scale,
         seed=args.seed,
         trim=not args.no_malloc_trim,
-        clock=UnetClock(pipe.unet),
+        clock=UnetClock(pipe.unet, device_sync(device)),
+        max_decoder_batch=args.decoder_cap,
+        device=device,
     )
     warmups: list[Run] = []
     runs: list[Run] = []
@@ -768,7 +869,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 label = "warm-up" if repeat < 0 else f"repeat {repeat + 1}/{args.repeats}"
                 _log(
                     f"{label} {sampler.value} {mode}: loop {result.loop_seconds:.2f} s, "
-                    f"e2e {result.e2e_seconds:.2f} s, peak +{_mib(result.peak_call_bytes)} MiB"
+                    f"e2e {result.e2e_seconds:.2f} s, peak {_mib(peak_memory_bytes(result))} MiB"
                 )
     timed_others = timed_cpu.others_percent() if timed_cpu else None
 
@@ -800,8 +901,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"- Command: `{command}`",
         f"- Date: {date}; total run time {total_seconds / 60:.1f} min "
         f"(pipeline built in {build_seconds:.1f} s)",
-        f"- Model: {model}; {size} x {size} px; fp32 on CPU, eval mode, `torch.inference_mode()`; "
-        "no safety checker",
+        f"- Model: {model}; {size} x {size} px; {args.dtype} on {device}, eval mode, "
+        "`torch.inference_mode()`; no safety checker",
         f"- Machine: {_cpu_model()}, {os.cpu_count()} logical CPUs; torch {torch.__version__} "
         f"(`torch.get_num_threads()` = {torch.get_num_threads()}), diffusers {diffusers.__version__}, "
         f"transformers {transformers.__version__}, Python {platform.python_version()}",
@@ -813,7 +914,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f'{args.guidance_scale}, seed {args.seed} for every run, `output_type="pil"`',
         "- Accelerated modes: the paper's key steps (`KeySteps.paper()`), prior noise injection on "
         "(alpha 0.003, tau 500); `propagation`: `parallel=False`; `propagation+batched`: `parallel=True`, "
-        "no cap on the decoder batch",
+        f"`max_decoder_batch={args.decoder_cap!r}`",
         f"- Repeats: {args.repeats} timed per sampler and mode after one untimed warm-up each, interleaved "
         "round-robin (repeat -> sampler -> mode); medians quoted, (min–max) in brackets; speedups are "
         "ratios of medians against `stock` of the same run",
@@ -834,6 +935,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         + (" (disabled by --no-malloc-trim)" if args.no_malloc_trim else "")
         + ", so that reuse of memory freed by an earlier run does not hide growth. The weights are "
         "not counted (they are resident before the call).",
+        "- **Peak memory (vs stock)**: "
+        + (
+            "`torch.cuda.max_memory_allocated` over the call (reset before it), weights included; the ratio "
+            "is against the median of `stock` with the same sampler."
+            if device.type == "cuda"
+            else "the process's peak RSS over the call (the RSS before it, weights and everything else "
+            "resident, plus the peak increase above); the ratio is against the median of `stock` with the "
+            "same sampler."
+        ),
         "- **Encoder share**: in every UNet call of the timed `stock` runs (CFG batch 2, the real latents), "
         "forward hooks time the encoder, from `conv_in` being called to the mid block returning, and the "
         f"whole call. Share = median over those {len(shares)} calls of encoder / call = {share:.1%} "
@@ -847,10 +957,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "skipping the encoder actually saved per call, to compare with the encoder share.",
     ]
 
-    report = [f"# Faster Diffusion speed benchmark: {size} px, CPU", "", *settings, "", "## Results", ""]
+    where = "CPU" if device.type == "cpu" else f"{device.type.upper()} ({_device_name(device)})"
+    report = [f"# Faster Diffusion speed benchmark: {size} px, {where}", "", *settings, "", "## Results", ""]
     report += results_table(summaries)
     report += ["", "## Encoder share and the bound on propagation alone", "", *bounds_lines]
-    if not args.quick:
+    if not args.quick and device.type == "cpu":
         report += ["", "## Targets (issue: end-to-end speedups over stock at 256 px)", ""]
         report += targets_lines(summaries, bounds, size)
     if len(probe) > 1:
@@ -864,7 +975,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text, encoding="utf-8")
     _log(f"wrote {args.out} ({total_seconds / 60:.1f} min)")
-    return 0
+    return Benchmark(report=text, summaries=summaries)
 
 
 if __name__ == "__main__":

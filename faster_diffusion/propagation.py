@@ -29,13 +29,16 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
+from .memory import AUTO, auto_decoder_batch_cap
 from .noise import NoiseInjection, inject_prior_noise
 from .schedule import KeySteps, KeyStepSchedule
 
 _UNET_HOOK = "faster_diffusion"
 _ENCODER_HOOK = "faster_diffusion_encoder"
+_TEXT_HOOK = "faster_diffusion_text"
 
 #: UNet inputs that carry one row per sample; a decoder batch of g steps repeats them g times.
 _BATCHED_INPUTS = ("encoder_hidden_states", "timestep_cond", "attention_mask", "encoder_attention_mask")
@@ -67,9 +70,11 @@ class FasterDiffusionConfig:
     #: Run the decoder passes of a group as one batch (the paper's parallel decoder). When false, the
     #: decoder runs one step at a time; the result is the same up to float rounding.
     parallel: bool = True
-    #: Cap on how many steps one decoder batch holds (``None``: a whole group). Bounds memory on large
-    #: images; a group larger than the cap is split into consecutive chunks. Ignored when not parallel.
-    max_decoder_batch: int | None = None
+    #: Cap on how many steps one decoder batch holds. ``"auto"``: chosen per batch for the device, the image
+    #: size and the free memory (see :mod:`faster_diffusion.memory`); ``None``: no cap, a whole group. Bounds
+    #: memory on large images; a group larger than the cap is split into consecutive chunks. Ignored when
+    #: not parallel.
+    max_decoder_batch: int | str | None = AUTO
     #: Prior noise injection settings.
     noise_injection: NoiseInjection = field(default_factory=NoiseInjection)
 
@@ -79,14 +84,18 @@ class FasterDiffusionConfig:
         if not isinstance(self.parallel, bool):
             raise TypeError(f"parallel must be true or false, got {self.parallel!r}")
         cap = self.max_decoder_batch
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
-            raise ValueError(f"max_decoder_batch must be a whole number >= 1 or None, got {cap!r}")
+        if cap is not None and cap != AUTO and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ValueError(
+                f"max_decoder_batch must be 'auto', a whole number >= 1 or None (no cap: whole groups), "
+                f"got {cap!r}"
+            )
         if not isinstance(self.noise_injection, NoiseInjection):
             raise TypeError(f"noise_injection must be a NoiseInjection value, got {self.noise_injection!r}")
 
     @property
-    def decoder_batch_cap(self) -> int | None:
-        """Steps per decoder batch at most; 1 when not parallel, ``None`` for no cap."""
+    def decoder_batch_cap(self) -> int | str | None:
+        """Steps per decoder batch at most; 1 when not parallel, ``None`` for no cap, ``"auto"`` for the
+        automatic cap."""
         return self.max_decoder_batch if self.parallel else 1
 
 
@@ -237,6 +246,23 @@ class _EncoderModuleHook(ModelHook):
         return _repeat_rows(output, state.repeat)
 
 
+class _RepeatedTextHook(ModelHook):
+    """On a decoder cross-attention's ``to_k`` or ``to_v``: in a decoder batch of g steps, the text rows are
+    the same g times over, so project one copy and repeat the result (the projection is row by row)."""
+
+    def __init__(self, state: _RunState) -> None:
+        super().__init__()
+        self.state = state
+
+    def new_forward(self, module: torch.nn.Module, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        state = self.state
+        rows = state.encoder_rows
+        if state.repeat > 1 and rows and hidden.shape[0] == rows * state.repeat:
+            output = self.fn_ref.original_forward(hidden[:rows], *args, **kwargs)
+            return output.repeat(state.repeat, *([1] * (output.dim() - 1)))
+        return self.fn_ref.original_forward(hidden, *args, **kwargs)
+
+
 class _PropagationHook(ModelHook):
     """On the UNet: serve each step's noise prediction, decoding a whole group per stock forward call.
 
@@ -301,6 +327,8 @@ class _PropagationHook(ModelHook):
         state = self.state
         stop = state.group_end[start]
         cap = self.handle.config.decoder_batch_cap
+        if cap == AUTO:
+            cap = auto_decoder_batch_cap(module, inputs["sample"], stop - start)
         if cap is not None:
             stop = min(stop, start + cap)
         steps = stop - start
@@ -565,6 +593,12 @@ class FasterDiffusion:
         self._encoder_modules = [self.unet.conv_in, *self.unet.down_blocks]
         if self.unet.mid_block is not None:
             self._encoder_modules.append(self.unet.mid_block)
+        self._text_projections = [
+            projection
+            for module in self.unet.up_blocks.modules()
+            if isinstance(module, Attention) and module.is_cross_attention
+            for projection in (module.to_k, module.to_v)
+        ]
         self.attached = False
 
     @property
@@ -575,6 +609,10 @@ class FasterDiffusion:
         for slot, module in enumerate(self._encoder_modules):
             HookRegistry.check_if_exists_or_initialize(module).register_hook(
                 _EncoderModuleHook(self._state, slot), _ENCODER_HOOK
+            )
+        for projection in self._text_projections:
+            HookRegistry.check_if_exists_or_initialize(projection).register_hook(
+                _RepeatedTextHook(self._state), _TEXT_HOOK
             )
         HookRegistry.check_if_exists_or_initialize(self.unet).register_hook(
             _PropagationHook(self._state, self), _UNET_HOOK
@@ -592,6 +630,8 @@ class FasterDiffusion:
         HookRegistry.check_if_exists_or_initialize(self.unet).remove_hook(_UNET_HOOK, recurse=False)
         for module in self._encoder_modules:
             HookRegistry.check_if_exists_or_initialize(module).remove_hook(_ENCODER_HOOK, recurse=False)
+        for projection in self._text_projections:
+            HookRegistry.check_if_exists_or_initialize(projection).remove_hook(_TEXT_HOOK, recurse=False)
         self._state.reset()
         self.attached = False
 

@@ -344,7 +344,7 @@ def test_unet_used_outside_a_pipeline_run_is_stock(make_pipe):
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="max_decoder_batch must be a whole number >= 1 or None, got 0"):
+    with pytest.raises(ValueError, match=r"max_decoder_batch must be 'auto', a whole number >= 1 or None"):
         FasterDiffusionConfig(max_decoder_batch=0)
     with pytest.raises(TypeError, match="key_steps must be a KeySteps value"):
         FasterDiffusionConfig(key_steps="paper")
