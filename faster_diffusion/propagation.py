@@ -27,7 +27,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    LCMScheduler,
+    UNet2DConditionModel,
+)
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
@@ -309,6 +316,53 @@ def check_supported_unet(unet: torch.nn.Module) -> None:
         )
 
 
+#: Scheduler classes that encoder propagation supports. Each makes one UNet call per scheduler step over
+#: distinct timesteps, so a step index counts what the user asked for; starts from latents at unit scale
+#: (``init_noise_sigma == 1``), so alpha * z_T has the paper's weight; and advances from the sample its
+#: ``step`` is given, so the injected prior noise takes effect. PNDM (its repeated warm-up step), Heun and
+#: KDPM2 (two UNet calls a step), Euler, Euler ancestral and LMS (sigma-scaled latents), UniPC (its corrector
+#: recomputes the sample), single-step DPM-Solver (steps from the sample of its group's start), EDM and
+#: flow-matching schedulers are not among them. Exact classes: a subclass may change ``step``.
+SUPPORTED_SCHEDULERS: tuple[type, ...] = (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    DEISMultistepScheduler,
+    LCMScheduler,
+)
+
+
+def check_supported_scheduler(scheduler: Any) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``scheduler`` is one of :data:`SUPPORTED_SCHEDULERS`,
+    configured for sample-space (not flow-matching) sampling from latents at unit scale."""
+    name = type(scheduler).__name__
+    supported = ", ".join(cls.__name__ for cls in SUPPORTED_SCHEDULERS)
+    advice = (
+        f"supported schedulers: {supported}. Set one with faster_diffusion.use_sampler(pipe, 'DDIM-50') "
+        "(or 'DPM-Solver-20', 'DPM-Solver++-20') before apply_faster_diffusion()"
+    )
+    if type(scheduler) not in SUPPORTED_SCHEDULERS:
+        raise UnsupportedModelError(
+            f"faster_diffusion does not support the scheduler {name}: encoder propagation needs one UNet "
+            f"call per step, latents at unit scale and a step that advances from the sample it is given; "
+            f"{advice}"
+        )
+    config = getattr(scheduler, "config", {})
+    found = []
+    if config.get("use_flow_sigmas", False):
+        found.append("use_flow_sigmas=True")
+    if config.get("prediction_type") == "flow_prediction":
+        found.append("prediction_type='flow_prediction'")
+    init_noise_sigma = float(getattr(scheduler, "init_noise_sigma", 1.0))
+    if init_noise_sigma != 1.0:
+        found.append(f"init_noise_sigma={init_noise_sigma:g}")
+    if found:
+        raise UnsupportedModelError(
+            f"faster_diffusion does not support the scheduler {name} with {', '.join(found)} (flow matching "
+            f"or sigma-scaled latents); {advice}"
+        )
+
+
 class _SchedulerTap:
     """Wraps ``set_timesteps`` and ``step`` of one scheduler instance; undone by :meth:`detach`.
 
@@ -448,6 +502,7 @@ class FasterDiffusion:
                 "begin_index set) are not supported"
             )
         check_supported_unet(self.unet)
+        check_supported_scheduler(self.scheduler)
         # One host read of the timesteps per run (not per step), to place the injection steps.
         values = timesteps.detach().to("cpu", torch.float64).tolist()
         schedule = self.config.key_steps.resolve(len(values))
@@ -492,6 +547,7 @@ def apply_faster_diffusion(pipe: Any, config: FasterDiffusionConfig | None = Non
     for name in ("set_timesteps", "step"):
         if not callable(getattr(scheduler, name, None)):
             raise UnsupportedModelError(f"faster_diffusion: the scheduler has no {name}() method")
+    check_supported_scheduler(scheduler)
     if get_faster_diffusion(pipe) is not None:
         raise RuntimeError("faster_diffusion is already applied to this pipeline; call remove() first")
     handle = FasterDiffusion(pipe, config)
