@@ -20,9 +20,11 @@ How it attaches, without copying ``StableDiffusionPipeline.__call__`` or ``UNet2
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -429,6 +431,28 @@ class _SchedulerTap:
         return result
 
 
+@contextlib.contextmanager
+def _beneath_accelerate_hook(module: torch.nn.Module) -> Iterator[None]:
+    """Register or remove diffusers hooks on ``module`` beneath an accelerate hook, if it has one.
+
+    accelerate's ``add_hook_to_module`` (model or sequential CPU offload) replaces ``forward`` with a wrapper
+    that calls ``module._old_forward``, and diffusers' model CPU offload takes it off and puts it back
+    at the end of every pipeline call. A hook registered on top of the wrapper would then be dropped, and
+    removing one from on top would overwrite the wrapper. So, for the length of the block, ``forward`` is what
+    accelerate wraps; afterwards accelerate's wrapper is outermost again, around what the block left.
+    """
+    if getattr(module, "_hf_hook", None) is None or "_old_forward" not in vars(module):
+        yield
+        return
+    accelerate_forward = module.forward
+    module.forward = module._old_forward
+    try:
+        yield
+    finally:
+        module._old_forward = module.forward
+        module.forward = accelerate_forward
+
+
 class FasterDiffusion:
     """Faster diffusion attached to one pipeline. Made by :func:`apply_faster_diffusion`.
 
@@ -454,12 +478,14 @@ class FasterDiffusion:
 
     def _attach(self) -> None:
         for slot, module in enumerate(self._encoder_modules):
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(
-                _EncoderModuleHook(self._state, slot), _ENCODER_HOOK
+            with _beneath_accelerate_hook(module):
+                HookRegistry.check_if_exists_or_initialize(module).register_hook(
+                    _EncoderModuleHook(self._state, slot), _ENCODER_HOOK
+                )
+        with _beneath_accelerate_hook(self.unet):
+            HookRegistry.check_if_exists_or_initialize(self.unet).register_hook(
+                _PropagationHook(self._state, self), _UNET_HOOK
             )
-        HookRegistry.check_if_exists_or_initialize(self.unet).register_hook(
-            _PropagationHook(self._state, self), _UNET_HOOK
-        )
         self._tap.attach()
         self.attached = True
 
@@ -468,9 +494,11 @@ class FasterDiffusion:
         if not self.attached:
             return
         self._tap.detach()
-        HookRegistry.check_if_exists_or_initialize(self.unet).remove_hook(_UNET_HOOK, recurse=False)
+        with _beneath_accelerate_hook(self.unet):
+            HookRegistry.check_if_exists_or_initialize(self.unet).remove_hook(_UNET_HOOK, recurse=False)
         for module in self._encoder_modules:
-            HookRegistry.check_if_exists_or_initialize(module).remove_hook(_ENCODER_HOOK, recurse=False)
+            with _beneath_accelerate_hook(module):
+                HookRegistry.check_if_exists_or_initialize(module).remove_hook(_ENCODER_HOOK, recurse=False)
         self._state.reset()
         self.attached = False
 

@@ -168,3 +168,66 @@ def test_stock_sd_pipeline_with_its_pndm_scheduler_is_refused_and_use_sampler_fi
     handle = apply_faster_diffusion(pipe, PAPER)
     generate_latents(pipe, steps=10)
     assert handle.last_run.schedule.num_steps == 10
+
+
+# --- accelerate's model CPU offload -------------------------------------------------------------------------
+
+
+def enable_offload(pipe) -> None:
+    """diffusers' model CPU offload with the CPU as the execution device: the same accelerate ``CpuOffload``
+    hooks as on a GPU, removed and added again by ``maybe_free_model_hooks`` at the end of every call."""
+    pipe.enable_model_cpu_offload(device="cpu")
+
+
+def is_unet_forward(method) -> bool:
+    return (
+        getattr(method, "__func__", None) is type(method.__self__).forward
+        if hasattr(method, "__self__")
+        else False
+    )
+
+
+def count_offload_hook_calls(unet) -> list[int]:
+    """Count the calls that go through the UNet's accelerate hook during the next pipeline call."""
+    calls = [0]
+    hook = unet._hf_hook
+    original = hook.pre_forward
+
+    def pre_forward(module, *args, **kwargs):
+        calls[0] += 1
+        return original(module, *args, **kwargs)
+
+    hook.pre_forward = pre_forward
+    return calls
+
+
+@pytest.mark.parametrize("offload_first", [True, False], ids=["offload-then-apply", "apply-then-offload"])
+def test_model_cpu_offload_in_either_order_keeps_propagation_and_removal_keeps_offload(
+    make_pipe, offload_first
+):
+    plain = make_pipe("DDIM-50")
+    stock = generate_latents(plain, steps=50)
+    apply_faster_diffusion(plain, PAPER)
+    expected = generate_latents(plain, steps=50)
+
+    pipe = make_pipe("DDIM-50")
+    if offload_first:
+        enable_offload(pipe)
+        handle = apply_faster_diffusion(pipe, PAPER)
+    else:
+        handle = apply_faster_diffusion(pipe, PAPER)
+        enable_offload(pipe)
+    for _ in range(3):  # the offload hooks are taken off and put back at the end of every call
+        counter = CallCounter(pipe.unet)
+        calls = count_offload_hook_calls(pipe.unet)
+        assert torch.equal(generate_latents(pipe, steps=50), expected)
+        assert counter.encoder_calls == 9 == handle.last_run.encoder_passes
+        assert calls[0] == 50  # every UNet call of the loop still goes through the offload hook
+
+    handle.remove()
+    for _ in range(2):
+        calls = count_offload_hook_calls(pipe.unet)
+        assert torch.equal(generate_latents(pipe, steps=50), stock)
+        assert calls[0] == 50
+        assert is_unet_forward(pipe.unet._old_forward)  # accelerate wraps the plain forward, nothing of ours
+    assert not pipe.unet._diffusers_hook.hooks
