@@ -211,6 +211,9 @@ class _PropagationHook(ModelHook):
         self._signature = inspect.signature(module.forward)
         return module
 
+    # Bookkeeping runs outside torch.compile's graphs (the stock forward it calls is still compiled), so
+    # Dynamo does not guard on the step count and cached predictions and recompile at every step.
+    @torch.compiler.disable(recursive=False)
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         state = self.state
         self.handle._check_scheduler()
@@ -241,6 +244,8 @@ class _PropagationHook(ModelHook):
             return UNet2DConditionOutput(sample=prediction)
         return (prediction,)
 
+    # Outside torch.compile's graphs too, like new_forward; the stock forward it calls is compiled.
+    @torch.compiler.disable(recursive=False)
     def _decode(self, module: torch.nn.Module, start: int, inputs: dict[str, Any]) -> None:
         """Run the stock forward once for steps ``start .. stop-1`` of the current group."""
         state = self.state

@@ -231,3 +231,34 @@ def test_model_cpu_offload_in_either_order_keeps_propagation_and_removal_keeps_o
         assert calls[0] == 50
         assert is_unet_forward(pipe.unet._old_forward)  # accelerate wraps the plain forward, nothing of ours
     assert not pipe.unet._diffusers_hook.hooks
+
+
+# --- torch.compile ------------------------------------------------------------------------------------------
+
+
+def test_compiled_unet_gives_the_same_latents_within_the_recompile_limit(make_pipe):
+    """The bookkeeping stays out of Dynamo's graphs, so a run's step counts and cached predictions do not make
+    it recompile at every step. ``backend="eager"`` traces and guards like any backend, with no C compiler."""
+    from torch._dynamo.utils import counters
+
+    plain = make_pipe("DDIM-50")
+    apply_faster_diffusion(plain, PAPER)
+    expected = generate_latents(plain, steps=10)
+
+    pipe = make_pipe("DDIM-50")
+    handle = apply_faster_diffusion(pipe, PAPER)
+    pipe.unet.compile(backend="eager")
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            first = generate_latents(pipe, steps=10)
+            graphs = counters["stats"]["unique_graphs"]
+            second = generate_latents(pipe, steps=10)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(first, expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(second, first)
+    assert handle.last_run.encoder_passes == 5 and handle.last_run.decoder_passes == 10
+    assert graphs > 0  # the UNet really ran compiled
+    assert counters["stats"]["unique_graphs"] - graphs <= 1  # the second run reuses the first run's graphs
