@@ -20,14 +20,23 @@ How it attaches, without copying ``StableDiffusionPipeline.__call__`` or ``UNet2
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    LCMScheduler,
+    UNet2DConditionModel,
+)
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -286,6 +295,9 @@ class _PropagationHook(ModelHook):
         self.state.reset()
         return module
 
+    # Bookkeeping runs outside torch.compile's graphs (the stock forward it calls is still compiled), so
+    # Dynamo does not guard on the step count and cached predictions and recompile at every step.
+    @torch.compiler.disable(recursive=False)
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         state = self.state
         self.handle._check_scheduler()
@@ -322,6 +334,8 @@ class _PropagationHook(ModelHook):
             return UNet2DConditionOutput(sample=prediction)
         return (prediction,)
 
+    # Outside torch.compile's graphs too, like new_forward; the stock forward it calls is compiled.
+    @torch.compiler.disable(recursive=False)
     def _decode(self, module: torch.nn.Module, start: int, inputs: dict[str, Any]) -> None:
         """Run the stock forward once for steps ``start .. stop-1`` of the current group."""
         state = self.state
@@ -451,6 +465,53 @@ def check_supported_unet(unet: torch.nn.Module) -> None:
         )
 
 
+#: Scheduler classes that encoder propagation supports. Each makes one UNet call per scheduler step over
+#: distinct timesteps, so a step index counts what the user asked for; starts from latents at unit scale
+#: (``init_noise_sigma == 1``), so alpha * z_T has the paper's weight; and advances from the sample its
+#: ``step`` is given, so the injected prior noise takes effect. PNDM (its repeated warm-up step), Heun and
+#: KDPM2 (two UNet calls a step), Euler, Euler ancestral and LMS (sigma-scaled latents), UniPC (its corrector
+#: recomputes the sample), single-step DPM-Solver (steps from the sample of its group's start), EDM and
+#: flow-matching schedulers are not among them. Exact classes: a subclass may change ``step``.
+SUPPORTED_SCHEDULERS: tuple[type, ...] = (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    DEISMultistepScheduler,
+    LCMScheduler,
+)
+
+
+def check_supported_scheduler(scheduler: Any) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``scheduler`` is one of :data:`SUPPORTED_SCHEDULERS`,
+    configured for sample-space (not flow-matching) sampling from latents at unit scale."""
+    name = type(scheduler).__name__
+    supported = ", ".join(cls.__name__ for cls in SUPPORTED_SCHEDULERS)
+    advice = (
+        f"supported schedulers: {supported}. Set one with faster_diffusion.use_sampler(pipe, 'DDIM-50') "
+        "(or 'DPM-Solver-20', 'DPM-Solver++-20') before apply_faster_diffusion()"
+    )
+    if type(scheduler) not in SUPPORTED_SCHEDULERS:
+        raise UnsupportedModelError(
+            f"faster_diffusion does not support the scheduler {name}: encoder propagation needs one UNet "
+            f"call per step, latents at unit scale and a step that advances from the sample it is given; "
+            f"{advice}"
+        )
+    config = getattr(scheduler, "config", {})
+    found = []
+    if config.get("use_flow_sigmas", False):
+        found.append("use_flow_sigmas=True")
+    if config.get("prediction_type") == "flow_prediction":
+        found.append("prediction_type='flow_prediction'")
+    init_noise_sigma = float(getattr(scheduler, "init_noise_sigma", 1.0))
+    if init_noise_sigma != 1.0:
+        found.append(f"init_noise_sigma={init_noise_sigma:g}")
+    if found:
+        raise UnsupportedModelError(
+            f"faster_diffusion does not support the scheduler {name} with {', '.join(found)} (flow matching "
+            f"or sigma-scaled latents); {advice}"
+        )
+
+
 class _SchedulerTap:
     """Wraps ``set_timesteps`` and ``step`` of one scheduler instance; undone by :meth:`detach`.
 
@@ -575,6 +636,28 @@ class _RunEndTap:
             delattr(pipe, "progress_bar")
 
 
+@contextlib.contextmanager
+def _beneath_accelerate_hook(module: torch.nn.Module) -> Iterator[None]:
+    """Register or remove diffusers hooks on ``module`` beneath an accelerate hook, if it has one.
+
+    accelerate's ``add_hook_to_module`` (model or sequential CPU offload) replaces ``forward`` with a wrapper
+    that calls ``module._old_forward``, and diffusers' model CPU offload takes it off and puts it back
+    at the end of every pipeline call. A hook registered on top of the wrapper would then be dropped, and
+    removing one from on top would overwrite the wrapper. So, for the length of the block, ``forward`` is what
+    accelerate wraps; afterwards accelerate's wrapper is outermost again, around what the block left.
+    """
+    if getattr(module, "_hf_hook", None) is None or "_old_forward" not in vars(module):
+        yield
+        return
+    accelerate_forward = module.forward
+    module.forward = module._old_forward
+    try:
+        yield
+    finally:
+        module._old_forward = module.forward
+        module.forward = accelerate_forward
+
+
 class FasterDiffusion:
     """Faster diffusion attached to one pipeline. Made by :func:`apply_faster_diffusion`.
 
@@ -607,16 +690,19 @@ class FasterDiffusion:
 
     def _attach(self) -> None:
         for slot, module in enumerate(self._encoder_modules):
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(
-                _EncoderModuleHook(self._state, slot), _ENCODER_HOOK
+            with _beneath_accelerate_hook(module):
+                HookRegistry.check_if_exists_or_initialize(module).register_hook(
+                    _EncoderModuleHook(self._state, slot), _ENCODER_HOOK
+                )
+        with _beneath_accelerate_hook(self.unet):
+            HookRegistry.check_if_exists_or_initialize(self.unet).register_hook(
+                _PropagationHook(self._state, self), _UNET_HOOK
             )
         for projection in self._text_projections:
-            HookRegistry.check_if_exists_or_initialize(projection).register_hook(
-                _RepeatedTextHook(self._state), _TEXT_HOOK
-            )
-        HookRegistry.check_if_exists_or_initialize(self.unet).register_hook(
-            _PropagationHook(self._state, self), _UNET_HOOK
-        )
+            with _beneath_accelerate_hook(projection):
+                HookRegistry.check_if_exists_or_initialize(projection).register_hook(
+                    _RepeatedTextHook(self._state), _TEXT_HOOK
+                )
         self._tap.attach()
         self._run_end.attach()
         self.attached = True
@@ -627,11 +713,14 @@ class FasterDiffusion:
             return
         self._tap.detach()
         self._run_end.detach()
-        HookRegistry.check_if_exists_or_initialize(self.unet).remove_hook(_UNET_HOOK, recurse=False)
+        with _beneath_accelerate_hook(self.unet):
+            HookRegistry.check_if_exists_or_initialize(self.unet).remove_hook(_UNET_HOOK, recurse=False)
         for module in self._encoder_modules:
-            HookRegistry.check_if_exists_or_initialize(module).remove_hook(_ENCODER_HOOK, recurse=False)
+            with _beneath_accelerate_hook(module):
+                HookRegistry.check_if_exists_or_initialize(module).remove_hook(_ENCODER_HOOK, recurse=False)
         for projection in self._text_projections:
-            HookRegistry.check_if_exists_or_initialize(projection).remove_hook(_TEXT_HOOK, recurse=False)
+            with _beneath_accelerate_hook(projection):
+                HookRegistry.check_if_exists_or_initialize(projection).remove_hook(_TEXT_HOOK, recurse=False)
         self._state.reset()
         self.attached = False
 
@@ -663,6 +752,7 @@ class FasterDiffusion:
                 "begin_index set) are not supported"
             )
         check_supported_unet(self.unet)
+        check_supported_scheduler(self.scheduler)
         # One host read of the timesteps per run (not per step), to place the injection steps.
         values = timesteps.detach().to("cpu", torch.float64).tolist()
         schedule = self.config.key_steps.resolve(len(values))
@@ -707,6 +797,7 @@ def apply_faster_diffusion(pipe: Any, config: FasterDiffusionConfig | None = Non
     for name in ("set_timesteps", "step"):
         if not callable(getattr(scheduler, name, None)):
             raise UnsupportedModelError(f"faster_diffusion: the scheduler has no {name}() method")
+    check_supported_scheduler(scheduler)
     if get_faster_diffusion(pipe) is not None:
         raise RuntimeError("faster_diffusion is already applied to this pipeline; call remove() first")
     handle = FasterDiffusion(pipe, config)
