@@ -169,6 +169,87 @@ def test_an_exception_raised_into_the_waiting_thread_stops_the_run_at_the_next_s
     assert generate(pipe, request).stats.encoder_passes == 9  # the pipeline is whole again
 
 
+def interrupt_thread_start(monkeypatch, *, start_first: bool, wait_for: threading.Event | None = None):
+    """Make the worker's ``Thread.start()`` raise a cancellation, as Cog can at any line: after really
+    starting the thread (and, with ``wait_for``, once that event is set), or before starting it.
+
+    Returns the list the worker threads are put in."""
+    real_start = threading.Thread.start
+    workers = []
+
+    def start(self):
+        if self.name != "generate":
+            return real_start(self)
+        workers.append(self)
+        if start_first:
+            real_start(self)
+            if wait_for is not None:
+                assert wait_for.wait(10)
+        raise CancelationException("canceled in Thread.start")
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    return workers
+
+
+def slow_to_stop_work(running: threading.Event, events: list):
+    """Work that runs until it is asked to stop (or 10 s pass), then takes a moment to stop."""
+
+    def work(stop):
+        running.set()
+        events.append("work began")
+        deadline = time.monotonic() + 10
+        while not stop.is_set and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        events.append(f"work ended, stop requested: {stop.is_set}")
+        return "done"
+
+    return work
+
+
+def test_a_cancel_that_lands_once_the_worker_runs_waits_for_it_to_stop(monkeypatch):
+    running, events, ended = threading.Event(), [], []
+    interrupt_thread_start(monkeypatch, start_first=True, wait_for=running)
+
+    with pytest.raises(CancelationException, match=r"canceled in Thread\.start"):
+        try:
+            run_stoppable(slow_to_stop_work(running, events), on_interrupt=ended.append)
+        finally:
+            events.append("cancel raised")
+
+    assert events == ["work began", "work ended, stop requested: True", "cancel raised"]
+    assert ended == [None]
+
+
+def test_a_cancel_that_lands_before_the_worker_starts_starts_no_work(monkeypatch):
+    running, events = threading.Event(), []
+    workers = interrupt_thread_start(monkeypatch, start_first=False)
+
+    with pytest.raises(CancelationException):
+        run_stoppable(slow_to_stop_work(running, events))
+
+    assert len(workers) == 1 and not workers[0].is_alive() and events == []
+
+
+def test_a_cancel_that_lands_as_the_thread_starts_never_leaves_work_running(monkeypatch):
+    """The thread exists but may not have begun the work: either it never does, or it is waited for."""
+    running, events = threading.Event(), []
+    workers = interrupt_thread_start(monkeypatch, start_first=True)
+
+    with pytest.raises(CancelationException):
+        try:
+            run_stoppable(slow_to_stop_work(running, events))
+        finally:
+            events.append("cancel raised")
+    workers[0].join(10)
+
+    assert not workers[0].is_alive()
+    assert events in (
+        ["cancel raised"],
+        ["work began", "work ended, stop requested: True", "cancel raised"],
+    )
+
+
 def test_without_an_interruption_the_result_or_the_error_of_the_run_comes_back():
     assert run_stoppable(lambda stop: 42) == 42
     with pytest.raises(ValueError, match="bad things"):
