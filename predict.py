@@ -35,6 +35,12 @@ class Inputs:
         description="Run the decoder passes between two key steps as one batch (the paper's parallel decoder). Off: one step at a time, with the same images up to float rounding.",  # noqa: E501
         default=True,
     )
+    max_decoder_batch = Input(
+        description="Most steps decoded in one batch by the parallel decoder; larger groups are split, which bounds GPU memory. 0: automatic (for now, whole groups between two key steps, as in the paper).",  # noqa: E501
+        ge=0,
+        le=50,
+        default=0,
+    )
     noise_injection = Input(
         description="Prior noise injection: add a little of the initial noise back in late in sampling, which restores fine texture.",  # noqa: E501
         default=True,
@@ -93,6 +99,7 @@ class Predictor(BaseRunner):
         sampler: str = Inputs.sampler,
         key_steps: str = Inputs.key_steps,
         parallel_decoder: bool = Inputs.parallel_decoder,
+        max_decoder_batch: int = Inputs.max_decoder_batch,
         noise_injection: bool = Inputs.noise_injection,
         noise_strength: float = Inputs.noise_strength,
         noise_threshold: int = Inputs.noise_threshold,
@@ -122,6 +129,7 @@ class Predictor(BaseRunner):
             faster=faster_config(
                 key_steps,
                 parallel=parallel_decoder,
+                max_decoder_batch=max_decoder_batch,
                 noise_injection=noise_injection,
                 noise_strength=noise_strength,
                 noise_threshold=noise_threshold,

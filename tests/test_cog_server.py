@@ -122,6 +122,7 @@ def test_all_key_steps_without_noise_injection_give_the_stock_pixels(server, com
         (dict(num_outputs=0), "num_outputs must be between 1 and 4, got 0"),
         (dict(num_outputs=5), "num_outputs must be between 1 and 4, got 5"),
         (dict(noise_strength=-0.001), "noise_strength must be between 0.0 and 0.1, got -0.001"),
+        (dict(max_decoder_batch=-1), "max_decoder_batch must be between 0 and 50, got -1"),
         (dict(output_format="gif"), "output_format must be one of 'webp', 'jpg', 'png', got 'gif'"),
     ],
 )

@@ -85,6 +85,9 @@ def test_input_limits_agree_with_the_core():
     assert inputs.output_format.choices == list(IMAGE_FORMATS)
     for size in (inputs.width, inputs.height):
         assert size.ge % 8 == size.le % 8 == size.default % 8 == 0
+    # 0 is automatic; a cap of the most steps a sampler takes already decodes any group in one batch.
+    assert (inputs.max_decoder_batch.ge, inputs.max_decoder_batch.default) == (0, 0)
+    assert inputs.max_decoder_batch.le == max(sampler.default_steps for sampler in Sampler)
 
 
 # ------------------------------------------------------------------------------------------ input checks
@@ -117,6 +120,9 @@ def test_the_defaults_pass_the_input_checks():
         ("output_quality", 101, "output_quality must be between 0 and 100, got 101"),
         ("noise_strength", -0.5, "noise_strength must be between 0.0 and 0.1, got -0.5"),
         ("noise_threshold", 1001, "noise_threshold must be between 0 and 1000, got 1001"),
+        ("max_decoder_batch", -1, "max_decoder_batch must be between 0 and 50, got -1"),
+        ("max_decoder_batch", 51, "max_decoder_batch must be between 0 and 50, got 51"),
+        ("max_decoder_batch", 2.5, "max_decoder_batch must be a whole number, got 2.5"),
     ],
 )
 def test_a_bad_input_is_rejected_naming_it(name, value, message):
@@ -128,6 +134,32 @@ def test_a_bad_input_is_rejected_naming_it(name, value, message):
 @pytest.mark.parametrize(("name", "value"), [("guidance_scale", 7), ("seed", None), ("seed", MAX_SEED)])
 def test_whole_numbers_pass_as_floats_and_the_seed_may_be_left_out(name, value):
     check_inputs(RUN, predict.Inputs, {**defaults(), name: value})
+
+
+class _Stop(Exception):
+    pass
+
+
+def run_request(**inputs) -> GenerationRequest:
+    """The request that ``run()`` builds from ``inputs`` (over the defaults), without running it."""
+    predictor, requests = predict.Predictor(), []
+
+    class Recorder:
+        def generate(self, request, **options):
+            requests.append(request)
+            raise _Stop
+
+    predictor.model = Recorder()
+    with pytest.raises(_Stop):
+        predictor.run(**{**defaults(), **inputs})
+    return requests[0]
+
+
+def test_max_decoder_batch_0_is_automatic_and_a_number_caps_the_decoder_batch():
+    assert run_request(max_decoder_batch=0).faster.max_decoder_batch is None
+    capped = run_request(max_decoder_batch=5).faster
+    assert (capped.max_decoder_batch, capped.decoder_batch_cap) == (5, 5)
+    assert run_request(max_decoder_batch=5, parallel_decoder=False).faster.decoder_batch_cap == 1
 
 
 # ------------------------------------------------------------------------------------------ stopping
