@@ -81,7 +81,7 @@ class Inputs:
         description="Disable the safety checker for the generated images.", default=False
     )
     compare_with_baseline = Input(
-        description="Also run stock diffusers with the same seed. The output then holds both sets of images, the faster ones first, and the log prints both timings and the speedup.",  # noqa: E501
+        description="Also run stock diffusers with the same seed. The output then holds both sets of images, named faster-0, faster-1, ... and stock-0, stock-1, ... (the number is the image's number in its run; uploaded outputs can come back in any order), and the log prints both timings and the speedup.",  # noqa: E501
         default=False,
     )
 
@@ -140,6 +140,5 @@ class Predictor(BaseRunner):
         )
         for name, value in outcome.metrics.items():
             self.record_metric(name, value)
-        return [
-            Path(path) for path in save_images(outcome.images, self.outputs, output_format, output_quality)
-        ]
+        paths = save_images(outcome.images, self.outputs, output_format, output_quality, outcome.names)
+        return [Path(path) for path in paths]

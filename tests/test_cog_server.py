@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from .cog_server import WebhookReceiver, decode_outputs, running_server, save_server_weights
+from .cog_server import UploadReceiver, WebhookReceiver, decode_outputs, running_server, save_server_weights
 
 #: A cheap request for the tiny model: 64 x 64 px is its smallest size, 8 x 8 latents.
 SMALL = dict(prompt="a red circle above a blue square", width=64, height=64, output_format="png")
@@ -102,6 +102,26 @@ def test_compare_with_baseline_returns_the_faster_images_then_the_stock_ones(ser
     assert compared["metrics"]["speedup"] > 0 and compared["metrics"]["baseline_unet_seconds"] > 0
     assert re.search(r"^Stock diffusers: [\d.]+ s", compared["logs"], re.MULTILINE)
     assert re.search(r"^Speedup: [\d.]+x end to end, [\d.]+x denoising$", compared["logs"], re.MULTILINE)
+
+
+def test_uploaded_outputs_are_named_faster_and_stock_whatever_order_the_uploads_finish_in(
+    server, compared, tmp_path
+):
+    """Replicate uploads the outputs and lists them in the order their uploads finish. Here the faster images'
+    uploads are held back, and their names still tell them apart."""
+    uploads = UploadReceiver(hold_back="faster-", delay=1.0)
+    try:
+        with running_server(server.weights, tmp_path / "server.log", upload_url=uploads.url) as uploading:
+            assert uploading.wait_for_setup()["status"] == "READY"
+            prediction = uploading.predict(**SMALL, num_outputs=2, seed=5, compare_with_baseline=True)
+    finally:
+        uploads.close()
+
+    assert prediction["status"] == "succeeded", prediction.get("error")
+    names = {url.rsplit("/", 1)[-1]: url for url in prediction["output"]}
+    assert sorted(names) == ["faster-0.png", "faster-1.png", "stock-0.png", "stock-1.png"]
+    by_name = [np.asarray(uploads.image(names[name]).convert("RGB")) for name in sorted(names)]
+    assert same_pixels(by_name, pixels(compared))
 
 
 def test_all_key_steps_without_noise_injection_give_the_stock_pixels(server, compared):

@@ -329,7 +329,8 @@ def test_flagged_images_are_left_out_and_the_rest_returned_in_order(capsys):
     kept = [np.asarray(image) for image in outcome.images]
     assert np.array_equal(kept[0], np.asarray(outcome.faster.images[0]))
     assert np.array_equal(kept[2], np.asarray(outcome.stock.images[0]))
-    assert "NSFW content detected in image 1; it is left out" in capsys.readouterr().out
+    assert outcome.names == ["faster-0", "faster-2", "stock-0", "stock-2"]
+    assert "NSFW content detected in faster image 1; it is left out" in capsys.readouterr().out
     assert len(unchecked.images) == 3
 
 
@@ -364,9 +365,70 @@ def test_metrics_leave_out_times_that_were_not_measured():
     assert "unet_seconds" not in Outcome(outcome.images, outcome.faster, None).metrics
 
 
+def saved_names(outcome: Outcome, folder: Path) -> list[str]:
+    return [path.name for path in save_images(outcome.images, folder, "png", 80, outcome.names)]
+
+
+def test_compared_outputs_are_named_by_run_so_their_order_survives_any_upload_order(tmp_path):
+    """Replicate lists uploaded outputs in the order their uploads finish: the names must tell them apart."""
+    model = TextToImage(build_tiny_pipeline(0))
+    compared = model.generate(tiny_request(num_outputs=2), compare=True)
+    alone = model.generate(tiny_request(num_outputs=2))
+
+    assert saved_names(compared, tmp_path / "compared") == [
+        "faster-0.png",
+        "faster-1.png",
+        "stock-0.png",
+        "stock-1.png",
+    ]
+    assert saved_names(alone, tmp_path / "alone") == ["out-0.png", "out-1.png"]
+    for index in range(2):
+        faster = np.asarray(Image.open(tmp_path / "compared" / f"faster-{index}.png"))
+        stock = np.asarray(Image.open(tmp_path / "compared" / f"stock-{index}.png"))
+        assert np.array_equal(faster, np.asarray(alone.images[index]))
+        assert np.array_equal(stock, np.asarray(compared.stock.images[index]))
+        assert not np.array_equal(faster, stock)
+
+
+def test_an_output_keeps_its_number_in_the_request_when_a_flagged_one_is_left_out(tmp_path, capsys):
+    pipe = build_tiny_pipeline(0, with_safety_checker=True)
+    flag_odd_images(pipe)
+    model = TextToImage(pipe)
+
+    compared = model.generate(tiny_request(num_outputs=3), compare=True)
+    alone = model.generate(tiny_request(num_outputs=3))
+
+    assert saved_names(compared, tmp_path / "compared") == [
+        "faster-0.png",
+        "faster-2.png",
+        "stock-0.png",
+        "stock-2.png",
+    ]
+    assert saved_names(alone, tmp_path / "alone") == ["out-0.png", "out-2.png"]
+    out = capsys.readouterr().out
+    assert "NSFW content detected in stock image 1; it is left out" in out
+    assert "NSFW content detected in image 1; it is left out" in out
+
+
+def test_run_returns_the_files_under_the_names_of_the_outcome(tmp_path):
+    outcome = TextToImage(build_tiny_pipeline(0)).generate(tiny_request(num_outputs=2), compare=True)
+    predictor = predict.Predictor()
+    predictor.outputs = tmp_path
+
+    class Done:
+        def generate(self, request, **options):
+            return outcome
+
+    predictor.model = Done()
+    paths = predictor.run(**{**defaults(), "output_format": "jpg"})
+
+    assert [path.name for path in paths] == ["faster-0.jpg", "faster-1.jpg", "stock-0.jpg", "stock-1.jpg"]
+
+
 @pytest.mark.parametrize("output_format", ["webp", "jpg", "png"])
 def test_images_are_saved_as_numbered_files_in_the_requested_format(tmp_path, output_format):
     (tmp_path / "out-7.png").write_bytes(b"from an earlier prediction")
+    (tmp_path / "stock-3.png").write_bytes(b"from an earlier prediction")
     images = [Image.new("RGB", (64, 48), color) for color in ("red", "blue")]
 
     paths = save_images(images, tmp_path, output_format, 80)
