@@ -9,7 +9,9 @@ import tempfile
 
 from cog import BaseRunner, Input, Path
 
+from faster_diffusion.download import fetch_at_setup
 from faster_diffusion.generate import GenerationRequest, faster_config
+from faster_diffusion.loading import default_weights_dir
 from faster_diffusion.serving import TextToImage, check_inputs, random_seed, save_images
 
 
@@ -88,8 +90,12 @@ class Inputs:
 
 class Predictor(BaseRunner):
     def setup(self) -> None:
-        """Load the weights from weights/, or from the folder named by FASTER_DIFFUSION_WEIGHTS."""
-        self.model = TextToImage.load()
+        """Load the weights from weights/, or from the folder named by FASTER_DIFFUSION_WEIGHTS. An empty or
+        missing folder is first filled from the Hugging Face hub (as script/download-weights does), unless
+        HF_HUB_OFFLINE=1 or FASTER_DIFFUSION_FETCH_AT_SETUP=0."""
+        folder = default_weights_dir().absolute()
+        fetch_at_setup(folder)
+        self.model = TextToImage.load(folder)
         self.outputs = Path(tempfile.mkdtemp(prefix="faster-diffusion-"))
 
     def run(

@@ -198,11 +198,16 @@ def test_flagged_images_fail_the_run_unless_the_safety_checker_is_disabled(tmp_p
     assert checked_again["status"] == "failed"
 
 
-def test_setup_without_weights_fails_and_names_the_download_command(tmp_path):
+def test_setup_without_weights_offline_fails_and_names_the_download_command(tmp_path):
+    """Online, setup would fetch the weights into the missing folder (tests/test_download.py)."""
     missing = tmp_path / "no-weights-here"
-    with running_server(missing, tmp_path / "server.log") as server:
+    with running_server(missing, tmp_path / "server.log", env={"HF_HUB_OFFLINE": "1"}) as server:
         health = server.wait_for_setup()
 
     assert health["status"] == "SETUP_FAILED"
     assert f"No weights folder at {missing}" in health["setup"]["logs"]
     assert "Fill it with `script/download-weights`" in health["setup"]["logs"]
+    assert (
+        "Not fetched from the Hugging Face hub at setup: HF_HUB_OFFLINE=1 is set." in health["setup"]["logs"]
+    )
+    assert not missing.exists()
