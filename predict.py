@@ -9,7 +9,9 @@ import tempfile
 
 from cog import BaseRunner, Input, Path
 
+from faster_diffusion.download import fetch_at_setup
 from faster_diffusion.generate import GenerationRequest, faster_config
+from faster_diffusion.loading import default_weights_dir
 from faster_diffusion.serving import TextToImage, check_inputs, random_seed, save_images
 
 
@@ -34,6 +36,12 @@ class Inputs:
     parallel_decoder = Input(
         description="Run the decoder passes between two key steps as one batch (the paper's parallel decoder). Off: one step at a time, with the same images up to float rounding.",  # noqa: E501
         default=True,
+    )
+    max_decoder_batch = Input(
+        description="Most steps decoded in one batch by the parallel decoder; larger groups are split, which bounds GPU memory. 0: automatic (for now, whole groups between two key steps, as in the paper).",  # noqa: E501
+        ge=0,
+        le=50,
+        default=0,
     )
     noise_injection = Input(
         description="Prior noise injection: add a little of the initial noise back in late in sampling, which restores fine texture.",  # noqa: E501
@@ -75,15 +83,19 @@ class Inputs:
         description="Disable the safety checker for the generated images.", default=False
     )
     compare_with_baseline = Input(
-        description="Also run stock diffusers with the same seed. The output then holds both sets of images, the faster ones first, and the log prints both timings and the speedup.",  # noqa: E501
+        description="Also run stock diffusers with the same seed. The output then holds both sets of images, named faster-0, faster-1, ... and stock-0, stock-1, ... (the number is the image's number in its run; uploaded outputs can come back in any order), and the log prints both timings and the speedup.",  # noqa: E501
         default=False,
     )
 
 
 class Predictor(BaseRunner):
     def setup(self) -> None:
-        """Load the weights from weights/, or from the folder named by FASTER_DIFFUSION_WEIGHTS."""
-        self.model = TextToImage.load()
+        """Load the weights from weights/, or from the folder named by FASTER_DIFFUSION_WEIGHTS. An empty or
+        missing folder is first filled from the Hugging Face hub (as script/download-weights does), unless
+        HF_HUB_OFFLINE=1 or FASTER_DIFFUSION_FETCH_AT_SETUP=0."""
+        folder = default_weights_dir().absolute()
+        fetch_at_setup(folder)
+        self.model = TextToImage.load(folder)
         self.outputs = Path(tempfile.mkdtemp(prefix="faster-diffusion-"))
 
     def run(
@@ -93,6 +105,7 @@ class Predictor(BaseRunner):
         sampler: str = Inputs.sampler,
         key_steps: str = Inputs.key_steps,
         parallel_decoder: bool = Inputs.parallel_decoder,
+        max_decoder_batch: int = Inputs.max_decoder_batch,
         noise_injection: bool = Inputs.noise_injection,
         noise_strength: float = Inputs.noise_strength,
         noise_threshold: int = Inputs.noise_threshold,
@@ -122,6 +135,7 @@ class Predictor(BaseRunner):
             faster=faster_config(
                 key_steps,
                 parallel=parallel_decoder,
+                max_decoder_batch=max_decoder_batch,
                 noise_injection=noise_injection,
                 noise_strength=noise_strength,
                 noise_threshold=noise_threshold,
@@ -132,6 +146,5 @@ class Predictor(BaseRunner):
         )
         for name, value in outcome.metrics.items():
             self.record_metric(name, value)
-        return [
-            Path(path) for path in save_images(outcome.images, self.outputs, output_format, output_quality)
-        ]
+        paths = save_images(outcome.images, self.outputs, output_format, output_quality, outcome.names)
+        return [Path(path) for path in paths]

@@ -71,14 +71,24 @@ def run_stoppable(
     with (a :class:`StoppedBetweenSteps` when it stopped early, ``None`` if it had already finished), and the
     interrupting exception is re-raised. Otherwise the worker's result is returned, or its exception raised.
 
+    Starting the worker is part of this: an exception that lands once the worker has begun ``work`` (even
+    while ``Thread.start()`` still runs) waits for it to stop, and one that lands before makes sure ``work``
+    never runs (``on_interrupt`` then gets ``None``). Either way, when this raises, nothing is running.
+
     The worker runs in a copy of the caller's context, so that what it prints or logs is attributed to the
     same prediction by servers that route output through context variables (as coglet does).
     """
     stop = StopRequest()
     outcome: dict[str, Any] = {}
     finished = threading.Event()
+    # Who goes first: the worker, as it begins, or the waiting thread, interrupted before the worker began.
+    # dict.setdefault is atomic, so exactly one of them claims it: a worker that finds the waiting thread
+    # there returns without running ``work``, and a waiting thread that finds the worker there waits for it.
+    claim: dict[str, str] = {}
 
     def target() -> None:
+        if claim.setdefault("first", "worker") != "worker":
+            return  # the waiting thread was interrupted before this thread began: run nothing
         try:
             outcome["value"] = work(stop)
         except BaseException as error:  # handed to the waiting thread, which re-raises it
@@ -88,10 +98,19 @@ def run_stoppable(
 
     context = contextvars.copy_context()
     worker = threading.Thread(target=context.run, args=(target,), name="generate", daemon=True)
-    worker.start()
+    started = False
     interruption: BaseException | None = None
     while True:
+        # Starting the worker is inside the loop: an exception raised into this thread at any line from here
+        # on, in Thread.start() included, lands in the handler below.
         try:
+            if interruption is not None:
+                stop.set()
+                if claim.setdefault("first", "waiting") == "waiting":
+                    break  # the worker has not begun the work, and now never will
+            elif not started:
+                started = True
+                worker.start()
             # Sleep and read a flag rather than Thread.join() or Event.wait(): an exception raised into a
             # thread blocked in those can corrupt their lock state (join() then calls a live thread finished).
             while not finished.is_set():
@@ -99,7 +118,6 @@ def run_stoppable(
             break
         except BaseException as error:  # raised into this thread from outside: stop at the next step
             interruption = interruption or error
-            stop.set()
     error = outcome.get("error")
     if interruption is not None:
         if on_interrupt is not None:

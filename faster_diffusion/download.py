@@ -8,6 +8,10 @@ it. The safety checker and its feature extractor come along when the repository 
 
     script/download-weights                                  # SD v1.5 into weights/
     script/download-weights --repo stabilityai/stable-diffusion-2-1-base --dest /data/sd21
+
+The Cog model's setup calls :func:`fetch_at_setup`, which fills an empty or missing weights folder the same
+way (an image built from a clean checkout has none), unless ``HF_HUB_OFFLINE=1`` or
+``FASTER_DIFFUSION_FETCH_AT_SETUP=0`` is set.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,6 +32,10 @@ REPO_ENV = "FASTER_DIFFUSION_REPO"
 #: SD v1.5 in diffusers layout. The original ``runwayml/stable-diffusion-v1-5`` is gone; this mirror serves
 #: the same files.
 DEFAULT_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+#: The environment variable that, set to 0, keeps the Cog model's setup from fetching weights.
+FETCH_AT_SETUP_ENV = "FASTER_DIFFUSION_FETCH_AT_SETUP"
+#: What an empty weights folder may still hold: the checkout's README (and hidden files).
+PLACEHOLDERS = ("README.md",)
 #: The weight variant taken when every model in the repository offers it.
 PREFERRED_VARIANT = "fp16"
 
@@ -99,6 +109,83 @@ def download(repo: str, dest: Path, *, revision: str | None = None) -> Path:
     snapshot_download(repo, revision=revision, allow_patterns=files, local_dir=dest)
     inspect_weights(dest)
     return dest
+
+
+def is_unfilled(folder: Path) -> bool:
+    """Whether ``folder`` is missing, or holds nothing but :data:`PLACEHOLDERS` and hidden files."""
+    if not folder.exists():
+        return True
+    if not folder.is_dir():
+        return False
+    return all(entry.name in PLACEHOLDERS or entry.name.startswith(".") for entry in folder.iterdir())
+
+
+def download_into_place(repo: str, dest: Path, *, revision: str | None = None) -> Path:
+    """:func:`download` ``repo`` into a temporary folder beside ``dest``, then move it into place.
+
+    ``dest`` must be missing or unfilled (:func:`is_unfilled`). A download that fails or is cut short leaves
+    ``dest`` as it was. Into an existing ``dest`` the folders are moved first and ``model_index.json`` last,
+    so a move cut short leaves a folder that fails to load with a clear message, never a half one that loads.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}-download-", dir=dest.parent))
+    try:
+        download(repo, staging, revision=revision)
+        shutil.rmtree(staging / ".cache", ignore_errors=True)  # the hub's bookkeeping, for resumed downloads
+        if not dest.exists():
+            staging.rename(dest)
+        else:
+            for entry in sorted(staging.iterdir(), key=lambda entry: entry.name == "model_index.json"):
+                entry.rename(dest / entry.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return dest
+
+
+def setup_fetch_switched_off() -> str | None:
+    """The offline switch that keeps setup from the hub (``HF_HUB_OFFLINE=1`` or
+    ``FASTER_DIFFUSION_FETCH_AT_SETUP=0``), as text; None when neither is set."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "")
+    if offline.strip().upper() in ("1", "ON", "YES", "TRUE"):  # as huggingface_hub reads it
+        return f"HF_HUB_OFFLINE={offline} is set"
+    fetch = os.environ.get(FETCH_AT_SETUP_ENV, "")
+    if fetch.strip().upper() in ("0", "OFF", "NO", "FALSE"):
+        return f"{FETCH_AT_SETUP_ENV}={fetch} is set"
+    return None
+
+
+def fetch_at_setup(folder: Path, repo: str | None = None) -> None:
+    """Fill an empty or missing weights ``folder`` from the hub, as the Cog model's setup does.
+
+    ``repo`` defaults to ``$FASTER_DIFFUSION_REPO`` or SD v1.5; the files are those that
+    ``script/download-weights`` takes (:func:`choose_files`), moved into place once complete
+    (:func:`download_into_place`). A folder with anything else in it is left alone, whole or broken: loading
+    it then says what is wrong with it.
+
+    Raises :class:`~faster_diffusion.loading.WeightsError` with the usual message (the folder and
+    ``script/download-weights``) and why the hub was not used: an offline switch
+    (:func:`setup_fetch_switched_off`), or the error of the fetch.
+    """
+    if not is_unfilled(folder):
+        return
+    try:
+        inspect_weights(folder)
+    except WeightsError as error:
+        usual = str(error)
+    else:  # unreachable: an unfilled folder has no model_index.json
+        return
+    switch = setup_fetch_switched_off()
+    if switch is not None:
+        raise WeightsError(f"{usual} Not fetched from the Hugging Face hub at setup: {switch}.")
+    repo = repo or os.environ.get(REPO_ENV) or DEFAULT_REPO
+    print(f"{folder} has no weights: fetching {repo} from the Hugging Face hub")
+    try:
+        download_into_place(repo, folder)
+    except Exception as error:  # any failure of the hub or the network: reported with the usual message
+        reason = f"{type(error).__name__}: {error}"
+        raise WeightsError(
+            f"{usual} Could not fetch {repo} from the Hugging Face hub at setup: {reason}"
+        ) from error
 
 
 def build_parser() -> argparse.ArgumentParser:

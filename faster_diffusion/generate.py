@@ -94,13 +94,18 @@ def faster_config(
     noise_strength: float | None = None,
     noise_threshold: float | None = None,
 ) -> FasterDiffusionConfig:
-    """A :class:`FasterDiffusionConfig` from plain user inputs (text key steps, on/off switches)."""
+    """A :class:`FasterDiffusionConfig` from plain user inputs (text key steps, on/off switches).
+
+    ``max_decoder_batch`` 0, like ``None``, is automatic: the config's ``None`` (for now, no cap).
+    """
     keys = key_steps if isinstance(key_steps, KeySteps) else KeySteps.parse(key_steps)
     noise = NoiseInjection(
         enabled=noise_injection,
         alpha=PRIOR_NOISE_ALPHA if noise_strength is None else noise_strength,
         tau=PRIOR_NOISE_TAU if noise_threshold is None else noise_threshold,
     )
+    if max_decoder_batch == 0:  # automatic
+        max_decoder_batch = None
     return FasterDiffusionConfig(
         key_steps=keys, parallel=parallel, max_decoder_batch=max_decoder_batch, noise_injection=noise
     )

@@ -6,7 +6,9 @@
 - :class:`TextToImage` holds the loaded pipeline and runs a request with faster diffusion and, to compare,
   with stock diffusers; a cancel stops it between steps (:mod:`.cancel`). It drops images the safety checker
   flags, prints what it did, and reports metrics.
-- :func:`save_images` writes the outputs as ``out-{i}.{ext}``.
+- :func:`save_images` writes the outputs as ``out-{i}.{ext}``, or ``faster-{i}.{ext}`` and ``stock-{i}.{ext}``
+  when comparing (Replicate lists uploaded outputs in the order their uploads finish; the names keep them
+  apart).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import math
 import secrets
 import types
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,8 @@ from .loading import default_weights_dir, load_pipeline
 
 #: Pillow's name for each output format.
 IMAGE_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
+#: How output file names start: ``out`` alone, ``faster`` and ``stock`` when comparing.
+OUTPUT_PREFIXES = ("out", "faster", "stock")
 
 
 class NSFWError(RuntimeError):
@@ -103,6 +107,9 @@ class Outcome:
     faster: GenerationResult
     #: The stock diffusers run, when comparing.
     stock: GenerationResult | None
+    #: The file name of each image, without extension: ``out-{i}``, or ``faster-{i}`` and ``stock-{i}`` when
+    #: comparing, where ``i`` is the image's number in its run (a gap marks an image that was left out).
+    names: list[str] = field(default_factory=list)
 
     @property
     def metrics(self) -> dict[str, int | float]:
@@ -171,18 +178,23 @@ class TextToImage:
             stock = _run(pipe, request, accelerate=False)
             print(stock.describe())
             print(describe_speedup(faster, stock))
-        runs = [faster] if stock is None else [faster, stock]
-        images = [image for run in runs for image in run.images]
-        flags = [flag for run in runs for flag in run.nsfw]
-        for index in (i for i, flagged in enumerate(flags) if flagged):
-            print(f"NSFW content detected in image {index}; it is left out")
-        kept = [image for image, flagged in zip(images, flags, strict=True) if not flagged]
+        runs = {"out": faster} if stock is None else {"faster": faster, "stock": stock}
+        kept, names = [], []
+        for label, run in runs.items():
+            for index, (image, flagged) in enumerate(zip(run.images, run.nsfw, strict=True)):
+                if flagged:
+                    which = "" if stock is None else f"{label} "
+                    print(f"NSFW content detected in {which}image {index}; it is left out")
+                else:
+                    kept.append(image)
+                    names.append(f"{label}-{index}")
         if not kept:
+            total = sum(len(run.images) for run in runs.values())
             raise NSFWError(
-                f"NSFW content detected in all {len(images)} outputs. Try running it again with a different "
+                f"NSFW content detected in all {total} outputs. Try running it again with a different "
                 "prompt or seed."
             )
-        return Outcome(images=kept, faster=faster, stock=stock)
+        return Outcome(images=kept, faster=faster, stock=stock, names=names)
 
 
 def _run(pipe: Any, request: GenerationRequest, *, accelerate: bool) -> GenerationResult:
@@ -202,20 +214,27 @@ def _run(pipe: Any, request: GenerationRequest, *, accelerate: bool) -> Generati
 # ------------------------------------------------------------------------------------------------ outputs
 
 
-def save_images(images: list[Any], folder: Path, output_format: str, quality: int) -> list[Path]:
-    """Save ``images`` into ``folder`` as ``out-0.<ext>``, ``out-1.<ext>``, ...; earlier outputs are removed.
+def save_images(
+    images: list[Any], folder: Path, output_format: str, quality: int, names: list[str] | None = None
+) -> list[Path]:
+    """Save ``images`` into ``folder`` as ``<name>.<ext>``; earlier outputs are removed.
 
-    ``quality`` (0 to 100) applies to webp and jpg; png is lossless.
+    ``names`` are the file names without extension (:attr:`Outcome.names`); by default ``out-0``, ``out-1``,
+    ... ``quality`` (0 to 100) applies to webp and jpg; png is lossless.
     """
     if output_format not in IMAGE_FORMATS:
         raise ValueError(f"output_format must be one of {', '.join(IMAGE_FORMATS)}, got {output_format!r}")
     folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("out-*"):
-        old.unlink()
+    names = names if names is not None else [f"out-{index}" for index in range(len(images))]
+    if len(names) != len(images):
+        raise ValueError(f"{len(names)} names for {len(images)} images")
+    for prefix in OUTPUT_PREFIXES:
+        for old in folder.glob(f"{prefix}-*"):
+            old.unlink()
     options = {} if output_format == "png" else {"quality": quality}
     paths = []
-    for index, image in enumerate(images):
-        path = folder / f"out-{index}.{output_format}"
+    for name, image in zip(names, images, strict=True):
+        path = folder / f"{name}.{output_format}"
         image.save(path, format=IMAGE_FORMATS[output_format], **options)
         paths.append(path)
     return paths

@@ -67,7 +67,12 @@ def free_port() -> int:
 class CogServer:
     """``python -m cog.server.http`` on 127.0.0.1 and a free port, serving ``predict.py:Predictor``."""
 
-    def __init__(self, weights: Path, log: Path) -> None:
+    def __init__(
+        self, weights: Path, log: Path, *, upload_url: str | None = None, env: dict[str, str] | None = None
+    ) -> None:
+        """``upload_url``: where the server uploads output files (as on Replicate), instead of sending them
+        inline. ``env``: more environment variables for the server."""
+        self.weights = weights
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -80,10 +85,14 @@ class CogServer:
             "PYTHONUNBUFFERED": "1",
             # coglet starts its worker with the `python` on PATH: make that this interpreter.
             "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
+            **(env or {}),
         }
+        command = [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"]
+        if upload_url is not None:
+            command += ["--upload-url", upload_url]
         with open(log, "wb") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+                command,
                 cwd=REPO_ROOT,
                 env=env,
                 stdout=out,
@@ -213,9 +222,52 @@ class WebhookReceiver:
         self.server.server_close()
 
 
+class UploadReceiver:
+    """A loopback file store for the server's ``--upload-url``: it keeps each ``PUT <url><name>`` and answers
+    with the file's URL, as Replicate's does. Uploads whose name starts with ``hold_back`` are answered only
+    after ``delay`` seconds, so that they finish after the others."""
+
+    def __init__(self, hold_back: str | None = None, delay: float = 1.0) -> None:
+        self.files: dict[str, bytes] = {}
+        self.finished: list[str] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_PUT(self) -> None:
+                name = self.path.rsplit("/", 1)[-1]
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if hold_back is not None and name.startswith(hold_back):
+                    time.sleep(delay)
+                receiver.files[name] = body
+                receiver.finished.append(name)
+                self.send_response(200)
+                self.send_header("Location", f"{receiver.url}{name}")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/uploads/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def image(self, url: str) -> Image.Image:
+        """The uploaded image at ``url`` (an output of a prediction)."""
+        assert url.startswith(self.url), url
+        image = Image.open(io.BytesIO(self.files[url.removeprefix(self.url)]))
+        image.load()
+        return image
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 @contextlib.contextmanager
-def running_server(weights: Path, log: Path) -> Iterator[CogServer]:
-    server = CogServer(weights, log)
+def running_server(
+    weights: Path, log: Path, *, upload_url: str | None = None, env: dict[str, str] | None = None
+) -> Iterator[CogServer]:
+    server = CogServer(weights, log, upload_url=upload_url, env=env)
     try:
         yield server
     finally:

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from .cog_server import WebhookReceiver, decode_outputs, running_server, save_server_weights
+from .cog_server import UploadReceiver, WebhookReceiver, decode_outputs, running_server, save_server_weights
 
 #: A cheap request for the tiny model: 64 x 64 px is its smallest size, 8 x 8 latents.
 SMALL = dict(prompt="a red circle above a blue square", width=64, height=64, output_format="png")
@@ -104,6 +104,26 @@ def test_compare_with_baseline_returns_the_faster_images_then_the_stock_ones(ser
     assert re.search(r"^Speedup: [\d.]+x end to end, [\d.]+x denoising$", compared["logs"], re.MULTILINE)
 
 
+def test_uploaded_outputs_are_named_faster_and_stock_whatever_order_the_uploads_finish_in(
+    server, compared, tmp_path
+):
+    """Replicate uploads the outputs and lists them in the order their uploads finish. Here the faster images'
+    uploads are held back, and their names still tell them apart."""
+    uploads = UploadReceiver(hold_back="faster-", delay=1.0)
+    try:
+        with running_server(server.weights, tmp_path / "server.log", upload_url=uploads.url) as uploading:
+            assert uploading.wait_for_setup()["status"] == "READY"
+            prediction = uploading.predict(**SMALL, num_outputs=2, seed=5, compare_with_baseline=True)
+    finally:
+        uploads.close()
+
+    assert prediction["status"] == "succeeded", prediction.get("error")
+    names = {url.rsplit("/", 1)[-1]: url for url in prediction["output"]}
+    assert sorted(names) == ["faster-0.png", "faster-1.png", "stock-0.png", "stock-1.png"]
+    by_name = [np.asarray(uploads.image(names[name]).convert("RGB")) for name in sorted(names)]
+    assert same_pixels(by_name, pixels(compared))
+
+
 def test_all_key_steps_without_noise_injection_give_the_stock_pixels(server, compared):
     every_step = server.predict(**SMALL, num_outputs=2, seed=5, key_steps="all", noise_injection=False)
 
@@ -122,6 +142,7 @@ def test_all_key_steps_without_noise_injection_give_the_stock_pixels(server, com
         (dict(num_outputs=0), "num_outputs must be between 1 and 4, got 0"),
         (dict(num_outputs=5), "num_outputs must be between 1 and 4, got 5"),
         (dict(noise_strength=-0.001), "noise_strength must be between 0.0 and 0.1, got -0.001"),
+        (dict(max_decoder_batch=-1), "max_decoder_batch must be between 0 and 50, got -1"),
         (dict(output_format="gif"), "output_format must be one of 'webp', 'jpg', 'png', got 'gif'"),
     ],
 )
@@ -177,11 +198,16 @@ def test_flagged_images_fail_the_run_unless_the_safety_checker_is_disabled(tmp_p
     assert checked_again["status"] == "failed"
 
 
-def test_setup_without_weights_fails_and_names_the_download_command(tmp_path):
+def test_setup_without_weights_offline_fails_and_names_the_download_command(tmp_path):
+    """Online, setup would fetch the weights into the missing folder (tests/test_download.py)."""
     missing = tmp_path / "no-weights-here"
-    with running_server(missing, tmp_path / "server.log") as server:
+    with running_server(missing, tmp_path / "server.log", env={"HF_HUB_OFFLINE": "1"}) as server:
         health = server.wait_for_setup()
 
     assert health["status"] == "SETUP_FAILED"
     assert f"No weights folder at {missing}" in health["setup"]["logs"]
     assert "Fill it with `script/download-weights`" in health["setup"]["logs"]
+    assert (
+        "Not fetched from the Hugging Face hub at setup: HF_HUB_OFFLINE=1 is set." in health["setup"]["logs"]
+    )
+    assert not missing.exists()

@@ -1,14 +1,29 @@
-"""Which files ``script/download-weights`` takes from a Hugging Face repository (offline: listings only)."""
+"""Which files ``script/download-weights`` takes from a Hugging Face repository (offline: listings only), and
+the Cog model's setup filling an empty weights folder (from a stand-in for the hub)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import huggingface_hub
 import pytest
 
-from faster_diffusion.download import DEFAULT_REPO, REPO_ENV, build_parser, choose_files
+import predict
+from faster_diffusion.download import (
+    DEFAULT_REPO,
+    FETCH_AT_SETUP_ENV,
+    REPO_ENV,
+    build_parser,
+    choose_files,
+    fetch_at_setup,
+)
+from faster_diffusion.loading import DOWNLOAD_COMMAND, WEIGHTS_ENV, WeightsError, inspect_weights
+from faster_diffusion.serving import TextToImage
+from faster_diffusion.tiny import save_tiny_weights
 
 from .cog_server import REPO_ROOT
 
@@ -175,3 +190,162 @@ def test_the_script_explains_itself():
 
     assert "usage: script/download-weights" in result.stdout
     assert "--repo" in result.stdout and "FASTER_DIFFUSION_WEIGHTS" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------ setup fetch
+
+
+@pytest.fixture(scope="module")
+def hub_folder(tmp_path_factory):
+    """A tiny SD-shaped repository, as the hub would serve it."""
+    return save_tiny_weights(tmp_path_factory.mktemp("hub") / "repo", seed=0, with_safety_checker=True)
+
+
+class FakeHub:
+    """``huggingface_hub`` as ``download`` uses it, serving ``folder``; or, with ``error``, failing as an
+    unreachable hub does. ``fail_after`` files copied, a download breaks off."""
+
+    def __init__(self, monkeypatch, folder, *, error=None, fail_after=None):
+        self.folder, self.error, self.fail_after = folder, error, fail_after
+        self.calls = []
+        monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", self.list_repo_files)
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", self.snapshot_download)
+
+    def listing(self):
+        return [p.relative_to(self.folder).as_posix() for p in sorted(self.folder.rglob("*")) if p.is_file()]
+
+    def list_repo_files(self, repo, revision=None):
+        self.calls.append(("list", repo))
+        if self.error is not None:
+            raise self.error
+        return self.listing()
+
+    def snapshot_download(self, repo, *, revision=None, allow_patterns, local_dir):
+        self.calls.append(("download", repo))
+        (Path(local_dir) / ".cache" / "huggingface").mkdir(parents=True)  # as the real one leaves
+        for count, name in enumerate(allow_patterns):
+            if self.fail_after is not None and count == self.fail_after:
+                raise ConnectionError("Connection reset by peer")
+            (Path(local_dir) / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.folder / name, Path(local_dir) / name)
+        return str(local_dir)
+
+
+@pytest.fixture
+def online(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv(FETCH_AT_SETUP_ENV, raising=False)
+    monkeypatch.delenv(REPO_ENV, raising=False)
+
+
+def test_setup_fills_a_missing_folder_with_what_the_download_script_takes(
+    online, monkeypatch, hub_folder, tmp_path
+):
+    hub = FakeHub(monkeypatch, hub_folder)
+    dest = tmp_path / "weights"
+
+    fetch_at_setup(dest)
+
+    assert hub.calls == [("list", DEFAULT_REPO), ("download", DEFAULT_REPO)]
+    fetched = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+    assert fetched == sorted(choose_files(hub.listing())[0])
+    assert inspect_weights(dest).has_safety_checker
+    assert [p.name for p in tmp_path.iterdir()] == ["weights"]  # no temporary folder left beside it
+
+
+def test_setup_fills_a_folder_that_holds_only_its_readme_and_keeps_the_readme(
+    online, monkeypatch, hub_folder, tmp_path
+):
+    FakeHub(monkeypatch, hub_folder)
+    dest = tmp_path / "weights"
+    dest.mkdir()
+    (dest / "README.md").write_text("the checkout's weights/README.md")
+
+    fetch_at_setup(dest)
+
+    assert (dest / "README.md").read_text() == "the checkout's weights/README.md"
+    assert inspect_weights(dest).path == dest
+
+
+def test_a_clean_checkout_serves_after_setup_fetched_the_weights(online, monkeypatch, hub_folder, tmp_path):
+    FakeHub(monkeypatch, hub_folder)
+    monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path / "weights"))
+
+    predictor = predict.Predictor()
+    predictor.setup()
+
+    assert inspect_weights(tmp_path / "weights").path.is_dir()
+    assert predictor.model.pipe.safety_checker is not None
+
+
+@pytest.mark.parametrize("breakage", ["no_index", "no_unet"])
+def test_a_folder_with_anything_in_it_is_never_fetched_into(
+    online, monkeypatch, hub_folder, tmp_path, breakage
+):
+    hub = FakeHub(monkeypatch, hub_folder)
+    dest = tmp_path / "weights"
+    shutil.copytree(hub_folder, dest)
+    if breakage == "no_index":
+        (dest / "model_index.json").unlink()
+    else:
+        shutil.rmtree(dest / "unet")
+    before = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*"))
+
+    fetch_at_setup(dest)
+
+    assert hub.calls == []
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")) == before
+    with pytest.raises(WeightsError, match="script/download-weights"):
+        TextToImage.load(dest)
+
+
+def test_an_unreachable_hub_fails_with_the_usual_message_and_the_reason(
+    online, monkeypatch, hub_folder, tmp_path
+):
+    FakeHub(monkeypatch, hub_folder, error=ConnectionError("Failed to resolve 'huggingface.co'"))
+    dest = tmp_path / "weights"
+
+    with pytest.raises(WeightsError) as error:
+        fetch_at_setup(dest)
+
+    message = str(error.value)
+    assert f"No weights folder at {dest}. Fill it with `{DOWNLOAD_COMMAND}`" in message
+    assert f"Could not fetch {DEFAULT_REPO} from the Hugging Face hub at setup" in message
+    assert "ConnectionError: Failed to resolve 'huggingface.co'" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_fetch_cut_short_leaves_no_half_folder(online, monkeypatch, hub_folder, tmp_path):
+    FakeHub(monkeypatch, hub_folder, fail_after=4)
+    dest = tmp_path / "weights"
+    dest.mkdir()
+    (dest / "README.md").write_text("readme")
+
+    with pytest.raises(WeightsError, match="Connection reset by peer"):
+        fetch_at_setup(dest)
+
+    assert [p.name for p in tmp_path.iterdir()] == ["weights"]
+    assert [p.name for p in dest.iterdir()] == ["README.md"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "reason"),
+    [
+        ("HF_HUB_OFFLINE", "1", "HF_HUB_OFFLINE=1 is set"),
+        (FETCH_AT_SETUP_ENV, "0", f"{FETCH_AT_SETUP_ENV}=0 is set"),
+    ],
+)
+def test_offline_switches_keep_setup_from_the_hub(
+    online, monkeypatch, hub_folder, tmp_path, name, value, reason
+):
+    hub = FakeHub(monkeypatch, hub_folder)
+    monkeypatch.setenv(name, value)
+    dest = tmp_path / "weights"
+
+    with pytest.raises(WeightsError) as error:
+        fetch_at_setup(dest)
+
+    assert hub.calls == []
+    assert f"No weights folder at {dest}. Fill it with `{DOWNLOAD_COMMAND}`" in str(error.value)
+    assert f"Not fetched from the Hugging Face hub at setup: {reason}." in str(error.value)
+    assert not dest.exists()

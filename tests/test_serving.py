@@ -85,6 +85,9 @@ def test_input_limits_agree_with_the_core():
     assert inputs.output_format.choices == list(IMAGE_FORMATS)
     for size in (inputs.width, inputs.height):
         assert size.ge % 8 == size.le % 8 == size.default % 8 == 0
+    # 0 is automatic; a cap of the most steps a sampler takes already decodes any group in one batch.
+    assert (inputs.max_decoder_batch.ge, inputs.max_decoder_batch.default) == (0, 0)
+    assert inputs.max_decoder_batch.le == max(sampler.default_steps for sampler in Sampler)
 
 
 # ------------------------------------------------------------------------------------------ input checks
@@ -117,6 +120,9 @@ def test_the_defaults_pass_the_input_checks():
         ("output_quality", 101, "output_quality must be between 0 and 100, got 101"),
         ("noise_strength", -0.5, "noise_strength must be between 0.0 and 0.1, got -0.5"),
         ("noise_threshold", 1001, "noise_threshold must be between 0 and 1000, got 1001"),
+        ("max_decoder_batch", -1, "max_decoder_batch must be between 0 and 50, got -1"),
+        ("max_decoder_batch", 51, "max_decoder_batch must be between 0 and 50, got 51"),
+        ("max_decoder_batch", 2.5, "max_decoder_batch must be a whole number, got 2.5"),
     ],
 )
 def test_a_bad_input_is_rejected_naming_it(name, value, message):
@@ -128,6 +134,32 @@ def test_a_bad_input_is_rejected_naming_it(name, value, message):
 @pytest.mark.parametrize(("name", "value"), [("guidance_scale", 7), ("seed", None), ("seed", MAX_SEED)])
 def test_whole_numbers_pass_as_floats_and_the_seed_may_be_left_out(name, value):
     check_inputs(RUN, predict.Inputs, {**defaults(), name: value})
+
+
+class _Stop(Exception):
+    pass
+
+
+def run_request(**inputs) -> GenerationRequest:
+    """The request that ``run()`` builds from ``inputs`` (over the defaults), without running it."""
+    predictor, requests = predict.Predictor(), []
+
+    class Recorder:
+        def generate(self, request, **options):
+            requests.append(request)
+            raise _Stop
+
+    predictor.model = Recorder()
+    with pytest.raises(_Stop):
+        predictor.run(**{**defaults(), **inputs})
+    return requests[0]
+
+
+def test_max_decoder_batch_0_is_automatic_and_a_number_caps_the_decoder_batch():
+    assert run_request(max_decoder_batch=0).faster.max_decoder_batch is None
+    capped = run_request(max_decoder_batch=5).faster
+    assert (capped.max_decoder_batch, capped.decoder_batch_cap) == (5, 5)
+    assert run_request(max_decoder_batch=5, parallel_decoder=False).faster.decoder_batch_cap == 1
 
 
 # ------------------------------------------------------------------------------------------ stopping
@@ -167,6 +199,87 @@ def test_an_exception_raised_into_the_waiting_thread_stops_the_run_at_the_next_s
     assert steps == [0, 1, 2]
     assert isinstance(ended[0], StoppedBetweenSteps) and ended[0].steps_done == 3
     assert generate(pipe, request).stats.encoder_passes == 9  # the pipeline is whole again
+
+
+def interrupt_thread_start(monkeypatch, *, start_first: bool, wait_for: threading.Event | None = None):
+    """Make the worker's ``Thread.start()`` raise a cancellation, as Cog can at any line: after really
+    starting the thread (and, with ``wait_for``, once that event is set), or before starting it.
+
+    Returns the list the worker threads are put in."""
+    real_start = threading.Thread.start
+    workers = []
+
+    def start(self):
+        if self.name != "generate":
+            return real_start(self)
+        workers.append(self)
+        if start_first:
+            real_start(self)
+            if wait_for is not None:
+                assert wait_for.wait(10)
+        raise CancelationException("canceled in Thread.start")
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    return workers
+
+
+def slow_to_stop_work(running: threading.Event, events: list):
+    """Work that runs until it is asked to stop (or 10 s pass), then takes a moment to stop."""
+
+    def work(stop):
+        running.set()
+        events.append("work began")
+        deadline = time.monotonic() + 10
+        while not stop.is_set and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        events.append(f"work ended, stop requested: {stop.is_set}")
+        return "done"
+
+    return work
+
+
+def test_a_cancel_that_lands_once_the_worker_runs_waits_for_it_to_stop(monkeypatch):
+    running, events, ended = threading.Event(), [], []
+    interrupt_thread_start(monkeypatch, start_first=True, wait_for=running)
+
+    with pytest.raises(CancelationException, match=r"canceled in Thread\.start"):
+        try:
+            run_stoppable(slow_to_stop_work(running, events), on_interrupt=ended.append)
+        finally:
+            events.append("cancel raised")
+
+    assert events == ["work began", "work ended, stop requested: True", "cancel raised"]
+    assert ended == [None]
+
+
+def test_a_cancel_that_lands_before_the_worker_starts_starts_no_work(monkeypatch):
+    running, events = threading.Event(), []
+    workers = interrupt_thread_start(monkeypatch, start_first=False)
+
+    with pytest.raises(CancelationException):
+        run_stoppable(slow_to_stop_work(running, events))
+
+    assert len(workers) == 1 and not workers[0].is_alive() and events == []
+
+
+def test_a_cancel_that_lands_as_the_thread_starts_never_leaves_work_running(monkeypatch):
+    """The thread exists but may not have begun the work: either it never does, or it is waited for."""
+    running, events = threading.Event(), []
+    workers = interrupt_thread_start(monkeypatch, start_first=True)
+
+    with pytest.raises(CancelationException):
+        try:
+            run_stoppable(slow_to_stop_work(running, events))
+        finally:
+            events.append("cancel raised")
+    workers[0].join(10)
+
+    assert not workers[0].is_alive()
+    assert events in (
+        ["cancel raised"],
+        ["work began", "work ended, stop requested: True", "cancel raised"],
+    )
 
 
 def test_without_an_interruption_the_result_or_the_error_of_the_run_comes_back():
@@ -216,7 +329,8 @@ def test_flagged_images_are_left_out_and_the_rest_returned_in_order(capsys):
     kept = [np.asarray(image) for image in outcome.images]
     assert np.array_equal(kept[0], np.asarray(outcome.faster.images[0]))
     assert np.array_equal(kept[2], np.asarray(outcome.stock.images[0]))
-    assert "NSFW content detected in image 1; it is left out" in capsys.readouterr().out
+    assert outcome.names == ["faster-0", "faster-2", "stock-0", "stock-2"]
+    assert "NSFW content detected in faster image 1; it is left out" in capsys.readouterr().out
     assert len(unchecked.images) == 3
 
 
@@ -251,9 +365,70 @@ def test_metrics_leave_out_times_that_were_not_measured():
     assert "unet_seconds" not in Outcome(outcome.images, outcome.faster, None).metrics
 
 
+def saved_names(outcome: Outcome, folder: Path) -> list[str]:
+    return [path.name for path in save_images(outcome.images, folder, "png", 80, outcome.names)]
+
+
+def test_compared_outputs_are_named_by_run_so_their_order_survives_any_upload_order(tmp_path):
+    """Replicate lists uploaded outputs in the order their uploads finish: the names must tell them apart."""
+    model = TextToImage(build_tiny_pipeline(0))
+    compared = model.generate(tiny_request(num_outputs=2), compare=True)
+    alone = model.generate(tiny_request(num_outputs=2))
+
+    assert saved_names(compared, tmp_path / "compared") == [
+        "faster-0.png",
+        "faster-1.png",
+        "stock-0.png",
+        "stock-1.png",
+    ]
+    assert saved_names(alone, tmp_path / "alone") == ["out-0.png", "out-1.png"]
+    for index in range(2):
+        faster = np.asarray(Image.open(tmp_path / "compared" / f"faster-{index}.png"))
+        stock = np.asarray(Image.open(tmp_path / "compared" / f"stock-{index}.png"))
+        assert np.array_equal(faster, np.asarray(alone.images[index]))
+        assert np.array_equal(stock, np.asarray(compared.stock.images[index]))
+        assert not np.array_equal(faster, stock)
+
+
+def test_an_output_keeps_its_number_in_the_request_when_a_flagged_one_is_left_out(tmp_path, capsys):
+    pipe = build_tiny_pipeline(0, with_safety_checker=True)
+    flag_odd_images(pipe)
+    model = TextToImage(pipe)
+
+    compared = model.generate(tiny_request(num_outputs=3), compare=True)
+    alone = model.generate(tiny_request(num_outputs=3))
+
+    assert saved_names(compared, tmp_path / "compared") == [
+        "faster-0.png",
+        "faster-2.png",
+        "stock-0.png",
+        "stock-2.png",
+    ]
+    assert saved_names(alone, tmp_path / "alone") == ["out-0.png", "out-2.png"]
+    out = capsys.readouterr().out
+    assert "NSFW content detected in stock image 1; it is left out" in out
+    assert "NSFW content detected in image 1; it is left out" in out
+
+
+def test_run_returns_the_files_under_the_names_of_the_outcome(tmp_path):
+    outcome = TextToImage(build_tiny_pipeline(0)).generate(tiny_request(num_outputs=2), compare=True)
+    predictor = predict.Predictor()
+    predictor.outputs = tmp_path
+
+    class Done:
+        def generate(self, request, **options):
+            return outcome
+
+    predictor.model = Done()
+    paths = predictor.run(**{**defaults(), "output_format": "jpg"})
+
+    assert [path.name for path in paths] == ["faster-0.jpg", "faster-1.jpg", "stock-0.jpg", "stock-1.jpg"]
+
+
 @pytest.mark.parametrize("output_format", ["webp", "jpg", "png"])
 def test_images_are_saved_as_numbered_files_in_the_requested_format(tmp_path, output_format):
     (tmp_path / "out-7.png").write_bytes(b"from an earlier prediction")
+    (tmp_path / "stock-3.png").write_bytes(b"from an earlier prediction")
     images = [Image.new("RGB", (64, 48), color) for color in ("red", "blue")]
 
     paths = save_images(images, tmp_path, output_format, 80)
