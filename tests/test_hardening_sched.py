@@ -222,6 +222,9 @@ def test_model_cpu_offload_in_either_order_keeps_propagation_and_removal_keeps_o
         calls = count_offload_hook_calls(pipe.unet)
         assert torch.equal(generate_latents(pipe, steps=50), expected)
         assert counter.encoder_calls == 9 == handle.last_run.encoder_passes
+        # The offload hook hands the UNet fresh copies of its inputs at every call; the cached decoder batch
+        # must still be recognised as this call's, not decoded again.
+        assert handle.last_run.decoder_passes == 50
         assert calls[0] == 50  # every UNet call of the loop still goes through the offload hook
 
     handle.remove()
