@@ -59,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode one step at a time instead of batching a group's decoder passes",
     )
     parser.add_argument(
-        "--max-decoder-batch", type=int, default=None, help="cap on the steps decoded in one batch"
+        "--max-decoder-batch",
+        type=int,
+        default=0,
+        help="cap on the steps decoded in one batch (0: automatic, from the batch's memory and the device)",
     )
     parser.add_argument("--no-noise-injection", action="store_true", help="turn prior noise injection off")
     parser.add_argument("--noise-strength", type=float, default=PRIOR_NOISE_ALPHA, help="alpha")

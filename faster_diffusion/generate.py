@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .memory import AUTO
 from .noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, NoiseInjection
 from .propagation import FasterDiffusionConfig, RunStats, apply_faster_diffusion, remove_faster_diffusion
 from .samplers import Sampler, use_sampler
@@ -96,7 +97,8 @@ def faster_config(
 ) -> FasterDiffusionConfig:
     """A :class:`FasterDiffusionConfig` from plain user inputs (text key steps, on/off switches).
 
-    ``max_decoder_batch`` 0, like ``None``, is automatic: the config's ``None`` (for now, no cap).
+    ``max_decoder_batch`` 0, like ``None``, is automatic (``"auto"``: a cap from the batch's memory and the
+    device, see :mod:`faster_diffusion.memory`); a number caps the steps in one decoder batch.
     """
     keys = key_steps if isinstance(key_steps, KeySteps) else KeySteps.parse(key_steps)
     noise = NoiseInjection(
@@ -104,8 +106,8 @@ def faster_config(
         alpha=PRIOR_NOISE_ALPHA if noise_strength is None else noise_strength,
         tau=PRIOR_NOISE_TAU if noise_threshold is None else noise_threshold,
     )
-    if max_decoder_batch == 0:  # automatic
-        max_decoder_batch = None
+    if max_decoder_batch in (None, 0):
+        max_decoder_batch = AUTO
     return FasterDiffusionConfig(
         key_steps=keys, parallel=parallel, max_decoder_batch=max_decoder_batch, noise_injection=noise
     )

@@ -156,7 +156,7 @@ def run_request(**inputs) -> GenerationRequest:
 
 
 def test_max_decoder_batch_0_is_automatic_and_a_number_caps_the_decoder_batch():
-    assert run_request(max_decoder_batch=0).faster.max_decoder_batch is None
+    assert run_request(max_decoder_batch=0).faster.max_decoder_batch == "auto"
     capped = run_request(max_decoder_batch=5).faster
     assert (capped.max_decoder_batch, capped.decoder_batch_cap) == (5, 5)
     assert run_request(max_decoder_batch=5, parallel_decoder=False).faster.decoder_batch_cap == 1
