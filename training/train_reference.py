@@ -6,22 +6,31 @@
 Stages:
   vae         AutoencoderKL, 32x32x3 images <-> 8x8x4 latents (reconstruction + a small KL term); its
               ``scaling_factor`` is set to 1 / std of the training latents, as SD does.
-  unet        UNet2DConditionModel and CLIPTextModel, trained together with the DDPM objective (epsilon
-              prediction, SD v1.5's beta schedule, min-SNR-5 weighting), 10% empty captions for
-              classifier-free guidance, an EMA copy of the weights (decay 0.999) that is what gets saved.
+  text        CLIPTextModel, pretrained on captions alone: heads on its pooled output read each attribute
+              (or "not said") back off the caption, so that every attribute, "top left" against
+              "top right" included, is a distinct direction of the text embedding. Stands in for the
+              pretrained CLIP text encoder of Stable Diffusion.
+  unet        UNet2DConditionModel, trained with the DDPM objective (epsilon prediction, SD v1.5's beta
+              schedule, min-SNR-5 weighting) on the frozen text encoder's output, as SD trains its UNet
+              on a frozen CLIP; 10% empty captions for classifier-free guidance, an EMA copy of the
+              weights (decay 0.999) that is what gets saved.
   classifier  AttributeClassifier on rendered images (with noise augmentation); scored on held-out scenes.
   guidance    The classifier-free guidance scale for the command line: stock DDIM-50 at a few scales on
               prompts of training combinations, scored by the classifier (reference.GUIDANCE_SCALE).
 
-Every stage is deterministic for a given torch version and thread count (``--threads``, default 2): data
-come from fixed seeds and torch is seeded at the start of each stage. Logs, the loss curve and sample grids go
-to training/results/.
+Every stage is deterministic for a given torch version and thread count (``--threads``, default 2; runs.json
+records each stage's): data come from fixed seeds and torch is seeded at the start of each stage. The vae,
+text, unet and classifier stages save a checkpoint (weights, optimizer, data stream and random number
+generator states) to training/work/ every few hundred steps; a stage started again resumes from it and ends
+with the same weights as an uninterrupted run (``--fresh`` ignores it). Logs, the loss curve and sample
+grids go to training/results/.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import platform
@@ -40,14 +49,15 @@ from faster_diffusion import Sampler, reference, shapes, use_sampler  # noqa: E4
 from faster_diffusion.tiny import SD15_SCHEDULER_CONFIG, write_vocab_files  # noqa: E402
 
 RESULTS = ROOT / "training" / "results"
-WORK = ROOT / "training" / "work"  # snapshots during training; not committed
+WORK = ROOT / "training" / "work"  # checkpoints and snapshots during training; not committed
+FRESH = False  # --fresh: ignore saved checkpoints
 
 VAE_STEPS = 1500
 VAE_BATCH = 64
 VAE_LR = 1e-3
 VAE_KL_WEIGHT = 1e-5
 
-UNET_STEPS = 16000
+UNET_STEPS = 8000
 UNET_BATCH = 64
 UNET_LR = 6e-4
 UNET_WARMUP = 500
@@ -56,7 +66,12 @@ EMA_DECAY = 0.999
 CAPTION_DROPOUT = 0.1  # empty caption, for classifier-free guidance
 ATTRIBUTE_DROPOUT = 0.15  # each of size, position, background left out of the caption
 MIN_SNR_GAMMA = 5.0
-SNAPSHOT_EVERY = 4000
+SNAPSHOT_EVERY = 2000  # a sample-ready pipeline folder in training/work/snapshot
+CHECKPOINT_EVERY = 250  # training state to resume from
+
+TEXT_STEPS = 1500
+TEXT_BATCH = 256
+TEXT_LR = 2e-3
 
 CLASSIFIER_STEPS = 3000
 CLASSIFIER_BATCH = 128
@@ -66,6 +81,7 @@ CLASSIFIER_LR = 2e-3
 VAE_DATA_SEED = 1
 UNET_DATA_SEED = 2
 CLASSIFIER_DATA_SEED = 3
+TEXT_DATA_SEED = 5
 
 
 def log(message: str) -> None:
@@ -98,6 +114,55 @@ def save_grid(images: np.ndarray, path: Path, columns: int = 8, scale: int = 3) 
     grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST).save(path)
 
 
+class Checkpoint:
+    """The training state of one stage in ``training/work/{stage}-checkpoint.pt``, to resume from.
+
+    It holds the step, the state of every module and optimizer, the loss history, and the states of the
+    stage's numpy data stream and of torch's random number generator, so a resumed stage continues exactly
+    where it stopped: the weights at the end are those of an uninterrupted run (same torch, same threads).
+    ``settings`` (the stage's hyperparameters) must match, or the checkpoint is ignored.
+    """
+
+    def __init__(self, stage: str, settings: dict, every: int = CHECKPOINT_EVERY) -> None:
+        self.path = WORK / f"{stage}-checkpoint.pt"
+        self.settings = json.loads(json.dumps(settings))
+        self.every = every
+
+    def resume(self, objects: dict, rng: np.random.Generator, fresh: bool = False) -> tuple[int, list]:
+        """Load the saved state into ``objects`` (modules, optimizers) and ``rng``: (step, history)."""
+        if fresh or not self.path.is_file():
+            return 0, []
+        saved = torch.load(self.path, weights_only=False)
+        if saved["settings"] != self.settings:
+            log(f"{self.path.name}: saved with other settings, starting afresh")
+            return 0, []
+        for name, obj in objects.items():
+            obj.load_state_dict(saved["state"][name])
+        rng.bit_generator.state = saved["numpy_rng"]
+        torch.set_rng_state(saved["torch_rng"])
+        log(f"resuming from {self.path.name} at step {saved['step']}")
+        return saved["step"], saved["history"]
+
+    def maybe_save(self, step: int, objects: dict, rng: np.random.Generator, history: list) -> None:
+        """Save after ``step`` steps if it is a multiple of ``every`` (written to a temporary file first)."""
+        if step % self.every:
+            return
+        state = {
+            "settings": self.settings,
+            "step": step,
+            "state": {name: obj.state_dict() for name, obj in objects.items()},
+            "numpy_rng": rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "history": history,
+        }
+        partial = self.path.with_suffix(".partial")
+        torch.save(state, partial)
+        partial.replace(self.path)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 # --------------------------------------------------------------------------------------------------- vae
 
 
@@ -108,9 +173,13 @@ def train_vae(out: Path) -> dict:
     rng = np.random.default_rng(VAE_DATA_SEED)
     vae = AutoencoderKL(**reference.VAE_CONFIG)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0)
-    history = []
+    checkpoint = Checkpoint(
+        "vae", {"steps": VAE_STEPS, "batch": VAE_BATCH, "lr": VAE_LR, "kl": VAE_KL_WEIGHT}
+    )
+    state = {"vae": vae, "optimizer": optimizer}
+    first, history = checkpoint.resume(state, rng, FRESH)
     start = time.perf_counter()
-    for step in range(VAE_STEPS):
+    for step in range(first, VAE_STEPS):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, VAE_STEPS, VAE_LR, 100)
         scenes, seeds = random_scenes(rng, VAE_BATCH)
@@ -127,6 +196,7 @@ def train_vae(out: Path) -> dict:
         history.append({"step": step, "mse": mse.item(), "kl": kl.item()})
         if step % 100 == 0 or step == VAE_STEPS - 1:
             log(f"vae step {step}: mse {mse.item():.5f} kl {kl.item():.2f}")
+        checkpoint.maybe_save(step + 1, state, rng, history)
     vae.eval()
     # SD's scaling_factor: 1 / std of the latents, so the UNet sees unit-variance inputs.
     eval_rng = np.random.default_rng(100)
@@ -148,6 +218,7 @@ def train_vae(out: Path) -> dict:
         "recon_psnr_db": psnr,
     }
     (RESULTS / "vae-log.json").write_text(json.dumps({"summary": summary, "history": history}))
+    checkpoint.clear()
     log(f"vae done: {summary}")
     return summary
 
@@ -221,15 +292,13 @@ def train_unet(out: Path) -> dict:
     from transformers import CLIPTextModel
 
     vae = AutoencoderKL.from_pretrained(out / "vae").eval()
+    text_encoder = CLIPTextModel.from_pretrained(out / "text_encoder").eval()
+    text_encoder.requires_grad_(False)  # frozen, as SD keeps CLIP frozen
     torch.manual_seed(0)
     rng = np.random.default_rng(UNET_DATA_SEED)
     tokenizer = reference.build_tokenizer()
     unet = UNet2DConditionModel(**reference.UNET_CONFIG)
-    text_encoder = CLIPTextModel(reference.text_encoder_config(tokenizer))
-    log(
-        f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, text encoder "
-        f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M"
-    )
+    log(f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params")
     start = time.perf_counter()
     scenes, latent_mean, latent_std = _encode_dataset(vae, rng)
     log(f"encoded {UNET_DATASET} training images in {time.perf_counter() - start:.0f} s")
@@ -239,16 +308,30 @@ def train_unet(out: Path) -> dict:
     snr = alphas / (1 - alphas)
     loss_weight = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr  # min-SNR-gamma for epsilon prediction
 
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    params = list(unet.parameters())
     optimizer = torch.optim.AdamW(params, lr=UNET_LR, weight_decay=1e-2)
-    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
-    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
+    ema_unet = copy.deepcopy(unet).eval()
+    ema_params = list(ema_unet.parameters())
     for p in ema_params:
         p.requires_grad_(False)
     unet.train()
-    text_encoder.train()
-    history = []
-    for step in range(UNET_STEPS):
+    checkpoint = Checkpoint(
+        "unet",
+        {
+            "config": reference.UNET_CONFIG,
+            "steps": UNET_STEPS,
+            "batch": UNET_BATCH,
+            "lr": UNET_LR,
+            "warmup": UNET_WARMUP,
+            "dataset": UNET_DATASET,
+            "ema": EMA_DECAY,
+            "dropout": [CAPTION_DROPOUT, ATTRIBUTE_DROPOUT],
+            "min_snr": MIN_SNR_GAMMA,
+        },
+    )
+    state = {"unet": unet, "ema_unet": ema_unet, "optimizer": optimizer}
+    first, history = checkpoint.resume(state, rng, FRESH)
+    for step in range(first, UNET_STEPS):
         lr = cosine_lr(step, UNET_STEPS, UNET_LR, UNET_WARMUP)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -265,7 +348,8 @@ def train_unet(out: Path) -> dict:
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (UNET_BATCH,))
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        hidden = text_encoder(ids)[0]
+        with torch.no_grad():
+            hidden = text_encoder(ids)[0]
         pred = unet(noisy, timesteps, hidden).sample
         per_sample = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
         loss = (per_sample * loss_weight[timesteps]).mean()
@@ -284,17 +368,109 @@ def train_unet(out: Path) -> dict:
                 f"mse {np.mean([h['mse'] for h in recent]):.4f} lr {lr:.2e} "
                 f"({time.perf_counter() - start:.0f} s)"
             )
+        checkpoint.maybe_save(step + 1, state, rng, history)
         if (step + 1) % SNAPSHOT_EVERY == 0 and step + 1 < UNET_STEPS:
-            pipe = _build_pipeline(ema_unet, vae, ema_text, tokenizer)
+            pipe = _build_pipeline(ema_unet, vae, text_encoder, tokenizer)
             _save_pipeline(pipe, WORK / "snapshot")
             (RESULTS / "unet-log.json").write_text(json.dumps({"history": history}))
             log(f"snapshot at step {step + 1} in {WORK / 'snapshot'}")
-    pipe = _build_pipeline(ema_unet, vae, ema_text, tokenizer)
+    pipe = _build_pipeline(ema_unet, vae, text_encoder, tokenizer)
     _save_pipeline(pipe, out)
-    summary = {"steps": UNET_STEPS, "seconds": time.perf_counter() - start}
+    summary = {"steps": UNET_STEPS, "seconds": time.perf_counter() - start, "resumed_at": first or None}
     (RESULTS / "unet-log.json").write_text(json.dumps({"summary": summary, "history": history}))
+    checkpoint.clear()
     _sample_grid(pipe, RESULTS / "samples.png")
     log(f"unet done: {summary}")
+    return summary
+
+
+# -------------------------------------------------------------------------------------------------- text
+
+TEXT_DROPPABLE = ("size", "position", "background")
+
+
+def caption_variants(combos) -> list[tuple[str, tuple[int, ...]]]:
+    """Every caption of ``combos``, with each subset of size, position and background left out, and the
+    empty caption; each with its labels: the class index of each attribute, ``len(values)`` for "not said"."""
+    names = list(shapes.ATTRIBUTES)
+    variants = []
+    for combo in combos:
+        scene = shapes.Scene(*combo)
+        labels = scene.labels()
+        for count in range(len(TEXT_DROPPABLE) + 1):
+            for drop in itertools.combinations(TEXT_DROPPABLE, count):
+                said = tuple(
+                    len(shapes.ATTRIBUTES[name]) if name in drop else labels[i]
+                    for i, name in enumerate(names)
+                )
+                variants.append((shapes.caption(scene, drop=drop), said))
+    variants.append(("", tuple(len(values) for values in shapes.ATTRIBUTES.values())))
+    return variants
+
+
+def train_text(out: Path) -> dict:
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(TEXT_DATA_SEED)
+    tokenizer = reference.build_tokenizer()
+    text_encoder = CLIPTextModel(reference.text_encoder_config(tokenizer))
+    width = text_encoder.config.hidden_size
+    heads = torch.nn.ModuleDict(
+        {name: torch.nn.Linear(width, len(values) + 1) for name, values in shapes.ATTRIBUTES.items()}
+    )
+
+    def encode(captions):
+        ids = tokenizer(
+            captions, padding="max_length", max_length=reference.TEXT_MAX_LENGTH, return_tensors="pt"
+        ).input_ids
+        return text_encoder(ids).pooler_output
+
+    train = caption_variants(shapes.TRAIN_COMBOS)
+    params = list(text_encoder.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=TEXT_LR, weight_decay=1e-2)
+    checkpoint = Checkpoint("text", {"steps": TEXT_STEPS, "batch": TEXT_BATCH, "lr": TEXT_LR})
+    state = {"text_encoder": text_encoder, "heads": heads, "optimizer": optimizer}
+    first, history = checkpoint.resume(state, rng, FRESH)
+    start = time.perf_counter()
+    text_encoder.train()
+    for step in range(first, TEXT_STEPS):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, TEXT_STEPS, TEXT_LR, 100)
+        batch = [train[int(i)] for i in rng.integers(0, len(train), size=TEXT_BATCH)]
+        pooled = encode([caption for caption, _ in batch])
+        labels = torch.tensor([said for _, said in batch])
+        loss = sum(
+            F.cross_entropy(heads[name](pooled), labels[:, i]) for i, name in enumerate(shapes.ATTRIBUTES)
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        history.append({"step": step, "loss": loss.item()})
+        if step % 100 == 0 or step == TEXT_STEPS - 1:
+            log(f"text step {step}: loss {loss.item():.4f}")
+        checkpoint.maybe_save(step + 1, state, rng, history)
+    text_encoder.eval()
+    # Captions of the held-out combinations: never seen here either.
+    held_out = caption_variants(shapes.HELD_OUT_COMBOS)
+    with torch.no_grad():
+        pooled = torch.cat(
+            [encode([c for c, _ in held_out[i : i + 512]]) for i in range(0, len(held_out), 512)]
+        )
+    labels = torch.tensor([said for _, said in held_out])
+    accuracy = {
+        name: float((heads[name](pooled).argmax(1) == labels[:, i]).float().mean())
+        for i, name in enumerate(shapes.ATTRIBUTES)
+    }
+    text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+    summary = {
+        "steps": TEXT_STEPS,
+        "seconds": time.perf_counter() - start,
+        "held_out_caption_accuracy": accuracy,
+    }
+    (RESULTS / "text-log.json").write_text(json.dumps({"summary": summary, "history": history}))
+    checkpoint.clear()
+    log(f"text done: {summary}")
     return summary
 
 
@@ -323,9 +499,13 @@ def train_classifier() -> dict:
     rng = np.random.default_rng(CLASSIFIER_DATA_SEED)
     model = reference.AttributeClassifier()
     optimizer = torch.optim.AdamW(model.parameters(), lr=CLASSIFIER_LR, weight_decay=1e-2)
-    history = []
+    checkpoint = Checkpoint(
+        "classifier", {"steps": CLASSIFIER_STEPS, "batch": CLASSIFIER_BATCH, "lr": CLASSIFIER_LR}
+    )
+    state = {"classifier": model, "optimizer": optimizer}
+    first, history = checkpoint.resume(state, rng, FRESH)
     start = time.perf_counter()
-    for step in range(CLASSIFIER_STEPS):
+    for step in range(first, CLASSIFIER_STEPS):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, CLASSIFIER_STEPS, CLASSIFIER_LR, 100)
         scenes, seeds = random_scenes(rng, CLASSIFIER_BATCH)
@@ -341,6 +521,7 @@ def train_classifier() -> dict:
         history.append({"step": step, "loss": loss.item()})
         if step % 200 == 0 or step == CLASSIFIER_STEPS - 1:
             log(f"classifier step {step}: loss {loss.item():.4f}")
+        checkpoint.maybe_save(step + 1, state, rng, history)
     model.eval()
     scenes, images = held_out_real()
     accuracy = classifier_accuracy(model, images, _labels(scenes))
@@ -351,6 +532,7 @@ def train_classifier() -> dict:
         "held_out_accuracy": accuracy,
     }
     (RESULTS / "classifier-log.json").write_text(json.dumps({"summary": summary, "history": history}))
+    checkpoint.clear()
     log(f"classifier done: {summary}")
     return summary
 
@@ -402,11 +584,12 @@ def plot_losses() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
     for ax, (name, key, title) in zip(
         axes,
         [
             ("vae", "mse", "VAE reconstruction MSE"),
+            ("text", "loss", "Text encoder pretraining loss (5 heads)"),
             ("unet", "loss", "UNet loss (min-SNR-5 weighted)"),
             ("classifier", "loss", "Classifier loss (sum of 5 heads)"),
         ],
@@ -430,19 +613,25 @@ def plot_losses() -> None:
     fig.savefig(RESULTS / "loss.png", dpi=110)
 
 
+STAGES = ("vae", "text", "unet", "classifier", "guidance")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--stage", choices=("all", "vae", "unet", "classifier", "guidance"), default="all")
+    parser.add_argument("--stage", choices=("all", *STAGES), default="all")
     parser.add_argument("--out", type=Path, default=reference.MODEL_DIR, help="the model folder to write")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it)")
+    parser.add_argument("--fresh", action="store_true", help="ignore saved checkpoints in training/work/")
     args = parser.parse_args(argv)
+    global FRESH
+    FRESH = args.fresh
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
     WORK.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    stages = ("vae", "unet", "classifier", "guidance") if args.stage == "all" else (args.stage,)
+    stages = STAGES if args.stage == "all" else (args.stage,)
     run_file = RESULTS / "runs.json"
     runs = json.loads(run_file.read_text()) if run_file.is_file() else {}
     for stage in stages:
@@ -450,12 +639,14 @@ def main(argv: list[str] | None = None) -> int:
         log(f"stage {stage}")
         summary = {
             "vae": lambda: train_vae(args.out),
+            "text": lambda: train_text(args.out),
             "unet": lambda: train_unet(args.out),
             "classifier": train_classifier,
             "guidance": lambda: choose_guidance(args.out),
         }[stage]()
         runs[stage] = {
-            "command": f"python training/train_reference.py --stage {stage} --threads {args.threads}",
+            "command": f"python training/train_reference.py --stage {stage} --threads {args.threads}"
+            + ("" if args.out == reference.MODEL_DIR else f" --out {args.out}"),
             "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
             "wall_seconds": round(time.time() - started, 1),
             "torch": torch.__version__,
