@@ -629,6 +629,10 @@ class _LoopProgressBar:
             self._on_exit()
 
 
+#: Marks an attribute that an instance did not have.
+_ABSENT = object()
+
+
 class _RunEndTap:
     """Wraps ``progress_bar`` of one pipeline instance, so that the run ends when the denoising loop does.
 
@@ -640,9 +644,13 @@ class _RunEndTap:
     def __init__(self, pipe: Any, state: _RunState) -> None:
         self._pipe = weakref.ref(pipe)
         self.state = state
+        # What the pipeline instance itself held as progress_bar before attach() (an override of the class's
+        # method), put back by detach(); _ABSENT when it held none.
+        self._own: Any = _ABSENT
 
     def attach(self) -> None:
         pipe = self._pipe()
+        self._own = vars(pipe).get("progress_bar", _ABSENT)
         original = getattr(pipe, "progress_bar", None)
         if not callable(original):
             return
@@ -657,7 +665,11 @@ class _RunEndTap:
     def detach(self) -> None:
         pipe = self._pipe()
         if pipe is not None and "progress_bar" in vars(pipe):
-            delattr(pipe, "progress_bar")
+            if self._own is _ABSENT:
+                delattr(pipe, "progress_bar")
+            else:
+                pipe.progress_bar = self._own
+        self._own = _ABSENT
 
 
 @contextlib.contextmanager

@@ -335,3 +335,27 @@ def test_diffusers_reset_of_stateful_hooks_drops_the_run(make_pipe):
 
     generate_latents(pipe, steps=50, callback_on_step_end=reset)
     assert held_after_reset == [[]]
+
+
+def test_remove_restores_a_progress_bar_the_pipeline_instance_had_before(make_pipe):
+    pipe = make_pipe()
+    stock_progress_bar = pipe.progress_bar
+    bars = []
+
+    def own_progress_bar(*args, **kwargs):
+        bars.append(kwargs.get("total"))
+        return stock_progress_bar(*args, **kwargs)
+
+    pipe.progress_bar = own_progress_bar
+    handle = apply_faster_diffusion(pipe, PAPER)
+    generate_latents(pipe, steps=50)
+    handle.remove()
+    assert vars(pipe)["progress_bar"] is own_progress_bar
+    generate_latents(pipe, steps=50)
+    assert bars == [50, 50]
+
+
+def test_remove_leaves_no_progress_bar_on_an_instance_that_had_none(make_pipe):
+    pipe = make_pipe()
+    apply_faster_diffusion(pipe, PAPER).remove()
+    assert "progress_bar" not in vars(pipe)
