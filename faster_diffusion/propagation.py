@@ -198,21 +198,39 @@ def _batch_inputs(inputs: dict[str, Any]) -> tuple[Any, ...]:
     return (tuple(inputs["sample"].shape), *conditioning)
 
 
-def _same_input(x: Any, y: Any) -> bool:
-    """Whether ``x`` and ``y`` are the same input.
+def _same_memory(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether tensors ``x`` and ``y`` are views of the very same values: the same shape, dtype, device, first
+    element in memory and strides. Decided from metadata alone (no host sync)."""
+    return (
+        x.shape == y.shape
+        and x.dtype == y.dtype
+        and x.device == y.device
+        and x.data_ptr() == y.data_ptr()
+        and x.stride() == y.stride()
+    )
 
-    The same object, or tensors over the very same memory with the same layout, is decided from metadata alone
-    (no host sync): that is every call of a stock pipeline loop. Only when those differ, as under model CPU
-    offload, whose accelerate hook hands the UNet a fresh copy of its inputs at every call, are the values
+
+def _same_values(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether tensors ``x`` and ``y`` hold the same values.
+
+    The same object, or tensors over the very same memory (:func:`_same_memory`), is decided from metadata
+    alone (no host sync): that is every call of a stock pipeline loop. Only when those differ, as under model
+    CPU offload, whose accelerate hook hands the UNet a fresh copy of its inputs at every call, are the values
     compared (one host sync for that call)."""
     if x is y:
         return True
+    if x.shape != y.shape or x.dtype != y.dtype or x.device != y.device:
+        return False
+    return _same_memory(x, y) or bool(torch.equal(x, y))
+
+
+def _same_input(x: Any, y: Any) -> bool:
+    """Whether ``x`` and ``y`` are the same input: the same object, tensors of the same values
+    (:func:`_same_values`), or dicts of the same inputs."""
+    if x is y:
+        return True
     if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
-        if x.shape != y.shape or x.dtype != y.dtype or x.device != y.device:
-            return False
-        if x.data_ptr() == y.data_ptr() and x.stride() == y.stride():
-            return True
-        return bool(torch.equal(x, y))
+        return _same_values(x, y)
     if isinstance(x, dict) and isinstance(y, dict):
         return x.keys() == y.keys() and all(_same_input(x[k], y[k]) for k in x)
     return False
@@ -228,8 +246,9 @@ def _same_batch_inputs(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
 
 
 def _is_last_rows_of(new: Any, old: Any) -> bool:
-    """Whether tensor ``new`` is a view of the last rows of tensor ``old``, as ``old[-n:]`` and
-    ``old.chunk(2)[1]`` are."""
+    """Whether tensor ``new`` holds the last rows of tensor ``old``: a view of them, as ``old[-n:]`` and
+    ``old.chunk(2)[1]`` are (metadata only), or, as under model CPU offload, a copy equal in value
+    (:func:`_same_values`)."""
     if not isinstance(new, torch.Tensor) or not isinstance(old, torch.Tensor):
         return False
     if (
@@ -239,13 +258,7 @@ def _is_last_rows_of(new: Any, old: Any) -> bool:
         or new.shape[0] > old.shape[0]
     ):
         return False
-    tail = old[old.shape[0] - new.shape[0] :]
-    return (
-        new.dtype == tail.dtype
-        and new.device == tail.device
-        and new.data_ptr() == tail.data_ptr()
-        and new.stride() == tail.stride()
-    )
+    return _same_values(new, old[old.shape[0] - new.shape[0] :])
 
 
 class _EncoderModuleHook(ModelHook):
@@ -402,9 +415,9 @@ class _PropagationHook(ModelHook):
         """At a step that reuses a key step's features, the batch shrank: keep the features of its last rows.
 
         Only classifier-free guidance switched off part-way is supported (diffusers' ``SDCFGCutoffCallback``):
-        the new text embeddings are a view of the conditional half of the previous ones, which is the second
-        half of the guidance batch. The encoder treats every row on its own, so the last rows of its features
-        are the features of the conditional rows alone.
+        the new text embeddings are the conditional half of the previous ones, which is the second half of the
+        guidance batch (a view of it, or under model CPU offload a copy equal in value). The encoder treats
+        every row on its own, so the last rows of its features are the features of the conditional rows alone.
         """
         state = self.state
         old_rows = state.encoder_rows
@@ -431,12 +444,7 @@ class _PropagationHook(ModelHook):
         """
         state = self.state
         first = state.timesteps
-        if (
-            isinstance(timestep, torch.Tensor)
-            and timestep.dtype == first.dtype
-            and timestep.device == first.device
-            and timestep.data_ptr() == first.data_ptr()
-        ):
+        if isinstance(timestep, torch.Tensor) and _same_memory(timestep.reshape(-1)[:1], first[:1]):
             return
         value = timestep.reshape(-1)[0] if isinstance(timestep, torch.Tensor) else timestep
         if float(value) == float(first[0]):

@@ -236,6 +236,26 @@ def test_model_cpu_offload_in_either_order_keeps_propagation_and_removal_keeps_o
     assert not pipe.unet._diffusers_hook.hooks
 
 
+@pytest.mark.parametrize("step", [7, 40])
+def test_cfg_cutoff_with_model_cpu_offload_equals_the_result_without_offload(make_pipe, step):
+    """accelerate hands the UNet a fresh copy of the cut embeddings at every call: the conditional half is
+    recognised by value, as without offload by its memory."""
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    def cutoff() -> SDCFGCutoffCallback:
+        return SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=step)
+
+    plain = make_pipe("DDIM-50")
+    apply_faster_diffusion(plain, PAPER)
+    expected = generate_latents(plain, steps=50, callback_on_step_end=cutoff())
+
+    pipe = make_pipe("DDIM-50")
+    enable_offload(pipe)
+    handle = apply_faster_diffusion(pipe, PAPER)
+    assert torch.equal(generate_latents(pipe, steps=50, callback_on_step_end=cutoff()), expected)
+    assert handle.last_run.encoder_passes == 9
+
+
 # --- torch.compile ------------------------------------------------------------------------------------------
 
 
