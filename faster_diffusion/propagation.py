@@ -41,7 +41,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from .memory import AUTO, auto_decoder_batch_cap
+from .memory import AUTO, auto_decoder_batch_cap, available_memory_bytes, resident_weight_bytes
 from .noise import NoiseInjection, inject_prior_noise
 from .schedule import KeySteps, KeyStepSchedule
 
@@ -148,6 +148,9 @@ class _RunState:
         # What the cached predictions were decoded from: see _batch_inputs.
         self.decoded_inputs: tuple[Any, ...] = ()
         self.initial_latents: torch.Tensor | None = None
+        # (resident weight bytes, free device bytes) for the automatic decoder-batch cap, read at the run's
+        # first decoder batch and kept for the run.
+        self.device_memory: tuple[int, int] | None = None
         # Set by the UNet hook for the length of one stock forward call.
         self.computing_encoder = False
         self.repeat = 0
@@ -379,7 +382,16 @@ class _PropagationHook(ModelHook):
         stop = state.group_end[start]
         cap = self.handle.config.decoder_batch_cap
         if cap == AUTO:
-            cap = auto_decoder_batch_cap(module, inputs["sample"], stop - start)
+            sample = inputs["sample"]
+            if state.device_memory is None:
+                state.device_memory = (
+                    self.handle._resident_weight_bytes(sample.device),
+                    available_memory_bytes(sample.device),
+                )
+            weight_bytes, available = state.device_memory
+            cap = auto_decoder_batch_cap(
+                module, sample, stop - start, weight_bytes=weight_bytes, available=available
+            )
         if cap is not None:
             stop = min(stop, start + cap)
         steps = stop - start
@@ -777,6 +789,16 @@ class FasterDiffusion:
     def schedule_for(self, num_steps: int) -> KeyStepSchedule:
         """The key-step schedule a run of ``num_steps`` steps will use (validates it now)."""
         return self.config.key_steps.resolve(num_steps)
+
+    def _resident_weight_bytes(self, device: torch.device) -> int:
+        """Bytes of the weights the pipeline's torch modules hold on ``device`` (the UNet's alone if the
+        pipeline is gone): what a stock run's peak holds besides its activations."""
+        pipe = self._pipe()
+        components = getattr(pipe, "components", None) or {}
+        modules = [module for module in components.values() if isinstance(module, torch.nn.Module)]
+        if not any(module is self.unet for module in modules):
+            modules.append(self.unet)
+        return resident_weight_bytes(modules, device)
 
     def _check_scheduler(self) -> None:
         pipe = self._pipe()

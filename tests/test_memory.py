@@ -25,8 +25,9 @@ from faster_diffusion.tiny import build_tiny_components
 from .conftest import SD_SHAPED_UNET, generate_latents
 
 GB = 10**9
-#: SD v1.5's UNet holds 860M parameters: 1.72 GB in fp16.
-SD15_FP16_WEIGHTS = 1_720_000_000
+#: What SD v1.5 in fp16 holds on the GPU after ``pipe.to("cuda")``: the UNet (860M parameters, 1.72 GB), the
+#: CLIP text encoder (123M, 0.25 GB) and the VAE (84M, 0.17 GB).
+SD15_FP16_WEIGHTS = 2_132_000_000
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -100,7 +101,7 @@ def test_row_estimate_of_sd15_grows_with_latent_pixels_and_value_size():
     assert decoder_row_bytes(SD15_UNET_CONFIG, 64, 64, element_size=4) == 2 * at_512
 
 
-def sd15_fp16_cap(pixels: int, rows: int, group_steps: int, available: int = 80 * GB) -> int:
+def sd15_fp16_cap(pixels: int, rows: int, group_steps: int, available: int = 70 * GB) -> int:
     """The automatic cap for SD v1.5 in fp16 on a CUDA device with ``available`` bytes free."""
     row_bytes = decoder_row_bytes(SD15_UNET_CONFIG, pixels // 8, pixels // 8, element_size=2)
     budget = decoder_budget_bytes(
@@ -121,10 +122,17 @@ def test_cap_at_1024_px_with_four_images_in_one_group_is_far_below_400_rows():
 
 
 def test_small_cases_keep_whole_groups_on_a_gpu_like_budget():
-    # DDIM-50's largest paper group (15 steps) at 256 px, one image, on a 24 GB or an 80 GB card.
+    # DDIM-50's largest paper group (15 steps) at 256 px, one image, with 24 GB or 70 GB free.
     assert sd15_fp16_cap(256, rows=2, group_steps=15, available=24 * GB) == 15
     assert sd15_fp16_cap(256, rows=2, group_steps=15) == 15
     assert sd15_fp16_cap(512, rows=2, group_steps=5) == 5
+
+
+def test_sd15_caps_quoted_in_the_docs():
+    # One image (2 CFG rows), 70 GB free: at 512 px at most 9 steps a batch (the paper's groups of 10 and 15
+    # go as 5 + 5 and 8 + 7), at 1024 px at most 3.
+    assert [sd15_fp16_cap(512, rows=2, group_steps=steps) for steps in (5, 9, 10, 15)] == [5, 9, 5, 8]
+    assert [sd15_fp16_cap(1024, rows=2, group_steps=steps) for steps in (3, 5, 15)] == [3, 3, 3]
 
 
 def test_a_group_too_large_is_split_into_near_equal_chunks():
@@ -200,3 +208,51 @@ def test_decoder_cross_attention_projects_the_text_once_per_batch(make_pipe):
     assert handle.last_run.decoder_batches == 13 < 50  # batches of up to 5 steps ran
     assert set(projected_rows) == {2}  # the CFG rows of one step, never 2 x 5
     assert len(projected_rows) == 2 * 13
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def test_peak_aim_counts_the_weights_of_every_pipeline_module_on_the_device(make_pipe, monkeypatch):
+    """The stock run's peak holds the text encoder and the VAE too, not only the UNet."""
+    import faster_diffusion.memory as memory
+
+    pipe = make_pipe("DDIM-50")
+    weights = []
+    budget = memory.decoder_budget_bytes
+
+    def spy(**kwargs):
+        weights.append(kwargs["weight_bytes"])
+        return budget(**kwargs)
+
+    monkeypatch.setattr(memory, "decoder_budget_bytes", spy)
+    apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=KeySteps.paper()))
+    generate_latents(pipe, steps=50)
+    resident = sum(module_bytes(pipe.components[name]) for name in ("unet", "text_encoder", "vae"))
+    assert resident > module_bytes(pipe.unet)
+    assert set(weights) == {resident}
+    assert memory.resident_weight_bytes([pipe.unet, pipe.vae], torch.device("meta")) == 0
+
+
+def test_free_memory_is_read_once_per_run(make_pipe, monkeypatch):
+    """Same-seed runs batch alike: the budget does not follow the free memory from batch to batch."""
+    import faster_diffusion.memory as memory
+
+    reads = []
+    read = memory.available_memory_bytes
+
+    def counting(device):
+        reads.append(device)
+        return read(device)
+
+    import faster_diffusion.propagation as propagation
+
+    monkeypatch.setattr(memory, "available_memory_bytes", counting)
+    monkeypatch.setattr(propagation, "available_memory_bytes", counting, raising=False)
+    pipe = make_pipe("DDIM-50")
+    handle = apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=KeySteps.paper()))
+    for run in range(1, 3):
+        generate_latents(pipe, steps=50)
+        assert handle.last_run.decoder_batches == 13
+        assert len(reads) == run
