@@ -62,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-decoder-batch",
         type=int,
         default=0,
-        help="cap on the steps decoded in one batch (0: automatic, from the batch's memory and the device)",
+        help=(
+            "cap on the steps decoded in one batch (0: automatic, whole groups where they fit a memory "
+            "budget; see README, Memory)"
+        ),
     )
     parser.add_argument("--no-noise-injection", action="store_true", help="turn prior noise injection off")
     parser.add_argument("--noise-strength", type=float, default=PRIOR_NOISE_ALPHA, help="alpha")

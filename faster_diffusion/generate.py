@@ -97,8 +97,10 @@ def faster_config(
 ) -> FasterDiffusionConfig:
     """A :class:`FasterDiffusionConfig` from plain user inputs (text key steps, on/off switches).
 
-    ``max_decoder_batch`` 0, like ``None``, is automatic (``"auto"``: a cap from the batch's memory and the
-    device, see :mod:`faster_diffusion.memory`); a number caps the steps in one decoder batch.
+    ``max_decoder_batch``: 0 or ``None`` gives the automatic cap (``"auto"``, see
+    :mod:`faster_diffusion.memory`), a whole number >= 1 caps the steps in one decoder batch, as the CLI's
+    ``--max-decoder-batch`` and the Cog input do. Whole groups whatever their size (no cap) are not available
+    here: use ``FasterDiffusionConfig(max_decoder_batch=None)``.
     """
     keys = key_steps if isinstance(key_steps, KeySteps) else KeySteps.parse(key_steps)
     noise = NoiseInjection(
