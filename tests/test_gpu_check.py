@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import speed
 from benchmarks.gpu_check import TOLERANCES, _compare, cuda_missing_message
 from faster_diffusion import Sampler
 
@@ -62,3 +63,24 @@ def test_exactness_comparison_fails_beyond_its_tolerance():
     nan = reference.clone()
     nan[0] = float("nan")
     assert not _compare("identity", Sampler.DDIM, torch.float16, nan, reference).passed
+
+
+def test_timed_runs_on_cuda_sync_only_at_their_start(monkeypatch):
+    """A sync inside every UNet call would stall stock (a call per step) far more than the batched decoder (a
+    call per group): with per-call syncs off, the clock syncs once after clear(), whatever the mode."""
+    from faster_diffusion.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(0)
+    syncs = []
+    clock = speed.UnetClock(pipe.unet, sync=lambda: syncs.append(1))
+    latent = torch.randn(2, 4, 8, 8)
+    text = torch.randn(2, 77, pipe.unet.config.cross_attention_dim)
+    with torch.inference_mode():
+        clock.sync_each_call = False
+        for _ in range(3):
+            pipe.unet(latent, torch.full((2,), 500), encoder_hidden_states=text)
+        assert len(syncs) == 1 and len(clock.calls) == 3
+        clock.clear()
+        clock.sync_each_call = True
+        pipe.unet(latent, torch.full((2,), 500), encoder_hidden_states=text)
+    assert len(syncs) == 1 + 4  # call, conv_in, mid block, return
