@@ -5,10 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from faster_diffusion import use_sampler
+from faster_diffusion import FasterDiffusionConfig, KeySteps, NoiseInjection, use_sampler
 from faster_diffusion.tiny import build_tiny_pipeline
 
 SAMPLERS = ("DDIM-50", "DPM-Solver-20", "DPM-Solver++-20")
+
+#: Every step a key step, no noise injection: must give stock diffusers' output.
+STOCK_EQUIVALENT = FasterDiffusionConfig(
+    key_steps=KeySteps.every_step(), noise_injection=NoiseInjection.off()
+)
+PAPER = FasterDiffusionConfig(key_steps=KeySteps.paper())
+PAPER_ONE_STEP_AT_A_TIME = FasterDiffusionConfig(key_steps=KeySteps.paper(), parallel=False)
 
 #: Four resolutions like SD's UNet (three down-samplings), so 24 x 40 px images give latents of 12 x 20 that
 #: are not a multiple of 8: the UNet then passes explicit up-sampling sizes, as SD does at 8-px sizes that

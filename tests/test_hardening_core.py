@@ -16,14 +16,9 @@ from faster_diffusion import (
     apply_faster_diffusion,
 )
 
-from .conftest import generate_latents
+from .conftest import PAPER, PAPER_ONE_STEP_AT_A_TIME, STOCK_EQUIVALENT, generate_latents
 from .reference import decoder, encoder
 
-STOCK_EQUIVALENT = FasterDiffusionConfig(
-    key_steps=KeySteps.every_step(), noise_injection=NoiseInjection.off()
-)
-PAPER = FasterDiffusionConfig(key_steps=KeySteps.paper())
-PAPER_ONE_STEP_AT_A_TIME = FasterDiffusionConfig(key_steps=KeySteps.paper(), parallel=False)
 PROMPT = "a red circle above a blue square"
 
 #: DDIM-50 with the paper's key steps has the groups [5, 10) (a middle group) and [35, 50) (the last group).

@@ -34,20 +34,13 @@ from diffusers import (
 from faster_diffusion import (
     FasterDiffusionConfig,
     KeySteps,
-    NoiseInjection,
     UnsupportedModelError,
     apply_faster_diffusion,
 )
 from faster_diffusion.tiny import build_tiny_pipeline
 
-from .conftest import generate_latents
+from .conftest import PAPER, STOCK_EQUIVALENT, generate_latents
 from .test_propagation import CallCounter
-
-STOCK_EQUIVALENT = FasterDiffusionConfig(
-    key_steps=KeySteps.every_step(), noise_injection=NoiseInjection.off()
-)
-PAPER = FasterDiffusionConfig(key_steps=KeySteps.paper())
-PAPER_ONE_STEP_AT_A_TIME = FasterDiffusionConfig(key_steps=KeySteps.paper(), parallel=False)
 
 #: Supported families: one UNet call per scheduler step, latents at unit scale, a step that advances from the
 #: sample it is given. Each entry: a scheduler class and the options it is built with.

@@ -20,14 +20,16 @@ from faster_diffusion import (
     use_sampler,
 )
 
-from .conftest import SAMPLERS, SD2_SHAPED_UNET, SD_SHAPED_UNET, generate_latents
-from .reference import reference_latents
-
-STOCK_EQUIVALENT = FasterDiffusionConfig(
-    key_steps=KeySteps.every_step(), noise_injection=NoiseInjection.off()
+from .conftest import (
+    PAPER,
+    PAPER_ONE_STEP_AT_A_TIME,
+    SAMPLERS,
+    SD2_SHAPED_UNET,
+    SD_SHAPED_UNET,
+    STOCK_EQUIVALENT,
+    generate_latents,
 )
-PAPER = FasterDiffusionConfig(key_steps=KeySteps.paper())
-PAPER_ONE_STEP_AT_A_TIME = FasterDiffusionConfig(key_steps=KeySteps.paper(), parallel=False)
+from .reference import reference_latents
 
 
 def steps_of(sampler: str) -> int:
