@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Model: `{results['model']}`. Command: `python training/diagnose_position.py"
         + (f" --model {args.model}" if args.model != reference.MODEL_DIR else "")
+        + (" --quick" if args.quick else "")
         + "`. Held-out prompts: 80 combinations x 3 seeds = 240, stock DDIM-50, "
         f"guidance {args.guidance} unless stated.",
         "",
