@@ -167,33 +167,30 @@ def _map_tensors(value: Any, fn) -> Any:
     return value
 
 
-def _repeat_rows(value: Any, times: int) -> Any:
-    """Repeat the batch dimension of every tensor in ``value`` ``times`` times (a tensor met twice is repeated
-    once and shared, as down blocks return their last output both as hidden states and as a skip feature)."""
-    if times == 1:
-        return value
+def _map_tensors_once(value: Any, fn) -> Any:
+    """:func:`_map_tensors`, with ``fn`` applied once per distinct tensor: a tensor met twice maps to one
+    shared result, as down blocks return their last output both as hidden states and as a skip feature."""
     seen: dict[int, torch.Tensor] = {}
 
-    def repeat(tensor: torch.Tensor) -> torch.Tensor:
+    def once(tensor: torch.Tensor) -> torch.Tensor:
         key = id(tensor)
         if key not in seen:
-            seen[key] = tensor.repeat(times, *([1] * (tensor.dim() - 1)))
+            seen[key] = fn(tensor)
         return seen[key]
 
-    return _map_tensors(value, repeat)
+    return _map_tensors(value, once)
+
+
+def _repeat_rows(value: Any, times: int) -> Any:
+    """Repeat the batch dimension of every tensor in ``value`` ``times`` times."""
+    if times == 1:
+        return value
+    return _map_tensors_once(value, lambda tensor: tensor.repeat(times, *([1] * (tensor.dim() - 1))))
 
 
 def _last_rows(value: Any, rows: int) -> Any:
-    """The last ``rows`` rows of every tensor in ``value`` (views; a tensor met twice stays shared)."""
-    seen: dict[int, torch.Tensor] = {}
-
-    def last(tensor: torch.Tensor) -> torch.Tensor:
-        key = id(tensor)
-        if key not in seen:
-            seen[key] = tensor[tensor.shape[0] - rows :]
-        return seen[key]
-
-    return _map_tensors(value, last)
+    """The last ``rows`` rows of every tensor in ``value`` (views)."""
+    return _map_tensors_once(value, lambda tensor: tensor[tensor.shape[0] - rows :])
 
 
 def _batch_inputs(inputs: dict[str, Any]) -> tuple[Any, ...]:
@@ -716,6 +713,18 @@ def _beneath_accelerate_hook(module: torch.nn.Module) -> Iterator[None]:
         module.forward = accelerate_forward
 
 
+def _add_hook(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
+    """Register ``hook`` on ``module``'s diffusers hook registry, beneath an accelerate hook if it has one."""
+    with _beneath_accelerate_hook(module):
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+
+
+def _drop_hook(module: torch.nn.Module, name: str) -> None:
+    """Remove the hook ``name`` from ``module`` (not from its children), beneath an accelerate hook if any."""
+    with _beneath_accelerate_hook(module):
+        HookRegistry.check_if_exists_or_initialize(module).remove_hook(name, recurse=False)
+
+
 class FasterDiffusion:
     """Faster diffusion attached to one pipeline. Made by :func:`apply_faster_diffusion`.
 
@@ -748,19 +757,10 @@ class FasterDiffusion:
 
     def _attach(self) -> None:
         for slot, module in enumerate(self._encoder_modules):
-            with _beneath_accelerate_hook(module):
-                HookRegistry.check_if_exists_or_initialize(module).register_hook(
-                    _EncoderModuleHook(self._state, slot), _ENCODER_HOOK
-                )
-        with _beneath_accelerate_hook(self.unet):
-            HookRegistry.check_if_exists_or_initialize(self.unet).register_hook(
-                _PropagationHook(self._state, self), _UNET_HOOK
-            )
+            _add_hook(module, _EncoderModuleHook(self._state, slot), _ENCODER_HOOK)
+        _add_hook(self.unet, _PropagationHook(self._state, self), _UNET_HOOK)
         for projection in self._text_projections:
-            with _beneath_accelerate_hook(projection):
-                HookRegistry.check_if_exists_or_initialize(projection).register_hook(
-                    _RepeatedTextHook(self._state), _TEXT_HOOK
-                )
+            _add_hook(projection, _RepeatedTextHook(self._state), _TEXT_HOOK)
         self._tap.attach()
         self._run_end.attach()
         self.attached = True
@@ -771,14 +771,11 @@ class FasterDiffusion:
             return
         self._tap.detach()
         self._run_end.detach()
-        with _beneath_accelerate_hook(self.unet):
-            HookRegistry.check_if_exists_or_initialize(self.unet).remove_hook(_UNET_HOOK, recurse=False)
+        _drop_hook(self.unet, _UNET_HOOK)
         for module in self._encoder_modules:
-            with _beneath_accelerate_hook(module):
-                HookRegistry.check_if_exists_or_initialize(module).remove_hook(_ENCODER_HOOK, recurse=False)
+            _drop_hook(module, _ENCODER_HOOK)
         for projection in self._text_projections:
-            with _beneath_accelerate_hook(projection):
-                HookRegistry.check_if_exists_or_initialize(projection).remove_hook(_TEXT_HOOK, recurse=False)
+            _drop_hook(projection, _TEXT_HOOK)
         self._state.reset()
         self.attached = False
 
@@ -813,12 +810,6 @@ class FasterDiffusion:
     def _start_run(self, timesteps: torch.Tensor) -> None:
         state = self._state
         state.reset()
-        begin_index = getattr(self.scheduler, "begin_index", None)
-        if begin_index not in (None, 0):
-            raise UnsupportedModelError(
-                "faster_diffusion: runs that start part-way through the schedule (image-to-image, "
-                "begin_index set) are not supported"
-            )
         check_supported_unet(self.unet)
         check_supported_scheduler(self.scheduler)
         # One host read of the timesteps per run (not per step), to place the injection steps.
