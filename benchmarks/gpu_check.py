@@ -44,7 +44,7 @@ from faster_diffusion import (  # noqa: E402
     apply_faster_diffusion,
     use_sampler,
 )
-from faster_diffusion.tiny import build_tiny_pipeline  # noqa: E402
+from faster_diffusion.tiny import SD_SHAPED_UNET, build_tiny_pipeline  # noqa: E402
 
 #: The paper's Table (A40 GPU, SD v1.5, 512 px, fp16): seconds per image for stock, propagation alone and
 #: propagation with the parallel decoder.
@@ -67,12 +67,6 @@ TOLERANCES = {
 }
 
 EXACTNESS_SAMPLERS = (Sampler.DDIM, Sampler.DPM_SOLVER)
-#: A tiny UNet with SD's four levels (three down-samplings), like the test-suite's SD-shaped model.
-SD_SHAPED_UNET = dict(
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(32, 32, 64, 64),
-)
 PROMPT = "a red circle above a blue square"
 
 

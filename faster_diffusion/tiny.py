@@ -24,6 +24,7 @@ from transformers.utils import is_torchvision_available
 
 __all__ = [
     "SD15_SCHEDULER_CONFIG",
+    "SD_SHAPED_UNET",
     "TINY_PROMPT_WORDS",
     "TINY_UNET_CONFIG",
     "TINY_VAE_CONFIG",
@@ -76,6 +77,21 @@ TINY_UNET_CONFIG: dict[str, Any] = {
     "attention_head_dim": 8,
     "norm_num_groups": 32,
 }
+
+#: ``unet_kwargs`` for a tiny UNet with SD's four resolutions (three down-samplings), so 24 x 40 px images
+#: give latents of 12 x 20 that are not a multiple of 8: the UNet then passes explicit up-sampling sizes, as
+#: SD does at 8-px sizes that are not multiples of 64. Used by the tests and the GPU check.
+SD_SHAPED_UNET: dict[str, Any] = {
+    "down_block_types": (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "block_out_channels": (32, 32, 64, 64),
+}
+
 
 #: Tiny SD-like VAE: two resolutions, so ``vae_scale_factor == 2``.
 TINY_VAE_CONFIG: dict[str, Any] = {

@@ -17,14 +17,6 @@ STOCK_EQUIVALENT = FasterDiffusionConfig(
 PAPER = FasterDiffusionConfig(key_steps=KeySteps.paper())
 PAPER_ONE_STEP_AT_A_TIME = FasterDiffusionConfig(key_steps=KeySteps.paper(), parallel=False)
 
-#: Four resolutions like SD's UNet (three down-samplings), so 24 x 40 px images give latents of 12 x 20 that
-#: are not a multiple of 8: the UNet then passes explicit up-sampling sizes, as SD does at 8-px sizes that
-#: are not multiples of 64.
-SD_SHAPED_UNET = dict(
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(32, 32, 64, 64),
-)
 
 #: An SD 2.x-style UNet: linear projections in the transformers, per-level head dims, upcast attention.
 SD2_SHAPED_UNET = dict(use_linear_projection=True, attention_head_dim=(2, 4), upcast_attention=True)

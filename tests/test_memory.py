@@ -20,9 +20,9 @@ from faster_diffusion.memory import (
     decoder_row_bytes,
     decoder_steps_per_batch,
 )
-from faster_diffusion.tiny import build_tiny_components
+from faster_diffusion.tiny import SD_SHAPED_UNET, build_tiny_components
 
-from .conftest import SD_SHAPED_UNET, generate_latents
+from .conftest import generate_latents
 
 GB = 10**9
 #: What SD v1.5 in fp16 holds on the GPU after ``pipe.to("cuda")``: the UNet (860M parameters, 1.72 GB), the

@@ -19,13 +19,13 @@ from faster_diffusion import (
     remove_faster_diffusion,
     use_sampler,
 )
+from faster_diffusion.tiny import SD_SHAPED_UNET
 
 from .conftest import (
     PAPER,
     PAPER_ONE_STEP_AT_A_TIME,
     SAMPLERS,
     SD2_SHAPED_UNET,
-    SD_SHAPED_UNET,
     STOCK_EQUIVALENT,
     generate_latents,
 )
