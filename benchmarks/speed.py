@@ -629,7 +629,8 @@ def bound_table(summaries: list[Summary], share: float) -> tuple[list[str], dict
             f"| {s.sampler.value} | {n} | {k} | {share:.1%} | {loop_bound:.3f}x | {e2e_bound:.3f}x "
             f"| {s.loop_speedup:.3f}x ({f['loop_fraction']:.1%}) "
             f"| {s.e2e_speedup:.3f}x ({f['e2e_fraction']:.1%}; {f['e2e_fraction_of_loop_bound']:.1%}) "
-            f"| {implied:.1%} | {saved:.1%} |"
+            # Per-call times exist only where the timed runs sync per call (not on CUDA): '–' otherwise.
+            f"| {implied:.1%} | {'–' if math.isnan(saved) else f'{saved:.1%}'} |"
         )
     return lines, found
 
@@ -973,7 +974,8 @@ def benchmark(argv: Sequence[str] | None = None) -> Benchmark:
         "applied to the stock end-to-end time (text encoder and VAE unchanged). 'Share implied' = the "
         "encoder share that the measured propagation loop time corresponds to. 'Saved per non-key step' = "
         "1 - (median UNet call at a non-key step of `propagation`) / (median UNet call of `stock`): what "
-        "skipping the encoder actually saved per call, to compare with the encoder share.",
+        "skipping the encoder actually saved per call, to compare with the encoder share ('–' on a GPU, "
+        "whose timed runs do not sync per call).",
     ]
 
     where = "CPU" if device.type == "cpu" else f"{device.type.upper()} ({_device_name(device)})"
