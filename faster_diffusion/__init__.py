@@ -11,6 +11,7 @@ Rethinking the Role of the Encoder for Diffusion Model Inference" (NeurIPS 2024)
     >>> handle.remove()                                               # doctest: +SKIP
 """
 
+from .calibration import CalibrationError, calibrate, get_calibration
 from .noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, NoiseInjection
 from .propagation import (
     FasterDiffusion,
@@ -35,6 +36,7 @@ __all__ = [
     "PAPER_DPM_SOLVER_20_KEY_STEPS",
     "PRIOR_NOISE_ALPHA",
     "PRIOR_NOISE_TAU",
+    "CalibrationError",
     "FasterDiffusion",
     "FasterDiffusionConfig",
     "KeyStepError",
@@ -45,6 +47,8 @@ __all__ = [
     "Sampler",
     "UnsupportedModelError",
     "apply_faster_diffusion",
+    "calibrate",
+    "get_calibration",
     "get_faster_diffusion",
     "make_scheduler",
     "remove_faster_diffusion",

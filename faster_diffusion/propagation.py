@@ -43,7 +43,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from .memory import AUTO, auto_decoder_batch_cap, available_memory_bytes, resident_weight_bytes
 from .noise import NoiseInjection, inject_prior_noise
-from .schedule import KeySteps, KeyStepSchedule
+from .schedule import KeyStepKind, KeySteps, KeyStepSchedule
 
 _UNET_HOOK = "faster_diffusion"
 _ENCODER_HOOK = "faster_diffusion_encoder"
@@ -787,7 +787,20 @@ class FasterDiffusion:
 
     def schedule_for(self, num_steps: int) -> KeyStepSchedule:
         """The key-step schedule a run of ``num_steps`` steps will use (validates it now)."""
-        return self.config.key_steps.resolve(num_steps)
+        return self.config.key_steps.resolve(num_steps, self._calibration(num_steps))
+
+    def _calibration(self, num_steps: int) -> Any:
+        """For ``key_steps="auto"``: the calibration of this model, sampler and step count (a clear error if
+        there is none); ``None`` for the other kinds."""
+        if self.config.key_steps.kind is not KeyStepKind.AUTO:
+            return None
+        from .calibration import CalibrationError, find_calibration, missing_message
+
+        pipe = self._pipe()
+        found = find_calibration(pipe, num_steps, self.scheduler) if pipe is not None else None
+        if found is None:
+            raise CalibrationError(missing_message(pipe, num_steps))
+        return found
 
     def _resident_weight_bytes(self, device: torch.device) -> int:
         """Bytes of the weights the pipeline's torch modules hold on ``device`` (the UNet's alone if the
@@ -814,7 +827,7 @@ class FasterDiffusion:
         check_supported_scheduler(self.scheduler)
         # One host read of the timesteps per run (not per step), to place the injection steps.
         values = timesteps.detach().to("cpu", torch.float64).tolist()
-        schedule = self.config.key_steps.resolve(len(values))
+        schedule = self.config.key_steps.resolve(len(values), self._calibration(len(values)))
         state.stats = RunStats(schedule=schedule)
         state.is_key = schedule.is_key
         state.group_end = schedule.group_end

@@ -42,6 +42,14 @@ GUIDANCE_SCALE = 5.0
 #: A prompt the model knows, for examples and messages.
 EXAMPLE_PROMPT = "a large red circle at the top left on a white background"
 
+#: Calibration prompts for ``key_steps="auto"`` (:mod:`faster_diffusion.calibration`): 16 captions of
+#: attribute combinations that training saw, so none is a held-out combination the quality benchmark
+#: evaluates, with seeds (:data:`CALIBRATION_SEEDS`) far from the benchmark's 0-239.
+CALIBRATION_PROMPTS: tuple[str, ...] = tuple(
+    shapes.caption(shapes.sample_scene(rng)) for rng in [np.random.default_rng(31)] for _ in range(16)
+)
+CALIBRATION_SEEDS: tuple[int, ...] = tuple(90_000 + i for i in range(len(CALIBRATION_PROMPTS)))
+
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 MODEL_DIR = ASSETS_DIR / "shapes-ldm"
 CLASSIFIER_PATH = ASSETS_DIR / "shapes-classifier.safetensors"

@@ -26,6 +26,7 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 #: Key steps of the paper for DDIM with 50 steps: t_key = {50, 49, 48, 47, 45, 40, 35, 25, 15} in the paper's
 #: 1-based, descending notation (Sec. 4.1 and the authors' reference code), as 0-based indices.
@@ -43,8 +44,8 @@ RECOMMENDED_UNIFORM_EVERY = 4
 
 #: What ``KeySteps.parse`` accepts, for error messages.
 ACCEPTED_FORMS = (
-    "'paper', 'all', 'uniform:K' (K a whole number >= 1), or a comma-separated list of step indices "
-    "that starts with 0, such as '0,1,2,3,5,10,15,25,35'"
+    "'paper', 'all', 'auto', 'auto:B' (B key steps, a whole number >= 1), 'uniform:K' (K a whole number "
+    ">= 1), or a comma-separated list of step indices that starts with 0, such as '0,1,2,3,5,10,15,25,35'"
 )
 
 
@@ -57,6 +58,7 @@ class KeyStepKind(enum.Enum):
     UNIFORM = "uniform"
     EXPLICIT = "explicit"
     ALL = "all"
+    AUTO = "auto"
 
 
 def paper_key_steps(num_steps: int) -> tuple[int, ...]:
@@ -100,6 +102,10 @@ class KeySteps:
     every: int | None = None
     #: For ``EXPLICIT``: the indices as given (validated for a step count by :meth:`resolve`).
     indices: tuple[int, ...] | None = None
+    #: For ``AUTO``: the number of key steps; ``None`` for the paper's count (9 of 50, 7 of 20).
+    budget: int | None = None
+    #: For ``EXPLICIT``: where the list came from (a calibration, say), echoed by ``describe()``.
+    origin: str | None = None
 
     def __post_init__(self) -> None:
         every = self.every
@@ -109,6 +115,13 @@ class KeySteps:
             raise KeyStepError(f"key_steps: uniform spacing must be a whole number >= 1, got {every!r}")
         if self.kind is KeyStepKind.EXPLICIT:
             _validate_explicit(self.indices)
+        budget = self.budget
+        if (
+            self.kind is KeyStepKind.AUTO
+            and budget is not None
+            and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1)
+        ):
+            raise KeyStepError(f"key_steps: the auto budget must be a whole number >= 1, got {budget!r}")
 
     @classmethod
     def paper(cls) -> KeySteps:
@@ -126,6 +139,19 @@ class KeySteps:
         if isinstance(indices, (str, bytes)) or not isinstance(indices, Iterable):
             raise KeyStepError(f"key_steps: expected a list of step indices, got {indices!r}")
         return cls(KeyStepKind.EXPLICIT, indices=tuple(indices))
+
+    @classmethod
+    def auto(cls, budget: int | None = None) -> KeySteps:
+        """``budget`` key steps placed from a calibration of the model (:mod:`faster_diffusion.calibration`);
+        ``None`` for the paper's count. Resolved at the start of a run, against the calibration for the
+        run's model, sampler and step count."""
+        return cls(KeyStepKind.AUTO, budget=budget)
+
+    def with_origin(self, origin: str) -> KeySteps:
+        """The same explicit list, saying where it came from."""
+        if self.kind is not KeyStepKind.EXPLICIT:
+            raise KeyStepError("key_steps: only an explicit list carries an origin")
+        return KeySteps(KeyStepKind.EXPLICIT, indices=self.indices, origin=origin)
 
     @classmethod
     def every_step(cls) -> KeySteps:
@@ -147,6 +173,17 @@ class KeySteps:
             return cls.paper()
         if text in ("all", "every"):
             return cls.every_step()
+        if text == "auto":
+            return cls.auto()
+        match = re.fullmatch(r"auto\s*[:=]\s*(\S+)", text)
+        if match:
+            value = match.group(1)
+            if not re.fullmatch(r"\d+", value) or int(value) < 1:
+                raise KeyStepError(
+                    f"key_steps: invalid value {raw!r}: the auto budget must be a whole number >= 1, "
+                    f"got {value!r}"
+                )
+            return cls.auto(int(value))
         match = re.fullmatch(r"uniform\s*[:=]\s*(\S+)", text)
         if match:
             value = match.group(1)
@@ -164,9 +201,30 @@ class KeySteps:
             raise KeyStepError(f"key_steps: invalid value {raw!r}: expected {ACCEPTED_FORMS}")
         return cls.explicit(int(part) for part in parts)
 
-    def resolve(self, num_steps: int) -> KeyStepSchedule:
-        """The validated schedule for ``num_steps`` inference steps."""
+    def resolve(self, num_steps: int, calibration: Any = None) -> KeyStepSchedule:
+        """The validated schedule for ``num_steps`` inference steps.
+
+        ``AUTO`` needs ``calibration``, a :class:`~faster_diffusion.calibration.Calibration` for ``num_steps``
+        steps; the other kinds ignore it.
+        """
         _check_num_steps(num_steps)
+        if self.kind is KeyStepKind.AUTO:
+            if calibration is None:
+                raise KeyStepError(
+                    f"key_steps {str(self)!r} needs a calibration of the model for {num_steps} steps: run "
+                    "faster_diffusion.calibrate(pipe) first, or pass explicit key steps"
+                )
+            if calibration.num_steps != num_steps:
+                raise KeyStepError(
+                    f"key_steps {str(self)!r}: the calibration is for {calibration.num_steps} steps, the run "
+                    f"has {num_steps}"
+                )
+            if self.budget is not None and self.budget > num_steps:
+                raise KeyStepError(
+                    f"key_steps {str(self)!r}: a budget of {self.budget} key steps is more than the "
+                    f"{num_steps} steps of the run"
+                )
+            return calibration.key_steps(self.budget).resolve(num_steps)
         if self.kind is KeyStepKind.PAPER:
             indices = paper_key_steps(num_steps)
         elif self.kind is KeyStepKind.UNIFORM:
@@ -188,6 +246,8 @@ class KeySteps:
             return f"uniform:{self.every}"
         if self.kind is KeyStepKind.EXPLICIT:
             return ",".join(str(i) for i in self.indices)
+        if self.kind is KeyStepKind.AUTO and self.budget is not None:
+            return f"auto:{self.budget}"
         return self.kind.value
 
 
@@ -263,4 +323,6 @@ class KeyStepSchedule:
     def describe(self) -> str:
         """One line that says what was used, e.g. ``paper: 9 of 50 steps are key steps [0, 1, ...]``."""
         name = str(self.source) if self.source is not None else "explicit"
+        if self.source is not None and self.source.origin:
+            name = self.source.origin
         return f"{name}: {self.num_key_steps} of {self.num_steps} steps are key steps {list(self.indices)}"

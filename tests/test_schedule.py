@@ -118,7 +118,7 @@ def test_parse_rejects_bad_text_with_a_message_naming_the_input(text, message):
 
 
 def test_invalid_forms_message_lists_what_is_allowed():
-    with pytest.raises(KeyStepError, match=re.escape("'paper', 'all', 'uniform:K'")):
+    with pytest.raises(KeyStepError, match=re.escape("'paper', 'all', 'auto', 'auto:B'")):
         KeySteps.parse("sometimes")
 
 

@@ -1,0 +1,662 @@
+"""Key steps calibrated from a model's own features: ``key_steps="auto"``.
+
+The paper picked its key steps by hand for SD v1.5. Here they are chosen per model, sampler and step count
+from one quantity measured on the model during stock sampling:
+
+- ``"prediction"``: the error that reusing step k's encoder features causes in step j's noise prediction,
+  for every k < j. Along a stock trajectory, the decoder of step j is run on the encoder outputs recorded at
+  step k, and its classifier-free-guided prediction is compared with stock's:
+  ``cost[k, j] = mean over images of ||eps_j(enc_k) - eps_j|| / ||eps_j||``.
+- ``"feature"``: the paper's own analysis (its Fig. 2), generalised from adjacent steps to any two: the
+  relative distance of the encoder's outputs (``conv_in``, the down blocks, the mid block) at step j from
+  those at step k, ``||F_j - F_k|| / ||F_j||``. It needs no extra UNet calls.
+
+Reusing key step k for every step j of its group is charged ``cost[k, j]``; a schedule's cost is the sum over
+its non-key steps. :func:`optimal_key_steps` finds the cheapest placement of a given number of key steps
+exactly, with a dynamic programme over "the latest key step before j" (O(N² · budget)).
+
+A :class:`Calibration` holds the whole N x N cost matrix, so any budget is solved from it in microseconds. It
+is saved as a small JSON next to the weights (:data:`CALIBRATION_FILE`), keyed by the model, the sampler and
+the step count, and :func:`find_calibration` reads it back.
+
+Example:
+    >>> from faster_diffusion import FasterDiffusionConfig, apply_faster_diffusion, calibrate, use_sampler
+    >>> from faster_diffusion.tiny import build_tiny_pipeline
+    >>> pipe = build_tiny_pipeline()
+    >>> _ = use_sampler(pipe, "DPM-Solver-20")
+    >>> keys = calibrate(pipe, budget=7, prompts=["a red circle"])
+    >>> keys.resolve(20).num_key_steps
+    7
+    >>> handle = apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=keys))
+    >>> handle.remove()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.hooks import ModelHook
+
+from .schedule import KeyStepError, KeySteps, paper_key_steps
+
+logger = logging.getLogger(__name__)
+
+#: File name of saved calibrations, in the weights folder.
+CALIBRATION_FILE = "faster_diffusion_calibration.json"
+#: Format version of that file.
+FILE_VERSION = 1
+#: The criteria :func:`measure_costs` can compute; see the module docstring.
+CRITERIA = ("prediction", "feature")
+#: The criterion ``calibrate`` uses: the one whose predicted cost ranked measured quality better
+#: (``benchmarks/frontier.py``).
+DEFAULT_CRITERION = "prediction"
+#: Calibration prompts for weights other than the reference model: varied subjects, layouts and styles.
+#: The reference model calibrates on its own training captions (``reference.CALIBRATION_PROMPTS``).
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "a photo of an astronaut riding a horse on the moon",
+    "a watercolor painting of a lighthouse on a cliff at sunset",
+    "a close-up portrait of an old man with a grey beard, studio lighting",
+    "a red sports car parked in front of a modern glass building",
+)
+#: Seeds of the calibration runs: far from the small seeds users and the benchmarks use.
+DEFAULT_SEED = 90_000
+
+_REPLAY_HOOK = "faster_diffusion_calibration"
+
+
+class CalibrationError(KeyStepError):
+    """A calibration that cannot be made or used; the message says what is missing and how to get it."""
+
+
+# ------------------------------------------------------------------------------------------ the optimiser
+
+
+def segment_costs(cost: np.ndarray) -> np.ndarray:
+    """``seg[k, m]``: the cost of a group that starts at key step k and ends before step m, the sum of
+    ``cost[k, j]`` for ``k < j < m`` (``0 <= k < m <= N``)."""
+    n = len(cost)
+    seg = np.zeros((n, n + 1))
+    for k in range(n):
+        seg[k, k + 2 :] = np.cumsum(cost[k, k + 1 :])
+    return seg
+
+
+def schedule_cost(cost: np.ndarray, indices: Sequence[int]) -> float:
+    """The predicted cost of a key-step list: each non-key step pays ``cost[latest key step, step]``."""
+    cost = np.asarray(cost, dtype=np.float64)
+    keys = sorted(indices)
+    stops = [*keys[1:], len(cost)]
+    return float(sum(cost[k, k + 1 : m].sum() for k, m in zip(keys, stops, strict=True)))
+
+
+def optimal_key_steps(cost: np.ndarray, budget: int) -> tuple[int, ...]:
+    """The ``budget`` key steps (step 0 among them) of least :func:`schedule_cost`: exact.
+
+    Dynamic programme: ``F[b, m]`` is the least cost of steps ``0 .. m-1`` with ``b`` key steps placed and the
+    ``b``-th at step ``m``; ``F[b, m] = min over k < m of F[b-1, k] + seg[k, m]``. Ties go to the earlier
+    step, so the result is deterministic.
+    """
+    cost = np.asarray(cost, dtype=np.float64)
+    if cost.ndim != 2 or cost.shape[0] != cost.shape[1] or len(cost) < 1:
+        raise ValueError(f"cost must be a square N x N matrix, got shape {cost.shape}")
+    n = len(cost)
+    if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= n:
+        raise CalibrationError(f"key_steps: the budget must be a whole number from 1 to {n}, got {budget!r}")
+    seg = segment_costs(cost)
+    best = np.full((budget + 1, n), np.inf)
+    came_from = np.zeros((budget + 1, n), dtype=np.int64)
+    best[1, 0] = 0.0
+    for b in range(2, budget + 1):
+        for m in range(b - 1, n):
+            totals = best[b - 1, :m] + seg[:m, m]
+            k = int(np.argmin(totals))
+            best[b, m], came_from[b, m] = totals[k], k
+    last = best[budget] + seg[:, n]
+    m = int(np.argmin(last))
+    keys = [m]
+    for b in range(budget, 1, -1):
+        m = int(came_from[b, m])
+        keys.append(m)
+    return tuple(reversed(keys))
+
+
+def paper_budget(num_steps: int) -> int:
+    """The number of key steps the paper uses for ``num_steps`` steps: 9 for 50, 7 for 20."""
+    return len(paper_key_steps(num_steps))
+
+
+# ------------------------------------------------------------------------------------ the saved value
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The measured cost matrix of one model, sampler and step count, and how it was measured."""
+
+    #: :func:`model_fingerprint` of the UNet.
+    model: str
+    #: :func:`scheduler_key` of the sampler.
+    scheduler: str
+    num_steps: int
+    criterion: str
+    #: ``cost[k][j]`` for ``k < j``: the cost of serving step j from key step k (zero elsewhere).
+    cost: tuple[tuple[float, ...], ...]
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    guidance_scale: float
+    height: int
+    width: int
+    #: Wall time of the measurement.
+    seconds: float
+    #: Other criteria measured in the same run, for comparison (same layout as ``cost``).
+    other: dict[str, tuple[tuple[float, ...], ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.criterion not in CRITERIA:
+            raise CalibrationError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
+        if len(self.cost) != self.num_steps or any(len(row) != self.num_steps for row in self.cost):
+            raise CalibrationError(f"the cost matrix must be {self.num_steps} x {self.num_steps}")
+
+    @property
+    def matrix(self) -> np.ndarray:
+        return np.array(self.cost, dtype=np.float64)
+
+    def indices(self, budget: int | None = None) -> tuple[int, ...]:
+        """The optimal key steps for ``budget`` encoder passes (default: the paper's count for this step
+        count)."""
+        return optimal_key_steps(self.matrix, paper_budget(self.num_steps) if budget is None else budget)
+
+    def describe(self) -> str:
+        return (
+            f"calibrated by {self.criterion} error on {len(self.prompts)} prompts (one seed each), "
+            f"{self.width}x{self.height}, {self.num_steps} steps of {self.scheduler.split(',')[0]}"
+        )
+
+    def key_steps(self, budget: int | None = None) -> KeySteps:
+        """An explicit :class:`KeySteps` for ``budget`` (default: the paper's count), which says where it
+        came from when echoed."""
+        budget_text = f"auto:{budget}" if budget is not None else "auto"
+        return KeySteps.explicit(self.indices(budget)).with_origin(f"{budget_text}, {self.describe()}")
+
+    def matches(self, model: str, scheduler: str, num_steps: int) -> bool:
+        return (self.model, self.scheduler, self.num_steps) == (model, scheduler, num_steps)
+
+    def to_json(self) -> dict[str, Any]:
+        def rounded(matrix):
+            return [[float(f"{value:.6g}") for value in row] for row in matrix]
+
+        return {
+            "model": self.model,
+            "scheduler": self.scheduler,
+            "num_steps": self.num_steps,
+            "criterion": self.criterion,
+            "prompts": list(self.prompts),
+            "seeds": list(self.seeds),
+            "guidance_scale": self.guidance_scale,
+            "height": self.height,
+            "width": self.width,
+            "seconds": round(self.seconds, 2),
+            "cost": rounded(self.cost),
+            "other": {name: rounded(matrix) for name, matrix in self.other.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Calibration:
+        try:
+            return cls(
+                model=str(data["model"]),
+                scheduler=str(data["scheduler"]),
+                num_steps=int(data["num_steps"]),
+                criterion=str(data["criterion"]),
+                cost=tuple(tuple(float(v) for v in row) for row in data["cost"]),
+                prompts=tuple(data["prompts"]),
+                seeds=tuple(int(s) for s in data["seeds"]),
+                guidance_scale=float(data["guidance_scale"]),
+                height=int(data["height"]),
+                width=int(data["width"]),
+                seconds=float(data["seconds"]),
+                other={
+                    name: tuple(tuple(float(v) for v in row) for row in matrix)
+                    for name, matrix in data.get("other", {}).items()
+                },
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise CalibrationError(f"a saved calibration is malformed ({error!r})") from error
+
+    def with_criterion(self, criterion: str) -> Calibration:
+        """The same measurement read with another criterion of ``other``."""
+        if criterion == self.criterion:
+            return self
+        if criterion not in self.other:
+            raise CalibrationError(f"this calibration did not measure the {criterion!r} criterion")
+        other = {name: m for name, m in self.other.items() if name != criterion}
+        other[self.criterion] = self.cost
+        return dataclasses.replace(self, criterion=criterion, cost=self.other[criterion], other=other)
+
+
+# ------------------------------------------------------------------------------- keys for a model
+
+
+def model_fingerprint(unet: torch.nn.Module) -> str:
+    """A short hash of the UNet's class, config and weights, the same in fp16 and fp32 and on any device.
+
+    The weights enter through a sample: the first 64 values of every 16th parameter tensor and of the last
+    one, rounded to 3 significant digits (fp16's precision), read once.
+    """
+    digest = hashlib.sha256(type(unet).__name__.encode())
+    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    parameters = list(unet.named_parameters())
+    sample = [*parameters[::16], parameters[-1]] if parameters else []
+    with torch.no_grad():
+        for name, parameter in sample:
+            values = parameter.detach().flatten()[:64].to("cpu", torch.float64).tolist()
+            digest.update(name.encode())
+            digest.update(repr(tuple(parameter.shape)).encode())
+            digest.update(",".join(f"{v:.3g}" for v in values).encode())
+    return digest.hexdigest()[:16]
+
+
+def scheduler_key(scheduler: Any) -> str:
+    """The sampler as a calibration key: the scheduler class and the settings that change its steps."""
+    config = getattr(scheduler, "config", {})
+    parts = [type(scheduler).__name__]
+    for name in ("algorithm_type", "solver_order", "prediction_type", "timestep_spacing"):
+        if name in config:
+            parts.append(f"{name}={config[name]}")
+    return ",".join(parts)
+
+
+# ---------------------------------------------------------------------------------- measuring
+
+
+class _RecordReplayHook(ModelHook):
+    """On an encoder module: record its output at every step, or serve a given output without computing."""
+
+    def __init__(self, records: list[Any], serve: dict[str, Any]) -> None:
+        super().__init__()
+        self.records = records
+        self.serve = serve
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        served = self.serve.get("outputs")
+        if served is not None:
+            return served[id(self)]
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        self.records.append(output)
+        return output
+
+
+def _flat(value: Any) -> list[torch.Tensor]:
+    """Every distinct tensor of a (nested) output, in order."""
+    from .propagation import _map_tensors
+
+    found: dict[int, torch.Tensor] = {}
+    _map_tensors(value, lambda t: found.setdefault(id(t), t))
+    return list(found.values())
+
+
+def _guided(prediction: torch.Tensor, images: int, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance as diffusers' SD pipelines apply it (unconditional rows first)."""
+    if prediction.shape[0] == 2 * images:
+        uncond, cond = prediction.chunk(2)
+        return (uncond + guidance_scale * (cond - uncond)).double()
+    return prediction.double()
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over rows of ||a - b|| / ||b||."""
+    diff = (a - b).flatten(1).norm(dim=1)
+    return float((diff / b.flatten(1).norm(dim=1).clamp_min(1e-12)).mean())
+
+
+def measure_costs(
+    pipe: Any,
+    *,
+    num_inference_steps: int,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    guidance_scale: float,
+    height: int,
+    width: int,
+    criteria: Sequence[str] = CRITERIA,
+    max_rows: int | None = None,
+) -> dict[str, np.ndarray]:
+    """One stock run of ``pipe`` (one image per prompt, ``seeds[i]`` for ``prompts[i]``), measuring the
+    N x N cost matrix of each criterion.
+
+    ``max_rows`` bounds the rows of one replay UNet call; by default as many as fit a quarter of the free
+    memory by :func:`faster_diffusion.memory.decoder_row_bytes`'s estimate, at most 512.
+    """
+    from .propagation import _add_hook, _drop_hook
+
+    unknown = [c for c in criteria if c not in CRITERIA]
+    if unknown:
+        raise CalibrationError(f"criterion must be among {CRITERIA}, got {unknown[0]!r}")
+    unet = pipe.unet
+    modules = [unet.conv_in, *unet.down_blocks] + ([unet.mid_block] if unet.mid_block is not None else [])
+    records: list[list[Any]] = [[] for _ in modules]
+    serve: dict[str, Any] = {}
+    hooks = [_RecordReplayHook(r, serve) for r in records]
+    calls: list[tuple[tuple, dict, torch.Tensor]] = []
+
+    def record_inputs(module, args, kwargs):
+        calls.append((args, kwargs))
+
+    def record_output(module, args, kwargs, output):
+        sample = output[0] if isinstance(output, tuple) else output.sample
+        args_kwargs = calls[-1]
+        calls[-1] = (*args_kwargs, sample)
+
+    for module, hook in zip(modules, hooks, strict=True):
+        _add_hook(module, hook, _REPLAY_HOOK)
+    handles = [
+        unet.register_forward_pre_hook(record_inputs, with_kwargs=True),
+        unet.register_forward_hook(record_output, with_kwargs=True),
+    ]
+    n = num_inference_steps
+    costs = {c: np.zeros((n, n)) for c in criteria}
+    try:
+        device = getattr(pipe, "_execution_device", unet.device)
+        generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        with torch.inference_mode():
+            pipe(
+                list(prompts),
+                num_inference_steps=n,
+                guidance_scale=guidance_scale,
+                height=height,
+                width=width,
+                generator=generators,
+                output_type="latent",
+            )
+            if len(calls) != n or any(len(r) != n for r in records):
+                raise CalibrationError(
+                    f"calibration expected {n} UNet calls in a stock run of {n} steps, saw {len(calls)}; the "
+                    "sampler must call the UNet once per step"
+                )
+            images = len(prompts)
+            stock = [_guided(sample, images, guidance_scale) for _, _, sample in calls]
+            if "feature" in criteria:
+                tensors = [[t for m in range(len(modules)) for t in _flat(records[m][j])] for j in range(n)]
+                for j in range(1, n):
+                    norm = sum(_row_sq(t) for t in tensors[j]).sqrt().clamp_min(1e-12)
+                    for k in range(j):
+                        diff = sum(_row_sq(a - b) for a, b in zip(tensors[j], tensors[k], strict=True))
+                        costs["feature"][k, j] = float((diff.sqrt() / norm).mean())
+            if "prediction" in criteria:
+                rows = calls[0][2].shape[0]
+                if max_rows is None:
+                    max_rows = _default_max_rows(unet, calls[0][2])
+                per_call = max(1, max_rows // rows)
+                for j in range(1, n):
+                    args, kwargs, _ = calls[j]
+                    for start in range(0, j, per_call):
+                        ks = list(range(start, min(j, start + per_call)))
+                        serve["outputs"] = {
+                            id(hook): _concat([record[k] for k in ks])
+                            for hook, record in zip(hooks, records, strict=True)
+                        }
+                        call_args, call_kwargs = _repeat_per_row((args, kwargs), rows, len(ks))
+                        out = unet(*call_args, **call_kwargs)
+                        serve.pop("outputs")
+                        sample = out[0] if isinstance(out, tuple) else out.sample
+                        for index, k in enumerate(ks):
+                            part = _guided(sample[index * rows : (index + 1) * rows], images, guidance_scale)
+                            costs["prediction"][k, j] = _relative(part, stock[j])
+    finally:
+        serve.pop("outputs", None)
+        for handle in handles:
+            handle.remove()
+        for module in modules:
+            _drop_hook(module, _REPLAY_HOOK)
+    return costs
+
+
+def _default_max_rows(unet: torch.nn.Module, sample: torch.Tensor) -> int:
+    from .memory import available_memory_bytes, decoder_row_bytes
+
+    row = decoder_row_bytes(unet.config, sample.shape[-2], sample.shape[-1], sample.element_size())
+    return int(max(1, min(512, available_memory_bytes(sample.device) // 4 // max(row, 1))))
+
+
+def _row_sq(tensor: torch.Tensor) -> torch.Tensor:
+    """Squared norm of every row, accumulated in fp32 (fp16 values squared would overflow)."""
+    return tensor.flatten(1).float().pow(2).sum(1).double()
+
+
+def _repeat_per_row(value: Any, rows: int, times: int) -> Any:
+    """Repeat ``times`` times every tensor whose first dimension is ``rows`` (per-row inputs), in nested
+    tuples, lists and dicts; timesteps and other tensors stay as they are."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 0 and value.shape[0] == rows and times > 1:
+            return value.repeat(times, *([1] * (value.dim() - 1)))
+        return value
+    if isinstance(value, dict):
+        return {name: _repeat_per_row(item, rows, times) for name, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_repeat_per_row(item, rows, times) for item in value)
+    return value
+
+
+def _concat(parts: list[Any]) -> Any:
+    """Concatenate same-structured (nested) outputs along the batch dimension, tensor by tensor; a tensor
+    that appears twice in each part (a down block's last output) stays one shared tensor."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, (tuple, list)):
+        cache: dict[tuple[int, ...], torch.Tensor] = {}
+
+        def walk(items: list[Any]) -> Any:
+            head = items[0]
+            if isinstance(head, torch.Tensor):
+                key = tuple(id(t) for t in items)
+                if key not in cache:
+                    cache[key] = torch.cat(items)
+                return cache[key]
+            if isinstance(head, (tuple, list)):
+                return type(head)(walk([item[i] for item in items]) for i in range(len(head)))
+            return head
+
+        return walk(parts)
+    return first
+
+
+# ------------------------------------------------------------------------- finding, saving, calibrating
+
+#: Calibrations made or loaded in this process, per UNet.
+_REGISTRY: weakref.WeakKeyDictionary[torch.nn.Module, list[Calibration]] = weakref.WeakKeyDictionary()
+
+
+def weights_folder(pipe: Any) -> Path | None:
+    """The local folder ``pipe`` was loaded from, if any (``pipe.name_or_path``)."""
+    name = getattr(pipe, "name_or_path", None)
+    if not name:
+        config = getattr(pipe, "config", None) or {}
+        name = config.get("_name_or_path") if hasattr(config, "get") else None
+    path = Path(name) if isinstance(name, (str, Path)) and name else None
+    return path if path is not None and path.is_dir() else None
+
+
+def load_calibrations(folder: str | Path) -> list[Calibration]:
+    """Every calibration saved in ``folder`` (none if it has no :data:`CALIBRATION_FILE`)."""
+    file = Path(folder) / CALIBRATION_FILE
+    if not file.is_file():
+        return []
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        version, entries = data["version"], data["calibrations"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CalibrationError(f"{file} cannot be read ({error}); delete it to calibrate again") from error
+    if version != FILE_VERSION:
+        raise CalibrationError(f"{file} has format version {version!r}; this version reads {FILE_VERSION}")
+    return [Calibration.from_json(entry) for entry in entries]
+
+
+def save_calibration(calibration: Calibration, folder: str | Path) -> Path:
+    """Add ``calibration`` to ``folder``'s :data:`CALIBRATION_FILE`, replacing one of the same key. The file
+    is replaced atomically, so a reader never sees half of it."""
+    folder = Path(folder)
+    kept = [
+        c
+        for c in load_calibrations(folder)
+        if not c.matches(calibration.model, calibration.scheduler, calibration.num_steps)
+    ]
+    data = {"version": FILE_VERSION, "calibrations": [c.to_json() for c in [*kept, calibration]]}
+    file = folder / CALIBRATION_FILE
+    partial = file.with_name(file.name + ".partial")
+    partial.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    partial.replace(file)
+    return file
+
+
+def register(unet: torch.nn.Module, calibration: Calibration) -> None:
+    """Make ``calibration`` known for ``unet`` in this process (``find_calibration`` looks here first)."""
+    entries = [
+        c
+        for c in _REGISTRY.get(unet, [])
+        if not c.matches(calibration.model, calibration.scheduler, calibration.num_steps)
+    ]
+    _REGISTRY[unet] = [*entries, calibration]
+
+
+def find_calibration(pipe: Any, num_steps: int, scheduler: Any = None) -> Calibration | None:
+    """The calibration of ``pipe``'s UNet for its scheduler (or ``scheduler``) and ``num_steps``: one made or
+    loaded in this process, else one saved in the folder the pipeline was loaded from; ``None`` if neither."""
+    unet = pipe.unet
+    scheduler = scheduler if scheduler is not None else pipe.scheduler
+    model, key = model_fingerprint(unet), scheduler_key(scheduler)
+    for calibration in _REGISTRY.get(unet, []):
+        if calibration.matches(model, key, num_steps):
+            return calibration
+    folder = weights_folder(pipe)
+    if folder is not None:
+        for calibration in load_calibrations(folder):
+            if calibration.matches(model, key, num_steps):
+                register(unet, calibration)
+                return calibration
+    return None
+
+
+def missing_message(pipe: Any, num_steps: int) -> str:
+    return (
+        f"key_steps 'auto' needs a calibration of this model for {scheduler_key(pipe.scheduler)} with "
+        f"{num_steps} steps, and none is saved or was made in this process. Run "
+        f"faster_diffusion.calibrate(pipe, num_inference_steps={num_steps}) once before the call (it saves "
+        "the result next to the weights when they come from a local folder), or pass explicit key steps"
+    )
+
+
+def _default_steps(scheduler: Any) -> int:
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    if isinstance(scheduler, DDIMScheduler):
+        return 50
+    if isinstance(scheduler, DPMSolverMultistepScheduler):
+        return 20
+    raise CalibrationError(
+        f"calibrate: pass num_inference_steps; there is no default for {type(scheduler).__name__}"
+    )
+
+
+def get_calibration(
+    pipe: Any,
+    *,
+    num_inference_steps: int | None = None,
+    prompts: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    guidance_scale: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    criterion: str = DEFAULT_CRITERION,
+    save: bool = True,
+    force: bool = False,
+) -> Calibration:
+    """The calibration of ``pipe`` (its UNet and current scheduler) for ``num_inference_steps`` steps: the
+    saved one if there is one (unless ``force``), else measured now with :func:`measure_costs`, registered
+    for this process and, when ``save`` and the pipeline came from a writable local folder, saved there.
+
+    Defaults: :data:`DEFAULT_PROMPTS`, one seed each from :data:`DEFAULT_SEED`, the pipeline's default size.
+    """
+    from .propagation import get_faster_diffusion
+
+    if get_faster_diffusion(pipe) is not None:
+        raise RuntimeError("calibrate: faster diffusion is attached to this pipeline; call remove() first")
+    if criterion not in CRITERIA:
+        raise CalibrationError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    steps = _default_steps(pipe.scheduler) if num_inference_steps is None else num_inference_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+        raise CalibrationError(f"num_inference_steps must be a whole number >= 2, got {steps!r}")
+    if not force:
+        found = find_calibration(pipe, steps)
+        if found is not None and (found.criterion == criterion or criterion in found.other):
+            return found.with_criterion(criterion)
+    prompts = tuple(DEFAULT_PROMPTS if prompts is None else prompts)
+    if not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise CalibrationError(f"prompts must be a non-empty list of texts, got {prompts!r}")
+    seeds = tuple(DEFAULT_SEED + i for i in range(len(prompts))) if seeds is None else tuple(seeds)
+    if len(seeds) != len(prompts):
+        raise CalibrationError(f"one seed per prompt: got {len(seeds)} seeds for {len(prompts)} prompts")
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height, width = height or size, width or size
+    started = time.perf_counter()
+    costs = measure_costs(
+        pipe,
+        num_inference_steps=steps,
+        prompts=prompts,
+        seeds=seeds,
+        guidance_scale=guidance_scale,
+        height=height,
+        width=width,
+    )
+    seconds = time.perf_counter() - started
+
+    def as_tuple(matrix: np.ndarray) -> tuple[tuple[float, ...], ...]:
+        return tuple(tuple(float(v) for v in row) for row in matrix)
+
+    calibration = Calibration(
+        model=model_fingerprint(pipe.unet),
+        scheduler=scheduler_key(pipe.scheduler),
+        num_steps=steps,
+        criterion=criterion,
+        cost=as_tuple(costs[criterion]),
+        prompts=prompts,
+        seeds=seeds,
+        guidance_scale=float(guidance_scale),
+        height=height,
+        width=width,
+        seconds=seconds,
+        other={name: as_tuple(matrix) for name, matrix in costs.items() if name != criterion},
+    )
+    logger.info("calibrated %s", calibration.describe())
+    register(pipe.unet, calibration)
+    folder = weights_folder(pipe)
+    if save and folder is not None:
+        try:
+            save_calibration(calibration, folder)
+        except OSError as error:  # a read-only weights folder: keep it for this process only
+            logger.warning(
+                "could not save the calibration in %s (%s); it is kept for this process", folder, error
+            )
+    return calibration
+
+
+def calibrate(pipe: Any, budget: int | None = None, **options: Any) -> KeySteps:
+    """Key steps for ``pipe``, placed where the model's own features say reuse costs least.
+
+    ``budget`` is the number of key steps (encoder passes); default: the paper's count for the step count (9
+    of 50, 7 of 20). ``options`` are those of :func:`get_calibration` (``num_inference_steps``, ``prompts``,
+    ``seeds``, ``guidance_scale``, ``height``, ``width``, ``criterion``, ``save``, ``force``). The result is
+    an explicit list that says where it came from when echoed.
+    """
+    return get_calibration(pipe, **options).key_steps(budget)
