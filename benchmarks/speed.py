@@ -390,6 +390,8 @@ class Bench:
     seed: int
     trim: bool
     clock: UnetClock
+    #: Key steps of the accelerated modes.
+    key_steps: KeySteps = field(default_factory=KeySteps.paper)
     #: ``FasterDiffusionConfig.max_decoder_batch`` of the batched mode.
     max_decoder_batch: int | str | None = "auto"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -401,7 +403,7 @@ class Bench:
         handle = None
         if mode != "stock":
             config = FasterDiffusionConfig(
-                key_steps=KeySteps.paper(),
+                key_steps=self.key_steps,
                 parallel=mode == BATCHED_MODE,
                 max_decoder_batch=self.max_decoder_batch,
                 noise_injection=NoiseInjection(),
@@ -763,6 +765,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--probe-repeats", type=int, default=2, help="timed calls per --decoder-probe size")
     parser.add_argument(
+        "--key-steps",
+        default="paper",
+        help="key steps of the accelerated modes, for every sampler: paper (default), uniform:K or a list",
+    )
+    parser.add_argument(
         "--no-malloc-trim",
         action="store_true",
         help="do not return freed heap memory to the OS before each call (makes RSS increases unreliable)",
@@ -781,6 +788,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--samplers: give at least one sampler")
     if any(g < 1 for g in args.probe_groups):
         parser.error(f"--decoder-probe: group sizes must be >= 1, got {args.decoder_probe!r}")
+    try:
+        args.key_step_spec = KeySteps.parse(args.key_steps)
+        for sampler in args.sampler_list:
+            args.key_step_spec.resolve(sampler.default_steps)
+    except ValueError as error:
+        parser.error(f"--key-steps: {error}")
     cap = args.max_decoder_batch.strip().lower()
     if cap not in ("auto", "none") and not (cap.isdigit() and int(cap) >= 1):
         parser.error(
@@ -863,6 +876,7 @@ def benchmark(argv: Sequence[str] | None = None) -> Benchmark:
         trim=not args.no_malloc_trim,
         clock=UnetClock(pipe.unet, device_sync(device)),
         max_decoder_batch=args.decoder_cap,
+        key_steps=args.key_step_spec,
         device=device,
     )
     warmups: list[Run] = []
@@ -925,7 +939,9 @@ def benchmark(argv: Sequence[str] | None = None) -> Benchmark:
         "Every setting applies identically to all modes.",
         f"- Generation: prompt {args.prompt!r}, negative prompt {args.negative_prompt!r}, guidance "
         f'{args.guidance_scale}, seed {args.seed} for every run, `output_type="pil"`',
-        "- Accelerated modes: the paper's key steps (`KeySteps.paper()`), prior noise injection on "
+        f"- Accelerated modes: key steps `{args.key_step_spec}`"
+        + (" (the paper's)" if args.key_step_spec == KeySteps.paper() else "")
+        + ", prior noise injection on "
         "(alpha 0.003, tau 500); `propagation`: `parallel=False`; `propagation+batched`: `parallel=True`, "
         f"`max_decoder_batch={args.decoder_cap!r}`",
         f"- Repeats: {args.repeats} timed per sampler and mode after one untimed warm-up each, interleaved "

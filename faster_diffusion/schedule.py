@@ -84,6 +84,40 @@ def uniform_key_steps(num_steps: int, every: int) -> tuple[int, ...]:
     return tuple(range(0, num_steps, every))
 
 
+def evenly_spaced_key_steps(num_steps: int, budget: int) -> tuple[int, ...]:
+    """``budget`` key steps spread evenly over ``num_steps`` steps: ``round(i * num_steps / budget)`` (half
+    up) for ``i = 0 .. budget-1``. For a budget that divides the step count this is ``uniform``."""
+    _check_num_steps(num_steps)
+    _check_budget(num_steps, budget)
+    return tuple(math.floor(i * num_steps / budget + 0.5) for i in range(budget))
+
+
+def paper_shaped_key_steps(num_steps: int, budget: int) -> tuple[int, ...]:
+    """The paper's preset stretched or squeezed to ``budget`` key steps: the same shape, dense early, sparse
+    late. The preset's i-th of L key steps sits at fraction ``i / L`` of the budget; a budget of B takes the
+    piecewise-linear interpolation of the preset (with ``num_steps`` at fraction 1) at ``j / B``, rounded,
+    kept strictly increasing. ``budget == L`` gives the preset itself."""
+    _check_num_steps(num_steps)
+    _check_budget(num_steps, budget)
+    paper = paper_key_steps(num_steps)
+    points = [i / len(paper) for i in range(len(paper))] + [1.0]
+    values = [*paper, num_steps]
+    keys: list[int] = []
+    for j in range(budget):
+        x = j / budget
+        segment = max(i for i in range(len(points) - 1) if points[i] <= x)
+        x0, x1, y0, y1 = points[segment], points[segment + 1], values[segment], values[segment + 1]
+        value = math.floor(y0 + (y1 - y0) * (x - x0) / (x1 - x0) + 0.5)
+        lowest = keys[-1] + 1 if keys else 0
+        keys.append(min(max(value, lowest), num_steps - (budget - j)))
+    return tuple(keys)
+
+
+def _check_budget(num_steps: int, budget: int) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= num_steps:
+        raise KeyStepError(f"budget must be a whole number from 1 to {num_steps}, got {budget!r}")
+
+
 def _check_num_steps(num_steps: int) -> None:
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise KeyStepError(f"num_steps must be a whole number >= 1, got {num_steps!r}")

@@ -1,0 +1,328 @@
+"""The speed-quality frontier of key-step placements, and which calibration criterion predicts quality.
+
+Protocol (fixed before the first full run; see ``benchmarks/README.md``):
+
+- Evaluation set: the quality benchmark's (``benchmarks/quality.py``): 80 attribute combinations that
+  training never saw x 3 seeds (0-239), guidance 5.0, on the trained reference model. The calibration that
+  ``auto`` uses ran on other prompts (training combinations) and other seeds (90,000 and up).
+- Samplers and budgets (key steps = encoder passes): DDIM-50 at every budget from 5 to 25, DPM-Solver-20 at
+  every budget from 4 to 12.
+- Families at each budget, all with prior noise injection (the default):
+  ``auto`` (the calibration's criterion, :data:`faster_diffusion.calibration.DEFAULT_CRITERION`),
+  ``auto (other criterion)``, ``uniform`` (evenly spaced, ``schedule.evenly_spaced_key_steps``) and
+  ``paper-shaped`` (the paper's preset stretched to the budget, ``schedule.paper_shaped_key_steps``; the
+  preset itself at 9 of 50 and 7 of 20). A list two families share is generated once.
+- Quality of a schedule: (a) faithfulness: the share of pairs whose five attributes the classifier reads
+  right, as a difference to stock in points, with a 95% paired bootstrap interval (1000 draws over the
+  pairs, shared by all schedules); (b) PSNR against the stock image of the same pair, with its interval.
+- "Within noise of stock": the interval of the faithfulness difference contains 0 and its point estimate is
+  at least -1 point. The smallest such budget of ``auto`` is reported, and also the smallest from which every
+  larger budget holds too.
+- Criteria: for each sampler, Spearman's rank correlation between each criterion's predicted cost
+  (``calibration.schedule_cost``) and the measured mean PSNR, and the faithfulness difference, over all
+  distinct schedules of all families and budgets. The criterion with the larger mean |rho| against PSNR over
+  the two samplers is the better one.
+
+    python benchmarks/frontier.py                       # -> benchmarks/results/frontier.md, .json, .png
+    python benchmarks/frontier.py --quick --out /tmp/f.md   # a smoke run: 8 pairs, 2 budgets each
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks import quality  # noqa: E402
+from faster_diffusion import KeySteps, Sampler, reference, shapes, use_sampler  # noqa: E402
+from faster_diffusion.calibration import (  # noqa: E402
+    CRITERIA,
+    DEFAULT_CRITERION,
+    find_calibration,
+    optimal_key_steps,
+    paper_budget,
+    schedule_cost,
+)
+from faster_diffusion.loading import load_pipeline  # noqa: E402
+from faster_diffusion.schedule import evenly_spaced_key_steps, paper_shaped_key_steps  # noqa: E402
+
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+BUDGETS = {Sampler.DDIM: range(5, 26), Sampler.DPM_SOLVER: range(4, 13)}
+QUICK_BUDGETS = {Sampler.DDIM: (5, 9), Sampler.DPM_SOLVER: (4, 7)}
+OTHER_CRITERION = next(c for c in CRITERIA if c != DEFAULT_CRITERION)
+FAMILIES = ("auto", f"auto ({OTHER_CRITERION})", "uniform", "paper-shaped")
+#: Within noise of stock: the faithfulness difference's interval contains 0 and its point is >= this.
+WITHIN_NOISE_POINTS = -1.0
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+
+    def ranks(v: np.ndarray) -> np.ndarray:
+        order = np.argsort(v, kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v), dtype=np.float64)
+        for value in np.unique(v):  # ties share their mean rank
+            tied = v == value
+            r[tied] = r[tied].mean()
+        return r
+
+    rx, ry = ranks(np.asarray(x, np.float64)), ranks(np.asarray(y, np.float64))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denominator = np.sqrt((rx**2).sum() * (ry**2).sum())
+    return float((rx * ry).sum() / denominator) if denominator else float("nan")
+
+
+def schedules_for(sampler: Sampler, budgets, costs: dict[str, np.ndarray]) -> dict[tuple[str, int], tuple]:
+    steps = sampler.default_steps
+    out = {}
+    for budget in budgets:
+        out[("auto", budget)] = optimal_key_steps(costs[DEFAULT_CRITERION], budget)
+        out[(f"auto ({OTHER_CRITERION})", budget)] = optimal_key_steps(costs[OTHER_CRITERION], budget)
+        out[("uniform", budget)] = evenly_spaced_key_steps(steps, budget)
+        out[("paper-shaped", budget)] = paper_shaped_key_steps(steps, budget)
+    return out
+
+
+def within_noise(delta: float, ci: tuple[float, float]) -> bool:
+    return ci[0] <= 0.0 <= ci[1] and delta * 100 >= WITHIN_NOISE_POINTS
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(results), 2, figsize=(12, 4.2 * len(results)), squeeze=False)
+    for row, (sampler, by_family) in enumerate(results.items()):
+        for col, (metric, label) in enumerate(
+            (("delta", "faithfulness − stock (points)"), ("psnr", "PSNR vs stock (dB)"))
+        ):
+            ax = axes[row][col]
+            for family in FAMILIES:
+                points = sorted(by_family[family].items())
+                budgets = [b for b, _ in points]
+                scale = 100 if metric == "delta" else 1
+                values = [m[metric] * scale for _, m in points]
+                low = [m[f"{metric}_ci"][0] * scale for _, m in points]
+                high = [m[f"{metric}_ci"][1] * scale for _, m in points]
+                (line,) = ax.plot(budgets, values, marker="o", markersize=3, label=family)
+                ax.fill_between(budgets, low, high, color=line.get_color(), alpha=0.15)
+            if metric == "delta":
+                ax.axhline(0, color="black", linewidth=0.8)
+                ax.axhline(WITHIN_NOISE_POINTS, color="0.6", linewidth=0.8, linestyle="--")
+            ax.axvline(paper_budget(sampler.default_steps), color="0.85", linewidth=0.8, zorder=0)
+            ax.set_xlabel("key steps (encoder passes); grey line: the paper's budget")
+            ax.set_ylabel(label)
+            ax.set_title(f"{sampler.value}: {label}")
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: 8 pairs, 2 budgets per sampler")
+    parser.add_argument("--out", type=Path, default=RESULTS / "frontier.md")
+    parser.add_argument("--device", default="cpu", help="torch device of the pipeline (cpu or cuda)")
+    parser.add_argument("--boot", type=int, default=None, help="bootstrap draws (default 1000, quick 20)")
+    parser.add_argument("--batch", type=int, default=80, help="prompts per pipeline call")
+    args = parser.parse_args(argv)
+    argv_list = list(argv if argv is not None else sys.argv[1:])
+    boot = args.boot or (20 if args.quick else 1000)
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    t0 = time.perf_counter()
+
+    pipe = load_pipeline(reference.MODEL_DIR, device=args.device, safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    classifier = reference.load_classifier(reference.CLASSIFIER_PATH)
+    combos = shapes.HELD_OUT_COMBOS[:4] if args.quick else shapes.HELD_OUT_COMBOS
+    per_combo = 2 if args.quick else quality.SEEDS_PER_COMBO
+    scenes = [shapes.Scene(*c) for c in combos for _ in range(per_combo)]
+    prompts = [shapes.caption(s) for s in scenes]
+    seeds = list(range(len(scenes)))
+    labels = np.array([s.labels() for s in scenes])
+    n = len(scenes)
+    rng = np.random.default_rng(0)
+    draws = [rng.integers(0, n, n) for _ in range(boot)]
+    guidance = reference.GUIDANCE_SCALE
+
+    results: dict[Sampler, dict[str, dict[int, dict]]] = {}
+    correlations: dict[Sampler, dict[str, dict[str, float]]] = {}
+    stock_rows = {}
+    for sampler in (Sampler.DDIM, Sampler.DPM_SOLVER):
+        use_sampler(pipe, sampler)
+        calibration = find_calibration(pipe, sampler.default_steps)
+        if calibration is None:
+            raise SystemExit(f"no saved calibration of the reference model for {sampler.value}")
+        costs = {c: calibration.with_criterion(c).matrix for c in CRITERIA}
+        budgets = QUICK_BUDGETS[sampler] if args.quick else BUDGETS[sampler]
+        schedules = schedules_for(sampler, budgets, costs)
+        stock = quality.generate(
+            pipe, sampler, quality.Config("stock", None), prompts, seeds, guidance, args.batch
+        )
+        predicted, _ = quality.classify(classifier, stock.images)
+        stock_correct = (predicted == labels).all(axis=1).astype(np.float64)
+        stock_boot = np.array([stock_correct[d].mean() for d in draws])
+        stock_rows[sampler] = {"all": float(stock_correct.mean()), "seconds": stock.seconds}
+        measured: dict[tuple, dict] = {}
+        for indices in dict.fromkeys(schedules.values()):
+            config = quality.Config(f"keys {indices}", KeySteps.explicit(indices))
+            run = quality.generate(pipe, sampler, config, prompts, seeds, guidance, args.batch)
+            predicted, _ = quality.classify(classifier, run.images)
+            correct = (predicted == labels).all(axis=1).astype(np.float64)
+            p = np.minimum(quality.psnr(run.images, stock.images), 100.0)
+            measured[indices] = {
+                "key_steps": list(indices),
+                "all": float(correct.mean()),
+                "delta": float(correct.mean() - stock_correct.mean()),
+                "delta_ci": quality.interval(np.array([correct[d].mean() for d in draws]) - stock_boot),
+                "psnr": float(p.mean()),
+                "psnr_ci": quality.interval(np.array([p[d].mean() for d in draws])),
+                "seconds": run.seconds,
+                "cost": {c: schedule_cost(costs[c], indices) for c in CRITERIA},
+            }
+            print(
+                f"{sampler.value} {list(indices)}: {measured[indices]['delta'] * 100:+.1f} pts, "
+                f"{measured[indices]['psnr']:.1f} dB",
+                flush=True,
+            )
+        results[sampler] = {family: {} for family in FAMILIES}
+        for (family, budget), indices in schedules.items():
+            results[sampler][family][budget] = measured[indices]
+        distinct = list(measured.values())
+        correlations[sampler] = {
+            c: {
+                "psnr": spearman([-m["cost"][c] for m in distinct], [m["psnr"] for m in distinct]),
+                "delta": spearman([-m["cost"][c] for m in distinct], [m["delta"] for m in distinct]),
+            }
+            for c in CRITERIA
+        }
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    stem = args.out.with_suffix("")
+    plot(results, Path(f"{stem}.png"))
+    text = report(argv_list, args, started, time.perf_counter() - t0, n, results, correlations, stock_rows)
+    args.out.write_text(text)
+    data = {
+        "pairs": n,
+        "stock": {s.value: v for s, v in stock_rows.items()},
+        "correlations": {s.value: v for s, v in correlations.items()},
+        "results": {
+            s.value: {family: {str(b): m for b, m in by_budget.items()} for family, by_budget in by.items()}
+            for s, by in results.items()
+        },
+    }
+    Path(f"{stem}.json").write_text(json.dumps(data, indent=1))
+    print(text)
+    return 0
+
+
+def smallest_within_noise(by_budget: dict[int, dict]) -> tuple[int | None, int | None]:
+    """(smallest budget within noise, smallest budget from which every larger one is within noise)."""
+    ok = {b: within_noise(m["delta"], m["delta_ci"]) for b, m in by_budget.items()}
+    first = min((b for b, good in ok.items() if good), default=None)
+    from_on = None
+    for b in sorted(ok, reverse=True):
+        if not ok[b]:
+            break
+        from_on = b
+    return first, from_on
+
+
+def report(argv, args, started, wall, n, results, correlations, stock_rows) -> str:
+    command = " ".join(shlex.quote(a) for a in ["python", "benchmarks/frontier.py", *argv])
+    device = (
+        torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "CPU"
+    )
+    lines = [
+        "# Key-step placement: the speed-quality frontier on the reference model",
+        "",
+        f"Command: `{command}`  ",
+        f"Started {started}; took {wall / 60:.1f} min on {args.device} ({device}); "
+        f"torch {torch.__version__}.  ",
+        f"{n} held-out prompt x seed pairs (the quality benchmark's), guidance {reference.GUIDANCE_SCALE}; "
+        "noise injection on for every schedule. Faithfulness: all five attributes read right. Intervals: 95% "
+        "paired bootstrap over the pairs. 'Within noise': the faithfulness difference's interval contains 0 "
+        f"and its point is at least {WITHIN_NOISE_POINTS:+.0f} point.",
+        "",
+        "## Which criterion predicts quality",
+        "",
+        "Spearman's rho between minus each criterion's predicted cost and the measured quality, over every "
+        "distinct schedule of the run (all families and budgets):",
+        "",
+        "| sampler | criterion | rho vs PSNR | rho vs faithfulness difference |",
+        "|---|---|---|---|",
+    ]
+    for sampler, by_criterion in correlations.items():
+        for criterion, rho in by_criterion.items():
+            lines.append(f"| {sampler.value} | {criterion} | {rho['psnr']:.3f} | {rho['delta']:.3f} |")
+    mean_rho = {c: np.mean([abs(correlations[s][c]["psnr"]) for s in correlations]) for c in CRITERIA}
+    better = max(mean_rho, key=mean_rho.get)
+    lines += [
+        "",
+        "Mean |rho| against PSNR: "
+        + ", ".join(f"{c} {v:.3f}" for c, v in mean_rho.items())
+        + f". The better criterion by the protocol: **{better}**.",
+        "",
+    ]
+    for sampler, by_family in results.items():
+        steps = sampler.default_steps
+        pb = paper_budget(steps)
+        first, from_on = smallest_within_noise(by_family["auto"])
+        at_paper = {f: by_family[f].get(pb) for f in FAMILIES}
+        lines += [
+            f"## {sampler.value}",
+            "",
+            f"Stock: {stock_rows[sampler]['all'] * 100:.1f}% of pairs fully right.",
+            f"`auto` within noise of stock: smallest budget {first}; from {from_on} on at every larger "
+            "budget.",
+            "",
+        ]
+        if all(at_paper.values()):
+            lines.append(f"At the paper's budget ({pb} of {steps}):")
+            lines.append("")
+            for family, m in at_paper.items():
+                lines.append(
+                    f"- {family}: {m['delta'] * 100:+.1f} [{m['delta_ci'][0] * 100:+.1f}, "
+                    f"{m['delta_ci'][1] * 100:+.1f}] points, PSNR {m['psnr']:.1f} dB; {m['key_steps']}"
+                )
+            lines.append("")
+        lines += [
+            "| budget | family | key steps | faithfulness − stock (pts) | PSNR vs stock (dB) "
+            "| predicted cost (prediction / feature) |",
+            "|---|---|---|---|---|---|",
+        ]
+        budgets = sorted(by_family["auto"])
+        for budget in budgets:
+            for family in FAMILIES:
+                m = by_family[family][budget]
+                lines.append(
+                    f"| {budget} | {family} | {', '.join(map(str, m['key_steps']))} "
+                    f"| {m['delta'] * 100:+.1f} "
+                    f"[{m['delta_ci'][0] * 100:+.1f}, {m['delta_ci'][1] * 100:+.1f}] "
+                    f"| {m['psnr']:.1f} [{m['psnr_ci'][0]:.1f}, {m['psnr_ci'][1]:.1f}] "
+                    f"| {m['cost']['prediction']:.2f} / {m['cost']['feature']:.2f} |"
+                )
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
