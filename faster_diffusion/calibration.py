@@ -143,7 +143,7 @@ def paper_budget(num_steps: int) -> int:
 class Calibration:
     """The measured cost matrix of one model, sampler and step count, and how it was measured."""
 
-    #: :func:`model_fingerprint` of the UNet.
+    #: :func:`model_fingerprint` of the UNet (its architecture).
     model: str
     #: :func:`scheduler_key` of the sampler.
     scheduler: str
@@ -160,6 +160,8 @@ class Calibration:
     seconds: float
     #: Other criteria measured in the same run, for comparison (same layout as ``cost``).
     other: dict[str, tuple[tuple[float, ...], ...]] = field(default_factory=dict)
+    #: :func:`weight_probe` of the UNet (its weights).
+    probe: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
@@ -188,8 +190,13 @@ class Calibration:
         budget_text = f"auto:{budget}" if budget is not None else "auto"
         return KeySteps.explicit(self.indices(budget)).with_origin(f"{budget_text}, {self.describe()}")
 
-    def matches(self, model: str, scheduler: str, num_steps: int) -> bool:
-        return (self.model, self.scheduler, self.num_steps) == (model, scheduler, num_steps)
+    def matches(
+        self, model: str, scheduler: str, num_steps: int, probe: Sequence[float] | None = None
+    ) -> bool:
+        """Whether this is the calibration of that architecture, sampler and step count, and, when
+        ``probe`` is given, of those weights."""
+        same_key = (self.model, self.scheduler, self.num_steps) == (model, scheduler, num_steps)
+        return same_key and (probe is None or same_weights(self.probe, probe))
 
     def to_json(self) -> dict[str, Any]:
         def rounded(matrix):
@@ -208,6 +215,7 @@ class Calibration:
             "seconds": round(self.seconds, 2),
             "cost": rounded(self.cost),
             "other": {name: rounded(matrix) for name, matrix in self.other.items()},
+            "weights_probe": [float(f"{value:.9g}") for value in self.probe],
         }
 
     @classmethod
@@ -229,6 +237,7 @@ class Calibration:
                     name: tuple(tuple(float(v) for v in row) for row in matrix)
                     for name, matrix in data.get("other", {}).items()
                 },
+                probe=tuple(float(v) for v in data["weights_probe"]),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise CalibrationError(f"a saved calibration is malformed ({error!r})") from error
@@ -248,23 +257,42 @@ class Calibration:
 
 
 def model_fingerprint(unet: torch.nn.Module) -> str:
-    """A short hash of the UNet's class, config and weights, the same in fp16 and fp32 and on any device.
-
-    The weights enter through a sample: the first 64 values of every 16th parameter tensor and of the last
-    one, rounded to 3 significant digits (fp16's precision), read once.
-    """
+    """A short hash of the UNet's class, config and parameter names and shapes: its architecture. Whether
+    two UNets of one architecture hold the same weights is :func:`weight_probe`'s part."""
     digest = hashlib.sha256(type(unet).__name__.encode())
     config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    parameters = list(unet.named_parameters())
-    sample = [*parameters[::16], parameters[-1]] if parameters else []
-    with torch.no_grad():
-        for name, parameter in sample:
-            values = parameter.detach().flatten()[:64].to("cpu", torch.float64).tolist()
-            digest.update(name.encode())
-            digest.update(repr(tuple(parameter.shape)).encode())
-            digest.update(",".join(f"{v:.3g}" for v in values).encode())
+    for name, parameter in unet.named_parameters():
+        digest.update(f"{name}{tuple(parameter.shape)}".encode())
     return digest.hexdigest()[:16]
+
+
+#: Values :func:`weight_probe` reads, and the tolerance two probes of the same weights agree within: fp16 and
+#: bf16 copies of fp32 weights round by at most 2^-11 and 2^-8 relative, a fine-tune moves weights further.
+PROBE_VALUES = 64
+PROBE_RTOL, PROBE_ATOL = 1e-2, 1e-6
+
+
+def weight_probe(unet: torch.nn.Module) -> tuple[float, ...]:
+    """A sample of the UNet's weights, read once: two values (the first and the middle one) of
+    :data:`PROBE_VALUES` / 2 parameter tensors spread over the network. Compared with a tolerance
+    (:func:`same_weights`), so a copy in fp16 or on another device matches its fp32 original."""
+    parameters = [p for p in unet.parameters() if p.numel() > 0]
+    if not parameters:
+        return ()
+    count = min(len(parameters), PROBE_VALUES // 2)
+    chosen = [parameters[round(i * (len(parameters) - 1) / max(count - 1, 1))] for i in range(count)]
+    values: list[float] = []
+    with torch.no_grad():
+        for parameter in chosen:
+            flat = parameter.detach().flatten()
+            values += flat[torch.tensor([0, flat.numel() // 2], device=flat.device)].double().tolist()
+    return tuple(values)
+
+
+def same_weights(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Whether two :func:`weight_probe` samples come from the same weights (up to fp16/bf16 rounding)."""
+    return len(a) == len(b) and bool(np.allclose(a, b, rtol=PROBE_RTOL, atol=PROBE_ATOL))
 
 
 def scheduler_key(scheduler: Any) -> str:
@@ -500,7 +528,10 @@ def load_calibrations(folder: str | Path) -> list[Calibration]:
         raise CalibrationError(f"{file} cannot be read ({error}); delete it to calibrate again") from error
     if version != FILE_VERSION:
         raise CalibrationError(f"{file} has format version {version!r}; this version reads {FILE_VERSION}")
-    return [Calibration.from_json(entry) for entry in entries]
+    try:
+        return [Calibration.from_json(entry) for entry in entries]
+    except CalibrationError as error:
+        raise CalibrationError(f"{file}: {error}; delete it to calibrate again") from error
 
 
 def save_calibration(calibration: Calibration, folder: str | Path) -> Path:
@@ -535,14 +566,14 @@ def find_calibration(pipe: Any, num_steps: int, scheduler: Any = None) -> Calibr
     loaded in this process, else one saved in the folder the pipeline was loaded from; ``None`` if neither."""
     unet = pipe.unet
     scheduler = scheduler if scheduler is not None else pipe.scheduler
-    model, key = model_fingerprint(unet), scheduler_key(scheduler)
+    model, key, probe = model_fingerprint(unet), scheduler_key(scheduler), weight_probe(unet)
     for calibration in _REGISTRY.get(unet, []):
-        if calibration.matches(model, key, num_steps):
+        if calibration.matches(model, key, num_steps, probe):
             return calibration
     folder = weights_folder(pipe)
     if folder is not None:
         for calibration in load_calibrations(folder):
-            if calibration.matches(model, key, num_steps):
+            if calibration.matches(model, key, num_steps, probe):
                 register(unet, calibration)
                 return calibration
     return None
@@ -637,6 +668,7 @@ def get_calibration(
         width=width,
         seconds=seconds,
         other={name: as_tuple(matrix) for name, matrix in costs.items() if name != criterion},
+        probe=weight_probe(pipe.unet),
     )
     logger.info("calibrated %s", calibration.describe())
     register(pipe.unet, calibration)
