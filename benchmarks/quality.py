@@ -207,14 +207,18 @@ def half_samples(rng: np.random.Generator, n: int, count: int) -> list[np.ndarra
 
 
 def recentred_interval(point: float, half_values: np.ndarray) -> tuple[float, float]:
-    """A 95% interval for a Fréchet distance from its values on half samples.
+    """A 95% interval for a distance between feature sets from its values on half samples.
 
     A bootstrap with replacement does not work for a Fréchet distance: repeated rows shrink the covariance's
     rank and push every resample far above the full-set value. Half samples drawn without replacement have
-    no repeats; their spread around their median, scaled by sqrt(1/2) (variance ~ 1/n), is put around the
-    full-set value.
+    no repeats; their spread around their median is put around the full-set value, unscaled. That is the
+    delete-d jackknife with d = n/2 (Shao and Wu 1989), whose variance factor (n - d) / d is 1. For a mean of
+    rows of variance s^2, the mean of a half drawn from the fixed sample varies about the full mean with
+    variance s^2 / (n/2) - s^2 / n = s^2 / n (the finite-population correction): as much as the full mean
+    varies between samples. Scaling the spread by sqrt(1/2), as if the halves were fresh samples of n/2,
+    gives intervals sqrt(2) too narrow.
     """
-    spread = (half_values - np.median(half_values)) * np.sqrt(0.5)
+    spread = half_values - np.median(half_values)
     low, high = np.percentile(spread, [2.5, 97.5])
     return point + float(low), point + float(high)
 

@@ -224,6 +224,17 @@ def test_frechet_distance_psnr_and_ssim():
     assert (quality.ssim(images, light) < 1).all()
 
 
+def test_half_sample_interval_of_a_mean_is_as_wide_as_its_sampling_interval():
+    """Halves of a fixed sample vary about it as much as the full sample's mean varies (finite-population
+    correction): the interval must be about 2 x 1.96 sigma / sqrt(n) wide, not sqrt(1/2) of that."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=400)
+    halves = quality.half_samples(rng, len(x), 4000)
+    low, high = quality.recentred_interval(x.mean(), np.array([x[h].mean() for h in halves]))
+    assert low < x.mean() < high
+    assert high - low == pytest.approx(2 * 1.96 * x.std() / np.sqrt(len(x)), rel=0.1)
+
+
 def test_reversed_paper_key_steps():
     assert quality.reversed_paper_key_steps(50) == (0, 15, 25, 35, 40, 45, 47, 48, 49)
     assert quality.reversed_paper_key_steps(20) == (0, 5, 10, 15, 17, 18, 19)
