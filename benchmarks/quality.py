@@ -5,6 +5,8 @@ Generates a fixed set of prompt x seed pairs, all from attribute combinations th
 
 - ``stock``: plain diffusers;
 - ``paper``: the paper's key steps, with prior noise injection (the default of this project);
+- ``auto``: key steps calibrated on this model (``KeySteps.auto()``, the paper's budget: 9 of 50, 7 of 20),
+  with noise injection, resolved from the calibration file committed in the model folder;
 - ``paper, no noise``: the same without noise injection;
 - ``uniform:k``: a key step every k steps, with noise injection;
 - ``paper reversed``: a badly placed set of the same size as the paper's, with the paper's gaps in reverse
@@ -15,13 +17,15 @@ and reports, per sampler (DDIM-50 and DPM-Solver-20):
 
 - prompt faithfulness: how often the attribute classifier reads all five attributes of the prompt off the
   image, and each attribute alone (stands in for CLIP score);
-- a Fréchet distance between the classifier's 64-d features of generated and of real held-out images (stands
-  in for FID), with the floor given by a second real set;
+- two distances between the classifier's 64-d features of generated and of real held-out images (stand in
+  for FID): a Fréchet distance and the kernel distance (KID, unbiased, so it can be negative), with the floor
+  of each given by a second real set;
 - fidelity to stock: PSNR and SSIM of each accelerated image against the stock image from the same seed;
 - cost: encoder and decoder passes per image trajectory, and wall time of the whole set.
 
 Intervals are 95%: percentile bootstraps over the prompt x seed pairs for accuracies, PSNR and SSIM, and half
-samples without replacement for Fréchet distances (see ``recentred_interval``). The draws are shared by all
+samples without replacement for Fréchet and kernel distances (see ``recentred_interval`` and
+``half_kernel_distances``). The draws are shared by all
 configurations, so a difference to stock gets an interval too. It also reproduces the paper's
 analysis (its Fig. 2): the relative change of the encoder's (mid block) and the decoder's (last up block)
 features between adjacent steps of stock sampling, plotted to ``feature-change.png``.
