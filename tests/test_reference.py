@@ -224,6 +224,58 @@ def test_frechet_distance_psnr_and_ssim():
     assert (quality.ssim(images, light) < 1).all()
 
 
+def test_kernel_distance_by_hand():
+    # Rows in 1-d, kernel (x y + 1)^3. a = (0, 1): k(0, 1) = 1. b = (1, 2): k(1, 2) = 27.
+    # Across: k(0, 1) = 1, k(0, 2) = 1, k(1, 1) = 8, k(1, 2) = 27, mean 37 / 4.
+    a, b = np.array([[0.0], [1.0]]), np.array([[1.0], [2.0]])
+    assert quality.kernel_distance(a, b) == pytest.approx(1 + 27 - 2 * 37 / 4)
+    # 2-d: x . y / 2 + 1. a = (1, 1), (1, -1): k = (0 + 1)^3 = 1; b = (2, 0), (0, 0): k = 1;
+    # across: (1 + 1)^3 = 8, 1, 8, 1, mean 4.5.
+    a, b = np.array([[1.0, 1.0], [1.0, -1.0]]), np.array([[2.0, 0.0], [0.0, 0.0]])
+    assert quality.kernel_distance(a, b) == pytest.approx(1 + 1 - 2 * 4.5)
+    with pytest.raises(ValueError, match="same D"):
+        quality.kernel_distance(a, a[:, :1])
+
+
+def test_kernel_distance_is_unbiased_and_grows_with_a_mean_shift():
+    rng = np.random.default_rng(0)
+    same = [quality.kernel_distance(rng.normal(size=(300, 8)), rng.normal(size=(400, 8))) for _ in range(40)]
+    # Unbiased: values of two samples of one Gaussian scatter around 0, below it too; the biased
+    # V-statistic (diagonal terms kept) would be positive every time.
+    assert min(same) < 0 < max(same)
+    assert abs(np.mean(same)) < 3 * np.std(same) / np.sqrt(len(same))
+    b = rng.normal(size=(2000, 8))
+    near = quality.kernel_distance(rng.normal(size=(2000, 8)), b)
+    shifts = [
+        quality.kernel_distance(rng.normal(size=(2000, 8)) + np.eye(8)[0] * s, b) for s in (0.5, 1.0, 2.0)
+    ]
+    assert abs(near) < 0.1 * shifts[0]
+    assert 0 < shifts[0] < shifts[1] < shifts[2]
+
+
+def test_kernel_distance_half_sample_interval_contains_the_estimate():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(120, 8)) + 0.3, rng.normal(size=(160, 8))
+    halves = list(zip(quality.half_samples(rng, 120, 200), quality.half_samples(rng, 160, 200), strict=True))
+    values = quality.half_kernel_distances(a, b, halves)
+    h, r = halves[0]
+    assert values[0] == pytest.approx(quality.kernel_distance(a[h], b[r]))
+    point = quality.kernel_distance(a, b)
+    low, high = quality.recentred_interval(point, values)
+    assert low < point < high and low > 0  # a shift of 0.3 in every dimension is seen
+
+
+def test_half_sample_interval_of_a_mean_is_as_wide_as_its_sampling_interval():
+    """Halves of a fixed sample vary about it as much as the full sample's mean varies (finite-population
+    correction): the interval must be about 2 x 1.96 sigma / sqrt(n) wide, not sqrt(1/2) of that."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=400)
+    halves = quality.half_samples(rng, len(x), 4000)
+    low, high = quality.recentred_interval(x.mean(), np.array([x[h].mean() for h in halves]))
+    assert low < x.mean() < high
+    assert high - low == pytest.approx(2 * 1.96 * x.std() / np.sqrt(len(x)), rel=0.1)
+
+
 def test_reversed_paper_key_steps():
     assert quality.reversed_paper_key_steps(50) == (0, 15, 25, 35, 40, 45, 47, 48, 49)
     assert quality.reversed_paper_key_steps(20) == (0, 5, 10, 15, 17, 18, 19)
@@ -245,7 +297,14 @@ def test_quality_benchmark_quick_run_writes_a_report(tmp_path):
         assert f"## {sampler}" in report
     assert "| paper | 0, 1, 2, 3, 5, 10, 15, 25, 35 | 9 / 50 |" in report
     assert "| paper reversed | 0, 5, 10, 15, 17, 18, 19 | 7 / 20 |" in report
+    assert "| Fréchet distance | Δ vs stock | KID (x 1e-06) | Δ vs stock |" in report
+    assert "real sets (the floor), Fréchet distance " in report and ", KID " in report
+    # Every row has its KID: 14 cells (the stock row's Δ cells are empty), and a signed Δ with an interval.
+    rows = [line for line in report.splitlines() if line.startswith("| paper")]
+    assert len(rows) == 4 and all(len(line.split("|")) == 16 for line in rows)
+    assert all(line.split("|")[12].strip()[0] in "+-" for line in rows)
     data = json.loads(out.with_suffix(".json").read_text())
     assert set(data["results"]["DDIM-50"]) == {"stock", "paper", "paper reversed"}
+    assert len(data["kid_floor"]) == 3 and len(data["results"]["DDIM-50"]["paper"]["kid_delta_ci"]) == 2
     for name in ("feature-change.png", "samples-ddim.png", "samples-dpm_solver.png"):
         assert (tmp_path / f"quality-{name}").stat().st_size > 1000
