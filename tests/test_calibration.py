@@ -331,8 +331,21 @@ def write_file(folder, data) -> str:
         [],
         {"version": FILE_VERSION},
         {"version": FILE_VERSION + 1, "calibrations": []},
+        {"version": FILE_VERSION, "calibrations": [{"model": "m"}]},
+        {"version": FILE_VERSION, "calibrations": ["text"]},
+        {"version": FILE_VERSION, "calibrations": [{**made_up().to_json(), "cost": [[0.0]]}]},
+        {"version": FILE_VERSION, "calibrations": [{**made_up().to_json(), "criterion": "guess"}]},
     ],
-    ids=["not-json", "list", "no-entries", "version"],
+    ids=[
+        "not-json",
+        "list",
+        "no-entries",
+        "version",
+        "no-fields",
+        "text-entry",
+        "bad-shape",
+        "bad-criterion",
+    ],
 )
 def test_a_malformed_or_wrong_version_file_raises_naming_it(tmp_path, data):
     file = write_file(tmp_path, data)
