@@ -500,7 +500,10 @@ def load_calibrations(folder: str | Path) -> list[Calibration]:
         raise CalibrationError(f"{file} cannot be read ({error}); delete it to calibrate again") from error
     if version != FILE_VERSION:
         raise CalibrationError(f"{file} has format version {version!r}; this version reads {FILE_VERSION}")
-    return [Calibration.from_json(entry) for entry in entries]
+    try:
+        return [Calibration.from_json(entry) for entry in entries]
+    except (CalibrationError, TypeError) as error:
+        raise CalibrationError(f"{file} cannot be read ({error}); delete it to calibrate again") from error
 
 
 def save_calibration(calibration: Calibration, folder: str | Path) -> Path:
