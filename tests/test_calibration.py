@@ -404,9 +404,10 @@ def test_calibrate_saves_next_to_the_weights_and_a_new_process_finds_it(saved_pi
     assert found is not None and found.indices(3) == keys.indices
 
 
-def test_model_fingerprint_changes_with_a_weight(make_pipe):
+def test_model_fingerprint_is_the_same_in_fp16_and_changes_with_a_weight(make_pipe):
     unet = make_pipe().unet
     fingerprint = model_fingerprint(unet)
+    assert model_fingerprint(copy.deepcopy(unet).to(torch.float16)) == fingerprint
     changed = copy.deepcopy(unet)
     with torch.no_grad():
         changed.conv_in.weight[0, 0, 0, 0] += 0.5
@@ -531,5 +532,7 @@ def test_committed_reference_calibrations_are_found_for_each_sampler(sampler, st
     found = find_calibration(pipe, steps)
     assert found is not None, sampler
     assert found.prompts == reference.CALIBRATION_PROMPTS and found.seeds == reference.CALIBRATION_SEEDS
+    # A GPU loads the model in fp16: the same calibration applies.
+    assert found.model == model_fingerprint(pipe.unet.to(torch.float16))
     assert found.scheduler == scheduler_key(pipe.scheduler)
     assert len(found.indices()) == len(KeySteps.paper().resolve(steps).indices)
