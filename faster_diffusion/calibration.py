@@ -251,7 +251,7 @@ def model_fingerprint(unet: torch.nn.Module) -> str:
     """A short hash of the UNet's class, config and weights, the same in fp16 and fp32 and on any device.
 
     The weights enter through a sample: the first 64 values of every 16th parameter tensor and of the last
-    one, rounded to 3 significant digits (fp16's precision), read once.
+    one, rounded to fp16 (so fp32 weights and their fp16 cast give the same values), read once.
     """
     digest = hashlib.sha256(type(unet).__name__.encode())
     config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
@@ -260,10 +260,10 @@ def model_fingerprint(unet: torch.nn.Module) -> str:
     sample = [*parameters[::16], parameters[-1]] if parameters else []
     with torch.no_grad():
         for name, parameter in sample:
-            values = parameter.detach().flatten()[:64].to("cpu", torch.float64).tolist()
+            values = parameter.detach().flatten()[:64].to(torch.float16).to("cpu", torch.float64).tolist()
             digest.update(name.encode())
             digest.update(repr(tuple(parameter.shape)).encode())
-            digest.update(",".join(f"{v:.3g}" for v in values).encode())
+            digest.update(",".join(repr(v) for v in values).encode())
     return digest.hexdigest()[:16]
 
 
