@@ -498,6 +498,15 @@ def test_auto_uses_the_calibration_of_the_run(make_pipe):
         generate_latents(pipe, steps=6)
 
 
+@pytest.mark.parametrize("budget", [0, STEPS + 1, 2.5, True])
+def test_calibrate_checks_the_budget_before_measuring(make_pipe, budget):
+    pipe = make_pipe("DDIM-50")
+    calls = count_unet_calls(pipe)
+    with pytest.raises(KeyStepError, match=re.escape(f"got {budget!r}")):
+        calibrate(pipe, budget, num_inference_steps=STEPS, prompts=PROMPTS[:1], save=False)
+    assert calls == [0]
+
+
 def test_calibrate_refuses_a_pipeline_with_faster_diffusion_attached(make_pipe):
     pipe = make_pipe("DDIM-50")
     with (
