@@ -530,8 +530,8 @@ def load_calibrations(folder: str | Path) -> list[Calibration]:
         raise CalibrationError(f"{file} has format version {version!r}; this version reads {FILE_VERSION}")
     try:
         return [Calibration.from_json(entry) for entry in entries]
-    except CalibrationError as error:
-        raise CalibrationError(f"{file}: {error}; delete it to calibrate again") from error
+    except (CalibrationError, TypeError) as error:
+        raise CalibrationError(f"{file} cannot be read ({error}); delete it to calibrate again") from error
 
 
 def save_calibration(calibration: Calibration, folder: str | Path) -> Path:
@@ -689,6 +689,14 @@ def calibrate(pipe: Any, budget: int | None = None, **options: Any) -> KeySteps:
     ``budget`` is the number of key steps (encoder passes); default: the paper's count for the step count (9
     of 50, 7 of 20). ``options`` are those of :func:`get_calibration` (``num_inference_steps``, ``prompts``,
     ``seeds``, ``guidance_scale``, ``height``, ``width``, ``criterion``, ``save``, ``force``). The result is
-    an explicit list that says where it came from when echoed.
+    an explicit list that says where it came from when echoed. A bad budget fails before anything is measured.
     """
+    if budget is not None:
+        KeySteps.auto(budget)  # a whole number >= 1
+        steps = options.get("num_inference_steps")
+        steps = _default_steps(pipe.scheduler) if steps is None else steps
+        if isinstance(steps, int) and budget > steps:
+            raise CalibrationError(
+                f"calibrate: the budget must be a whole number from 1 to {steps} (the steps), got {budget!r}"
+            )
     return get_calibration(pipe, **options).key_steps(budget)

@@ -1,0 +1,561 @@
+"""Calibrated key steps (``faster_diffusion.calibration``, ``key_steps="auto"``): the optimiser is exact, the
+measured costs are what they claim to be, calibrations are deterministic and saved and found by their key,
+and an ``auto`` run either uses the calibration or stops before the UNet runs."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from faster_diffusion import (
+    CalibrationError,
+    FasterDiffusionConfig,
+    KeySteps,
+    NoiseInjection,
+    apply_faster_diffusion,
+    calibrate,
+    get_calibration,
+    reference,
+    shapes,
+    use_sampler,
+)
+from faster_diffusion.calibration import (
+    CALIBRATION_FILE,
+    FILE_VERSION,
+    Calibration,
+    find_calibration,
+    load_calibrations,
+    measure_costs,
+    model_fingerprint,
+    optimal_key_steps,
+    same_weights,
+    save_calibration,
+    schedule_cost,
+    scheduler_key,
+    weight_probe,
+    weights_folder,
+)
+from faster_diffusion.loading import load_pipeline
+from faster_diffusion.schedule import KeyStepError, KeyStepKind
+from faster_diffusion.tiny import save_tiny_weights
+
+from .conftest import generate_latents
+
+PROMPTS = ("a red circle above a blue square", "a small green star on the sea")
+SEEDS = (90_000, 90_001)
+GUIDANCE = 7.5
+STEPS = 8
+
+
+# ------------------------------------------------------------------------------------------ the optimiser
+
+
+def brute_force(cost: np.ndarray, budget: int) -> tuple[float, tuple[int, ...]]:
+    """The least cost and the first key set (in lexicographic order) that reaches it, over every key set of
+    ``budget`` steps that contains 0: each non-key step pays ``cost[latest key step before it, step]``."""
+    n = len(cost)
+    best: tuple[float, tuple[int, ...]] | None = None
+    for rest in itertools.combinations(range(1, n), budget - 1):
+        keys = (0, *rest)
+        total, latest = 0.0, 0
+        for j in range(n):
+            if j in keys:
+                latest = j
+            else:
+                total += cost[latest, j]
+        if best is None or total < best[0] - 1e-12:
+            best = (total, keys)
+    return best
+
+
+@pytest.mark.parametrize("n", range(1, 10))
+def test_optimal_key_steps_equals_a_brute_force_for_every_budget(n):
+    for seed in range(4):
+        cost = np.triu(np.random.default_rng(100 * n + seed).random((n, n)), 1)
+        for budget in range(1, n + 1):
+            least, brute_keys = brute_force(cost, budget)
+            keys = optimal_key_steps(cost, budget)
+            assert keys == brute_keys, (n, seed, budget)
+            assert len(keys) == budget and keys[0] == 0
+            assert schedule_cost(cost, keys) == pytest.approx(least, abs=1e-12)
+
+
+def test_budget_of_every_step_and_of_one_step():
+    cost = np.triu(np.random.default_rng(7).random((6, 6)), 1)
+    assert optimal_key_steps(cost, 6) == (0, 1, 2, 3, 4, 5)
+    assert schedule_cost(cost, range(6)) == 0.0
+    assert optimal_key_steps(cost, 1) == (0,)
+    assert schedule_cost(cost, (0,)) == pytest.approx(cost[0].sum())
+
+
+@pytest.mark.parametrize("budget", [0, 7, 2.5, True])
+def test_bad_budget_raises_naming_it(budget):
+    cost = np.triu(np.ones((6, 6)), 1)
+    with pytest.raises(CalibrationError, match=re.escape(f"from 1 to 6, got {budget!r}")):
+        optimal_key_steps(cost, budget)
+
+
+def test_ties_break_deterministically_to_the_earliest_steps():
+    zero = np.zeros((7, 7))
+    assert optimal_key_steps(zero, 3) == (0, 1, 2)
+    assert optimal_key_steps(zero, 5) == (0, 1, 2, 3, 4)
+    # Equal costs everywhere: any placement with the same number of paid steps ties; the earliest wins.
+    flat = np.triu(np.ones((5, 5)), 1)
+    assert optimal_key_steps(flat, 2) == (0, 1)
+    # The last step is dear to serve from any other, so it is a key step; the middle key ties everywhere.
+    flat[:, 4] = 100.0
+    assert optimal_key_steps(flat, 3) == (0, 1, 4)
+
+
+# ------------------------------------------------------------------------------------ what is measured
+
+
+def unet_outputs(pipe, config: FasterDiffusionConfig | None = None) -> list[torch.Tensor]:
+    """The noise prediction of every UNet call of one run of :data:`PROMPTS` (stock, or with ``config``)."""
+    outputs: list[torch.Tensor] = []
+
+    def keep(module, args, output):
+        outputs.append((output[0] if isinstance(output, tuple) else output.sample).clone())
+
+    handle = apply_faster_diffusion(pipe, config) if config is not None else None
+    hook = pipe.unet.register_forward_hook(keep)
+    try:
+        with torch.inference_mode():
+            pipe(
+                list(PROMPTS),
+                num_inference_steps=STEPS,
+                guidance_scale=GUIDANCE,
+                generator=[torch.Generator().manual_seed(s) for s in SEEDS],
+                output_type="latent",
+            )
+    finally:
+        hook.remove()
+        if handle is not None:
+            handle.remove()
+    return outputs
+
+
+def guided_relative_error(fast: torch.Tensor, stock: torch.Tensor) -> float:
+    """Mean over images of ||eps_fast - eps_stock|| / ||eps_stock||, on the guided prediction (unconditional
+    rows first, as diffusers' pipelines batch them)."""
+
+    def guided(prediction):
+        uncond, cond = prediction.double().chunk(2)
+        return (uncond + GUIDANCE * (cond - uncond)).flatten(1)
+
+    fast, stock = guided(fast), guided(stock)
+    return float(((fast - stock).norm(dim=1) / stock.norm(dim=1)).mean())
+
+
+def measure(pipe, **kwargs):
+    return measure_costs(
+        pipe,
+        num_inference_steps=STEPS,
+        prompts=PROMPTS,
+        seeds=SEEDS,
+        guidance_scale=GUIDANCE,
+        height=16,
+        width=16,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize(("sampler", "j"), [("DDIM-50", 3), ("DPM-Solver++-20", 6)])
+def test_prediction_cost_is_the_error_of_a_propagation_run_at_its_first_non_key_step(make_pipe, sampler, j):
+    pipe = make_pipe(sampler)
+    costs = measure(pipe)
+    stock = unet_outputs(pipe)
+    # Every step before j is a key step, so the trajectory is stock's up to j and the prediction at j is the
+    # decoder of j on step j-1's encoder outputs: exactly what cost[j-1, j] charges.
+    keys = KeySteps.explicit(i for i in range(STEPS) if i != j)
+    off = NoiseInjection(enabled=False)
+    config = FasterDiffusionConfig(key_steps=keys, parallel=False, noise_injection=off)
+    fast = unet_outputs(pipe, config)
+    assert len(stock) == len(fast) == STEPS
+    for i in range(j):
+        torch.testing.assert_close(fast[i], stock[i], rtol=0, atol=0)
+    error = guided_relative_error(fast[j], stock[j])
+    assert error > 1e-4
+    assert costs["prediction"][j - 1, j] == pytest.approx(error, rel=1e-4, abs=1e-7)
+
+
+def encoder_features(pipe) -> list[list[torch.Tensor]]:
+    """Each step's encoder outputs (conv_in, down blocks, mid block; every distinct tensor) in a stock run."""
+    unet = pipe.unet
+    modules = [unet.conv_in, *unet.down_blocks, unet.mid_block]
+    steps: list[list[torch.Tensor]] = [[] for _ in modules]
+
+    def flat(value):
+        if isinstance(value, torch.Tensor):
+            return [value]
+        found: dict[int, torch.Tensor] = {}
+        for item in value:
+            for tensor in flat(item):
+                found.setdefault(id(tensor), tensor)
+        return list(found.values())
+
+    hooks = [
+        module.register_forward_hook(lambda m, a, out, slot=slot: steps[slot].append(flat(out)))
+        for slot, module in enumerate(modules)
+    ]
+    try:
+        unet_outputs(pipe)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [[t for slot in range(len(modules)) for t in steps[slot][i]] for i in range(STEPS)]
+
+
+def test_feature_cost_is_the_relative_distance_of_the_encoder_outputs(make_pipe):
+    pipe = make_pipe("DDIM-50")
+    feature = measure(pipe, criteria=("feature",))["feature"]
+    features = encoder_features(pipe)
+
+    def rows(tensors):
+        return torch.cat([t.double().flatten(1) for t in tensors], dim=1)
+
+    for j in range(STEPS):
+        for k in range(STEPS):
+            if k >= j:
+                assert feature[k, j] == 0.0
+                continue
+            a, b = rows(features[j]), rows(features[k])
+            expected = float(((a - b).norm(dim=1) / a.norm(dim=1)).mean())
+            assert expected > 0
+            assert feature[k, j] == pytest.approx(expected, rel=1e-6)
+
+
+def test_both_costs_are_zero_when_the_encoder_outputs_never_change(make_pipe):
+    # No input and no time: with conv_in and the time embedding zeroed, the encoder sees the same thing at
+    # every step, so reusing any step's features is free, by either criterion.
+    pipe = make_pipe("DDIM-50")
+    with torch.no_grad():
+        for module in (pipe.unet.conv_in, *pipe.unet.time_embedding.children()):
+            for parameter in module.parameters():
+                parameter.zero_()
+    costs = measure(pipe)
+    assert np.all(costs["feature"] == 0.0)
+    # Replaying several key steps in one batch rounds a little differently from the stock call...
+    assert np.all(costs["prediction"] < 1e-5)
+    # ...replaying one at a time (the stock call's batch of 4 rows) is the stock call.
+    assert np.all(measure(pipe, criteria=("prediction",), max_rows=4)["prediction"] == 0.0)
+
+
+def test_calibration_is_deterministic_and_leaves_the_pipeline_stock(make_pipe):
+    pipe = make_pipe("DPM-Solver-20")
+    before = generate_latents(pipe, steps=STEPS)
+    first = get_calibration(pipe, num_inference_steps=STEPS, prompts=PROMPTS[:1], force=True, save=False)
+    second = get_calibration(pipe, num_inference_steps=STEPS, prompts=PROMPTS[:1], force=True, save=False)
+    assert first is not second
+    assert first.cost == second.cost
+    assert first.other == second.other
+    assert first.matrix[0, 1] > 0
+    assert not pipe.unet.conv_in._diffusers_hook.hooks
+    torch.testing.assert_close(generate_latents(pipe, steps=STEPS), before, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------- saving and finding
+
+
+def made_up(model="m" * 16, scheduler="DDIMScheduler", num_steps=4, seed=0, probe=()) -> Calibration:
+    """A calibration with random costs of many digits (no UNet involved)."""
+    rng = np.random.default_rng(seed)
+
+    def matrix():
+        return tuple(tuple(float(v) for v in row) for row in np.triu(rng.random((num_steps, num_steps)), 1))
+
+    return Calibration(
+        model=model,
+        scheduler=scheduler,
+        num_steps=num_steps,
+        criterion="prediction",
+        cost=matrix(),
+        prompts=("a red circle",),
+        seeds=(90_000,),
+        guidance_scale=7.5,
+        height=16,
+        width=16,
+        seconds=1.23456,
+        other={"feature": matrix()},
+        probe=tuple(probe),
+    )
+
+
+def test_save_then_load_round_trips_the_rounded_values(tmp_path):
+    calibration = made_up()
+    file = save_calibration(calibration, tmp_path)
+    assert file == tmp_path / CALIBRATION_FILE
+    (loaded,) = load_calibrations(tmp_path)
+    assert loaded.cost == tuple(tuple(float(f"{v:.6g}") for v in row) for row in calibration.cost)
+    assert loaded.other["feature"] == tuple(
+        tuple(float(f"{v:.6g}") for v in row) for row in calibration.other["feature"]
+    )
+    assert (loaded.model, loaded.scheduler, loaded.num_steps, loaded.prompts, loaded.seeds) == (
+        calibration.model,
+        calibration.scheduler,
+        calibration.num_steps,
+        calibration.prompts,
+        calibration.seeds,
+    )
+    for budget in range(1, 5):
+        assert loaded.indices(budget) == calibration.indices(budget)
+    assert load_calibrations(tmp_path / "empty") == []
+
+
+def test_saving_a_second_key_keeps_the_first_and_the_same_key_replaces_it(tmp_path):
+    first, second = made_up(num_steps=4), made_up(num_steps=5)
+    save_calibration(first, tmp_path)
+    save_calibration(second, tmp_path)
+    assert [c.num_steps for c in load_calibrations(tmp_path)] == [4, 5]
+    again = made_up(num_steps=4, seed=1)
+    save_calibration(again, tmp_path)
+    loaded = {c.num_steps: c for c in load_calibrations(tmp_path)}
+    assert len(load_calibrations(tmp_path)) == 2 and sorted(loaded) == [4, 5]
+    assert loaded[4].cost == tuple(tuple(float(f"{v:.6g}") for v in row) for row in again.cost)
+    assert not (tmp_path / (CALIBRATION_FILE + ".partial")).exists()
+
+
+def write_file(folder, data) -> str:
+    file = folder / CALIBRATION_FILE
+    file.write_text(data if isinstance(data, str) else json.dumps(data), encoding="utf-8")
+    return str(file)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        "{not json",
+        [],
+        {"version": FILE_VERSION},
+        {"version": FILE_VERSION + 1, "calibrations": []},
+        {"version": FILE_VERSION, "calibrations": 5},
+        {"version": FILE_VERSION, "calibrations": [{"model": "m"}]},
+        {"version": FILE_VERSION, "calibrations": ["text"]},
+        {"version": FILE_VERSION, "calibrations": [{**made_up().to_json(), "cost": [[0.0]]}]},
+        {"version": FILE_VERSION, "calibrations": [{**made_up().to_json(), "criterion": "guess"}]},
+    ],
+    ids=[
+        "not-json",
+        "list",
+        "no-entries",
+        "version",
+        "entries-not-a-list",
+        "no-fields",
+        "text-entry",
+        "bad-shape",
+        "bad-criterion",
+    ],
+)
+def test_a_malformed_or_wrong_version_file_raises_naming_it(tmp_path, data):
+    file = write_file(tmp_path, data)
+    with pytest.raises(CalibrationError, match=re.escape(file)):
+        load_calibrations(tmp_path)
+
+
+@pytest.fixture
+def saved_pipe(tmp_path):
+    """A tiny pipeline loaded from a folder, so its calibrations are saved and found there."""
+    folder = save_tiny_weights(tmp_path / "weights", with_safety_checker=False)
+    pipe = load_pipeline(folder, device="cpu", safety_checker=False)
+    use_sampler(pipe, "DDIM-50")
+    assert weights_folder(pipe) == folder
+    return pipe
+
+
+def test_find_calibration_ignores_entries_of_another_model_scheduler_or_step_count(saved_pipe):
+    pipe = saved_pipe
+    folder = weights_folder(pipe)
+    model, key = model_fingerprint(pipe.unet), scheduler_key(pipe.scheduler)
+    probe = weight_probe(pipe.unet)
+    assert key.startswith("DDIMScheduler,")
+    dpm = scheduler_key(use_sampler_copy(pipe, "DPM-Solver-20"))
+    for other in (
+        made_up(model="0" * 16, scheduler=key, num_steps=4, probe=probe),
+        made_up(model=model, scheduler=dpm, num_steps=4, probe=probe),
+        made_up(model=model, scheduler=key, num_steps=5, probe=probe),
+    ):
+        save_calibration(other, folder)
+    assert find_calibration(pipe, 4) is None
+    # The same key with other weights (a fine-tune of the same architecture) replaces nothing it should not:
+    # saved under the same key, it is found only if its weights are the pipeline's.
+    save_calibration(made_up(model=model, scheduler=key, num_steps=4, probe=[v + 1.0 for v in probe]), folder)
+    assert find_calibration(pipe, 4) is None
+    right = made_up(model=model, scheduler=key, num_steps=4, seed=3, probe=probe)
+    save_calibration(right, folder)
+    found = find_calibration(pipe, 4)
+    assert found is not None and found.indices(2) == right.indices(2)
+    assert len(load_calibrations(folder)) == 4
+
+
+def use_sampler_copy(pipe, sampler):
+    """The scheduler ``sampler`` would give ``pipe``, leaving ``pipe`` as it is."""
+    from faster_diffusion.samplers import make_scheduler
+
+    return make_scheduler(sampler, pipe.scheduler.config)
+
+
+def test_calibrate_saves_next_to_the_weights_and_a_new_process_finds_it(saved_pipe):
+    pipe = saved_pipe
+    keys = calibrate(pipe, budget=3, num_inference_steps=STEPS, prompts=PROMPTS[:1])
+    folder = weights_folder(pipe)
+    (saved,) = load_calibrations(folder)
+    assert keys.indices == saved.indices(3)
+    # A fresh load of the same folder (nothing registered for its UNet) finds the saved one.
+    again = load_pipeline(folder, device="cpu", safety_checker=False)
+    use_sampler(again, "DDIM-50")
+    found = find_calibration(again, STEPS)
+    assert found is not None and found.indices(3) == keys.indices
+
+
+def test_the_same_weights_are_recognised_in_fp16_and_bf16_and_changed_weights_are_not(make_pipe):
+    unet = make_pipe().unet
+    fingerprint, probe = model_fingerprint(unet), weight_probe(unet)
+    for dtype in (torch.float16, torch.bfloat16):
+        cast = copy.deepcopy(unet).to(dtype)
+        assert model_fingerprint(cast) == fingerprint
+        assert same_weights(weight_probe(cast), probe)
+    changed = copy.deepcopy(unet)
+    with torch.no_grad():
+        changed.conv_in.weight[0, 0, 0, 0] += 0.5
+    assert model_fingerprint(changed) == fingerprint  # the same architecture ...
+    assert not same_weights(weight_probe(changed), probe)  # ... other weights
+    assert not same_weights(weight_probe(make_pipe(seed=1).unet), probe)
+
+
+def test_model_fingerprint_of_saved_weights_is_that_of_the_model(saved_pipe, make_pipe):
+    assert model_fingerprint(saved_pipe.unet) == model_fingerprint(make_pipe().unet)
+    assert same_weights(weight_probe(saved_pipe.unet), weight_probe(make_pipe().unet))
+
+
+# ---------------------------------------------------------------------------------------- the auto path
+
+
+def test_parse_auto_forms():
+    assert KeySteps.parse("auto") == KeySteps.auto()
+    assert KeySteps.parse(" AUTO:5 ") == KeySteps.auto(5)
+    assert KeySteps.parse("auto:5").kind is KeyStepKind.AUTO
+    for steps in (KeySteps.auto(), KeySteps.auto(5)):
+        assert KeySteps.parse(str(steps)) == steps
+    assert str(KeySteps.auto(5)) == "auto:5"
+    with pytest.raises(KeyStepError, match=r"'auto:0'.*auto budget must be a whole number >= 1, got '0'"):
+        KeySteps.parse("auto:0")
+    with pytest.raises(KeyStepError, match=r"'auto:x'.*auto budget must be a whole number >= 1, got 'x'"):
+        KeySteps.parse("auto:x")
+    for budget in (0, True, 2.5):
+        with pytest.raises(KeyStepError, match=re.escape(f"got {budget!r}")):
+            KeySteps.auto(budget)
+
+
+def count_unet_calls(pipe) -> list[int]:
+    calls = [0]
+
+    def count(module, args):
+        calls[0] += 1
+
+    pipe.unet.register_forward_pre_hook(count)
+    return calls
+
+
+def test_auto_without_a_calibration_stops_before_the_unet_and_leaves_the_pipeline_usable(make_pipe):
+    pipe = make_pipe("DDIM-50")
+    calls = count_unet_calls(pipe)
+    handle = apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=KeySteps.auto()))
+    with pytest.raises(CalibrationError, match=rf"calibrate\(pipe, num_inference_steps={STEPS}\)") as error:
+        generate_latents(pipe, steps=STEPS)
+    assert "DDIMScheduler" in str(error.value) and f"{STEPS} steps" in str(error.value)
+    assert calls == [0]
+    assert not handle._state.active and not handle._state.encoder_cache and not handle._state.predictions
+    handle.remove()
+    explicit = FasterDiffusionConfig(key_steps=KeySteps.explicit([0, 2, 5]))
+    with apply_faster_diffusion(pipe, explicit) as handle:
+        latents = generate_latents(pipe, steps=STEPS)
+        assert handle.last_run.encoder_passes == 3 and handle.last_run.decoder_passes == STEPS
+    fresh = make_pipe("DDIM-50")
+    with apply_faster_diffusion(fresh, explicit):
+        torch.testing.assert_close(latents, generate_latents(fresh, steps=STEPS), rtol=0, atol=0)
+
+
+def test_auto_uses_the_calibration_of_the_run(make_pipe):
+    pipe = make_pipe("DDIM-50")
+    calibrate(pipe, num_inference_steps=STEPS, prompts=PROMPTS[:1])
+    calibration = find_calibration(pipe, STEPS)
+    assert calibration is not None and calibration.num_steps == STEPS
+    with apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=KeySteps.auto())) as handle:
+        generate_latents(pipe, steps=STEPS)
+        schedule = handle.last_run.schedule
+        assert schedule.indices == calibration.indices()
+        assert handle.last_run.encoder_passes == len(calibration.indices())
+        assert "auto" in schedule.describe() and "calibrated" in schedule.describe()
+    with apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=KeySteps.auto(3))) as handle:
+        generate_latents(pipe, steps=STEPS)
+        assert handle.last_run.schedule.indices == optimal_key_steps(calibration.matrix, 3)
+        assert handle.last_run.schedule.describe().startswith("auto:3, calibrated")
+    calls = count_unet_calls(pipe)
+    too_many = rf"budget of {STEPS + 1} key steps is more than the {STEPS}"
+    with (
+        apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=KeySteps.auto(STEPS + 1))),
+        pytest.raises(KeyStepError, match=too_many),
+    ):
+        generate_latents(pipe, steps=STEPS)
+    assert calls == [0]
+    # The calibration is for 8 steps; a run of another step count has none.
+    with (
+        apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=KeySteps.auto())),
+        pytest.raises(CalibrationError, match="num_inference_steps=6"),
+    ):
+        generate_latents(pipe, steps=6)
+
+
+@pytest.mark.parametrize("budget", [0, STEPS + 1, 2.5, True])
+def test_calibrate_checks_the_budget_before_measuring(make_pipe, budget):
+    pipe = make_pipe("DDIM-50")
+    calls = count_unet_calls(pipe)
+    with pytest.raises(KeyStepError, match=re.escape(f"got {budget!r}")):
+        calibrate(pipe, budget, num_inference_steps=STEPS, prompts=PROMPTS[:1], save=False)
+    assert calls == [0]
+
+
+def test_calibrate_refuses_a_pipeline_with_faster_diffusion_attached(make_pipe):
+    pipe = make_pipe("DDIM-50")
+    with (
+        apply_faster_diffusion(pipe),
+        pytest.raises(RuntimeError, match=r"faster diffusion is attached.*remove\(\)"),
+    ):
+        calibrate(pipe, num_inference_steps=STEPS, prompts=PROMPTS[:1])
+
+
+# ---------------------------------------------------------------------------------- the reference model
+
+
+def test_reference_calibration_prompts_are_training_captions_with_seeds_apart_from_the_benchmark():
+    from benchmarks import quality
+
+    captions = {shapes.caption(shapes.Scene(*combo)): combo for combo in shapes.TRAIN_COMBOS}
+    held_out = {shapes.caption(shapes.Scene(*combo)) for combo in shapes.HELD_OUT_COMBOS}
+    assert len(reference.CALIBRATION_PROMPTS) == len(reference.CALIBRATION_SEEDS) == 16
+    for prompt in reference.CALIBRATION_PROMPTS:
+        assert prompt in captions and prompt not in held_out, prompt
+    benchmark_seeds = set(range(len(shapes.HELD_OUT_COMBOS) * quality.SEEDS_PER_COMBO))
+    assert benchmark_seeds == set(range(240))
+    assert not benchmark_seeds & set(reference.CALIBRATION_SEEDS)
+
+
+@pytest.mark.parametrize(
+    ("sampler", "steps"), [("DDIM-50", 50), ("DPM-Solver-20", 20), ("DPM-Solver++-20", 20)]
+)
+def test_committed_reference_calibrations_are_found_for_each_sampler(sampler, steps):
+    pipe = load_pipeline(reference.MODEL_DIR, device="cpu", safety_checker=False)
+    use_sampler(pipe, sampler)
+    found = find_calibration(pipe, steps)
+    assert found is not None, sampler
+    assert found.prompts == reference.CALIBRATION_PROMPTS and found.seeds == reference.CALIBRATION_SEEDS
+    # A GPU loads the model in fp16: the same calibration applies.
+    assert found.model == model_fingerprint(pipe.unet.to(torch.float16))
+    assert found.scheduler == scheduler_key(pipe.scheduler)
+    assert len(found.indices()) == len(KeySteps.paper().resolve(steps).indices)
