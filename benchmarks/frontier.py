@@ -141,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 8 pairs, 2 budgets per sampler")
     parser.add_argument("--out", type=Path, default=RESULTS / "frontier.md")
     parser.add_argument("--device", default="cpu", help="torch device of the pipeline (cpu or cuda)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="pipeline dtype (the quality benchmark's is float32)",
+    )
     parser.add_argument("--boot", type=int, default=None, help="bootstrap draws (default 1000, quick 20)")
     parser.add_argument("--batch", type=int, default=80, help="prompts per pipeline call")
     args = parser.parse_args(argv)
@@ -149,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     t0 = time.perf_counter()
 
-    pipe = load_pipeline(reference.MODEL_DIR, device=args.device, safety_checker=False)
+    pipe = load_pipeline(
+        reference.MODEL_DIR, device=args.device, dtype=getattr(torch, args.dtype), safety_checker=False
+    )
     pipe.set_progress_bar_config(disable=True)
     classifier = reference.load_classifier(reference.CLASSIFIER_PATH)
     combos = shapes.HELD_OUT_COMBOS[:4] if args.quick else shapes.HELD_OUT_COMBOS
@@ -255,7 +263,7 @@ def report(argv, args, started, wall, n, results, correlations, stock_rows) -> s
         "# Key-step placement: the speed-quality frontier on the reference model",
         "",
         f"Command: `{command}`  ",
-        f"Started {started}; took {wall / 60:.1f} min on {args.device} ({device}); "
+        f"Started {started}; took {wall / 60:.1f} min on {args.device} ({device}), {args.dtype}; "
         f"torch {torch.__version__}.  ",
         f"{n} held-out prompt x seed pairs (the quality benchmark's), guidance {reference.GUIDANCE_SCALE}; "
         "noise injection on for every schedule. Faithfulness: all five attributes read right. Intervals: 95% "
@@ -291,8 +299,12 @@ def report(argv, args, started, wall, n, results, correlations, stock_rows) -> s
             f"## {sampler.value}",
             "",
             f"Stock: {stock_rows[sampler]['all'] * 100:.1f}% of pairs fully right.",
-            f"`auto` within noise of stock: smallest budget {first}; from {from_on} on at every larger "
-            "budget.",
+            f"`auto` within noise of stock: smallest budget {first}; "
+            + (
+                f"from {from_on} on at every larger budget."
+                if from_on is not None
+                else f"not at the largest budget run ({max(by_family['auto'])})."
+            ),
             "",
         ]
         if all(at_paper.values()):

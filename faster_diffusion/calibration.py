@@ -60,7 +60,7 @@ FILE_VERSION = 1
 CRITERIA = ("prediction", "feature")
 #: The criterion ``calibrate`` uses: the one whose predicted cost ranked measured quality better
 #: (``benchmarks/frontier.py``).
-DEFAULT_CRITERION = "prediction"
+DEFAULT_CRITERION = "feature"
 #: Calibration prompts for weights other than the reference model: varied subjects, layouts and styles.
 #: The reference model calibrates on its own training captions (``reference.CALIBRATION_PROMPTS``).
 DEFAULT_PROMPTS: tuple[str, ...] = (
@@ -569,14 +569,21 @@ def find_calibration(pipe: Any, num_steps: int, scheduler: Any = None) -> Calibr
     model, key, probe = model_fingerprint(unet), scheduler_key(scheduler), weight_probe(unet)
     for calibration in _REGISTRY.get(unet, []):
         if calibration.matches(model, key, num_steps, probe):
-            return calibration
+            return _preferred(calibration)
     folder = weights_folder(pipe)
     if folder is not None:
         for calibration in load_calibrations(folder):
             if calibration.matches(model, key, num_steps, probe):
                 register(unet, calibration)
-                return calibration
+                return _preferred(calibration)
     return None
+
+
+def _preferred(calibration: Calibration) -> Calibration:
+    """``calibration`` read with :data:`DEFAULT_CRITERION` where it measured it."""
+    if calibration.criterion != DEFAULT_CRITERION and DEFAULT_CRITERION in calibration.other:
+        return calibration.with_criterion(DEFAULT_CRITERION)
+    return calibration
 
 
 def missing_message(pipe: Any, num_steps: int) -> str:
