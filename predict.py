@@ -30,8 +30,8 @@ class Inputs:
         default="DDIM-50",
     )
     key_steps = Input(
-        description="The steps at which the UNet encoder runs; the other steps reuse its features. 'paper' (the paper's key steps), 'all' (every step: the stock result), 'uniform:K' (every K-th step), or a comma-separated list of step indices that starts with 0, such as '0,1,2,3,5,10,15,25,35'.",  # noqa: E501 (one literal, for cog build)
-        default="paper",
+        description="The steps at which the UNet encoder runs; the other steps reuse its features. 'default': 'paper' for SD v1.5 base weights, otherwise 'auto' for DDIM and 'auto:9' for DPM-Solver. 'auto' (the paper's number of key steps, placed by a calibration on the model itself, made once and saved), 'auto:B' (B key steps, placed the same way), 'paper' (the paper's key steps), 'all' (every step: the stock result), 'uniform:K' (every K-th step), or a comma-separated list of step indices that starts with 0, such as '0,1,2,3,5,10,15,25,35'.",  # noqa: E501 (one literal, for cog build)
+        default="default",
     )
     parallel_decoder = Input(
         description="Run the decoder passes between two key steps as one batch (the paper's parallel decoder). Off: one step at a time, with the same images up to float rounding.",  # noqa: E501
@@ -133,7 +133,7 @@ class Predictor(BaseRunner):
             guidance_scale=guidance_scale,
             seed=seed,
             faster=faster_config(
-                key_steps,
+                self.model.key_steps(key_steps, sampler),
                 parallel=parallel_decoder,
                 max_decoder_batch=max_decoder_batch,
                 noise_injection=noise_injection,

@@ -17,12 +17,15 @@ import numpy as np
 
 from . import reference, shapes
 from .generate import (
+    DEFAULT_KEY_STEPS,
     MAX_SEED,
     GenerationRequest,
     GenerationResult,
+    default_key_steps,
     describe_speedup,
     faster_config,
     generate,
+    prepare_key_steps,
 )
 from .loading import (
     DOWNLOAD_COMMAND,
@@ -52,7 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--sampler", default=Sampler.DDIM.value, help=f"one of {', '.join(s.value for s in Sampler)}"
     )
     parser.add_argument("--steps", type=int, default=None, help="override the sampler's step count")
-    parser.add_argument("--key-steps", default="paper", help=f"key steps: {ACCEPTED_FORMS}")
+    parser.add_argument(
+        "--key-steps",
+        default=DEFAULT_KEY_STEPS,
+        help=f"key steps: {ACCEPTED_FORMS}; default: 'paper' for SD v1.5 base weights, otherwise 'auto' "
+        "(DDIM) or 'auto:9' (DPM-Solver, 20 steps), see the README",
+    )
     parser.add_argument(
         "--sequential",
         action="store_true",
@@ -131,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        default = args.key_steps.strip().lower() == DEFAULT_KEY_STEPS
         faster = faster_config(
-            args.key_steps,
+            "paper" if default else args.key_steps,
             parallel=not args.sequential,
             max_decoder_batch=args.max_decoder_batch,
             noise_injection=not args.no_noise_injection,
@@ -140,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             noise_threshold=args.noise_threshold,
         )
         pipe, source, is_reference = _load(args)
+        if default:
+            keys = default_key_steps(pipe, args.sampler, args.steps)
+            faster = dataclasses.replace(faster, key_steps=keys)
         guidance = args.guidance_scale
         if guidance is None:
             guidance = reference.GUIDANCE_SCALE if is_reference else DEFAULT_GUIDANCE
@@ -156,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             faster=faster,
         )
+        request = prepare_key_steps(pipe, request)
         schedule = request.schedule
     except (KeyStepError, ValueError, TypeError, WeightsError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -17,6 +17,7 @@ way (an image built from a clean checkout has none), unless ``HF_HUB_OFFLINE=1``
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -108,7 +109,27 @@ def download(repo: str, dest: Path, *, revision: str | None = None) -> Path:
     print(f"Downloading {len(files)} files of {repo} ({variant or 'full-precision'} weights) into {dest}/")
     snapshot_download(repo, revision=revision, allow_patterns=files, local_dir=dest)
     inspect_weights(dest)
+    write_source(dest, repo, revision)
     return dest
+
+
+#: Where :func:`download` records the repository a weights folder came from (read by :func:`read_source`).
+SOURCE_FILE = "faster_diffusion_source.json"
+
+
+def write_source(folder: Path, repo: str, revision: str | None = None) -> None:
+    (Path(folder) / SOURCE_FILE).write_text(json.dumps({"repo": repo, "revision": revision}) + "\n")
+
+
+def read_source(folder: str | Path | None) -> str | None:
+    """The repository ``folder`` was downloaded from by :func:`download`; ``None`` if it does not say."""
+    if folder is None:
+        return None
+    try:
+        repo = json.loads((Path(folder) / SOURCE_FILE).read_text()).get("repo")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return repo if isinstance(repo, str) else None
 
 
 def is_unfilled(folder: Path) -> bool:

@@ -6,6 +6,7 @@ This is the layer the command line and the Cog predictor share: it maps a valida
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from .memory import AUTO
 from .noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, NoiseInjection
 from .propagation import FasterDiffusionConfig, RunStats, apply_faster_diffusion, remove_faster_diffusion
 from .samplers import Sampler, use_sampler
-from .schedule import KeySteps, KeyStepSchedule
+from .schedule import KeyStepKind, KeySteps, KeyStepSchedule
 
 #: Largest seed accepted (torch generators take 64-bit seeds; this keeps seeds printable and portable).
 MAX_SEED = 2**32 - 1
@@ -77,6 +78,79 @@ class GenerationRequest:
     def schedule(self) -> KeyStepSchedule:
         """The key steps this request will use (raises ``KeyStepError`` if they do not fit the step count)."""
         return self.faster.key_steps.resolve(self.steps)
+
+
+#: Repositories of SD v1.5 base weights: the weights the paper's key steps and its FID evidence are for.
+SD15_REPOS = frozenset({"stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5"})
+#: The text input that asks for :func:`default_key_steps`.
+DEFAULT_KEY_STEPS = "default"
+#: Key steps per step for the DPM-Solver samplers by default: 9 of 20, the smallest budget at which ``auto``
+#: stayed within noise of stock on the reference model (the paper's 7 lost 3.3 points [-7.9, +1.2];
+#: ``benchmarks/results/frontier.md``).
+DPM_SOLVER_DEFAULT_FRACTION = 9 / 20
+
+
+def default_key_steps(pipe: Any, sampler: Sampler | str, num_steps: int | None = None) -> KeySteps:
+    """The key steps used when none are given, decided from the quality evidence (README, "Key steps"):
+
+    - SD v1.5 base weights (downloaded by ``script/download-weights``, which records the repository): the
+      paper's preset, which the paper's FID and CLIP scores support on exactly these weights;
+    - any other weights, the reference model included: ``auto``, calibrated on the model itself. DDIM keeps
+      the paper's budget (9 of 50: within noise of stock on the reference model, where the preset loses 13
+      points); the DPM-Solver samplers take 9 of 20 (:data:`DPM_SOLVER_DEFAULT_FRACTION`).
+    """
+    from .calibration import weights_folder
+    from .download import read_source
+
+    sampler = Sampler.parse(sampler)
+    if read_source(weights_folder(pipe)) in SD15_REPOS:
+        return KeySteps.paper()
+    if sampler is Sampler.DDIM:
+        return KeySteps.auto()
+    steps = num_steps or sampler.default_steps
+    return KeySteps.auto(max(1, math.floor(steps * DPM_SOLVER_DEFAULT_FRACTION + 0.5)))
+
+
+def is_reference_model(pipe: Any) -> bool:
+    from . import reference
+    from .calibration import weights_folder
+
+    folder = weights_folder(pipe)
+    return folder is not None and folder.resolve() == reference.MODEL_DIR.resolve()
+
+
+def prepare_key_steps(
+    pipe: Any, request: GenerationRequest, log: Callable[[str], None] = print
+) -> GenerationRequest:
+    """``request`` with ``auto`` key steps replaced by the calibrated list (explicit, saying where it came
+    from), so that ``request.schedule`` can be echoed before the run. Calibrates the model first when no
+    calibration for its sampler and step count is saved, and says how long that took."""
+    from . import reference
+    from .calibration import find_calibration, get_calibration
+
+    keys = request.faster.key_steps
+    if keys.kind is not KeyStepKind.AUTO:
+        return request
+    remove_faster_diffusion(pipe)
+    use_sampler(pipe, request.sampler)
+    options: dict[str, Any] = {}
+    if is_reference_model(pipe):
+        options = {
+            "prompts": reference.CALIBRATION_PROMPTS,
+            "seeds": reference.CALIBRATION_SEEDS,
+            "guidance_scale": reference.GUIDANCE_SCALE,
+        }
+    calibration = find_calibration(pipe, request.steps)
+    if calibration is None:
+        log(
+            f"Calibrating key steps for this model ({request.sampler.value}, {request.steps} steps): one "
+            "stock run and a decoder pass per pair of steps, once; the result is saved next to the weights"
+        )
+        started = time.perf_counter()
+        calibration = get_calibration(pipe, num_inference_steps=request.steps, **options)
+        log(f"Calibrated in {time.perf_counter() - started:.1f} s")
+    explicit = calibration.key_steps(keys.budget)
+    return dataclasses.replace(request, faster=dataclasses.replace(request.faster, key_steps=explicit))
 
 
 def _check_int(name: str, value: Any, low: int, high: int) -> None:

@@ -27,7 +27,16 @@ import transformers
 from cog import FieldInfo
 
 from .cancel import StoppedBetweenSteps, run_stoppable
-from .generate import MAX_SEED, GenerationRequest, GenerationResult, describe_speedup, generate
+from .generate import (
+    DEFAULT_KEY_STEPS,
+    MAX_SEED,
+    GenerationRequest,
+    GenerationResult,
+    default_key_steps,
+    describe_speedup,
+    generate,
+    prepare_key_steps,
+)
 from .loading import default_weights_dir, load_pipeline
 
 #: Pillow's name for each output format.
@@ -140,6 +149,12 @@ class TextToImage:
             self.pipe_without_checker = type(pipe)(**components, requires_safety_checker=False)
             self.pipe_without_checker.set_progress_bar_config(disable=True)
 
+    def key_steps(self, text: str, sampler: str) -> Any:
+        """The key-step input as given, or, for ``'default'``, :func:`default_key_steps` for these weights."""
+        if text.strip().lower() == DEFAULT_KEY_STEPS:
+            return default_key_steps(self.pipe, sampler)
+        return text
+
     @classmethod
     def load(cls, folder: str | Path | None = None) -> TextToImage:
         """Load ``folder`` (default: ``$FASTER_DIFFUSION_WEIGHTS`` or ``weights/``); print what was loaded.
@@ -167,6 +182,7 @@ class TextToImage:
 
         Images flagged by the safety checker are dropped; :class:`NSFWError` if that leaves none.
         """
+        request = prepare_key_steps(self.pipe, request)  # calibrates first for 'auto' if none is saved
         schedule = request.schedule  # raises KeyStepError for key steps that do not fit the sampler's steps
         print(f"Key steps: {schedule.describe()}")
         print(f"Noise injection: {request.faster.noise_injection.describe()}")

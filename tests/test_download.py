@@ -17,9 +17,11 @@ from faster_diffusion.download import (
     DEFAULT_REPO,
     FETCH_AT_SETUP_ENV,
     REPO_ENV,
+    SOURCE_FILE,
     build_parser,
     choose_files,
     fetch_at_setup,
+    read_source,
 )
 from faster_diffusion.loading import DOWNLOAD_COMMAND, WEIGHTS_ENV, WeightsError, inspect_weights
 from faster_diffusion.serving import TextToImage
@@ -248,7 +250,8 @@ def test_setup_fills_a_missing_folder_with_what_the_download_script_takes(
 
     assert hub.calls == [("list", DEFAULT_REPO), ("download", DEFAULT_REPO)]
     fetched = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
-    assert fetched == sorted(choose_files(hub.listing())[0])
+    assert fetched == sorted([*choose_files(hub.listing())[0], SOURCE_FILE])
+    assert read_source(dest) == DEFAULT_REPO  # the default key steps follow the weights' source
     assert inspect_weights(dest).has_safety_checker
     assert [p.name for p in tmp_path.iterdir()] == ["weights"]  # no temporary folder left beside it
 

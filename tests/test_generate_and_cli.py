@@ -94,6 +94,7 @@ def test_cli_compare_on_a_weights_folder(tmp_path, capsys):
     weights = save_tiny_weights(tmp_path / "weights", with_safety_checker=True)
     out_dir = str(tmp_path / "out")
     argv = ["a red circle", "--weights", str(weights), "--compare", "--out", out_dir, "--seed", "7"]
+    argv += ["--key-steps", "paper"]
     code = main([*argv, "--sampler", "DPM-Solver-20", "--num-outputs", "2"])
     out = capsys.readouterr().out
     assert code == 0

@@ -18,9 +18,9 @@ from cog import CancelationException, FieldInfo
 from PIL import Image
 
 import predict
-from faster_diffusion import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, KeySteps, Sampler
+from faster_diffusion import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, Sampler
 from faster_diffusion.cancel import StoppedBetweenSteps, run_stoppable
-from faster_diffusion.generate import MAX_SEED, GenerationRequest, generate
+from faster_diffusion.generate import DEFAULT_KEY_STEPS, MAX_SEED, GenerationRequest, generate
 from faster_diffusion.serving import IMAGE_FORMATS, NSFWError, Outcome, TextToImage, check_inputs, save_images
 from faster_diffusion.tiny import build_tiny_pipeline, make_safety_checker_flag_everything, save_tiny_weights
 
@@ -78,7 +78,7 @@ def test_input_limits_agree_with_the_core():
     inputs = predict.Inputs
     assert inputs.sampler.choices == [sampler.value for sampler in Sampler]
     assert Sampler.parse(inputs.sampler.default)
-    assert KeySteps.parse(inputs.key_steps.default) == KeySteps.paper()
+    assert inputs.key_steps.default == DEFAULT_KEY_STEPS
     assert inputs.noise_strength.default == PRIOR_NOISE_ALPHA
     assert inputs.noise_threshold.default == PRIOR_NOISE_TAU
     assert (inputs.seed.ge, inputs.seed.le) == (0, MAX_SEED)
@@ -145,6 +145,9 @@ def run_request(**inputs) -> GenerationRequest:
     predictor, requests = predict.Predictor(), []
 
     class Recorder:
+        def key_steps(self, text, sampler):
+            return "paper" if text == DEFAULT_KEY_STEPS else text
+
         def generate(self, request, **options):
             requests.append(request)
             raise _Stop
@@ -416,6 +419,9 @@ def test_run_returns_the_files_under_the_names_of_the_outcome(tmp_path):
     predictor.outputs = tmp_path
 
     class Done:
+        def key_steps(self, text, sampler):
+            return "paper" if text == DEFAULT_KEY_STEPS else text
+
         def generate(self, request, **options):
             return outcome
 

@@ -1,0 +1,114 @@
+"""``key_steps="auto"`` and the default key steps, from the command line and the Cog model's layer."""
+
+from __future__ import annotations
+
+import pytest
+
+from faster_diffusion import KeySteps, reference
+from faster_diffusion.calibration import CALIBRATION_FILE, load_calibrations
+from faster_diffusion.cli import main
+from faster_diffusion.download import read_source, write_source
+from faster_diffusion.generate import GenerationRequest, default_key_steps, faster_config
+from faster_diffusion.loading import load_pipeline
+from faster_diffusion.serving import TextToImage
+from faster_diffusion.tiny import save_tiny_weights
+
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+@pytest.fixture(scope="module")
+def reference_pipe():
+    return load_pipeline(reference.MODEL_DIR, device="cpu", safety_checker=False)
+
+
+def test_the_source_of_downloaded_weights_is_recorded(tmp_path):
+    assert read_source(tmp_path) is None
+    write_source(tmp_path, SD15, "main")
+    assert read_source(tmp_path) == SD15
+    (tmp_path / "faster_diffusion_source.json").write_text("not json")
+    assert read_source(tmp_path) is None
+    assert read_source(None) is None
+
+
+def test_default_key_steps_are_the_paper_s_on_sd15_and_calibrated_elsewhere(tmp_path, reference_pipe):
+    folder = save_tiny_weights(tmp_path / "weights", with_safety_checker=False)
+    pipe = load_pipeline(folder, device="cpu", safety_checker=False)
+    assert default_key_steps(pipe, "DDIM-50") == KeySteps.auto()
+    assert default_key_steps(pipe, "DPM-Solver-20") == KeySteps.auto(9)
+    assert default_key_steps(pipe, "DPM-Solver++-20", 40) == KeySteps.auto(18)
+    assert default_key_steps(reference_pipe, "DPM-Solver-20") == KeySteps.auto(9)
+    write_source(folder, "someone/sd15-finetune")
+    assert default_key_steps(pipe, "DDIM-50") == KeySteps.auto()
+    write_source(folder, SD15)
+    assert default_key_steps(pipe, "DDIM-50") == KeySteps.paper()
+    assert default_key_steps(pipe, "DPM-Solver-20") == KeySteps.paper()
+
+
+def test_cli_default_on_new_weights_calibrates_once_says_so_and_saves_it(tmp_path, capsys):
+    weights = save_tiny_weights(tmp_path / "weights", with_safety_checker=False)
+    argv = [
+        "a red circle",
+        "--weights",
+        str(weights),
+        "--sampler",
+        "DPM-Solver-20",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Calibrating key steps for this model (DPM-Solver-20, 20 steps)" in out
+    assert "Calibrated in " in out
+    assert "Key steps: auto:9, calibrated by feature error on 4 prompts" in out
+    assert "9 of 20 steps are key steps" in out
+    assert "9 encoder / 20 decoder passes" in out
+    (saved,) = load_calibrations(weights)
+    assert saved.num_steps == 20 and (weights / CALIBRATION_FILE).is_file()
+    # A new process (a new pipeline) finds the saved calibration and does not calibrate again.
+    assert main(argv) == 0
+    again = capsys.readouterr().out
+    assert "Calibrating" not in again
+    assert f"are key steps {list(saved.indices(9))}" in again
+
+
+def test_cli_auto_on_the_reference_model_uses_its_committed_calibration(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FASTER_DIFFUSION_WEIGHTS", str(tmp_path / "empty"))
+    argv = [reference.EXAMPLE_PROMPT, "--out", str(tmp_path / "out"), "--key-steps", "auto"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Calibrating" not in out
+    assert "Key steps: auto, calibrated by feature error on 16 prompts (one seed each)" in out
+    assert "9 of 50 steps are key steps [0, 4, 8, 13, 19, 26, 32, 38, 44]" in out
+
+
+@pytest.mark.parametrize(
+    ("key_steps", "message"),
+    [
+        ("auto:0", "error: key_steps: invalid value 'auto:0': the auto budget must be a whole number >= 1"),
+        ("auto:60", "error: key_steps: the budget must be a whole number from 1 to 50, got 60"),
+    ],
+)
+def test_cli_rejects_a_bad_auto_budget_clearly(key_steps, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FASTER_DIFFUSION_WEIGHTS", str(tmp_path / "empty"))
+    assert main(["a red circle", "--out", str(tmp_path / "out"), "--key-steps", key_steps]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_cog_model_resolves_default_and_auto_key_steps(tmp_path, capsys):
+    folder = save_tiny_weights(tmp_path / "weights", with_safety_checker=False)
+    model = TextToImage.load(folder)
+    assert model.key_steps("default", "DDIM-50") == KeySteps.auto()
+    assert model.key_steps(" DEFAULT ", "DPM-Solver-20") == KeySteps.auto(9)
+    assert model.key_steps("uniform:3", "DDIM-50") == "uniform:3"
+    request = GenerationRequest(
+        prompt="a red circle",
+        sampler="DPM-Solver-20",
+        width=16,
+        height=16,
+        faster=faster_config(model.key_steps("default", "DPM-Solver-20")),
+    )
+    outcome = model.generate(request, safety_checker=False)
+    out = capsys.readouterr().out
+    assert "Calibrating key steps" in out and "Key steps: auto:9, calibrated by feature error" in out
+    assert outcome.faster.stats.encoder_passes == 9
+    assert load_calibrations(folder)
