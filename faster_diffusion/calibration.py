@@ -162,6 +162,9 @@ class Calibration:
     other: dict[str, tuple[tuple[float, ...], ...]] = field(default_factory=dict)
     #: :func:`weight_probe` of the UNet (its weights).
     probe: tuple[float, ...] = ()
+    #: The run's timesteps (:func:`scheduler_timesteps`): settings that move them (Karras sigmas, spacing,
+    #: offsets) make another trajectory, which needs its own calibration.
+    timesteps: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
@@ -180,7 +183,8 @@ class Calibration:
 
     def describe(self) -> str:
         return (
-            f"calibrated by {self.criterion} error on {len(self.prompts)} prompts (one seed each), "
+            f"calibrated by {self.criterion} error on {len(self.prompts)} prompt"
+            f"{'s' if len(self.prompts) != 1 else ''} (one seed each), "
             f"{self.width}x{self.height}, {self.num_steps} steps of {self.scheduler.split(',')[0]}"
         )
 
@@ -191,12 +195,18 @@ class Calibration:
         return KeySteps.explicit(self.indices(budget)).with_origin(f"{budget_text}, {self.describe()}")
 
     def matches(
-        self, model: str, scheduler: str, num_steps: int, probe: Sequence[float] | None = None
+        self,
+        model: str,
+        scheduler: str,
+        num_steps: int,
+        probe: Sequence[float] | None = None,
+        timesteps: Sequence[int] | None = None,
     ) -> bool:
-        """Whether this is the calibration of that architecture, sampler and step count, and, when
-        ``probe`` is given, of those weights."""
+        """Whether this is the calibration of that architecture, sampler and step count, and, when given,
+        of those weights (``probe``) and of that trajectory (``timesteps``)."""
         same_key = (self.model, self.scheduler, self.num_steps) == (model, scheduler, num_steps)
-        return same_key and (probe is None or same_weights(self.probe, probe))
+        same_steps = timesteps is None or tuple(timesteps) == self.timesteps
+        return same_key and same_steps and (probe is None or same_weights(self.probe, probe))
 
     def to_json(self) -> dict[str, Any]:
         def rounded(matrix):
@@ -216,6 +226,7 @@ class Calibration:
             "cost": rounded(self.cost),
             "other": {name: rounded(matrix) for name, matrix in self.other.items()},
             "weights_probe": [float(f"{value:.9g}") for value in self.probe],
+            "timesteps": list(self.timesteps),
         }
 
     @classmethod
@@ -238,6 +249,7 @@ class Calibration:
                     for name, matrix in data.get("other", {}).items()
                 },
                 probe=tuple(float(v) for v in data["weights_probe"]),
+                timesteps=tuple(int(t) for t in data["timesteps"]),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise CalibrationError(f"a saved calibration is malformed ({error!r})") from error
@@ -293,6 +305,18 @@ def weight_probe(unet: torch.nn.Module) -> tuple[float, ...]:
 def same_weights(a: Sequence[float], b: Sequence[float]) -> bool:
     """Whether two :func:`weight_probe` samples come from the same weights (up to fp16/bf16 rounding)."""
     return len(a) == len(b) and bool(np.allclose(a, b, rtol=PROBE_RTOL, atol=PROBE_ATOL))
+
+
+def scheduler_timesteps(scheduler: Any, num_steps: int) -> tuple[int, ...]:
+    """The timesteps a run of ``num_steps`` steps takes with ``scheduler``'s class and config, from a fresh
+    copy (``scheduler`` itself is not touched)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh = type(scheduler).from_config(scheduler.config)
+        fresh.set_timesteps(num_steps)
+    return tuple(int(t) for t in fresh.timesteps.tolist())
 
 
 def scheduler_key(scheduler: Any) -> str:
@@ -563,17 +587,19 @@ def register(unet: torch.nn.Module, calibration: Calibration) -> None:
 
 def find_calibration(pipe: Any, num_steps: int, scheduler: Any = None) -> Calibration | None:
     """The calibration of ``pipe``'s UNet for its scheduler (or ``scheduler``) and ``num_steps``: one made or
-    loaded in this process, else one saved in the folder the pipeline was loaded from; ``None`` if neither."""
+    loaded in this process, else one saved in the folder the pipeline was loaded from; ``None`` if neither.
+    It must be of the same architecture, weights (:func:`weight_probe`) and timesteps."""
     unet = pipe.unet
     scheduler = scheduler if scheduler is not None else pipe.scheduler
     model, key, probe = model_fingerprint(unet), scheduler_key(scheduler), weight_probe(unet)
+    timesteps = scheduler_timesteps(scheduler, num_steps)
     for calibration in _REGISTRY.get(unet, []):
-        if calibration.matches(model, key, num_steps, probe):
+        if calibration.matches(model, key, num_steps, probe, timesteps):
             return _preferred(calibration)
     folder = weights_folder(pipe)
     if folder is not None:
         for calibration in load_calibrations(folder):
-            if calibration.matches(model, key, num_steps, probe):
+            if calibration.matches(model, key, num_steps, probe, timesteps):
                 register(unet, calibration)
                 return _preferred(calibration)
     return None
@@ -676,6 +702,7 @@ def get_calibration(
         seconds=seconds,
         other={name: as_tuple(matrix) for name, matrix in costs.items() if name != criterion},
         probe=weight_probe(pipe.unet),
+        timesteps=scheduler_timesteps(pipe.scheduler, steps),
     )
     logger.info("calibrated %s", calibration.describe())
     register(pipe.unet, calibration)

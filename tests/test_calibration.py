@@ -38,6 +38,7 @@ from faster_diffusion.calibration import (
     save_calibration,
     schedule_cost,
     scheduler_key,
+    scheduler_timesteps,
     weight_probe,
     weights_folder,
 )
@@ -263,7 +264,9 @@ def test_calibration_is_deterministic_and_leaves_the_pipeline_stock(make_pipe):
 # ----------------------------------------------------------------------------------- saving and finding
 
 
-def made_up(model="m" * 16, scheduler="DDIMScheduler", num_steps=4, seed=0, probe=()) -> Calibration:
+def made_up(
+    model="m" * 16, scheduler="DDIMScheduler", num_steps=4, seed=0, probe=(), timesteps=()
+) -> Calibration:
     """A calibration with random costs of many digits (no UNet involved)."""
     rng = np.random.default_rng(seed)
 
@@ -284,6 +287,7 @@ def made_up(model="m" * 16, scheduler="DDIMScheduler", num_steps=4, seed=0, prob
         seconds=1.23456,
         other={"feature": matrix()},
         probe=tuple(probe),
+        timesteps=tuple(timesteps),
     )
 
 
@@ -373,20 +377,24 @@ def test_find_calibration_ignores_entries_of_another_model_scheduler_or_step_cou
     folder = weights_folder(pipe)
     model, key = model_fingerprint(pipe.unet), scheduler_key(pipe.scheduler)
     probe = weight_probe(pipe.unet)
+    steps = {4: scheduler_timesteps(pipe.scheduler, 4), 5: scheduler_timesteps(pipe.scheduler, 5)}
     assert key.startswith("DDIMScheduler,")
     dpm = scheduler_key(use_sampler_copy(pipe, "DPM-Solver-20"))
     for other in (
-        made_up(model="0" * 16, scheduler=key, num_steps=4, probe=probe),
-        made_up(model=model, scheduler=dpm, num_steps=4, probe=probe),
-        made_up(model=model, scheduler=key, num_steps=5, probe=probe),
+        made_up(model="0" * 16, scheduler=key, num_steps=4, probe=probe, timesteps=steps[4]),
+        made_up(model=model, scheduler=dpm, num_steps=4, probe=probe, timesteps=steps[4]),
+        made_up(model=model, scheduler=key, num_steps=5, probe=probe, timesteps=steps[5]),
     ):
         save_calibration(other, folder)
     assert find_calibration(pipe, 4) is None
     # The same key with other weights (a fine-tune of the same architecture) replaces nothing it should not:
     # saved under the same key, it is found only if its weights are the pipeline's.
-    save_calibration(made_up(model=model, scheduler=key, num_steps=4, probe=[v + 1.0 for v in probe]), folder)
+    save_calibration(
+        made_up(model=model, scheduler=key, num_steps=4, probe=[v + 1.0 for v in probe], timesteps=steps[4]),
+        folder,
+    )
     assert find_calibration(pipe, 4) is None
-    right = made_up(model=model, scheduler=key, num_steps=4, seed=3, probe=probe)
+    right = made_up(model=model, scheduler=key, num_steps=4, seed=3, probe=probe, timesteps=steps[4])
     save_calibration(right, folder)
     found = find_calibration(pipe, 4)
     assert found is not None and found.indices(2) == right.indices(2)
@@ -559,3 +567,16 @@ def test_committed_reference_calibrations_are_found_for_each_sampler(sampler, st
     assert found.model == model_fingerprint(pipe.unet.to(torch.float16))
     assert found.scheduler == scheduler_key(pipe.scheduler)
     assert len(found.indices()) == len(KeySteps.paper().resolve(steps).indices)
+
+
+def test_a_calibration_is_not_reused_for_another_trajectory_of_the_same_sampler(make_pipe):
+    """Karras sigmas keep the scheduler's class and algorithm but move the timesteps: another trajectory."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe = make_pipe()
+    use_sampler(pipe, "DPM-Solver++-20")
+    get_calibration(pipe, num_inference_steps=6, prompts=PROMPTS[:1], save=False)
+    assert find_calibration(pipe, 6) is not None
+    karras = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
+    assert scheduler_key(karras) == scheduler_key(pipe.scheduler)
+    assert find_calibration(pipe, 6, karras) is None
