@@ -1,10 +1,12 @@
 """What a calibration (``key_steps="auto"``) costs on the SD v1.5 architecture: measured, and estimated from
 the FLOP count for the paper's A40.
 
-A calibration is one stock run of N steps for P prompts (2P rows with guidance) plus, for every pair of steps
-k < j, one decoder pass of step j on step k's encoder outputs: N(N-1)/2 x 2P decoder rows, batched. Its FLOPs
-are therefore ``N * 2P * F_unet + N(N-1)/2 * 2P * F_decoder``, with the per-row FLOPs of a UNet call and of
-its decoder (the call minus ``conv_in``, the down blocks and the mid block) counted by
+A calibration is one stock run of N steps for P prompts (2P rows with guidance), recording the encoder's
+outputs. The ``feature`` criterion (the default) needs nothing more than distances between them; the
+``prediction`` criterion adds, for every pair of steps k < j, one decoder pass of step j on step k's encoder
+outputs: N(N-1)/2 x 2P decoder rows, batched. The FLOPs are therefore ``N * 2P * F_unet`` (feature) plus
+``N(N-1)/2 * 2P * F_decoder`` (prediction), with the per-row FLOPs of a UNet call and of its decoder (the
+call minus ``conv_in``, the down blocks and the mid block) counted by
 ``torch.utils.flop_counter.FlopCounterMode`` on one call at the same size. The A40 estimate divides that by
 the throughput the paper's own stock timing implies (SD v1.5, DDIM-50, 512 px, fp16: 2.42 s per image, of
 which the UNet is nearly all): ``2.42 s / (50 x 2 x F_unet(512 px))``.
@@ -66,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=512, help="image size in px (a multiple of 64)")
     parser.add_argument("--samplers", default="DDIM-50,DPM-Solver-20")
     parser.add_argument("--prompts", type=int, default=len(DEFAULT_PROMPTS), help="calibration prompts")
+    parser.add_argument(
+        "--criteria",
+        default="feature,feature+prediction",
+        help="what to time, comma-separated: feature "
+        "(the default calibration) and/or feature+prediction (both criteria, as the reference model's)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="Markdown report (default: print only)")
     args = parser.parse_args(argv)
     if args.size % 64 or args.size < 64:
@@ -73,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.prompts <= len(DEFAULT_PROMPTS):
         parser.error(f"--prompts must be from 1 to {len(DEFAULT_PROMPTS)}, got {args.prompts}")
     samplers = [Sampler.parse(s) for s in args.samplers.split(",") if s.strip()]
+    variants = [v.strip() for v in args.criteria.split(",") if v.strip()]
+    if not variants or any(v not in ("feature", "feature+prediction") for v in variants):
+        parser.error(f"--criteria: feature and/or feature+prediction, got {args.criteria!r}")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     pipe = build_sd15_pipeline().to(device, dtype)
     unet_row, encoder_row = unet_flops_per_row(pipe.unet, args.size, dtype, device)
@@ -94,27 +105,38 @@ def main(argv: list[str] | None = None) -> int:
         f"{unet_row / 1e9:.1f} GFLOP of which the encoder {encoder_row / unet_row:.1%}; the paper's A40 "
         f"stock time implies {a40_flops_per_second / 1e12:.1f} TFLOP/s effective",
         "",
-        "| sampler | N | stock rows | decoder rows | calibration TFLOP | in stock runs of one image "
-        "| measured s | estimated A40 s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| sampler | N | criteria | stock rows | decoder rows | calibration TFLOP "
+        "| in stock runs of one image | measured s | estimated A40 s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for sampler in samplers:
         use_sampler(pipe, sampler)
         n, rows = sampler.default_steps, 2 * len(prompts)
-        stock_rows, decoder_rows = n * rows, n * (n - 1) // 2 * rows
-        flops = stock_rows * unet_row + decoder_rows * decoder_row
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        get_calibration(pipe, prompts=prompts, height=args.size, width=args.size, force=True, save=False)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - started
-        lines.append(
-            f"| {sampler.value} | {n} | {stock_rows} | {decoder_rows} | {flops / 1e12:.1f} "
-            f"| {flops / (n * 2 * unet_row):.1f} | {seconds:.1f} | {flops / a40_flops_per_second:.1f} |"
-        )
-        print(lines[-1], flush=True)
+        for variant in variants:
+            criteria = tuple(variant.split("+"))
+            stock_rows = n * rows
+            decoder_rows = n * (n - 1) // 2 * rows if "prediction" in criteria else 0
+            flops = stock_rows * unet_row + decoder_rows * decoder_row
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            get_calibration(
+                pipe,
+                prompts=prompts,
+                height=args.size,
+                width=args.size,
+                criteria=criteria,
+                force=True,
+                save=False,
+            )
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - started
+            lines.append(
+                f"| {sampler.value} | {n} | {variant} | {stock_rows} | {decoder_rows} | {flops / 1e12:.1f} "
+                f"| {flops / (n * 2 * unet_row):.1f} | {seconds:.1f} | {flops / a40_flops_per_second:.1f} |"
+            )
+            print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -643,6 +643,7 @@ def get_calibration(
     height: int | None = None,
     width: int | None = None,
     criterion: str = DEFAULT_CRITERION,
+    criteria: Sequence[str] | None = None,
     save: bool = True,
     force: bool = False,
 ) -> Calibration:
@@ -651,6 +652,9 @@ def get_calibration(
     for this process and, when ``save`` and the pipeline came from a writable local folder, saved there.
 
     Defaults: :data:`DEFAULT_PROMPTS`, one seed each from :data:`DEFAULT_SEED`, the pipeline's default size.
+    Only ``criterion`` is measured unless ``criteria`` names more (the ``"feature"`` criterion costs one stock
+    run of the prompts; ``"prediction"`` adds N(N-1)/2 decoder passes per prompt, about 20 times more for
+    DDIM-50).
     """
     from .propagation import get_faster_diffusion
 
@@ -658,6 +662,10 @@ def get_calibration(
         raise RuntimeError("calibrate: faster diffusion is attached to this pipeline; call remove() first")
     if criterion not in CRITERIA:
         raise CalibrationError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    criteria = tuple(dict.fromkeys([criterion, *(criteria or ())]))
+    unknown = [c for c in criteria if c not in CRITERIA]
+    if unknown:
+        raise CalibrationError(f"criteria must be among {CRITERIA}, got {unknown[0]!r}")
     steps = _default_steps(pipe.scheduler) if num_inference_steps is None else num_inference_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise CalibrationError(f"num_inference_steps must be a whole number >= 2, got {steps!r}")
@@ -682,6 +690,7 @@ def get_calibration(
         guidance_scale=guidance_scale,
         height=height,
         width=width,
+        criteria=criteria,
     )
     seconds = time.perf_counter() - started
 

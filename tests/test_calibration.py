@@ -580,3 +580,17 @@ def test_a_calibration_is_not_reused_for_another_trajectory_of_the_same_sampler(
     karras = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
     assert scheduler_key(karras) == scheduler_key(pipe.scheduler)
     assert find_calibration(pipe, 6, karras) is None
+
+
+def test_only_the_chosen_criterion_is_measured_unless_more_are_asked_for(make_pipe):
+    """The default (feature) calibration is one stock run: no decoder replays."""
+    pipe = make_pipe()
+    use_sampler(pipe, "DDIM-50")
+    calls = count_unet_calls(pipe)
+    feature = get_calibration(pipe, num_inference_steps=6, prompts=PROMPTS[:1], force=True, save=False)
+    assert (feature.criterion, feature.other, calls[0]) == ("feature", {}, 6)
+    both = get_calibration(
+        pipe, num_inference_steps=6, prompts=PROMPTS[:1], criteria=("prediction",), force=True, save=False
+    )
+    assert set(both.other) == {"prediction"} and calls[0] > 12
+    assert both.cost == feature.cost
