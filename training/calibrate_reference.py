@@ -5,7 +5,11 @@ the Cog model and ``benchmarks/frontier.py`` read. The prompts are captions of t
 (``reference.CALIBRATION_PROMPTS``) with seeds 90,000 and up, apart from the quality benchmark's held-out
 prompts and seeds. Both criteria are measured, so the frontier benchmark can compare them.
 
-    python training/calibrate_reference.py        # about 1 minute on 2 CPU cores
+    python training/calibrate_reference.py              # about 1 minute on 2 CPU cores
+    python training/calibrate_reference.py --halves     # how much two disjoint 8-prompt halves agree
+
+``--halves`` saves nothing: it calibrates (feature criterion) on each half of the prompts and on all 16 and
+prints the key steps each gives at several budgets, and the rank correlation of the halves' cost matrices.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
@@ -23,9 +29,41 @@ from faster_diffusion.calibration import CRITERIA  # noqa: E402
 from faster_diffusion.loading import load_pipeline  # noqa: E402
 
 
+def halves(pipe) -> None:
+    from benchmarks.frontier import spearman
+
+    prompts, seeds = reference.CALIBRATION_PROMPTS, reference.CALIBRATION_SEEDS
+    parts = {"first 8": slice(0, 8), "last 8": slice(8, 16), "all 16": slice(0, 16)}
+    budgets = {Sampler.DDIM: (5, 7, 9, 12, 15), Sampler.DPM_SOLVER: (4, 7, 9, 12)}
+    for sampler, sampler_budgets in budgets.items():
+        use_sampler(pipe, sampler)
+        found = {
+            name: get_calibration(
+                pipe,
+                num_inference_steps=sampler.default_steps,
+                prompts=prompts[part],
+                seeds=seeds[part],
+                guidance_scale=reference.GUIDANCE_SCALE,
+                force=True,
+                save=False,
+            )
+            for name, part in parts.items()
+        }
+        upper = np.triu_indices(sampler.default_steps, 1)
+        rho = spearman(found["first 8"].matrix[upper], found["last 8"].matrix[upper])
+        print(f"{sampler.value}: rank correlation of the halves' costs {rho:.4f}")
+        for budget in sampler_budgets:
+            lists = {name: c.indices(budget) for name, c in found.items()}
+            same = len(set(lists.values())) == 1
+            print(f"  {budget} key steps: {'all three agree' if same else 'differ'}: {lists}")
+
+
 def main() -> int:
     pipe = load_pipeline(reference.MODEL_DIR, device="cpu", safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    if "--halves" in sys.argv[1:]:
+        halves(pipe)
+        return 0
     for sampler in Sampler:
         use_sampler(pipe, sampler)
         started = time.perf_counter()
