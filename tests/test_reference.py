@@ -157,7 +157,7 @@ def test_reference_model_renders_held_out_prompts_faithfully(reference_pipe, sam
     assert (predicted == labels).all(axis=1).mean() >= 0.8  # chance: 1 in 972; the first model got 0.6
 
 
-@pytest.mark.parametrize("key_steps", [None, "paper"], ids=["stock", "faster"])
+@pytest.mark.parametrize("key_steps", [None, "paper", "auto"], ids=["stock", "paper", "auto"])
 def test_the_quick_start_prompt_renders_right_for_nine_of_seeds_0_to_9(reference_pipe, key_steps):
     """The README's first command, as a newcomer runs it (DDIM-50, the model's guidance scale), with each of
     seeds 0-9: the classifier reads all five attributes of the prompt off at least 9 of the 10 images, for
