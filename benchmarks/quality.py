@@ -64,7 +64,7 @@ from faster_diffusion import (  # noqa: E402
     shapes,
     use_sampler,
 )
-from faster_diffusion.loading import load_pipeline  # noqa: E402
+from faster_diffusion.app.loading import load_pipeline  # noqa: E402
 from faster_diffusion.schedule import paper_key_steps  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
