@@ -22,7 +22,6 @@ from faster_diffusion import (
     calibrate,
     get_calibration,
     reference,
-    shapes,
     use_sampler,
 )
 from faster_diffusion.app.loading import load_pipeline
@@ -43,6 +42,7 @@ from faster_diffusion.calibration import (
     weight_probe,
     weights_folder,
 )
+from faster_diffusion.reference import shapes
 from faster_diffusion.reference.tiny import save_tiny_weights
 from faster_diffusion.schedule import KeyStepError, KeyStepKind
 
