@@ -2,17 +2,17 @@
 decoder and prior noise injection; Li et al., NeurIPS 2024).
 
 ``run()`` maps its inputs to a request for the ``faster_diffusion`` package and saves the images; the work is
-in ``faster_diffusion.serving``.
+in ``faster_diffusion.app.serving``.
 """
 
 import tempfile
 
 from cog import BaseRunner, Input, Path
 
-from faster_diffusion.download import fetch_at_setup
-from faster_diffusion.generate import GenerationRequest, faster_config
-from faster_diffusion.loading import default_weights_dir
-from faster_diffusion.serving import TextToImage, check_inputs, random_seed, save_images
+from faster_diffusion.app.download import fetch_at_setup
+from faster_diffusion.app.generate import GenerationRequest, faster_config
+from faster_diffusion.app.loading import default_weights_dir
+from faster_diffusion.app.serving import TextToImage, check_inputs, random_seed, save_images
 
 
 class Inputs:

@@ -46,7 +46,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import quality  # noqa: E402
-from faster_diffusion import KeySteps, Sampler, reference, shapes, use_sampler  # noqa: E402
+from faster_diffusion import KeySteps, Sampler, reference, use_sampler  # noqa: E402
+from faster_diffusion.app.loading import load_pipeline  # noqa: E402
 from faster_diffusion.calibration import (  # noqa: E402
     CRITERIA,
     DEFAULT_CRITERION,
@@ -55,7 +56,7 @@ from faster_diffusion.calibration import (  # noqa: E402
     paper_budget,
     schedule_cost,
 )
-from faster_diffusion.loading import load_pipeline  # noqa: E402
+from faster_diffusion.reference import shapes  # noqa: E402
 from faster_diffusion.schedule import evenly_spaced_key_steps, paper_shaped_key_steps  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"

@@ -61,10 +61,10 @@ from faster_diffusion import (  # noqa: E402
     Sampler,
     apply_faster_diffusion,
     reference,
-    shapes,
     use_sampler,
 )
-from faster_diffusion.loading import load_pipeline  # noqa: E402
+from faster_diffusion.app.loading import load_pipeline  # noqa: E402
+from faster_diffusion.reference import shapes  # noqa: E402
 from faster_diffusion.schedule import paper_key_steps  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"

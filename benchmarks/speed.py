@@ -63,7 +63,7 @@ from faster_diffusion import (  # noqa: E402
     apply_faster_diffusion,
     use_sampler,
 )
-from faster_diffusion.tiny import (  # noqa: E402
+from faster_diffusion.reference.tiny import (  # noqa: E402
     SD15_SCHEDULER_CONFIG,
     build_tiny_pipeline,
     build_tiny_tokenizer,
@@ -851,7 +851,7 @@ def benchmark(argv: Sequence[str] | None = None) -> Benchmark:
     build_start = time.perf_counter()
     if args.quick:
         pipe = build_tiny_pipeline(args.seed)
-        model = "tiny SD-shaped test model (faster_diffusion.tiny), random weights"
+        model = "tiny SD-shaped test model (faster_diffusion.reference.tiny), random weights"
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     else:
         pipe = build_sd15_pipeline(args.seed)

@@ -27,7 +27,11 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from PIL import Image
 
-from faster_diffusion.tiny import TINY_VAE_CONFIG, build_tiny_components, make_safety_checker_flag_everything
+from faster_diffusion.reference.tiny import (
+    TINY_VAE_CONFIG,
+    build_tiny_components,
+    make_safety_checker_flag_everything,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 
 from faster_diffusion import KeySteps, reference
+from faster_diffusion.app.cli import main
+from faster_diffusion.app.download import read_source, write_source
+from faster_diffusion.app.generate import GenerationRequest, default_key_steps, faster_config
+from faster_diffusion.app.loading import load_pipeline
+from faster_diffusion.app.serving import TextToImage
 from faster_diffusion.calibration import CALIBRATION_FILE, load_calibrations
-from faster_diffusion.cli import main
-from faster_diffusion.download import read_source, write_source
-from faster_diffusion.generate import GenerationRequest, default_key_steps, faster_config
-from faster_diffusion.loading import load_pipeline
-from faster_diffusion.serving import TextToImage
-from faster_diffusion.tiny import save_tiny_weights
+from faster_diffusion.reference.tiny import save_tiny_weights
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 

@@ -22,9 +22,9 @@ from faster_diffusion import (
     calibrate,
     get_calibration,
     reference,
-    shapes,
     use_sampler,
 )
+from faster_diffusion.app.loading import load_pipeline
 from faster_diffusion.calibration import (
     CALIBRATION_FILE,
     FILE_VERSION,
@@ -42,9 +42,9 @@ from faster_diffusion.calibration import (
     weight_probe,
     weights_folder,
 )
-from faster_diffusion.loading import load_pipeline
+from faster_diffusion.reference import shapes
+from faster_diffusion.reference.tiny import save_tiny_weights
 from faster_diffusion.schedule import KeyStepError, KeyStepKind
-from faster_diffusion.tiny import save_tiny_weights
 
 from .conftest import generate_latents
 

@@ -13,7 +13,7 @@ import huggingface_hub
 import pytest
 
 import predict
-from faster_diffusion.download import (
+from faster_diffusion.app.download import (
     DEFAULT_REPO,
     FETCH_AT_SETUP_ENV,
     REPO_ENV,
@@ -23,9 +23,9 @@ from faster_diffusion.download import (
     fetch_at_setup,
     read_source,
 )
-from faster_diffusion.loading import DOWNLOAD_COMMAND, WEIGHTS_ENV, WeightsError, inspect_weights
-from faster_diffusion.serving import TextToImage
-from faster_diffusion.tiny import save_tiny_weights
+from faster_diffusion.app.loading import DOWNLOAD_COMMAND, WEIGHTS_ENV, WeightsError, inspect_weights
+from faster_diffusion.app.serving import TextToImage
+from faster_diffusion.reference.tiny import save_tiny_weights
 
 from .cog_server import REPO_ROOT
 

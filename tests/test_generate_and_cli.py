@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from faster_diffusion import KeySteps, Sampler
-from faster_diffusion.cli import main
-from faster_diffusion.generate import GenerationRequest, faster_config, generate
-from faster_diffusion.tiny import build_tiny_pipeline, save_tiny_weights
+from faster_diffusion.app.cli import main
+from faster_diffusion.app.generate import GenerationRequest, faster_config, generate
+from faster_diffusion.reference.tiny import build_tiny_pipeline, save_tiny_weights
 
 
 def request(**overrides):

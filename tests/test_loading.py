@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from faster_diffusion.loading import (
+from faster_diffusion.app.loading import (
     DOWNLOAD_COMMAND,
     WeightsError,
     default_weights_dir,
@@ -17,7 +17,7 @@ from faster_diffusion.loading import (
     inspect_weights,
     load_pipeline,
 )
-from faster_diffusion.tiny import build_tiny_pipeline, save_tiny_weights
+from faster_diffusion.reference.tiny import build_tiny_pipeline, save_tiny_weights
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_folder_without_safety_checker_runs_without_one_and_logs_it(weights, cop
     folder = copy_of()
     shutil.rmtree(folder / "safety_checker")
     shutil.rmtree(folder / "feature_extractor")
-    with caplog.at_level(logging.WARNING, logger="faster_diffusion.loading"):
+    with caplog.at_level(logging.WARNING, logger="faster_diffusion.app.loading"):
         pipe = load_pipeline(folder, device="cpu")
     assert pipe.safety_checker is None
     assert "has no safety checker; running without one" in caplog.text

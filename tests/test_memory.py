@@ -20,7 +20,7 @@ from faster_diffusion.memory import (
     decoder_row_bytes,
     decoder_steps_per_batch,
 )
-from faster_diffusion.tiny import SD_SHAPED_UNET, build_tiny_components
+from faster_diffusion.reference.tiny import SD_SHAPED_UNET, build_tiny_components
 
 from .conftest import generate_latents
 

@@ -13,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from faster_diffusion import KeySteps, Sampler, reference, shapes
-from faster_diffusion.cli import main
-from faster_diffusion.loading import inspect_weights, load_pipeline
+from faster_diffusion import KeySteps, Sampler, reference
+from faster_diffusion.app.cli import main
+from faster_diffusion.app.loading import inspect_weights, load_pipeline
+from faster_diffusion.reference import shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

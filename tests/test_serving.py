@@ -19,10 +19,21 @@ from PIL import Image
 
 import predict
 from faster_diffusion import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, Sampler
-from faster_diffusion.cancel import StoppedBetweenSteps, run_stoppable
-from faster_diffusion.generate import DEFAULT_KEY_STEPS, MAX_SEED, GenerationRequest, generate
-from faster_diffusion.serving import IMAGE_FORMATS, NSFWError, Outcome, TextToImage, check_inputs, save_images
-from faster_diffusion.tiny import build_tiny_pipeline, make_safety_checker_flag_everything, save_tiny_weights
+from faster_diffusion.app.cancel import StoppedBetweenSteps, run_stoppable
+from faster_diffusion.app.generate import DEFAULT_KEY_STEPS, MAX_SEED, GenerationRequest, generate
+from faster_diffusion.app.serving import (
+    IMAGE_FORMATS,
+    NSFWError,
+    Outcome,
+    TextToImage,
+    check_inputs,
+    save_images,
+)
+from faster_diffusion.reference.tiny import (
+    build_tiny_pipeline,
+    make_safety_checker_flag_everything,
+    save_tiny_weights,
+)
 
 PREDICT_PY = Path(predict.__file__)
 RUN = predict.Predictor().run

@@ -1,4 +1,4 @@
-"""Tests for the tiny random-weight Stable Diffusion pipelines in ``faster_diffusion.tiny``."""
+"""Tests for the tiny random-weight Stable Diffusion pipelines in ``faster_diffusion.reference.tiny``."""
 
 import json
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from faster_diffusion.tiny import (
+from faster_diffusion.reference.tiny import (
     TINY_PROMPT_WORDS,
     build_tiny_components,
     build_tiny_pipeline,

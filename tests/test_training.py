@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from faster_diffusion import reference, shapes
+from faster_diffusion import reference
+from faster_diffusion.reference import shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 

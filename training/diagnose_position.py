@@ -35,8 +35,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from faster_diffusion import Sampler, reference, shapes, use_sampler  # noqa: E402
-from faster_diffusion.loading import load_pipeline  # noqa: E402
+from faster_diffusion import Sampler, reference, use_sampler  # noqa: E402
+from faster_diffusion.app.loading import load_pipeline  # noqa: E402
+from faster_diffusion.reference import shapes  # noqa: E402
 
 POSITIONS = shapes.ATTRIBUTES["position"]
 POS = list(shapes.ATTRIBUTES).index("position")

@@ -1,4 +1,5 @@
-"""Train the reference model (faster_diffusion/assets/shapes-ldm) and its attribute classifier, on the CPU.
+"""Train the reference model (faster_diffusion/reference/assets/shapes-ldm) and its attribute classifier, on
+the CPU.
 
     python training/train_reference.py                    # all three stages, in order
     python training/train_reference.py --stage unet       # one stage (the later ones read the earlier output)
@@ -45,8 +46,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from faster_diffusion import Sampler, reference, shapes, use_sampler  # noqa: E402
-from faster_diffusion.tiny import SD15_SCHEDULER_CONFIG, write_vocab_files  # noqa: E402
+from faster_diffusion import Sampler, reference, use_sampler  # noqa: E402
+from faster_diffusion.reference import shapes  # noqa: E402
+from faster_diffusion.reference.tiny import SD15_SCHEDULER_CONFIG, write_vocab_files  # noqa: E402
 
 RESULTS = ROOT / "training" / "results"
 WORK = ROOT / "training" / "work"  # checkpoints and snapshots during training; not committed
@@ -546,7 +548,7 @@ GUIDANCE_PROMPTS = 160
 def choose_guidance(out: Path) -> dict:
     """Stock DDIM-50 at each candidate guidance scale, on prompts of *training* combinations (the quality
     benchmark's held-out prompts are not used), scored by the classifier; the best scale wins."""
-    from faster_diffusion.loading import load_pipeline
+    from faster_diffusion.app.loading import load_pipeline
 
     pipe = load_pipeline(out, device="cpu", safety_checker=False)
     pipe.set_progress_bar_config(disable=True)

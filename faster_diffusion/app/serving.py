@@ -159,8 +159,8 @@ class TextToImage:
     def load(cls, folder: str | Path | None = None) -> TextToImage:
         """Load ``folder`` (default: ``$FASTER_DIFFUSION_WEIGHTS`` or ``weights/``); print what was loaded.
 
-        Raises :class:`~faster_diffusion.loading.WeightsError`, naming the folder and the command that fills
-        it, when the folder is missing or unusable.
+        Raises :class:`~faster_diffusion.app.loading.WeightsError`, naming the folder and the command that
+        fills it, when the folder is missing or unusable.
         """
         folder = (Path(folder) if folder is not None else default_weights_dir()).absolute()
         # Loading progress bars would fill the server's setup log with carriage-return redraws.
@@ -214,7 +214,8 @@ class TextToImage:
 
 
 def _run(pipe: Any, request: GenerationRequest, *, accelerate: bool) -> GenerationResult:
-    """:func:`~faster_diffusion.generate.generate`, stopped between steps if this thread is interrupted."""
+    """:func:`~faster_diffusion.app.generate.generate`, stopped between steps if this thread is
+    interrupted."""
 
     def report(ended: BaseException | None) -> None:
         if isinstance(ended, StoppedBetweenSteps):

@@ -15,7 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import reference, shapes
+from .. import reference
+from ..noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU
+from ..reference import shapes
+from ..samplers import Sampler
+from ..schedule import ACCEPTED_FORMS, KeyStepError
 from .generate import (
     DEFAULT_KEY_STEPS,
     MAX_SEED,
@@ -35,9 +39,6 @@ from .loading import (
     has_weights,
     load_pipeline,
 )
-from .noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU
-from .samplers import Sampler
-from .schedule import ACCEPTED_FORMS, KeyStepError
 
 #: Stable Diffusion's usual classifier-free guidance scale.
 DEFAULT_GUIDANCE = 7.5

@@ -1,10 +1,14 @@
 """The reference model: a small trained text-to-image latent diffusion model of Stable Diffusion's family.
 
-It was trained by ``training/train_reference.py`` on the captioned shapes of :mod:`faster_diffusion.shapes`
-and ships with the package (``faster_diffusion/assets/shapes-ldm``, a diffusers folder in safetensors), so
-the command line renders real images offline when no Stable Diffusion weights are present. It is also what
-the quality benchmark measures. Next to it is a small attribute classifier (shape, colour, size, position,
-background) that scores prompt faithfulness and provides features for a Fréchet distance.
+It was trained by ``training/train_reference.py`` on the captioned shapes of
+:mod:`faster_diffusion.reference.shapes` and ships with the package
+(``faster_diffusion/reference/assets/shapes-ldm``, a diffusers folder in safetensors), so the command line
+renders real images offline when no Stable Diffusion weights are present. It is also what the quality
+benchmark measures. Next to it is a small attribute classifier (shape, colour, size, position, background)
+that scores prompt faithfulness and provides features for a Fréchet distance.
+
+Beside the model: :mod:`.shapes`, the world it learned, and :mod:`.tiny`, tiny SD-shaped pipelines with random
+weights for the tests and benchmarks.
 """
 
 from __future__ import annotations

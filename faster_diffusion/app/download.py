@@ -1,10 +1,10 @@
 """Filling a weights folder from the Hugging Face hub: ``script/download-weights``.
 
 Fetches a Stable Diffusion repository in diffusers layout (SD v1.5 by default) with ``snapshot_download``,
-taking only what :func:`~faster_diffusion.loading.load_pipeline` reads: ``model_index.json`` and the component
-folders, with ``.safetensors`` weights only (never ``.bin`` or ``.ckpt`` pickles, nor the single-file
-checkpoints at the top of the repository), in the ``fp16`` variant when every model in the repository offers
-it. The safety checker and its feature extractor come along when the repository has them.
+taking only what :func:`~faster_diffusion.app.loading.load_pipeline` reads: ``model_index.json`` and the
+component folders, with ``.safetensors`` weights only (never ``.bin`` or ``.ckpt`` pickles, nor the
+single-file checkpoints at the top of the repository), in the ``fp16`` variant when every model in the
+repository offers it. The safety checker and its feature extractor come along when the repository has them.
 
     script/download-weights                                  # SD v1.5 into weights/
     script/download-weights --repo stabilityai/stable-diffusion-2-1-base --dest /data/sd21
@@ -183,7 +183,7 @@ def fetch_at_setup(folder: Path, repo: str | None = None) -> None:
     (:func:`download_into_place`). A folder with anything else in it is left alone, whole or broken: loading
     it then says what is wrong with it.
 
-    Raises :class:`~faster_diffusion.loading.WeightsError` with the usual message (the folder and
+    Raises :class:`~faster_diffusion.app.loading.WeightsError` with the usual message (the folder and
     ``script/download-weights``) and why the hub was not used: an offline switch
     (:func:`setup_fetch_switched_off`), or the error of the fetch.
     """

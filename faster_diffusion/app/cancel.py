@@ -14,7 +14,7 @@ cancellation and reports the prediction as canceled. Cog takes the next predicti
 returned, and ``run()`` returns only after the worker has finished: the pipeline never serves two threads.
 
 Example:
-    >>> from faster_diffusion.cancel import run_stoppable
+    >>> from faster_diffusion.app.cancel import run_stoppable
     >>> run_stoppable(lambda stop: generate(pipe, request, step_callback=stop.callback))  # doctest: +SKIP
 """
 

@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from .memory import AUTO
-from .noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, NoiseInjection
-from .propagation import FasterDiffusionConfig, RunStats, apply_faster_diffusion, remove_faster_diffusion
-from .samplers import Sampler, use_sampler
-from .schedule import KeyStepKind, KeySteps, KeyStepSchedule
+from ..memory import AUTO
+from ..noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, NoiseInjection
+from ..propagation import FasterDiffusionConfig, RunStats, apply_faster_diffusion, remove_faster_diffusion
+from ..samplers import Sampler, use_sampler
+from ..schedule import KeyStepKind, KeySteps, KeyStepSchedule
 
 #: Largest seed accepted (torch generators take 64-bit seeds; this keeps seeds printable and portable).
 MAX_SEED = 2**32 - 1
@@ -99,7 +99,7 @@ def default_key_steps(pipe: Any, sampler: Sampler | str, num_steps: int | None =
       the paper's budget (9 of 50: within noise of stock on the reference model, where the preset loses 13
       points); the DPM-Solver samplers take 9 of 20 (:data:`DPM_SOLVER_DEFAULT_FRACTION`).
     """
-    from .calibration import weights_folder
+    from ..calibration import weights_folder
     from .download import read_source
 
     sampler = Sampler.parse(sampler)
@@ -112,8 +112,8 @@ def default_key_steps(pipe: Any, sampler: Sampler | str, num_steps: int | None =
 
 
 def is_reference_model(pipe: Any) -> bool:
-    from . import reference
-    from .calibration import weights_folder
+    from .. import reference
+    from ..calibration import weights_folder
 
     folder = weights_folder(pipe)
     return folder is not None and folder.resolve() == reference.MODEL_DIR.resolve()
@@ -125,8 +125,8 @@ def prepare_key_steps(
     """``request`` with ``auto`` key steps replaced by the calibrated list (explicit, saying where it came
     from), so that ``request.schedule`` can be echoed before the run. Calibrates the model first when no
     calibration for its sampler and step count is saved, and says how long that took."""
-    from . import reference
-    from .calibration import find_calibration, get_calibration
+    from .. import reference
+    from ..calibration import find_calibration, get_calibration
 
     keys = request.faster.key_steps
     if keys.kind is not KeyStepKind.AUTO:
