@@ -321,10 +321,15 @@ def scheduler_timesteps(scheduler: Any, num_steps: int) -> tuple[int, ...]:
 
 def scheduler_key(scheduler: Any) -> str:
     """The sampler as a calibration key: the scheduler class and the settings that change its steps."""
+    import inspect
+
     config = getattr(scheduler, "config", {})
+    # A scheduler made with from_config(another's config) carries the other's settings too (a DDIM scheduler
+    # made from DPM-Solver's config keeps algorithm_type): only the class's own settings count.
+    own = inspect.signature(type(scheduler).__init__).parameters
     parts = [type(scheduler).__name__]
     for name in ("algorithm_type", "solver_order", "prediction_type", "timestep_spacing"):
-        if name in config:
+        if name in config and name in own:
             parts.append(f"{name}={config[name]}")
     return ",".join(parts)
 

@@ -112,3 +112,13 @@ def test_the_cog_model_resolves_default_and_auto_key_steps(tmp_path, capsys):
     assert "Calibrating key steps" in out and "Key steps: auto:9, calibrated by feature error" in out
     assert outcome.faster.stats.encoder_passes == 9
     assert load_calibrations(folder)
+
+
+def test_auto_on_the_reference_model_never_writes_into_the_package(tmp_path, monkeypatch, capsys):
+    """A step count with no saved calibration is calibrated for the process, not saved into the package."""
+    saved = (reference.MODEL_DIR / CALIBRATION_FILE).read_bytes()
+    monkeypatch.setenv("FASTER_DIFFUSION_WEIGHTS", str(tmp_path / "empty"))
+    argv = [reference.EXAMPLE_PROMPT, "--out", str(tmp_path / "out"), "--steps", "6", "--key-steps", "auto:3"]
+    assert main(argv) == 0
+    assert "Calibrating key steps for this model (DDIM-50, 6 steps)" in capsys.readouterr().out
+    assert (reference.MODEL_DIR / CALIBRATION_FILE).read_bytes() == saved

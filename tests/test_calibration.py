@@ -594,3 +594,13 @@ def test_only_the_chosen_criterion_is_measured_unless_more_are_asked_for(make_pi
     )
     assert set(both.other) == {"prediction"} and calls[0] > 12
     assert both.cost == feature.cost
+
+
+def test_the_scheduler_key_does_not_depend_on_the_sampler_used_before(make_pipe):
+    """use_sampler builds each scheduler from the last one's config, which carries the last one's settings."""
+    fresh, after_dpm = make_pipe(), make_pipe()
+    use_sampler(fresh, "DDIM-50")
+    use_sampler(after_dpm, "DPM-Solver-20")
+    use_sampler(after_dpm, "DDIM-50")
+    assert "algorithm_type" in after_dpm.scheduler.config
+    assert scheduler_key(after_dpm.scheduler) == scheduler_key(fresh.scheduler)

@@ -53,9 +53,10 @@ def same_pixels(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
 @pytest.mark.parametrize(
     ("sampler", "output_format", "width", "height", "key_steps"),
     [
+        # The default key steps on weights other than SD v1.5: auto, 9 of 50 (DDIM) and 9 of 20 (DPM-Solver).
         ("DDIM-50", "png", 64, 64, 9),
-        ("DPM-Solver-20", "jpg", 128, 64, 7),
-        ("DPM-Solver++-20", "webp", 64, 96, 7),
+        ("DPM-Solver-20", "jpg", 128, 64, 9),
+        ("DPM-Solver++-20", "webp", 64, 96, 9),
     ],
 )
 def test_each_sampler_returns_images_of_the_requested_size_and_format(

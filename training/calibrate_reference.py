@@ -1,9 +1,10 @@
 """Calibrate the reference model's key steps (``key_steps="auto"``) for each sampler, with both criteria.
 
-Writes ``faster_diffusion/assets/shapes-ldm/faster_diffusion_calibration.json``, which the library, the CLI,
-the Cog model and ``benchmarks/frontier.py`` read. The prompts are captions of training combinations
-(``reference.CALIBRATION_PROMPTS``) with seeds 90,000 and up, apart from the quality benchmark's held-out
-prompts and seeds. Both criteria are measured, so the frontier benchmark can compare them.
+Writes ``faster_diffusion/reference/assets/shapes-ldm/faster_diffusion_calibration.json`` anew (one entry
+per sampler), which the library, the CLI, the Cog model and ``benchmarks/frontier.py`` read. The prompts are
+captions of training combinations (``reference.CALIBRATION_PROMPTS``) with seeds 90,000 and up, apart from the
+quality benchmark's held-out prompts and seeds. Both criteria are measured, so the frontier benchmark can
+compare them.
 
     python training/calibrate_reference.py              # about 1 minute on 2 CPU cores
     python training/calibrate_reference.py --halves     # how much two disjoint 8-prompt halves agree
@@ -25,8 +26,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
 from faster_diffusion import Sampler, get_calibration, reference, use_sampler  # noqa: E402
-from faster_diffusion.calibration import CRITERIA  # noqa: E402
-from faster_diffusion.loading import load_pipeline  # noqa: E402
+from faster_diffusion.app.loading import load_pipeline  # noqa: E402
+from faster_diffusion.calibration import CALIBRATION_FILE, CRITERIA  # noqa: E402
 
 
 def halves(pipe) -> None:
@@ -64,6 +65,7 @@ def main() -> int:
     if "--halves" in sys.argv[1:]:
         halves(pipe)
         return 0
+    (reference.MODEL_DIR / CALIBRATION_FILE).unlink(missing_ok=True)
     for sampler in Sampler:
         use_sampler(pipe, sampler)
         started = time.perf_counter()

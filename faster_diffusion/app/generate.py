@@ -135,10 +135,13 @@ def prepare_key_steps(
     use_sampler(pipe, request.sampler)
     options: dict[str, Any] = {}
     if is_reference_model(pipe):
+        # The built-in model's folder is package data: its saved calibrations are those that
+        # training/calibrate_reference.py made; one for another step count is kept for this process only.
         options = {
             "prompts": reference.CALIBRATION_PROMPTS,
             "seeds": reference.CALIBRATION_SEEDS,
             "guidance_scale": reference.GUIDANCE_SCALE,
+            "save": False,
         }
     calibration = find_calibration(pipe, request.steps)
     if calibration is None:
