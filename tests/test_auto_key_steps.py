@@ -58,7 +58,7 @@ def test_cli_default_on_new_weights_calibrates_once_says_so_and_saves_it(tmp_pat
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "Calibrating key steps for this model (DPM-Solver-20, 20 steps)" in out
-    assert "Calibrated in " in out
+    assert f"; saved in {weights / CALIBRATION_FILE}" in out
     assert "Key steps: auto:9, calibrated by feature error on 4 prompts" in out
     assert "9 of 20 steps are key steps" in out
     assert "9 encoder / 20 decoder passes" in out
@@ -120,5 +120,7 @@ def test_auto_on_the_reference_model_never_writes_into_the_package(tmp_path, mon
     monkeypatch.setenv("FASTER_DIFFUSION_WEIGHTS", str(tmp_path / "empty"))
     argv = [reference.EXAMPLE_PROMPT, "--out", str(tmp_path / "out"), "--steps", "6", "--key-steps", "auto:3"]
     assert main(argv) == 0
-    assert "Calibrating key steps for this model (DDIM-50, 6 steps)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Calibrating key steps for this model (DDIM-50, 6 steps): a stock run of 16 calibration" in out
+    assert "; kept for this process" in out
     assert (reference.MODEL_DIR / CALIBRATION_FILE).read_bytes() == saved

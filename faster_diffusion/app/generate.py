@@ -126,7 +126,13 @@ def prepare_key_steps(
     from), so that ``request.schedule`` can be echoed before the run. Calibrates the model first when no
     calibration for its sampler and step count is saved, and says how long that took."""
     from .. import reference
-    from ..calibration import find_calibration, get_calibration
+    from ..calibration import (
+        CALIBRATION_FILE,
+        DEFAULT_PROMPTS,
+        find_calibration,
+        get_calibration,
+        weights_folder,
+    )
 
     keys = request.faster.key_steps
     if keys.kind is not KeyStepKind.AUTO:
@@ -145,13 +151,17 @@ def prepare_key_steps(
         }
     calibration = find_calibration(pipe, request.steps)
     if calibration is None:
+        prompts = len(options.get("prompts", DEFAULT_PROMPTS))
         log(
-            f"Calibrating key steps for this model ({request.sampler.value}, {request.steps} steps): one "
-            "stock run and a decoder pass per pair of steps, once; the result is saved next to the weights"
+            f"Calibrating key steps for this model ({request.sampler.value}, {request.steps} steps): a stock "
+            f"run of {prompts} calibration prompts, once"
         )
         started = time.perf_counter()
         calibration = get_calibration(pipe, num_inference_steps=request.steps, **options)
-        log(f"Calibrated in {time.perf_counter() - started:.1f} s")
+        folder = weights_folder(pipe)
+        saved = folder is not None and options.get("save", True) and (folder / CALIBRATION_FILE).is_file()
+        where = f"saved in {folder / CALIBRATION_FILE}" if saved else "kept for this process"
+        log(f"Calibrated in {time.perf_counter() - started:.1f} s; {where}")
     explicit = calibration.key_steps(keys.budget)
     return dataclasses.replace(request, faster=dataclasses.replace(request.faster, key_steps=explicit))
 
