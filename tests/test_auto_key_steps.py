@@ -124,3 +124,23 @@ def test_auto_on_the_reference_model_never_writes_into_the_package(tmp_path, mon
     assert "Calibrating key steps for this model (DDIM-50, 6 steps): a stock run of 16 calibration" in out
     assert "; kept for this process" in out
     assert (reference.MODEL_DIR / CALIBRATION_FILE).read_bytes() == saved
+
+
+def test_the_cog_setup_calibrates_the_default_sampler_once_and_not_for_sd15(tmp_path, monkeypatch, capsys):
+    import predict
+
+    folder = save_tiny_weights(tmp_path / "weights", with_safety_checker=False)
+    monkeypatch.setenv("FASTER_DIFFUSION_WEIGHTS", str(folder))
+    predict.Predictor().setup()
+    out = capsys.readouterr().out
+    assert "Calibrating key steps for this model (DDIM-50, 50 steps)" in out
+    assert "Default key steps for DDIM-50: auto, calibrated by feature error" in out
+    assert [c.num_steps for c in load_calibrations(folder)] == [50]
+    predict.Predictor().setup()  # a restart finds it
+    assert "Calibrating" not in capsys.readouterr().out
+    write_source(folder, SD15)
+    (folder / CALIBRATION_FILE).unlink()
+    predict.Predictor().setup()
+    out = capsys.readouterr().out
+    assert "Calibrating" not in out and "Default key steps for DDIM-50: paper: 9 of 50" in out
+    assert not (folder / CALIBRATION_FILE).exists()

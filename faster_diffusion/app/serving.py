@@ -34,6 +34,7 @@ from .generate import (
     GenerationResult,
     default_key_steps,
     describe_speedup,
+    faster_config,
     generate,
     prepare_key_steps,
 )
@@ -148,6 +149,15 @@ class TextToImage:
             components = {**pipe.components, "safety_checker": None, "feature_extractor": None}
             self.pipe_without_checker = type(pipe)(**components, requires_safety_checker=False)
             self.pipe_without_checker.set_progress_bar_config(disable=True)
+
+    def prepare_default_key_steps(self, sampler: str = "DDIM-50") -> None:
+        """Calibrate ``sampler``'s default key steps now if they are ``auto`` and no calibration is saved, so
+        that the first request with the default inputs does not pay for it (the Cog setup calls this)."""
+        keys = default_key_steps(self.pipe, sampler)
+        request = prepare_key_steps(
+            self.pipe, GenerationRequest(prompt="-", sampler=sampler, faster=faster_config(keys))
+        )
+        print(f"Default key steps for {request.sampler.value}: {request.schedule.describe()}")
 
     def key_steps(self, text: str, sampler: str) -> Any:
         """The key-step input as given, or, for ``'default'``, :func:`default_key_steps` for these weights."""
