@@ -49,8 +49,19 @@ _UNET_HOOK = "faster_diffusion"
 _ENCODER_HOOK = "faster_diffusion_encoder"
 _TEXT_HOOK = "faster_diffusion_text"
 
-#: UNet inputs that carry one row per sample; a decoder batch of g steps repeats them g times.
-_BATCHED_INPUTS = ("encoder_hidden_states", "timestep_cond", "attention_mask", "encoder_attention_mask")
+#: UNet inputs that carry one row per sample; a decoder batch of g steps repeats them g times. SDXL's
+#: ``added_cond_kwargs`` (pooled text embeddings and size/crop ids) enter only through the time embedding,
+#: which every call computes per row: they are batched like the text embeddings.
+_BATCHED_INPUTS = (
+    "encoder_hidden_states",
+    "timestep_cond",
+    "attention_mask",
+    "encoder_attention_mask",
+    "added_cond_kwargs",
+)
+
+#: The ``added_cond_kwargs`` of SDXL's ``addition_embed_type="text_time"``.
+_TEXT_TIME_INPUTS = frozenset({"text_embeds", "time_ids"})
 
 #: UNet inputs that would change the encoder features in ways propagation cannot reuse.
 _UNSUPPORTED_INPUTS = (
@@ -159,11 +170,13 @@ class _RunState:
 
 
 def _map_tensors(value: Any, fn) -> Any:
-    """Apply ``fn`` to every tensor in a (nested) tuple or list."""
+    """Apply ``fn`` to every tensor in a (nested) tuple, list or dict."""
     if isinstance(value, torch.Tensor):
         return fn(value)
     if isinstance(value, (tuple, list)):
         return type(value)(_map_tensors(item, fn) for item in value)
+    if isinstance(value, dict):
+        return {key: _map_tensors(item, fn) for key, item in value.items()}
     return value
 
 
@@ -477,34 +490,39 @@ def _check_supported_call(unet: torch.nn.Module, inputs: dict[str, Any]) -> None
                 "is not supported with encoder propagation; remove faster diffusion for this pipeline"
             )
     added = inputs.get("added_cond_kwargs")
-    if added:
+    if added and not (unet.config.addition_embed_type == "text_time" and set(added) <= _TEXT_TIME_INPUTS):
         raise UnsupportedModelError(
-            f"faster_diffusion: added_cond_kwargs {sorted(added)} (IP-Adapter or SDXL conditioning) are not "
-            "supported with encoder propagation"
+            f"faster_diffusion: added_cond_kwargs {sorted(added)} are not supported with encoder propagation "
+            "(supported: SDXL's text_embeds and time_ids on a UNet with addition_embed_type='text_time'; "
+            "IP-Adapter's image_embeds are not)"
         )
     check_supported_unet(unet)
 
 
 def check_supported_unet(unet: torch.nn.Module) -> None:
-    """Raise :class:`UnsupportedModelError` unless ``unet`` is an SD 1.x/2.x ``UNet2DConditionModel``."""
+    """Raise :class:`UnsupportedModelError` unless ``unet`` is a Stable Diffusion 1.x/2.x or SDXL
+    ``UNet2DConditionModel``: no class embedding, no encoder projection, and no added embedding other than
+    SDXL's ``text_time``."""
     if not isinstance(unet, UNet2DConditionModel):
         raise UnsupportedModelError(
-            f"faster_diffusion supports UNet2DConditionModel (Stable Diffusion 1.x/2.x), got "
+            f"faster_diffusion supports UNet2DConditionModel (Stable Diffusion 1.x/2.x and SDXL), got "
             f"{type(unet).__name__}"
         )
     config = unet.config
     unsupported = {
         "class_embed_type": config.class_embed_type,
         "num_class_embeds": config.num_class_embeds,
-        "addition_embed_type": config.addition_embed_type,
+        "addition_embed_type": None
+        if config.addition_embed_type == "text_time"
+        else config.addition_embed_type,
         "encoder_hid_dim_type": config.encoder_hid_dim_type,
     }
     found = {name: value for name, value in unsupported.items() if value is not None}
     if found:
         details = ", ".join(f"{name}={value!r}" for name, value in found.items())
         raise UnsupportedModelError(
-            f"faster_diffusion supports Stable Diffusion 1.x/2.x UNets without class or added embeddings; "
-            f"this UNet has {details}"
+            f"faster_diffusion supports Stable Diffusion 1.x/2.x and SDXL UNets (added embedding: SDXL's "
+            f"text_time only); this UNet has {details}"
         )
 
 

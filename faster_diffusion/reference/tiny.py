@@ -17,9 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.utils import is_torchvision_available
 
 __all__ = [
@@ -337,3 +343,53 @@ def save_tiny_weights(folder: str | os.PathLike, seed: int = 0, *, with_safety_c
     # Real SD checkpoints also ship the slow-tokenizer files; keep the layout identical.
     write_vocab_files(folder / "tokenizer")
     return folder
+
+
+#: Tiny SDXL-like UNet: SDXL's ``text_time`` added embedding (pooled text embedding and six size/crop ids),
+#: cross-attention on the concatenated hidden states of two text encoders, and transformer depth 2 in the
+#: lowest-resolution block, as SDXL puts most of its transformer layers at its lowest resolutions.
+TINY_SDXL_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (32, 64),
+    "layers_per_block": 2,
+    "cross_attention_dim": 2 * _TEXT_HIDDEN_SIZE,
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "transformer_layers_per_block": (1, 2),
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    # the second text encoder's pooled projection (32) and six time ids of 8 each
+    "projection_class_embeddings_input_dim": 32 + 6 * 8,
+    "norm_num_groups": 32,
+}
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """A float32 CPU ``StableDiffusionXLPipeline`` with random weights: two CLIP text encoders (the second
+    with a projection, as SDXL's), the ``text_time`` UNet above and the tiny VAE; no watermarker."""
+    tokenizer = build_tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**TINY_SDXL_UNET_CONFIG)
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(**TINY_VAE_CONFIG)
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(_tiny_text_config(tokenizer))
+        torch.manual_seed(seed + 1)
+        text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(tokenizer))
+    pipe = StableDiffusionXLPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet.eval(),
+        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG),
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

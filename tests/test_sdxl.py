@@ -1,0 +1,104 @@
+"""SDXL: encoder propagation on a stock ``StableDiffusionXLPipeline`` (tiny, random weights, on the CPU).
+
+The tiny pipeline has SDXL's two text encoders, the ``text_time`` added embedding and transformer depth 2 in
+its lowest-resolution block. SDXL's ``added_cond_kwargs`` reach the blocks only through the time embedding,
+which every UNet call computes per row, so they are batched like the text embeddings.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from faster_diffusion import (
+    FasterDiffusionConfig,
+    KeySteps,
+    NoiseInjection,
+    UnsupportedModelError,
+    apply_faster_diffusion,
+    get_calibration,
+    use_sampler,
+)
+from faster_diffusion.propagation import _check_supported_call, check_supported_unet
+from faster_diffusion.reference.tiny import TINY_SDXL_UNET_CONFIG, build_tiny_sdxl_pipeline
+
+PROMPTS = ["a red circle", "a small blue square"]
+SAMPLERS = [("DDIM-50", 50), ("DPM-Solver-20", 20)]
+
+
+def latents(config, sampler, steps, counter=None):
+    pipe = build_tiny_sdxl_pipeline()
+    use_sampler(pipe, sampler)
+    handle = apply_faster_diffusion(pipe, config) if config is not None else None
+    hooks = []
+    if counter is not None:
+        hooks = [
+            pipe.unet.down_blocks[0]
+            .resnets[0]
+            .register_forward_hook(lambda m, a, o: counter.__setitem__("encoder", counter["encoder"] + 1)),
+            pipe.unet.up_blocks[-1]
+            .resnets[0]
+            .register_forward_hook(
+                lambda m, a, o: counter.__setitem__("decoder_rows", counter["decoder_rows"] + o.shape[0])
+            ),
+        ]
+    out = pipe(
+        PROMPTS,
+        num_inference_steps=steps,
+        height=16,
+        width=16,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    for hook in hooks:
+        hook.remove()
+    stats = handle.last_run if handle is not None else None
+    if handle is not None:
+        handle.remove()
+    return out, stats
+
+
+@pytest.mark.parametrize(("sampler", "steps"), SAMPLERS)
+def test_all_key_steps_equal_the_stock_sdxl_pipeline(sampler, steps):
+    stock, _ = latents(None, sampler, steps)
+    every = FasterDiffusionConfig(
+        key_steps=KeySteps.every_step(), noise_injection=NoiseInjection(enabled=False)
+    )
+    identity, _ = latents(every, sampler, steps)
+    assert torch.equal(identity, stock)
+
+
+@pytest.mark.parametrize(("sampler", "steps"), SAMPLERS)
+def test_parallel_equals_sequential_on_sdxl_and_the_encoder_runs_once_per_key_step(sampler, steps):
+    sequential, _ = latents(FasterDiffusionConfig(key_steps=KeySteps.paper(), parallel=False), sampler, steps)
+    counter = {"encoder": 0, "decoder_rows": 0}
+    parallel, stats = latents(FasterDiffusionConfig(key_steps=KeySteps.paper()), sampler, steps, counter)
+    torch.testing.assert_close(parallel, sequential, rtol=1e-4, atol=1e-4)
+    keys = len(KeySteps.paper().resolve(steps).indices)
+    assert (stats.encoder_passes, stats.decoder_passes) == (keys, steps)
+    # 2 prompts with guidance: 4 rows a step.
+    assert (counter["encoder"], counter["decoder_rows"]) == (keys, 4 * steps)
+    assert stats.decoder_batches < steps
+
+
+def test_other_added_conditioning_is_still_refused():
+    image_embeds = {"image_embeds": [torch.zeros(1, 4)]}
+    pipe = build_tiny_sdxl_pipeline()
+    with pytest.raises(UnsupportedModelError, match=r"added_cond_kwargs \['image_embeds'\].*IP-Adapter"):
+        _check_supported_call(pipe.unet, {"added_cond_kwargs": image_embeds})
+    from diffusers import UNet2DConditionModel
+
+    image_unet = UNet2DConditionModel(**{**TINY_SDXL_UNET_CONFIG, "addition_embed_type": "text"})
+    with pytest.raises(UnsupportedModelError, match="addition_embed_type='text'"):
+        check_supported_unet(image_unet)
+
+
+def test_key_steps_can_be_calibrated_on_sdxl():
+    pipe = build_tiny_sdxl_pipeline()
+    use_sampler(pipe, "DPM-Solver-20")
+    calibration = get_calibration(
+        pipe, num_inference_steps=8, prompts=PROMPTS, criteria=("prediction",), save=False
+    )
+    assert calibration.matrix.shape == (8, 8)
+    assert (calibration.matrix[0, 1:] > 0).all()
+    assert len(calibration.indices(3)) == 3
