@@ -102,3 +102,37 @@ def test_key_steps_can_be_calibrated_on_sdxl():
     assert calibration.matrix.shape == (8, 8)
     assert (calibration.matrix[0, 1:] > 0).all()
     assert len(calibration.indices(3)) == 3
+
+
+@pytest.mark.parametrize("cutoff_step", [7, 40], ids=["middle-of-a-group", "middle-of-the-last-group"])
+def test_sdxl_guidance_cutoff_inside_a_group_equals_one_step_at_a_time(cutoff_step):
+    """diffusers' SDXLCFGCutoffCallback also cuts the added text embeddings and time ids to their conditional
+    half; the batched decoder decodes the rest of the group again with them, as one step at a time does, and
+    with every step a key step the result is the stock pipeline's."""
+    from diffusers.callbacks import SDXLCFGCutoffCallback
+
+    def run(config):
+        pipe = build_tiny_sdxl_pipeline()
+        use_sampler(pipe, "DDIM-50")
+        handle = apply_faster_diffusion(pipe, config) if config is not None else None
+        out = pipe(
+            PROMPTS[0],
+            num_inference_steps=50,
+            height=16,
+            width=16,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+            callback_on_step_end=SDXLCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=cutoff_step),
+        ).images
+        if handle is not None:
+            handle.remove()
+        return out
+
+    every = FasterDiffusionConfig(
+        key_steps=KeySteps.every_step(), noise_injection=NoiseInjection(enabled=False)
+    )
+    assert torch.equal(run(every), run(None))
+    batched = run(FasterDiffusionConfig(key_steps=KeySteps.paper()))
+    one_at_a_time = run(FasterDiffusionConfig(key_steps=KeySteps.paper(), parallel=False))
+    assert batched.shape == (1, 4, 8, 8)
+    torch.testing.assert_close(batched, one_at_a_time, rtol=1e-4, atol=1e-4)
