@@ -1,7 +1,8 @@
 """Key steps calibrated from a model's own features: ``key_steps="auto"``.
 
 The paper picked its key steps by hand for SD v1.5. Here they are chosen per model, sampler and step count
-from one quantity measured on the model during stock sampling:
+from a quantity measured on the model during stock sampling. Two are implemented; ``"feature"`` is the default
+(:data:`DEFAULT_CRITERION`), chosen by ``benchmarks/frontier.py``'s rank correlation with measured quality:
 
 - ``"prediction"``: the error that reusing step k's encoder features causes in step j's noise prediction,
   for every k < j. Along a stock trajectory, the decoder of step j is run on the encoder outputs recorded at
@@ -16,8 +17,8 @@ its non-key steps. :func:`optimal_key_steps` finds the cheapest placement of a g
 exactly, with a dynamic programme over "the latest key step before j" (O(N² · budget)).
 
 A :class:`Calibration` holds the whole N x N cost matrix, so any budget is solved from it in microseconds. It
-is saved as a small JSON next to the weights (:data:`CALIBRATION_FILE`), keyed by the model, the sampler and
-the step count, and :func:`find_calibration` reads it back.
+is saved as a small JSON next to the weights (:data:`CALIBRATION_FILE`), keyed by the UNet's architecture
+and weights, the sampler and its timesteps, and :func:`find_calibration` reads it back.
 
 Example:
     >>> from faster_diffusion import FasterDiffusionConfig, apply_faster_diffusion, calibrate, use_sampler
