@@ -136,3 +136,18 @@ def test_sdxl_guidance_cutoff_inside_a_group_equals_one_step_at_a_time(cutoff_st
     one_at_a_time = run(FasterDiffusionConfig(key_steps=KeySteps.paper(), parallel=False))
     assert batched.shape == (1, 4, 8, 8)
     torch.testing.assert_close(batched, one_at_a_time, rtol=1e-4, atol=1e-4)
+
+
+def test_the_generation_layer_runs_an_sdxl_pipeline():
+    """generate() (the CLI's and the Cog model's layer) on SDXL, whose output has no NSFW flags."""
+    from faster_diffusion.app.generate import GenerationRequest, faster_config, generate
+
+    pipe = build_tiny_sdxl_pipeline()
+    request = GenerationRequest(
+        prompt=PROMPTS[0], sampler="DPM-Solver-20", width=16, height=16, faster=faster_config("paper")
+    )
+    faster = generate(pipe, request)
+    stock = generate(pipe, request, accelerate=False)
+    assert faster.nsfw == stock.nsfw == [False]
+    assert (faster.stats.encoder_passes, faster.stats.decoder_passes) == (7, 20)
+    assert faster.images[0].size == stock.images[0].size == (16, 16)

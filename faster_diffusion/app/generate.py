@@ -312,7 +312,7 @@ def generate(
         if handle is not None:
             handle.remove()
     images = list(output.images)
-    nsfw = output.nsfw_content_detected
+    nsfw = getattr(output, "nsfw_content_detected", None)  # SDXL pipelines have no safety checker
     nsfw = [bool(flag) for flag in nsfw] if nsfw is not None else [False] * len(images)
     return GenerationResult(
         images=images,
