@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     pipe = build_sd15_pipeline().to(device, dtype)
     unet_row, encoder_row = unet_flops_per_row(pipe.unet, args.size, dtype, device)
-    unet_512, _ = unet_flops_per_row(pipe.unet, 512, dtype, device)
+    unet_512 = unet_row if args.size == 512 else unet_flops_per_row(pipe.unet, 512, dtype, device)[0]
     decoder_row = unet_row - encoder_row
     a40_flops_per_second = 50 * 2 * unet_512 / PAPER_A40_STOCK_SECONDS
     prompts = DEFAULT_PROMPTS[: args.prompts]

@@ -295,12 +295,10 @@ def weight_probe(unet: torch.nn.Module) -> tuple[float, ...]:
         return ()
     count = min(len(parameters), PROBE_VALUES // 2)
     chosen = [parameters[round(i * (len(parameters) - 1) / max(count - 1, 1))] for i in range(count)]
-    values: list[float] = []
-    with torch.no_grad():
-        for parameter in chosen:
-            flat = parameter.detach().flatten()
-            values += flat[torch.tensor([0, flat.numel() // 2], device=flat.device)].double().tolist()
-    return tuple(values)
+    device = chosen[0].device
+    with torch.no_grad():  # gathered on one device, then a single read to the host
+        picked = [p.detach().flatten()[[0, p.numel() // 2]].to(device, torch.float64) for p in chosen]
+    return tuple(torch.cat(picked).tolist())
 
 
 def same_weights(a: Sequence[float], b: Sequence[float]) -> bool:
@@ -495,15 +493,14 @@ def _row_sq(tensor: torch.Tensor) -> torch.Tensor:
 def _repeat_per_row(value: Any, rows: int, times: int) -> Any:
     """Repeat ``times`` times every tensor whose first dimension is ``rows`` (per-row inputs), in nested
     tuples, lists and dicts; timesteps and other tensors stay as they are."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() > 0 and value.shape[0] == rows and times > 1:
-            return value.repeat(times, *([1] * (value.dim() - 1)))
-        return value
-    if isinstance(value, dict):
-        return {name: _repeat_per_row(item, rows, times) for name, item in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_repeat_per_row(item, rows, times) for item in value)
-    return value
+    from .propagation import _map_tensors
+
+    def repeat(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dim() > 0 and tensor.shape[0] == rows and times > 1:
+            return tensor.repeat(times, *([1] * (tensor.dim() - 1)))
+        return tensor
+
+    return _map_tensors(value, repeat)
 
 
 def _concat(parts: list[Any]) -> Any:

@@ -72,11 +72,9 @@ def main() -> int:
         calibration = get_calibration(
             pipe,
             num_inference_steps=sampler.default_steps,
-            prompts=reference.CALIBRATION_PROMPTS,
-            seeds=reference.CALIBRATION_SEEDS,
-            guidance_scale=reference.GUIDANCE_SCALE,
             criteria=CRITERIA,
             force=True,
+            **reference.calibration_options(),
         )
         print(
             f"{sampler.value}: {time.perf_counter() - started:.1f} s; auto = {list(calibration.indices())} "

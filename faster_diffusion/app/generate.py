@@ -143,12 +143,7 @@ def prepare_key_steps(
     if is_reference_model(pipe):
         # The built-in model's folder is package data: its saved calibrations are those that
         # training/calibrate_reference.py made; one for another step count is kept for this process only.
-        options = {
-            "prompts": reference.CALIBRATION_PROMPTS,
-            "seeds": reference.CALIBRATION_SEEDS,
-            "guidance_scale": reference.GUIDANCE_SCALE,
-            "save": False,
-        }
+        options = {**reference.calibration_options(), "save": False}
     calibration = find_calibration(pipe, request.steps)
     if calibration is None:
         prompts = len(options.get("prompts", DEFAULT_PROMPTS))
@@ -157,7 +152,8 @@ def prepare_key_steps(
             f"run of {prompts} calibration prompts, once"
         )
         started = time.perf_counter()
-        calibration = get_calibration(pipe, num_inference_steps=request.steps, **options)
+        # None is saved (just looked up): measure without looking again.
+        calibration = get_calibration(pipe, num_inference_steps=request.steps, force=True, **options)
         folder = weights_folder(pipe)
         saved = folder is not None and options.get("save", True) and (folder / CALIBRATION_FILE).is_file()
         where = f"saved in {folder / CALIBRATION_FILE}" if saved else "kept for this process"

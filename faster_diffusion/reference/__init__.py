@@ -54,6 +54,13 @@ CALIBRATION_PROMPTS: tuple[str, ...] = tuple(
 )
 CALIBRATION_SEEDS: tuple[int, ...] = tuple(90_000 + i for i in range(len(CALIBRATION_PROMPTS)))
 
+
+def calibration_options() -> dict[str, Any]:
+    """How the reference model is calibrated: the ``prompts``, ``seeds`` and ``guidance_scale`` arguments of
+    :func:`faster_diffusion.calibration.get_calibration`."""
+    return {"prompts": CALIBRATION_PROMPTS, "seeds": CALIBRATION_SEEDS, "guidance_scale": GUIDANCE_SCALE}
+
+
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 MODEL_DIR = ASSETS_DIR / "shapes-ldm"
 CLASSIFIER_PATH = ASSETS_DIR / "shapes-classifier.safetensors"
