@@ -152,6 +152,14 @@ class _RunState:
         self.group_end: tuple[int, ...] = ()
         self.inject: tuple[bool, ...] = ()
         self.timesteps: torch.Tensor | None = None
+        # The same timesteps read to the host once per run (to place injection and find where a run starts).
+        self.timestep_values: tuple[float, ...] = ()
+        self.schedule: KeyStepSchedule | None = None
+        # Steps the pipeline's loop announced (its progress bar's total), when it did: a run that stops early.
+        self.loop_steps: int | None = None
+        # Whether the run's first UNet call, which fixes the steps that run, has come.
+        self.started = False
+        # One past the last step that runs.
         self.num_steps = 0
         self.step = 0
         self.unet_calls = 0
@@ -372,8 +380,9 @@ class _PropagationHook(ModelHook):
                 "scheduler's "
                 "set_timesteps() must be called at the start of every run"
             )
-        if step == 0:
-            self._check_starts_at_first_timestep(inputs["timestep"])
+        if not state.started:
+            self._start_steps(inputs["timestep"])
+            step = state.unet_calls
         if step in state.predictions and not _same_batch_inputs(_batch_inputs(inputs), state.decoded_inputs):
             # A callback changed the batch or the text embeddings after the batch was decoded (diffusers'
             # SDCFGCutoffCallback drops the unconditional half): decode the rest of the group again.
@@ -459,26 +468,66 @@ class _PropagationHook(ModelHook):
         state.encoder_cache = {slot: _last_rows(value, rows) for slot, value in state.encoder_cache.items()}
         state.encoder_rows = rows
 
-    def _check_starts_at_first_timestep(self, timestep: Any) -> None:
-        """Refuse a run that starts part-way through the schedule set by ``set_timesteps`` (image-to-image,
-        inpainting with strength < 1): its steps are not the steps the key steps and injection were placed on.
+    def _start_steps(self, timestep: Any) -> None:
+        """At the run's first UNet call: find the steps that run, and cut the schedule to them.
 
-        The pipeline passes a view of the scheduler's own timesteps, recognised without a host sync; anything
-        else costs one host read per run.
+        Image-to-image (diffusers' ``StableDiffusionImg2ImgPipeline``, ``StableDiffusionXLImg2ImgPipeline``)
+        sets the whole schedule of N steps, then runs only its last ``int(N * strength)`` steps; SDXL's
+        ``denoising_end`` stops early instead. The rule: the key steps of the whole schedule, cut to the steps
+        that run, with the first step that runs always a key step (:meth:`KeyStepSchedule.cut`). Prior noise
+        injection keeps its timesteps, and injects the run's own z: the latents at its first step.
         """
         state = self.state
-        first = state.timesteps
-        if isinstance(timestep, torch.Tensor) and _same_memory(timestep.reshape(-1)[:1], first[:1]):
-            return
-        value = timestep.reshape(-1)[0] if isinstance(timestep, torch.Tensor) else timestep
-        if float(value) == float(first[0]):
-            return
+        first = self._first_step(timestep)
+        stop = state.num_steps
+        if state.loop_steps is not None and 0 < state.loop_steps < stop - first:
+            stop = first + state.loop_steps
+        if first > 0 or stop < state.num_steps:
+            schedule = state.schedule.cut(first, stop)
+            state.schedule = state.stats.schedule = schedule
+            state.is_key = schedule.is_key
+            state.group_end = schedule.group_end
+            state.num_steps = stop
+        state.step = state.unet_calls = first
+        state.started = True
+
+    def _first_step(self, timestep: Any) -> int:
+        """The index, in the schedule set by ``set_timesteps``, of the run's first timestep.
+
+        The pipeline passes a view of the scheduler's own timesteps: its index is read from the view's offset
+        in memory, without a host sync. Anything else (a copy, a number) costs one host read per run.
+        """
+        state = self.state
+        timesteps = state.timesteps
+        if isinstance(timestep, torch.Tensor) and timestep.numel() > 0:
+            view = timestep.reshape(-1)[:1]
+            if (
+                view.dtype == timesteps.dtype
+                and view.device == timesteps.device
+                and timesteps.dim() == 1
+                and view.untyped_storage().data_ptr() == timesteps.untyped_storage().data_ptr()
+            ):
+                stride = timesteps.stride(0) * timesteps.element_size()
+                index, rest = (
+                    divmod(view.data_ptr() - timesteps.data_ptr(), stride) if stride > 0 else (-1, 1)
+                )
+                if rest == 0 and 0 <= index < len(timesteps):
+                    return index
+            value = float(view[0])
+        elif isinstance(timestep, (int, float)) and not isinstance(timestep, bool):
+            value = float(timestep)
+        else:
+            value = None
+        if value is not None and value in state.timestep_values:
+            return state.timestep_values.index(value)
+        shown = f"{value:g}" if value is not None else repr(timestep)
+        values = state.timestep_values
         state.reset()
         raise UnsupportedModelError(
-            f"faster_diffusion: the run's first UNet call has timestep {float(value):g}, but the schedule "
-            f"set by set_timesteps() starts at {float(first[0]):g}. Runs that start part-way through the "
-            "schedule (image-to-image or inpainting with strength < 1) are not supported with encoder "
-            "propagation; use strength=1.0, or remove faster diffusion for this pipeline"
+            f"faster_diffusion: the run's first UNet call has timestep {shown}, which is not one of the "
+            f"{len(values)} timesteps set by set_timesteps() ({values[0]:g} to {values[-1]:g}). Encoder "
+            "propagation places key steps on the scheduler's own timesteps; a pipeline that passes other "
+            "timesteps is not supported (remove faster diffusion for this pipeline)"
         )
 
 
@@ -623,8 +672,9 @@ class _SchedulerTap:
         index = state.step
         bound = self._step_signature.bind(*args, **kwargs)
         sample = bound.arguments["sample"]
-        if index == 0:
-            # z_T: the latents exactly as the pipeline prepared them (after init_noise_sigma scaling).
+        if state.initial_latents is None:
+            # z_T: the latents at the run's first step, exactly as the pipeline prepared them (after
+            # init_noise_sigma scaling; for image-to-image, the noised input image's latents).
             state.initial_latents = sample
         should_inject_noise = state.inject[index]
         if should_inject_noise:
@@ -695,6 +745,9 @@ class _RunEndTap:
 
         @functools.wraps(original)
         def progress_bar(*args: Any, **kwargs: Any) -> _LoopProgressBar:
+            total = kwargs.get("total")
+            if state.active and not state.started and isinstance(total, int) and not isinstance(total, bool):
+                state.loop_steps = total  # the steps the loop will run, for a run that stops early
             return _LoopProgressBar(original(*args, **kwargs), state.reset)
 
         pipe.progress_bar = progress_bar
@@ -847,10 +900,12 @@ class FasterDiffusion:
         values = timesteps.detach().to("cpu", torch.float64).tolist()
         schedule = self.config.key_steps.resolve(len(values), self._calibration(len(values)))
         state.stats = RunStats(schedule=schedule)
+        state.schedule = schedule
         state.is_key = schedule.is_key
         state.group_end = schedule.group_end
         state.inject = self.config.noise_injection.applies_at(values)
         state.timesteps = timesteps
+        state.timestep_values = tuple(values)
         state.num_steps = len(values)
         state.active = True
 
@@ -882,6 +937,11 @@ def apply_faster_diffusion(pipe: Any, config: FasterDiffusionConfig | None = Non
     if unet is None or scheduler is None:
         raise UnsupportedModelError(
             f"faster_diffusion needs a pipeline with a unet and a scheduler, got {type(pipe).__name__}"
+        )
+    if getattr(getattr(pipe, "config", None), "requires_aesthetics_score", False):
+        raise UnsupportedModelError(
+            "faster_diffusion: the SDXL refiner (a pipeline with requires_aesthetics_score=True) is not "
+            "supported; use the SDXL base model, for text-to-image or image-to-image"
         )
     check_supported_unet(unet)
     for name in ("set_timesteps", "step"):

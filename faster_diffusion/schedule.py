@@ -310,34 +310,83 @@ def _validate_explicit(indices: tuple | None) -> None:
 
 @dataclass(frozen=True)
 class KeyStepSchedule:
-    """The key steps for one run of ``num_steps`` steps. Immutable; validated when built."""
+    """The key steps for one run of ``num_steps`` steps. Immutable; validated when built.
+
+    A run may start part-way through the schedule (image-to-image: diffusers runs the last
+    ``int(num_steps * strength)`` steps) or stop early (SDXL's ``denoising_end``). Then ``start`` and ``stop``
+    say which steps run, and the schedule is the one of the whole run cut to them by :meth:`cut`. Indices stay
+    those of the whole schedule, so a step keeps its timestep whatever part of the schedule runs.
+    """
 
     num_steps: int
     indices: tuple[int, ...]
     #: The specification this schedule was resolved from, for echoing back.
     source: KeySteps | None = None
+    #: The first step that runs (0 unless the run starts part-way, as image-to-image does).
+    start: int = 0
+    #: One past the last step that runs; ``None``: to the end of the schedule.
+    stop: int | None = None
 
     def __post_init__(self) -> None:
         _check_num_steps(self.num_steps)
-        _validate_explicit(self.indices)
-        if self.indices[-1] >= self.num_steps:
+        stop = self.num_steps if self.stop is None else self.stop
+        for name, value in (("start", self.start), ("stop", stop)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise KeyStepError(f"key_steps: {name} must be a whole number, got {value!r}")
+        if not 0 <= self.start < stop <= self.num_steps:
+            raise KeyStepError(
+                f"key_steps: the steps that run, {self.start} to {stop - 1}, must lie within the "
+                f"{self.num_steps} steps of the schedule, in order"
+            )
+        object.__setattr__(self, "stop", stop)
+        if self.start == 0:
+            _validate_explicit(self.indices)
+        elif not self.indices or self.indices[0] != self.start:
+            raise KeyStepError(
+                f"key_steps: the first step that runs ({self.start}) must be a key step, got "
+                f"{list(self.indices)}"
+            )
+        else:
+            _validate_explicit((0, *self.indices))
+        if self.indices[-1] >= stop:
             raise KeyStepError(
                 f"key_steps: index {self.indices[-1]} is out of range for {self.num_steps} steps; "
-                f"allowed indices are 0 to {self.num_steps - 1}"
+                f"allowed indices are {self.start} to {stop - 1}"
             )
+
+    def cut(self, start: int, stop: int | None = None) -> KeyStepSchedule:
+        """This schedule for a run of steps ``start .. stop-1`` only: its key steps among them, with
+        ``start`` always a key step (nothing before it has run, so no encoder features exist to reuse).
+
+        Example:
+            >>> KeySteps.paper().resolve(50).cut(10).indices   # image-to-image, strength 0.8
+            (10, 15, 25, 35)
+            >>> KeySteps.paper().resolve(50).cut(12, 40).indices
+            (12, 15, 25, 35)
+        """
+        stop = self.num_steps if stop is None else stop
+        kept = tuple(i for i in self.indices if start < i < stop)
+        return KeyStepSchedule(
+            num_steps=self.num_steps, indices=(start, *kept), source=self.source, start=start, stop=stop
+        )
+
+    @property
+    def num_steps_run(self) -> int:
+        """How many steps run: ``num_steps`` unless the run is cut (:meth:`cut`)."""
+        return self.stop - self.start
 
     @property
     def groups(self) -> tuple[tuple[int, int], ...]:
         """Half-open ranges ``(start, stop)``: a key step and the non-key steps that reuse its features."""
-        stops = (*self.indices[1:], self.num_steps)
+        stops = (*self.indices[1:], self.stop)
         return tuple(zip(self.indices, stops, strict=True))
 
     @property
     def group_end(self) -> tuple[int, ...]:
-        """For each step index, the end (exclusive) of the group it belongs to."""
-        ends = []
+        """For each step index, the end (exclusive) of its group; 0 for the steps that don't run."""
+        ends = [0] * self.num_steps
         for start, stop in self.groups:
-            ends.extend([stop] * (stop - start))
+            ends[start:stop] = [stop] * (stop - start)
         return tuple(ends)
 
     @property
@@ -352,11 +401,18 @@ class KeyStepSchedule:
 
     @property
     def is_every_step(self) -> bool:
-        return len(self.indices) == self.num_steps
+        return len(self.indices) == self.num_steps_run
 
     def describe(self) -> str:
-        """One line that says what was used, e.g. ``paper: 9 of 50 steps are key steps [0, 1, ...]``."""
+        """One line that says what was used, e.g. ``paper: 9 of 50 steps are key steps [0, 1, ...]``, or for a
+        run cut to part of the schedule ``paper: 4 of the 40 steps that run (10 to 49 of 50) are key steps
+        [10, 15, 25, 35]``."""
         name = str(self.source) if self.source is not None else "explicit"
         if self.source is not None and self.source.origin:
             name = self.source.origin
-        return f"{name}: {self.num_key_steps} of {self.num_steps} steps are key steps {list(self.indices)}"
+        if self.num_steps_run == self.num_steps:
+            steps = f"{self.num_steps} steps"
+        else:
+            run = f"{self.start} to {self.stop - 1} of {self.num_steps}"
+            steps = f"the {self.num_steps_run} steps that run ({run})"
+        return f"{name}: {self.num_key_steps} of {steps} are key steps {list(self.indices)}"

@@ -70,19 +70,30 @@ def reference_latents(
     height: int,
     width: int,
     negative_prompt: str | None = None,
+    start: int = 0,
+    latents: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Final latents of encoder propagation with prior noise injection, as METHOD.md defines them."""
+    """Final latents of encoder propagation with prior noise injection, as METHOD.md defines them.
+
+    Image-to-image: ``start`` is the first step that runs and ``latents`` the latents there (the noised input
+    image); ``key_steps`` are indices into the whole schedule of ``num_steps`` steps.
+    """
     unet, scheduler = pipe.unet, pipe.scheduler
     positive, negative = pipe.encode_prompt(prompt, "cpu", 1, True, negative_prompt)
     text = torch.cat([negative, positive])
     scheduler.set_timesteps(num_steps, device="cpu")
-    generator = torch.Generator().manual_seed(seed)
-    latents = pipe.prepare_latents(
-        1, unet.config.in_channels, height, width, text.dtype, torch.device("cpu"), generator, None
-    )
+    if start and hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    if latents is None:
+        generator = torch.Generator().manual_seed(seed)
+        latents = pipe.prepare_latents(
+            1, unet.config.in_channels, height, width, text.dtype, torch.device("cpu"), generator, None
+        )
     initial = latents
     features = None
     for index, t in enumerate(scheduler.timesteps):
+        if index < start:
+            continue
         if index in key_steps:
             model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
             features = encoder(unet, model_input, t, text)

@@ -182,3 +182,30 @@ def test_noise_injection_steps_and_validation():
         NoiseInjection(tau=float("nan"))
     with pytest.raises(ValueError, match="enabled must be true or false"):
         NoiseInjection(enabled="yes")
+
+
+def test_a_schedule_cut_to_the_steps_that_run_keeps_its_key_steps_and_starts_with_one():
+    whole = KeySteps.paper().resolve(50)
+    cut = whole.cut(10)  # image-to-image at strength 0.8: steps 10 to 49 run
+    assert (cut.indices, cut.start, cut.stop, cut.num_steps_run) == ((10, 15, 25, 35), 10, 50, 40)
+    assert cut.groups == ((10, 15), (15, 25), (25, 35), (35, 50))
+    assert cut.is_key[10] and not cut.is_key[11] and cut.group_end[12] == 15
+    assert whole.cut(12, 40).indices == (12, 15, 25, 35)  # 12 is no key step of the whole schedule
+    assert KeySteps.every_step().resolve(20).cut(8).is_every_step
+    assert cut.describe() == (
+        "paper: 4 of the 40 steps that run (10 to 49 of 50) are key steps [10, 15, 25, 35]"
+    )
+
+
+@pytest.mark.parametrize(
+    ("start", "stop", "indices", "message"),
+    [
+        (5, 3, (5,), "must lie within the 10 steps"),
+        (0, 11, (0,), "must lie within the 10 steps"),
+        (4, None, (5, 6), r"first step that runs \(4\) must be a key step"),
+        (4, 6, (4, 7), "index 7 is out of range"),
+    ],
+)
+def test_a_cut_schedule_is_validated(start, stop, indices, message):
+    with pytest.raises(KeyStepError, match=message):
+        KeyStepSchedule(num_steps=10, indices=indices, start=start, stop=stop)

@@ -1,0 +1,254 @@
+"""Image-to-image, and runs that stop early: encoder propagation over the steps that actually run.
+
+diffusers' image-to-image pipelines set the whole schedule of N steps, then run only its last
+``int(N * strength)`` steps, starting from the input image's latents noised to the first of them; SDXL's
+``denoising_end`` stops early instead. The rule: the whole schedule's key steps, cut to the steps that run,
+with the first step that runs always a key step; prior noise injection keeps its timesteps and injects the
+run's own z, the latents at its first step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+
+from faster_diffusion import (
+    FasterDiffusionConfig,
+    KeySteps,
+    NoiseInjection,
+    UnsupportedModelError,
+    apply_faster_diffusion,
+    use_sampler,
+)
+from faster_diffusion.reference.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
+
+from .conftest import PAPER, PAPER_ONE_STEP_AT_A_TIME, STOCK_EQUIVALENT, generate_latents
+from .reference import reference_latents
+from .test_hardening_core import close, tensors_held
+
+PROMPT = "a red circle above a blue square"
+SAMPLERS = ["DDIM-50", "DPM-Solver-20"]
+STEPS, STRENGTH = 20, 0.6
+#: 20 steps at strength 0.6: diffusers runs the last int(20 * 0.6) = 12 steps, 8 to 19.
+FIRST_STEP = 8
+#: The paper's key steps for 20 steps, (0, 1, 2, 3, 5, 10, 15), cut to steps 8-19, with step 8 a key step.
+CUT_PAPER_KEY_STEPS = (8, 10, 15)
+#: Whole groups, so that the decoder batches are the groups (the automatic cap splits them on the CPU).
+PAPER_WHOLE_GROUPS = FasterDiffusionConfig(key_steps=KeySteps.paper(), max_decoder_batch=None)
+FAMILIES = {
+    "SD": (build_tiny_pipeline, StableDiffusionImg2ImgPipeline),
+    "SDXL": (build_tiny_sdxl_pipeline, StableDiffusionXLImg2ImgPipeline),
+}
+
+
+def input_image() -> torch.Tensor:
+    return torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+
+
+def make_img2img(family: str, sampler: str):
+    build, pipeline_class = FAMILIES[family]
+    pipe = build(0)
+    use_sampler(pipe, sampler)
+    img2img = pipeline_class(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    return img2img
+
+
+@torch.inference_mode()
+def run(pipe, *, strength: float = STRENGTH, steps: int = STEPS) -> torch.Tensor:
+    return pipe(
+        PROMPT,
+        image=input_image(),
+        strength=strength,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+    ).images
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_all_key_steps_equal_stock_image_to_image(family, sampler):
+    stock = run(make_img2img(family, sampler))
+    pipe = make_img2img(family, sampler)
+    handle = apply_faster_diffusion(pipe, STOCK_EQUIVALENT)
+    assert torch.equal(run(pipe), stock)
+    assert handle.last_run.schedule.indices == tuple(range(FIRST_STEP, STEPS))
+    assert (handle.last_run.encoder_passes, handle.last_run.decoder_passes) == (12, 12)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_image_to_image_parallel_equals_sequential_on_the_cut_key_steps(family, sampler):
+    sequential_pipe = make_img2img(family, sampler)
+    apply_faster_diffusion(sequential_pipe, PAPER_ONE_STEP_AT_A_TIME)
+    pipe = make_img2img(family, sampler)
+    handle = apply_faster_diffusion(pipe, PAPER_WHOLE_GROUPS)
+    close(run(pipe), run(sequential_pipe))
+    stats = handle.last_run
+    assert stats.schedule.indices == CUT_PAPER_KEY_STEPS
+    assert (stats.schedule.start, stats.schedule.stop) == (FIRST_STEP, STEPS)
+    assert stats.schedule.describe() == (
+        "paper: 3 of the 12 steps that run (8 to 19 of 20) are key steps [8, 10, 15]"
+    )
+    # One encoder pass per key step; one decoder batch per group: [8, 10), [10, 15), [15, 20).
+    assert (stats.encoder_passes, stats.decoder_passes, stats.decoder_batches, stats.steps) == (3, 12, 3, 12)
+    # Injection at the steps that ran whose timestep is below 500 (the paper's tau).
+    ran = pipe.scheduler.timesteps[FIRST_STEP:]
+    assert stats.injected_steps == int((ran < 500).sum()) > 0
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_image_to_image_follows_the_hand_written_reference(sampler):
+    """The package against tests/reference.py, which shares no code with it: key steps cut to the steps that
+    run, and prior noise injected from the noised input image's latents at the first step that runs."""
+    injection = NoiseInjection(alpha=0.05, tau=1000)  # strong, and at every step, so that z matters
+    pipe = make_img2img("SD", sampler)
+    apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=KeySteps.paper(), noise_injection=injection))
+    fast = run(pipe)
+
+    stock = make_img2img("SD", sampler)
+    stock.scheduler.set_timesteps(STEPS)
+    timesteps, _ = stock.get_timesteps(STEPS, STRENGTH, "cpu")
+    noised = stock.prepare_latents(
+        stock.image_processor.preprocess(input_image()),
+        timesteps[:1],
+        1,
+        1,
+        torch.float32,
+        torch.device("cpu"),
+        torch.Generator().manual_seed(0),
+    )
+    expected = reference_latents(
+        stock,
+        PROMPT,
+        num_steps=STEPS,
+        key_steps=CUT_PAPER_KEY_STEPS,
+        alpha=injection.alpha,
+        tau=injection.tau,
+        guidance_scale=7.5,
+        seed=0,
+        height=16,
+        width=16,
+        start=FIRST_STEP,
+        latents=noised,
+    )
+    close(fast, expected)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_state_is_clean_after_image_to_image_and_text_to_image_is_unaffected(sampler):
+    expected_pipe = build_tiny_pipeline(0)
+    use_sampler(expected_pipe, sampler)
+    apply_faster_diffusion(expected_pipe, PAPER)
+    expected = generate_latents(expected_pipe, steps=STEPS)
+
+    img2img = make_img2img("SD", sampler)
+    handle = apply_faster_diffusion(img2img, PAPER)
+    run(img2img)
+    assert not handle._state.active
+    assert tensors_held(handle) == []
+    # The text-to-image pipeline over the same modules and scheduler, accelerated by the same handle.
+    text_to_image = type(expected_pipe)(**img2img.components)
+    text_to_image.set_progress_bar_config(disable=True)
+    assert torch.equal(generate_latents(text_to_image, steps=STEPS), expected)
+    assert handle.last_run.schedule.indices == KeySteps.paper().resolve(STEPS).indices
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_an_interrupted_image_to_image_run_leaves_nothing_behind(sampler):
+    stock = make_img2img("SD", sampler)
+    apply_faster_diffusion(stock, PAPER)
+    expected = run(stock)
+
+    pipe = make_img2img("SD", sampler)
+    handle = apply_faster_diffusion(pipe, PAPER)
+
+    def interrupt(pipeline, index, timestep, tensors):
+        if index == 3:  # inside the group of key step 10 (step 11 of the schedule)
+            pipeline._interrupt = True
+        return tensors
+
+    with torch.inference_mode():
+        pipe(
+            PROMPT,
+            image=input_image(),
+            strength=STRENGTH,
+            num_inference_steps=STEPS,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+            callback_on_step_end=interrupt,
+        )
+    assert handle.last_run.steps == 4
+    assert not handle._state.active and tensors_held(handle) == []
+    assert torch.equal(run(pipe), expected)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_a_loop_that_passes_timesteps_as_numbers_finds_its_first_step(sampler):
+    """A hand-written loop over the last 12 steps, passing each timestep as a Python number (no view of the
+    scheduler's timesteps to locate in memory): the first step is found by value, once per run."""
+    pipe = build_tiny_pipeline(0)
+    use_sampler(pipe, sampler)
+    handle = apply_faster_diffusion(pipe, PAPER)
+    text = torch.cat(pipe.encode_prompt(PROMPT, "cpu", 1, True)[::-1])
+    latents = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    pipe.scheduler.set_timesteps(STEPS)
+    if hasattr(pipe.scheduler, "set_begin_index"):
+        pipe.scheduler.set_begin_index(FIRST_STEP)
+    with torch.inference_mode():
+        for t in pipe.scheduler.timesteps[FIRST_STEP:].tolist():
+            noise = pipe.unet(torch.cat([latents] * 2), t, encoder_hidden_states=text).sample
+            uncond, cond = noise.chunk(2)
+            latents = pipe.scheduler.step(uncond + 7.5 * (cond - uncond), t, latents).prev_sample
+    assert handle.last_run.schedule.indices == CUT_PAPER_KEY_STEPS
+    assert (handle.last_run.encoder_passes, handle.last_run.steps) == (3, 12)
+    assert not handle._state.active
+
+
+def test_a_first_timestep_outside_the_schedule_fails_clearly():
+    pipe = build_tiny_pipeline(0)
+    use_sampler(pipe, "DDIM-50")
+    handle = apply_faster_diffusion(pipe, PAPER)
+    text = torch.cat(pipe.encode_prompt(PROMPT, "cpu", 1, True)[::-1])
+    pipe.scheduler.set_timesteps(STEPS)
+    with pytest.raises(UnsupportedModelError, match=r"timestep 999\.5, which is not one of the 20 timesteps"):
+        pipe.unet(torch.zeros(2, 4, 2, 2), torch.tensor(999.5), encoder_hidden_states=text)
+    assert not handle._state.active and tensors_held(handle) == []
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_sdxl_denoising_end_cuts_the_key_steps_to_the_steps_that_run(sampler):
+    """SDXL's ``denoising_end`` (the base half of base + refiner) runs only the first steps: no decoder work
+    is spent on steps that never run, and every key step a step equals stock."""
+
+    def sdxl(config):
+        pipe = build_tiny_sdxl_pipeline(0)
+        use_sampler(pipe, sampler)
+        handle = apply_faster_diffusion(pipe, config) if config is not None else None
+        return pipe, handle
+
+    stock_pipe, _ = sdxl(None)
+    stock = generate_latents(stock_pipe, steps=STEPS, denoising_end=0.6)
+    identity_pipe, _ = sdxl(STOCK_EQUIVALENT)
+    assert torch.equal(generate_latents(identity_pipe, steps=STEPS, denoising_end=0.6), stock)
+
+    sequential_pipe, _ = sdxl(PAPER_ONE_STEP_AT_A_TIME)
+    pipe, handle = sdxl(PAPER_WHOLE_GROUPS)
+    fast = generate_latents(pipe, steps=STEPS, denoising_end=0.6)
+    close(fast, generate_latents(sequential_pipe, steps=STEPS, denoising_end=0.6))
+    stats = handle.last_run
+    ran = stats.steps  # the steps at timesteps of 400 and above: 12 for DDIM's spacing, 13 for DPM-Solver's
+    assert 0 < ran < STEPS
+    assert (stats.schedule.start, stats.schedule.stop) == (0, ran)
+    assert stats.schedule.indices == tuple(i for i in KeySteps.paper().resolve(STEPS).indices if i < ran)
+    assert stats.decoder_passes == ran
+    assert not handle._state.active and tensors_held(handle) == []
+
+
+def test_the_sdxl_refiner_is_refused_clearly():
+    pipe = build_tiny_sdxl_pipeline(0)
+    refiner = StableDiffusionXLImg2ImgPipeline(**pipe.components, requires_aesthetics_score=True)
+    with pytest.raises(UnsupportedModelError, match=r"SDXL refiner"):
+        apply_faster_diffusion(refiner, PAPER)
