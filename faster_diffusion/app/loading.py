@@ -313,6 +313,8 @@ def without_safety_checker(pipe: Any) -> Any:
         if "add_watermarker" in parameters:
             options["add_watermarker"] = getattr(pipe, "watermark", None) is not None
         unchecked = type(pipe)(**pipe.components, **options)
+    if "_name_or_path" in pipe.config:  # where it was loaded from: its saved calibrations are found there too
+        unchecked.register_to_config(_name_or_path=pipe.config["_name_or_path"])
     unchecked.set_progress_bar_config(disable=True)
     return unchecked
 
