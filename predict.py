@@ -60,10 +60,16 @@ class Inputs:
         default=500,
     )
     width = Input(
-        description="Width of the output images in pixels: a multiple of 8.", ge=64, le=1024, default=512
+        description="Width of the output images in pixels: a multiple of 8. Leave blank for the size the model was trained at: 1024 for SDXL, 512 for SD v1.5.",  # noqa: E501
+        ge=64,
+        le=1024,
+        default=None,
     )
     height = Input(
-        description="Height of the output images in pixels: a multiple of 8.", ge=64, le=1024, default=512
+        description="Height of the output images in pixels: a multiple of 8. Leave blank for the size the model was trained at: 1024 for SDXL, 512 for SD v1.5.",  # noqa: E501
+        ge=64,
+        le=1024,
+        default=None,
     )
     num_outputs = Input(description="Number of images to generate.", ge=1, le=4, default=1)
     guidance_scale = Input(description="Scale for classifier-free guidance.", ge=1.0, le=20.0, default=7.5)
@@ -111,8 +117,8 @@ class Predictor(BaseRunner):
         noise_injection: bool = Inputs.noise_injection,
         noise_strength: float = Inputs.noise_strength,
         noise_threshold: int = Inputs.noise_threshold,
-        width: int = Inputs.width,
-        height: int = Inputs.height,
+        width: int | None = Inputs.width,
+        height: int | None = Inputs.height,
         num_outputs: int = Inputs.num_outputs,
         guidance_scale: float = Inputs.guidance_scale,
         seed: int | None = Inputs.seed,
@@ -129,8 +135,8 @@ class Predictor(BaseRunner):
             prompt=prompt,
             negative_prompt=negative_prompt or None,
             sampler=sampler,
-            width=width,
-            height=height,
+            width=width or self.model.default_size,
+            height=height or self.model.default_size,
             num_outputs=num_outputs,
             guidance_scale=guidance_scale,
             seed=seed,

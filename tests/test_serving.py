@@ -95,7 +95,8 @@ def test_input_limits_agree_with_the_core():
     assert (inputs.seed.ge, inputs.seed.le) == (0, MAX_SEED)
     assert inputs.output_format.choices == list(IMAGE_FORMATS)
     for size in (inputs.width, inputs.height):
-        assert size.ge % 8 == size.le % 8 == size.default % 8 == 0
+        assert size.ge % 8 == size.le % 8 == 0
+        assert size.default is None  # the model's size (TextToImage.default_size)
     # 0 is automatic; a cap of the most steps a sampler takes already decodes any group in one batch.
     assert (inputs.max_decoder_batch.ge, inputs.max_decoder_batch.default) == (0, 0)
     assert inputs.max_decoder_batch.le == max(sampler.default_steps for sampler in Sampler)
@@ -156,6 +157,8 @@ def run_request(**inputs) -> GenerationRequest:
     predictor, requests = predict.Predictor(), []
 
     class Recorder:
+        default_size = 1024
+
         def key_steps(self, text, sampler):
             return "paper" if text == DEFAULT_KEY_STEPS else text
 
@@ -430,6 +433,8 @@ def test_run_returns_the_files_under_the_names_of_the_outcome(tmp_path):
     predictor.outputs = tmp_path
 
     class Done:
+        default_size = 16
+
         def key_steps(self, text, sampler):
             return "paper" if text == DEFAULT_KEY_STEPS else text
 

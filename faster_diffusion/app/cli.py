@@ -38,6 +38,7 @@ from .loading import (
     default_weights_dir,
     has_weights,
     load_pipeline,
+    model_size,
 )
 
 #: Stable Diffusion's usual classifier-free guidance scale.
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         guidance = args.guidance_scale
         if guidance is None:
             guidance = reference.GUIDANCE_SCALE if is_reference else DEFAULT_GUIDANCE
-        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        size = model_size(pipe)
         request = GenerationRequest(
             prompt=args.prompt,
             negative_prompt=args.negative_prompt,

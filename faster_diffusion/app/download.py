@@ -6,8 +6,14 @@ component folders, with ``.safetensors`` weights only (never ``.bin`` or ``.ckpt
 single-file checkpoints at the top of the repository), in the ``fp16`` variant when every model in the
 repository offers it. The safety checker and its feature extractor come along when the repository has them.
 
+SDXL base repositories (``text_encoder_2`` and ``tokenizer_2`` beside the SD folders) are fetched the same
+way; the SDXL refiner is refused. diffusers' SDXL pipeline has no safety checker, so for SDXL the download
+also takes SD's (:data:`SAFETY_CHECKER_REPO`, safetensors only) into ``safety_checker/`` and
+``feature_extractor/``, which serving runs on the decoded images, as Replicate's own SDXL model does.
+
     script/download-weights                                  # SD v1.5 into weights/
     script/download-weights --repo stabilityai/stable-diffusion-2-1-base --dest /data/sd21
+    script/download-weights --repo stabilityai/stable-diffusion-xl-base-1.0
 
 The Cog model's setup calls :func:`fetch_at_setup`, which fills an empty or missing weights folder the same
 way (an image built from a clean checkout has none), unless ``HF_HUB_OFFLINE=1`` or
@@ -26,7 +32,16 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from .loading import DEFAULT_WEIGHTS_DIR, WEIGHTS_ENV, WeightsError, default_weights_dir, inspect_weights
+from .loading import (
+    DEFAULT_WEIGHTS_DIR,
+    SD,
+    SDXL,
+    WEIGHTS_ENV,
+    Family,
+    WeightsError,
+    default_weights_dir,
+    inspect_weights,
+)
 
 #: The environment variable that names the repository to download.
 REPO_ENV = "FASTER_DIFFUSION_REPO"
@@ -40,9 +55,13 @@ PLACEHOLDERS = ("README.md",)
 #: The weight variant taken when every model in the repository offers it.
 PREFERRED_VARIANT = "fp16"
 
-#: The folders ``StableDiffusionPipeline`` loads; the first five are required.
-REQUIRED_FOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+#: The folders ``StableDiffusionPipeline`` requires (SDXL's: ``SDXL.required``), and those it may have.
+REQUIRED_FOLDERS = SD.required
 OPTIONAL_FOLDERS = ("safety_checker", "feature_extractor")
+#: SD's safety checker, fetched for SDXL weights (diffusers' SDXL pipeline has none), as Replicate's SDXL
+#: model (replicate/cog-sdxl) runs it: a flat repository with ``config.json``, the weights and the feature
+#: extractor's ``preprocessor_config.json``.
+SAFETY_CHECKER_REPO = "CompVis/stable-diffusion-safety-checker"
 
 #: ``name[.variant][-00001-of-00002].safetensors``: diffusers' names for (sharded, variant) weight files.
 _WEIGHTS = re.compile(r"^[^./]+(?:\.(?P<variant>[^./-]+))?(?:-\d{5}-of-\d{5})?\.safetensors$")
@@ -53,18 +72,37 @@ _WEIGHTS_INDEX = re.compile(r"^[^./]+\.safetensors\.index(?:\.(?P<variant>[^./]+
 _SETTINGS = re.compile(r"^[^/]+\.(?:json|txt)$")
 
 
+def repo_family(listing: Iterable[str]) -> Family:
+    """The family of a repository, from its ``listing``: SDXL when it has ``text_encoder_2/`` or
+    ``tokenizer_2/``, else SD (``model_index.json`` says for sure once downloaded: :func:`download` checks).
+
+    Raises ``ValueError`` for the SDXL refiner (a second text encoder and no first one).
+    """
+    folders = {path.rpartition("/")[0] for path in listing}
+    if not {"text_encoder_2", "tokenizer_2"} & folders:
+        return SD
+    if "text_encoder" not in folders:
+        raise ValueError(
+            "this is the SDXL refiner (text_encoder_2 without text_encoder), which is not supported: it only "
+            "refines the SDXL base model's images; use stabilityai/stable-diffusion-xl-base-1.0"
+        )
+    return SDXL
+
+
 def choose_files(listing: Iterable[str]) -> tuple[list[str], str | None]:
     """The files of a repository ``listing`` to download, and the weight variant chosen (``"fp16"`` or None).
 
-    Raises ``ValueError`` when a required folder is missing or a model folder has no ``.safetensors``.
+    The folders are those of the repository's family (:func:`repo_family`). Raises ``ValueError`` when a
+    required folder is missing or a model folder has no ``.safetensors``.
     """
     listing = sorted(set(listing))
+    family = repo_family(listing)
     folders: dict[str, list[str]] = {}
     for path in listing:
         folder, _, name = path.rpartition("/")
-        if folder in REQUIRED_FOLDERS + OPTIONAL_FOLDERS:
+        if folder in family.required + OPTIONAL_FOLDERS:
             folders.setdefault(folder, []).append(name)
-    missing = [folder for folder in REQUIRED_FOLDERS if folder not in folders]
+    missing = [folder for folder in family.required if folder not in folders]
     if "model_index.json" not in listing or missing:
         what = ", ".join((["model_index.json"] if "model_index.json" not in listing else []) + missing)
         raise ValueError(f"not a diffusers Stable Diffusion repository: it has no {what}")
@@ -73,7 +111,7 @@ def choose_files(listing: Iterable[str]) -> tuple[list[str], str | None]:
         return {match["variant"] for match in map(_WEIGHTS.match, names) if match}
 
     models = {folder: weight_variants(names) for folder, names in folders.items() if _has_weights(names)}
-    for folder in ("unet", "vae", "text_encoder"):
+    for folder in family.models:
         if folder not in models:
             raise ValueError(f"{folder}/ has no .safetensors weights (pickle files are never downloaded)")
     offered = all(PREFERRED_VARIANT in variants for variants in models.values())
@@ -100,6 +138,45 @@ def _has_weights(names: list[str]) -> bool:
     return any(_WEIGHTS.match(name) for name in names)
 
 
+def choose_checker_files(listing: Iterable[str], variant: str | None) -> dict[str, str]:
+    """The files of :data:`SAFETY_CHECKER_REPO`'s ``listing`` to download, each with its place in a weights
+    folder: ``config.json`` and the ``.safetensors`` weights into ``safety_checker/``,
+    ``preprocessor_config.json`` into ``feature_extractor/``. The weights are in ``variant`` when the
+    repository offers it, else full precision; unsharded, never pickles.
+
+    Raises ``ValueError`` naming what the repository lacks.
+    """
+    listing = set(listing)
+    weights = {m["variant"]: name for name in listing if (m := _WEIGHTS.match(name)) and "-of-" not in name}
+    chosen = weights.get(variant) or weights.get(None)
+    missing = [name for name in ("config.json", "preprocessor_config.json") if name not in listing]
+    if chosen is None or missing:
+        what = ", ".join(missing + ([] if chosen is not None else ["full-precision .safetensors weights"]))
+        raise ValueError(f"the safety checker repository has no {what}")
+    return {
+        "config.json": "safety_checker/config.json",
+        chosen: f"safety_checker/{chosen}",
+        "preprocessor_config.json": "feature_extractor/preprocessor_config.json",
+    }
+
+
+def download_safety_checker(dest: Path, variant: str | None) -> None:
+    """Download :data:`SAFETY_CHECKER_REPO` (:func:`choose_checker_files`) into ``dest``'s
+    ``safety_checker/`` and ``feature_extractor/``."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    files = choose_checker_files(HfApi().list_repo_files(SAFETY_CHECKER_REPO), variant)
+    print(f"Downloading the safety checker {SAFETY_CHECKER_REPO} into {dest}/safety_checker/")
+    staging = Path(tempfile.mkdtemp(prefix=".safety-checker-", dir=dest))
+    try:
+        snapshot_download(SAFETY_CHECKER_REPO, allow_patterns=list(files), local_dir=staging)
+        for name, place in files.items():
+            (dest / place).parent.mkdir(parents=True, exist_ok=True)
+            (staging / name).rename(dest / place)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def download(repo: str, dest: Path, *, revision: str | None = None) -> Path:
     """Download ``repo`` into ``dest`` (see :func:`choose_files`) and check the result loads as a folder."""
     from huggingface_hub import HfApi, snapshot_download
@@ -108,8 +185,12 @@ def download(repo: str, dest: Path, *, revision: str | None = None) -> Path:
     files, variant = choose_files(listing)
     print(f"Downloading {len(files)} files of {repo} ({variant or 'full-precision'} weights) into {dest}/")
     snapshot_download(repo, revision=revision, allow_patterns=files, local_dir=dest)
+    checker = None
+    if repo_family(listing) is SDXL and not any(name.startswith("safety_checker/") for name in files):
+        checker = SAFETY_CHECKER_REPO
+        download_safety_checker(Path(dest), variant)
     inspect_weights(dest)
-    write_source(dest, repo, revision)
+    write_source(dest, repo, revision, safety_checker=checker)
     return dest
 
 
@@ -117,8 +198,14 @@ def download(repo: str, dest: Path, *, revision: str | None = None) -> Path:
 SOURCE_FILE = "faster_diffusion_source.json"
 
 
-def write_source(folder: Path, repo: str, revision: str | None = None) -> None:
-    (Path(folder) / SOURCE_FILE).write_text(json.dumps({"repo": repo, "revision": revision}) + "\n")
+def write_source(
+    folder: Path, repo: str, revision: str | None = None, *, safety_checker: str | None = None
+) -> None:
+    """Record ``repo`` (and, when it came from elsewhere, the ``safety_checker`` repository)."""
+    source: dict[str, str | None] = {"repo": repo, "revision": revision}
+    if safety_checker is not None:
+        source["safety_checker"] = safety_checker
+    (Path(folder) / SOURCE_FILE).write_text(json.dumps(source) + "\n")
 
 
 def read_source(folder: str | Path | None) -> str | None:

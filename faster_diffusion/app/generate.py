@@ -20,6 +20,7 @@ from ..noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, NoiseInjection
 from ..propagation import FasterDiffusionConfig, RunStats, apply_faster_diffusion, remove_faster_diffusion
 from ..samplers import Sampler, use_sampler
 from ..schedule import KeyStepKind, KeySteps, KeyStepSchedule
+from .loading import safety_check_of
 
 #: Largest seed accepted (torch generators take 64-bit seeds; this keeps seeds printable and portable).
 MAX_SEED = 2**32 - 1
@@ -278,6 +279,8 @@ def generate(
     ``accelerate`` is false. The pipeline is left as it was found, apart from its sampler.
 
     ``step_callback`` is diffusers' ``callback_on_step_end``; raising from it stops the run between steps.
+    A pipeline with an attached :class:`~faster_diffusion.app.loading.SafetyCheck` (SDXL) has its PIL images
+    checked by it, flagged ones blacked out, as SD's own checker does.
     """
     if not isinstance(request, GenerationRequest):
         raise TypeError(f"request must be a GenerationRequest, got {type(request).__name__}")
@@ -309,6 +312,9 @@ def generate(
             handle.remove()
     images = list(output.images)
     nsfw = getattr(output, "nsfw_content_detected", None)  # SDXL pipelines have no safety checker
+    check = safety_check_of(pipe)  # SDXL: SD's checker, attached by load_pipeline
+    if nsfw is None and check is not None and output_type == "pil":
+        images, nsfw = check(images)
     nsfw = [bool(flag) for flag in nsfw] if nsfw is not None else [False] * len(images)
     return GenerationResult(
         images=images,

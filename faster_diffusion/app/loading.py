@@ -1,12 +1,24 @@
 """Loading a Stable Diffusion weights folder (diffusers layout) for inference, offline and pickle-free.
 
-Any SD 1.x/2.x folder in diffusers layout works, community fine-tunes included: ``model_index.json`` and the
-``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and ``scheduler`` sub-folders, with ``.safetensors``
-weights (plain or the ``fp16`` variant). ``safety_checker`` and ``feature_extractor`` are optional.
+Two families are served, told apart by ``model_index.json``'s ``_class_name`` (:data:`FAMILIES`):
+
+- ``StableDiffusionPipeline``: any SD 1.x/2.x folder, community fine-tunes included, with the ``unet``,
+  ``vae``, ``text_encoder``, ``tokenizer`` and ``scheduler`` sub-folders;
+- ``StableDiffusionXLPipeline``: SDXL base (and its fine-tunes), which adds ``text_encoder_2`` and
+  ``tokenizer_2``. The SDXL refiner (``StableDiffusionXLImg2ImgPipeline``, or ``requires_aesthetics_score``,
+  or no ``text_encoder``) is refused: it only refines the base model's images.
+
+Every model has ``.safetensors`` weights (plain or the ``fp16`` variant). ``safety_checker`` and
+``feature_extractor`` are optional. For SD they are the pipeline's own components. diffusers' SDXL pipeline
+has no safety checker, so for SDXL they hold SD's checker (``CompVis/stable-diffusion-safety-checker``, as
+``script/download-weights`` puts it there): :func:`load_pipeline` attaches it to the pipeline as a
+:class:`SafetyCheck`, which :func:`~faster_diffusion.app.generate.generate` runs on the decoded images, as
+Replicate's own SDXL model does.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -14,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -25,9 +38,43 @@ DEFAULT_WEIGHTS_DIR = "weights"
 #: The command that fills the weights folder.
 DOWNLOAD_COMMAND = "script/download-weights"
 
-_REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-_MODELS = ("unet", "vae", "text_encoder")
 _SAFETY = ("safety_checker", "feature_extractor")
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family of weights that :func:`load_pipeline` serves."""
+
+    #: ``"sd"`` or ``"sdxl"``.
+    name: str
+    #: The diffusers pipeline class named by ``model_index.json``'s ``_class_name``.
+    pipeline: str
+    #: For messages: ``"Stable Diffusion 1.x/2.x"``.
+    description: str
+    #: The sub-folders the folder must have.
+    required: tuple[str, ...]
+    #: The sub-folders whose weights must be ``.safetensors``.
+    models: tuple[str, ...]
+
+
+SD = Family(
+    name="sd",
+    pipeline="StableDiffusionPipeline",
+    description="Stable Diffusion 1.x/2.x",
+    required=("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+    models=("unet", "vae", "text_encoder"),
+)
+SDXL = Family(
+    name="sdxl",
+    pipeline="StableDiffusionXLPipeline",
+    description="SDXL base",
+    required=("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
+    models=("unet", "vae", "text_encoder", "text_encoder_2"),
+)
+#: The families served, by the ``_class_name`` of their ``model_index.json``.
+FAMILIES = {family.pipeline: family for family in (SD, SDXL)}
+#: The ``_class_name`` of the SDXL refiner's ``model_index.json``.
+SDXL_REFINER_PIPELINE = "StableDiffusionXLImg2ImgPipeline"
 
 
 class WeightsError(RuntimeError):
@@ -41,9 +88,11 @@ def default_weights_dir() -> Path:
 
 @dataclass(frozen=True)
 class WeightsFolder:
-    """A checked weights folder: where it is, which variant it holds, whether it has a safety checker."""
+    """A checked weights folder: where it is, its family, which variant it holds, whether it has a safety
+    checker."""
 
     path: Path
+    family: Family
     variant: str | None
     has_safety_checker: bool
 
@@ -74,11 +123,12 @@ def inspect_weights(folder: str | os.PathLike) -> WeightsFolder:
         raise WeightsError(f"{index_file} cannot be read ({error}). {fill}") from error
     if not isinstance(index, dict):
         raise WeightsError(f"{index_file} is not a JSON object. {fill}")
-    missing = [name for name in _REQUIRED if not (path / name).is_dir()]
+    family = _family(path, index, fill)
+    missing = [name for name in family.required if not (path / name).is_dir()]
     if missing:
         raise WeightsError(f"{path} is incomplete: missing {', '.join(missing)}. {fill}")
     variants = set()
-    for name in _MODELS:
+    for name in family.models:
         files = sorted(p.name for p in (path / name).glob("*.safetensors"))
         if not files:
             pickles = sorted(p.name for p in (path / name).glob("*.bin")) + sorted(
@@ -90,8 +140,32 @@ def inspect_weights(folder: str | os.PathLike) -> WeightsFolder:
     if len(variants) > 1:
         raise WeightsError(f"{path} mixes fp16-only and full-precision weight files across models. {fill}")
     checker = (path / "safety_checker").is_dir() and (path / "feature_extractor").is_dir()
-    checker = checker and index.get("safety_checker", [None, None])[0] is not None
-    return WeightsFolder(path=path, variant=variants.pop(), has_safety_checker=checker)
+    if family is SD:
+        checker = checker and index.get("safety_checker", [None, None])[0] is not None
+    else:  # not a component of the pipeline: the folders alone say
+        checker = checker and any((path / "safety_checker").glob("*.safetensors"))
+    return WeightsFolder(path=path, family=family, variant=variants.pop(), has_safety_checker=checker)
+
+
+def _family(path: Path, index: dict[str, Any], fill: str) -> Family:
+    """The family that ``model_index.json`` (``index``) names; :class:`WeightsError` for any other."""
+    name = index.get("_class_name")
+    supported = ", ".join(f"{f.pipeline} ({f.description})" for f in FAMILIES.values())
+    no_text_encoder = (index.get("text_encoder") or [None])[0] is None
+    refiner = name == SDXL_REFINER_PIPELINE or (
+        name == SDXL.pipeline and (index.get("requires_aesthetics_score") is True or no_text_encoder)
+    )
+    if refiner:
+        raise WeightsError(
+            f"{path} holds the SDXL refiner ({name}), which is not supported: it only refines the SDXL base "
+            f"model's images. Use the base model (stabilityai/stable-diffusion-xl-base-1.0). {fill}"
+        )
+    if name not in FAMILIES:
+        raise WeightsError(
+            f"{path / 'model_index.json'} names the pipeline {name!r}, which is not supported; supported: "
+            f"{supported}. {fill}"
+        )
+    return FAMILIES[name]
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -113,23 +187,28 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     safety_checker: bool = True,
 ) -> Any:
-    """Load a ``StableDiffusionPipeline`` from a local folder: no hub access, safetensors only.
+    """Load the folder's pipeline (``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``, see
+    :data:`FAMILIES`) from a local folder: no hub access, safetensors only.
 
     On CUDA the pipeline runs in fp16 with xformers attention when xformers imports, else PyTorch's SDPA
     (diffusers' default); on the CPU in fp32. A folder without a safety checker loads without one (logged).
+    SDXL's safety checker is attached as a :class:`SafetyCheck` (:func:`safety_check_of`).
     """
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
     weights = inspect_weights(folder if folder is not None else default_weights_dir())
     device = pick_device(device)
     dtype = dtype or default_dtype(device)
+    checked = safety_checker and weights.has_safety_checker
+    if safety_checker and not weights.has_safety_checker:
+        logger.warning("%s has no safety checker; running without one", weights.path)
     extra: dict[str, Any] = {}
-    if not (safety_checker and weights.has_safety_checker):
-        if safety_checker:
-            logger.warning("%s has no safety checker; running without one", weights.path)
+    if weights.family is SD and not checked:
         extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline_class = getattr(diffusers, weights.family.pipeline)
+    check = None
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
+        pipe = pipeline_class.from_pretrained(
             weights.path,
             local_files_only=True,
             use_safetensors=True,
@@ -137,15 +216,113 @@ def load_pipeline(
             dtype=dtype,
             **extra,
         )
+        if weights.family is not SD and checked:
+            check = SafetyCheck.load(weights.path, dtype=dtype)
     except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as error:
         raise WeightsError(
             f"Could not load the weights in {weights.path}: {error}. Fill it again with `{DOWNLOAD_COMMAND}`."
         ) from error
     pipe = pipe.to(device)
+    if check is not None:
+        attach_safety_check(pipe, check.to(device))
     if device.type == "cuda":
         enable_fast_attention(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ------------------------------------------------------------------------------------------ SDXL's checker
+
+#: The attribute under which :func:`attach_safety_check` keeps a pipeline's :class:`SafetyCheck`. It is not a
+#: pipeline component: ``pipe.components`` (and a pipeline built from them) leaves it out.
+SAFETY_CHECK_ATTRIBUTE = "faster_diffusion_safety_check"
+
+
+@dataclass
+class SafetyCheck:
+    """SD's safety checker, run on the decoded images of a pipeline that has none of its own (SDXL).
+
+    It does what ``StableDiffusionPipeline`` does with its checker: the feature extractor's pixel values go
+    through ``StableDiffusionSafetyChecker``; a flagged image is blacked out and reported.
+    """
+
+    checker: Any  # StableDiffusionSafetyChecker
+    feature_extractor: Any  # CLIPImageProcessor
+
+    @classmethod
+    def load(cls, folder: Path, *, dtype: torch.dtype) -> SafetyCheck:
+        """Load ``folder``'s ``safety_checker/`` and ``feature_extractor/`` (safetensors only, offline)."""
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+        from transformers import AutoImageProcessor
+
+        weights = sorted(p.name for p in (folder / "safety_checker").glob("*.safetensors"))
+        variant = "fp16" if weights and all(".fp16." in name for name in weights) else None
+        options = dict(local_files_only=True, use_safetensors=True, variant=variant, dtype=dtype)
+        checker = StableDiffusionSafetyChecker.from_pretrained(folder / "safety_checker", **options)
+        extractor = AutoImageProcessor.from_pretrained(folder / "feature_extractor", local_files_only=True)
+        return cls(checker=checker.eval(), feature_extractor=extractor)
+
+    def to(self, device: torch.device) -> SafetyCheck:
+        self.checker.to(device)
+        return self
+
+    def __call__(self, images: list[Any]) -> tuple[list[Any], list[bool]]:
+        """``images`` (PIL) with the flagged ones blacked out, and which were flagged."""
+        from PIL import Image
+
+        parameter = next(self.checker.parameters())
+        pixels = self.feature_extractor(images, return_tensors="pt").pixel_values
+        with torch.no_grad():
+            _, flags = self.checker(
+                clip_input=pixels.to(parameter.device, parameter.dtype),
+                images=[np.asarray(image) for image in images],
+            )
+        flags = [bool(flag) for flag in flags]
+        checked = [
+            Image.new(image.mode, image.size) if flagged else image
+            for image, flagged in zip(images, flags, strict=True)
+        ]
+        return checked, flags
+
+
+def attach_safety_check(pipe: Any, check: SafetyCheck | None) -> None:
+    """Give ``pipe`` (one without a checker of its own) ``check``, run by
+    :func:`~faster_diffusion.app.generate.generate` on its images; ``None`` takes it away."""
+    object.__setattr__(pipe, SAFETY_CHECK_ATTRIBUTE, check)
+
+
+def safety_check_of(pipe: Any) -> SafetyCheck | None:
+    """The :class:`SafetyCheck` attached to ``pipe``, if any."""
+    return getattr(pipe, SAFETY_CHECK_ATTRIBUTE, None)
+
+
+def has_safety_checker(pipe: Any) -> bool:
+    """Whether ``pipe`` checks its images: its own safety checker (SD) or an attached one (SDXL)."""
+    return getattr(pipe, "safety_checker", None) is not None or safety_check_of(pipe) is not None
+
+
+def without_safety_checker(pipe: Any) -> Any:
+    """A second pipeline over ``pipe``'s models that checks nothing (``pipe`` itself is left alone)."""
+    if getattr(pipe, "safety_checker", None) is not None:  # SD: the checker is a component
+        components = {**pipe.components, "safety_checker": None, "feature_extractor": None}
+        unchecked = type(pipe)(**components, requires_safety_checker=False)
+    else:  # SDXL: the components leave out the attached check; the settings are passed on as they are
+        parameters = inspect.signature(type(pipe)).parameters
+        settings = [name for name in parameters if name in pipe.config and name not in pipe.components]
+        options = {name: pipe.config[name] for name in settings}
+        if "add_watermarker" in parameters:
+            options["add_watermarker"] = getattr(pipe, "watermark", None) is not None
+        unchecked = type(pipe)(**pipe.components, **options)
+    if "_name_or_path" in pipe.config:  # where it was loaded from: its saved calibrations are found there too
+        unchecked.register_to_config(_name_or_path=pipe.config["_name_or_path"])
+    unchecked.set_progress_bar_config(disable=True)
+    return unchecked
+
+
+def model_size(pipe: Any) -> int:
+    """The image size ``pipe``'s model was trained at, in pixels (diffusers' default when none is given):
+    1024 for SDXL base, 512 for SD v1.5 and 2.x base, 768 for SD 2.x 768-v."""
+    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 
 def enable_fast_attention(pipe: Any) -> str:

@@ -38,7 +38,13 @@ from .generate import (
     generate,
     prepare_key_steps,
 )
-from .loading import default_weights_dir, load_pipeline
+from .loading import (
+    default_weights_dir,
+    has_safety_checker,
+    load_pipeline,
+    model_size,
+    without_safety_checker,
+)
 
 #: Pillow's name for each output format.
 IMAGE_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
@@ -138,17 +144,21 @@ class Outcome:
 
 
 class TextToImage:
-    """A loaded Stable Diffusion pipeline, served with faster diffusion."""
+    """A loaded Stable Diffusion (SD 1.x/2.x or SDXL) pipeline, served with faster diffusion."""
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
         # The same modules without the safety checker, for requests that turn it off: a second pipeline object
         # over the shared components, so that neither a reload nor a change to ``pipe`` is needed per request.
-        self.pipe_without_checker = pipe
-        if pipe.safety_checker is not None:
-            components = {**pipe.components, "safety_checker": None, "feature_extractor": None}
-            self.pipe_without_checker = type(pipe)(**components, requires_safety_checker=False)
-            self.pipe_without_checker.set_progress_bar_config(disable=True)
+        self.pipe_without_checker = without_safety_checker(pipe) if has_safety_checker(pipe) else pipe
+
+    @property
+    def default_size(self) -> int:
+        """The width and height of a request that gives none: the size the model was trained at
+        (:func:`~faster_diffusion.app.loading.model_size`: 1024 for SDXL, 512 for SD v1.5). A Cog default
+        cannot follow the loaded weights (``cog build`` reads it as a literal), so the inputs default to
+        blank, meaning this."""
+        return model_size(self.pipe)
 
     def prepare_default_key_steps(self, sampler: str = "DDIM-50") -> None:
         """Calibrate ``sampler``'s default key steps now if they are ``auto`` and no calibration is saved, so
@@ -178,10 +188,12 @@ class TextToImage:
         transformers.utils.logging.disable_progress_bar()
         pipe = load_pipeline(folder)
         attention = sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()})
-        checker = "on" if pipe.safety_checker is not None else f"none ({folder} has no safety checker)"
+        checker = "on" if has_safety_checker(pipe) else f"none ({folder} has no safety checker)"
         print(
-            f"Loaded {folder} on {pipe.device.type} ({str(pipe.unet.dtype).removeprefix('torch.')}, "
-            f"attention: {', '.join(attention)}); safety checker: {checker}"
+            f"Loaded {folder} ({type(pipe).__name__}, {model_size(pipe)} px by default) on "
+            f"{pipe.device.type} ({str(pipe.unet.dtype).removeprefix('torch.')}, attention: "
+            f"{', '.join(attention)}); "
+            f"safety checker: {checker}"
         )
         return cls(pipe)
 
