@@ -340,7 +340,10 @@ def generate(
     if request.image is None:
         runner, inputs = pipe, {"width": request.width, "height": request.height}
     else:  # built after use_sampler, so that it holds the sampler's scheduler
-        runner, inputs = image_to_image_pipeline(pipe), {"image": request.image, "strength": request.strength}
+        # One copy of the image per output: diffusers' repeating of fewer images is deprecated.
+        prompts = 1 if isinstance(request.prompt, str) else len(request.prompt)
+        images = [request.image] * (prompts * request.num_outputs)
+        runner, inputs = image_to_image_pipeline(pipe), {"image": images, "strength": request.strength}
     handle = apply_faster_diffusion(runner, request.faster) if accelerate else None
     device = getattr(pipe, "_execution_device", torch.device("cpu"))
     generator = torch.Generator(device=device).manual_seed(request.seed)
