@@ -404,3 +404,58 @@ def test_cli_image_to_image_says_what_ran(tmp_path, capsys):
     assert "Image-to-image: strength 1, 4 of 4 steps run, output 64x72 (the input image's size)" in out
     assert "4 encoder / 4 decoder passes" in out and "PSNR inf dB" in out
     assert Image.open(tmp_path / "out" / "faster-0.png").size == (64, 72)
+
+
+# ------------------------------------------------------------------------------------------ part-way runs
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_faster_with_every_step_a_key_step_gives_the_stock_pixels_at_strength_0_6(family):
+    pipe = BUILDERS[family]()
+    request = img2img(strength=0.6, num_outputs=2, **EVERY_STEP)
+
+    stock = generate(pipe, request, accelerate=False)
+    faster = generate(pipe, request)
+
+    assert same(faster.images, stock.images) and faster.images[0].size == (72, 64)
+    assert (faster.stats.encoder_passes, faster.stats.decoder_passes) == (6, 6)
+    assert faster.loop_seconds > 0
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_faster_image_to_image_skips_the_encoder_at_the_steps_that_run(family):
+    pipe = BUILDERS[family]()
+    request = img2img(strength=0.6, faster=faster_config("uniform:2"))
+
+    faster = generate(pipe, request)
+    stock = generate(pipe, request, accelerate=False)
+
+    # Key steps 0, 2, 4, 6, 8 of 10; steps 4 to 9 run: 4, 6 and 8 are key steps.
+    assert (faster.stats.encoder_passes, faster.stats.decoder_passes) == (3, 6)
+    assert faster.images[0].size == (72, 64) and not same(faster.images, stock.images)
+
+
+def test_run_with_an_image_at_strength_0_6_compares_with_stock(tmp_path, capsys):
+    image = CogPath(saved(noise_image(64, 80), tmp_path / "input.png"))
+    inputs = dict(prompt="a red circle", key_steps="all", noise_injection=False, output_format="png", seed=2)
+    inputs.update(image=image, prompt_strength=0.6, compare_with_baseline=True)
+
+    paths = predictor(tmp_path, tiny_sd(with_safety_checker=True)).run(**{**defaults(), **inputs})
+
+    images = [Image.open(path) for path in paths]
+    assert [image.size for image in images] == [(64, 80)] * 2 and same(images[:1], images[1:])
+    assert "Image-to-image: strength 0.6, 30 of 50 steps run, output 64x80" in capsys.readouterr().out
+
+
+def test_cli_image_to_image_below_strength_1_compares_with_stock(tmp_path, capsys):
+    """The untimed warm-up run before --compare runs 2 steps: at strength 1, so that it runs at least one
+    (int(2 * 0.375) would be none)."""
+    weights = save_tiny_weights(tmp_path / "weights", with_safety_checker=False)
+    image = saved(noise_image(64, 64), tmp_path / "in.png")
+    argv = ["a red circle", "--weights", str(weights), "--out", str(tmp_path / "out"), "--steps", "8"]
+    argv += ["--image", str(image), "--strength", "0.375", "--key-steps", "all", "--no-noise-injection"]
+
+    assert main([*argv, "--compare"]) == 0
+    out = capsys.readouterr().out
+    assert "Image-to-image: strength 0.375, 3 of 8 steps run, output 64x64 (the input image's size)" in out
+    assert "3 encoder / 3 decoder passes" in out and "PSNR inf dB" in out
