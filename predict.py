@@ -1,5 +1,5 @@
-"""The Cog model: Stable Diffusion text-to-image with Faster Diffusion (encoder propagation, a parallel
-decoder and prior noise injection; Li et al., NeurIPS 2024).
+"""The Cog model: Stable Diffusion text-to-image and image-to-image with Faster Diffusion (encoder
+propagation, a parallel decoder and prior noise injection; Li et al., NeurIPS 2024).
 
 ``run()`` maps its inputs to a request for the ``faster_diffusion`` package and saves the images; the work is
 in ``faster_diffusion.app.serving``.
@@ -11,6 +11,7 @@ from cog import BaseRunner, Input, Path
 
 from faster_diffusion.app.download import fetch_at_setup
 from faster_diffusion.app.generate import GenerationRequest, faster_config
+from faster_diffusion.app.images import load_image
 from faster_diffusion.app.loading import default_weights_dir
 from faster_diffusion.app.serving import TextToImage, check_inputs, random_seed, save_images
 
@@ -24,6 +25,16 @@ class Inputs:
         description="The text to render.", default="a photo of an astronaut riding a horse on mars"
     )
     negative_prompt = Input(description="Text to steer away from.", default="")
+    image = Input(
+        description="Input image for img2img mode. The outputs have its size, rounded down to a multiple of 8 (width and height are not used). 64 to 1024 px a side; RGB or greyscale (RGBA and palette images only without transparent pixels).",  # noqa: E501
+        default=None,
+    )
+    prompt_strength = Input(
+        description="Prompt strength when using img2img. 1.0 corresponds to full destruction of information in image. The run takes the last int(steps x prompt_strength) steps of the sampler's.",  # noqa: E501
+        ge=0.0,
+        le=1.0,
+        default=0.8,
+    )
     sampler = Input(
         description="The sampler and its number of steps, as in the paper.",
         choices=["DDIM-50", "DPM-Solver-20", "DPM-Solver++-20"],
@@ -110,6 +121,8 @@ class Predictor(BaseRunner):
         self,
         prompt: str = Inputs.prompt,
         negative_prompt: str = Inputs.negative_prompt,
+        image: Path | None = Inputs.image,
+        prompt_strength: float = Inputs.prompt_strength,
         sampler: str = Inputs.sampler,
         key_steps: str = Inputs.key_steps,
         parallel_decoder: bool = Inputs.parallel_decoder,
@@ -140,6 +153,8 @@ class Predictor(BaseRunner):
             num_outputs=num_outputs,
             guidance_scale=guidance_scale,
             seed=seed,
+            image=load_image(image) if image is not None else None,
+            strength=prompt_strength,
             faster=faster_config(
                 self.model.key_steps(key_steps, sampler),
                 parallel=parallel_decoder,

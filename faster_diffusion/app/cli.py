@@ -2,7 +2,7 @@
 
 Generates images from a diffusers Stable Diffusion weights folder with faster diffusion, and with
 ``--compare`` also with stock diffusers from the same seed, printing both times, the speedup and the
-difference between the images.
+difference between the images. ``--image PATH`` (with ``--strength S``) starts from an image instead.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from ..samplers import Sampler
 from ..schedule import ACCEPTED_FORMS, KeyStepError
 from .generate import (
     DEFAULT_KEY_STEPS,
+    DEFAULT_STRENGTH,
     MAX_SEED,
     GenerationRequest,
     GenerationResult,
@@ -31,6 +32,7 @@ from .generate import (
     generate,
     prepare_key_steps,
 )
+from .images import load_image
 from .loading import (
     DOWNLOAD_COMMAND,
     WEIGHTS_ENV,
@@ -85,6 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--height", type=int, default=None, help="multiple of 8 (default: the model's size)")
     parser.add_argument("--num-outputs", type=int, default=1)
     parser.add_argument(
+        "--image",
+        type=Path,
+        default=None,
+        help="image-to-image: start from this image (64 to 1024 px a side); the outputs have its size, "
+        "rounded down to a multiple of 8",
+    )
+    parser.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help=f"with --image: how much of the image is replaced, 0 to 1 (default: {DEFAULT_STRENGTH}); the "
+        "run takes the last int(steps x strength) steps",
+    )
+    parser.add_argument(
         "--guidance-scale",
         type=float,
         default=None,
@@ -125,6 +141,21 @@ def _load(args: argparse.Namespace):
     return pipe, f"built-in reference model ({reference.MODEL_DIR})", True
 
 
+def _input_image(args: argparse.Namespace):
+    """The image named by --image, checked; ``None`` without one. Raises ``ValueError`` for --strength
+    without --image, for --width or --height with it, and for an image that cannot be used."""
+    if args.image is None:
+        if args.strength is not None:
+            raise ValueError("--strength applies only with --image")
+        return None
+    if args.width is not None or args.height is not None:
+        raise ValueError(
+            "--width and --height do not apply with --image: the outputs have the image's size, rounded down "
+            "to a multiple of 8"
+        )
+    return load_image(args.image)
+
+
 def _save(result: GenerationResult, folder: Path, prefix: str) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -141,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        image = _input_image(args)
         default = args.key_steps.strip().lower() == DEFAULT_KEY_STEPS
         faster = faster_config(
             "paper" if default else args.key_steps,
@@ -169,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             guidance_scale=guidance,
             seed=args.seed,
             faster=faster,
+            image=image,
+            strength=DEFAULT_STRENGTH if args.strength is None else args.strength,
         )
         request = prepare_key_steps(pipe, request)
         schedule = request.schedule
@@ -183,16 +217,21 @@ def main(argv: list[str] | None = None) -> int:
             f"Warning: the reference model was never trained on {', '.join(repr(w) for w in unknown)}; it "
             f"knows only these words: {' '.join(shapes.VOCABULARY)}"
         )
+    width, height = request.output_size
     print(
-        f"Sampler: {request.sampler.value}, {request.steps} steps, {request.width}x{request.height}, "
+        f"Sampler: {request.sampler.value}, {request.steps} steps, {width}x{height}, "
         f"seed {request.seed}, guidance {request.guidance_scale}"
     )
+    if image is not None:
+        print(f"Input image: {args.image}")
+        print(request.describe_image_to_image())
     print(f"Key steps: {schedule.describe()}")
     print(f"Noise injection: {faster.noise_injection.describe()}")
     if args.compare:
         # The first call in a process pays one-off costs (allocator, thread pool, lazy imports); keep them out
         # of both timed runs so the comparison is fair.
-        generate(pipe, dataclasses.replace(request, num_steps=2, num_outputs=1), accelerate=False)
+        warm_up = dataclasses.replace(request, num_steps=2, num_outputs=1, strength=1.0)
+        generate(pipe, warm_up, accelerate=False)
     fast = generate(pipe, request, accelerate=True)
     paths = _save(fast, args.out, "faster")
     print(fast.describe())

@@ -1,7 +1,9 @@
-"""One text-to-image request, run with faster diffusion or with stock diffusers, timed the same way.
+"""One text-to-image or image-to-image request, run with faster diffusion or with stock diffusers, timed the
+same way.
 
 This is the layer the command line and the Cog predictor share: it maps a validated request onto a stock
-``StableDiffusionPipeline`` call, attaching faster diffusion for that call only.
+``StableDiffusionPipeline`` call (or, with an input image, onto the image-to-image pipeline over the same
+modules), attaching faster diffusion for that call only.
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ from ..noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, NoiseInjection
 from ..propagation import FasterDiffusionConfig, RunStats, apply_faster_diffusion, remove_faster_diffusion
 from ..samplers import Sampler, use_sampler
 from ..schedule import KeyStepKind, KeySteps, KeyStepSchedule
+from .images import prepare_image
 from .loading import safety_check_of
 
 #: Largest seed accepted (torch generators take 64-bit seeds; this keeps seeds printable and portable).
 MAX_SEED = 2**32 - 1
+#: How much of an input image is replaced by default (Replicate's ``prompt_strength`` default).
+DEFAULT_STRENGTH = 0.8
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,13 @@ class GenerationRequest:
     seed: int = 0
     #: The faster-diffusion settings; used when the request is run with ``accelerate=True``.
     faster: FasterDiffusionConfig = field(default_factory=FasterDiffusionConfig)
+    #: Image-to-image: the input image (a PIL image), or ``None`` for text-to-image. Checked and made ready by
+    #: :func:`~faster_diffusion.app.images.prepare_image`: the outputs have its size, rounded down to a
+    #: multiple of 8; ``width`` and ``height`` are not used.
+    image: Any = None
+    #: Image-to-image: how much of the image is replaced, 0 to 1 (1: all of it, from pure noise). The run
+    #: takes the last ``int(steps * strength)`` steps of the sampler's schedule, as diffusers does.
+    strength: float = DEFAULT_STRENGTH
 
     def __post_init__(self) -> None:
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
@@ -70,10 +82,49 @@ class GenerationRequest:
         _check_int("seed", self.seed, 0, MAX_SEED)
         if not isinstance(self.faster, FasterDiffusionConfig):
             raise TypeError(f"faster must be a FasterDiffusionConfig, got {self.faster!r}")
+        strength = self.strength
+        if (
+            isinstance(strength, bool)
+            or not isinstance(strength, (int, float))
+            or not math.isfinite(strength)
+        ):
+            raise ValueError(f"strength must be a finite number, got {strength!r}")
+        if not 0 <= strength <= 1:
+            raise ValueError(f"strength must be between 0 and 1, got {strength}")
+        if self.image is not None:
+            object.__setattr__(self, "image", prepare_image(self.image))
+            if self.steps_run < 1:
+                raise ValueError(
+                    f"strength {strength} with {self.steps} steps runs no step "
+                    f"(int({self.steps} * {strength}) = 0); raise strength so that steps * strength >= 1, "
+                    "or use more steps"
+                )
 
     @property
     def steps(self) -> int:
         return self.num_steps or self.sampler.default_steps
+
+    @property
+    def steps_run(self) -> int:
+        """The steps the pipeline runs: all of them, or with an image the last ``int(steps * strength)``."""
+        if self.image is None:
+            return self.steps
+        return min(int(self.steps * self.strength), self.steps)  # diffusers' get_timesteps
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(width, height) of the output images: the input image's, or ``width`` and ``height``."""
+        return self.image.size if self.image is not None else (self.width, self.height)
+
+    def describe_image_to_image(self) -> str | None:
+        """One line for logs about the input image, or ``None`` for text-to-image."""
+        if self.image is None:
+            return None
+        width, height = self.output_size
+        return (
+            f"Image-to-image: strength {self.strength:g}, {self.steps_run} of {self.steps} steps run, "
+            f"output {width}x{height} (the input image's size)"
+        )
 
     @property
     def schedule(self) -> KeyStepSchedule:
@@ -281,24 +332,33 @@ def generate(
     ``step_callback`` is diffusers' ``callback_on_step_end``; raising from it stops the run between steps.
     A pipeline with an attached :class:`~faster_diffusion.app.loading.SafetyCheck` (SDXL) has its PIL images
     checked by it, flagged ones blacked out, as SD's own checker does.
+
+    A request with an image runs on :func:`image_to_image_pipeline` of ``pipe`` (the same modules), with
+    faster diffusion attached to that pipeline object for the call.
     """
     if not isinstance(request, GenerationRequest):
         raise TypeError(f"request must be a GenerationRequest, got {type(request).__name__}")
     remove_faster_diffusion(pipe)
     use_sampler(pipe, request.sampler)
-    handle = apply_faster_diffusion(pipe, request.faster) if accelerate else None
+    if request.image is None:
+        runner, inputs = pipe, {"width": request.width, "height": request.height}
+    else:  # built after use_sampler, so that it holds the sampler's scheduler
+        # One copy of the image per output: diffusers' repeating of fewer images is deprecated.
+        prompts = 1 if isinstance(request.prompt, str) else len(request.prompt)
+        images = [request.image] * (prompts * request.num_outputs)
+        runner, inputs = image_to_image_pipeline(pipe), {"image": images, "strength": request.strength}
+    handle = apply_faster_diffusion(runner, request.faster) if accelerate else None
     device = getattr(pipe, "_execution_device", torch.device("cpu"))
     generator = torch.Generator(device=device).manual_seed(request.seed)
-    timer = _LoopTimer(pipe.unet, request.steps, step_callback)
+    timer = _LoopTimer(pipe.unet, request.steps_run, step_callback)
     started = time.perf_counter()
     try:
         with torch.inference_mode():
-            output = pipe(
+            output = runner(
                 request.prompt,
                 negative_prompt=request.negative_prompt or None,
                 num_inference_steps=request.steps,
-                width=request.width,
-                height=request.height,
+                **inputs,
                 num_images_per_prompt=request.num_outputs,
                 guidance_scale=request.guidance_scale,
                 generator=generator,
@@ -324,3 +384,21 @@ def generate(
         seconds=seconds,
         loop_seconds=loop_seconds,
     )
+
+
+def image_to_image_pipeline(pipe: Any) -> Any:
+    """The image-to-image pipeline over ``pipe``'s own modules (no copy of any weights): diffusers'
+    ``StableDiffusionImg2ImgPipeline`` for SD 1.x/2.x, ``StableDiffusionXLImg2ImgPipeline`` for SDXL.
+
+    Built with ``AutoPipelineForImage2Image.from_pipe``, which keeps the modules (the safety checker, or its
+    absence, included) and the pipeline's settings, and casts nothing (``DiffusionPipeline.from_pipe`` moves
+    every module to float32 unless told the dtype). ``pipe``'s progress-bar settings and SDXL watermarker are
+    carried over too.
+    """
+    from diffusers import AutoPipelineForImage2Image
+
+    runner = AutoPipelineForImage2Image.from_pipe(pipe)
+    runner.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    if hasattr(pipe, "watermark"):
+        runner.watermark = pipe.watermark
+    return runner

@@ -19,7 +19,7 @@ import secrets
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import diffusers
@@ -64,9 +64,9 @@ def check_inputs(run: Callable[..., Any], declarations: type, values: Mapping[st
 
     ``declarations`` is the class that holds one ``Input(...)`` per parameter, by name: the server replaces
     ``run``'s own defaults with plain values when it loads the predictor, so they cannot be read from there.
-    Checks the type from ``run``'s annotation (``str``, ``int``, ``float``, ``bool``, optionally ``| None``),
-    the choices and the ``ge``/``le`` bounds. Raises ``ValueError`` naming the input, the value and what is
-    allowed.
+    Checks the type from ``run``'s annotation (``str``, ``int``, ``float``, ``bool``, a path, optionally
+    ``| None``), the choices and the ``ge``/``le`` bounds. Raises ``ValueError`` naming the input, the value
+    and what is allowed.
     """
     for name, parameter in inspect.signature(run).parameters.items():
         spec = getattr(declarations, name, None)
@@ -90,6 +90,9 @@ def _check_input(name: str, value: Any, annotation: Any, spec: FieldInfo) -> Non
     elif kind is float:
         valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         expected = "a finite number"
+    elif isinstance(kind, type) and issubclass(kind, PurePath):
+        valid = isinstance(value, PurePath)
+        expected = "a file"
     else:
         valid = isinstance(value, kind)
         expected = "text" if kind is str else kind.__name__
@@ -208,6 +211,8 @@ class TextToImage:
         schedule = request.schedule  # raises KeyStepError for key steps that do not fit the sampler's steps
         print(f"Key steps: {schedule.describe()}")
         print(f"Noise injection: {request.faster.noise_injection.describe()}")
+        if request.image is not None:
+            print(request.describe_image_to_image())
         pipe = self.pipe if safety_checker else self.pipe_without_checker
         faster = _run(pipe, request, accelerate=True)
         print(faster.describe())
@@ -242,7 +247,7 @@ def _run(pipe: Any, request: GenerationRequest, *, accelerate: bool) -> Generati
     def report(ended: BaseException | None) -> None:
         if isinstance(ended, StoppedBetweenSteps):
             run = "faster diffusion" if accelerate else "stock diffusers"
-            print(f"Canceled: {run} stopped after {ended.steps_done} of {request.steps} steps")
+            print(f"Canceled: {run} stopped after {ended.steps_done} of {request.steps_run} steps")
 
     return run_stoppable(
         lambda stop: generate(pipe, request, accelerate=accelerate, step_callback=stop.callback),
