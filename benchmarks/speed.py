@@ -1,4 +1,4 @@
-"""Speed of faster diffusion against stock diffusers, on the SD v1.5 architecture, on this machine.
+"""Speed of faster diffusion against stock diffusers, on the SD v1.5 or SDXL architecture, on this machine.
 
 Builds Stable Diffusion v1.5 exactly as published (UNet, VAE, CLIP text encoder, scheduler config) but with
 random weights, since the weights do not change the cost of a forward pass, and times three modes in one
@@ -17,10 +17,19 @@ peak RSS on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA. It also measur
 spent in the encoder (``conv_in`` + down blocks + mid block, at the CFG batch of 2), and the bound that share
 puts on propagation alone: ``N / (N - (N - |K|) * share)``.
 
+With ``--model sdxl`` it builds SDXL base 1.0 the same way (UNet, VAE, both text encoders, scheduler config;
+``StableDiffusionXLPipeline``) and also measures the encoder share at ``--share-sizes`` (default 256 and 512
+px), since the share changes with the size. SDXL runs at 256 px by default: 512 px fits in memory (about 14
+GB), but one SDXL UNet call at CFG batch 2 took 37 s at 512 px on one thread of this 2-core CPU (9 s at 256
+px), so a stock DDIM-50 image alone takes about half an hour there. The paper gives no SDXL key steps, so the
+accelerated modes use its preset (9 of 50, 7 of 20); the cost depends only on their count and groups.
+
     python benchmarks/speed.py                       # 256 px, 3 repeats -> benchmarks/results/speed-256.md
     python benchmarks/speed.py --size 512
     python benchmarks/speed.py --device cuda --dtype float16 --size 512   # on a GPU (script/gpu-check)
     python benchmarks/speed.py --quick --out /tmp/speed-quick.md   # tiny model, seconds (smoke test)
+    python benchmarks/speed.py --model sdxl --samplers DPM-Solver-20 --repeats 1   # -> speed-sdxl-256.md
+    python benchmarks/speed.py --model sdxl --samplers DPM-Solver-20 --repeats 1 --dry-run   # check, estimate
 """
 
 from __future__ import annotations
@@ -393,7 +402,8 @@ SDXL_NOTES: tuple[str, ...] = (
     "cost is at its highest resolution, where SDXL has no attention at all. SD v1.5's encoder share at 256 "
     "px on 2-core CPUs: 30.9% (Xeon, `results/speed-256.md`), 36.2% (AMD EPYC, "
     "`results/speed-256-amd-whole-groups.md`); on an H100, 42.5% at 512 px and 36.4% at 1024 px "
-    "(`results/gpu-check*.md`).",
+    "(`results/gpu-check*.md`). The share changes with the size (attention grows faster than the "
+    "convolutions), so it is also measured at `--share-sizes`.",
 )
 
 
@@ -972,11 +982,14 @@ def dry_run(bench: Bench, args: argparse.Namespace) -> str:
     Returns a Markdown summary with the run time that the real run should take."""
     pipe = bench.pipe
     _log(f"dry run: stock UNet calls at CFG batch 2, {bench.size} px ...")
-    call = time_unet(bench.clock, pipe.unet, bench.size // pipe.vae_scale_factor, 1, 1)
+    call = time_unet(bench.clock, pipe.unet, bench.size // pipe.vae_scale_factor, 1, 2)
     shares = []
     for share_size in args.share_size_list:
-        _log(f"dry run: stock UNet calls at CFG batch 2, {share_size} px ...")
-        timing = time_unet(bench.clock, pipe.unet, share_size // pipe.vae_scale_factor, 1, 1)
+        if share_size == bench.size:
+            timing = call
+        else:
+            _log(f"dry run: stock UNet calls at CFG batch 2, {share_size} px ...")
+            timing = time_unet(bench.clock, pipe.unet, share_size // pipe.vae_scale_factor, 1, 1)
         shares.append(dataclasses.replace(timing, size=share_size))
     short = dataclasses.replace(bench, key_steps=KeySteps.explicit((0,)))
     sampler = args.sampler_list[0]
@@ -998,7 +1011,7 @@ def dry_run(bench: Bench, args: argparse.Namespace) -> str:
         f"# Dry run: {args.model}, {bench.size} px, {torch.get_num_threads()} threads",
         "",
         f"- one stock UNet call at CFG batch 2: {call.total:.2f} s, encoder {call.encoder:.2f} s "
-        f"(share {call.share:.1%}; one call, a rough figure)",
+        f"(share {call.share:.1%}; median of two calls, a rough figure)",
         *(f"- at {t.size} px: {t.total:.2f} s, share {t.share:.1%}" for t in shares),
         "- 2-step images: "
         + ", ".join(f"{mode} {r.e2e_seconds:.1f} s (passes {passes[mode]})" for mode, r in runs.items())

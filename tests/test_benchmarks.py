@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,26 @@ def test_speed_benchmark_quick_sdxl_run_reports_the_encoder_share_at_each_size(t
         share, bound = float(row.split("|")[2].strip(" %")) / 100, row.split("|")[5].strip(" x")
         assert 0 < share < 1 and float(bound) == pytest.approx(20 / (20 - 13 * share), abs=2e-3)
     assert "The paper gives no key-step preset for SDXL" in report
+
+
+def test_speed_benchmark_dry_run_checks_every_mode_and_estimates_the_run(tmp_path):
+    out = tmp_path / "never-written.md"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["--model", "sdxl", "--quick", "--dry-run", "--share-sizes", "32", "--out", str(out)]
+    result = subprocess.run(
+        [sys.executable, "benchmarks/speed.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not out.exists()  # a dry run writes no report
+    # Two steps, key step 0 only: stock runs the encoder twice, the batched mode decodes both in one batch.
+    passes = dict(re.findall(r"([a-z+]+) [\d.]+ s \(passes (\(\d, \d, \d\))\)", result.stdout))
+    assert passes == {"stock": "(2, 2, 2)", "propagation": "(1, 2, 2)", "propagation+batched": "(1, 2, 1)"}
+    assert re.search(r"- at 32 px: [\d.]+ s, share [\d.]+%", result.stdout)
+    assert re.search(
+        r"estimated run \(--samplers DDIM-50,DPM-Solver-20 --repeats 1, .*: ~\d+ min", result.stdout
+    )
