@@ -402,8 +402,8 @@ SDXL_NOTES: tuple[str, ...] = (
     "cost is at its highest resolution, where SDXL has no attention at all. SD v1.5's encoder share at 256 "
     "px on 2-core CPUs: 30.9% (Xeon, `results/speed-256.md`), 36.2% (AMD EPYC, "
     "`results/speed-256-amd-whole-groups.md`); on an H100, 42.5% at 512 px and 36.4% at 1024 px "
-    "(`results/gpu-check*.md`). The share changes with the size (attention grows faster than the "
-    "convolutions), so it is also measured at `--share-sizes`.",
+    "(`results/gpu-check*.md`). The share changes with the size, so it is also measured at "
+    "`--share-sizes`.",
 )
 
 
@@ -940,7 +940,7 @@ def share_size_lines(
         for sampler in samplers
     ]
     lines = [
-        f"Encoder share at other sizes: stock UNet calls at CFG batch 2 on random inputs, one untimed, then "
+        f"Encoder share by size: stock UNet calls at CFG batch 2 on random inputs, one untimed, then "
         f"{repeats} timed, with the same forward hooks; share = median over the calls of encoder / call.",
         "",
         "| size px | encoder share | median call s | encoder s "
