@@ -1,4 +1,4 @@
-"""Speed of faster diffusion against stock diffusers, on the SD v1.5 architecture, on this machine.
+"""Speed of faster diffusion against stock diffusers, on the SD v1.5 or SDXL architecture, on this machine.
 
 Builds Stable Diffusion v1.5 exactly as published (UNet, VAE, CLIP text encoder, scheduler config) but with
 random weights, since the weights do not change the cost of a forward pass, and times three modes in one
@@ -17,16 +17,26 @@ peak RSS on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA. It also measur
 spent in the encoder (``conv_in`` + down blocks + mid block, at the CFG batch of 2), and the bound that share
 puts on propagation alone: ``N / (N - (N - |K|) * share)``.
 
+With ``--model sdxl`` it builds SDXL base 1.0 the same way (UNet, VAE, both text encoders, scheduler config;
+``StableDiffusionXLPipeline``) and also measures the encoder share at ``--share-sizes`` (default 256 and 512
+px), since the share changes with the size. SDXL runs at 256 px by default: 512 px fits in memory (about 14
+GB), but one SDXL UNet call at CFG batch 2 took 37 s at 512 px on one thread of this 2-core CPU (9 s at 256
+px), so a stock DDIM-50 image alone takes about half an hour there. The paper gives no SDXL key steps, so the
+accelerated modes use its preset (9 of 50, 7 of 20); the cost depends only on their count and groups.
+
     python benchmarks/speed.py                       # 256 px, 3 repeats -> benchmarks/results/speed-256.md
     python benchmarks/speed.py --size 512
     python benchmarks/speed.py --device cuda --dtype float16 --size 512   # on a GPU (script/gpu-check)
     python benchmarks/speed.py --quick --out /tmp/speed-quick.md   # tiny model, seconds (smoke test)
+    python benchmarks/speed.py --model sdxl --samplers DPM-Solver-20 --repeats 1   # -> speed-sdxl-256.md
+    python benchmarks/speed.py --model sdxl --samplers DPM-Solver-20 --repeats 1 --dry-run   # check, estimate
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import datetime
 import functools
 import gc
@@ -52,8 +62,15 @@ if __package__ in (None, ""):  # run as a script (python benchmarks/speed.py): m
 
 import diffusers  # noqa: E402
 import transformers  # noqa: E402
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
 from faster_diffusion import (  # noqa: E402
     FasterDiffusionConfig,
@@ -66,6 +83,7 @@ from faster_diffusion import (  # noqa: E402
 from faster_diffusion.reference.tiny import (  # noqa: E402
     SD15_SCHEDULER_CONFIG,
     build_tiny_pipeline,
+    build_tiny_sdxl_pipeline,
     build_tiny_tokenizer,
 )
 
@@ -125,6 +143,86 @@ SD15_TEXT_ENCODER_CONFIG: dict[str, Any] = {
     "layer_norm_eps": 1e-5,
     "attention_dropout": 0.0,
     "dropout": 0.0,
+}
+
+# ------------------------------------------------------------------------------------------ SDXL configs
+# From the published config files of SDXL base 1.0 (unet/config.json, vae/config.json,
+# text_encoder/config.json, text_encoder_2/config.json, scheduler/scheduler_config.json of
+# stabilityai/stable-diffusion-xl-base-1.0), as transcribed with those URLs in huggingface/candle
+# (candle-transformers/src/models/stable_diffusion/mod.rs and clip.rs). They agree with the original network
+# config, Stability-AI/generative-models configs/inference/sd_xl_base.yaml (adm_in_channels 2816,
+# transformer_depth [1, 2, 10], context_dim 2048, 256 channels per size/crop embedding (outdim),
+# 64 channels per head). Entries left at diffusers' defaults are not repeated.
+
+SDXL_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "block_out_channels": [320, 640, 1280],
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 2048,
+    "attention_head_dim": [5, 10, 20],
+    "transformer_layers_per_block": [1, 2, 10],
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+
+SDXL_VAE_CONFIG: dict[str, Any] = {
+    **SD15_VAE_CONFIG,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+    "force_upcast": True,
+}
+
+#: SDXL's first text encoder is the same CLIP ViT-L/14 text tower as SD v1.5's.
+SDXL_TEXT_ENCODER_CONFIG: dict[str, Any] = dict(SD15_TEXT_ENCODER_CONFIG)
+
+#: OpenCLIP ViT-bigG/14 text tower, with its projection (``CLIPTextModelWithProjection``).
+SDXL_TEXT_ENCODER_2_CONFIG: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "projection_dim": 1280,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-5,
+    "attention_dropout": 0.0,
+    "dropout": 0.0,
+}
+
+#: SDXL's published scheduler config (``EulerDiscreteScheduler``). The benchmark's samplers are built from it
+#: with ``from_config``, as from a real SDXL pipeline's.
+SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
 }
 
 
@@ -203,6 +301,110 @@ def build_sd15_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _text_config(config: dict[str, Any], tokenizer: Any) -> CLIPTextConfig:
+    """``config`` with the tokenizer's special token ids (its vocabulary is far smaller than CLIP's)."""
+    return CLIPTextConfig(
+        **config,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """SDXL base 1.0's architecture and scheduler config with random weights, fp32 on CPU, no watermarker.
+
+    Both text encoders share the small CLIP BPE tokenizer of :func:`build_sd15_pipeline` (its ids all lie
+    within CLIP's 49408-entry vocabulary); prompts are padded to 77 tokens, so both encoders cost what they
+    cost in real use. About 3.5 billion parameters, 14 GB in fp32, 10 GB of it the UNet.
+    """
+    tokenizer = build_tiny_tokenizer()
+    for config in (SDXL_TEXT_ENCODER_CONFIG, SDXL_TEXT_ENCODER_2_CONFIG):
+        if len(tokenizer) > config["vocab_size"]:
+            raise ValueError(
+                f"tokenizer has {len(tokenizer)} tokens, more than the encoder's {config['vocab_size']}"
+            )
+    pipe = StableDiffusionXLPipeline(
+        vae=_build_random(lambda: AutoencoderKL(**SDXL_VAE_CONFIG), seed),
+        text_encoder=_build_random(
+            lambda: CLIPTextModel(_text_config(SDXL_TEXT_ENCODER_CONFIG, tokenizer)), seed + 1
+        ),
+        text_encoder_2=_build_random(
+            lambda: CLIPTextModelWithProjection(_text_config(SDXL_TEXT_ENCODER_2_CONFIG, tokenizer)), seed + 3
+        ),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=_build_random(lambda: UNet2DConditionModel(**SDXL_UNET_CONFIG), seed + 2),
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One architecture the benchmark can build: at full size, and as a tiny model for ``--quick``."""
+
+    label: str
+    build: Callable[[int], Any]
+    tiny_label: str
+    build_tiny: Callable[[int], Any]
+    default_size: int
+    #: Image sizes of the extra encoder-share measurement by default (``--share-sizes``).
+    share_sizes: tuple[int, ...]
+    #: Inserted into the default report name: ``speed{infix}-{size}.md``.
+    out_infix: str
+
+
+#: SDXL's default size is 256 px. 512 px fits in memory (the process peaks at about 14 GB), but one SDXL UNet
+#: call at CFG batch 2 took 37 s at 512 px on one thread of this 2-core CPU (9 s at 256 px), so a stock
+#: DDIM-50 image takes about 31 min there, and a comparison of the three modes with one sampler about an
+#: hour even with DPM-Solver-20 and a single repeat. The encoder share, the number the bound comes from, is
+#: measured at 512 px as well (``--share-sizes``, a few UNet calls).
+MODELS: dict[str, ModelSpec] = {
+    "sd15": ModelSpec(
+        label="SD v1.5 architecture (published configs), random weights",
+        build=build_sd15_pipeline,
+        tiny_label="tiny SD-shaped test model (faster_diffusion.reference.tiny), random weights",
+        build_tiny=build_tiny_pipeline,
+        default_size=256,
+        share_sizes=(),
+        out_infix="",
+    ),
+    "sdxl": ModelSpec(
+        label="SDXL base 1.0 architecture (published configs), random weights",
+        build=build_sdxl_pipeline,
+        tiny_label="tiny SDXL-shaped test model (faster_diffusion.reference.tiny), random weights",
+        build_tiny=build_tiny_sdxl_pipeline,
+        default_size=256,
+        share_sizes=(256, 512),
+        out_infix="-sdxl",
+    ),
+}
+
+
+#: What the SDXL report says about its key steps and its encoder share.
+SDXL_NOTES: tuple[str, ...] = (
+    "## SDXL: key steps and where its transformer layers are",
+    "",
+    "- **Key steps.** The paper gives no key-step preset for SDXL, and a calibration "
+    "(`faster_diffusion.calibration`) on random weights would mean nothing, so the accelerated modes use "
+    "the paper's preset for SD (9 key steps of 50 for DDIM, 7 of 20 for DPM-Solver). What a run costs "
+    "depends only on how many key steps there are and, for the batched decoder, on the sizes of the groups "
+    "between them, not on the weights: these timings hold for SDXL key steps with the same budget and "
+    "similar groups.",
+    "- **Encoder share.** SDXL puts 10 transformer layers in every attention of its lowest resolution "
+    "(two in the lowest down block and the mid block, all encoder, and three in the lowest up block): 34 "
+    "of its 70 transformer layers are in the encoder. SD v1.5 has 7 of 16 there, and most of its attention "
+    "cost is at its highest resolution, where SDXL has no attention at all. SD v1.5's encoder share at 256 "
+    "px on 2-core CPUs: 30.9% (Xeon, `results/speed-256.md`), 36.2% (AMD EPYC, "
+    "`results/speed-256-amd-whole-groups.md`); on an H100, 42.5% at 512 px and 36.4% at 1024 px "
+    "(`results/gpu-check*.md`). The share changes with the size, so it is also measured at "
+    "`--share-sizes`.",
+)
 
 
 # ------------------------------------------------------------------------------------------ measurement
@@ -382,7 +584,7 @@ class UnetClock:
 
 @dataclass
 class Bench:
-    pipe: StableDiffusionPipeline
+    pipe: StableDiffusionPipeline | StableDiffusionXLPipeline
     size: int
     prompt: str
     negative_prompt: str
@@ -396,8 +598,9 @@ class Bench:
     max_decoder_batch: int | str | None = "auto"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
-    def run(self, sampler: Sampler, mode: str, repeat: int) -> Run:
-        """One image with ``sampler`` in ``mode``; the pipeline is stock again afterwards."""
+    def run(self, sampler: Sampler, mode: str, repeat: int, steps: int | None = None) -> Run:
+        """One image with ``sampler`` in ``mode`` (``steps`` steps, default the sampler's); the pipeline is
+        stock again afterwards."""
         pipe = self.pipe
         use_sampler(pipe, sampler)
         handle = None
@@ -409,7 +612,7 @@ class Bench:
                 noise_injection=NoiseInjection(),
             )
             handle = apply_faster_diffusion(pipe, config)
-        steps = sampler.default_steps
+        steps = steps or sampler.default_steps
         loop_end: list[float] = []
         sync = device_sync(self.device)
         cuda = self.device.type == "cuda"
@@ -487,6 +690,36 @@ class UnetTiming:
     encoder: float
     decoder: float
     others_cpu_percent: float | None
+    #: Median over the calls of encoder / call.
+    share: float = math.nan
+    size: int = 0  # image size in px (latent size times the VAE's scale factor), where known
+
+
+def unet_inputs(unet: UNet2DConditionModel, latent_size: int, batch: int) -> dict[str, Any]:
+    """Seeded random keyword arguments of one UNet call at ``batch`` rows and ``latent_size`` latents, with
+    SDXL's added conditions (pooled text embedding, six size/crop ids) where the UNet takes them."""
+    generator = torch.Generator().manual_seed(0)
+    config = unet.config
+    inputs: dict[str, Any] = {
+        "sample": torch.randn(batch, config.in_channels, latent_size, latent_size, generator=generator),
+        "encoder_hidden_states": torch.randn(batch, 77, config.cross_attention_dim, generator=generator),
+    }
+    if config.addition_embed_type == "text_time":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, pooled, generator=generator).to(unet.device, unet.dtype),
+            "time_ids": torch.tensor(
+                [[8.0 * latent_size] * 2 + [0.0] * 2 + [8.0 * latent_size] * 2] * batch
+            ).to(unet.device, unet.dtype),
+        }
+    elif config.addition_embed_type is not None:
+        raise ValueError(
+            f"unet: addition_embed_type {config.addition_embed_type!r}; allowed: None, 'text_time'"
+        )
+    for name in ("sample", "encoder_hidden_states"):
+        inputs[name] = inputs[name].to(unet.device, unet.dtype)
+    inputs["timestep"] = torch.full((batch,), 500, device=unet.device)
+    return inputs
 
 
 def time_unet(
@@ -494,18 +727,13 @@ def time_unet(
 ) -> UnetTiming:
     """Time stock UNet calls at CFG batch ``2 * group`` (one untimed warm-up, then ``repeats``), splitting
     each call into encoder (``conv_in`` .. mid block) and decoder (everything after the mid block)."""
-    generator = torch.Generator().manual_seed(0)
-    batch = 2 * group
-    sample = torch.randn(batch, unet.config.in_channels, latent_size, latent_size, generator=generator)
-    text = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=generator)
-    sample, text = (tensor.to(unet.device, unet.dtype) for tensor in (sample, text))
-    timestep = torch.full((batch,), 500, device=unet.device)
+    inputs = unet_inputs(unet, latent_size, 2 * group)
     with torch.inference_mode():
-        unet(sample, timestep, encoder_hidden_states=text)
+        unet(**inputs)
         clock.clear()
         cpu = CpuUse()
         for _ in range(repeats):
-            unet(sample, timestep, encoder_hidden_states=text)
+            unet(**inputs)
     calls = clock.stock_calls()
     decoders = [end - encoder_end for end, encoder_end in zip(clock.returns, clock.encoder_ends, strict=True)]
     return UnetTiming(
@@ -514,6 +742,7 @@ def time_unet(
         encoder=statistics.median(encoder for _, encoder in calls),
         decoder=statistics.median(decoders),
         others_cpu_percent=cpu.others_percent(),
+        share=statistics.median(encoder / call for call, encoder in calls),
     )
 
 
@@ -702,6 +931,100 @@ def decoder_table(timings: list[UnetTiming]) -> list[str]:
     return lines
 
 
+def share_size_lines(
+    timings: list[UnetTiming], samplers: Sequence[Sampler], key_steps: KeySteps, repeats: int
+) -> list[str]:
+    """The encoder share measured at each size, and the bound on propagation alone it gives each sampler."""
+    plans = [
+        (sampler, sampler.default_steps, len(key_steps.resolve(sampler.default_steps).indices))
+        for sampler in samplers
+    ]
+    lines = [
+        f"Encoder share by size: stock UNet calls at CFG batch 2 on random inputs, one untimed, then "
+        f"{repeats} timed, with the same forward hooks; share = median over the calls of encoder / call.",
+        "",
+        "| size px | encoder share | median call s | encoder s "
+        + "".join(f"| loop bound {sampler.value} ({k} of {n}) " for sampler, n, k in plans)
+        + "| other processes' CPU |",
+        "|---|---|---|---" + "|---" * len(plans) + "|---|",
+    ]
+    for t in timings:
+        bounds = "".join(f"| {propagation_bound(n, k, t.share):.3f}x " for _, n, k in plans)
+        others = f"{t.others_cpu_percent:.0f}%" if t.others_cpu_percent is not None else "n/a"
+        lines.append(f"| {t.size} | {t.share:.1%} | {t.total:.3f} | {t.encoder:.3f} {bounds}| {others} |")
+    return lines
+
+
+def estimate_seconds(
+    call: float, share: float, overhead: float, samplers: Sequence[Sampler], key_steps: KeySteps, repeats: int
+) -> tuple[float, dict[str, float]]:
+    """Estimated seconds of the timed runs and warm-ups, from one stock UNet call of ``call`` seconds, the
+    encoder ``share`` and ``overhead`` seconds per image outside the loop; and per image of each mode of the
+    first sampler. Non-key steps cost ``call * (1 - share)``; the batched mode is taken to cost what
+    propagation does (an upper bound: batching saves a little more)."""
+    total = 0.0
+    per_image: dict[str, float] = {}
+    for index, sampler in enumerate(samplers):
+        n = sampler.default_steps
+        k = len(key_steps.resolve(n).indices)
+        stock = n * call + overhead
+        accelerated = (k + (n - k) * (1 - share)) * call + overhead
+        total += (repeats + 1) * (stock + 2 * accelerated)
+        if index == 0:
+            per_image = {"stock": stock, PROPAGATION_MODE: accelerated, BATCHED_MODE: accelerated}
+    return total, per_image
+
+
+def dry_run(bench: Bench, args: argparse.Namespace) -> str:
+    """Check the full-size path cheaply before a long run: one stock UNet call (after an untimed one) at the
+    run's size and at each ``--share-sizes`` size, and one 2-step image of each mode through the whole
+    pipeline (text encoders, hooks, VAE decode; key step 0 only, so the batched decoder runs a group).
+    Returns a Markdown summary with the run time that the real run should take."""
+    pipe = bench.pipe
+    _log(f"dry run: stock UNet calls at CFG batch 2, {bench.size} px ...")
+    call = time_unet(bench.clock, pipe.unet, bench.size // pipe.vae_scale_factor, 1, 2)
+    shares = []
+    for share_size in args.share_size_list:
+        if share_size == bench.size:
+            timing = call
+        else:
+            _log(f"dry run: stock UNet calls at CFG batch 2, {share_size} px ...")
+            timing = time_unet(bench.clock, pipe.unet, share_size // pipe.vae_scale_factor, 1, 1)
+        shares.append(dataclasses.replace(timing, size=share_size))
+    short = dataclasses.replace(bench, key_steps=KeySteps.explicit((0,)))
+    sampler = args.sampler_list[0]
+    runs = {}
+    for mode in MODES:
+        _log(f"dry run: 2-step {sampler.value} image, {mode} ...")
+        runs[mode] = short.run(sampler, mode, -1, steps=2)
+    passes = {mode: (r.encoder_passes, r.decoder_passes, r.decoder_batches) for mode, r in runs.items()}
+    expected = {"stock": (2, 2, 2), PROPAGATION_MODE: (1, 2, 2), BATCHED_MODE: (1, 2, 1)}
+    if passes != expected:
+        raise RuntimeError(f"dry run: encoder / decoder passes (batches) {passes}, expected {expected}")
+    overhead = runs["stock"].e2e_seconds - runs["stock"].loop_seconds
+    total, per_image = estimate_seconds(
+        call.total, call.share, overhead, args.sampler_list, args.key_step_spec, args.repeats
+    )
+    total += sum((args.share_repeats + 1) * t.total for t in shares)
+    sizes = ",".join(map(str, args.share_size_list)) or "none"
+    lines = [
+        f"# Dry run: {args.model}, {bench.size} px, {torch.get_num_threads()} threads",
+        "",
+        f"- one stock UNet call at CFG batch 2: {call.total:.2f} s, encoder {call.encoder:.2f} s "
+        f"(share {call.share:.1%}; median of two calls, a rough figure)",
+        *(f"- at {t.size} px: {t.total:.2f} s, share {t.share:.1%}" for t in shares),
+        "- 2-step images: "
+        + ", ".join(f"{mode} {r.e2e_seconds:.1f} s (passes {passes[mode]})" for mode, r in runs.items())
+        + f"; {overhead:.1f} s per image outside the UNet loop",
+        f"- per image with {args.sampler_list[0].value}: "
+        + ", ".join(f"{mode} ~{seconds / 60:.1f} min" for mode, seconds in per_image.items()),
+        f"- estimated run (--samplers {','.join(s.value for s in args.sampler_list)} "
+        f"--repeats {args.repeats}, one warm-up each, --share-sizes {sizes}; no decoder probe): "
+        f"~{total / 60:.0f} min",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -727,7 +1050,20 @@ def _attention_backend(unet: UNet2DConditionModel) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, choices=(256, 512, 1024), default=256, help="image size in px")
+    parser.add_argument(
+        "--model",
+        choices=tuple(MODELS),
+        default="sd15",
+        help="architecture: sd15 (SD v1.5, default) or sdxl (SDXL base 1.0), from the published configs with "
+        "random weights",
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        choices=(256, 512, 1024),
+        default=None,
+        help=f"image size in px (default: {', '.join(f'{m} {v.default_size}' for m, v in MODELS.items())})",
+    )
     parser.add_argument("--device", default="cpu", help="torch device of the pipeline, e.g. cpu or cuda")
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="pipeline dtype")
     parser.add_argument(
@@ -765,6 +1101,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--probe-repeats", type=int, default=2, help="timed calls per --decoder-probe size")
     parser.add_argument(
+        "--share-sizes",
+        default=None,
+        help="also measure the encoder share in stock UNet calls (CFG batch 2) at these image sizes in px, "
+        "e.g. 256,512 (default: "
+        + ", ".join(f"{m} {','.join(map(str, v.share_sizes)) or 'none'}" for m, v in MODELS.items())
+        + ")",
+    )
+    parser.add_argument("--share-repeats", type=int, default=3, help="timed calls per --share-sizes size")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build the model, time one stock UNet call at the run's size (and at --share-sizes), run a "
+        "2-step image of each mode through the whole pipeline, and print the estimated run time; no report",
+    )
+    parser.add_argument(
         "--key-steps",
         default="paper",
         help="key steps of the accelerated modes, for every sampler: paper (default), uniform:K or a list",
@@ -775,8 +1126,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="do not return freed heap memory to the OS before each call (makes RSS increases unreliable)",
     )
     args = parser.parse_args(argv)
+    spec = MODELS[args.model]
+    if args.size is None:
+        args.size = spec.default_size
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.share_repeats < 1:
+        parser.error(f"--share-repeats must be >= 1, got {args.share_repeats}")
+    try:
+        args.share_size_list = (
+            list(spec.share_sizes)
+            if args.share_sizes is None
+            else [int(size) for size in args.share_sizes.split(",") if size.strip()]
+        )
+    except ValueError:
+        parser.error(f"--share-sizes: expected sizes in px separated by commas, got {args.share_sizes!r}")
+    if any(size < 8 or size % 8 for size in args.share_size_list):
+        parser.error(f"--share-sizes: sizes must be positive multiples of 8 px, got {args.share_sizes!r}")
     if args.probe_repeats < 1:
         parser.error(f"--probe-repeats must be >= 1, got {args.probe_repeats}")
     try:
@@ -806,15 +1172,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--device: {error}")
     if args.quick:
         args.repeats = 1
+        if args.share_sizes is None:  # the defaults are sizes of the real models
+            args.share_size_list = []
         if args.threads is None:
             # The tiny model gains nothing from a second thread, and threads that wait for each other at
             # every small op slow down badly when another process shares the cores.
             args.threads = 1
     if args.out is None:
         if args.quick:
-            args.out = Path(tempfile.gettempdir()) / "faster-diffusion-speed-quick.md"
+            args.out = Path(tempfile.gettempdir()) / f"faster-diffusion-speed{spec.out_infix}-quick.md"
         else:
-            args.out = REPO_ROOT / "benchmarks" / "results" / f"speed-{args.size}.md"
+            args.out = REPO_ROOT / "benchmarks" / "results" / f"speed{spec.out_infix}-{args.size}.md"
     return args
 
 
@@ -849,13 +1217,14 @@ def benchmark(argv: Sequence[str] | None = None) -> Benchmark:
 
     _log("building the pipeline ...")
     build_start = time.perf_counter()
+    spec = MODELS[args.model]
     if args.quick:
-        pipe = build_tiny_pipeline(args.seed)
-        model = "tiny SD-shaped test model (faster_diffusion.reference.tiny), random weights"
+        pipe = spec.build_tiny(args.seed)
+        model = spec.tiny_label
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     else:
-        pipe = build_sd15_pipeline(args.seed)
-        model = "SD v1.5 architecture (published configs), random weights"
+        pipe = spec.build(args.seed)
+        model = spec.label
         size = args.size
     device = args.torch_device
     pipe.to(device, getattr(torch, args.dtype))
@@ -879,6 +1248,10 @@ def benchmark(argv: Sequence[str] | None = None) -> Benchmark:
         key_steps=args.key_step_spec,
         device=device,
     )
+    if args.dry_run:
+        text = dry_run(bench, args)
+        print(text)
+        return Benchmark(report=text, summaries=[])
     warmups: list[Run] = []
     runs: list[Run] = []
     timed_cpu = None
@@ -901,6 +1274,11 @@ def benchmark(argv: Sequence[str] | None = None) -> Benchmark:
     for group in args.probe_groups:
         _log(f"decoder probe: {group} steps per batch ...")
         probe.append(time_unet(bench.clock, pipe.unet, latent_size, group, args.probe_repeats))
+    share_probe = []
+    for share_size in args.share_size_list:
+        _log(f"encoder share at {share_size} px: stock UNet calls at CFG batch 2 ...")
+        timing = time_unet(bench.clock, pipe.unet, share_size // pipe.vae_scale_factor, 1, args.share_repeats)
+        share_probe.append(dataclasses.replace(timing, size=share_size))
     total_seconds = time.perf_counter() - began
 
     stock_calls = [call for r in runs for call in r.stock_calls]
@@ -928,8 +1306,9 @@ def benchmark(argv: Sequence[str] | None = None) -> Benchmark:
         f"- Command: `{command}`",
         f"- Date: {date}; total run time {total_seconds / 60:.1f} min "
         f"(pipeline built in {build_seconds:.1f} s)",
-        f"- Model: {model}; {size} x {size} px; {args.dtype} on {device}, eval mode, "
-        "`torch.inference_mode()`; no safety checker",
+        f"- Model: {model}, `{type(pipe).__name__}`; {size} x {size} px; {args.dtype} on {device}, "
+        "eval mode, `torch.inference_mode()`; no safety checker"
+        + ("; no watermarker" if args.model == "sdxl" else ""),
         f"- Machine: {_cpu_model()}, {os.cpu_count()} logical CPUs; torch {torch.__version__} "
         f"(`torch.get_num_threads()` = {torch.get_num_threads()}), diffusers {diffusers.__version__}, "
         f"transformers {transformers.__version__}, Python {platform.python_version()}",
@@ -995,10 +1374,18 @@ def benchmark(argv: Sequence[str] | None = None) -> Benchmark:
     ]
 
     where = "CPU" if device.type == "cpu" else f"{device.type.upper()} ({_device_name(device)})"
-    report = [f"# Faster Diffusion speed benchmark: {size} px, {where}", "", *settings, "", "## Results", ""]
+    title = f"{size} px, {where}" if args.model == "sd15" else f"{args.model.upper()}, {size} px, {where}"
+    report = [f"# Faster Diffusion speed benchmark: {title}", "", *settings, "", "## Results", ""]
     report += results_table(summaries)
     report += ["", "## Encoder share and the bound on propagation alone", "", *bounds_lines]
-    if not args.quick and device.type == "cpu":
+    if share_probe:
+        report += [
+            "",
+            *share_size_lines(share_probe, args.sampler_list, args.key_step_spec, args.share_repeats),
+        ]
+    if args.model == "sdxl":
+        report += ["", *SDXL_NOTES]
+    if not args.quick and device.type == "cpu" and args.model == "sd15":
         report += ["", "## Targets (issue: end-to-end speedups over stock at 256 px)", ""]
         report += targets_lines(summaries, bounds, size)
     if len(probe) > 1:
