@@ -105,8 +105,8 @@ def same(a: list, b: list) -> bool:
             "image ({tmp}/wide.png): 1025x64 px is too large: at most 1024 px a side; resize it first",
         ),
         (
-            lambda tmp: saved(noise_image(64, 63), tmp / "short.png"),
-            "image ({tmp}/short.png): 64x63 px is too small: at least 64 px a side",
+            lambda tmp: saved(noise_image(64, 31), tmp / "short.png"),
+            "image ({tmp}/short.png): 64x31 px is too small: at least 32 px a side",
         ),
         (
             lambda tmp: saved(noise_image(64, 64, "CMYK"), tmp / "print.jpg"),
@@ -199,7 +199,7 @@ def test_a_size_that_is_not_a_multiple_of_8_is_rounded_down_by_resizing():
         (dict(strength=float("nan")), "strength must be a finite number, got nan"),
         (dict(strength=True), "strength must be a finite number, got True"),
         (dict(image="photo.png"), "image must be a PIL image, got str"),
-        (dict(image=noise_image(32, 64)), "image: 32x64 px is too small: at least 64 px a side"),
+        (dict(image=noise_image(24, 64)), "image: 24x64 px is too small: at least 32 px a side"),
         (dict(image=noise_image(64, 64, "CMYK")), "image: images in mode CMYK are not accepted"),
         (
             dict(strength=0.09),
@@ -368,13 +368,13 @@ def test_run_with_an_image_that_cannot_be_used_fails_naming_it(tmp_path):
             ["--image", "{tmp}/in.png", "--strength", "0.01"],
             "error: strength 0.01 with 50 steps runs no step",
         ),
-        (["--image", "{tmp}/small.png"], "error: image ({tmp}/small.png): 48x64 px is too small"),
+        (["--image", "{tmp}/small.png"], "error: image ({tmp}/small.png): 24x64 px is too small"),
     ],
 )
 def test_cli_rejects_bad_image_arguments_clearly(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("FASTER_DIFFUSION_WEIGHTS", str(tmp_path / "empty"))
     saved(noise_image(64, 64), tmp_path / "in.png")
-    saved(noise_image(48, 64), tmp_path / "small.png")
+    saved(noise_image(24, 64), tmp_path / "small.png")
     argv = [arg.format(tmp=tmp_path) for arg in argv]
 
     assert main(["a cat", "--out", str(tmp_path / "out"), *argv]) == 2
@@ -432,6 +432,12 @@ def test_faster_image_to_image_skips_the_encoder_at_the_steps_that_run(family):
 
     # Key steps 0, 2, 4, 6, 8 of 10; steps 4 to 9 run: 4, 6 and 8 are key steps.
     assert (faster.stats.encoder_passes, faster.stats.decoder_passes) == (3, 6)
+    # The schedule the request echoes before the run is the one the run used.
+    assert request.schedule == faster.stats.schedule
+    assert (
+        request.schedule.describe()
+        == "uniform:2: 3 of the 6 steps that run (4 to 9 of 10) are key steps [4, 6, 8]"
+    )
     assert faster.images[0].size == (72, 64) and not same(faster.images, stock.images)
 
 

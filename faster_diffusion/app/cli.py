@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--image",
         type=Path,
         default=None,
-        help="image-to-image: start from this image (64 to 1024 px a side); the outputs have its size, "
+        help="image-to-image: start from this image (32 to 1024 px a side); the outputs have its size, "
         "rounded down to a multiple of 8",
     )
     parser.add_argument(

@@ -128,8 +128,14 @@ class GenerationRequest:
 
     @property
     def schedule(self) -> KeyStepSchedule:
-        """The key steps this request will use (raises ``KeyStepError`` if they do not fit the step count)."""
-        return self.faster.key_steps.resolve(self.steps)
+        """The key steps this request will use (raises ``KeyStepError`` if they do not fit the step count).
+
+        With an image, the whole schedule's key steps cut to the steps that run, as faster diffusion cuts them
+        (:meth:`~faster_diffusion.schedule.KeyStepSchedule.cut`)."""
+        schedule = self.faster.key_steps.resolve(self.steps)
+        if self.steps_run < self.steps:
+            schedule = schedule.cut(self.steps - self.steps_run)
+        return schedule
 
 
 #: Repositories of SD v1.5 base weights: the weights the paper's key steps and its FID evidence are for.

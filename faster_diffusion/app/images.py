@@ -1,11 +1,11 @@
 """Input images for image-to-image: read and checked in one place, for the command line and the predictor.
 
-An input image is accepted when it is a file Pillow can read, 64 to 1024 px a side (the bounds of the width
-and height inputs), and RGB or greyscale; RGBA, LA and palette images only when fully opaque. Its EXIF
-orientation is applied (as diffusers' ``load_image`` does), it is converted to RGB, and its size is rounded
-down to a multiple of 8 (resized with Lanczos, as diffusers does with a size that is not a multiple of the
-VAE's scale factor): the output images have that size, as in Replicate's Stable Diffusion models, which take
-the input image's size in img2img mode.
+An input image is accepted when it is a file Pillow can read, 32 to 1024 px a side (at most the bound of the
+width and height inputs; at least the built-in reference model's 32 px), and RGB or greyscale; RGBA, LA and
+palette images only when fully opaque. Its EXIF orientation is applied (as diffusers' ``load_image`` does), it
+is converted to RGB, and its size is rounded down to a multiple of 8 (resized with Lanczos, as diffusers does
+with a size that is not a multiple of the VAE's scale factor): the output images have that size, as in
+Replicate's Stable Diffusion models, which take the input image's size in img2img mode.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-#: Smallest and largest side of an input image, in pixels (the bounds of the predictor's width and height).
-MIN_IMAGE_SIDE = 64
+#: Smallest and largest side of an input image, in pixels: the built-in reference model's size (it was trained
+#: at 32 px), and the predictor's bound on width and height.
+MIN_IMAGE_SIDE = 32
 MAX_IMAGE_SIDE = 1024
 #: The output size is the input image's rounded down to a multiple of this (SD's VAE scale factor).
 IMAGE_SIZE_MULTIPLE = 8
