@@ -396,14 +396,34 @@ def image_to_image_pipeline(pipe: Any) -> Any:
     """The image-to-image pipeline over ``pipe``'s own modules (no copy of any weights): diffusers'
     ``StableDiffusionImg2ImgPipeline`` for SD 1.x/2.x, ``StableDiffusionXLImg2ImgPipeline`` for SDXL.
 
-    Built with ``AutoPipelineForImage2Image.from_pipe``, which keeps the modules (the safety checker, or its
-    absence, included) and the pipeline's settings, and casts nothing (``DiffusionPipeline.from_pipe`` moves
-    every module to float32 unless told the dtype). ``pipe``'s progress-bar settings and SDXL watermarker are
-    carried over too.
+    Built as diffusers' ``AutoPipelineForImage2Image.from_pipe`` builds it: the class's modules and settings
+    from ``pipe`` (the safety checker, or its absence, included), and nothing cast, unlike
+    ``DiffusionPipeline.from_pipe``, which moves every module to float32 unless told the dtype. The auto
+    pipeline itself is not imported: it imports every pipeline family diffusers has, which costs half a
+    second and logs warnings about image processors this package never uses. ``pipe``'s progress-bar
+    settings and SDXL watermarker are carried over too.
     """
-    from diffusers import AutoPipelineForImage2Image
+    from diffusers import (
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+    )
 
-    runner = AutoPipelineForImage2Image.from_pipe(pipe)
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        runner_class = StableDiffusionXLImg2ImgPipeline
+    elif isinstance(pipe, StableDiffusionPipeline):
+        runner_class = StableDiffusionImg2ImgPipeline
+    else:
+        raise TypeError(
+            "image-to-image needs a StableDiffusionPipeline or StableDiffusionXLPipeline, got "
+            f"{type(pipe).__name__}"
+        )
+    modules, settings = runner_class._get_signature_keys(runner_class)
+    components = {name: module for name, module in pipe.components.items() if name in modules}
+    config = {name: value for name, value in pipe.config.items() if name in settings}
+    runner = runner_class(**components, **config)
+    runner.register_to_config(_name_or_path=pipe.config.get("_name_or_path"))
     runner.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     if hasattr(pipe, "watermark"):
         runner.watermark = pipe.watermark
