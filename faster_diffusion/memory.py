@@ -93,19 +93,26 @@ def decoder_row_bytes(
     of one value (4 for fp32, 2 for fp16). See the module docstring for the model and its measurement.
     """
     get = config.get if isinstance(config, Mapping) else lambda key: getattr(config, key)
+    skip = encoder_row_values(config, latent_height, latent_width)
+    working = TOP_LEVEL_WORKING_SET * get("block_out_channels")[0] * latent_height * latent_width
+    return (skip + working) * element_size
+
+
+def encoder_row_values(config: Mapping[str, Any] | Any, latent_height: int, latent_width: int) -> int:
+    """Values the encoder outputs for one batch row: ``conv_in``'s, every down-block resnet's and
+    down-sampler's (the skip features), and the mid block's."""
+    get = config.get if isinstance(config, Mapping) else lambda key: getattr(config, key)
     channels = list(get("block_out_channels"))
     blocks = len(channels)
     layers = _per_block(get("layers_per_block"), blocks)
     height, width = latent_height, latent_width
-    skip = channels[0] * height * width  # conv_in
+    values = channels[0] * height * width  # conv_in
     for index, (width_channels, count) in enumerate(zip(channels, layers, strict=True)):
-        skip += count * width_channels * height * width
+        values += count * width_channels * height * width
         if index < blocks - 1:  # the down-sampler's output, at the next resolution
             height, width = -(-height // 2), -(-width // 2)
-            skip += width_channels * height * width
-    skip += channels[-1] * height * width  # the mid block's output
-    working = TOP_LEVEL_WORKING_SET * channels[0] * latent_height * latent_width
-    return (skip + working) * element_size
+            values += width_channels * height * width
+    return values + channels[-1] * height * width  # the mid block's output
 
 
 def available_memory_bytes(device: torch.device) -> int:

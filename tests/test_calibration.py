@@ -34,6 +34,7 @@ from faster_diffusion.calibration import (
     measure_costs,
     model_fingerprint,
     optimal_key_steps,
+    prompts_per_run_for,
     same_weights,
     save_calibration,
     schedule_cost,
@@ -604,3 +605,58 @@ def test_the_scheduler_key_does_not_depend_on_the_sampler_used_before(make_pipe)
     use_sampler(after_dpm, "DDIM-50")
     assert "algorithm_type" in after_dpm.scheduler.config
     assert scheduler_key(after_dpm.scheduler) == scheduler_key(fresh.scheduler)
+
+
+def test_prompts_split_over_several_runs_give_the_same_costs(make_pipe):
+    """Both criteria are means over images: one run per prompt measures what one run of all prompts does."""
+    together = measure(make_pipe(), prompts_per_run=2)
+    apart = measure(make_pipe(), prompts_per_run=1)
+    for criterion in together:
+        np.testing.assert_allclose(apart[criterion], together[criterion], rtol=1e-5, atol=1e-7)
+    assert together["feature"][0, 1] > 0
+
+
+class _StandIn:
+    """A pipeline of a real model's UNet config, without its weights: one fp16 parameter says the dtype."""
+
+    def __init__(self, block_out_channels, layers_per_block=2):
+        config = dict(block_out_channels=block_out_channels, layers_per_block=layers_per_block)
+        parameter = torch.zeros(1, dtype=torch.float16)
+        self.unet = type("UNet", (), {"config": config, "parameters": lambda self: iter([parameter])})()
+        self.vae_scale_factor = 8
+
+
+@pytest.mark.parametrize(
+    ("model", "size", "free_gib", "expected"),
+    [
+        # SDXL at 1024 px: 26.9 M encoder values a row, x 2 bytes x 2 rows x 50 steps = 5.0 GiB a prompt.
+        ("sdxl", 1024, 10, 1),
+        ("sdxl", 1024, 24, 2),
+        ("sdxl", 1024, 44, 4),
+        # SD v1.5 at 512 px: 1.25 GiB a prompt, so its 4 default prompts share one run on a 24 GB GPU.
+        ("sd15", 512, 16, 6),
+    ],
+)
+def test_the_prompts_of_one_run_keep_their_encoder_outputs_within_half_the_free_memory(
+    monkeypatch, model, size, free_gib, expected
+):
+    import faster_diffusion.memory as memory
+
+    channels = {"sdxl": [320, 640, 1280], "sd15": [320, 640, 1280, 1280]}[model]
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device: free_gib * 2**30)
+    assert prompts_per_run_for(_StandIn(channels), 50, size, size) == expected
+
+
+def test_bad_prompts_per_run_or_seeds_are_refused(make_pipe):
+    with pytest.raises(CalibrationError, match="prompts_per_run must be a whole number >= 1, got 0"):
+        measure(make_pipe(), prompts_per_run=0)
+    with pytest.raises(CalibrationError, match="one seed per prompt, got 2 prompts and 1 seeds"):
+        measure_costs(
+            make_pipe(),
+            num_inference_steps=STEPS,
+            prompts=PROMPTS,
+            seeds=SEEDS[:1],
+            guidance_scale=GUIDANCE,
+            height=16,
+            width=16,
+        )
