@@ -212,3 +212,32 @@ def test_setup_without_weights_offline_fails_and_names_the_download_command(tmp_
         "Not fetched from the Hugging Face hub at setup: HF_HUB_OFFLINE=1 is set." in health["setup"]["logs"]
     )
     assert not missing.exists()
+
+
+def test_an_input_image_as_a_data_uri_runs_image_to_image_at_its_size(server):
+    """Replicate sends a file input as a URL; the server fetches it (here a data URI) into a local file."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (72, 64), "orange").save(buffer, format="PNG")
+    image = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    request = dict(SMALL, image=image, prompt_strength=0.5, key_steps="all", noise_injection=False, seed=3)
+    prediction = server.predict(**request, compare_with_baseline=True)
+
+    assert prediction["status"] == "succeeded", prediction.get("error")
+    outputs = decode_outputs(prediction)
+    # The input image's size, not width x height.
+    assert [image.size for _, image in outputs] == [(72, 64)] * 2
+    assert same_pixels(*([np.asarray(image.convert("RGB"))] for _, image in outputs))
+    assert "Image-to-image: strength 0.5, 25 of 50 steps run, output 72x64" in prediction["logs"]
+
+
+def test_an_input_that_is_not_an_image_fails_naming_it(server):
+    text = "data:text/plain;base64,aGVsbG8="
+    prediction = server.predict(**SMALL, image=text)
+    assert prediction["status"] == "failed"
+    error = prediction["error"]
+    assert re.search(r"image: \S+ is not an image file that can be read", error), error
