@@ -9,6 +9,8 @@ run's own z, the latents at its first step.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
@@ -26,6 +28,7 @@ from faster_diffusion.reference.tiny import build_tiny_pipeline, build_tiny_sdxl
 from .conftest import PAPER, PAPER_ONE_STEP_AT_A_TIME, STOCK_EQUIVALENT, generate_latents
 from .reference import reference_latents
 from .test_hardening_core import close, tensors_held
+from .test_hardening_sched import SUPPORTED, make_scheduler_pipe, steps_for
 
 PROMPT = "a red circle above a blue square"
 SAMPLERS = ["DDIM-50", "DPM-Solver-20"]
@@ -252,3 +255,46 @@ def test_the_sdxl_refiner_is_refused_clearly():
     refiner = StableDiffusionXLImg2ImgPipeline(**pipe.components, requires_aesthetics_score=True)
     with pytest.raises(UnsupportedModelError, match=r"SDXL refiner"):
         apply_faster_diffusion(refiner, PAPER)
+
+
+# --- The scheduler fixes of the hardening work hold for image-to-image too ---------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(SUPPORTED))
+def test_every_supported_scheduler_runs_image_to_image_exactly_and_in_parallel(name):
+    steps = steps_for(name)
+    keys = KeySteps.explicit([0, 2]) if name == "LCM" else KeySteps.paper()
+
+    def img2img(config):
+        pipe = make_scheduler_pipe(SUPPORTED, name)
+        runner = StableDiffusionImg2ImgPipeline(**pipe.components)
+        runner.set_progress_bar_config(disable=True)
+        handle = apply_faster_diffusion(runner, config) if config is not None else None
+        return run(runner, steps=steps), handle
+
+    stock, _ = img2img(None)
+    identity, handle = img2img(STOCK_EQUIVALENT)
+    assert torch.equal(identity, stock)
+    ran = handle.last_run.steps
+    assert 0 < ran < steps and handle.last_run.schedule.num_steps_run == ran
+    sequential, _ = img2img(FasterDiffusionConfig(key_steps=keys, parallel=False))
+    parallel, handle = img2img(FasterDiffusionConfig(key_steps=keys))
+    close(parallel, sequential)
+    assert handle.last_run.schedule == keys.resolve(steps).cut(steps - ran)
+    assert handle.last_run.encoder_passes == handle.last_run.schedule.num_key_steps
+    assert handle.last_run.decoder_passes == ran
+
+
+def test_an_unsupported_scheduler_is_refused_for_image_to_image_too():
+    pipe = StableDiffusionImg2ImgPipeline(**build_tiny_pipeline(0).components)  # SD's own PNDMScheduler
+    with pytest.raises(UnsupportedModelError, match=r"PNDMScheduler"):
+        apply_faster_diffusion(pipe, PAPER)
+
+
+def test_replacing_the_scheduler_of_an_image_to_image_pipeline_is_detected():
+    pipe = make_img2img("SD", "DDIM-50")
+    handle = apply_faster_diffusion(pipe, PAPER)
+    pipe.scheduler = copy.deepcopy(pipe.scheduler)  # a new scheduler object, after apply
+    with pytest.raises(RuntimeError, match=r"pipe.scheduler was replaced"):
+        run(pipe)
+    assert not handle._state.active and tensors_held(handle) == []
