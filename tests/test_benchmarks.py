@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,3 +103,95 @@ def test_speed_benchmark_dry_run_checks_every_mode_and_estimates_the_run(tmp_pat
     assert re.search(
         r"estimated run \(--samplers DDIM-50,DPM-Solver-20 --repeats 1, .*: ~\d+ min", result.stdout
     )
+
+
+def test_img2img_inputs_show_the_next_held_out_combination():
+    from benchmarks.img2img_quality import input_combos
+    from faster_diffusion.reference import shapes
+
+    combos = list(shapes.HELD_OUT_COMBOS)
+    inputs = input_combos(combos, 3)
+    assert len(inputs) == 240
+    # Pair i belongs to combination i // 3 and shows the next one, the last wrapping round to the first.
+    assert inputs[:6] == [combos[1]] * 3 + [combos[2]] * 3 and inputs[-3:] == [combos[0]] * 3
+    assert all(shown != combos[i // 3] for i, shown in enumerate(inputs))
+    with pytest.raises(ValueError, match="need at least 2 combinations"):
+        input_combos(combos[:1], 3)
+
+
+def test_img2img_quality_benchmark_quick_run_writes_a_report_and_a_grid(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "img2img.md"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "benchmarks/img2img_quality.py", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = out.read_text()
+    assert "Command: `python benchmarks/img2img_quality.py --quick --out" in report
+    assert re.search(r"torch [^,]+, \w+, 1 threads", report)
+    # Stock runs the last int(steps x strength) steps; the paper's key steps are cut to them, the first that
+    # runs a key step.
+    rows = {
+        ("DDIM-50", "0.8"): (
+            "40 / 40",
+            "4 of the 40 steps that run (10 to 49 of 50) are key steps [10, 15, 25, 35]",
+        ),
+        ("DDIM-50", "0.6"): (
+            "30 / 30",
+            "3 of the 30 steps that run (20 to 49 of 50) are key steps [20, 25, 35]",
+        ),
+        ("DPM-Solver-20", "0.8"): (
+            "16 / 16",
+            "4 of the 16 steps that run (4 to 19 of 20) are key steps [4, 5, 10, 15]",
+        ),
+        ("DPM-Solver-20", "0.6"): (
+            "12 / 12",
+            "3 of the 12 steps that run (8 to 19 of 20) are key steps [8, 10, 15]",
+        ),
+    }
+    sections = report.split("\n## ")[1:]
+    assert [s.splitlines()[0] for s in sections] == [f"{s}, strength {k}" for s, k in rows]
+    for section, (stock_passes, paper_keys) in zip(sections, rows.values(), strict=True):
+        lines = [line for line in section.splitlines() if line.startswith("| ")][1:]
+        assert [line.split(" | ")[0] for line in lines] == [
+            "| input images (sanity)",
+            "| stock",
+            "| default",
+            "| paper",
+        ]
+        assert f"| {stock_passes} |" in lines[1]
+        assert f"| paper: {paper_keys} | {paper_keys.split()[0]} / {stock_passes.split()[0]} |" in lines[3]
+        for line in lines[2:]:
+            assert re.search(r"\| (within noise of stock|not within noise of stock \(.+\)) \|$", line)
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["pairs"] == 8
+    sanity = data["input_faithfulness"]
+    # The inputs are pictures of another combination: read against their own prompts far more often.
+    assert sanity["pair prompt"]["all"] < sanity["own prompt"]["all"]
+    for sampler, by_strength in data["results"].items():
+        budget = "auto:" if sampler.startswith("DPM") else "auto,"
+        for strength, runs in by_strength.items():
+            first = int(sampler.split("-")[-1]) - int(int(sampler.split("-")[-1]) * float(strength))
+            default = runs["default"]
+            assert default["key_steps"].startswith(budget)  # the product's default: calibrated key steps
+            assert default["key_steps"].split("key steps [")[1].startswith(f"{first},")
+            assert default["encoder_passes"] < runs["stock"]["encoder_passes"] == default["decoder_passes"]
+            for name in ("default", "paper"):
+                m = runs[name]
+                low, high = m["all_delta_ci"]
+                within = low <= 0 <= high and m["all_delta"] >= -0.01
+                assert (m["judgement"] == "within noise of stock") == within
+                assert m["all_delta"] == pytest.approx(m["all"] - runs["stock"]["all"])
+                assert 10 < m["psnr"] < 100
+    grid = Image.open(tmp_path / "img2img-samples.png")
+    # Four columns of 8 pairs, 32 px shown at 128 px, with the prompts beside them.
+    assert grid.size == (4 * 132 + 420, 16 + 8 * 132)
+    tiles = np.asarray(grid.convert("RGB"), dtype=float)[16 : 16 + 128]
+    assert np.abs(tiles[:, :128] - tiles[:, 132:260]).mean() > 5  # the input is not the stock output

@@ -1,0 +1,409 @@
+"""What the acceleration costs in image quality for image-to-image, measured on the trained reference model.
+
+Protocol (fixed before any result was seen):
+
+- Pairs: the same 240 held-out prompt x seed pairs as quality.py (same construction).
+- Input image of pair i: the stock text-to-image output (DDIM-50, the reference guidance scale, seed of
+  pair i) of the prompt of ANOTHER held-out combination: combo (i + 1) mod 80 of the list, i.e. the next one.
+  The image-to-image prompt is pair i's own prompt. So the run must change the image into the prompt.
+- Strengths 0.8 (Replicate's default) and 0.6. Samplers DDIM-50 and DPM-Solver-20.
+- Configurations: ``stock`` (no faster diffusion), ``default`` (the product's default key steps for the
+  reference model: ``faster_diffusion.app.generate.default_key_steps(pipe, sampler)``, i.e. auto for DDIM,
+  auto:9 for DPM-Solver, from the committed calibration), ``paper`` (KeySteps.paper()); noise injection on
+  (the default) for the accelerated ones. Image-to-image pipeline built with ``image_to_image_pipeline(pipe)``
+  from the loaded reference pipeline.
+- Metrics per sampler x strength x configuration: faithfulness (classifier reads all 5 attributes of pair i's
+  prompt) with a 95% bootstrap interval over pairs, its difference to stock with an interval (draws shared
+  across configurations, as quality.py's evaluate does), PSNR against stock's image of the same pair with
+  interval, encoder/decoder passes per image (from handle.last_run), the key steps used (the cut schedule's
+  describe()), wall time. Also report the faithfulness of the input images themselves to pair i's prompt
+  (should be low: they show another combination) as a sanity row.
+- Judgement line per row, stated in advance: "within noise of stock" when the 95% interval of the
+  faithfulness difference contains 0 and its point estimate is >= -1 point (the rule of the key-steps issue).
+- Outputs: ``benchmarks/results/img2img-quality.md`` (+ ``.json``), and a PNG grid
+  ``benchmarks/results/img2img-samples.png``: for ~8 pairs, columns input | stock | default | paper at
+  strength 0.8, DDIM-50 (upscaled with nearest so 32 px images are visible).
+
+Reading of the protocol: pair i belongs to held-out combination c = i // 3 (3 seeds per combination, as in
+quality.py), and its input shows combination (c + 1) mod 80, the next one in ``shapes.HELD_OUT_COMBOS``, so
+that no input shows its own pair's combination. Input images reach the image-to-image pipeline as 8-bit
+images, as a saved file holds them. A second sanity line reads the input images against their own prompts
+(should be high: the inputs are good pictures of the other combination).
+
+    python benchmarks/img2img_quality.py   # full run -> benchmarks/results/img2img-quality.md (+ .json, PNG)
+    python benchmarks/img2img_quality.py --quick --out /tmp/i.md   # a smoke run in seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.quality import (  # noqa: E402
+    SEEDS_PER_COMBO,
+    Config,
+    _display,
+    classify,
+    fmt_ci,
+    interval,
+    psnr,
+)
+from benchmarks.quality import generate as text_to_image  # noqa: E402
+from faster_diffusion import KeySteps, Sampler, apply_faster_diffusion, reference, use_sampler  # noqa: E402
+from faster_diffusion.app.generate import default_key_steps, image_to_image_pipeline  # noqa: E402
+from faster_diffusion.app.loading import load_pipeline  # noqa: E402
+from faster_diffusion.reference import shapes  # noqa: E402
+
+SCRIPT = "benchmarks/img2img_quality.py"
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+SAMPLERS = (Sampler.DDIM, Sampler.DPM_SOLVER)
+STRENGTHS = (0.8, 0.6)
+#: The sampler that makes the input images (stock, the reference guidance scale).
+INPUT_SAMPLER = Sampler.DDIM
+#: The judgement's threshold on the faithfulness difference to stock, in points (fixed with the protocol).
+WITHIN_NOISE_POINTS = -1.0
+#: Pairs shown in the sample grid (DDIM-50, strength 0.8).
+GRID_PAIRS = 8
+WITHIN_NOISE = "within noise of stock"
+
+
+def input_combos(combos: list[tuple[str, ...]], per_combo: int) -> list[tuple[str, ...]]:
+    """The combination each pair's input image shows: for pair i (combination ``i // per_combo``), the next
+    combination of ``combos``, wrapping round at the end."""
+    if len(combos) < 2:
+        raise ValueError(f"need at least 2 combinations, so that inputs show another one, got {len(combos)}")
+    return [combos[(c + 1) % len(combos)] for c in range(len(combos)) for _ in range(per_combo)]
+
+
+def configs_for(pipe, sampler: Sampler) -> list[Config]:
+    """``stock``, the product's ``default`` key steps for ``pipe`` and ``sampler``, and ``paper``."""
+    return [
+        Config("stock", None),
+        Config("default", default_key_steps(pipe, sampler)),
+        Config("paper", KeySteps.paper()),
+    ]
+
+
+def to_input_images(images: np.ndarray) -> torch.Tensor:
+    """Images in [-1, 1], (N, 3, H, W), as the image-to-image pipeline takes them from 8-bit files: in [0, 1],
+    on the 256 levels of a byte."""
+    levels = ((images.clip(-1, 1) + 1) * 127.5).round()
+    return torch.from_numpy((levels / 255.0).astype(np.float32))
+
+
+@dataclass
+class Img2ImgRun:
+    images: np.ndarray  # (N, 3, 32, 32) in [-1, 1]
+    seconds: float
+    encoder_passes: int
+    decoder_passes: int
+    #: What the run used: the cut schedule's ``describe()``, or for stock the steps that ran.
+    key_steps: str
+    metrics: dict = field(default_factory=dict)
+
+
+def generate_img2img(
+    pipe,
+    sampler: Sampler,
+    config: Config,
+    prompts: list[str],
+    seeds: list[int],
+    inputs: torch.Tensor,
+    strength: float,
+    guidance: float,
+    batch: int,
+) -> Img2ImgRun:
+    """Image-to-image of ``inputs`` (in [0, 1]) into ``prompts``, one seeded generator per pair, on
+    ``image_to_image_pipeline(pipe)`` with ``config`` attached for the run."""
+    use_sampler(pipe, sampler)
+    runner = image_to_image_pipeline(pipe)  # after use_sampler: it holds the sampler's scheduler
+    handle = apply_faster_diffusion(runner, config.faster()) if config.key_steps is not None else None
+    steps = sampler.default_steps
+    steps_run = min(int(steps * strength), steps)  # diffusers' get_timesteps
+    images, seconds = [], 0.0
+    encoder = decoder = steps_run
+    described = f"all {steps_run} steps that run ({steps - steps_run} to {steps - 1} of {steps})"
+    try:
+        for i in range(0, len(prompts), batch):
+            generators = [torch.Generator().manual_seed(int(s)) for s in seeds[i : i + batch]]
+            started = time.perf_counter()
+            with torch.inference_mode():
+                out = runner(
+                    list(prompts[i : i + batch]),
+                    image=inputs[i : i + batch],
+                    strength=strength,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    generator=generators,
+                    output_type="np",
+                ).images
+            seconds += time.perf_counter() - started
+            images.append(out.transpose(0, 3, 1, 2) * 2.0 - 1.0)
+            if handle is not None:
+                stats = handle.last_run
+                encoder, decoder = stats.encoder_passes, stats.decoder_passes
+                described = stats.schedule.describe()
+    finally:
+        if handle is not None:
+            handle.remove()
+    return Img2ImgRun(np.concatenate(images).astype(np.float32), seconds, encoder, decoder, described)
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+def judge(delta: float, delta_ci: tuple[float, float]) -> str:
+    """The protocol's judgement of a faithfulness difference to stock (fractions, not points)."""
+    if delta_ci[0] <= 0 <= delta_ci[1] and delta * 100 >= WITHIN_NOISE_POINTS:
+        return WITHIN_NOISE
+    if not delta_ci[0] <= 0 <= delta_ci[1]:
+        return "not within noise of stock (the interval excludes 0)"
+    return f"not within noise of stock (below {WITHIN_NOISE_POINTS:g} point)"
+
+
+def evaluate(runs: dict[str, Img2ImgRun], labels: np.ndarray, classifier, draws: list[np.ndarray]) -> None:
+    """Fill ``metrics`` of every run: faithfulness to ``labels`` and, against ``runs["stock"]``, its
+    difference and PSNR, each with a bootstrap interval over the pairs from ``draws`` (the same for every
+    configuration, so that differences get intervals too)."""
+    stock = runs["stock"]
+    correct = {}
+    for name, run in runs.items():
+        predicted, _ = classify(classifier, run.images)
+        correct[name] = (predicted == labels).all(axis=1).astype(np.float64)
+    stock_boot = np.array([correct["stock"][d].mean() for d in draws])
+    for name, run in runs.items():
+        boot = np.array([correct[name][d].mean() for d in draws])
+        run.metrics["all"] = float(correct[name].mean())
+        run.metrics["all_ci"] = interval(boot)
+        if name == "stock":
+            continue
+        delta = run.metrics["all"] - float(correct["stock"].mean())
+        run.metrics["all_delta"] = delta
+        run.metrics["all_delta_ci"] = interval(boot - stock_boot)
+        run.metrics["judgement"] = judge(delta, run.metrics["all_delta_ci"])
+        p = np.minimum(psnr(run.images, stock.images), 100.0)
+        run.metrics["psnr"] = float(p.mean())
+        run.metrics["psnr_ci"] = interval(np.array([p[d].mean() for d in draws]))
+
+
+def faithfulness(classifier, images: np.ndarray, labels: np.ndarray, draws: list[np.ndarray]) -> dict:
+    """How often all five attributes of ``labels`` are read off ``images``, with its bootstrap interval."""
+    predicted, _ = classify(classifier, images)
+    correct = (predicted == labels).all(axis=1).astype(np.float64)
+    return {"all": float(correct.mean()), "all_ci": interval(np.array([correct[d].mean() for d in draws]))}
+
+
+# ------------------------------------------------------------------------------------------------- output
+
+
+def save_samples_grid(columns: dict[str, np.ndarray], captions: list[str], path: Path) -> None:
+    """One row per pair, one column per entry of ``columns`` (headed by its name), the pair's prompt to the
+    right of its row; images upscaled with nearest neighbours."""
+    from PIL import Image, ImageDraw
+
+    scale, pad, header, caption_width = 4, 4, 16, 420
+    size = shapes.IMAGE_SIZE * scale
+    rows = len(captions)
+    grid = Image.new(
+        "RGB", (len(columns) * (size + pad) + caption_width, header + rows * (size + pad)), "white"
+    )
+    draw = ImageDraw.Draw(grid)
+    for c, (name, images) in enumerate(columns.items()):
+        draw.text((c * (size + pad) + 2, 2), name, fill="black")
+        pixels = ((images[:rows].clip(-1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
+        for r, image in enumerate(pixels):
+            tile = Image.fromarray(image).resize((size, size), Image.Resampling.NEAREST)
+            grid.paste(tile, (c * (size + pad), header + r * (size + pad)))
+    for r, text in enumerate(captions):
+        draw.text(
+            (len(columns) * (size + pad) + 4, header + r * (size + pad) + size // 2 - 6), text, fill="black"
+        )
+    grid.save(path)
+
+
+def report(args, results: dict, sanity: dict, n_pairs: int, started: str, wall: float) -> str:
+    to_pair, to_own = sanity["pair prompt"], sanity["own prompt"]
+    input_all = fmt_ci(to_pair["all"], to_pair["all_ci"], 1, 100)
+    lines = [
+        "# Image-to-image quality of faster diffusion on the reference model",
+        "",
+        f"Command: `{' '.join(shlex.quote(a) for a in ['python', SCRIPT, *args.argv])}`  ",
+        f"Started {started}; took {wall / 60:.1f} min. torch {torch.__version__}, {platform.machine()}, "
+        f"{torch.get_num_threads()} threads.  ",
+        f"Model: `{_display(args.model)}` (trained by `training/train_reference.py`). {n_pairs} prompt x "
+        "seed pairs from attribute combinations that training never saw (quality.py's pairs); guidance "
+        f"{args.guidance}; 32x32 images. The input image of each pair is the stock DDIM-50 text-to-image "
+        "output, with the pair's seed, of the next held-out combination's prompt; the image-to-image prompt "
+        "is the pair's own. 95% bootstrap intervals over the pairs in brackets "
+        f"({args.boot} resamples, shared by all rows). The protocol, fixed before any result was seen, is "
+        "in the docstring of `benchmarks/img2img_quality.py`.",
+        "",
+        "Judgement, stated in advance: **within noise of stock** when the 95% interval of the faithfulness "
+        f"difference contains 0 and its point estimate is >= {WITHIN_NOISE_POINTS:g} point.",
+        "",
+        "Sanity rows (the input images, before image-to-image): the classifier reads all five attributes "
+        f"of the pair's prompt off {input_all}% of them (should be low: they "
+        "show another combination), and all five attributes of their own prompt off "
+        f"{fmt_ci(to_own['all'], to_own['all_ci'], 1, 100)}%.",
+        "",
+    ]
+    for sampler, by_strength in results.items():
+        for strength, runs in by_strength.items():
+            lines += [
+                f"## {sampler.value}, strength {strength:g}",
+                "",
+                "| configuration | key steps used | encoder / decoder passes | wall time (s) "
+                "| all 5 attributes correct (%) | Δ vs stock (pts) | PSNR vs stock (dB) | judgement |",
+                "|---|---|---|---|---|---|---|---|",
+                f"| input images (sanity) | – | – | – | {input_all} | – | – | – |",
+            ]
+            for name, run in runs.items():
+                m = run.metrics
+                if name == "stock":
+                    delta = fidelity = judgement = "–"
+                else:
+                    low, high = m["all_delta_ci"]
+                    delta = f"{m['all_delta'] * 100:+.1f} [{low * 100:+.1f}, {high * 100:+.1f}]"
+                    fidelity, judgement = fmt_ci(m["psnr"], m["psnr_ci"], 1), m["judgement"]
+                lines.append(
+                    f"| {name} | {run.key_steps} | {run.encoder_passes} / {run.decoder_passes} | "
+                    f"{run.seconds:.1f} | {fmt_ci(m['all'], m['all_ci'], 1, 100)} | {delta} | {fidelity} | "
+                    f"{judgement} |"
+                )
+            lines.append("")
+    lines += [
+        "Encoder / decoder passes are per image trajectory, over the steps that run. Wall time is one pass "
+        "over the whole set, batched, on this CPU: a rough cost (benchmarks/speed.py measures speed).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 4 combinations x 2 seeds")
+    parser.add_argument("--out", type=Path, default=RESULTS / "img2img-quality.md")
+    parser.add_argument(
+        "--samples", type=Path, default=None, help="the PNG grid (default: img2img-samples.png beside --out)"
+    )
+    parser.add_argument("--model", type=Path, default=reference.MODEL_DIR, help="reference model folder")
+    parser.add_argument("--classifier", type=Path, default=reference.CLASSIFIER_PATH)
+    parser.add_argument("--guidance", type=float, default=reference.GUIDANCE_SCALE)
+    parser.add_argument("--boot", type=int, default=None, help="bootstrap resamples (default 1000, quick 20)")
+    parser.add_argument("--batch", type=int, default=80, help="prompts per pipeline call")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    if args.boot is None:
+        args.boot = 20 if args.quick else 1000
+    if args.boot < 2:
+        parser.error("--boot must be at least 2")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    samples_path = args.samples or args.out.with_name("img2img-samples.png")
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    t0 = time.perf_counter()
+
+    pipe = load_pipeline(args.model, device="cpu", safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    classifier = reference.load_classifier(args.classifier)
+    # quality.py's pairs: combination c's seeds are its pairs' indices.
+    combos = shapes.HELD_OUT_COMBOS[:4] if args.quick else shapes.HELD_OUT_COMBOS
+    per_combo = 2 if args.quick else SEEDS_PER_COMBO
+    scenes = [shapes.Scene(*c) for c in combos for _ in range(per_combo)]
+    prompts = [shapes.caption(s) for s in scenes]
+    seeds = list(range(len(scenes)))
+    labels = np.array([s.labels() for s in scenes])
+    input_scenes = [shapes.Scene(*c) for c in input_combos(list(combos), per_combo)]
+    input_prompts = [shapes.caption(s) for s in input_scenes]
+    input_labels = np.array([s.labels() for s in input_scenes])
+    rng = np.random.default_rng(0)
+    draws = [rng.integers(0, len(scenes), len(scenes)) for _ in range(args.boot)]
+
+    made = text_to_image(
+        pipe, INPUT_SAMPLER, Config("stock", None), input_prompts, seeds, args.guidance, args.batch
+    )
+    print(f"input images: {made.seconds:.1f} s", flush=True)
+    inputs = to_input_images(made.images)
+    input_images = inputs.numpy() * 2.0 - 1.0  # what the pipeline was given, in [-1, 1]
+    sanity = {
+        "pair prompt": faithfulness(classifier, input_images, labels, draws),
+        "own prompt": faithfulness(classifier, input_images, input_labels, draws),
+    }
+
+    results: dict[Sampler, dict[float, dict[str, Img2ImgRun]]] = {}
+    for sampler in SAMPLERS:
+        results[sampler] = {}
+        for strength in STRENGTHS:
+            runs = {}
+            for config in configs_for(pipe, sampler):
+                runs[config.name] = generate_img2img(
+                    pipe, sampler, config, prompts, seeds, inputs, strength, args.guidance, args.batch
+                )
+                print(
+                    f"{sampler.value} {strength:g} {config.name}: {runs[config.name].seconds:.1f} s",
+                    flush=True,
+                )
+            evaluate(runs, labels, classifier, draws)
+            results[sampler][strength] = runs
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    samples_path.parent.mkdir(parents=True, exist_ok=True)
+    shown = results[Sampler.DDIM][STRENGTHS[0]]
+    # Pairs spread over the combinations, one seed each.
+    picks = np.linspace(0, len(scenes) - 1, min(GRID_PAIRS, len(scenes))).round().astype(int)
+    save_samples_grid(
+        {"input": input_images[picks], **{name: run.images[picks] for name, run in shown.items()}},
+        [f"{i}: {prompts[i]}" for i in picks],
+        samples_path,
+    )
+    text = report(args, results, sanity, len(prompts), started, time.perf_counter() - t0)
+    args.out.write_text(text)
+    data = {
+        "guidance": args.guidance,
+        "pairs": len(prompts),
+        "boot": args.boot,
+        "input_faithfulness": sanity,
+        "results": {
+            s.value: {
+                f"{strength:g}": {
+                    name: {
+                        "key_steps": run.key_steps,
+                        "encoder_passes": run.encoder_passes,
+                        "decoder_passes": run.decoder_passes,
+                        "seconds": run.seconds,
+                        **run.metrics,
+                    }
+                    for name, run in runs.items()
+                }
+                for strength, runs in by_strength.items()
+            }
+            for s, by_strength in results.items()
+        },
+    }
+    args.out.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
