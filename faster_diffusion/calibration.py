@@ -177,10 +177,25 @@ class Calibration:
     def matrix(self) -> np.ndarray:
         return np.array(self.cost, dtype=np.float64)
 
-    def indices(self, budget: int | None = None) -> tuple[int, ...]:
+    def indices(self, budget: int | None = None, start: int = 0, stop: int | None = None) -> tuple[int, ...]:
         """The optimal key steps for ``budget`` encoder passes (default: the paper's count for this step
-        count)."""
-        return optimal_key_steps(self.matrix, paper_budget(self.num_steps) if budget is None else budget)
+        count).
+
+        For a run of steps ``start .. stop-1`` only (image-to-image runs the last steps of the schedule), the
+        budget is placed over the steps that run, by the same optimiser on the matrix's block for them: the
+        run makes the encoder passes asked for (at most one per step that runs), where they cost the least.
+        """
+        budget = paper_budget(self.num_steps) if budget is None else budget
+        stop = self.num_steps if stop is None else stop
+        if not 0 <= start < stop <= self.num_steps:
+            raise CalibrationError(
+                f"key_steps: the steps that run, {start} to {stop - 1}, must lie within the {self.num_steps} "
+                "steps of the calibration"
+            )
+        if (start, stop) == (0, self.num_steps):
+            return optimal_key_steps(self.matrix, budget)
+        block = self.matrix[start:stop, start:stop]
+        return tuple(start + i for i in optimal_key_steps(block, min(budget, stop - start)))
 
     def describe(self) -> str:
         return (
@@ -189,11 +204,15 @@ class Calibration:
             f"{self.width}x{self.height}, {self.num_steps} steps of {self.scheduler.split(',')[0]}"
         )
 
-    def key_steps(self, budget: int | None = None) -> KeySteps:
+    def key_steps(self, budget: int | None = None, start: int = 0, stop: int | None = None) -> KeySteps:
         """An explicit :class:`KeySteps` for ``budget`` (default: the paper's count), which says where it
-        came from when echoed."""
+        came from when echoed. For a run of steps ``start .. stop-1`` (:meth:`indices`), the list is step 0
+        and the key steps placed over the run: cut to the steps that run, it gives exactly those."""
         budget_text = f"auto:{budget}" if budget is not None else "auto"
-        return KeySteps.explicit(self.indices(budget)).with_origin(f"{budget_text}, {self.describe()}")
+        indices = self.indices(budget, start, stop)
+        if start > 0:
+            indices = (0, *indices)
+        return KeySteps.explicit(indices).with_origin(f"{budget_text}, {self.describe()}")
 
     def matches(
         self,

@@ -155,6 +155,8 @@ class _RunState:
         # The same timesteps read to the host once per run (to place injection and find where a run starts).
         self.timestep_values: tuple[float, ...] = ()
         self.schedule: KeyStepSchedule | None = None
+        # The calibration ``auto`` key steps were placed by, kept to place them again on a cut run.
+        self.calibration: Any = None
         # Steps the pipeline's loop announced (its progress bar's total), when it did: a run that stops early.
         self.loop_steps: int | None = None
         # Whether the run's first UNet call, which fixes the steps that run, has come.
@@ -474,7 +476,9 @@ class _PropagationHook(ModelHook):
         Image-to-image (diffusers' ``StableDiffusionImg2ImgPipeline``, ``StableDiffusionXLImg2ImgPipeline``)
         sets the whole schedule of N steps, then runs only its last ``int(N * strength)`` steps; SDXL's
         ``denoising_end`` stops early instead. The rule: the key steps of the whole schedule, cut to the steps
-        that run, with the first step that runs always a key step (:meth:`KeyStepSchedule.cut`). Prior noise
+        that run, with the first step that runs always a key step (:meth:`KeyStepSchedule.cut`); ``auto:B``
+        asks for B encoder passes, which are placed again over the steps that run
+        (:meth:`~faster_diffusion.calibration.Calibration.indices`). Prior noise
         injection keeps its timesteps, and injects the run's own z: the latents at its first step.
         """
         state = self.state
@@ -483,7 +487,13 @@ class _PropagationHook(ModelHook):
         if state.loop_steps is not None and 0 < state.loop_steps < stop - first:
             stop = first + state.loop_steps
         if first > 0 or stop < state.num_steps:
-            schedule = state.schedule.cut(first, stop)
+            keys = self.handle.config.key_steps
+            if keys.kind is KeyStepKind.AUTO:
+                # auto:B asks for B encoder passes: placed again over the steps that run.
+                whole = state.calibration.key_steps(keys.budget, first, stop).resolve(state.num_steps)
+                schedule = whole.cut(first, stop)
+            else:
+                schedule = state.schedule.cut(first, stop)
             state.schedule = state.stats.schedule = schedule
             state.is_key = schedule.is_key
             state.group_end = schedule.group_end
@@ -898,9 +908,11 @@ class FasterDiffusion:
         check_supported_scheduler(self.scheduler)
         # One host read of the timesteps per run (not per step), to place the injection steps.
         values = timesteps.detach().to("cpu", torch.float64).tolist()
-        schedule = self.config.key_steps.resolve(len(values), self._calibration(len(values)))
+        calibration = self._calibration(len(values))
+        schedule = self.config.key_steps.resolve(len(values), calibration)
         state.stats = RunStats(schedule=schedule)
         state.schedule = schedule
+        state.calibration = calibration
         state.is_key = schedule.is_key
         state.group_end = schedule.group_end
         state.inject = self.config.noise_injection.applies_at(values)

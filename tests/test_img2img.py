@@ -13,7 +13,11 @@ import copy
 
 import pytest
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+from diffusers import (
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+)
 
 from faster_diffusion import (
     FasterDiffusionConfig,
@@ -21,8 +25,10 @@ from faster_diffusion import (
     NoiseInjection,
     UnsupportedModelError,
     apply_faster_diffusion,
+    calibrate,
     use_sampler,
 )
+from faster_diffusion.calibration import find_calibration, optimal_key_steps
 from faster_diffusion.reference.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
 
 from .conftest import PAPER, PAPER_ONE_STEP_AT_A_TIME, STOCK_EQUIVALENT, generate_latents
@@ -298,3 +304,42 @@ def test_replacing_the_scheduler_of_an_image_to_image_pipeline_is_detected():
     with pytest.raises(RuntimeError, match=r"pipe.scheduler was replaced"):
         run(pipe)
     assert not handle._state.active and tensors_held(handle) == []
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_auto_places_its_budget_over_the_steps_that_run(sampler):
+    """``auto:B`` asks for B encoder passes: on a run of the last 12 of 20 steps, B key steps placed by the
+    same optimiser on the calibration's block for those steps, not the whole run's placement cut to them."""
+    pipe = make_img2img("SD", sampler)
+    calibration = calibrate_tiny(pipe)
+    budget = 5
+    expected = tuple(
+        FIRST_STEP + i for i in optimal_key_steps(calibration.matrix[FIRST_STEP:, FIRST_STEP:], budget)
+    )
+    sequential_pipe = make_img2img("SD", sampler)
+    calibrate_tiny(sequential_pipe)
+    apply_faster_diffusion(
+        sequential_pipe, FasterDiffusionConfig(key_steps=KeySteps.auto(budget), parallel=False)
+    )
+    handle = apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=KeySteps.auto(budget)))
+    close(run(pipe), run(sequential_pipe))
+    schedule = handle.last_run.schedule
+    assert schedule.indices == expected and handle.last_run.encoder_passes == budget
+    assert schedule.describe().startswith(f"auto:{budget}, calibrated")
+    assert "5 of the 12 steps that run (8 to 19 of 20)" in schedule.describe()
+    # The explicit list the command line and Cog echo before the run cuts to the same key steps.
+    explicit = calibration.key_steps(budget, start=FIRST_STEP)
+    assert explicit.resolve(STEPS).cut(FIRST_STEP) == schedule
+    # A budget larger than the steps that run gives every step that runs.
+    assert calibration.indices(15, FIRST_STEP) == tuple(range(FIRST_STEP, STEPS))
+
+
+def calibrate_tiny(pipe):
+    """A calibration of the tiny model for STEPS steps (a text-to-image run over the image-to-image pipeline's
+    modules), kept in this process: the pipeline has no folder."""
+    text_to_image = StableDiffusionPipeline(**pipe.components)
+    text_to_image.set_progress_bar_config(disable=True)
+    calibrate(text_to_image, num_inference_steps=STEPS, prompts=[PROMPT])
+    found = find_calibration(pipe, STEPS)
+    assert found is not None
+    return found

@@ -216,7 +216,8 @@ def prepare_key_steps(
         saved = folder is not None and options.get("save", True) and (folder / CALIBRATION_FILE).is_file()
         where = f"saved in {folder / CALIBRATION_FILE}" if saved else "kept for this process"
         log(f"Calibrated in {time.perf_counter() - started:.1f} s; {where}")
-    explicit = calibration.key_steps(keys.budget)
+    # Image-to-image runs the last steps_run steps: auto's budget is placed over them (Calibration.indices).
+    explicit = calibration.key_steps(keys.budget, start=request.steps - request.steps_run)
     return dataclasses.replace(request, faster=dataclasses.replace(request.faster, key_steps=explicit))
 
 
