@@ -20,7 +20,10 @@ quality:
   error made at step j by the time the run ends. It is measured on the latent, not the decoded image: the
   VAE decoder is the same fixed map for every placement, and skipping it keeps the cost to UNet calls. It
   costs a tail of N-1-j UNet calls for every pair k < j (the prefix is replayed from the stock run, not
-  recomputed): about N/3 times the decoder passes of ``"prediction"``.
+  recomputed): about N/3 times the decoder passes of ``"prediction"``. On the reference model with
+  DPM-Solver-20 it ranks measured quality worse than the other two and places badly (key steps bunched at the
+  end): a single step's error is repaired by the stock steps after it, which a schedule's later non-key steps
+  do not do (``benchmarks/results/frontier-cpu-final.plan.md``).
 
 Reusing key step k for every step j of its group is charged ``cost[k, j]``; a schedule's cost is the sum over
 its non-key steps. :func:`optimal_key_steps` finds the cheapest placement of a given number of key steps
