@@ -9,7 +9,8 @@ Protocol (fixed before the first full run; see ``benchmarks/README.md``):
   every budget from 4 to 12.
 - Families at each budget, all with prior noise injection (the default):
   ``auto`` (the calibration's criterion, :data:`faster_diffusion.calibration.DEFAULT_CRITERION`),
-  ``auto (other criterion)``, ``uniform`` (evenly spaced, ``schedule.evenly_spaced_key_steps``) and
+  ``auto (other criterion)`` for every other criterion the calibration measured, ``uniform`` (evenly
+  spaced, ``schedule.evenly_spaced_key_steps``) and
   ``paper-shaped`` (the paper's preset stretched to the budget, ``schedule.paper_shaped_key_steps``; the
   preset itself at 9 of 50 and 7 of 20). A list two families share is generated once.
 - Quality of a schedule: (a) faithfulness: the share of pairs whose five attributes the classifier reads
@@ -25,6 +26,11 @@ Protocol (fixed before the first full run; see ``benchmarks/README.md``):
 
     python benchmarks/frontier.py                       # -> benchmarks/results/frontier.md, .json, .png
     python benchmarks/frontier.py --quick --out /tmp/f.md   # a smoke run: 8 pairs, 2 budgets each
+
+``--calibrations DIR`` reads the calibrations from ``DIR`` (a ``faster_diffusion_calibration.json`` made by
+``training/calibrate_reference.py --out-dir DIR``) instead of the weights folder, to judge a criterion the
+committed calibration lacks. ``--samplers`` and ``--budgets`` run a part of the protocol (the report says
+which); the judging rules stay the same.
 """
 
 from __future__ import annotations
@@ -49,11 +55,12 @@ from benchmarks import quality  # noqa: E402
 from faster_diffusion import KeySteps, Sampler, reference, use_sampler  # noqa: E402
 from faster_diffusion.app.loading import load_pipeline  # noqa: E402
 from faster_diffusion.calibration import (  # noqa: E402
-    CRITERIA,
     DEFAULT_CRITERION,
     find_calibration,
+    load_calibrations,
     optimal_key_steps,
     paper_budget,
+    register,
     schedule_cost,
 )
 from faster_diffusion.reference import shapes  # noqa: E402
@@ -62,8 +69,6 @@ from faster_diffusion.schedule import evenly_spaced_key_steps, paper_shaped_key_
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 BUDGETS = {Sampler.DDIM: range(5, 26), Sampler.DPM_SOLVER: range(4, 13)}
 QUICK_BUDGETS = {Sampler.DDIM: (5, 9), Sampler.DPM_SOLVER: (4, 7)}
-OTHER_CRITERION = next(c for c in CRITERIA if c != DEFAULT_CRITERION)
-FAMILIES = ("auto", f"auto ({OTHER_CRITERION})", "uniform", "paper-shaped")
 #: Within noise of stock: the faithfulness difference's interval contains 0 and its point is >= this.
 WITHIN_NOISE_POINTS = -1.0
 
@@ -86,12 +91,22 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float((rx * ry).sum() / denominator) if denominator else float("nan")
 
 
+def families(criteria) -> tuple[str, ...]:
+    """The families of a run whose calibration measured ``criteria``: ``auto`` is the default criterion."""
+    others = [f"auto ({c})" for c in criteria if c != DEFAULT_CRITERION]
+    return ("auto", *others, "uniform", "paper-shaped")
+
+
+def auto_criterion(family: str) -> str:
+    return DEFAULT_CRITERION if family == "auto" else family[len("auto (") : -1]
+
+
 def schedules_for(sampler: Sampler, budgets, costs: dict[str, np.ndarray]) -> dict[tuple[str, int], tuple]:
     steps = sampler.default_steps
     out = {}
     for budget in budgets:
-        out[("auto", budget)] = optimal_key_steps(costs[DEFAULT_CRITERION], budget)
-        out[(f"auto ({OTHER_CRITERION})", budget)] = optimal_key_steps(costs[OTHER_CRITERION], budget)
+        for family in families(costs)[:-2]:
+            out[(family, budget)] = optimal_key_steps(costs[auto_criterion(family)], budget)
         out[("uniform", budget)] = evenly_spaced_key_steps(steps, budget)
         out[("paper-shaped", budget)] = paper_shaped_key_steps(steps, budget)
     return out
@@ -113,7 +128,7 @@ def plot(results: dict, path: Path) -> None:
             (("delta", "faithfulness − stock (points)"), ("psnr", "PSNR vs stock (dB)"))
         ):
             ax = axes[row][col]
-            for family in FAMILIES:
+            for family in by_family:
                 points = sorted(by_family[family].items())
                 budgets = [b for b, _ in points]
                 scale = 100 if metric == "delta" else 1
@@ -150,7 +165,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--boot", type=int, default=None, help="bootstrap draws (default 1000, quick 20)")
     parser.add_argument("--batch", type=int, default=80, help="prompts per pipeline call")
+    parser.add_argument(
+        "--calibrations", type=Path, default=None, help="folder of the calibrations (default: the weights')"
+    )
+    parser.add_argument(
+        "--samplers",
+        type=lambda text: [Sampler.parse(t) for t in text.split(",")],
+        default=[Sampler.DDIM, Sampler.DPM_SOLVER],
+        help="comma-separated samplers (default DDIM-50,DPM-Solver-20)",
+    )
+    parser.add_argument(
+        "--budgets",
+        action="append",
+        default=[],
+        metavar="SAMPLER=B,B,...",
+        help="the budgets of one sampler instead of the protocol's, e.g. DDIM-50=5,9,13 (repeatable)",
+    )
     args = parser.parse_args(argv)
+    budgets_of = dict(QUICK_BUDGETS if args.quick else BUDGETS)
+    for item in args.budgets:
+        name, _, values = item.partition("=")
+        budgets_of[Sampler.parse(name)] = tuple(int(v) for v in values.split(","))
     argv_list = list(argv if argv is not None else sys.argv[1:])
     boot = args.boot or (20 if args.quick else 1000)
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -160,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
         reference.MODEL_DIR, device=args.device, dtype=getattr(torch, args.dtype), safety_checker=False
     )
     pipe.set_progress_bar_config(disable=True)
+    if args.calibrations is not None:
+        calibrations = load_calibrations(args.calibrations)
+        if not calibrations:
+            raise SystemExit(f"--calibrations: no calibrations in {args.calibrations}")
+        for calibration in calibrations:
+            register(pipe.unet, calibration)
     classifier = reference.load_classifier(reference.CLASSIFIER_PATH)
     combos = shapes.HELD_OUT_COMBOS[:4] if args.quick else shapes.HELD_OUT_COMBOS
     per_combo = 2 if args.quick else quality.SEEDS_PER_COMBO
@@ -175,13 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[Sampler, dict[str, dict[int, dict]]] = {}
     correlations: dict[Sampler, dict[str, dict[str, float]]] = {}
     stock_rows = {}
-    for sampler in (Sampler.DDIM, Sampler.DPM_SOLVER):
+    for sampler in args.samplers:
         use_sampler(pipe, sampler)
         calibration = find_calibration(pipe, sampler.default_steps)
         if calibration is None:
             raise SystemExit(f"no saved calibration of the reference model for {sampler.value}")
-        costs = {c: calibration.with_criterion(c).matrix for c in CRITERIA}
-        budgets = QUICK_BUDGETS[sampler] if args.quick else BUDGETS[sampler]
+        criteria = (calibration.criterion, *calibration.other)
+        costs = {c: calibration.with_criterion(c).matrix for c in criteria}
+        budgets = budgets_of[sampler]
         schedules = schedules_for(sampler, budgets, costs)
         stock = quality.generate(
             pipe, sampler, quality.Config("stock", None), prompts, seeds, guidance, args.batch
@@ -205,14 +247,14 @@ def main(argv: list[str] | None = None) -> int:
                 "psnr": float(p.mean()),
                 "psnr_ci": quality.interval(np.array([p[d].mean() for d in draws])),
                 "seconds": run.seconds,
-                "cost": {c: schedule_cost(costs[c], indices) for c in CRITERIA},
+                "cost": {c: schedule_cost(costs[c], indices) for c in criteria},
             }
             print(
                 f"{sampler.value} {list(indices)}: {measured[indices]['delta'] * 100:+.1f} pts, "
                 f"{measured[indices]['psnr']:.1f} dB",
                 flush=True,
             )
-        results[sampler] = {family: {} for family in FAMILIES}
+        results[sampler] = {family: {} for family in families(criteria)}
         for (family, budget), indices in schedules.items():
             results[sampler][family][budget] = measured[indices]
         distinct = list(measured.values())
@@ -221,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                 "psnr": spearman([-m["cost"][c] for m in distinct], [m["psnr"] for m in distinct]),
                 "delta": spearman([-m["cost"][c] for m in distinct], [m["delta"] for m in distinct]),
             }
-            for c in CRITERIA
+            for c in criteria
         }
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -282,7 +324,8 @@ def report(argv, args, started, wall, n, results, correlations, stock_rows) -> s
     for sampler, by_criterion in correlations.items():
         for criterion, rho in by_criterion.items():
             lines.append(f"| {sampler.value} | {criterion} | {rho['psnr']:.3f} | {rho['delta']:.3f} |")
-    mean_rho = {c: np.mean([abs(correlations[s][c]["psnr"]) for s in correlations]) for c in CRITERIA}
+    criteria = next(iter(correlations.values()))
+    mean_rho = {c: np.mean([abs(correlations[s][c]["psnr"]) for s in correlations]) for c in criteria}
     better = max(mean_rho, key=mean_rho.get)
     lines += [
         "",
@@ -295,7 +338,7 @@ def report(argv, args, started, wall, n, results, correlations, stock_rows) -> s
         steps = sampler.default_steps
         pb = paper_budget(steps)
         first, from_on = smallest_within_noise(by_family["auto"])
-        at_paper = {f: by_family[f].get(pb) for f in FAMILIES}
+        at_paper = {f: by_family[f].get(pb) for f in by_family}
         lines += [
             f"## {sampler.value}",
             "",
@@ -319,19 +362,19 @@ def report(argv, args, started, wall, n, results, correlations, stock_rows) -> s
             lines.append("")
         lines += [
             "| budget | family | key steps | faithfulness − stock (pts) | PSNR vs stock (dB) "
-            "| predicted cost (prediction / feature) |",
+            f"| predicted cost ({' / '.join(criteria)}) |",
             "|---|---|---|---|---|---|",
         ]
         budgets = sorted(by_family["auto"])
         for budget in budgets:
-            for family in FAMILIES:
+            for family in by_family:
                 m = by_family[family][budget]
                 lines.append(
                     f"| {budget} | {family} | {', '.join(map(str, m['key_steps']))} "
                     f"| {m['delta'] * 100:+.1f} "
                     f"[{m['delta_ci'][0] * 100:+.1f}, {m['delta_ci'][1] * 100:+.1f}] "
                     f"| {m['psnr']:.1f} [{m['psnr_ci'][0]:.1f}, {m['psnr_ci'][1]:.1f}] "
-                    f"| {m['cost']['prediction']:.2f} / {m['cost']['feature']:.2f} |"
+                    f"| {' / '.join(format(m['cost'][c], '.2f') for c in criteria)} |"
                 )
         lines.append("")
     return "\n".join(lines) + "\n"

@@ -1,8 +1,9 @@
 """Key steps calibrated from a model's own features: ``key_steps="auto"``.
 
 The paper picked its key steps by hand for SD v1.5. Here they are chosen per model, sampler and step count
-from a quantity measured on the model during stock sampling. Two are implemented; ``"feature"`` is the default
-(:data:`DEFAULT_CRITERION`), chosen by ``benchmarks/frontier.py``'s rank correlation with measured quality:
+from a quantity measured on the model during stock sampling. Three are implemented; ``"feature"`` is the
+default (:data:`DEFAULT_CRITERION`), chosen by ``benchmarks/frontier.py``'s rank correlation with measured
+quality:
 
 - ``"prediction"``: the error that reusing step k's encoder features causes in step j's noise prediction,
   for every k < j. Along a stock trajectory, the decoder of step j is run on the encoder outputs recorded at
@@ -11,6 +12,18 @@ from a quantity measured on the model during stock sampling. Two are implemented
 - ``"feature"``: the paper's own analysis (its Fig. 2), generalised from adjacent steps to any two: the
   relative distance of the encoder's outputs (``conv_in``, the down blocks, the mid block) at step j from
   those at step k, ``||F_j - F_k|| / ||F_j||``. It needs no extra UNet calls.
+- ``"final"``: the error that reusing step k's encoder features at step j alone causes in the *final* latent,
+  where the image is judged. Along a stock trajectory, step j's prediction is made as for ``"prediction"``
+  and the run goes on stock from there (every later step a full UNet call on the changed latents) to the
+  end: ``cost[k, j] = mean over images of ||x_final(k, j) - x_final|| / ||x_final||``. The local errors of
+  the other two criteria weigh every step alike; this one sees how much the sampler amplifies or damps an
+  error made at step j by the time the run ends. It is measured on the latent, not the decoded image: the
+  VAE decoder is the same fixed map for every placement, and skipping it keeps the cost to UNet calls. It
+  costs a tail of N-1-j UNet calls for every pair k < j (the prefix is replayed from the stock run, not
+  recomputed): about N/3 times the decoder passes of ``"prediction"``. On the reference model with
+  DPM-Solver-20 it ranks measured quality worse than the other two and places badly (key steps bunched at the
+  end): a single step's error is repaired by the stock steps after it, which a schedule's later non-key steps
+  do not do (``benchmarks/results/frontier-cpu-final.plan.md``).
 
 Reusing key step k for every step j of its group is charged ``cost[k, j]``; a schedule's cost is the sum over
 its non-key steps. :func:`optimal_key_steps` finds the cheapest placement of a given number of key steps
@@ -58,7 +71,7 @@ CALIBRATION_FILE = "faster_diffusion_calibration.json"
 #: Format version of that file.
 FILE_VERSION = 1
 #: The criteria :func:`measure_costs` can compute; see the module docstring.
-CRITERIA = ("prediction", "feature")
+CRITERIA = ("prediction", "feature", "final")
 #: The criterion ``calibrate`` uses: the one whose predicted cost ranked measured quality better
 #: (``benchmarks/frontier.py``).
 DEFAULT_CRITERION = "feature"
@@ -74,6 +87,7 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
 DEFAULT_SEED = 90_000
 
 _REPLAY_HOOK = "faster_diffusion_calibration"
+_TAIL_HOOK = "faster_diffusion_calibration_tail"
 
 
 class CalibrationError(KeyStepError):
@@ -356,7 +370,8 @@ def scheduler_key(scheduler: Any) -> str:
 
 
 class _RecordReplayHook(ModelHook):
-    """On an encoder module: record its output at every step, or serve a given output without computing."""
+    """On an encoder module: record its output at every step, or serve a given output without computing.
+    While ``serve["record"]`` is false it computes without recording."""
 
     def __init__(self, records: list[Any], serve: dict[str, Any]) -> None:
         super().__init__()
@@ -368,8 +383,39 @@ class _RecordReplayHook(ModelHook):
         if served is not None:
             return served[id(self)]
         output = self.fn_ref.original_forward(*args, **kwargs)
-        self.records.append(output)
+        if self.serve.get("record", True):
+            self.records.append(output)
         return output
+
+
+class _TailHook(ModelHook):
+    """On the UNet, for one run of several copies of the calibration batch: calls before ``step`` return
+    ``stock`` (the stock run's outputs, tiled to the batch), so the latents stay stock's without computing;
+    the call at ``step`` runs on the encoder outputs in ``served`` (which the :class:`_RecordReplayHook`
+    instances return); later calls run as usual."""
+
+    def __init__(self, stock: list[torch.Tensor], step: int, served: dict[int, Any], serve: dict) -> None:
+        super().__init__()
+        self.stock, self.step, self.served, self.serve = stock, step, served, serve
+        self.calls = 0
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        index, self.calls = self.calls, self.calls + 1
+        if index < self.step:
+            sample = self.stock[index]
+            return (sample,) if not kwargs.get("return_dict", True) else _unet_output(sample)
+        if index == self.step:
+            self.serve["outputs"] = self.served
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            self.serve.pop("outputs", None)
+
+
+def _unet_output(sample: torch.Tensor) -> Any:
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    return UNet2DConditionOutput(sample=sample)
 
 
 def _flat(value: Any) -> list[torch.Tensor]:
@@ -414,9 +460,10 @@ def measure_costs(
     A run keeps every step's encoder outputs until its costs are measured. ``prompts_per_run`` bounds how many
     prompts share one run; by default all of them, unless their encoder outputs would take more than half the
     free memory (:func:`prompts_per_run_for`): SDXL at 1024 px in fp16 keeps 5 GiB per prompt over 50
-    steps. Both criteria are means over images, so splitting the prompts changes nothing but float rounding.
-    ``max_rows`` bounds the rows of one replay UNet call; by default as many as fit a quarter of the free
-    memory by :func:`faster_diffusion.memory.decoder_row_bytes`'s estimate, at most 512.
+    steps. Every criterion is a mean over images, so splitting the prompts changes nothing but float rounding.
+    ``max_rows`` bounds the rows of one replay UNet call (for ``"final"``, of one run's batch); by default as
+    many as fit a quarter of the free memory by :func:`faster_diffusion.memory.decoder_row_bytes`'s
+    estimate, at most 512.
     """
     unknown = [c for c in criteria if c not in CRITERIA]
     if unknown:
@@ -510,7 +557,7 @@ def _measure_run(
         device = getattr(pipe, "_execution_device", unet.device)
         generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
         with torch.inference_mode():
-            pipe(
+            final = pipe(
                 list(prompts),
                 num_inference_steps=n,
                 guidance_scale=guidance_scale,
@@ -518,7 +565,9 @@ def _measure_run(
                 width=width,
                 generator=generators,
                 output_type="latent",
-            )
+            ).images
+            for handle in handles:  # the replays below are not stock calls
+                handle.remove()
             if len(calls) != n or any(len(r) != n for r in records):
                 raise CalibrationError(
                     f"calibration expected {n} UNet calls in a stock run of {n} steps, saw {len(calls)}; the "
@@ -553,8 +602,53 @@ def _measure_run(
                         for index, k in enumerate(ks):
                             part = _guided(sample[index * rows : (index + 1) * rows], images, guidance_scale)
                             costs["prediction"][k, j] = _relative(part, stock[j])
+            if "final" in criteria:
+                rows = calls[0][2].shape[0]
+                halves = rows // images
+                if max_rows is None:
+                    max_rows = _default_max_rows(unet, calls[0][2])
+                per_call = max(1, max_rows // rows)
+                serve["record"] = False
+                for j in range(1, n):
+                    for start in range(0, j, per_call):
+                        ks = list(range(start, min(j, start + per_call)))
+                        copies = len(ks)
+                        tail = _TailHook(
+                            [_tile([sample] * copies, halves) for _, _, sample in calls[:j]],
+                            j,
+                            {
+                                id(hook): _concat([record[k] for k in ks], lambda p: _tile(p, halves))
+                                for hook, record in zip(hooks, records, strict=True)
+                            },
+                            serve,
+                        )
+                        _add_hook(unet, tail, _TAIL_HOOK)
+                        try:
+                            out = pipe(
+                                list(prompts) * copies,
+                                num_inference_steps=n,
+                                guidance_scale=guidance_scale,
+                                height=height,
+                                width=width,
+                                generator=[
+                                    torch.Generator(device=device).manual_seed(int(s))
+                                    for _ in ks
+                                    for s in seeds
+                                ],
+                                output_type="latent",
+                            ).images
+                        finally:
+                            _drop_hook(unet, _TAIL_HOOK)
+                        if tail.calls != n:
+                            raise CalibrationError(
+                                f"calibration expected {n} UNet calls in a run of {n} steps, saw {tail.calls}"
+                            )
+                        for index, k in enumerate(ks):
+                            part = out[index * images : (index + 1) * images].double()
+                            costs["final"][k, j] = _relative(part, final.double())
     finally:
         serve.pop("outputs", None)
+        serve.pop("record", None)
         for handle in handles:
             handle.remove()
         for module in modules:
@@ -587,12 +681,21 @@ def _repeat_per_row(value: Any, rows: int, times: int) -> Any:
     return _map_tensors(value, repeat)
 
 
-def _concat(parts: list[Any]) -> Any:
-    """Concatenate same-structured (nested) outputs along the batch dimension, tensor by tensor; a tensor
-    that appears twice in each part (a down block's last output) stays one shared tensor."""
+def _tile(parts: list[torch.Tensor], halves: int) -> torch.Tensor:
+    """Join per-run tensors into the batch of one pipeline call of their runs' prompts in a row: each part's
+    rows are ``halves`` blocks (unconditional then conditional under guidance), and the call's batch is the
+    unconditional block of every part, then the conditional block of every part."""
+    blocks = [part.chunk(halves) for part in parts]
+    return torch.cat([block[h] for h in range(halves) for block in blocks])
+
+
+def _concat(parts: list[Any], join: Any = torch.cat) -> Any:
+    """Concatenate same-structured (nested) outputs along the batch dimension, tensor by tensor (with
+    ``join``); a tensor that appears twice in each part (a down block's last output) stays one shared
+    tensor."""
     first = parts[0]
     if isinstance(first, torch.Tensor):
-        return torch.cat(parts)
+        return join(parts)
     if isinstance(first, (tuple, list)):
         cache: dict[tuple[int, ...], torch.Tensor] = {}
 
@@ -601,7 +704,7 @@ def _concat(parts: list[Any]) -> Any:
             if isinstance(head, torch.Tensor):
                 key = tuple(id(t) for t in items)
                 if key not in cache:
-                    cache[key] = torch.cat(items)
+                    cache[key] = join(items)
                 return cache[key]
             if isinstance(head, (tuple, list)):
                 return type(head)(walk([item[i] for item in items]) for i in range(len(head)))
@@ -741,7 +844,7 @@ def get_calibration(
     Defaults: :data:`DEFAULT_PROMPTS`, one seed each from :data:`DEFAULT_SEED`, the pipeline's default size.
     Only ``criterion`` is measured unless ``criteria`` names more (the ``"feature"`` criterion costs one stock
     run of the prompts; ``"prediction"`` adds N(N-1)/2 decoder passes per prompt, about 20 times more for
-    DDIM-50).
+    DDIM-50; ``"final"`` adds a tail of N-1-j UNet calls for every pair k < j, about N^3/6 calls per prompt).
     """
     from .propagation import get_faster_diffusion
 

@@ -187,6 +187,105 @@ def test_prediction_cost_is_the_error_of_a_propagation_run_at_its_first_non_key_
     assert costs["prediction"][j - 1, j] == pytest.approx(error, rel=1e-4, abs=1e-7)
 
 
+def final_latents(pipe, config: FasterDiffusionConfig | None = None) -> torch.Tensor:
+    """The final latents of one run of :data:`PROMPTS` (stock, or with ``config``)."""
+    handle = apply_faster_diffusion(pipe, config) if config is not None else None
+    try:
+        with torch.inference_mode():
+            return pipe(
+                list(PROMPTS),
+                num_inference_steps=STEPS,
+                guidance_scale=GUIDANCE,
+                height=16,
+                width=16,
+                generator=[torch.Generator().manual_seed(s) for s in SEEDS],
+                output_type="latent",
+            ).images
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def relative_error(fast: torch.Tensor, stock: torch.Tensor) -> float:
+    """Mean over images of ||fast - stock|| / ||stock||."""
+    fast, stock = fast.double().flatten(1), stock.double().flatten(1)
+    return float(((fast - stock).norm(dim=1) / stock.norm(dim=1)).mean())
+
+
+@pytest.mark.parametrize(("sampler", "j"), [("DDIM-50", 2), ("DPM-Solver++-20", 5), ("DPM-Solver-20", 7)])
+def test_final_cost_is_the_final_latent_error_of_a_run_that_reuses_features_at_one_step(
+    make_pipe, sampler, j
+):
+    pipe = make_pipe(sampler)
+    final = measure(pipe, criteria=("final",))["final"]
+    stock = final_latents(pipe)
+    # Every step but j is a key step: step j's decoder reads step j-1's encoder outputs, every other step is
+    # a full UNet call on the (changed, from j+1 on) latents. Its final latents are what cost[j-1, j] charges.
+    keys = KeySteps.explicit(i for i in range(STEPS) if i != j)
+    config = FasterDiffusionConfig(
+        key_steps=keys, parallel=False, noise_injection=NoiseInjection(enabled=False)
+    )
+    error = relative_error(final_latents(pipe, config), stock)
+    assert error > 1e-4
+    assert final[j - 1, j] == pytest.approx(error, rel=1e-4, abs=1e-7)
+
+
+def test_final_cost_of_the_last_step_is_its_prediction_error_through_one_ddim_step(make_pipe):
+    # Nothing runs after the last step: DDIM (eta 0) maps its prediction to the final latent linearly,
+    # x_final = sqrt(a') (x - sqrt(1 - a) eps) / sqrt(a) + sqrt(1 - a') eps, a and a' the alphas of the last
+    # timestep and of the end. So the final latent moves c = |sqrt(1 - a') - sqrt(a') sqrt(1 - a) / sqrt(a)|
+    # times the prediction's change: final = prediction x c ||eps|| / ||x_final||, for one image exactly.
+    pipe = make_pipe("DDIM-50")
+    costs = measure_costs(
+        pipe,
+        num_inference_steps=STEPS,
+        prompts=PROMPTS[:1],
+        seeds=SEEDS[:1],
+        guidance_scale=GUIDANCE,
+        height=16,
+        width=16,
+        criteria=("prediction", "final"),
+    )
+    eps, x_final = None, None
+    outputs: list[torch.Tensor] = []
+    hook = pipe.unet.register_forward_hook(
+        lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out.sample)
+    )
+    try:
+        with torch.inference_mode():
+            x_final = pipe(
+                PROMPTS[0],
+                num_inference_steps=STEPS,
+                guidance_scale=GUIDANCE,
+                height=16,
+                width=16,
+                generator=torch.Generator().manual_seed(SEEDS[0]),
+                output_type="latent",
+            ).images.double()
+    finally:
+        hook.remove()
+    uncond, cond = outputs[-1].double().chunk(2)
+    eps = uncond + GUIDANCE * (cond - uncond)
+    scheduler = pipe.scheduler
+    a = scheduler.alphas_cumprod[int(scheduler.timesteps[-1])].double()
+    a_end = torch.as_tensor(scheduler.final_alpha_cumprod).double()
+    c = abs(float((1 - a_end).sqrt() - a_end.sqrt() * (1 - a).sqrt() / a.sqrt()))
+    last = STEPS - 1
+    expected = costs["prediction"][:last, last] * c * float(eps.norm() / x_final.norm())
+    assert np.all(expected > 1e-6)
+    np.testing.assert_allclose(costs["final"][:last, last], expected, rtol=1e-3)
+
+
+def test_final_costs_are_zero_when_the_encoder_outputs_never_change(make_pipe):
+    pipe = make_pipe("DPM-Solver-20")
+    with torch.no_grad():
+        for module in (pipe.unet.conv_in, *pipe.unet.time_embedding.children()):
+            for parameter in module.parameters():
+                parameter.zero_()
+    # One copy per run (the stock call's batch of 4 rows): the replayed call is the stock call.
+    assert np.all(measure(pipe, criteria=("final",), max_rows=4)["final"] == 0.0)
+
+
 def encoder_features(pipe) -> list[list[torch.Tensor]]:
     """Each step's encoder outputs (conv_in, down blocks, mid block; every distinct tensor) in a stock run."""
     unet = pipe.unet
