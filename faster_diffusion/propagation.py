@@ -154,7 +154,6 @@ class _RunState:
         self.timesteps: torch.Tensor | None = None
         # The same timesteps read to the host once per run (to place injection and find where a run starts).
         self.timestep_values: tuple[float, ...] = ()
-        self.schedule: KeyStepSchedule | None = None
         # The calibration ``auto`` key steps were placed by, kept to place them again on a cut run.
         self.calibration: Any = None
         # Steps the pipeline's loop announced (its progress bar's total), when it did: a run that stops early.
@@ -493,8 +492,8 @@ class _PropagationHook(ModelHook):
                 whole = state.calibration.key_steps(keys.budget, first, stop).resolve(state.num_steps)
                 schedule = whole.cut(first, stop)
             else:
-                schedule = state.schedule.cut(first, stop)
-            state.schedule = state.stats.schedule = schedule
+                schedule = state.stats.schedule.cut(first, stop)
+            state.stats.schedule = schedule
             state.is_key = schedule.is_key
             state.group_end = schedule.group_end
             state.num_steps = stop
@@ -911,7 +910,6 @@ class FasterDiffusion:
         calibration = self._calibration(len(values))
         schedule = self.config.key_steps.resolve(len(values), calibration)
         state.stats = RunStats(schedule=schedule)
-        state.schedule = schedule
         state.calibration = calibration
         state.is_key = schedule.is_key
         state.group_end = schedule.group_end
