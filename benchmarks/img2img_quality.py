@@ -54,17 +54,25 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.quality import (  # noqa: E402
-    SEEDS_PER_COMBO,
     Config,
+    Pairs,
     _display,
+    add_common_arguments,
+    apply_common_arguments,
     classify,
     fmt_ci,
     interval,
     psnr,
+    run_in_batches,
+    tiles,
 )
 from benchmarks.quality import generate as text_to_image  # noqa: E402
 from faster_diffusion import KeySteps, Sampler, apply_faster_diffusion, reference, use_sampler  # noqa: E402
-from faster_diffusion.app.generate import default_key_steps, image_to_image_pipeline  # noqa: E402
+from faster_diffusion.app.generate import (  # noqa: E402
+    default_key_steps,
+    image_to_image_pipeline,
+    image_to_image_steps,
+)
 from faster_diffusion.app.loading import load_pipeline  # noqa: E402
 from faster_diffusion.reference import shapes  # noqa: E402
 
@@ -133,34 +141,28 @@ def generate_img2img(
     runner = image_to_image_pipeline(pipe)  # after use_sampler: it holds the sampler's scheduler
     handle = apply_faster_diffusion(runner, config.faster()) if config.key_steps is not None else None
     steps = sampler.default_steps
-    steps_run = min(int(steps * strength), steps)  # diffusers' get_timesteps
-    images, seconds = [], 0.0
-    encoder = decoder = steps_run
-    described = f"all {steps_run} steps that run ({steps - steps_run} to {steps - 1} of {steps})"
+    steps_run = image_to_image_steps(steps, strength)
     try:
-        for i in range(0, len(prompts), batch):
-            generators = [torch.Generator().manual_seed(int(s)) for s in seeds[i : i + batch]]
-            started = time.perf_counter()
-            with torch.inference_mode():
-                out = runner(
-                    list(prompts[i : i + batch]),
-                    image=inputs[i : i + batch],
-                    strength=strength,
-                    num_inference_steps=steps,
-                    guidance_scale=guidance,
-                    generator=generators,
-                    output_type="np",
-                ).images
-            seconds += time.perf_counter() - started
-            images.append(out.transpose(0, 3, 1, 2) * 2.0 - 1.0)
-            if handle is not None:
-                stats = handle.last_run
-                encoder, decoder = stats.encoder_passes, stats.decoder_passes
-                described = stats.schedule.describe()
+        images, seconds = run_in_batches(
+            runner,
+            prompts,
+            seeds,
+            batch,
+            images=inputs,
+            strength=strength,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+        )
     finally:
         if handle is not None:
             handle.remove()
-    return Img2ImgRun(np.concatenate(images).astype(np.float32), seconds, encoder, decoder, described)
+    if handle is None:
+        encoder = decoder = steps_run
+        described = f"all {steps_run} steps that run ({steps - steps_run} to {steps - 1} of {steps})"
+    else:
+        stats = handle.last_run
+        encoder, decoder, described = stats.encoder_passes, stats.decoder_passes, stats.schedule.describe()
+    return Img2ImgRun(images, seconds, encoder, decoder, described)
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -224,9 +226,7 @@ def save_samples_grid(columns: dict[str, np.ndarray], captions: list[str], path:
     draw = ImageDraw.Draw(grid)
     for c, (name, images) in enumerate(columns.items()):
         draw.text((c * (size + pad) + 2, 2), name, fill="black")
-        pixels = ((images[:rows].clip(-1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
-        for r, image in enumerate(pixels):
-            tile = Image.fromarray(image).resize((size, size), Image.Resampling.NEAREST)
+        for r, tile in enumerate(tiles(images[:rows], size)):
             grid.paste(tile, (c * (size + pad), header + r * (size + pad)))
     for r, text in enumerate(captions):
         draw.text(
@@ -305,20 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--samples", type=Path, default=None, help="the PNG grid (default: img2img-samples.png beside --out)"
     )
-    parser.add_argument("--model", type=Path, default=reference.MODEL_DIR, help="reference model folder")
-    parser.add_argument("--classifier", type=Path, default=reference.CLASSIFIER_PATH)
-    parser.add_argument("--guidance", type=float, default=reference.GUIDANCE_SCALE)
-    parser.add_argument("--boot", type=int, default=None, help="bootstrap resamples (default 1000, quick 20)")
-    parser.add_argument("--batch", type=int, default=80, help="prompts per pipeline call")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
-    args.argv = list(argv if argv is not None else sys.argv[1:])
-    if args.boot is None:
-        args.boot = 20 if args.quick else 1000
-    if args.boot < 2:
-        parser.error("--boot must be at least 2")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    apply_common_arguments(parser, args, argv)
     samples_path = args.samples or args.out.with_name("img2img-samples.png")
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     t0 = time.perf_counter()
@@ -326,14 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline(args.model, device="cpu", safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     classifier = reference.load_classifier(args.classifier)
-    # quality.py's pairs: combination c's seeds are its pairs' indices.
-    combos = shapes.HELD_OUT_COMBOS[:4] if args.quick else shapes.HELD_OUT_COMBOS
-    per_combo = 2 if args.quick else SEEDS_PER_COMBO
-    scenes = [shapes.Scene(*c) for c in combos for _ in range(per_combo)]
-    prompts = [shapes.caption(s) for s in scenes]
-    seeds = list(range(len(scenes)))
-    labels = np.array([s.labels() for s in scenes])
-    input_scenes = [shapes.Scene(*c) for c in input_combos(list(combos), per_combo)]
+    pairs = Pairs.held_out(args.quick)  # quality.py's pairs
+    scenes, prompts, seeds, labels = pairs.scenes, pairs.prompts, pairs.seeds, pairs.labels
+    input_scenes = [shapes.Scene(*c) for c in input_combos(pairs.combos, pairs.per_combo)]
     input_prompts = [shapes.caption(s) for s in input_scenes]
     input_labels = np.array([s.labels() for s in input_scenes])
     rng = np.random.default_rng(0)

@@ -107,9 +107,12 @@ class GenerationRequest:
     @property
     def steps_run(self) -> int:
         """The steps the pipeline runs: all of them, or with an image the last ``int(steps * strength)``."""
-        if self.image is None:
-            return self.steps
-        return min(int(self.steps * self.strength), self.steps)  # diffusers' get_timesteps
+        return self.steps if self.image is None else image_to_image_steps(self.steps, self.strength)
+
+    @property
+    def first_step(self) -> int:
+        """The first step of the sampler's schedule that runs: 0, or with an image ``steps - steps_run``."""
+        return self.steps - self.steps_run
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -133,9 +136,13 @@ class GenerationRequest:
         With an image, the whole schedule's key steps cut to the steps that run, as faster diffusion cuts them
         (:meth:`~faster_diffusion.schedule.KeyStepSchedule.cut`)."""
         schedule = self.faster.key_steps.resolve(self.steps)
-        if self.steps_run < self.steps:
-            schedule = schedule.cut(self.steps - self.steps_run)
-        return schedule
+        return schedule.cut(self.first_step) if self.first_step else schedule
+
+
+def image_to_image_steps(steps: int, strength: float) -> int:
+    """How many of a schedule's ``steps`` an image-to-image run takes at ``strength``: the last
+    ``int(steps * strength)``, as diffusers' ``get_timesteps`` does."""
+    return min(int(steps * strength), steps)
 
 
 #: Repositories of SD v1.5 base weights: the weights the paper's key steps and its FID evidence are for.
@@ -217,7 +224,7 @@ def prepare_key_steps(
         where = f"saved in {folder / CALIBRATION_FILE}" if saved else "kept for this process"
         log(f"Calibrated in {time.perf_counter() - started:.1f} s; {where}")
     # Image-to-image runs the last steps_run steps: auto's budget is placed over them (Calibration.indices).
-    explicit = calibration.key_steps(keys.budget, start=request.steps - request.steps_run)
+    explicit = calibration.key_steps(keys.budget, start=request.first_step)
     return dataclasses.replace(request, faster=dataclasses.replace(request.faster, key_steps=explicit))
 
 
