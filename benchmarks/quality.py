@@ -127,36 +127,45 @@ class RunResult:
     metrics: dict = field(default_factory=dict)
 
 
+def run_in_batches(
+    runner, prompts, seeds, batch: int, images: torch.Tensor | None = None, **call
+) -> tuple[np.ndarray, float]:
+    """``runner`` over ``prompts`` in calls of ``batch`` prompts, one generator seeded ``seeds[i]`` per
+    prompt, ``images`` (image-to-image inputs) sliced alongside, ``call`` passed to every call. Returns the
+    images, (N, 3, H, W) in [-1, 1], and the seconds spent in the calls."""
+    images_out, seconds = [], 0.0
+    for i in range(0, len(prompts), batch):
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[i : i + batch]]
+        inputs = {} if images is None else {"image": images[i : i + batch]}
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = runner(
+                list(prompts[i : i + batch]), **inputs, **call, generator=generators, output_type="np"
+            ).images
+        seconds += time.perf_counter() - started
+        images_out.append(out.transpose(0, 3, 1, 2) * 2.0 - 1.0)
+    return np.concatenate(images_out).astype(np.float32), seconds
+
+
 def generate(
     pipe, sampler: Sampler, config: Config, prompts, seeds, guidance: float, batch: int
 ) -> RunResult:
     use_sampler(pipe, sampler)
     handle = apply_faster_diffusion(pipe, config.faster()) if config.key_steps is not None else None
-    images, seconds, encoder, decoder, keys = [], 0.0, 0, 0, ()
     try:
-        for i in range(0, len(prompts), batch):
-            generators = [torch.Generator().manual_seed(int(s)) for s in seeds[i : i + batch]]
-            started = time.perf_counter()
-            with torch.inference_mode():
-                out = pipe(
-                    list(prompts[i : i + batch]),
-                    num_inference_steps=sampler.default_steps,
-                    guidance_scale=guidance,
-                    generator=generators,
-                    output_type="np",
-                ).images
-            seconds += time.perf_counter() - started
-            images.append(out.transpose(0, 3, 1, 2) * 2.0 - 1.0)
-            if handle is not None:
-                stats = handle.last_run
-                encoder, decoder, keys = stats.encoder_passes, stats.decoder_passes, stats.schedule.indices
+        images, seconds = run_in_batches(
+            pipe, prompts, seeds, batch, num_inference_steps=sampler.default_steps, guidance_scale=guidance
+        )
     finally:
         if handle is not None:
             handle.remove()
     if handle is None:
         encoder = decoder = sampler.default_steps
         keys = tuple(range(sampler.default_steps))
-    return RunResult(np.concatenate(images).astype(np.float32), seconds, encoder, decoder, keys)
+    else:
+        stats = handle.last_run
+        encoder, decoder, keys = stats.encoder_passes, stats.decoder_passes, stats.schedule.indices
+    return RunResult(images, seconds, encoder, decoder, keys)
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -375,11 +384,18 @@ def save_comparison_grid(real: np.ndarray, rows: dict[str, np.ndarray], path: Pa
     draw = ImageDraw.Draw(grid)
     for r, (name, images) in enumerate(all_rows.items()):
         draw.text((4, r * (size + pad) + size // 2 - 6), name, fill="black")
-        pixels = ((images[:count].clip(-1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
-        for c, image in enumerate(pixels):
-            tile = Image.fromarray(image).resize((size, size), Image.Resampling.NEAREST)
+        for c, tile in enumerate(tiles(images[:count], size)):
             grid.paste(tile, (label_width + c * (size + pad), r * (size + pad)))
     grid.save(path)
+
+
+def tiles(images: np.ndarray, size: int) -> list:
+    """Images (N, 3, H, W) in [-1, 1] as PIL images of ``size`` x ``size`` px, upscaled with nearest
+    neighbours so that 32 px images stay sharp."""
+    from PIL import Image
+
+    pixels = ((images.clip(-1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
+    return [Image.fromarray(image).resize((size, size), Image.Resampling.NEAREST) for image in pixels]
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -544,6 +560,59 @@ def report(
     return "\n".join(lines)
 
 
+@dataclass
+class Pairs:
+    """The benchmark's prompt x seed pairs: ``per_combo`` seeds for each held-out combination, pair i's seed
+    being i."""
+
+    combos: list[tuple[str, ...]]
+    per_combo: int
+    scenes: list
+    prompts: list[str]
+    seeds: list[int]
+    labels: np.ndarray
+
+    @classmethod
+    def held_out(cls, quick: bool) -> Pairs:
+        """All held-out combinations with :data:`SEEDS_PER_COMBO` seeds each, or 4 with 2 for ``quick``."""
+        combos = list(shapes.HELD_OUT_COMBOS[:4] if quick else shapes.HELD_OUT_COMBOS)
+        per_combo = 2 if quick else SEEDS_PER_COMBO
+        scenes = [shapes.Scene(*c) for c in combos for _ in range(per_combo)]
+        return cls(
+            combos=combos,
+            per_combo=per_combo,
+            scenes=scenes,
+            prompts=[shapes.caption(s) for s in scenes],
+            seeds=list(range(len(scenes))),
+            labels=np.array([s.labels() for s in scenes]),
+        )
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the benchmarks on the reference model: model, classifier, guidance, bootstrap resamples,
+    batch and threads (see :func:`apply_common_arguments`)."""
+    parser.add_argument("--model", type=Path, default=reference.MODEL_DIR, help="reference model folder")
+    parser.add_argument("--classifier", type=Path, default=reference.CLASSIFIER_PATH)
+    parser.add_argument("--guidance", type=float, default=reference.GUIDANCE_SCALE)
+    parser.add_argument("--boot", type=int, default=None, help="bootstrap resamples (default 1000, quick 20)")
+    parser.add_argument("--batch", type=int, default=80, help="prompts per pipeline call")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+
+
+def apply_common_arguments(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None
+) -> None:
+    """Record the command line for the report, default ``--boot`` (20 with ``--quick``, else 1000), check
+    it, and set the torch threads."""
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    if args.boot is None:
+        args.boot = 20 if args.quick else 1000
+    if args.boot < 2:
+        parser.error("--boot must be at least 2")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -552,32 +621,18 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="a smoke run: 8 pairs, DDIM-50, 3 configurations"
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "quality.md")
-    parser.add_argument("--model", type=Path, default=reference.MODEL_DIR, help="reference model folder")
-    parser.add_argument("--classifier", type=Path, default=reference.CLASSIFIER_PATH)
-    parser.add_argument("--guidance", type=float, default=reference.GUIDANCE_SCALE)
-    parser.add_argument("--boot", type=int, default=None, help="bootstrap resamples (default 1000, quick 20)")
-    parser.add_argument("--batch", type=int, default=80, help="prompts per pipeline call")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
-    args.argv = list(argv if argv is not None else sys.argv[1:])
-    if args.boot is None:
-        args.boot = 20 if args.quick else 1000
-    if args.boot < 2:
-        parser.error("--boot must be at least 2")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    apply_common_arguments(parser, args, argv)
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     t0 = time.perf_counter()
 
     pipe = load_pipeline(args.model, device="cpu", safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     classifier = reference.load_classifier(args.classifier)
-    combos = shapes.HELD_OUT_COMBOS[:4] if args.quick else shapes.HELD_OUT_COMBOS
-    per_combo = 2 if args.quick else SEEDS_PER_COMBO
-    scenes = [shapes.Scene(*c) for c in combos for _ in range(per_combo)]
-    prompts = [shapes.caption(s) for s in scenes]
-    seeds = list(range(len(scenes)))
-    labels = np.array([s.labels() for s in scenes])
+    pairs = Pairs.held_out(args.quick)
+    combos, per_combo, scenes = pairs.combos, pairs.per_combo, pairs.scenes
+    prompts, seeds, labels = pairs.prompts, pairs.seeds, pairs.labels
 
     real_scenes = [shapes.Scene(*c) for c in combos for _ in range(REAL_PER_COMBO)]
     real = shapes.render_batch(real_scenes, [REAL_SEED + i for i in range(len(real_scenes))])
