@@ -15,18 +15,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_speed_benchmark_quick_run_writes_a_report(tmp_path):
-    out = tmp_path / "speed.md"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``python benchmarks/<script> <args>`` from the repository root, on one thread; it must succeed."""
     result = subprocess.run(
-        [sys.executable, "benchmarks/speed.py", "--quick", "--out", str(out)],
+        [sys.executable, f"benchmarks/{script}", *args],
         cwd=ROOT,
-        env=env,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_speed_benchmark_quick_run_writes_a_report(tmp_path):
+    out = tmp_path / "speed.md"
+    run_script("speed.py", "--quick", "--out", str(out))
     report = out.read_text()
     for mode in ("stock", "propagation", "propagation+batched"):
         assert f"| DDIM-50 | {mode} |" in report and f"| DPM-Solver-20 | {mode} |" in report
@@ -38,30 +43,20 @@ def test_speed_benchmark_quick_run_writes_a_report(tmp_path):
 
 def test_speed_benchmark_quick_sdxl_run_reports_the_encoder_share_at_each_size(tmp_path):
     out = tmp_path / "speed-sdxl.md"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/speed.py",
-            "--model",
-            "sdxl",
-            "--quick",
-            "--samplers",
-            "DPM-Solver-20",
-            "--share-sizes",
-            "16,32",
-            "--share-repeats",
-            "1",
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run_script(
+        "speed.py",
+        "--model",
+        "sdxl",
+        "--quick",
+        "--samplers",
+        "DPM-Solver-20",
+        "--share-sizes",
+        "16,32",
+        "--share-repeats",
+        "1",
+        "--out",
+        str(out),
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     report = out.read_text()
     assert report.startswith("# Faster Diffusion speed benchmark: SDXL, 16 px, CPU")
     assert "random weights, `StableDiffusionXLPipeline`; 16 x 16 px" in report  # the tiny SDXL pipeline
@@ -84,17 +79,8 @@ def test_speed_benchmark_quick_sdxl_run_reports_the_encoder_share_at_each_size(t
 
 def test_speed_benchmark_dry_run_checks_every_mode_and_estimates_the_run(tmp_path):
     out = tmp_path / "never-written.md"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["--model", "sdxl", "--quick", "--dry-run", "--share-sizes", "32", "--out", str(out)]
-    result = subprocess.run(
-        [sys.executable, "benchmarks/speed.py", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_script("speed.py", *args)
     assert not out.exists()  # a dry run writes no report
     # Two steps, key step 0 only: stock runs the encoder twice, the batched mode decodes both in one batch.
     passes = dict(re.findall(r"([a-z+]+) [\d.]+ s \(passes (\(\d, \d, \d\))\)", result.stdout))
@@ -123,16 +109,7 @@ def test_img2img_quality_benchmark_quick_run_writes_a_report_and_a_grid(tmp_path
     from PIL import Image
 
     out = tmp_path / "img2img.md"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "benchmarks/img2img_quality.py", "--quick", "--out", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script("img2img_quality.py", "--quick", "--out", str(out))
     report = out.read_text()
     assert "Command: `python benchmarks/img2img_quality.py --quick --out" in report
     assert re.search(r"torch [^,]+, \w+, 1 threads", report)
