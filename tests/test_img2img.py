@@ -65,7 +65,7 @@ def make_img2img(family: str, sampler: str):
 
 
 @torch.inference_mode()
-def run(pipe, *, strength: float = STRENGTH, steps: int = STEPS) -> torch.Tensor:
+def run(pipe, *, strength: float = STRENGTH, steps: int = STEPS, **kwargs) -> torch.Tensor:
     return pipe(
         PROMPT,
         image=input_image(),
@@ -73,6 +73,7 @@ def run(pipe, *, strength: float = STRENGTH, steps: int = STEPS) -> torch.Tensor
         num_inference_steps=steps,
         generator=torch.Generator().manual_seed(0),
         output_type="latent",
+        **kwargs,
     ).images
 
 
@@ -179,16 +180,7 @@ def test_an_interrupted_image_to_image_run_leaves_nothing_behind(sampler):
             pipeline._interrupt = True
         return tensors
 
-    with torch.inference_mode():
-        pipe(
-            PROMPT,
-            image=input_image(),
-            strength=STRENGTH,
-            num_inference_steps=STEPS,
-            generator=torch.Generator().manual_seed(0),
-            output_type="latent",
-            callback_on_step_end=interrupt,
-        )
+    run(pipe, callback_on_step_end=interrupt)
     assert handle.last_run.steps == 4
     assert not handle._state.active and tensors_held(handle) == []
     assert torch.equal(run(pipe), expected)
