@@ -475,9 +475,8 @@ class _PropagationHook(ModelHook):
         Image-to-image (diffusers' ``StableDiffusionImg2ImgPipeline``, ``StableDiffusionXLImg2ImgPipeline``)
         sets the whole schedule of N steps, then runs only its last ``int(N * strength)`` steps; SDXL's
         ``denoising_end`` stops early instead. The rule: the key steps of the whole schedule, cut to the steps
-        that run, with the first step that runs always a key step (:meth:`KeyStepSchedule.cut`); ``auto:B``
-        asks for B encoder passes, which are placed again over the steps that run
-        (:meth:`~faster_diffusion.calibration.Calibration.indices`). Prior noise
+        that run, with the first step that runs always a key step; ``auto:B`` asks for B encoder passes,
+        which are placed again over the steps that run (:meth:`KeySteps.resolve`). Prior noise
         injection keeps its timesteps, and injects the run's own z: the latents at its first step.
         """
         state = self.state
@@ -487,12 +486,7 @@ class _PropagationHook(ModelHook):
             stop = first + state.loop_steps
         if first > 0 or stop < state.num_steps:
             keys = self.handle.config.key_steps
-            if keys.kind is KeyStepKind.AUTO:
-                # auto:B asks for B encoder passes: placed again over the steps that run.
-                whole = state.calibration.key_steps(keys.budget, first, stop).resolve(state.num_steps)
-                schedule = whole.cut(first, stop)
-            else:
-                schedule = state.stats.schedule.cut(first, stop)
+            schedule = keys.resolve(state.num_steps, state.calibration, first, stop)
             state.stats.schedule = schedule
             state.is_key = schedule.is_key
             state.group_end = schedule.group_end

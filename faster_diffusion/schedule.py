@@ -235,12 +235,24 @@ class KeySteps:
             raise KeyStepError(f"key_steps: invalid value {raw!r}: expected {ACCEPTED_FORMS}")
         return cls.explicit(int(part) for part in parts)
 
-    def resolve(self, num_steps: int, calibration: Any = None) -> KeyStepSchedule:
-        """The validated schedule for ``num_steps`` inference steps.
+    def resolve(
+        self, num_steps: int, calibration: Any = None, start: int = 0, stop: int | None = None
+    ) -> KeyStepSchedule:
+        """The validated schedule for ``num_steps`` inference steps, of which steps ``start .. stop-1`` run
+        (all of them by default; image-to-image runs the last ones).
 
         ``AUTO`` needs ``calibration``, a :class:`~faster_diffusion.calibration.Calibration` for ``num_steps``
-        steps; the other kinds ignore it.
+        steps; the other kinds ignore it. For a run of part of the schedule, a list (the paper's, uniform or
+        explicit) is cut to the steps that run (:meth:`KeyStepSchedule.cut`), while ``AUTO``'s budget, a
+        number of encoder passes, is placed again over them (``Calibration.indices``).
         """
+        schedule = self._resolve_whole(num_steps, calibration, start, stop)
+        whole_run = start == 0 and (stop is None or stop == num_steps)
+        return schedule if whole_run else schedule.cut(start, stop)
+
+    def _resolve_whole(
+        self, num_steps: int, calibration: Any, start: int, stop: int | None
+    ) -> KeyStepSchedule:
         _check_num_steps(num_steps)
         if self.kind is KeyStepKind.AUTO:
             if calibration is None:
@@ -258,7 +270,7 @@ class KeySteps:
                     f"key_steps {str(self)!r}: a budget of {self.budget} key steps is more than the "
                     f"{num_steps} steps of the run"
                 )
-            return calibration.key_steps(self.budget).resolve(num_steps)
+            return calibration.key_steps(self.budget, start, stop).resolve(num_steps)
         if self.kind is KeyStepKind.PAPER:
             indices = paper_key_steps(num_steps)
         elif self.kind is KeyStepKind.UNIFORM:

@@ -191,6 +191,7 @@ def test_a_schedule_cut_to_the_steps_that_run_keeps_its_key_steps_and_starts_wit
     assert cut.groups == ((10, 15), (15, 25), (25, 35), (35, 50))
     assert cut.is_key[10] and not cut.is_key[11] and cut.group_end[12] == 15
     assert whole.cut(12, 40).indices == (12, 15, 25, 35)  # 12 is no key step of the whole schedule
+    assert KeySteps.paper().resolve(50, start=12, stop=40) == whole.cut(12, 40)  # resolve cuts a list
     assert KeySteps.every_step().resolve(20).cut(8).is_every_step
     assert cut.describe() == (
         "paper: 4 of the 40 steps that run (10 to 49 of 50) are key steps [10, 15, 25, 35]"

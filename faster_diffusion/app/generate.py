@@ -135,8 +135,7 @@ class GenerationRequest:
 
         With an image, the whole schedule's key steps cut to the steps that run, as faster diffusion cuts them
         (:meth:`~faster_diffusion.schedule.KeyStepSchedule.cut`)."""
-        schedule = self.faster.key_steps.resolve(self.steps)
-        return schedule.cut(self.first_step) if self.first_step else schedule
+        return self.faster.key_steps.resolve(self.steps, start=self.first_step)
 
 
 def image_to_image_steps(steps: int, strength: float) -> int:
