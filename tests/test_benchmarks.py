@@ -172,3 +172,51 @@ def test_img2img_quality_benchmark_quick_run_writes_a_report_and_a_grid(tmp_path
     assert grid.size == (4 * 132 + 420, 16 + 8 * 132)
     tiles = np.asarray(grid.convert("RGB"), dtype=float)[16 : 16 + 128]
     assert np.abs(tiles[:, :128] - tiles[:, 132:260]).mean() > 5  # the input is not the stock output
+
+
+def test_placement_search_neighbours_move_one_key_step_and_keep_step_0():
+    from benchmarks.placement_search import neighbours
+
+    found = neighbours((0, 2, 5, 19), 20)
+    # 2 -> 1, 3, 4 (0 is taken); 5 -> 3, 4, 6, 7; 19 -> 17, 18 (20 and 21 are past the last step).
+    assert found == [
+        (0, 1, 5, 19), (0, 3, 5, 19), (0, 4, 5, 19),
+        (0, 2, 3, 19), (0, 2, 4, 19), (0, 2, 6, 19), (0, 2, 7, 19),
+        (0, 2, 5, 17), (0, 2, 5, 18),
+    ]  # fmt: skip
+    assert all(keys[0] == 0 and len(set(keys)) == 4 for keys in found)
+    # A move past a neighbour is kept sorted and never duplicates a list.
+    assert neighbours((0, 1, 2), 4) == [(0, 2, 3), (0, 1, 3)]
+
+
+def test_placement_search_climbs_to_the_best_list_and_stops_when_nothing_is_better():
+    from benchmarks.placement_search import steepest_ascent
+
+    target = (0, 4, 9, 15)
+    calls = []
+
+    def score(keys):
+        calls.append(keys)
+        return -sum(abs(a - b) for a, b in zip(keys, target, strict=True))
+
+    found, path = steepest_ascent(score, (0, 2, 5, 19), 20, moves=20, log=lambda _: None)
+    assert found == target
+    assert [s for _, s in path] == sorted(s for _, s in path) and len({s for _, s in path}) == len(path)
+    # The moves cap stops early, and a start that is already best does not move.
+    capped, capped_path = steepest_ascent(score, (0, 2, 5, 19), 20, moves=1, log=lambda _: None)
+    assert len(capped_path) == 2 and capped != target
+    assert steepest_ascent(score, target, 20, moves=5, log=lambda _: None) == (target, [(target, 0)])
+
+
+def test_frontier_judging_rules():
+    from benchmarks.frontier import smallest_within_noise, spearman, within_noise
+
+    assert within_noise(-0.004, (-0.03, 0.02)) and within_noise(0.0, (0.0, 0.0))
+    assert not within_noise(-0.011, (-0.05, 0.01))  # point below -1 point
+    assert not within_noise(0.02, (0.005, 0.04))  # interval misses 0
+    assert spearman(np.array([1.0, 2.0, 3.0]), np.array([10.0, 20.0, 30.0])) == pytest.approx(1.0)
+    assert spearman(np.array([1.0, 2.0, 3.0]), np.array([3.0, 2.0, 1.0])) == pytest.approx(-1.0)
+    assert spearman(np.array([1.0, 1.0, 2.0]), np.array([5.0, 5.0, 6.0])) == pytest.approx(1.0)  # ties
+    good, bad = {"delta": 0.0, "delta_ci": (-0.02, 0.02)}, {"delta": -0.05, "delta_ci": (-0.08, -0.01)}
+    assert smallest_within_noise({5: bad, 6: good, 7: bad, 8: good, 9: good}) == (6, 8)
+    assert smallest_within_noise({5: bad, 6: bad}) == (None, None)
