@@ -220,3 +220,20 @@ def test_frontier_judging_rules():
     good, bad = {"delta": 0.0, "delta_ci": (-0.02, 0.02)}, {"delta": -0.05, "delta_ci": (-0.08, -0.01)}
     assert smallest_within_noise({5: bad, 6: good, 7: bad, 8: good, 9: good}) == (6, 8)
     assert smallest_within_noise({5: bad, 6: bad}) == (None, None)
+
+
+def test_placement_search_quick_run_writes_a_report_and_its_data(tmp_path):
+    out = tmp_path / "p.md"
+    run_script("placement_search.py", "--quick", "--budget", "5", "--out", str(out))
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["budget"] == 5 and data["pairs"] == 8 and data["outcome"] in (1, 2, 3)
+    evaluation = data["evaluation"]
+    assert set(evaluation) == {"start (auto)", "A: model alone", "B: tuned on the classifier", "uniform"}
+    assert all(len(m["key_steps"]) == 5 and m["key_steps"][0] == 0 for m in evaluation.values())
+    # Each search starts at the calibrated list and moves at most once in a quick run.
+    start = evaluation["start (auto)"]["key_steps"]
+    for search in ("search_a", "search_b"):
+        path = data[search]["path"]
+        assert path[0][0] == start and len(path) <= 2
+    text = out.read_text()
+    assert "Outcome by the protocol:" in text and "| uniform |" in text
