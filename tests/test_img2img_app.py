@@ -465,3 +465,31 @@ def test_cli_image_to_image_below_strength_1_compares_with_stock(tmp_path, capsy
     out = capsys.readouterr().out
     assert "Image-to-image: strength 0.375, 3 of 8 steps run, output 64x64 (the input image's size)" in out
     assert "3 encoder / 3 decoder passes" in out and "PSNR inf dB" in out
+
+
+def test_run_with_a_prompt_strength_that_runs_no_step_fails_naming_prompt_strength(tmp_path):
+    image = CogPath(saved(noise_image(64, 64), tmp_path / "input.png"))
+    inputs = {**defaults(), "image": image, "prompt_strength": 0.01, "key_steps": "all"}
+
+    with pytest.raises(ValueError) as error:
+        predictor(tmp_path, tiny_sd()).run(**inputs)
+
+    assert str(error.value).startswith(
+        "prompt_strength 0.01 with 50 steps runs no step (int(50 * 0.01) = 0); raise prompt_strength so that "
+        "steps * prompt_strength >= 1"
+    ), str(error.value)
+
+
+def test_run_with_an_image_says_that_width_and_height_are_not_used(tmp_path, capsys):
+    image = CogPath(saved(noise_image(64, 72), tmp_path / "input.png"))
+    inputs = dict(
+        prompt="a red circle", key_steps="all", output_format="png", image=image, sampler="DPM-Solver-20"
+    )
+
+    predictor(tmp_path, tiny_sd()).run(**{**defaults(), **inputs, "width": 128, "height": 96})
+    told = capsys.readouterr().out
+    predictor(tmp_path, tiny_sd()).run(**{**defaults(), **inputs})
+    quiet = capsys.readouterr().out
+
+    note = "width 128 and height 96 are not used with an image: the outputs have its size, 64x72"
+    assert note in told and "are not used with an image" not in quiet

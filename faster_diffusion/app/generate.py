@@ -93,12 +93,7 @@ class GenerationRequest:
             raise ValueError(f"strength must be between 0 and 1, got {strength}")
         if self.image is not None:
             object.__setattr__(self, "image", prepare_image(self.image))
-            if self.steps_run < 1:
-                raise ValueError(
-                    f"strength {strength} with {self.steps} steps runs no step "
-                    f"(int({self.steps} * {strength}) = 0); raise strength so that steps * strength >= 1, "
-                    "or use more steps"
-                )
+            check_image_to_image_steps(self.steps, strength)
 
     @property
     def steps(self) -> int:
@@ -142,6 +137,18 @@ def image_to_image_steps(steps: int, strength: float) -> int:
     """How many of a schedule's ``steps`` an image-to-image run takes at ``strength``: the last
     ``int(steps * strength)``, as diffusers' ``get_timesteps`` does."""
     return min(int(steps * strength), steps)
+
+
+def check_image_to_image_steps(
+    steps: int, strength: float, name: str = "strength", advice: str = ", or use more steps"
+) -> None:
+    """Raise ``ValueError`` naming input ``name`` when ``strength`` runs no step of ``steps``
+    (:func:`image_to_image_steps` is 0); ``advice`` ends the message."""
+    if image_to_image_steps(steps, strength) < 1:
+        raise ValueError(
+            f"{name} {strength} with {steps} steps runs no step (int({steps} * {strength}) = 0); "
+            f"raise {name} so that steps * {name} >= 1{advice}"
+        )
 
 
 #: Repositories of SD v1.5 base weights: the weights the paper's key steps and its FID evidence are for.
