@@ -5,6 +5,7 @@ command line's --image and --strength."""
 from __future__ import annotations
 
 import inspect
+import re
 
 import numpy as np
 import pytest
@@ -175,6 +176,21 @@ def test_the_exif_orientation_is_applied(tmp_path):
     assert image.size == (64, 96)
     assert image.getpixel((63, 0)) == (255, 0, 0)
     assert np.array_equal(np.asarray(image), np.asarray(ImageOps.exif_transpose(Image.open(path))))
+
+
+@pytest.mark.parametrize("suffix", ["gif", "png", "webp"])
+def test_an_animated_image_is_refused_rather_than_cut_to_its_first_frame(suffix, tmp_path):
+    frames = [noise_image(64, 64, seed=seed) for seed in range(3)]
+    path = tmp_path / f"moving.{suffix}"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100)
+
+    message = f"image ({path}): an animated image (3 frames) is not accepted, only a still one"
+    with pytest.raises(ImageInputError, match=re.escape(message)):
+        load_image(path)
+    with Image.open(path) as opened, pytest.raises(ImageInputError, match="an animated image"):
+        prepare_image(opened)
+    frames[0].save(path)
+    assert load_image(path).size == (64, 64)
 
 
 def test_a_size_that_is_not_a_multiple_of_8_is_rounded_down_by_resizing():
