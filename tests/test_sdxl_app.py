@@ -37,6 +37,7 @@ from faster_diffusion.app.generate import (
     GenerationRequest,
     default_key_steps,
     faster_config,
+    generate,
 )
 from faster_diffusion.app.loading import (
     DOWNLOAD_COMMAND,
@@ -275,6 +276,23 @@ def test_sd_safety_checker_runs_on_sdxl_images_and_flagged_ones_are_left_out(che
     assert np.array_equal(np.asarray(outcome.images[1]), np.asarray(unchecked.images[2]))
     assert "NSFW content detected in image 1; it is left out" in capsys.readouterr().out
     assert len(unchecked.images) == 3 and np.asarray(unchecked.images[1]).any()
+
+
+def test_sds_checker_runs_on_sdxl_images_returned_as_arrays_as_on_sds_own(checked_sdxl_weights):
+    """SD's pipeline checks "np" outputs too; on SDXL they came back unchecked and reported as not flagged."""
+    pipe = load_pipeline(checked_sdxl_weights, device="cpu")
+    make_safety_checker_flag_everything(safety_check_of(pipe).checker)
+    request = tiny_request(num_outputs=2, faster=faster_config("all"))
+
+    arrays = generate(pipe, request, output_type="np")
+    latents = generate(pipe, request, output_type="latent")
+
+    assert arrays.nsfw == [True, True]
+    assert all(isinstance(image, np.ndarray) and image.shape == (16, 16, 3) for image in arrays.images)
+    assert not any(image.any() for image in arrays.images)  # blacked out, as SD's checker does
+    assert latents.nsfw == [False, False]  # SD's pipeline does not check latents either
+    with pytest.raises(ValueError, match="output_type 'pt' is not supported with SDXL's safety checker"):
+        generate(pipe, request, output_type="pt")
 
 
 def test_an_sdxl_run_whose_images_are_all_flagged_fails(checked_sdxl_weights):

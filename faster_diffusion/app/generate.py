@@ -350,14 +350,21 @@ def generate(
     ``accelerate`` is false. The pipeline is left as it was found, apart from its sampler.
 
     ``step_callback`` is diffusers' ``callback_on_step_end``; raising from it stops the run between steps.
-    A pipeline with an attached :class:`~faster_diffusion.app.loading.SafetyCheck` (SDXL) has its PIL images
-    checked by it, flagged ones blacked out, as SD's own checker does.
+    A pipeline with an attached :class:`~faster_diffusion.app.loading.SafetyCheck` (SDXL) has its images
+    (``"pil"`` or ``"np"``; ``"latent"`` are not checked, as in SD's pipeline) checked by it, flagged ones
+    blacked out, as SD's own checker does; other output types raise ``ValueError``.
 
     A request with an image runs on :func:`image_to_image_pipeline` of ``pipe`` (the same modules), with
     faster diffusion attached to that pipeline object for the call.
     """
     if not isinstance(request, GenerationRequest):
         raise TypeError(f"request must be a GenerationRequest, got {type(request).__name__}")
+    check = safety_check_of(pipe)  # SDXL: SD's checker, attached by load_pipeline
+    if check is not None and output_type not in ("pil", "np", "latent"):
+        raise ValueError(
+            f"output_type {output_type!r} is not supported with SDXL's safety checker: use 'pil' or 'np' "
+            "(checked), 'latent' (not checked, as in SD's pipeline), or a pipeline without the checker"
+        )
     remove_faster_diffusion(pipe)
     use_sampler(pipe, request.sampler)
     if request.image is None:
@@ -392,8 +399,7 @@ def generate(
             handle.remove()
     images = list(output.images)
     nsfw = getattr(output, "nsfw_content_detected", None)  # SDXL pipelines have no safety checker
-    check = safety_check_of(pipe)  # SDXL: SD's checker, attached by load_pipeline
-    if nsfw is None and check is not None and output_type == "pil":
+    if nsfw is None and check is not None and output_type != "latent":
         images, nsfw = check(images)
     nsfw = [bool(flag) for flag in nsfw] if nsfw is not None else [False] * len(images)
     return GenerationResult(

@@ -308,19 +308,27 @@ class SafetyCheck:
         return self
 
     def __call__(self, images: list[Any]) -> tuple[list[Any], list[bool]]:
-        """``images`` (PIL) with the flagged ones blacked out, and which were flagged."""
+        """``images`` (PIL, or diffusers' ``"np"`` arrays: height x width x 3 in 0..1) with the flagged ones
+        blacked out, and which were flagged."""
+        from diffusers.image_processor import VaeImageProcessor
         from PIL import Image
 
         parameter = next(self.checker.parameters())
-        pixels = self.feature_extractor(images, return_tensors="pt").pixel_values
+        pils = [
+            image if isinstance(image, Image.Image) else VaeImageProcessor.numpy_to_pil(image)[0]
+            for image in images
+        ]
+        pixels = self.feature_extractor(pils, return_tensors="pt").pixel_values
         with torch.no_grad():
             _, flags = self.checker(
                 clip_input=pixels.to(parameter.device, parameter.dtype),
-                images=[np.asarray(image) for image in images],
+                images=[np.asarray(image) for image in pils],
             )
         flags = [bool(flag) for flag in flags]
         checked = [
-            Image.new(image.mode, image.size) if flagged else image
+            (Image.new(image.mode, image.size) if isinstance(image, Image.Image) else np.zeros_like(image))
+            if flagged
+            else image
             for image, flagged in zip(images, flags, strict=True)
         ]
         return checked, flags
