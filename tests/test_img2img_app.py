@@ -111,11 +111,11 @@ def same(a: list, b: list) -> bool:
         ),
         (
             lambda tmp: saved(noise_image(64, 64, "CMYK"), tmp / "print.jpg"),
-            "image ({tmp}/print.jpg): images in mode CMYK are not accepted; use an RGB or greyscale image",
+            "image ({tmp}/print.jpg): images in mode CMYK are not accepted; use an 8-bit RGB or greyscale",
         ),
         (
             lambda tmp: saved(Image.new("I;16", (64, 64), 1000), tmp / "deep.png"),
-            "image ({tmp}/deep.png): images in mode I;16 are not accepted",
+            "image ({tmp}/deep.png): images in mode I;16 are not accepted; use an 8-bit RGB or greyscale",
         ),
         (
             lambda tmp: saved(Image.new("1", (64, 64), 1), tmp / "bits.png"),

@@ -75,8 +75,8 @@ def prepare_image(image: Any, name: str = "image", where: str = "") -> Image.Ima
     _check_size(image, name, where)
     if image.mode not in OPAQUE_MODES + ALPHA_MODES:
         raise ImageInputError(
-            f"{name}{where}: images in mode {image.mode} are not accepted; use an RGB or greyscale image "
-            "(RGBA, LA and palette images only without transparent pixels)"
+            f"{name}{where}: images in mode {image.mode} are not accepted; use an 8-bit RGB or greyscale "
+            "image (RGBA, LA and palette images only without transparent pixels)"
         )
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
