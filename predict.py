@@ -10,10 +10,17 @@ import tempfile
 from cog import BaseRunner, Input, Path
 
 from faster_diffusion.app.download import fetch_at_setup
-from faster_diffusion.app.generate import GenerationRequest, faster_config
+from faster_diffusion.app.generate import GenerationRequest, check_image_to_image_steps, faster_config
 from faster_diffusion.app.images import load_image
 from faster_diffusion.app.loading import default_weights_dir
-from faster_diffusion.app.serving import TextToImage, check_inputs, random_seed, save_images
+from faster_diffusion.app.serving import (
+    TextToImage,
+    check_inputs,
+    describe_unused_size,
+    random_seed,
+    save_images,
+)
+from faster_diffusion.samplers import Sampler
 
 
 class Inputs:
@@ -142,6 +149,9 @@ class Predictor(BaseRunner):
     ) -> list[Path]:
         """Generate images with faster diffusion (and with stock diffusers too, when comparing)."""
         check_inputs(self.run, Inputs, locals())
+        if image is not None:
+            steps = Sampler.parse(sampler).default_steps
+            check_image_to_image_steps(steps, prompt_strength, "prompt_strength", f": at least {1 / steps:g}")
         seed = random_seed() if seed is None else seed
         print(f"Using seed: {seed}")
         request = GenerationRequest(
@@ -164,6 +174,9 @@ class Predictor(BaseRunner):
                 noise_threshold=noise_threshold,
             ),
         )
+        unused = describe_unused_size(request, width, height)
+        if unused is not None:
+            print(unused)
         outcome = self.model.generate(
             request, safety_checker=not disable_safety_checker, compare=compare_with_baseline
         )

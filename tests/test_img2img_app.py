@@ -5,6 +5,7 @@ command line's --image and --strength."""
 from __future__ import annotations
 
 import inspect
+import re
 
 import numpy as np
 import pytest
@@ -110,11 +111,11 @@ def same(a: list, b: list) -> bool:
         ),
         (
             lambda tmp: saved(noise_image(64, 64, "CMYK"), tmp / "print.jpg"),
-            "image ({tmp}/print.jpg): images in mode CMYK are not accepted; use an RGB or greyscale image",
+            "image ({tmp}/print.jpg): images in mode CMYK are not accepted; use an 8-bit RGB or greyscale",
         ),
         (
             lambda tmp: saved(Image.new("I;16", (64, 64), 1000), tmp / "deep.png"),
-            "image ({tmp}/deep.png): images in mode I;16 are not accepted",
+            "image ({tmp}/deep.png): images in mode I;16 are not accepted; use an 8-bit RGB or greyscale",
         ),
         (
             lambda tmp: saved(Image.new("1", (64, 64), 1), tmp / "bits.png"),
@@ -175,6 +176,21 @@ def test_the_exif_orientation_is_applied(tmp_path):
     assert image.size == (64, 96)
     assert image.getpixel((63, 0)) == (255, 0, 0)
     assert np.array_equal(np.asarray(image), np.asarray(ImageOps.exif_transpose(Image.open(path))))
+
+
+@pytest.mark.parametrize("suffix", ["gif", "png", "webp"])
+def test_an_animated_image_is_refused_rather_than_cut_to_its_first_frame(suffix, tmp_path):
+    frames = [noise_image(64, 64, seed=seed) for seed in range(3)]
+    path = tmp_path / f"moving.{suffix}"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100)
+
+    message = f"image ({path}): an animated image (3 frames) is not accepted, only a still one"
+    with pytest.raises(ImageInputError, match=re.escape(message)):
+        load_image(path)
+    with Image.open(path) as opened, pytest.raises(ImageInputError, match="an animated image"):
+        prepare_image(opened)
+    frames[0].save(path)
+    assert load_image(path).size == (64, 64)
 
 
 def test_a_size_that_is_not_a_multiple_of_8_is_rounded_down_by_resizing():
@@ -465,3 +481,31 @@ def test_cli_image_to_image_below_strength_1_compares_with_stock(tmp_path, capsy
     out = capsys.readouterr().out
     assert "Image-to-image: strength 0.375, 3 of 8 steps run, output 64x64 (the input image's size)" in out
     assert "3 encoder / 3 decoder passes" in out and "PSNR inf dB" in out
+
+
+def test_run_with_a_prompt_strength_that_runs_no_step_fails_naming_prompt_strength(tmp_path):
+    image = CogPath(saved(noise_image(64, 64), tmp_path / "input.png"))
+    inputs = {**defaults(), "image": image, "prompt_strength": 0.01, "key_steps": "all"}
+
+    with pytest.raises(ValueError) as error:
+        predictor(tmp_path, tiny_sd()).run(**inputs)
+
+    assert str(error.value).startswith(
+        "prompt_strength 0.01 with 50 steps runs no step (int(50 * 0.01) = 0); raise prompt_strength so that "
+        "steps * prompt_strength >= 1"
+    ), str(error.value)
+
+
+def test_run_with_an_image_says_that_width_and_height_are_not_used(tmp_path, capsys):
+    image = CogPath(saved(noise_image(64, 72), tmp_path / "input.png"))
+    inputs = dict(
+        prompt="a red circle", key_steps="all", output_format="png", image=image, sampler="DPM-Solver-20"
+    )
+
+    predictor(tmp_path, tiny_sd()).run(**{**defaults(), **inputs, "width": 128, "height": 96})
+    told = capsys.readouterr().out
+    predictor(tmp_path, tiny_sd()).run(**{**defaults(), **inputs})
+    quiet = capsys.readouterr().out
+
+    note = "width 128 and height 96 are not used with an image: the outputs have its size, 64x72"
+    assert note in told and "are not used with an image" not in quiet

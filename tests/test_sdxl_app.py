@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -36,12 +37,14 @@ from faster_diffusion.app.generate import (
     GenerationRequest,
     default_key_steps,
     faster_config,
+    generate,
 )
 from faster_diffusion.app.loading import (
     DOWNLOAD_COMMAND,
     SD,
     SDXL,
     WeightsError,
+    has_weights,
     inspect_weights,
     load_pipeline,
     model_size,
@@ -187,6 +190,59 @@ def test_an_incomplete_sdxl_folder_names_what_is_missing(copy_of, breakage, mess
     assert message in str(error.value)
 
 
+def test_sdxl_weights_whose_index_names_the_sd_pipeline_are_refused_saying_so(copy_of):
+    """They loaded as StableDiffusionPipeline and failed at the first request inside the UNet."""
+    folder = copy_of()
+    edit_index(folder, _class_name="StableDiffusionPipeline")
+
+    with pytest.raises(WeightsError) as error:
+        load_pipeline(folder, device="cpu")
+
+    assert str(error.value).startswith(
+        f"{folder} holds SDXL weights (its UNet takes SDXL's 'text_time' embeddings), but "
+        f"{folder / 'model_index.json'} names the pipeline 'StableDiffusionPipeline'; SDXL base's is "
+        "'StableDiffusionXLPipeline'"
+    ), str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        (
+            {"_class_name": ["StableDiffusionXLPipeline"]},
+            "names the pipeline ['StableDiffusionXLPipeline'], which",
+        ),
+        (
+            {"text_encoder": 5},
+            "model_index.json: text_encoder must be [library, class] (or [null, null]), got 5",
+        ),
+    ],
+    ids=["class-name-list", "text-encoder-number"],
+)
+def test_a_malformed_model_index_is_refused_naming_the_entry(copy_of, entries, message):
+    folder = copy_of()
+    save_tiny_checker(folder)
+    edit_index(folder, **entries)
+
+    with pytest.raises(WeightsError, match=re.escape(message)):
+        inspect_weights(folder)
+    assert not has_weights(folder)
+
+
+def test_an_sd_index_whose_safety_checker_entry_is_null_is_refused_naming_it(tmp_path):
+    """diffusers cannot load a null entry (it reads null[0]); [null, null] is its form for no component."""
+    from faster_diffusion.reference.tiny import save_tiny_weights
+
+    folder = save_tiny_weights(tmp_path / "sd", with_safety_checker=True)
+    edit_index(folder, safety_checker=None)
+
+    message = "model_index.json: safety_checker must be [library, class] (or [null, null]), got null"
+    with pytest.raises(WeightsError, match=re.escape(message)):
+        load_pipeline(folder, device="cpu")
+    edit_index(folder, safety_checker=[None, None])
+    assert not inspect_weights(folder).has_safety_checker
+
+
 def test_an_sd_folder_is_still_sd(tmp_path):
     from faster_diffusion.reference.tiny import save_tiny_weights
 
@@ -220,6 +276,23 @@ def test_sd_safety_checker_runs_on_sdxl_images_and_flagged_ones_are_left_out(che
     assert np.array_equal(np.asarray(outcome.images[1]), np.asarray(unchecked.images[2]))
     assert "NSFW content detected in image 1; it is left out" in capsys.readouterr().out
     assert len(unchecked.images) == 3 and np.asarray(unchecked.images[1]).any()
+
+
+def test_sds_checker_runs_on_sdxl_images_returned_as_arrays_as_on_sds_own(checked_sdxl_weights):
+    """SD's pipeline checks "np" outputs too; on SDXL they came back unchecked and reported as not flagged."""
+    pipe = load_pipeline(checked_sdxl_weights, device="cpu")
+    make_safety_checker_flag_everything(safety_check_of(pipe).checker)
+    request = tiny_request(num_outputs=2, faster=faster_config("all"))
+
+    arrays = generate(pipe, request, output_type="np")
+    latents = generate(pipe, request, output_type="latent")
+
+    assert arrays.nsfw == [True, True]
+    assert all(isinstance(image, np.ndarray) and image.shape == (16, 16, 3) for image in arrays.images)
+    assert not any(image.any() for image in arrays.images)  # blacked out, as SD's checker does
+    assert latents.nsfw == [False, False]  # SD's pipeline does not check latents either
+    with pytest.raises(ValueError, match="output_type 'pt' is not supported with SDXL's safety checker"):
+        generate(pipe, request, output_type="pt")
 
 
 def test_an_sdxl_run_whose_images_are_all_flagged_fails(checked_sdxl_weights):

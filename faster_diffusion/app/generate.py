@@ -93,12 +93,7 @@ class GenerationRequest:
             raise ValueError(f"strength must be between 0 and 1, got {strength}")
         if self.image is not None:
             object.__setattr__(self, "image", prepare_image(self.image))
-            if self.steps_run < 1:
-                raise ValueError(
-                    f"strength {strength} with {self.steps} steps runs no step "
-                    f"(int({self.steps} * {strength}) = 0); raise strength so that steps * strength >= 1, "
-                    "or use more steps"
-                )
+            check_image_to_image_steps(self.steps, strength)
 
     @property
     def steps(self) -> int:
@@ -142,6 +137,18 @@ def image_to_image_steps(steps: int, strength: float) -> int:
     """How many of a schedule's ``steps`` an image-to-image run takes at ``strength``: the last
     ``int(steps * strength)``, as diffusers' ``get_timesteps`` does."""
     return min(int(steps * strength), steps)
+
+
+def check_image_to_image_steps(
+    steps: int, strength: float, name: str = "strength", advice: str = ", or use more steps"
+) -> None:
+    """Raise ``ValueError`` naming input ``name`` when ``strength`` runs no step of ``steps``
+    (:func:`image_to_image_steps` is 0); ``advice`` ends the message."""
+    if image_to_image_steps(steps, strength) < 1:
+        raise ValueError(
+            f"{name} {strength} with {steps} steps runs no step (int({steps} * {strength}) = 0); "
+            f"raise {name} so that steps * {name} >= 1{advice}"
+        )
 
 
 #: Repositories of SD v1.5 base weights: the weights the paper's key steps and its FID evidence are for.
@@ -343,14 +350,21 @@ def generate(
     ``accelerate`` is false. The pipeline is left as it was found, apart from its sampler.
 
     ``step_callback`` is diffusers' ``callback_on_step_end``; raising from it stops the run between steps.
-    A pipeline with an attached :class:`~faster_diffusion.app.loading.SafetyCheck` (SDXL) has its PIL images
-    checked by it, flagged ones blacked out, as SD's own checker does.
+    A pipeline with an attached :class:`~faster_diffusion.app.loading.SafetyCheck` (SDXL) has its images
+    (``"pil"`` or ``"np"``; ``"latent"`` are not checked, as in SD's pipeline) checked by it, flagged ones
+    blacked out, as SD's own checker does; other output types raise ``ValueError``.
 
     A request with an image runs on :func:`image_to_image_pipeline` of ``pipe`` (the same modules), with
     faster diffusion attached to that pipeline object for the call.
     """
     if not isinstance(request, GenerationRequest):
         raise TypeError(f"request must be a GenerationRequest, got {type(request).__name__}")
+    check = safety_check_of(pipe)  # SDXL: SD's checker, attached by load_pipeline
+    if check is not None and output_type not in ("pil", "np", "latent"):
+        raise ValueError(
+            f"output_type {output_type!r} is not supported with SDXL's safety checker: use 'pil' or 'np' "
+            "(checked), 'latent' (not checked, as in SD's pipeline), or a pipeline without the checker"
+        )
     remove_faster_diffusion(pipe)
     use_sampler(pipe, request.sampler)
     if request.image is None:
@@ -385,8 +399,7 @@ def generate(
             handle.remove()
     images = list(output.images)
     nsfw = getattr(output, "nsfw_content_detected", None)  # SDXL pipelines have no safety checker
-    check = safety_check_of(pipe)  # SDXL: SD's checker, attached by load_pipeline
-    if nsfw is None and check is not None and output_type == "pil":
+    if nsfw is None and check is not None and output_type != "latent":
         images, nsfw = check(images)
     nsfw = [bool(flag) for flag in nsfw] if nsfw is not None else [False] * len(images)
     return GenerationResult(

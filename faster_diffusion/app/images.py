@@ -2,10 +2,11 @@
 
 An input image is accepted when it is a file Pillow can read, 32 to 1024 px a side (at most the bound of the
 width and height inputs; at least the built-in reference model's 32 px), and RGB or greyscale; RGBA, LA and
-palette images only when fully opaque. Its EXIF orientation is applied (as diffusers' ``load_image`` does), it
-is converted to RGB, and its size is rounded down to a multiple of 8 (resized with Lanczos, as diffusers does
-with a size that is not a multiple of the VAE's scale factor): the output images have that size, as in
-Replicate's Stable Diffusion models, which take the input image's size in img2img mode.
+palette images only when fully opaque, and a still image (one frame; an animated GIF, PNG or WebP is
+refused rather than cut to its first frame). Its EXIF orientation is applied (as diffusers' ``load_image``
+does), it is converted to RGB, and its size is rounded down to a multiple of 8 (resized with Lanczos, as
+diffusers does with a size that is not a multiple of the VAE's scale factor): the output images have that
+size, as in Replicate's Stable Diffusion models, which take the input image's size in img2img mode.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def load_image(path: str | os.PathLike[str], name: str = "image") -> Image.Image
     try:
         with Image.open(path) as opened:
             _check_size(opened, name, f" ({where})")  # before decoding the pixels of an oversized image
+            _check_still(opened, name, f" ({where})")
             opened.load()
             image = ImageOps.exif_transpose(opened)
     except FileNotFoundError:
@@ -67,13 +69,14 @@ def prepare_image(image: Any, name: str = "image", where: str = "") -> Image.Ima
     """
     if not isinstance(image, Image.Image):
         raise ImageInputError(f"{name} must be a PIL image, got {type(image).__name__}")
+    _check_still(image, name, where)
     if image.getexif().get(_ORIENTATION, 1) != 1:
         image = ImageOps.exif_transpose(image)
     _check_size(image, name, where)
     if image.mode not in OPAQUE_MODES + ALPHA_MODES:
         raise ImageInputError(
-            f"{name}{where}: images in mode {image.mode} are not accepted; use an RGB or greyscale image "
-            "(RGBA, LA and palette images only without transparent pixels)"
+            f"{name}{where}: images in mode {image.mode} are not accepted; use an 8-bit RGB or greyscale "
+            "image (RGBA, LA and palette images only without transparent pixels)"
         )
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
@@ -95,6 +98,16 @@ def output_size(size: tuple[int, int]) -> tuple[int, int]:
     """The output size for an input image of ``size`` (width, height): each side rounded down to a multiple
     of :data:`IMAGE_SIZE_MULTIPLE`."""
     return tuple(side - side % IMAGE_SIZE_MULTIPLE for side in size)  # type: ignore[return-value]
+
+
+def _check_still(image: Image.Image, name: str, where: str) -> None:
+    """Refuse an animated image (GIF, APNG, WebP): diffusers would take its first frame and drop the rest."""
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:
+        raise ImageInputError(
+            f"{name}{where}: an animated image ({frames} frames) is not accepted, only a still one; save the "
+            "frame to use as an image of its own"
+        )
 
 
 def _check_size(image: Image.Image, name: str, where: str) -> None:

@@ -124,6 +124,7 @@ def inspect_weights(folder: str | os.PathLike) -> WeightsFolder:
     if not isinstance(index, dict):
         raise WeightsError(f"{index_file} is not a JSON object. {fill}")
     family = _family(path, index, fill)
+    _check_unet_family(path, family, fill)
     missing = [name for name in family.required if not (path / name).is_dir()]
     if missing:
         raise WeightsError(f"{path} is incomplete: missing {', '.join(missing)}. {fill}")
@@ -141,7 +142,7 @@ def inspect_weights(folder: str | os.PathLike) -> WeightsFolder:
         raise WeightsError(f"{path} mixes fp16-only and full-precision weight files across models. {fill}")
     checker = (path / "safety_checker").is_dir() and (path / "feature_extractor").is_dir()
     if family is SD:
-        checker = checker and index.get("safety_checker", [None, None])[0] is not None
+        checker = checker and _has_component(path, index, "safety_checker", fill)
     else:  # not a component of the pipeline: the folders alone say
         checker = checker and any((path / "safety_checker").glob("*.safetensors"))
     return WeightsFolder(path=path, family=family, variant=variants.pop(), has_safety_checker=checker)
@@ -151,7 +152,7 @@ def _family(path: Path, index: dict[str, Any], fill: str) -> Family:
     """The family that ``model_index.json`` (``index``) names; :class:`WeightsError` for any other."""
     name = index.get("_class_name")
     supported = ", ".join(f"{f.pipeline} ({f.description})" for f in FAMILIES.values())
-    no_text_encoder = (index.get("text_encoder") or [None])[0] is None
+    no_text_encoder = not _has_component(path, index, "text_encoder", fill)
     refiner = name == SDXL_REFINER_PIPELINE or (
         name == SDXL.pipeline and (index.get("requires_aesthetics_score") is True or no_text_encoder)
     )
@@ -160,12 +161,52 @@ def _family(path: Path, index: dict[str, Any], fill: str) -> Family:
             f"{path} holds the SDXL refiner ({name}), which is not supported: it only refines the SDXL base "
             f"model's images. Use the base model (stabilityai/stable-diffusion-xl-base-1.0). {fill}"
         )
-    if name not in FAMILIES:
+    if not isinstance(name, str) or name not in FAMILIES:
         raise WeightsError(
             f"{path / 'model_index.json'} names the pipeline {name!r}, which is not supported; supported: "
             f"{supported}. {fill}"
         )
     return FAMILIES[name]
+
+
+def _has_component(path: Path, index: dict[str, Any], name: str, fill: str) -> bool:
+    """Whether ``model_index.json`` (``index``) lists component ``name``: an entry ``[library, class]``, not
+    absent or ``[null, null]``. :class:`WeightsError` for an entry of another form (``null`` included, which
+    diffusers cannot load)."""
+    if name not in index:
+        return False
+    entry = index[name]
+    if not isinstance(entry, list) or len(entry) != 2:
+        raise WeightsError(
+            f"{path / 'model_index.json'}: {name} must be [library, class] (or [null, null]), got "
+            f"{json.dumps(entry)}. {fill}"
+        )
+    return entry[0] is not None
+
+
+def _check_unet_family(path: Path, family: Family, fill: str) -> None:
+    """:class:`WeightsError` when the UNet's config says SDXL (``addition_embed_type`` ``"text_time"``) and
+    ``model_index.json`` names another pipeline, or the other way round. A config that cannot be read is left
+    to the loader to report."""
+    try:
+        config = json.loads((path / "unet" / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(config, dict):
+        return
+    sdxl_unet = config.get("addition_embed_type") == "text_time"
+    if sdxl_unet == (family is SDXL):
+        return
+    holds = (
+        "SDXL weights (its UNet takes SDXL's 'text_time' embeddings)"
+        if sdxl_unet
+        else "a UNet without SDXL's 'text_time' embeddings"
+    )
+    expected = SDXL if sdxl_unet else SD
+    raise WeightsError(
+        f"{path} holds {holds}, but {path / 'model_index.json'} names the pipeline {family.pipeline!r}; "
+        f"{expected.description}'s is {expected.pipeline!r}. {fill}"
+    )
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -267,19 +308,27 @@ class SafetyCheck:
         return self
 
     def __call__(self, images: list[Any]) -> tuple[list[Any], list[bool]]:
-        """``images`` (PIL) with the flagged ones blacked out, and which were flagged."""
+        """``images`` (PIL, or diffusers' ``"np"`` arrays: height x width x 3 in 0..1) with the flagged ones
+        blacked out, and which were flagged."""
+        from diffusers.image_processor import VaeImageProcessor
         from PIL import Image
 
         parameter = next(self.checker.parameters())
-        pixels = self.feature_extractor(images, return_tensors="pt").pixel_values
+        pils = [
+            image if isinstance(image, Image.Image) else VaeImageProcessor.numpy_to_pil(image)[0]
+            for image in images
+        ]
+        pixels = self.feature_extractor(pils, return_tensors="pt").pixel_values
         with torch.no_grad():
             _, flags = self.checker(
                 clip_input=pixels.to(parameter.device, parameter.dtype),
-                images=[np.asarray(image) for image in images],
+                images=[np.asarray(image) for image in pils],
             )
         flags = [bool(flag) for flag in flags]
         checked = [
-            Image.new(image.mode, image.size) if flagged else image
+            (Image.new(image.mode, image.size) if isinstance(image, Image.Image) else np.zeros_like(image))
+            if flagged
+            else image
             for image, flagged in zip(images, flags, strict=True)
         ]
         return checked, flags

@@ -109,6 +109,20 @@ def _check_input(name: str, value: Any, annotation: Any, spec: FieldInfo) -> Non
         raise ValueError(f"{name} must be {bound}, got {value!r}")
 
 
+def describe_unused_size(request: GenerationRequest, width: int | None, height: int | None) -> str | None:
+    """One line for the log when ``width`` or ``height`` was given with an input image, which sets the output
+    size instead (as in Replicate's Stable Diffusion models); ``None`` otherwise."""
+    given = [f"{name} {value}" for name, value in (("width", width), ("height", height)) if value is not None]
+    if request.image is None or not given:
+        return None
+    verb = "are" if len(given) == 2 else "is"
+    output_width, output_height = request.output_size
+    return (
+        f"{' and '.join(given)} {verb} not used with an image: the outputs have its size, "
+        f"{output_width}x{output_height}"
+    )
+
+
 def random_seed() -> int:
     """A seed for a request that gave none."""
     return secrets.randbelow(MAX_SEED + 1)
