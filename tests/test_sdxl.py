@@ -151,3 +151,40 @@ def test_the_generation_layer_runs_an_sdxl_pipeline():
     assert faster.nsfw == stock.nsfw == [False]
     assert (faster.stats.encoder_passes, faster.stats.decoder_passes) == (7, 20)
     assert faster.images[0].size == stock.images[0].size == (16, 16)
+
+
+def sdxl_latents(config, sampler, **call):
+    """Final latents of the tiny SDXL pipeline for one prompt, with ``config`` attached (``None``: stock)."""
+    pipe = build_tiny_sdxl_pipeline()
+    use_sampler(pipe, sampler)
+    handle = apply_faster_diffusion(pipe, config) if config is not None else None
+    with torch.inference_mode():
+        out = pipe(
+            PROMPTS[0],
+            height=16,
+            width=16,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+            **call,
+        ).images
+    return out, handle.last_run if handle is not None else None
+
+
+@pytest.mark.parametrize(("sampler", "steps"), SAMPLERS)
+def test_denoising_end_with_two_images_per_prompt(sampler, steps):
+    call = dict(num_inference_steps=steps, denoising_end=0.6, num_images_per_prompt=2)
+    stock, _ = sdxl_latents(None, sampler, **call)
+    every = FasterDiffusionConfig(
+        key_steps=KeySteps.every_step(), noise_injection=NoiseInjection(enabled=False)
+    )
+    identity, _ = sdxl_latents(every, sampler, **call)
+    assert torch.equal(identity, stock)
+    sequential, _ = sdxl_latents(
+        FasterDiffusionConfig(key_steps=KeySteps.paper(), parallel=False), sampler, **call
+    )
+    parallel, stats = sdxl_latents(FasterDiffusionConfig(key_steps=KeySteps.paper()), sampler, **call)
+    torch.testing.assert_close(parallel, sequential, rtol=1e-4, atol=1e-4)
+    assert parallel.shape == (2, 4, 8, 8)
+    ran = stats.steps
+    assert 0 < ran < steps and stats.decoder_passes == ran
+    assert stats.schedule.indices == tuple(i for i in KeySteps.paper().resolve(steps).indices if i < ran)
