@@ -63,6 +63,9 @@ _BATCHED_INPUTS = (
 #: The ``added_cond_kwargs`` of SDXL's ``addition_embed_type="text_time"``.
 _TEXT_TIME_INPUTS = frozenset({"text_embeds", "time_ids"})
 
+#: The ``encoder_hid_dim_type`` that diffusers' ``load_ip_adapter`` sets on a UNet.
+_IP_ADAPTER_PROJECTION = "ip_image_proj"
+
 #: UNet inputs that would change the encoder features in ways propagation cannot reuse.
 _UNSUPPORTED_INPUTS = (
     "class_labels",
@@ -570,6 +573,13 @@ def check_supported_unet(unet: torch.nn.Module) -> None:
         "encoder_hid_dim_type": config.encoder_hid_dim_type,
     }
     found = {name: value for name, value in unsupported.items() if value is not None}
+    if config.encoder_hid_dim_type == _IP_ADAPTER_PROJECTION:
+        raise UnsupportedModelError(
+            "faster_diffusion: IP-Adapter is not supported with encoder propagation (an IP-Adapter is "
+            f"loaded: this UNet has encoder_hid_dim_type={_IP_ADAPTER_PROJECTION!r}); call "
+            "pipe.unload_ip_adapter() to use faster diffusion, or remove faster diffusion to use the "
+            "IP-Adapter"
+        )
     if found:
         details = ", ".join(f"{name}={value!r}" for name, value in found.items())
         raise UnsupportedModelError(

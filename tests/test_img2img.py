@@ -29,11 +29,12 @@ from faster_diffusion import (
     use_sampler,
 )
 from faster_diffusion.calibration import find_calibration, optimal_key_steps
+from faster_diffusion.propagation import RunStats
 from faster_diffusion.reference.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
 
 from .conftest import PAPER, PAPER_ONE_STEP_AT_A_TIME, STOCK_EQUIVALENT, generate_latents
 from .reference import reference_latents
-from .test_hardening_core import close, tensors_held
+from .test_hardening_core import close, interrupt_at, tensors_held
 from .test_hardening_sched import SUPPORTED, make_scheduler_pipe, steps_for
 
 PROMPT = "a red circle above a blue square"
@@ -335,3 +336,223 @@ def calibrate_tiny(pipe):
     found = find_calibration(pipe, STEPS)
     assert found is not None
     return found
+
+
+# --- Paths of the image-to-image pipelines beyond strength alone ------------------------------------------
+
+#: DPM-Solver++ on a custom list of 14 timesteps (diffusers' ``timesteps=`` call argument).
+CUSTOM_TIMESTEPS = [999, 950, 900, 800, 700, 600, 500, 400, 300, 200, 150, 100, 50, 20]
+
+
+def dpm_solver_pp_img2img(family: str):
+    """An image-to-image pipeline with DPM-Solver++, which accepts a custom ``timesteps=`` list."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    build, pipeline_class = FAMILIES[family]
+    pipe = build(0)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+        pipe.scheduler.config, algorithm_type="dpmsolver++"
+    )
+    img2img = pipeline_class(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    return img2img
+
+
+def check_exact_and_parallel(make, call: dict, *, steps: int) -> RunStats:
+    """Every key step a step equals stock bit for bit; the paper's key steps batched equal them one step at a
+    time. Returns the stats of the batched run, with the schedule of ``steps`` steps it was cut from."""
+    stock = run(make(), steps=steps, **call)
+    identity = make()
+    apply_faster_diffusion(identity, STOCK_EQUIVALENT)
+    assert torch.equal(run(identity, steps=steps, **call), stock)
+    sequential = make()
+    apply_faster_diffusion(sequential, PAPER_ONE_STEP_AT_A_TIME)
+    batched = make()
+    handle = apply_faster_diffusion(batched, PAPER_WHOLE_GROUPS)
+    fast = run(batched, steps=steps, **call)
+    close(fast, run(sequential, steps=steps, **call))
+    assert not torch.equal(fast, stock)
+    stats = handle.last_run
+    assert stats.decoder_passes == stats.steps == stats.schedule.num_steps_run
+    assert stats.encoder_passes == stats.schedule.num_key_steps
+    assert not handle._state.active and tensors_held(handle) == []
+    return stats
+
+
+def paper_cut(steps: int, start: int, stop: int) -> tuple[int, ...]:
+    """The paper's key steps for ``steps`` steps, cut to ``start .. stop-1``, with ``start`` a key step."""
+    kept = [i for i in KeySteps.paper().resolve(steps).indices if start < i < stop]
+    return (start, *kept)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize(
+    "call",
+    [dict(denoising_start=0.5), dict(denoising_start=0.3, denoising_end=0.7)],
+    ids=["start", "start-and-end"],
+)
+def test_sdxl_denoising_start_runs_the_last_steps_exactly_and_in_parallel(sampler, call):
+    """SDXL's ``denoising_start`` (the refiner half of base + refiner, here on the base model) starts at a
+    timestep instead of from strength; with ``denoising_end`` too, the run also stops early."""
+    stats = check_exact_and_parallel(lambda: make_img2img("SDXL", sampler), call, steps=STEPS)
+    schedule = stats.schedule
+    assert 0 < schedule.start < schedule.stop <= STEPS
+    assert (schedule.stop == STEPS) == ("denoising_end" not in call)
+    assert schedule.indices == paper_cut(STEPS, schedule.start, schedule.stop)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("strength", [0.07, 0.1], ids=["one-step", "two-steps"])
+def test_a_strength_that_runs_one_or_two_steps_is_exact(family, sampler, strength):
+    stats = check_exact_and_parallel(
+        lambda: make_img2img(family, sampler), dict(strength=strength), steps=STEPS
+    )
+    ran = int(STEPS * strength)
+    assert stats.schedule.indices == (STEPS - ran,)
+    assert (stats.encoder_passes, stats.decoder_passes, stats.decoder_batches) == (1, ran, 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_custom_timesteps_image_to_image(family):
+    """A ``timesteps=`` list: the key steps are indices into it, cut to the steps that strength runs."""
+    stats = check_exact_and_parallel(
+        lambda: dpm_solver_pp_img2img(family), dict(timesteps=CUSTOM_TIMESTEPS), steps=len(CUSTOM_TIMESTEPS)
+    )
+    first = len(CUSTOM_TIMESTEPS) - int(len(CUSTOM_TIMESTEPS) * STRENGTH)
+    assert (stats.schedule.start, stats.schedule.stop) == (first, len(CUSTOM_TIMESTEPS))
+    assert stats.schedule.indices == paper_cut(len(CUSTOM_TIMESTEPS), first, len(CUSTOM_TIMESTEPS))
+
+
+def change_latents_at(*steps: int):
+    """A step-end callback that moves the latents at the given loop indices (not key steps of the cut run)."""
+
+    def change(pipeline, index, timestep, tensors):
+        if index in steps:
+            tensors["latents"] = tensors["latents"] * 0.9 + 0.05
+        return tensors
+
+    return change
+
+
+IMAGE_TO_IMAGE_OPTIONS = {
+    "no-guidance": dict(guidance_scale=1.0),
+    "two-images": dict(num_images_per_prompt=2),
+    "callback-changes-latents": dict(callback_on_step_end=change_latents_at(0, 3, 5)),
+}
+
+
+@pytest.mark.parametrize(
+    ("family", "call"),
+    [
+        *((family, call) for call in IMAGE_TO_IMAGE_OPTIONS.values() for family in FAMILIES),
+        ("SDXL", dict(guidance_rescale=0.7, clip_skip=1)),  # SD's image-to-image has no guidance_rescale
+    ],
+    ids=[
+        *(f"{name}-{family}" for name in IMAGE_TO_IMAGE_OPTIONS for family in FAMILIES),
+        "rescale-and-clip-skip-SDXL",
+    ],
+)
+def test_image_to_image_call_options_are_exact_and_parallel(family, call):
+    stats = check_exact_and_parallel(lambda: make_img2img(family, "DPM-Solver-20"), call, steps=STEPS)
+    assert stats.schedule.indices == CUT_PAPER_KEY_STEPS
+
+
+def test_sdxl_image_to_image_with_the_users_latents():
+    """SDXL's image-to-image takes ``latents=`` as the run's start, instead of the noised image."""
+    user_latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    stats = check_exact_and_parallel(
+        lambda: make_img2img("SDXL", "DDIM-50"), dict(latents=user_latents, strength=0.3), steps=STEPS
+    )
+    assert stats.schedule.indices == (14, 15)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_each_image_injects_its_own_prior_noise(sampler):
+    """Two images per prompt: each image's z is its own noised latents, as tests/reference.py computes it for
+    that image alone."""
+    injection = NoiseInjection(alpha=0.05, tau=1000)
+    pipe = make_img2img("SD", sampler)
+    apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=KeySteps.paper(), noise_injection=injection))
+    fast = run(pipe, num_images_per_prompt=2)
+
+    stock = make_img2img("SD", sampler)
+    stock.scheduler.set_timesteps(STEPS)
+    timesteps, _ = stock.get_timesteps(STEPS, STRENGTH, "cpu")
+    noised = stock.prepare_latents(
+        stock.image_processor.preprocess(input_image()),
+        timesteps[:1],
+        1,
+        2,
+        torch.float32,
+        torch.device("cpu"),
+        torch.Generator().manual_seed(0),
+    )
+    assert not torch.equal(noised[0], noised[1])
+    for image in range(2):
+        expected = reference_latents(
+            stock,
+            PROMPT,
+            num_steps=STEPS,
+            key_steps=CUT_PAPER_KEY_STEPS,
+            alpha=injection.alpha,
+            tau=injection.tau,
+            guidance_scale=7.5,
+            seed=0,
+            height=16,
+            width=16,
+            start=FIRST_STEP,
+            latents=noised[image : image + 1],
+        )
+        close(fast[image : image + 1], expected)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_one_step_image_to_image_follows_the_hand_written_reference(sampler):
+    injection = NoiseInjection(alpha=0.05, tau=1000)
+    pipe = make_img2img("SD", sampler)
+    apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=KeySteps.paper(), noise_injection=injection))
+    fast = run(pipe, strength=0.07)
+
+    stock = make_img2img("SD", sampler)
+    stock.scheduler.set_timesteps(STEPS)
+    timesteps, _ = stock.get_timesteps(STEPS, 0.07, "cpu")
+    noised = stock.prepare_latents(
+        stock.image_processor.preprocess(input_image()),
+        timesteps[:1],
+        1,
+        1,
+        torch.float32,
+        torch.device("cpu"),
+        torch.Generator().manual_seed(0),
+    )
+    expected = reference_latents(
+        stock,
+        PROMPT,
+        num_steps=STEPS,
+        key_steps=(STEPS - 1,),
+        alpha=injection.alpha,
+        tau=injection.tau,
+        guidance_scale=7.5,
+        seed=0,
+        height=16,
+        width=16,
+        start=STEPS - 1,
+        latents=noised,
+    )
+    close(fast, expected)
+
+
+def test_sdxl_interrupted_run_then_a_denoising_start_run_on_the_same_pipeline():
+    """An interrupted run, then at once a run that starts elsewhere on the same pipeline: the second is a
+    fresh run, equal to that run on a pipeline that never ran."""
+    fresh = make_img2img("SDXL", "DPM-Solver-20")
+    apply_faster_diffusion(fresh, PAPER)
+    expected = run(fresh, denoising_start=0.5)
+
+    pipe = make_img2img("SDXL", "DPM-Solver-20")
+    handle = apply_faster_diffusion(pipe, PAPER)
+    run(pipe, callback_on_step_end=interrupt_at(3))
+    assert handle.last_run.steps == 4
+    assert torch.equal(run(pipe, denoising_start=0.5), expected)
+    assert handle.last_run.schedule.start > FIRST_STEP

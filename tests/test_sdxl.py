@@ -151,3 +151,91 @@ def test_the_generation_layer_runs_an_sdxl_pipeline():
     assert faster.nsfw == stock.nsfw == [False]
     assert (faster.stats.encoder_passes, faster.stats.decoder_passes) == (7, 20)
     assert faster.images[0].size == stock.images[0].size == (16, 16)
+
+
+def sdxl_latents(config, sampler, **call):
+    """Final latents of the tiny SDXL pipeline for one prompt, with ``config`` attached (``None``: stock)."""
+    pipe = build_tiny_sdxl_pipeline()
+    use_sampler(pipe, sampler)
+    handle = apply_faster_diffusion(pipe, config) if config is not None else None
+    with torch.inference_mode():
+        out = pipe(
+            PROMPTS[0],
+            height=16,
+            width=16,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+            **call,
+        ).images
+    return out, handle.last_run if handle is not None else None
+
+
+@pytest.mark.parametrize(("sampler", "steps"), SAMPLERS)
+def test_denoising_end_with_two_images_per_prompt(sampler, steps):
+    call = dict(num_inference_steps=steps, denoising_end=0.6, num_images_per_prompt=2)
+    stock, _ = sdxl_latents(None, sampler, **call)
+    every = FasterDiffusionConfig(
+        key_steps=KeySteps.every_step(), noise_injection=NoiseInjection(enabled=False)
+    )
+    identity, _ = sdxl_latents(every, sampler, **call)
+    assert torch.equal(identity, stock)
+    sequential, _ = sdxl_latents(
+        FasterDiffusionConfig(key_steps=KeySteps.paper(), parallel=False), sampler, **call
+    )
+    parallel, stats = sdxl_latents(FasterDiffusionConfig(key_steps=KeySteps.paper()), sampler, **call)
+    torch.testing.assert_close(parallel, sequential, rtol=1e-4, atol=1e-4)
+    assert parallel.shape == (2, 4, 8, 8)
+    ran = stats.steps
+    assert 0 < ran < steps and stats.decoder_passes == ran
+    assert stats.schedule.indices == tuple(i for i in KeySteps.paper().resolve(steps).indices if i < ran)
+
+
+def load_tiny_ip_adapter(unet, image_embed_dim: int = 16) -> None:
+    """Load a random IP-Adapter (diffusers' original format: image projection and per-layer to_k_ip/to_v_ip)
+    into ``unet``, as ``pipe.load_ip_adapter`` does with downloaded weights."""
+    generator = torch.Generator().manual_seed(1)
+    cross = unet.config.cross_attention_dim
+    image_proj = {
+        "proj.weight": torch.randn(4 * cross, image_embed_dim, generator=generator),
+        "proj.bias": torch.zeros(4 * cross),
+        "norm.weight": torch.ones(cross),
+        "norm.bias": torch.zeros(cross),
+    }
+    ip_adapter = {}
+    key = 1
+    for name in unet.attn_processors:
+        if not name.endswith("attn2.processor"):
+            continue
+        level = int(name.split(".")[1]) if not name.startswith("mid_block") else -1
+        channels = unet.config.block_out_channels
+        width = list(reversed(channels))[level] if name.startswith("up_blocks") else channels[level]
+        ip_adapter[f"{key}.to_k_ip.weight"] = torch.randn(width, cross, generator=generator)
+        ip_adapter[f"{key}.to_v_ip.weight"] = torch.randn(width, cross, generator=generator)
+        key += 2
+    unet._load_ip_adapter_weights([{"image_proj": image_proj, "ip_adapter": ip_adapter}])
+
+
+@pytest.mark.parametrize("loaded", ["before-apply", "after-apply"])
+def test_an_ip_adapter_is_refused_by_name(loaded):
+    """An IP-Adapter's image tokens are refused with an error that names IP-Adapter and says what to do,
+    whether it was loaded before faster diffusion was attached or after."""
+    pipe = build_tiny_sdxl_pipeline()
+    use_sampler(pipe, "DDIM-50")
+    message = r"IP-Adapter is not supported with encoder propagation.*pipe\.unload_ip_adapter\(\)"
+    if loaded == "before-apply":
+        load_tiny_ip_adapter(pipe.unet)
+        with pytest.raises(UnsupportedModelError, match=message):
+            apply_faster_diffusion(pipe, FasterDiffusionConfig())
+        return
+    handle = apply_faster_diffusion(pipe, FasterDiffusionConfig())
+    load_tiny_ip_adapter(pipe.unet)
+    with pytest.raises(UnsupportedModelError, match=message), torch.inference_mode():
+        pipe(
+            PROMPTS[0],
+            num_inference_steps=4,
+            height=16,
+            width=16,
+            output_type="latent",
+            ip_adapter_image_embeds=[torch.randn(2, 1, 16)],
+        )
+    assert not handle._state.active
