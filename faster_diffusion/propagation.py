@@ -24,7 +24,7 @@ import contextlib
 import functools
 import inspect
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -873,13 +873,23 @@ class FasterDiffusion:
         """The key-step schedule a run of ``num_steps`` steps will use (validates it now)."""
         return self.config.key_steps.resolve(num_steps, self._calibration(num_steps))
 
-    def _calibration(self, num_steps: int) -> Any:
+    def _calibration(self, num_steps: int, timesteps: Sequence[float] | None = None) -> Any:
         """For ``key_steps="auto"``: the calibration of this model, sampler and step count (a clear error if
-        there is none); ``None`` for the other kinds."""
+        there is none, or if the run's ``timesteps`` are not the scheduler's own for that step count, the only
+        ones a calibration measures); ``None`` for the other kinds."""
         if self.config.key_steps.kind is not KeyStepKind.AUTO:
             return None
-        from .calibration import CalibrationError, find_calibration, missing_message
+        from .calibration import CalibrationError, find_calibration, missing_message, scheduler_timesteps
 
+        if timesteps is not None:
+            own = scheduler_timesteps(self.scheduler, num_steps)
+            given = tuple(int(t) for t in timesteps)
+            if given != own:
+                raise CalibrationError(
+                    f"key_steps 'auto' is calibrated on the scheduler's own {num_steps} timesteps "
+                    f"({_span(own)}), and this run was given others ({_span(given)}), as by the pipeline's "
+                    "timesteps= argument; pass explicit key steps for a run on custom timesteps"
+                )
         pipe = self._pipe()
         found = find_calibration(pipe, num_steps, self.scheduler) if pipe is not None else None
         if found is None:
@@ -911,7 +921,7 @@ class FasterDiffusion:
         check_supported_scheduler(self.scheduler)
         # One host read of the timesteps per run (not per step), to place the injection steps.
         values = timesteps.detach().to("cpu", torch.float64).tolist()
-        calibration = self._calibration(len(values))
+        calibration = self._calibration(len(values), values)
         schedule = self.config.key_steps.resolve(len(values), calibration)
         state.stats = RunStats(schedule=schedule)
         state.calibration = calibration
@@ -922,6 +932,13 @@ class FasterDiffusion:
         state.timestep_values = tuple(values)
         state.num_steps = len(values)
         state.active = True
+
+
+def _span(timesteps: Sequence[int]) -> str:
+    """Timesteps for a message: all of them when few, else the first three and the last."""
+    if len(timesteps) <= 6:
+        return ", ".join(map(str, timesteps))
+    return f"{', '.join(map(str, timesteps[:3]))}, ..., {timesteps[-1]}"
 
 
 def apply_faster_diffusion(pipe: Any, config: FasterDiffusionConfig | None = None) -> FasterDiffusion:

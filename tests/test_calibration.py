@@ -620,6 +620,32 @@ def test_auto_uses_the_calibration_of_the_run(make_pipe):
         generate_latents(pipe, steps=6)
 
 
+def test_auto_refuses_a_run_on_custom_timesteps_and_takes_the_scheduler_s_own(make_pipe):
+    """A calibration measures the scheduler's own timesteps for its step count: ``auto`` on a run given other
+    timesteps (the pipeline's ``timesteps=``) fails before the UNet runs, instead of placing key steps from
+    another trajectory; the same timesteps passed explicitly run as the default ones do."""
+    pipe = make_pipe("DPM-Solver++-20")
+    calibrate(pipe, num_inference_steps=STEPS, prompts=PROMPTS[:1])
+    own = scheduler_timesteps(pipe.scheduler, STEPS)
+    custom = [999, 900, 800, 600, 400, 250, 100, 20]
+    assert len(custom) == STEPS and tuple(custom) != own
+    calls = count_unet_calls(pipe)
+    with apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=KeySteps.auto())) as handle:
+        with pytest.raises(
+            CalibrationError, match=r"given others \(999, 900, 800, \.\.\., 20\).*custom timesteps"
+        ):
+            generate_latents(pipe, steps=STEPS, timesteps=custom)
+        assert calls == [0] and not handle._state.active
+        default = generate_latents(pipe, steps=STEPS)
+        assert torch.equal(generate_latents(pipe, steps=STEPS, timesteps=list(own)), default)
+        assert handle.last_run.schedule.indices == find_calibration(pipe, STEPS).indices()
+    with apply_faster_diffusion(
+        pipe, FasterDiffusionConfig(key_steps=KeySteps.explicit([0, 3, 6]))
+    ) as handle:
+        generate_latents(pipe, steps=STEPS, timesteps=custom)  # explicit key steps take any timesteps
+        assert handle.last_run.encoder_passes == 3
+
+
 @pytest.mark.parametrize("budget", [0, STEPS + 1, 2.5, True])
 def test_calibrate_checks_the_budget_before_measuring(make_pipe, budget):
     pipe = make_pipe("DDIM-50")
