@@ -33,7 +33,7 @@ class Inputs:
     )
     negative_prompt = Input(description="Text to steer away from.", default="")
     image = Input(
-        description="Input image for img2img mode. The outputs have its size, rounded down to a multiple of 8 (width and height are not used). 32 to 1024 px a side; RGB or greyscale (RGBA and palette images only without transparent pixels).",  # noqa: E501
+        description="Input image for img2img mode. The outputs have its size, rounded down to a multiple of 8 (width and height are not used). 32 to 1024 px a side; RGB or greyscale (RGBA and palette images only without transparent pixels); a still image, not an animation.",  # noqa: E501
         default=None,
     )
     prompt_strength = Input(

@@ -193,6 +193,20 @@ def test_an_animated_image_is_refused_rather_than_cut_to_its_first_frame(suffix,
     assert load_image(path).size == (64, 64)
 
 
+def test_a_jpeg_with_a_second_picture_is_a_still_photo_not_an_animation(tmp_path):
+    """Cameras and phones store a preview or a gain map in their JPEGs; Pillow opens such a file as MPO with
+    2 frames. It is read as its first picture, as diffusers does."""
+    photo, preview = noise_image(64, 48, seed=0), noise_image(32, 24, seed=1)
+    path = tmp_path / "camera.jpg"
+    photo.save(path, "MPO", save_all=True, append_images=[preview])
+    with Image.open(path) as opened:
+        assert opened.format == "MPO" and opened.n_frames == 2
+        first = np.asarray(opened.convert("RGB"))
+        assert prepare_image(opened).size == (64, 48)
+    image = load_image(path)
+    assert image.size == (64, 48) and np.array_equal(np.asarray(image), first)
+
+
 def test_a_size_that_is_not_a_multiple_of_8_is_rounded_down_by_resizing():
     image = noise_image(71, 66)
     ready = prepare_image(image)

@@ -100,13 +100,18 @@ def output_size(size: tuple[int, int]) -> tuple[int, int]:
     return tuple(side - side % IMAGE_SIZE_MULTIPLE for side in size)  # type: ignore[return-value]
 
 
+#: Formats whose files can hold an animation.
+ANIMATED_FORMATS = frozenset({"GIF", "PNG", "WEBP"})
+
+
 def _check_still(image: Image.Image, name: str, where: str) -> None:
-    """Refuse an animated image (GIF, APNG, WebP): diffusers would take its first frame and drop the rest."""
-    frames = getattr(image, "n_frames", 1)
-    if frames > 1:
+    """Refuse an animation (GIF, APNG, WebP): diffusers would take its first frame and drop the rest. Other
+    files with several pictures are read as their first one, as diffusers does: a JPEG that carries a
+    preview or a gain map (which Pillow opens as MPO, with 2 or more frames) is a still photo."""
+    if image.format in ANIMATED_FORMATS and getattr(image, "is_animated", False):
         raise ImageInputError(
-            f"{name}{where}: an animated image ({frames} frames) is not accepted, only a still one; save the "
-            "frame to use as an image of its own"
+            f"{name}{where}: an animated image ({image.n_frames} frames) is not accepted, only a still one; "
+            "save the frame to use as an image of its own"
         )
 
 
