@@ -55,6 +55,7 @@ from faster_diffusion.reference.tiny import (
     build_tiny_components,
     build_tiny_sdxl_pipeline,
     make_safety_checker_flag_everything,
+    save_tiny_weights,
 )
 
 from .test_serving import defaults
@@ -205,6 +206,22 @@ def test_sdxl_weights_whose_index_names_the_sd_pipeline_are_refused_saying_so(co
     ), str(error.value)
 
 
+def test_sd_weights_whose_index_names_the_sdxl_pipeline_are_refused_saying_so(tmp_path):
+    """The other direction: an SD v1.5-shaped UNet under an index that names SDXL's pipeline is refused for
+    what it is, before the missing second text encoder is reported."""
+    folder = save_tiny_weights(tmp_path / "sd", with_safety_checker=False)
+    edit_index(folder, _class_name="StableDiffusionXLPipeline")
+
+    with pytest.raises(WeightsError) as error:
+        load_pipeline(folder, device="cpu")
+
+    assert str(error.value).startswith(
+        f"{folder} holds a UNet without SDXL's 'text_time' embeddings, but {folder / 'model_index.json'} "
+        "names the pipeline 'StableDiffusionXLPipeline'; "
+    ), str(error.value)
+    assert "'StableDiffusionPipeline'" in str(error.value)
+
+
 @pytest.mark.parametrize(
     ("entries", "message"),
     [
@@ -231,8 +248,6 @@ def test_a_malformed_model_index_is_refused_naming_the_entry(copy_of, entries, m
 
 def test_an_sd_index_whose_safety_checker_entry_is_null_is_refused_naming_it(tmp_path):
     """diffusers cannot load a null entry (it reads null[0]); [null, null] is its form for no component."""
-    from faster_diffusion.reference.tiny import save_tiny_weights
-
     folder = save_tiny_weights(tmp_path / "sd", with_safety_checker=True)
     edit_index(folder, safety_checker=None)
 
