@@ -887,8 +887,9 @@ class FasterDiffusion:
             if given != own:
                 raise CalibrationError(
                     f"key_steps 'auto' is calibrated on the scheduler's own {num_steps} timesteps "
-                    f"({_span(own)}), and this run was given others ({_span(given)}), as by the pipeline's "
-                    "timesteps= argument; pass explicit key steps for a run on custom timesteps"
+                    f"({_span(own)}), and this run was given others ({_span(given)}), as by a timesteps= "
+                    "argument or a set_timesteps option (LCM's original_inference_steps or strength); pass "
+                    "explicit key steps (such as 'paper' or a list) for a run on custom timesteps"
                 )
         pipe = self._pipe()
         found = find_calibration(pipe, num_steps, self.scheduler) if pipe is not None else None
