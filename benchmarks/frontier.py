@@ -63,7 +63,6 @@ from faster_diffusion.calibration import (  # noqa: E402
     register,
     schedule_cost,
 )
-from faster_diffusion.reference import shapes  # noqa: E402
 from faster_diffusion.schedule import evenly_spaced_key_steps, paper_shaped_key_steps  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -114,6 +113,34 @@ def schedules_for(sampler: Sampler, budgets, costs: dict[str, np.ndarray]) -> di
 
 def within_noise(delta: float, ci: tuple[float, float]) -> bool:
     return ci[0] <= 0.0 <= ci[1] and delta * 100 >= WITHIN_NOISE_POINTS
+
+
+class Judge:
+    """Scores runs against stock on one set of pairs, as the protocol does: faithfulness (all five attributes
+    read right) as a difference to stock with a paired bootstrap interval, and PSNR against stock's image of
+    the same pair (capped at 100 dB) with its interval. Every run is scored on the same ``draws``."""
+
+    def __init__(self, classifier, labels: np.ndarray, stock_images: np.ndarray, draws: list[np.ndarray]):
+        self.classifier, self.labels, self.stock_images, self.draws = classifier, labels, stock_images, draws
+        self.stock_correct = self.correct(stock_images)
+        self.stock_boot = np.array([self.stock_correct[d].mean() for d in draws])
+
+    def correct(self, images: np.ndarray) -> np.ndarray:
+        """1.0 for each image whose five attributes the classifier reads right, else 0.0."""
+        predicted, _ = quality.classify(self.classifier, images)
+        return (predicted == self.labels).all(axis=1).astype(np.float64)
+
+    def __call__(self, images: np.ndarray) -> dict:
+        """``all`` (share fully right), ``delta`` and ``delta_ci`` (to stock), ``psnr`` and ``psnr_ci``."""
+        correct = self.correct(images)
+        p = np.minimum(quality.psnr(images, self.stock_images), 100.0)
+        return {
+            "all": float(correct.mean()),
+            "delta": float(correct.mean() - self.stock_correct.mean()),
+            "delta_ci": quality.interval(np.array([correct[d].mean() for d in self.draws]) - self.stock_boot),
+            "psnr": float(p.mean()),
+            "psnr_ci": quality.interval(np.array([p[d].mean() for d in self.draws])),
+        }
 
 
 def plot(results: dict, path: Path) -> None:
@@ -202,13 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         for calibration in calibrations:
             register(pipe.unet, calibration)
     classifier = reference.load_classifier(reference.CLASSIFIER_PATH)
-    combos = shapes.HELD_OUT_COMBOS[:4] if args.quick else shapes.HELD_OUT_COMBOS
-    per_combo = 2 if args.quick else quality.SEEDS_PER_COMBO
-    scenes = [shapes.Scene(*c) for c in combos for _ in range(per_combo)]
-    prompts = [shapes.caption(s) for s in scenes]
-    seeds = list(range(len(scenes)))
-    labels = np.array([s.labels() for s in scenes])
-    n = len(scenes)
+    pairs = quality.Pairs.held_out(args.quick)
+    prompts, seeds, labels = pairs.prompts, pairs.seeds, pairs.labels
+    n = len(prompts)
     rng = np.random.default_rng(0)
     draws = [rng.integers(0, n, n) for _ in range(boot)]
     guidance = reference.GUIDANCE_SCALE
@@ -228,24 +251,15 @@ def main(argv: list[str] | None = None) -> int:
         stock = quality.generate(
             pipe, sampler, quality.Config("stock", None), prompts, seeds, guidance, args.batch
         )
-        predicted, _ = quality.classify(classifier, stock.images)
-        stock_correct = (predicted == labels).all(axis=1).astype(np.float64)
-        stock_boot = np.array([stock_correct[d].mean() for d in draws])
-        stock_rows[sampler] = {"all": float(stock_correct.mean()), "seconds": stock.seconds}
+        judge = Judge(classifier, labels, stock.images, draws)
+        stock_rows[sampler] = {"all": float(judge.stock_correct.mean()), "seconds": stock.seconds}
         measured: dict[tuple, dict] = {}
         for indices in dict.fromkeys(schedules.values()):
             config = quality.Config(f"keys {indices}", KeySteps.explicit(indices))
             run = quality.generate(pipe, sampler, config, prompts, seeds, guidance, args.batch)
-            predicted, _ = quality.classify(classifier, run.images)
-            correct = (predicted == labels).all(axis=1).astype(np.float64)
-            p = np.minimum(quality.psnr(run.images, stock.images), 100.0)
             measured[indices] = {
                 "key_steps": list(indices),
-                "all": float(correct.mean()),
-                "delta": float(correct.mean() - stock_correct.mean()),
-                "delta_ci": quality.interval(np.array([correct[d].mean() for d in draws]) - stock_boot),
-                "psnr": float(p.mean()),
-                "psnr_ci": quality.interval(np.array([p[d].mean() for d in draws])),
+                **judge(run.images),
                 "seconds": run.seconds,
                 "cost": {c: schedule_cost(costs[c], indices) for c in criteria},
             }
