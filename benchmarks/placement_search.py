@@ -5,8 +5,9 @@ The protocol, written before the first run, is ``benchmarks/results/placement-se
 - Start from the committed ``auto`` placement at the budget; neighbours move one key step other than 0 by
   -2, -1, +1 or +2. Steepest ascent, at most ``--moves`` moves, scores cached; deterministic.
 - Search A (the model alone): mean PSNR against stock over the calibration prompts and seeds.
-- Search B (tuned on the classifier, a bound): all-five-attributes-right count over development pairs (the
-  held-out combinations x 3 seeds from 50,000), ties broken by their mean PSNR against stock.
+- Search B (tuned on the classifier, an optimistic reference): all-five-attributes-right count over
+  development pairs (the held-out combinations x 3 seeds from 50,000), ties broken by their mean PSNR against
+  stock.
 - Then one evaluation on the frontier's evaluation set (seeds 0-239): stock, the start, A's and B's lists and
   uniform spacing, with the frontier's bootstrap and "within noise" rule.
 
@@ -73,6 +74,14 @@ def steepest_ascent(score, start: tuple[int, ...], num_steps: int, moves: int, l
     return current, path
 
 
+def decide(a: dict, b: dict, start: dict) -> int:
+    """The protocol's outcome from the evaluation of search A's list, search B's and the start: 1 when A's is
+    within noise with a point at least the start's; else 2 when B's is within noise; else 3."""
+    if a["within_noise"] and a["delta"] >= start["delta"]:
+        return 1
+    return 2 if b["within_noise"] else 3
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -82,38 +91,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampler", type=Sampler.parse, default=Sampler.DPM_SOLVER)
     parser.add_argument("--budget", type=int, default=None, help="key steps (default: the paper's budget)")
     parser.add_argument("--moves", type=int, default=10, help="at most this many moves per search")
-    parser.add_argument("--batch", type=int, default=80, help="prompts per pipeline call")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    quality.add_common_arguments(parser)
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    quality.apply_common_arguments(parser, args, argv)
     moves = 1 if args.quick else args.moves
-    boot = 20 if args.quick else 1000
     sampler, steps = args.sampler, args.sampler.default_steps
     budget = args.budget if args.budget is not None else paper_budget(steps)
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     t0 = time.perf_counter()
-    argv_list = list(argv if argv is not None else sys.argv[1:])
 
-    pipe = load_pipeline(reference.MODEL_DIR, dtype=torch.float32, safety_checker=False)
+    pipe = load_pipeline(args.model, dtype=torch.float32, safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     use_sampler(pipe, sampler)
     calibration = find_calibration(pipe, steps)
     if calibration is None:
         raise SystemExit(f"no saved calibration of the reference model for {sampler.value}")
     start = tuple(calibration.indices(budget))
-    classifier = reference.load_classifier(reference.CLASSIFIER_PATH)
-    guidance = reference.GUIDANCE_SCALE
+    classifier = reference.load_classifier(args.classifier)
+    guidance = args.guidance
 
     def images(keys, prompts, seeds):
         config = quality.Config(
             "stock" if keys is None else f"keys {keys}", None if keys is None else KeySteps.explicit(keys)
         )
         return quality.generate(pipe, sampler, config, prompts, seeds, guidance, args.batch).images
-
-    def correct(run, labels) -> np.ndarray:
-        predicted, _ = quality.classify(classifier, run)
-        return (predicted == labels).all(axis=1).astype(np.float64)
 
     # Search A: the calibration prompts, PSNR against stock.
     options = reference.calibration_options()
@@ -136,16 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     # Search B: development pairs, the classifier's count then PSNR.
     pairs = quality.Pairs.held_out(args.quick)
     dev_seeds = [DEVELOPMENT_SEED_BASE + s for s in pairs.seeds]
-    dev_stock = images(None, pairs.prompts, dev_seeds)
-    dev_stock_right = int(correct(dev_stock, pairs.labels).sum())
+    development = frontier.Judge(classifier, pairs.labels, images(None, pairs.prompts, dev_seeds), draws=[])
+    dev_stock_right = int(development.stock_correct.sum())
     cache_b: dict[tuple, tuple[int, float]] = {}
 
     def score_b(keys):
         if keys not in cache_b:
             run = images(keys, pairs.prompts, dev_seeds)
             cache_b[keys] = (
-                int(correct(run, pairs.labels).sum()),
-                round(float(quality.psnr(run, dev_stock).mean()), 4),
+                int(development.correct(run).sum()),
+                round(float(quality.psnr(run, development.stock_images).mean()), 4),
             )
         return cache_b[keys]
 
@@ -153,12 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     found_b, path_b = steepest_ascent(score_b, start, steps, moves, lambda m: print(m, flush=True))
 
     # One evaluation on the evaluation set.
-    eval_stock = images(None, pairs.prompts, pairs.seeds)
-    stock_correct = correct(eval_stock, pairs.labels)
     n = len(pairs.prompts)
     rng = np.random.default_rng(0)
-    draws = [rng.integers(0, n, n) for _ in range(boot)]
-    stock_boot = np.array([stock_correct[d].mean() for d in draws])
+    draws = [rng.integers(0, n, n) for _ in range(args.boot)]
+    judge = frontier.Judge(classifier, pairs.labels, images(None, pairs.prompts, pairs.seeds), draws)
     candidates = {
         "start (auto)": start,
         "A: model alone": found_a,
@@ -167,41 +166,30 @@ def main(argv: list[str] | None = None) -> int:
     }
     evaluated: dict[tuple, dict] = {}
     for keys in dict.fromkeys(candidates.values()):
-        run = images(keys, pairs.prompts, pairs.seeds)
-        right = correct(run, pairs.labels)
-        p = np.minimum(quality.psnr(run, eval_stock), 100.0)
-        delta = float(right.mean() - stock_correct.mean())
-        ci = quality.interval(np.array([right[d].mean() for d in draws]) - stock_boot)
-        evaluated[keys] = {
-            "key_steps": list(keys),
-            "delta": delta,
-            "delta_ci": ci,
-            "within_noise": frontier.within_noise(delta, ci),
-            "psnr": float(p.mean()),
-            "psnr_ci": quality.interval(np.array([p[d].mean() for d in draws])),
-        }
+        scored = judge(images(keys, pairs.prompts, pairs.seeds))
+        within = frontier.within_noise(scored["delta"], scored["delta_ci"])
+        evaluated[keys] = {"key_steps": list(keys), **scored, "within_noise": within}
 
-    a, b, s = evaluated[found_a], evaluated[found_b], evaluated[start]
-    if a["within_noise"] and a["delta"] >= s["delta"]:
-        outcome = 1
-    elif b["within_noise"]:
-        outcome = 2
-    else:
-        outcome = 3
+    outcome = decide(evaluated[found_a], evaluated[found_b], evaluated[start])
     wall = time.perf_counter() - t0
     data = {
         "sampler": sampler.value,
         "budget": budget,
         "pairs": n,
-        "stock_all": float(stock_correct.mean()),
+        "stock_all": float(judge.stock_correct.mean()),
         "development_stock_right": dev_stock_right,
         "search_a": {"path": [[list(k), v] for k, v in path_a], "scored": len(cache_a)},
         "search_b": {"path": [[list(k), list(v)] for k, v in path_b], "scored": len(cache_b)},
+        "threads": torch.get_num_threads(),
+        "scores": {
+            "a": [[list(k), v] for k, v in cache_a.items()],
+            "b": [[list(k), list(v)] for k, v in cache_b.items()],
+        },
         "evaluation": {name: evaluated[keys] for name, keys in candidates.items()},
         "outcome": outcome,
         "seconds": wall,
     }
-    text = report(argv_list, started, wall, data)
+    text = report(args.argv, started, wall, data)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     args.out.with_suffix(".json").write_text(json.dumps(data, indent=1))
@@ -223,7 +211,9 @@ def report(argv, started, wall, data) -> str:
         f"# Direct searches for a {data['budget']}-key placement, {data['sampler']}, on the reference model",
         "",
         f"Command: `python {shlex.join(['benchmarks/placement_search.py', *argv])}`  ",
-        f"Started {started}; took {wall / 60:.1f} min on the CPU, float32; torch {torch.__version__}. "
+        f"Started {started}; took {wall / 60:.1f} min on the CPU, float32"
+        + (f", {data['threads']} threads" if "threads" in data else "")
+        + f"; torch {torch.__version__}. "
         "Protocol: `benchmarks/results/placement-search.plan.md`, written before the run.",
         "",
         "Search A (PSNR against stock over the calibration prompts) scored "

@@ -193,14 +193,15 @@ def test_placement_search_climbs_to_the_best_list_and_stops_when_nothing_is_bett
     from benchmarks.placement_search import steepest_ascent
 
     target = (0, 4, 9, 15)
-    calls = []
 
     def score(keys):
-        calls.append(keys)
         return -sum(abs(a - b) for a, b in zip(keys, target, strict=True))
 
     found, path = steepest_ascent(score, (0, 2, 5, 19), 20, moves=20, log=lambda _: None)
     assert found == target
+    # Steepest: the first move gains 2 (three neighbours tie; the first in neighbour order wins), where a
+    # climb taking the first better neighbour would move 2 -> 3.
+    assert path[1] == ((0, 4, 5, 19), -8)
     assert [s for _, s in path] == sorted(s for _, s in path) and len({s for _, s in path}) == len(path)
     # The moves cap stops early, and a start that is already best does not move.
     capped, capped_path = steepest_ascent(score, (0, 2, 5, 19), 20, moves=1, log=lambda _: None)
@@ -230,10 +231,51 @@ def test_placement_search_quick_run_writes_a_report_and_its_data(tmp_path):
     evaluation = data["evaluation"]
     assert set(evaluation) == {"start (auto)", "A: model alone", "B: tuned on the classifier", "uniform"}
     assert all(len(m["key_steps"]) == 5 and m["key_steps"][0] == 0 for m in evaluation.values())
-    # Each search starts at the calibrated list and moves at most once in a quick run.
-    start = evaluation["start (auto)"]["key_steps"]
+    # Each search starts at the committed calibration's list for 5 key steps and moves at most once.
+    start = [0, 3, 7, 12, 16]
+    assert evaluation["start (auto)"]["key_steps"] == start
     for search in ("search_a", "search_b"):
         path = data[search]["path"]
         assert path[0][0] == start and len(path) <= 2
+        assert len(data["scores"][search[-1]]) == data[search]["scored"]
     text = out.read_text()
     assert "Outcome by the protocol:" in text and "| uniform |" in text
+
+
+def test_placement_search_outcome_follows_the_written_rule():
+    from benchmarks.placement_search import decide
+
+    def listed(delta, within):
+        return {"delta": delta, "within_noise": within}
+
+    start = listed(-0.037, False)
+    assert decide(listed(-0.004, True), listed(-0.03, False), start) == 1
+    # A within noise but below the start is not outcome 1.
+    assert decide(listed(-0.004, True), listed(-0.03, False), listed(0.0, True)) == 3
+    assert decide(listed(-0.004, True), listed(0.0, True), listed(0.0, True)) == 2
+    assert decide(listed(-0.025, False), listed(-0.008, True), start) == 2
+    assert decide(listed(-0.025, False), listed(-0.021, False), start) == 3
+
+
+def test_frontier_quick_run_scores_every_family_and_ranks_the_criteria(tmp_path):
+    out = tmp_path / "f.md"
+    run_script(
+        "frontier.py",
+        "--quick",
+        "--samplers",
+        "DPM-Solver-20",
+        "--budgets",
+        "DPM-Solver-20=7",
+        "--out",
+        str(out),
+    )
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["pairs"] == 8
+    families = data["results"]["DPM-Solver-20"]
+    assert set(families) == {"auto", "auto (prediction)", "uniform", "paper-shaped"}
+    # The paper's own preset at its budget, and the committed calibration's placement.
+    assert families["paper-shaped"]["7"]["key_steps"] == [0, 1, 2, 3, 5, 10, 15]
+    assert families["auto"]["7"]["key_steps"] == [0, 2, 5, 8, 11, 14, 17]
+    assert all(-1 <= m["delta"] <= 1 and m["psnr"] > 0 for m in (f["7"] for f in families.values()))
+    assert set(data["correlations"]["DPM-Solver-20"]) == {"feature", "prediction"}
+    assert out.with_suffix(".png").stat().st_size > 0 and "## DPM-Solver-20" in out.read_text()
