@@ -110,42 +110,55 @@ def test_image_to_image_parallel_equals_sequential_on_the_cut_key_steps(family, 
     assert stats.injected_steps == int((ran < 500).sum()) > 0
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
-def test_image_to_image_follows_the_hand_written_reference(sampler):
-    """The package against tests/reference.py, which shares no code with it: key steps cut to the steps that
-    run, and prior noise injected from the noised input image's latents at the first step that runs."""
-    injection = NoiseInjection(alpha=0.05, tau=1000)  # strong, and at every step, so that z matters
-    pipe = make_img2img("SD", sampler)
-    apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=KeySteps.paper(), noise_injection=injection))
-    fast = run(pipe)
+#: Strong prior noise injection at every step, so that each image's z matters to the result.
+STRONG_INJECTION = NoiseInjection(alpha=0.05, tau=1000)
 
-    stock = make_img2img("SD", sampler)
+
+def noised_input(stock, strength: float, images: int = 1) -> torch.Tensor:
+    """The input image's latents noised to the first step that ``strength`` runs, as the pipeline makes them
+    with seed 0 (``images`` per prompt)."""
     stock.scheduler.set_timesteps(STEPS)
-    timesteps, _ = stock.get_timesteps(STEPS, STRENGTH, "cpu")
-    noised = stock.prepare_latents(
+    timesteps, _ = stock.get_timesteps(STEPS, strength, "cpu")
+    return stock.prepare_latents(
         stock.image_processor.preprocess(input_image()),
         timesteps[:1],
         1,
-        1,
+        images,
         torch.float32,
         torch.device("cpu"),
         torch.Generator().manual_seed(0),
     )
-    expected = reference_latents(
+
+
+def reference_run(stock, key_steps: tuple[int, ...], start: int, latents: torch.Tensor) -> torch.Tensor:
+    """tests/reference.py's loop from ``start`` on ``latents``, with :data:`STRONG_INJECTION`."""
+    return reference_latents(
         stock,
         PROMPT,
         num_steps=STEPS,
-        key_steps=CUT_PAPER_KEY_STEPS,
-        alpha=injection.alpha,
-        tau=injection.tau,
+        key_steps=key_steps,
+        alpha=STRONG_INJECTION.alpha,
+        tau=STRONG_INJECTION.tau,
         guidance_scale=7.5,
         seed=0,
         height=16,
         width=16,
-        start=FIRST_STEP,
-        latents=noised,
+        start=start,
+        latents=latents,
     )
-    close(fast, expected)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_image_to_image_follows_the_hand_written_reference(sampler):
+    """The package against tests/reference.py, which shares no code with it: key steps cut to the steps that
+    run, and prior noise injected from the noised input image's latents at the first step that runs."""
+    pipe = make_img2img("SD", sampler)
+    config = FasterDiffusionConfig(key_steps=KeySteps.paper(), noise_injection=STRONG_INJECTION)
+    apply_faster_diffusion(pipe, config)
+    fast = run(pipe)
+
+    stock = make_img2img("SD", sampler)
+    close(fast, reference_run(stock, CUT_PAPER_KEY_STEPS, FIRST_STEP, noised_input(stock, STRENGTH)))
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
@@ -471,76 +484,28 @@ def test_sdxl_image_to_image_with_the_users_latents():
 def test_each_image_injects_its_own_prior_noise(sampler):
     """Two images per prompt: each image's z is its own noised latents, as tests/reference.py computes it for
     that image alone."""
-    injection = NoiseInjection(alpha=0.05, tau=1000)
     pipe = make_img2img("SD", sampler)
-    apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=KeySteps.paper(), noise_injection=injection))
+    config = FasterDiffusionConfig(key_steps=KeySteps.paper(), noise_injection=STRONG_INJECTION)
+    apply_faster_diffusion(pipe, config)
     fast = run(pipe, num_images_per_prompt=2)
 
     stock = make_img2img("SD", sampler)
-    stock.scheduler.set_timesteps(STEPS)
-    timesteps, _ = stock.get_timesteps(STEPS, STRENGTH, "cpu")
-    noised = stock.prepare_latents(
-        stock.image_processor.preprocess(input_image()),
-        timesteps[:1],
-        1,
-        2,
-        torch.float32,
-        torch.device("cpu"),
-        torch.Generator().manual_seed(0),
-    )
+    noised = noised_input(stock, STRENGTH, images=2)
     assert not torch.equal(noised[0], noised[1])
     for image in range(2):
-        expected = reference_latents(
-            stock,
-            PROMPT,
-            num_steps=STEPS,
-            key_steps=CUT_PAPER_KEY_STEPS,
-            alpha=injection.alpha,
-            tau=injection.tau,
-            guidance_scale=7.5,
-            seed=0,
-            height=16,
-            width=16,
-            start=FIRST_STEP,
-            latents=noised[image : image + 1],
-        )
+        expected = reference_run(stock, CUT_PAPER_KEY_STEPS, FIRST_STEP, noised[image : image + 1])
         close(fast[image : image + 1], expected)
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_one_step_image_to_image_follows_the_hand_written_reference(sampler):
-    injection = NoiseInjection(alpha=0.05, tau=1000)
     pipe = make_img2img("SD", sampler)
-    apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=KeySteps.paper(), noise_injection=injection))
+    config = FasterDiffusionConfig(key_steps=KeySteps.paper(), noise_injection=STRONG_INJECTION)
+    apply_faster_diffusion(pipe, config)
     fast = run(pipe, strength=0.07)
 
     stock = make_img2img("SD", sampler)
-    stock.scheduler.set_timesteps(STEPS)
-    timesteps, _ = stock.get_timesteps(STEPS, 0.07, "cpu")
-    noised = stock.prepare_latents(
-        stock.image_processor.preprocess(input_image()),
-        timesteps[:1],
-        1,
-        1,
-        torch.float32,
-        torch.device("cpu"),
-        torch.Generator().manual_seed(0),
-    )
-    expected = reference_latents(
-        stock,
-        PROMPT,
-        num_steps=STEPS,
-        key_steps=(STEPS - 1,),
-        alpha=injection.alpha,
-        tau=injection.tau,
-        guidance_scale=7.5,
-        seed=0,
-        height=16,
-        width=16,
-        start=STEPS - 1,
-        latents=noised,
-    )
-    close(fast, expected)
+    close(fast, reference_run(stock, (STEPS - 1,), STEPS - 1, noised_input(stock, 0.07)))
 
 
 def test_sdxl_interrupted_run_then_a_denoising_start_run_on_the_same_pipeline():
