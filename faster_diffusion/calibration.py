@@ -775,14 +775,18 @@ def register(unet: torch.nn.Module, calibration: Calibration) -> None:
     _REGISTRY[unet] = [*entries, calibration]
 
 
-def find_calibration(pipe: Any, num_steps: int, scheduler: Any = None) -> Calibration | None:
+def find_calibration(
+    pipe: Any, num_steps: int, scheduler: Any = None, timesteps: Sequence[int] | None = None
+) -> Calibration | None:
     """The calibration of ``pipe``'s UNet for its scheduler (or ``scheduler``) and ``num_steps``: one made or
     loaded in this process, else one saved in the folder the pipeline was loaded from; ``None`` if neither.
-    It must be of the same architecture, weights (:func:`weight_probe`) and timesteps."""
+    It must be of the same architecture, weights (:func:`weight_probe`) and timesteps (``timesteps`` when the
+    caller has them, else the scheduler's own for ``num_steps``, :func:`scheduler_timesteps`)."""
     unet = pipe.unet
     scheduler = scheduler if scheduler is not None else pipe.scheduler
     model, key, probe = model_fingerprint(unet), scheduler_key(scheduler), weight_probe(unet)
-    timesteps = scheduler_timesteps(scheduler, num_steps)
+    if timesteps is None:
+        timesteps = scheduler_timesteps(scheduler, num_steps)
     for calibration in _REGISTRY.get(unet, []):
         if calibration.matches(model, key, num_steps, probe, timesteps):
             return _preferred(calibration)

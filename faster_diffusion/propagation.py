@@ -881,8 +881,8 @@ class FasterDiffusion:
             return None
         from .calibration import CalibrationError, find_calibration, missing_message, scheduler_timesteps
 
+        own = scheduler_timesteps(self.scheduler, num_steps)
         if timesteps is not None:
-            own = scheduler_timesteps(self.scheduler, num_steps)
             given = tuple(int(t) for t in timesteps)
             if given != own:
                 raise CalibrationError(
@@ -892,7 +892,7 @@ class FasterDiffusion:
                     "explicit key steps (such as 'paper' or a list) for a run on custom timesteps"
                 )
         pipe = self._pipe()
-        found = find_calibration(pipe, num_steps, self.scheduler) if pipe is not None else None
+        found = find_calibration(pipe, num_steps, self.scheduler, own) if pipe is not None else None
         if found is None:
             raise CalibrationError(missing_message(pipe, num_steps))
         return found
