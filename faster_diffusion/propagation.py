@@ -23,6 +23,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import sys
+import threading
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,12 +36,20 @@ from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     DEISMultistepScheduler,
+    DiffusionPipeline,
     DPMSolverMultistepScheduler,
     LCMScheduler,
     UNet2DConditionModel,
 )
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import (
+    Attention,
+    AttnProcessor,
+    AttnProcessor2_0,
+    FusedAttnProcessor2_0,
+    SlicedAttnProcessor,
+    XFormersAttnProcessor,
+)
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from .memory import AUTO, auto_decoder_batch_cap, available_memory_bytes, resident_weight_bytes
@@ -73,6 +84,20 @@ _UNSUPPORTED_INPUTS = (
     "mid_block_additional_residual",
     "down_intrablock_additional_residuals",
 )
+
+#: Attention processors that treat every row of the batch on its own, so that a decoder batch of several steps
+#: gives each step what a batch of that step alone would. A processor that splits the batch into parts, as
+#: Perturbed-Attention Guidance's ``chunk(3)`` does, would mix the steps of a decoder batch.
+_ROW_WISE_PROCESSORS: tuple[type, ...] = (
+    AttnProcessor,
+    AttnProcessor2_0,
+    FusedAttnProcessor2_0,
+    SlicedAttnProcessor,
+    XFormersAttnProcessor,
+)
+
+#: How many frames above the scheduler's ``set_timesteps`` to look for the pipeline that called it.
+_CALLER_DEPTH = 8
 
 
 class UnsupportedModelError(ValueError):
@@ -141,8 +166,13 @@ class RunStats:
     injected_steps: int = 0
 
 
-class _RunState:
-    """Per-run state, shared by the hooks. Reset when a run starts, released when it ends."""
+class _RunState(threading.local):
+    """Per-run state, shared by the hooks. Reset when a run starts, released when it ends.
+
+    One per thread: two threads that call one pipeline at once (as stock diffusers allows, with a scheduler
+    whose ``step`` keeps no state across calls, such as DDIM) each run with their own key steps, cached
+    features and predictions, since hooks and taps run in the thread of the pipeline call.
+    """
 
     def __init__(self) -> None:
         self.stats = RunStats()
@@ -161,6 +191,10 @@ class _RunState:
         self.calibration: Any = None
         # Steps the pipeline's loop announced (its progress bar's total), when it did: a run that stops early.
         self.loop_steps: int | None = None
+        # Whether a pipeline whose loop is watched (its progress bar tapped) started the run, and whether that
+        # loop has begun: a run whose pipeline failed between set_timesteps() and its loop is stale.
+        self.watched = False
+        self.in_loop = False
         # Whether the run's first UNet call, which fixes the steps that run, has come.
         self.started = False
         # One past the last step that runs.
@@ -170,12 +204,19 @@ class _RunState:
         self.predictions: dict[int, torch.Tensor] = {}
         self.encoder_cache: dict[int, Any] = {}
         self.encoder_rows: int | None = None
-        # What the cached predictions were decoded from: see _batch_inputs.
+        # What the cached predictions were decoded from: see _batch_inputs; and the state of what can change
+        # in place under the same objects: see _InPlaceState.
         self.decoded_inputs: tuple[Any, ...] = ()
+        self.decoded_state: _InPlaceState | None = None
+        # The UNet's LoRA layers (peft's), found when the run starts.
+        self.adapter_layers: tuple[torch.nn.Module, ...] = ()
         self.initial_latents: torch.Tensor | None = None
         # (resident weight bytes, free device bytes) for the automatic decoder-batch cap, read at the run's
         # first decoder batch and kept for the run.
         self.device_memory: tuple[int, int] | None = None
+        # Set at the run's first UNet call when a decoder attention processor splits the batch (PAG's): the
+        # decoder then runs one step at a time.
+        self.one_step_decoder = False
         # Set by the UNet hook for the length of one stock forward call.
         self.computing_encoder = False
         self.repeat = 0
@@ -272,6 +313,67 @@ def _same_batch_inputs(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     )
 
 
+def _tensors_in(value: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a (nested) tuple, list or dict."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors_in(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors_in(item)
+
+
+def _adapter_layers(unet: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
+    """The UNet's LoRA layers (peft's ``BaseTunerLayer``); none if peft was never imported."""
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    if tuners is None:
+        return ()
+    return tuple(module for module in unet.modules() if isinstance(module, tuners.BaseTunerLayer))
+
+
+def _adapter_settings(layers: Sequence[torch.nn.Module]) -> tuple[Any, ...]:
+    """What LoRA layers apply: active adapters, their scales, disabled or merged ones. Read from the modules,
+    so that ``pipe.set_adapters(..., adapter_weights=...)`` and ``pipe.disable_lora()`` show."""
+    return tuple(
+        (
+            tuple(getattr(layer, "active_adapters", ())),
+            tuple(sorted(getattr(layer, "scaling", {}).items())),
+            bool(getattr(layer, "disable_adapters", False)),
+            tuple(getattr(layer, "merged_adapters", ())),
+        )
+        for layer in layers
+    )
+
+
+class _InPlaceState:
+    """What a decoder batch was decoded with that can change in place, under the same objects: the values of
+    its conditioning tensors (a step callback's ``prompt_embeds.mul_(0.5)``) and the UNet's LoRA settings (a
+    callback's ``pipe.set_adapters([...], adapter_weights=[...])``).
+
+    A tensor that tracks in-place writes is recorded by its version counter (metadata, no host sync). An
+    inference tensor (made under ``torch.inference_mode``) tracks none: it is recorded by a copy, and compared
+    by value (one host sync at each step served from a batch).
+    """
+
+    def __init__(self, tensors: Iterator[torch.Tensor], layers: Sequence[torch.nn.Module]) -> None:
+        self._tensors: list[tuple[torch.Tensor, Any]] = [
+            (tensor, tensor.clone() if tensor.is_inference() else tensor._version) for tensor in tensors
+        ]
+        self._layers = layers
+        self._adapters = _adapter_settings(layers)
+
+    def unchanged(self) -> bool:
+        for tensor, recorded in self._tensors:
+            if isinstance(recorded, torch.Tensor):
+                if not torch.equal(tensor, recorded):
+                    return False
+            elif tensor._version != recorded:
+                return False
+        return _adapter_settings(self._layers) == self._adapters
+
+
 def _is_last_rows_of(new: Any, old: Any) -> bool:
     """Whether tensor ``new`` holds the last rows of tensor ``old``: a view of them, as ``old[-n:]`` and
     ``old.chunk(2)[1]`` are (metadata only), or, as under model CPU offload, a copy equal in value
@@ -316,6 +418,10 @@ class _EncoderModuleHook(ModelHook):
             state.encoder_cache[self.slot] = output
         else:
             output = state.encoder_cache[self.slot]
+        if state.repeat == 1:
+            # The decoder may change what it is given in place (FreeU scales the mid block's output in place):
+            # a batch of one step gets a copy, so that the kept features stay as they were computed.
+            return _map_tensors_once(output, torch.Tensor.clone)
         return _repeat_rows(output, state.repeat)
 
 
@@ -365,6 +471,10 @@ class _PropagationHook(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         state = self.state
         self.handle._check_scheduler()
+        if state.active and state.watched and not state.in_loop:
+            # set_timesteps() was called by a pipeline whose denoising loop never began (it failed in between,
+            # as on a generator list of the wrong length): that run is over, and this call is not part of it.
+            state.reset()
         if not state.active:
             return self.fn_ref.original_forward(*args, **kwargs)
         bound = self._signature.bind(*args, **kwargs)
@@ -387,9 +497,14 @@ class _PropagationHook(ModelHook):
         if not state.started:
             self._start_steps(inputs["timestep"])
             step = state.unet_calls
-        if step in state.predictions and not _same_batch_inputs(_batch_inputs(inputs), state.decoded_inputs):
-            # A callback changed the batch or the text embeddings after the batch was decoded (diffusers'
-            # SDCFGCutoffCallback drops the unconditional half): decode the rest of the group again.
+        if step in state.predictions and not (
+            _same_batch_inputs(_batch_inputs(inputs), state.decoded_inputs)
+            and state.decoded_state.unchanged()
+        ):
+            # A callback changed the batch, the text embeddings or the LoRA weights after the batch was
+            # decoded
+            # (diffusers' SDCFGCutoffCallback drops the unconditional half; a LoRA-scale schedule calls
+            # set_adapters; a callback scales prompt_embeds in place): decode the rest of the group again.
             state.predictions.clear()
         if step not in state.predictions:
             self._decode(module, step, inputs)
@@ -405,7 +520,7 @@ class _PropagationHook(ModelHook):
         """Run the stock forward once for steps ``start .. stop-1`` of the current group."""
         state = self.state
         stop = state.group_end[start]
-        cap = self.handle.config.decoder_batch_cap
+        cap = 1 if state.one_step_decoder else self.handle.config.decoder_batch_cap
         if cap == AUTO:
             sample = inputs["sample"]
             if state.device_memory is None:
@@ -428,6 +543,7 @@ class _PropagationHook(ModelHook):
         elif rows != state.encoder_rows:
             self._keep_conditional_rows(start, rows, inputs)
         state.decoded_inputs = _batch_inputs(inputs)
+        state.decoded_state = _InPlaceState(_tensors_in(state.decoded_inputs[1:]), state.adapter_layers)
         if steps > 1:
             inputs["sample"] = sample.repeat(steps, *([1] * (sample.dim() - 1)))
             inputs["timestep"] = state.timesteps[start:stop].repeat_interleave(rows)
@@ -496,6 +612,10 @@ class _PropagationHook(ModelHook):
             state.num_steps = stop
         state.step = state.unet_calls = first
         state.started = True
+        # Attention processors are set by the pipeline call itself (PAG's, just before its loop): read now.
+        several = any(end - step > 1 for step, end in enumerate(state.group_end))  # a group of 2 or more
+        if several and self.handle.config.decoder_batch_cap != 1:
+            state.one_step_decoder = self.handle._decoder_splits_the_batch()
 
     def _first_step(self, timestep: Any) -> int:
         """The index, in the schedule set by ``set_timesteps``, of the run's first timestep.
@@ -573,6 +693,11 @@ def check_supported_unet(unet: torch.nn.Module) -> None:
         "encoder_hid_dim_type": config.encoder_hid_dim_type,
     }
     found = {name: value for name, value in unsupported.items() if value is not None}
+    if getattr(config, "attention_type", "default") in ("gated", "gated-text-image"):
+        raise UnsupportedModelError(
+            f"faster_diffusion: GLIGEN (a UNet with attention_type={config.attention_type!r}, grounded by "
+            "boxes) is not supported with encoder propagation; remove faster diffusion for this pipeline"
+        )
     if config.encoder_hid_dim_type == _IP_ADAPTER_PROJECTION:
         raise UnsupportedModelError(
             "faster_diffusion: IP-Adapter is not supported with encoder propagation (an IP-Adapter is "
@@ -664,7 +789,15 @@ class _SchedulerTap:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             return replacement(*args, **kwargs)
 
+        wrapper._faster_diffusion_tap = True
         return wrapper
+
+    @classmethod
+    def tapped(cls, scheduler: Any) -> bool:
+        """Whether a handle's tap is on ``scheduler`` already."""
+        return any(
+            getattr(vars(scheduler).get(name), "_faster_diffusion_tap", False) for name in cls._METHODS
+        )
 
     def detach(self) -> None:
         for name in self._METHODS:
@@ -744,9 +877,13 @@ class _RunEndTap:
     def __init__(self, pipe: Any, state: _RunState) -> None:
         self._pipe = weakref.ref(pipe)
         self.state = state
+        self.attached = False
         # What the pipeline instance itself held as progress_bar before attach() (an override of the class's
         # method), put back by detach(); _ABSENT when it held none.
         self._own: Any = _ABSENT
+
+    def watches(self, pipe: Any) -> bool:
+        return self.attached and self._pipe() is pipe
 
     def attach(self) -> None:
         pipe = self._pipe()
@@ -759,11 +896,14 @@ class _RunEndTap:
         @functools.wraps(original)
         def progress_bar(*args: Any, **kwargs: Any) -> _LoopProgressBar:
             total = kwargs.get("total")
-            if state.active and not state.started and isinstance(total, int) and not isinstance(total, bool):
-                state.loop_steps = total  # the steps the loop will run, for a run that stops early
+            if state.active and not state.started:
+                state.in_loop = True
+                if isinstance(total, int) and not isinstance(total, bool):
+                    state.loop_steps = total  # the steps the loop will run, for a run that stops early
             return _LoopProgressBar(original(*args, **kwargs), state.reset)
 
         pipe.progress_bar = progress_bar
+        self.attached = True
 
     def detach(self) -> None:
         pipe = self._pipe()
@@ -773,6 +913,7 @@ class _RunEndTap:
             else:
                 pipe.progress_bar = self._own
         self._own = _ABSENT
+        self.attached = False
 
 
 @contextlib.contextmanager
@@ -823,10 +964,20 @@ class FasterDiffusion:
         self.scheduler = pipe.scheduler
         self._state = _RunState()
         self._tap = _SchedulerTap(self.scheduler, self._state, self)
-        self._run_end = _RunEndTap(pipe, self._state)
-        self._encoder_modules = [self.unet.conv_in, *self.unet.down_blocks]
-        if self.unet.mid_block is not None:
-            self._encoder_modules.append(self.unet.mid_block)
+        # One per pipeline whose loop is watched: this one, and any other that shares the UNet and scheduler
+        # (DiffusionPipeline.from_pipe, or an image-to-image pipeline built on pipe.components), tapped at its
+        # first run.
+        self._run_ends = [_RunEndTap(pipe, self._state)]
+        self._encoder_modules = self._current_encoder_modules()
+        # Attention modules of the decoder, by name, whose processors are read at every run.
+        self._decoder_attentions = [
+            (f"up_blocks.{name}", module)
+            for name, module in self.unet.up_blocks.named_modules()
+            if isinstance(module, Attention)
+        ]
+        self._warned: set[str] = set()
+        # The latest run's stats, of whichever thread ran it.
+        self._latest: RunStats | None = None
         self._text_projections = [
             projection
             for module in self.unet.up_blocks.modules()
@@ -837,7 +988,69 @@ class FasterDiffusion:
 
     @property
     def last_run(self) -> RunStats:
-        return self._state.stats
+        """The latest run of the calling thread; or, if it ran none, the latest run of any thread."""
+        stats = self._state.stats
+        if stats.schedule is None and self._latest is not None:
+            return self._latest
+        return stats
+
+    def _current_encoder_modules(self) -> list[torch.nn.Module]:
+        modules = [self.unet.conv_in, *self.unet.down_blocks]
+        if self.unet.mid_block is not None:
+            modules.append(self.unet.mid_block)
+        return modules
+
+    def _follow_encoder_modules(self) -> None:
+        """Move the encoder hooks to modules that replaced the hooked ones since: a LoRA that targets
+        ``conv_in``, loaded after ``apply_faster_diffusion``, wraps it in a new module (peft's), whose own
+        computation on the step's latent would otherwise be added to the kept output of the module inside."""
+        current = self._current_encoder_modules()
+        if len(current) == len(self._encoder_modules) and all(
+            new is old for new, old in zip(current, self._encoder_modules, strict=True)
+        ):
+            return
+        for module in self._encoder_modules:
+            _drop_hook(module, _ENCODER_HOOK)
+        self._encoder_modules = current
+        for slot, module in enumerate(current):
+            _add_hook(module, _EncoderModuleHook(self._state, slot), _ENCODER_HOOK)
+
+    def _decoder_splits_the_batch(self) -> bool:
+        """Whether a decoder attention processor splits the batch (Perturbed-Attention Guidance's does, with
+        ``chunk(3)``), so that a decoder batch of several steps would mix them; warns once per processor."""
+        for name, module in self._decoder_attentions:
+            processor = type(module.processor)
+            if processor not in _ROW_WISE_PROCESSORS:
+                if processor.__name__ not in self._warned:
+                    self._warned.add(processor.__name__)
+                    warnings.warn(
+                        f"faster_diffusion: the attention processor {processor.__name__} on {name} (as set "
+                        "by Perturbed-Attention Guidance, PAG, for layers of the decoder) may split the "
+                        "batch, which would mix the steps of a decoder batch; the decoder runs one step at a "
+                        "time in these runs (the encoder is still reused). Apply PAG to the encoder only "
+                        "(pag_applied_layers=['mid']) to keep the batched decoder",
+                        stacklevel=2,
+                    )
+                return True
+        return False
+
+    def _watch_calling_pipeline(self) -> bool:
+        """Find the pipeline whose call is setting the timesteps (a few frames up), and watch its loop as this
+        handle's own pipeline's is watched. Returns whether the run's loop is watched."""
+        frame = sys._getframe(1)
+        for _ in range(_CALLER_DEPTH):
+            if frame is None:
+                return False
+            caller = frame.f_locals.get("self")
+            if isinstance(caller, DiffusionPipeline) and getattr(caller, "unet", None) is self.unet:
+                if not any(tap.watches(caller) for tap in self._run_ends):
+                    self._run_ends = [tap for tap in self._run_ends if tap._pipe() is not None]
+                    tap = _RunEndTap(caller, self._state)
+                    tap.attach()
+                    self._run_ends.append(tap)
+                return any(tap.watches(caller) for tap in self._run_ends)
+            frame = frame.f_back
+        return False
 
     def _attach(self) -> None:
         for slot, module in enumerate(self._encoder_modules):
@@ -846,7 +1059,8 @@ class FasterDiffusion:
         for projection in self._text_projections:
             _add_hook(projection, _RepeatedTextHook(self._state), _TEXT_HOOK)
         self._tap.attach()
-        self._run_end.attach()
+        for tap in self._run_ends:
+            tap.attach()
         self.attached = True
 
     def remove(self) -> None:
@@ -854,7 +1068,8 @@ class FasterDiffusion:
         if not self.attached:
             return
         self._tap.detach()
-        self._run_end.detach()
+        for tap in self._run_ends:
+            tap.detach()
         _drop_hook(self.unet, _UNET_HOOK)
         for module in self._encoder_modules:
             _drop_hook(module, _ENCODER_HOOK)
@@ -920,6 +1135,7 @@ class FasterDiffusion:
         state.reset()
         check_supported_unet(self.unet)
         check_supported_scheduler(self.scheduler)
+        self._follow_encoder_modules()
         # One host read of the timesteps per run (not per step), to place the injection steps.
         values = timesteps.detach().to("cpu", torch.float64).tolist()
         calibration = self._calibration(len(values), values)
@@ -932,7 +1148,10 @@ class FasterDiffusion:
         state.timesteps = timesteps
         state.timestep_values = tuple(values)
         state.num_steps = len(values)
+        state.adapter_layers = _adapter_layers(self.unet)
+        state.watched = self._watch_calling_pipeline()
         state.active = True
+        self._latest = state.stats
 
 
 def _span(timesteps: Sequence[int]) -> str:
@@ -981,7 +1200,17 @@ def apply_faster_diffusion(pipe: Any, config: FasterDiffusionConfig | None = Non
             raise UnsupportedModelError(f"faster_diffusion: the scheduler has no {name}() method")
     check_supported_scheduler(scheduler)
     if get_faster_diffusion(pipe) is not None:
-        raise RuntimeError("faster_diffusion is already applied to this pipeline; call remove() first")
+        raise RuntimeError(
+            "faster_diffusion is already applied to this pipeline, or to another that shares its UNet (as "
+            "DiffusionPipeline.from_pipe() and pipelines built on pipe.components do, which then run with "
+            "it); call remove() first"
+        )
+    if _SchedulerTap.tapped(scheduler):
+        raise UnsupportedModelError(
+            "faster_diffusion: this pipeline's scheduler is shared with another pipeline that has faster "
+            "diffusion attached, and one scheduler can carry one of them; give this pipeline a scheduler of "
+            "its own: pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)"
+        )
     handle = FasterDiffusion(pipe, config)
     handle._attach()
     return handle
