@@ -53,7 +53,7 @@ import json
 import logging
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +94,31 @@ class CalibrationError(KeyStepError):
     """A calibration that cannot be made or used; the message says what is missing and how to get it."""
 
 
+def _not_finite(matrix: Any, shown: int = 3) -> str | None:
+    """What in a cost matrix is not a finite number (NaN or infinite), ``None`` if nothing: how many values
+    and the first ``shown`` of them, e.g. ``2 values that are not finite: cost[0][3] = nan, cost[1][5] = inf``
+    (``[k][j]`` as in :attr:`Calibration.cost`)."""
+    values = np.asarray(matrix, dtype=np.float64)
+    places = np.argwhere(~np.isfinite(values))
+    if not len(places):
+        return None
+    listed = ", ".join(f"cost[{k}][{j}] = {values[k, j]}" for k, j in places[:shown])
+    more = ", ..." if len(places) > shown else ""
+    count = "1 value that is" if len(places) == 1 else f"{len(places)} values that are"
+    return f"{count} not finite: {listed}{more}"
+
+
+def _not_finite_costs(matrices: Mapping[str, Any]) -> str | None:
+    """What is not finite in the cost matrices of several criteria (:func:`_not_finite`), ``None`` if
+    nothing."""
+    problems = [
+        f"the {name!r} cost matrix has {problem}"
+        for name, matrix in matrices.items()
+        if (problem := _not_finite(matrix)) is not None
+    ]
+    return "; ".join(problems) or None
+
+
 # ------------------------------------------------------------------------------------------ the optimiser
 
 
@@ -125,6 +150,9 @@ def optimal_key_steps(cost: np.ndarray, budget: int) -> tuple[int, ...]:
     cost = np.asarray(cost, dtype=np.float64)
     if cost.ndim != 2 or cost.shape[0] != cost.shape[1] or len(cost) < 1:
         raise ValueError(f"cost must be a square N x N matrix, got shape {cost.shape}")
+    problem = _not_finite(cost)
+    if problem is not None:  # a NaN would win every comparison and place step 0 again and again
+        raise ValueError(f"cost must be finite; it has {problem}")
     n = len(cost)
     if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= n:
         raise CalibrationError(f"key_steps: the budget must be a whole number from 1 to {n}, got {budget!r}")
@@ -184,8 +212,15 @@ class Calibration:
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
             raise CalibrationError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
-        if len(self.cost) != self.num_steps or any(len(row) != self.num_steps for row in self.cost):
-            raise CalibrationError(f"the cost matrix must be {self.num_steps} x {self.num_steps}")
+        matrices = {self.criterion: self.cost, **self.other}
+        for name, matrix in matrices.items():
+            if len(matrix) != self.num_steps or any(len(row) != self.num_steps for row in matrix):
+                raise CalibrationError(
+                    f"the {name!r} cost matrix must be {self.num_steps} x {self.num_steps}"
+                )
+        problem = _not_finite_costs(matrices)
+        if problem is not None:
+            raise CalibrationError(problem)
 
     @property
     def matrix(self) -> np.ndarray:
@@ -285,6 +320,8 @@ class Calibration:
                 probe=tuple(float(v) for v in data["weights_probe"]),
                 timesteps=tuple(int(t) for t in data["timesteps"]),
             )
+        except CalibrationError:  # its own message says what is wrong
+            raise
         except (KeyError, TypeError, ValueError) as error:
             raise CalibrationError(f"a saved calibration is malformed ({error!r})") from error
 
@@ -731,7 +768,12 @@ def weights_folder(pipe: Any) -> Path | None:
 
 
 def load_calibrations(folder: str | Path) -> list[Calibration]:
-    """Every calibration saved in ``folder`` (none if it has no :data:`CALIBRATION_FILE`)."""
+    """Every calibration saved in ``folder`` (none if it has no :data:`CALIBRATION_FILE`).
+
+    A file that cannot be read whole is refused with a :class:`CalibrationError` that names it (and the
+    calibration in it that is wrong): malformed, of another format version, or with costs that are not finite
+    numbers. None of its calibrations is used, and :func:`save_calibration` does not write over it.
+    """
     file = Path(folder) / CALIBRATION_FILE
     if not file.is_file():
         return []
@@ -742,10 +784,28 @@ def load_calibrations(folder: str | Path) -> list[Calibration]:
         raise CalibrationError(f"{file} cannot be read ({error}); delete it to calibrate again") from error
     if version != FILE_VERSION:
         raise CalibrationError(f"{file} has format version {version!r}; this version reads {FILE_VERSION}")
-    try:
-        return [Calibration.from_json(entry) for entry in entries]
-    except (CalibrationError, TypeError) as error:
-        raise CalibrationError(f"{file} cannot be read ({error}); delete it to calibrate again") from error
+    if not isinstance(entries, list):
+        raise CalibrationError(
+            f"{file} cannot be read (its calibrations are not a list); delete it to calibrate again"
+        )
+    calibrations = []
+    for number, entry in enumerate(entries, 1):
+        try:
+            calibrations.append(Calibration.from_json(entry))
+        except (CalibrationError, TypeError) as error:
+            which = f"calibration {number} of {len(entries)}{_saved_key(entry)}"
+            raise CalibrationError(
+                f"{file} cannot be read ({which}: {error}); delete it to calibrate again"
+            ) from error
+    return calibrations
+
+
+def _saved_key(entry: Any) -> str:
+    """The sampler and step count a saved calibration names, as ``", DDIMScheduler with 20 steps"``; nothing
+    if it names none."""
+    if isinstance(entry, dict) and "scheduler" in entry and "num_steps" in entry:
+        return f", {str(entry['scheduler']).split(',')[0]} with {entry['num_steps']} steps"
+    return ""
 
 
 def save_calibration(calibration: Calibration, folder: str | Path) -> Path:
@@ -887,6 +947,15 @@ def get_calibration(
         criteria=criteria,
     )
     seconds = time.perf_counter() - started
+    problem = _not_finite_costs(costs)
+    if problem is not None:
+        sampler = scheduler_key(pipe.scheduler).split(",")[0]
+        raise CalibrationError(
+            f"calibrate: the costs measured for {sampler} with {steps} steps are not finite ({problem}); "
+            "nothing was saved. Activations that overflow in float16 do this: calibrate the pipeline in "
+            "float32 (pipe.to(torch.float32)); the calibration it saves is found for the float16 pipeline "
+            "too (the same weights, rounded)"
+        )
 
     def as_tuple(matrix: np.ndarray) -> tuple[tuple[float, ...], ...]:
         return tuple(tuple(float(v) for v in row) for row in matrix)

@@ -7,7 +7,8 @@ step the encoder runs; every other step reuses the encoder features of the lates
 Two values live here:
 
 - :class:`KeySteps` says *how* to choose key steps (the paper's preset, every k-th step, an explicit list,
-  or every step). It does not know the number of steps yet. ``KeySteps.parse`` reads the text a user types.
+  every step, or ``auto``: placed from a calibration of the model). It does not know the number of steps
+  yet. ``KeySteps.parse`` reads the text a user types.
 - :class:`KeyStepSchedule` is the resolved, validated set of indices for a given number of steps. Everything
   else in the package reads it; nothing recomputes it.
 
@@ -23,10 +24,11 @@ from __future__ import annotations
 
 import enum
 import math
+import operator
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, SupportsIndex
 
 #: Key steps of the paper for DDIM with 50 steps: t_key = {50, 49, 48, 47, 45, 40, 35, 25, 15} in the paper's
 #: 1-based, descending notation (Sec. 4.1 and the authors' reference code), as 0-based indices.
@@ -127,14 +129,15 @@ def _check_num_steps(num_steps: int) -> None:
 class KeySteps:
     """How to choose key steps, before the number of steps is known.
 
-    Build one with :meth:`paper`, :meth:`uniform`, :meth:`explicit`, :meth:`every_step` or :meth:`parse`,
-    then call :meth:`resolve` with the number of inference steps.
+    Build one with :meth:`paper`, :meth:`uniform`, :meth:`explicit`, :meth:`every_step`, :meth:`auto` or
+    :meth:`parse`, then call :meth:`resolve` with the number of inference steps (and, for ``auto``, the
+    model's calibration).
     """
 
     kind: KeyStepKind
     #: For ``UNIFORM``: k, every k-th step is a key step.
     every: int | None = None
-    #: For ``EXPLICIT``: the indices as given (validated for a step count by :meth:`resolve`).
+    #: For ``EXPLICIT``: the indices given, made plain ints (validated for a step count by :meth:`resolve`).
     indices: tuple[int, ...] | None = None
     #: For ``AUTO``: the number of key steps; ``None`` for the paper's count (9 of 50, 7 of 20).
     budget: int | None = None
@@ -148,6 +151,7 @@ class KeySteps:
         ):
             raise KeyStepError(f"key_steps: uniform spacing must be a whole number >= 1, got {every!r}")
         if self.kind is KeyStepKind.EXPLICIT:
+            object.__setattr__(self, "indices", _step_indices(self.indices))
             _validate_explicit(self.indices)
         budget = self.budget
         if (
@@ -168,11 +172,13 @@ class KeySteps:
         return cls(KeyStepKind.UNIFORM, every=every)
 
     @classmethod
-    def explicit(cls, indices: Iterable[int]) -> KeySteps:
-        """An explicit, strictly increasing list of 0-based step indices that starts with 0."""
-        if isinstance(indices, (str, bytes)) or not isinstance(indices, Iterable):
-            raise KeyStepError(f"key_steps: expected a list of step indices, got {indices!r}")
-        return cls(KeyStepKind.EXPLICIT, indices=tuple(indices))
+    def explicit(cls, indices: Iterable[SupportsIndex]) -> KeySteps:
+        """An explicit, strictly increasing list of 0-based step indices that starts with 0.
+
+        Any iterable of whole numbers: Python ints, numpy integers, a numpy array or a torch tensor of
+        integers; they are kept as plain ints. Floats (even ``3.0``) and booleans are refused.
+        """
+        return cls(KeyStepKind.EXPLICIT, indices=indices)
 
     @classmethod
     def auto(cls, budget: int | None = None) -> KeySteps:
@@ -196,8 +202,9 @@ class KeySteps:
     def parse(cls, text: str) -> KeySteps:
         """Read the text form a user types.
 
-        Accepted: ``paper``, ``all``, ``uniform:K`` and a comma-separated index list such as
-        ``0,1,2,3,5,10,15,25,35`` (spaces and surrounding brackets are allowed). Case does not matter.
+        Accepted: ``paper``, ``all`` (or ``every``), ``auto``, ``auto:B``, ``uniform:K`` and a comma-separated
+        index list such as ``0,1,2,3,5,10,15,25,35`` (spaces and surrounding brackets are allowed). Case does
+        not matter.
         """
         if not isinstance(text, str):
             raise KeyStepError(f"key_steps must be text, got {type(text).__name__}: {text!r}")
@@ -297,12 +304,35 @@ class KeySteps:
         return self.kind.value
 
 
-def _validate_explicit(indices: tuple | None) -> None:
+def _step_indices(indices: Any) -> tuple[int, ...]:
+    """``indices`` as a tuple of plain ints: every entry a whole number, a Python int or anything else with
+    ``__index__`` (numpy integers, 0-dim integer arrays and tensors), never a boolean (``True``, numpy's or
+    torch's) nor a float, even a whole one. Only an iterable of them is a list (not text, nor a scalar)."""
+    if indices is None:
+        return ()
+    if (
+        isinstance(indices, (str, bytes))
+        or not isinstance(indices, Iterable)
+        or getattr(indices, "ndim", None) == 0  # a 0-dim array or tensor: iterable by type only
+    ):
+        raise KeyStepError(f"key_steps: expected a list of step indices, got {indices!r}")
+    return tuple(_step_index(value) for value in indices)
+
+
+def _step_index(value: Any) -> int:
+    boolean = isinstance(value, bool) or "bool" in str(getattr(value, "dtype", ""))
+    if not boolean and getattr(value, "ndim", 0) == 0:  # several values are no index, even a 1-element one
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise KeyStepError(f"key_steps: step indices must be whole numbers, got {value!r}")
+
+
+def _validate_explicit(indices: tuple[int, ...]) -> None:
+    """Checks a list of plain ints (:func:`_step_indices`) for a schedule that starts at step 0."""
     if not indices:
         raise KeyStepError("key_steps: the list of step indices is empty; it must start with 0")
-    for value in indices:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise KeyStepError(f"key_steps: step indices must be whole numbers, got {value!r}")
     negative = [i for i in indices if i < 0]
     if negative:
         raise KeyStepError(f"key_steps: step indices must be >= 0, got {negative[0]}")
@@ -351,6 +381,7 @@ class KeyStepSchedule:
                 f"{self.num_steps} steps of the schedule, in order"
             )
         object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "indices", _step_indices(self.indices))
         if self.start == 0:
             _validate_explicit(self.indices)
         elif not self.indices or self.indices[0] != self.start:

@@ -5,6 +5,7 @@ and an ``auto`` run either uses the calibration or stops before the UNet runs.""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import re
@@ -462,6 +463,61 @@ def test_a_malformed_or_wrong_version_file_raises_naming_it(tmp_path, data):
         load_calibrations(tmp_path)
 
 
+def corrupt(folder, entry, matrix, k, j, value) -> str:
+    """Write ``value`` (NaN or infinite) at ``[k][j]`` of a matrix of ``folder``'s saved calibration number
+    ``entry``: ``"cost"`` or the name of a criterion in ``other``. JSON gets it as ``NaN`` or ``Infinity``,
+    which Python's json module writes and reads."""
+    file = folder / CALIBRATION_FILE
+    data = json.loads(file.read_text(encoding="utf-8"))
+    saved = data["calibrations"][entry]
+    (saved["cost"] if matrix == "cost" else saved["other"][matrix])[k][j] = value
+    file.write_text(json.dumps(data), encoding="utf-8")
+    return str(file)
+
+
+@pytest.mark.parametrize(
+    ("matrix", "value", "described"),
+    [
+        ("cost", float("nan"), "the 'prediction' cost matrix has 1 value that is not finite: "),
+        ("feature", float("inf"), "the 'feature' cost matrix has 1 value that is not finite: "),
+        ("feature", float("-inf"), "the 'feature' cost matrix has 1 value that is not finite: "),
+    ],
+    ids=["nan-cost", "inf-other", "minus-inf-other"],
+)
+def test_a_saved_calibration_with_costs_that_are_not_finite_is_refused_naming_the_file(
+    tmp_path, matrix, value, described
+):
+    """One calibration of several in the file is bad: the file is refused, as a malformed one is, naming the
+    file, the calibration, the matrix and where; a new calibration is not saved over it either."""
+    save_calibration(made_up(num_steps=4), tmp_path)
+    save_calibration(made_up(num_steps=5), tmp_path)
+    file = corrupt(tmp_path, 1, matrix, 1, 3, value)
+    where = f"cost[1][3] = {value}"
+    with pytest.raises(CalibrationError) as error:
+        load_calibrations(tmp_path)
+    message = str(error.value)
+    assert message.startswith(f"{file} cannot be read (calibration 2 of 2, DDIMScheduler with 5 steps: ")
+    assert described + where in message and message.endswith("delete it to calibrate again")
+    before = (tmp_path / CALIBRATION_FILE).read_text(encoding="utf-8")
+    with pytest.raises(CalibrationError, match=re.escape(file)):
+        save_calibration(made_up(num_steps=6), tmp_path)
+    assert (tmp_path / CALIBRATION_FILE).read_text(encoding="utf-8") == before
+
+
+def test_costs_that_are_not_finite_are_refused_by_the_calibration_and_the_optimiser():
+    good = made_up(num_steps=5)
+    cost = [list(row) for row in good.cost]
+    cost[0][2], cost[1][4], cost[2][3] = float("nan"), float("inf"), float("nan")
+    with pytest.raises(CalibrationError) as error:
+        dataclasses.replace(good, cost=tuple(tuple(row) for row in cost))
+    assert str(error.value) == (
+        "the 'prediction' cost matrix has 3 values that are not finite: cost[0][2] = nan, cost[1][4] = inf, "
+        "cost[2][3] = nan"
+    )
+    with pytest.raises(ValueError, match=re.escape("cost must be finite; it has 3 values that are not")):
+        optimal_key_steps(np.array(cost), 2)
+
+
 @pytest.fixture
 def saved_pipe(tmp_path):
     """A tiny pipeline loaded from a folder, so its calibrations are saved and found there."""
@@ -501,6 +557,15 @@ def test_find_calibration_ignores_entries_of_another_model_scheduler_or_step_cou
     assert len(load_calibrations(folder)) == 4
 
 
+def test_a_run_s_search_for_its_calibration_refuses_a_file_with_costs_that_are_not_finite(saved_pipe):
+    """Not skipped, nor used: the search stops with the file's name, as it does for a malformed file."""
+    folder = weights_folder(saved_pipe)
+    save_calibration(made_up(num_steps=4), folder)
+    file = corrupt(folder, 0, "cost", 0, 2, float("nan"))
+    with pytest.raises(CalibrationError, match=re.escape(f"{file} cannot be read (calibration 1 of 1")):
+        find_calibration(saved_pipe, 4)
+
+
 def use_sampler_copy(pipe, sampler):
     """The scheduler ``sampler`` would give ``pipe``, leaving ``pipe`` as it is."""
     from faster_diffusion.samplers import make_scheduler
@@ -519,6 +584,33 @@ def test_calibrate_saves_next_to_the_weights_and_a_new_process_finds_it(saved_pi
     use_sampler(again, "DDIM-50")
     found = find_calibration(again, STEPS)
     assert found is not None and found.indices(3) == keys.indices
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_measured_costs_that_are_not_finite_are_refused_before_anything_is_saved(
+    saved_pipe, monkeypatch, value
+):
+    """An overflow in half precision during the measurement gives NaN or infinite costs: nothing is saved or
+    registered, and the message says what to do."""
+    from faster_diffusion import calibration as module
+
+    def overflowing(pipe, *, num_inference_steps, criteria, **options):
+        costs = {c: np.triu(np.full((num_inference_steps,) * 2, 0.5), 1) for c in criteria}
+        costs[criteria[0]][2, 5] = value
+        return costs
+
+    monkeypatch.setattr(module, "measure_costs", overflowing)
+    pipe = saved_pipe
+    with pytest.raises(CalibrationError) as error:
+        calibrate(pipe, budget=5, num_inference_steps=STEPS, prompts=PROMPTS[:1])
+    message = str(error.value)
+    assert message.startswith(
+        f"calibrate: the costs measured for DDIMScheduler with {STEPS} steps are not finite (the 'feature' "
+        f"cost matrix has 1 value that is not finite: cost[2][5] = {value}); nothing was saved"
+    )
+    assert "float16" in message and "float32" in message
+    assert not (weights_folder(pipe) / CALIBRATION_FILE).exists()
+    assert find_calibration(pipe, STEPS) is None
 
 
 def test_the_same_weights_are_recognised_in_fp16_and_bf16_and_changed_weights_are_not(make_pipe):

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import re
 
+import numpy as np
 import pytest
+import torch
 
 from faster_diffusion import (
     PAPER_DDIM_50_KEY_STEPS,
     PAPER_DPM_SOLVER_20_KEY_STEPS,
+    FasterDiffusionConfig,
     KeyStepError,
     KeySteps,
     KeyStepSchedule,
     NoiseInjection,
 )
-from faster_diffusion.schedule import paper_key_steps
+from faster_diffusion.schedule import KeyStepKind, paper_key_steps
 
 
 def test_paper_presets_are_the_papers_lists():
@@ -146,6 +150,81 @@ def test_parse_rejects_non_text(value, message):
 def test_explicit_rejects_bad_lists(indices, message):
     with pytest.raises(KeyStepError, match=re.escape(message)):
         KeySteps.explicit(indices)
+
+
+@pytest.mark.parametrize(
+    "indices",
+    [
+        np.array([0, 3, 5]),
+        np.array([0, 3, 5], dtype=np.uint8),
+        [np.int32(0), np.int32(3), np.int32(5)],
+        (0, np.int64(3), 5),
+        torch.tensor([0, 3, 5]),  # iterates to 0-dim integer tensors, which have __index__
+        [np.array(0), np.array(3), np.array(5)],  # 0-dim arrays too
+        (np.int16(i) for i in (0, 3, 5)),
+    ],
+    ids=["np-int64", "np-uint8", "list-of-np-int32", "mixed", "torch", "0-dim-arrays", "generator"],
+)
+def test_explicit_accepts_numpy_and_torch_integers_and_stores_plain_ints(indices):
+    keys = KeySteps.explicit(indices)
+    plain = KeySteps.explicit([0, 3, 5])
+    assert keys == plain and hash(keys) == hash(plain)
+    assert [type(i) for i in keys.indices] == [int, int, int]
+    assert repr(keys) == repr(plain) and str(keys) == "0,3,5"
+    assert json.dumps(keys.indices) == "[0, 3, 5]"
+    schedule = keys.resolve(10)
+    assert schedule.indices == (0, 3, 5) and [type(i) for i in schedule.indices] == [int, int, int]
+    assert FasterDiffusionConfig(key_steps=keys) == FasterDiffusionConfig(key_steps=plain)
+
+
+def test_every_way_of_building_an_explicit_list_stores_plain_ints():
+    """The dataclass itself and a resolved schedule go through the same check as ``explicit``."""
+    direct = KeySteps(KeyStepKind.EXPLICIT, indices=np.array([0, 4]))
+    assert direct == KeySteps.explicit([0, 4]) and type(direct.indices) is tuple
+    assert direct.with_origin("here").indices == (0, 4)
+    schedule = KeyStepSchedule(num_steps=8, indices=np.array([0, 4]))
+    assert schedule.indices == (0, 4) and [type(i) for i in schedule.indices] == [int, int]
+    cut = KeyStepSchedule(num_steps=8, indices=[np.int64(2), np.int64(4)], start=2)
+    assert cut.indices == (2, 4) and [type(i) for i in cut.indices] == [int, int]
+
+
+@pytest.mark.parametrize(
+    ("indices", "message"),
+    [
+        ([0, np.float64(3.0)], "key_steps: step indices must be whole numbers, got np.float64(3.0)"),
+        (np.array([0.0, 3.0]), "key_steps: step indices must be whole numbers, got np.float64(0.0)"),
+        ([0, 3.0], "key_steps: step indices must be whole numbers, got 3.0"),
+        ([0, np.True_], "key_steps: step indices must be whole numbers, got np.True_"),
+        (np.array([True, False]), "key_steps: step indices must be whole numbers, got np.True_"),
+        ([0, True], "key_steps: step indices must be whole numbers, got True"),
+        (torch.tensor([0.0, 3.0]), "key_steps: step indices must be whole numbers, got tensor(0.)"),
+        (torch.tensor([True, False]), "key_steps: step indices must be whole numbers, got tensor(True)"),
+        (torch.tensor([[0, 3]]), "key_steps: step indices must be whole numbers, got tensor([0, 3])"),
+        (np.array([[0, 3]]), "key_steps: step indices must be whole numbers, got array([0, 3])"),
+        (np.array(0), "key_steps: expected a list of step indices, got array(0)"),
+        (torch.tensor(0), "key_steps: expected a list of step indices, got tensor(0)"),
+        (np.int64(0), "key_steps: expected a list of step indices, got np.int64(0)"),
+    ],
+    ids=[
+        "np-float64",
+        "float-array",
+        "float",
+        "np-bool",
+        "bool-array",
+        "bool",
+        "float-tensor",
+        "bool-tensor",
+        "2-d-tensor",
+        "2-d-array",
+        "0-d-array",
+        "0-d-tensor",
+        "np-int64-alone",
+    ],
+)
+def test_explicit_refuses_floats_bools_and_non_scalars_of_numpy_and_torch(indices, message):
+    with pytest.raises(KeyStepError) as error:
+        KeySteps.explicit(indices)
+    assert str(error.value) == message
 
 
 def test_out_of_range_is_found_when_the_step_count_is_known():
