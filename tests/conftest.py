@@ -31,11 +31,32 @@ def make_pipe():
     """Build a tiny pipeline with the given sampler; the same seed gives the same weights."""
 
     def make(sampler: str = "DDIM-50", seed: int = 0, **kwargs):
+        """``dtype=torch.float64`` for a comparison up to rounding (:func:`assert_equal_up_to_rounding`)."""
         pipe = build_tiny_pipeline(seed, **kwargs)
         use_sampler(pipe, sampler)
         return pipe
 
     return make
+
+
+#: Tolerance of "equal up to float rounding" (parallel = sequential, batched = one step at a time, against
+#: the hand-written reference). These comparisons run in float64: float32's rounding depends on how the
+#: CPU's kernels block a batch of 2 rows against one of 10 (differences up to 1.6e-4 were seen on an AMD
+#: EPYC, in latents of size ~50), so no float32 tolerance holds on every CPU while staying tight. In float64,
+#: epsilon is 2.2e-16; with latents up to ~1e2 and a few dozen steps that amplify differences, the largest
+#: difference measured on the tiny pipelines is 3.6e-13 (LCM, whose 4 steps amplify most). 1e-9 sits over
+#: three orders of magnitude above that, and seven below the smallest real defect found so far (1e-2: a
+#: decoder batch served to the wrong step, noise injected twice, features scaled in place).
+ROUNDING = dict(rtol=1e-9, atol=1e-9)
+
+
+def assert_equal_up_to_rounding(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """``actual`` equals ``expected`` up to float64 rounding (:data:`ROUNDING`); both must be float64."""
+    assert actual.dtype == expected.dtype == torch.float64, (
+        f"compare up to rounding in float64 (build the pipelines with dtype=torch.float64), got "
+        f"{actual.dtype} and {expected.dtype}"
+    )
+    torch.testing.assert_close(actual, expected, **ROUNDING)
 
 
 def generate_latents(

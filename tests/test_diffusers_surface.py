@@ -26,31 +26,38 @@ from faster_diffusion.reference.tiny import TINY_UNET_CONFIG
 from faster_diffusion.reference.tiny import build_tiny_pipeline as build_tiny_sd
 from faster_diffusion.reference.tiny import build_tiny_sdxl_pipeline as build_tiny_sdxl
 
-from .conftest import PAPER, PAPER_ONE_STEP_AT_A_TIME, STOCK_EQUIVALENT, generate_latents
+from .conftest import (
+    PAPER,
+    PAPER_ONE_STEP_AT_A_TIME,
+    STOCK_EQUIVALENT,
+    assert_equal_up_to_rounding,
+    generate_latents,
+)
 
 PROMPT = "a red circle above a blue square"
 
 
-def build_tiny_pipeline(seed: int = 0):
-    pipe = build_tiny_sd(seed)
+def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    pipe = build_tiny_sd(seed, dtype=dtype)
     use_sampler(pipe, "DDIM-50")
     return pipe
 
 
-def build_tiny_sdxl_pipeline(seed: int = 0):
-    pipe = build_tiny_sdxl(seed)
+def build_tiny_sdxl_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    pipe = build_tiny_sdxl(seed, dtype=dtype)
     use_sampler(pipe, "DDIM-50")
     return pipe
 
 
 def float64(pipe):
-    pipe.to(torch.float64)
+    """``pipe`` in float64, for a comparison up to rounding (:func:`assert_equal_up_to_rounding`)."""
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            torch.nn.Module.to(module, dtype=torch.float64)
     return pipe
 
 
-def rounding_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    assert actual.dtype == expected.dtype == torch.float64
-    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9)
+rounding_equal = assert_equal_up_to_rounding
 
 
 # --- 1. Two threads on one pipeline ------------------------------------------------------------------------

@@ -16,7 +16,13 @@ from faster_diffusion import (
     apply_faster_diffusion,
 )
 
-from .conftest import PAPER, PAPER_ONE_STEP_AT_A_TIME, STOCK_EQUIVALENT, generate_latents
+from .conftest import (
+    PAPER,
+    PAPER_ONE_STEP_AT_A_TIME,
+    STOCK_EQUIVALENT,
+    assert_equal_up_to_rounding,
+    generate_latents,
+)
 from .reference import decoder, encoder
 
 PROMPT = "a red circle above a blue square"
@@ -27,8 +33,9 @@ PROMPT = "a red circle above a blue square"
 MIDDLE_OF_A_GROUP, MIDDLE_OF_THE_LAST_GROUP = 7, 40
 
 
-def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+#: Equal up to float64 rounding; the pipelines it compares are built in float64 (F64).
+close = assert_equal_up_to_rounding
+F64 = dict(dtype=torch.float64)
 
 
 def tensors_held(handle) -> list[torch.Tensor]:
@@ -114,9 +121,9 @@ def test_cfg_cutoff_with_every_step_a_key_step_equals_stock(make_pipe, sampler, 
 def test_cfg_cutoff_inside_a_group_matches_the_reference_and_one_step_at_a_time(make_pipe, step, cap):
     no_noise = NoiseInjection.off()
     reference = reference_with_cfg_cutoff(
-        make_pipe(), num_steps=50, key_steps=KeySteps.paper().resolve(50).indices, cutoff_step=step
+        make_pipe(**F64), num_steps=50, key_steps=KeySteps.paper().resolve(50).indices, cutoff_step=step
     )
-    batched, sequential = make_pipe(), make_pipe()
+    batched, sequential = make_pipe(**F64), make_pipe(**F64)
     handle = apply_faster_diffusion(
         batched, FasterDiffusionConfig(max_decoder_batch=cap, noise_injection=no_noise)
     )
@@ -148,7 +155,7 @@ def test_cfg_cutoff_keeping_the_conditional_half_of_several_images(make_pipe):
     apply_faster_diffusion(same, STOCK_EQUIVALENT)
     assert torch.equal(generate_latents(same, **call), stock)
 
-    batched, sequential = make_pipe(), make_pipe()
+    batched, sequential = make_pipe(**F64), make_pipe(**F64)
     apply_faster_diffusion(batched, PAPER)
     apply_faster_diffusion(sequential, PAPER_ONE_STEP_AT_A_TIME)
     fast = generate_latents(batched, **call)
@@ -196,7 +203,7 @@ def replace_embeddings_at(step: int, prompt: str = "a green triangle on a black 
 @pytest.mark.parametrize("cap", [None, 4])
 def test_new_prompt_embeds_inside_a_group_batched_equals_one_step_at_a_time(make_pipe, step, cap):
     call = dict(steps=50, callback_on_step_end=replace_embeddings_at(step))
-    batched, sequential = make_pipe(), make_pipe()
+    batched, sequential = make_pipe(**F64), make_pipe(**F64)
     apply_faster_diffusion(batched, FasterDiffusionConfig(max_decoder_batch=cap))
     apply_faster_diffusion(sequential, PAPER_ONE_STEP_AT_A_TIME)
     fast = generate_latents(batched, **call)
@@ -215,9 +222,9 @@ def test_new_prompt_embeds_with_every_step_a_key_step_equals_stock(make_pipe):
 # --- 3. Image-to-image -----------------------------------------------------------------------------------
 
 
-def tiny_pipe(sampler: str, make_pipe):
+def tiny_pipe(sampler: str, make_pipe, **kwargs):
     """A tiny pipeline with the given sampler (SD's default PNDM is refused: test_hardening_sched)."""
-    return make_pipe(sampler)
+    return make_pipe(sampler, **kwargs)
 
 
 def image_to_image(pipe, *, strength: float, steps: int) -> torch.Tensor:
@@ -242,7 +249,7 @@ def test_image_to_image_over_the_whole_schedule_is_exact(make_pipe, sampler):
     apply_faster_diffusion(same, STOCK_EQUIVALENT)
     assert torch.equal(image_to_image(same, strength=1.0, steps=20), stock)
 
-    batched, sequential = tiny_pipe(sampler, make_pipe), tiny_pipe(sampler, make_pipe)
+    batched, sequential = tiny_pipe(sampler, make_pipe, **F64), tiny_pipe(sampler, make_pipe, **F64)
     handle = apply_faster_diffusion(batched, PAPER)
     apply_faster_diffusion(sequential, PAPER_ONE_STEP_AT_A_TIME)
     fast = image_to_image(batched, strength=1.0, steps=20)

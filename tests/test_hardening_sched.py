@@ -39,7 +39,7 @@ from faster_diffusion import (
 )
 from faster_diffusion.reference.tiny import build_tiny_pipeline
 
-from .conftest import PAPER, STOCK_EQUIVALENT, generate_latents
+from .conftest import PAPER, STOCK_EQUIVALENT, assert_equal_up_to_rounding, generate_latents
 from .test_propagation import CallCounter
 
 #: Supported families: one UNet call per scheduler step, latents at unit scale, a step that advances from the
@@ -77,10 +77,10 @@ if importlib.util.find_spec("scipy") is not None:  # diffusers' LMS scheduler ne
     REFUSED["LMS"] = (LMSDiscreteScheduler, {})  # init_noise_sigma ~ 14.6
 
 
-def make_scheduler_pipe(family: dict, name: str, seed: int = 0):
+def make_scheduler_pipe(family: dict, name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A tiny pipeline whose scheduler is built from SD's config (``None`` options: the class defaults)."""
     cls, options = family[name]
-    pipe = build_tiny_pipeline(seed)
+    pipe = build_tiny_pipeline(seed, dtype=dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation notices of some algorithm types
         if options is None:
@@ -108,13 +108,13 @@ def test_supported_scheduler_with_every_step_a_key_step_equals_stock(name):
 def test_supported_scheduler_parallel_equals_sequential_and_costs_key_steps(name):
     steps = steps_for(name)
     keys = KeySteps.explicit([0, 2]) if name == "LCM" else KeySteps.paper()
-    parallel_pipe = make_scheduler_pipe(SUPPORTED, name)
-    sequential_pipe = make_scheduler_pipe(SUPPORTED, name)
+    parallel_pipe = make_scheduler_pipe(SUPPORTED, name, dtype=torch.float64)
+    sequential_pipe = make_scheduler_pipe(SUPPORTED, name, dtype=torch.float64)
     handle = apply_faster_diffusion(parallel_pipe, FasterDiffusionConfig(key_steps=keys))
     apply_faster_diffusion(sequential_pipe, FasterDiffusionConfig(key_steps=keys, parallel=False))
     counter = CallCounter(parallel_pipe.unet)
     parallel = generate_latents(parallel_pipe, steps=steps)
-    torch.testing.assert_close(parallel, generate_latents(sequential_pipe, steps=steps), rtol=1e-4, atol=1e-5)
+    assert_equal_up_to_rounding(parallel, generate_latents(sequential_pipe, steps=steps))
     schedule = keys.resolve(steps)
     assert handle.last_run.schedule == schedule
     assert counter.encoder_calls == schedule.num_key_steps == handle.last_run.encoder_passes
@@ -257,11 +257,11 @@ def test_compiled_unet_gives_the_same_latents_within_the_recompile_limit(make_pi
     it recompile at every step. ``backend="eager"`` traces and guards like any backend, with no C compiler."""
     from torch._dynamo.utils import counters
 
-    plain = make_pipe("DDIM-50")
+    plain = make_pipe("DDIM-50", dtype=torch.float64)
     apply_faster_diffusion(plain, PAPER)
     expected = generate_latents(plain, steps=10)
 
-    pipe = make_pipe("DDIM-50")
+    pipe = make_pipe("DDIM-50", dtype=torch.float64)
     handle = apply_faster_diffusion(pipe, PAPER)
     pipe.unet.compile(backend="eager")
     torch._dynamo.reset()
@@ -273,7 +273,7 @@ def test_compiled_unet_gives_the_same_latents_within_the_recompile_limit(make_pi
             second = generate_latents(pipe, steps=10)
     finally:
         torch._dynamo.reset()
-    torch.testing.assert_close(first, expected, rtol=1e-4, atol=1e-5)
+    assert_equal_up_to_rounding(first, expected)
     assert torch.equal(second, first)
     assert handle.last_run.encoder_passes == 5 and handle.last_run.decoder_passes == 10
     assert graphs > 0  # the UNet really ran compiled

@@ -52,13 +52,17 @@ FAMILIES = {
 }
 
 
+#: The dtype of the pipelines whose results are compared up to rounding (``close``).
+F64 = torch.float64
+
+
 def input_image() -> torch.Tensor:
     return torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
 
 
-def make_img2img(family: str, sampler: str):
+def make_img2img(family: str, sampler: str, dtype: torch.dtype = torch.float32):
     build, pipeline_class = FAMILIES[family]
-    pipe = build(0)
+    pipe = build(0, dtype=dtype)
     use_sampler(pipe, sampler)
     img2img = pipeline_class(**pipe.components)
     img2img.set_progress_bar_config(disable=True)
@@ -67,6 +71,8 @@ def make_img2img(family: str, sampler: str):
 
 @torch.inference_mode()
 def run(pipe, *, strength: float = STRENGTH, steps: int = STEPS, **kwargs) -> torch.Tensor:
+    if kwargs.get("latents") is not None:  # the user's latents, in the pipeline's dtype
+        kwargs["latents"] = kwargs["latents"].to(pipe.unet.dtype)
     return pipe(
         PROMPT,
         image=input_image(),
@@ -92,9 +98,9 @@ def test_all_key_steps_equal_stock_image_to_image(family, sampler):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_image_to_image_parallel_equals_sequential_on_the_cut_key_steps(family, sampler):
-    sequential_pipe = make_img2img(family, sampler)
+    sequential_pipe = make_img2img(family, sampler, F64)
     apply_faster_diffusion(sequential_pipe, PAPER_ONE_STEP_AT_A_TIME)
-    pipe = make_img2img(family, sampler)
+    pipe = make_img2img(family, sampler, F64)
     handle = apply_faster_diffusion(pipe, PAPER_WHOLE_GROUPS)
     close(run(pipe), run(sequential_pipe))
     stats = handle.last_run
@@ -124,7 +130,7 @@ def noised_input(stock, strength: float, images: int = 1) -> torch.Tensor:
         timesteps[:1],
         1,
         images,
-        torch.float32,
+        stock.unet.dtype,
         torch.device("cpu"),
         torch.Generator().manual_seed(0),
     )
@@ -152,12 +158,12 @@ def reference_run(stock, key_steps: tuple[int, ...], start: int, latents: torch.
 def test_image_to_image_follows_the_hand_written_reference(sampler):
     """The package against tests/reference.py, which shares no code with it: key steps cut to the steps that
     run, and prior noise injected from the noised input image's latents at the first step that runs."""
-    pipe = make_img2img("SD", sampler)
+    pipe = make_img2img("SD", sampler, F64)
     config = FasterDiffusionConfig(key_steps=KeySteps.paper(), noise_injection=STRONG_INJECTION)
     apply_faster_diffusion(pipe, config)
     fast = run(pipe)
 
-    stock = make_img2img("SD", sampler)
+    stock = make_img2img("SD", sampler, F64)
     close(fast, reference_run(stock, CUT_PAPER_KEY_STEPS, FIRST_STEP, noised_input(stock, STRENGTH)))
 
 
@@ -238,8 +244,8 @@ def test_sdxl_denoising_end_cuts_the_key_steps_to_the_steps_that_run(sampler):
     """SDXL's ``denoising_end`` (the base half of base + refiner) runs only the first steps: no decoder work
     is spent on steps that never run, and every key step a step equals stock."""
 
-    def sdxl(config):
-        pipe = build_tiny_sdxl_pipeline(0)
+    def sdxl(config, dtype=torch.float32):
+        pipe = build_tiny_sdxl_pipeline(0, dtype=dtype)
         use_sampler(pipe, sampler)
         handle = apply_faster_diffusion(pipe, config) if config is not None else None
         return pipe, handle
@@ -249,8 +255,8 @@ def test_sdxl_denoising_end_cuts_the_key_steps_to_the_steps_that_run(sampler):
     identity_pipe, _ = sdxl(STOCK_EQUIVALENT)
     assert torch.equal(generate_latents(identity_pipe, steps=STEPS, denoising_end=0.6), stock)
 
-    sequential_pipe, _ = sdxl(PAPER_ONE_STEP_AT_A_TIME)
-    pipe, handle = sdxl(PAPER_WHOLE_GROUPS)
+    sequential_pipe, _ = sdxl(PAPER_ONE_STEP_AT_A_TIME, F64)
+    pipe, handle = sdxl(PAPER_WHOLE_GROUPS, F64)
     fast = generate_latents(pipe, steps=STEPS, denoising_end=0.6)
     close(fast, generate_latents(sequential_pipe, steps=STEPS, denoising_end=0.6))
     stats = handle.last_run
@@ -277,8 +283,8 @@ def test_every_supported_scheduler_runs_image_to_image_exactly_and_in_parallel(n
     steps = steps_for(name)
     keys = KeySteps.explicit([0, 2]) if name == "LCM" else KeySteps.paper()
 
-    def img2img(config):
-        pipe = make_scheduler_pipe(SUPPORTED, name)
+    def img2img(config, dtype=torch.float32):
+        pipe = make_scheduler_pipe(SUPPORTED, name, dtype=dtype)
         runner = StableDiffusionImg2ImgPipeline(**pipe.components)
         runner.set_progress_bar_config(disable=True)
         handle = apply_faster_diffusion(runner, config) if config is not None else None
@@ -289,8 +295,8 @@ def test_every_supported_scheduler_runs_image_to_image_exactly_and_in_parallel(n
     assert torch.equal(identity, stock)
     ran = handle.last_run.steps
     assert 0 < ran < steps and handle.last_run.schedule.num_steps_run == ran
-    sequential, _ = img2img(FasterDiffusionConfig(key_steps=keys, parallel=False))
-    parallel, handle = img2img(FasterDiffusionConfig(key_steps=keys))
+    sequential, _ = img2img(FasterDiffusionConfig(key_steps=keys, parallel=False), F64)
+    parallel, handle = img2img(FasterDiffusionConfig(key_steps=keys), F64)
     close(parallel, sequential)
     assert handle.last_run.schedule == keys.resolve(steps).cut(steps - ran)
     assert handle.last_run.encoder_passes == handle.last_run.schedule.num_key_steps
@@ -316,13 +322,13 @@ def test_replacing_the_scheduler_of_an_image_to_image_pipeline_is_detected():
 def test_auto_places_its_budget_over_the_steps_that_run(sampler):
     """``auto:B`` asks for B encoder passes: on a run of the last 12 of 20 steps, B key steps placed by the
     same optimiser on the calibration's block for those steps, not the whole run's placement cut to them."""
-    pipe = make_img2img("SD", sampler)
+    pipe = make_img2img("SD", sampler, F64)
     calibration = calibrate_tiny(pipe)
     budget = 5
     expected = tuple(
         FIRST_STEP + i for i in optimal_key_steps(calibration.matrix[FIRST_STEP:, FIRST_STEP:], budget)
     )
-    sequential_pipe = make_img2img("SD", sampler)
+    sequential_pipe = make_img2img("SD", sampler, F64)
     calibrate_tiny(sequential_pipe)
     apply_faster_diffusion(
         sequential_pipe, FasterDiffusionConfig(key_steps=KeySteps.auto(budget), parallel=False)
@@ -357,12 +363,12 @@ def calibrate_tiny(pipe):
 CUSTOM_TIMESTEPS = [999, 950, 900, 800, 700, 600, 500, 400, 300, 200, 150, 100, 50, 20]
 
 
-def dpm_solver_pp_img2img(family: str):
+def dpm_solver_pp_img2img(family: str, dtype: torch.dtype = torch.float32):
     """An image-to-image pipeline with DPM-Solver++, which accepts a custom ``timesteps=`` list."""
     from diffusers import DPMSolverMultistepScheduler
 
     build, pipeline_class = FAMILIES[family]
-    pipe = build(0)
+    pipe = build(0, dtype=dtype)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(
         pipe.scheduler.config, algorithm_type="dpmsolver++"
     )
@@ -372,19 +378,20 @@ def dpm_solver_pp_img2img(family: str):
 
 
 def check_exact_and_parallel(make, call: dict, *, steps: int) -> RunStats:
-    """Every key step a step equals stock bit for bit; the paper's key steps batched equal them one step at a
-    time. Returns the stats of the batched run, with the schedule of ``steps`` steps it was cut from."""
+    """Every key step a step equals stock bit for bit (float32); the paper's key steps batched equal them one
+    step at a time (float64, up to rounding). ``make(dtype)`` builds the pipeline. Returns the stats of the
+    batched run, with the schedule of ``steps`` steps it was cut from."""
     stock = run(make(), steps=steps, **call)
     identity = make()
     apply_faster_diffusion(identity, STOCK_EQUIVALENT)
     assert torch.equal(run(identity, steps=steps, **call), stock)
-    sequential = make()
+    sequential = make(F64)
     apply_faster_diffusion(sequential, PAPER_ONE_STEP_AT_A_TIME)
-    batched = make()
+    batched = make(F64)
     handle = apply_faster_diffusion(batched, PAPER_WHOLE_GROUPS)
     fast = run(batched, steps=steps, **call)
     close(fast, run(sequential, steps=steps, **call))
-    assert not torch.equal(fast, stock)
+    assert not torch.equal(fast, stock.double())
     stats = handle.last_run
     assert stats.decoder_passes == stats.steps == stats.schedule.num_steps_run
     assert stats.encoder_passes == stats.schedule.num_key_steps
@@ -407,7 +414,9 @@ def paper_cut(steps: int, start: int, stop: int) -> tuple[int, ...]:
 def test_sdxl_denoising_start_runs_the_last_steps_exactly_and_in_parallel(sampler, call):
     """SDXL's ``denoising_start`` (the refiner half of base + refiner, here on the base model) starts at a
     timestep instead of from strength; with ``denoising_end`` too, the run also stops early."""
-    stats = check_exact_and_parallel(lambda: make_img2img("SDXL", sampler), call, steps=STEPS)
+    stats = check_exact_and_parallel(
+        lambda dtype=torch.float32: make_img2img("SDXL", sampler, dtype), call, steps=STEPS
+    )
     schedule = stats.schedule
     assert 0 < schedule.start < schedule.stop <= STEPS
     assert (schedule.stop == STEPS) == ("denoising_end" not in call)
@@ -419,7 +428,7 @@ def test_sdxl_denoising_start_runs_the_last_steps_exactly_and_in_parallel(sample
 @pytest.mark.parametrize("strength", [0.07, 0.1], ids=["one-step", "two-steps"])
 def test_a_strength_that_runs_one_or_two_steps_is_exact(family, sampler, strength):
     stats = check_exact_and_parallel(
-        lambda: make_img2img(family, sampler), dict(strength=strength), steps=STEPS
+        lambda dtype=torch.float32: make_img2img(family, sampler, dtype), dict(strength=strength), steps=STEPS
     )
     ran = int(STEPS * strength)
     assert stats.schedule.indices == (STEPS - ran,)
@@ -430,7 +439,9 @@ def test_a_strength_that_runs_one_or_two_steps_is_exact(family, sampler, strengt
 def test_custom_timesteps_image_to_image(family):
     """A ``timesteps=`` list: the key steps are indices into it, cut to the steps that strength runs."""
     stats = check_exact_and_parallel(
-        lambda: dpm_solver_pp_img2img(family), dict(timesteps=CUSTOM_TIMESTEPS), steps=len(CUSTOM_TIMESTEPS)
+        lambda dtype=torch.float32: dpm_solver_pp_img2img(family, dtype),
+        dict(timesteps=CUSTOM_TIMESTEPS),
+        steps=len(CUSTOM_TIMESTEPS),
     )
     first = len(CUSTOM_TIMESTEPS) - int(len(CUSTOM_TIMESTEPS) * STRENGTH)
     assert (stats.schedule.start, stats.schedule.stop) == (first, len(CUSTOM_TIMESTEPS))
@@ -467,7 +478,9 @@ IMAGE_TO_IMAGE_OPTIONS = {
     ],
 )
 def test_image_to_image_call_options_are_exact_and_parallel(family, call):
-    stats = check_exact_and_parallel(lambda: make_img2img(family, "DPM-Solver-20"), call, steps=STEPS)
+    stats = check_exact_and_parallel(
+        lambda dtype=torch.float32: make_img2img(family, "DPM-Solver-20", dtype), call, steps=STEPS
+    )
     assert stats.schedule.indices == CUT_PAPER_KEY_STEPS
 
 
@@ -475,7 +488,9 @@ def test_sdxl_image_to_image_with_the_users_latents():
     """SDXL's image-to-image takes ``latents=`` as the run's start, instead of the noised image."""
     user_latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     stats = check_exact_and_parallel(
-        lambda: make_img2img("SDXL", "DDIM-50"), dict(latents=user_latents, strength=0.3), steps=STEPS
+        lambda dtype=torch.float32: make_img2img("SDXL", "DDIM-50", dtype),
+        dict(latents=user_latents, strength=0.3),
+        steps=STEPS,
     )
     assert stats.schedule.indices == (14, 15)
 
@@ -484,12 +499,12 @@ def test_sdxl_image_to_image_with_the_users_latents():
 def test_each_image_injects_its_own_prior_noise(sampler):
     """Two images per prompt: each image's z is its own noised latents, as tests/reference.py computes it for
     that image alone."""
-    pipe = make_img2img("SD", sampler)
+    pipe = make_img2img("SD", sampler, F64)
     config = FasterDiffusionConfig(key_steps=KeySteps.paper(), noise_injection=STRONG_INJECTION)
     apply_faster_diffusion(pipe, config)
     fast = run(pipe, num_images_per_prompt=2)
 
-    stock = make_img2img("SD", sampler)
+    stock = make_img2img("SD", sampler, F64)
     noised = noised_input(stock, STRENGTH, images=2)
     assert not torch.equal(noised[0], noised[1])
     for image in range(2):
@@ -499,12 +514,12 @@ def test_each_image_injects_its_own_prior_noise(sampler):
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_one_step_image_to_image_follows_the_hand_written_reference(sampler):
-    pipe = make_img2img("SD", sampler)
+    pipe = make_img2img("SD", sampler, F64)
     config = FasterDiffusionConfig(key_steps=KeySteps.paper(), noise_injection=STRONG_INJECTION)
     apply_faster_diffusion(pipe, config)
     fast = run(pipe, strength=0.07)
 
-    stock = make_img2img("SD", sampler)
+    stock = make_img2img("SD", sampler, F64)
     close(fast, reference_run(stock, (STEPS - 1,), STEPS - 1, noised_input(stock, 0.07)))
 
 

@@ -22,12 +22,14 @@ from faster_diffusion import (
 from faster_diffusion.propagation import _check_supported_call, check_supported_unet
 from faster_diffusion.reference.tiny import TINY_SDXL_UNET_CONFIG, build_tiny_sdxl_pipeline
 
+from .conftest import assert_equal_up_to_rounding
+
 PROMPTS = ["a red circle", "a small blue square"]
 SAMPLERS = [("DDIM-50", 50), ("DPM-Solver-20", 20)]
 
 
-def latents(config, sampler, steps, counter=None):
-    pipe = build_tiny_sdxl_pipeline()
+def latents(config, sampler, steps, counter=None, dtype=torch.float32):
+    pipe = build_tiny_sdxl_pipeline(dtype=dtype)
     use_sampler(pipe, sampler)
     handle = apply_faster_diffusion(pipe, config) if config is not None else None
     hooks = []
@@ -70,10 +72,12 @@ def test_all_key_steps_equal_the_stock_sdxl_pipeline(sampler, steps):
 
 @pytest.mark.parametrize(("sampler", "steps"), SAMPLERS)
 def test_parallel_equals_sequential_on_sdxl_and_the_encoder_runs_once_per_key_step(sampler, steps):
-    sequential, _ = latents(FasterDiffusionConfig(key_steps=KeySteps.paper(), parallel=False), sampler, steps)
+    one_step = FasterDiffusionConfig(key_steps=KeySteps.paper(), parallel=False)
+    sequential, _ = latents(one_step, sampler, steps, dtype=torch.float64)
     counter = {"encoder": 0, "decoder_rows": 0}
-    parallel, stats = latents(FasterDiffusionConfig(key_steps=KeySteps.paper()), sampler, steps, counter)
-    torch.testing.assert_close(parallel, sequential, rtol=1e-4, atol=1e-4)
+    whole = FasterDiffusionConfig(key_steps=KeySteps.paper())
+    parallel, stats = latents(whole, sampler, steps, counter, dtype=torch.float64)
+    assert_equal_up_to_rounding(parallel, sequential)
     keys = len(KeySteps.paper().resolve(steps).indices)
     assert (stats.encoder_passes, stats.decoder_passes) == (keys, steps)
     # 2 prompts with guidance: 4 rows a step.
@@ -111,8 +115,8 @@ def test_sdxl_guidance_cutoff_inside_a_group_equals_one_step_at_a_time(cutoff_st
     with every step a key step the result is the stock pipeline's."""
     from diffusers.callbacks import SDXLCFGCutoffCallback
 
-    def run(config):
-        pipe = build_tiny_sdxl_pipeline()
+    def run(config, dtype=torch.float32):
+        pipe = build_tiny_sdxl_pipeline(dtype=dtype)
         use_sampler(pipe, "DDIM-50")
         handle = apply_faster_diffusion(pipe, config) if config is not None else None
         out = pipe(
@@ -132,10 +136,10 @@ def test_sdxl_guidance_cutoff_inside_a_group_equals_one_step_at_a_time(cutoff_st
         key_steps=KeySteps.every_step(), noise_injection=NoiseInjection(enabled=False)
     )
     assert torch.equal(run(every), run(None))
-    batched = run(FasterDiffusionConfig(key_steps=KeySteps.paper()))
-    one_at_a_time = run(FasterDiffusionConfig(key_steps=KeySteps.paper(), parallel=False))
+    batched = run(FasterDiffusionConfig(key_steps=KeySteps.paper()), torch.float64)
+    one_at_a_time = run(FasterDiffusionConfig(key_steps=KeySteps.paper(), parallel=False), torch.float64)
     assert batched.shape == (1, 4, 8, 8)
-    torch.testing.assert_close(batched, one_at_a_time, rtol=1e-4, atol=1e-4)
+    assert_equal_up_to_rounding(batched, one_at_a_time)
 
 
 def test_the_generation_layer_runs_an_sdxl_pipeline():
@@ -153,9 +157,9 @@ def test_the_generation_layer_runs_an_sdxl_pipeline():
     assert faster.images[0].size == stock.images[0].size == (16, 16)
 
 
-def sdxl_latents(config, sampler, **call):
+def sdxl_latents(config, sampler, dtype=torch.float32, **call):
     """Final latents of the tiny SDXL pipeline for one prompt, with ``config`` attached (``None``: stock)."""
-    pipe = build_tiny_sdxl_pipeline()
+    pipe = build_tiny_sdxl_pipeline(dtype=dtype)
     use_sampler(pipe, sampler)
     handle = apply_faster_diffusion(pipe, config) if config is not None else None
     with torch.inference_mode():
@@ -180,10 +184,11 @@ def test_denoising_end_with_two_images_per_prompt(sampler, steps):
     identity, _ = sdxl_latents(every, sampler, **call)
     assert torch.equal(identity, stock)
     sequential, _ = sdxl_latents(
-        FasterDiffusionConfig(key_steps=KeySteps.paper(), parallel=False), sampler, **call
+        FasterDiffusionConfig(key_steps=KeySteps.paper(), parallel=False), sampler, torch.float64, **call
     )
-    parallel, stats = sdxl_latents(FasterDiffusionConfig(key_steps=KeySteps.paper()), sampler, **call)
-    torch.testing.assert_close(parallel, sequential, rtol=1e-4, atol=1e-4)
+    whole = FasterDiffusionConfig(key_steps=KeySteps.paper())
+    parallel, stats = sdxl_latents(whole, sampler, torch.float64, **call)
+    assert_equal_up_to_rounding(parallel, sequential)
     assert parallel.shape == (2, 4, 8, 8)
     ran = stats.steps
     assert 0 < ran < steps and stats.decoder_passes == ran

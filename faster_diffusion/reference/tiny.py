@@ -286,14 +286,32 @@ def make_safety_checker_flag_everything(safety_checker: StableDiffusionSafetyChe
         safety_checker.special_care_embeds_weights.fill_(_FLAG_ALL_THRESHOLD)
 
 
+def _in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``module`` (in place) with its floating-point weights and buffers cast to ``dtype``.
+
+    The models are always initialised in float32, so every dtype holds the same weights (float32 to float64 is
+    exact). torch's own ``Module.to`` casts them: diffusers' ``ModelMixin.to`` would warn about modules to be
+    kept in float32, of which these models have none.
+    """
+    if dtype != torch.float32:
+        torch.nn.Module.to(module, dtype=dtype)
+    return module
+
+
 def build_tiny_components(
-    seed: int = 0, *, with_safety_checker: bool = False, unet_kwargs: dict[str, Any] | None = None
+    seed: int = 0,
+    *,
+    with_safety_checker: bool = False,
+    unet_kwargs: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
     """Components for ``StableDiffusionPipeline(**components, requires_safety_checker=...)``.
 
     Weights are random but deterministic: every model is initialised right after ``torch.manual_seed(seed)``
     (inside ``torch.random.fork_rng``, so the caller's global RNG state is left untouched).
     ``unet_kwargs`` overrides entries of ``TINY_UNET_CONFIG``, e.g. to build unusual UNets in tests.
+    ``dtype``: the models' dtype; the weights are float32's, cast (the tests compare in float64, where
+    rounding is far below any difference they look for).
     """
     unet_config = {**TINY_UNET_CONFIG, **(unet_kwargs or {})}
     tokenizer = build_tiny_tokenizer()
@@ -309,10 +327,12 @@ def build_tiny_components(
             torch.manual_seed(seed)
             safety_checker = _tiny_safety_checker(tokenizer)
             feature_extractor = _tiny_feature_extractor()
+    if safety_checker is not None:
+        safety_checker = _in_dtype(safety_checker, dtype)
     return {
-        "unet": unet.eval(),
-        "vae": vae.eval(),
-        "text_encoder": text_encoder.eval(),
+        "unet": _in_dtype(unet, dtype).eval(),
+        "vae": _in_dtype(vae, dtype).eval(),
+        "text_encoder": _in_dtype(text_encoder, dtype).eval(),
         "tokenizer": tokenizer,
         "scheduler": PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG),
         "safety_checker": safety_checker,
@@ -322,10 +342,17 @@ def build_tiny_components(
 
 
 def build_tiny_pipeline(
-    seed: int = 0, *, with_safety_checker: bool = False, unet_kwargs: dict[str, Any] | None = None
+    seed: int = 0,
+    *,
+    with_safety_checker: bool = False,
+    unet_kwargs: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> StableDiffusionPipeline:
-    """A float32 CPU ``StableDiffusionPipeline`` from :func:`build_tiny_components`, progress bar disabled."""
-    components = build_tiny_components(seed, with_safety_checker=with_safety_checker, unet_kwargs=unet_kwargs)
+    """A CPU ``StableDiffusionPipeline`` (float32 unless ``dtype`` says otherwise) from
+    :func:`build_tiny_components`, progress bar disabled."""
+    components = build_tiny_components(
+        seed, with_safety_checker=with_safety_checker, unet_kwargs=unet_kwargs, dtype=dtype
+    )
     pipe = StableDiffusionPipeline(**components, requires_safety_checker=with_safety_checker)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -368,9 +395,12 @@ TINY_SDXL_UNET_CONFIG: dict[str, Any] = {
 }
 
 
-def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
-    """A float32 CPU ``StableDiffusionXLPipeline`` with random weights: two CLIP text encoders (the second
-    with a projection, as SDXL's), the ``text_time`` UNet above and the tiny VAE; no watermarker."""
+def build_tiny_sdxl_pipeline(
+    seed: int = 0, *, dtype: torch.dtype = torch.float32
+) -> StableDiffusionXLPipeline:
+    """A CPU ``StableDiffusionXLPipeline`` with random weights: two CLIP text encoders (the second with a
+    projection, as SDXL's), the ``text_time`` UNet above and the tiny VAE; no watermarker. float32 unless
+    ``dtype`` says otherwise (float32's weights, cast, as in :func:`build_tiny_components`)."""
     tokenizer = build_tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -382,12 +412,12 @@ def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         torch.manual_seed(seed + 1)
         text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(tokenizer))
     pipe = StableDiffusionXLPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        text_encoder_2=text_encoder_2.eval(),
+        vae=_in_dtype(vae, dtype).eval(),
+        text_encoder=_in_dtype(text_encoder, dtype).eval(),
+        text_encoder_2=_in_dtype(text_encoder_2, dtype).eval(),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
-        unet=unet.eval(),
+        unet=_in_dtype(unet, dtype).eval(),
         scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG),
         add_watermarker=False,
     )
