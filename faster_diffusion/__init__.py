@@ -12,13 +12,12 @@ Rethinking the Role of the Encoder for Diffusion Model Inference" (NeurIPS 2024)
 """
 
 from .calibration import CalibrationError, calibrate, get_calibration
+from .modes import apply_faster_diffusion
 from .noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, NoiseInjection
 from .propagation import (
     FasterDiffusion,
     FasterDiffusionConfig,
     RunStats,
-    UnsupportedModelError,
-    apply_faster_diffusion,
     get_faster_diffusion,
     remove_faster_diffusion,
 )
@@ -30,6 +29,7 @@ from .schedule import (
     KeySteps,
     KeyStepSchedule,
 )
+from .support import UnsupportedModelError
 
 __all__ = [
     "PAPER_DDIM_50_KEY_STEPS",

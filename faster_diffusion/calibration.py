@@ -62,6 +62,8 @@ import numpy as np
 import torch
 from diffusers.hooks import ModelHook
 
+from ._hooks import add_hook, drop_hook, map_tensors
+from .propagation import get_faster_diffusion
 from .schedule import KeyStepError, KeySteps, paper_key_steps
 
 logger = logging.getLogger(__name__)
@@ -457,10 +459,8 @@ def _unet_output(sample: torch.Tensor) -> Any:
 
 def _flat(value: Any) -> list[torch.Tensor]:
     """Every distinct tensor of a (nested) output, in order."""
-    from .propagation import _map_tensors
-
     found: dict[int, torch.Tensor] = {}
-    _map_tensors(value, lambda t: found.setdefault(id(t), t))
+    map_tensors(value, lambda t: found.setdefault(id(t), t))
     return list(found.values())
 
 
@@ -565,8 +565,6 @@ def _measure_run(
 ) -> dict[str, np.ndarray]:
     """One stock run of ``pipe`` over ``prompts``, measuring the cost matrices of ``criteria`` (means over its
     images)."""
-    from .propagation import _add_hook, _drop_hook
-
     unet = pipe.unet
     modules = [unet.conv_in, *unet.down_blocks] + ([unet.mid_block] if unet.mid_block is not None else [])
     records: list[list[Any]] = [[] for _ in modules]
@@ -583,7 +581,7 @@ def _measure_run(
         calls[-1] = (*args_kwargs, sample)
 
     for module, hook in zip(modules, hooks, strict=True):
-        _add_hook(module, hook, _REPLAY_HOOK)
+        add_hook(module, hook, _REPLAY_HOOK)
     handles = [
         unet.register_forward_pre_hook(record_inputs, with_kwargs=True),
         unet.register_forward_hook(record_output, with_kwargs=True),
@@ -659,7 +657,7 @@ def _measure_run(
                             },
                             serve,
                         )
-                        _add_hook(unet, tail, _TAIL_HOOK)
+                        add_hook(unet, tail, _TAIL_HOOK)
                         try:
                             out = pipe(
                                 list(prompts) * copies,
@@ -675,7 +673,7 @@ def _measure_run(
                                 output_type="latent",
                             ).images
                         finally:
-                            _drop_hook(unet, _TAIL_HOOK)
+                            drop_hook(unet, _TAIL_HOOK)
                         if tail.calls != n:
                             raise CalibrationError(
                                 f"calibration expected {n} UNet calls in a run of {n} steps, saw {tail.calls}"
@@ -689,7 +687,7 @@ def _measure_run(
         for handle in handles:
             handle.remove()
         for module in modules:
-            _drop_hook(module, _REPLAY_HOOK)
+            drop_hook(module, _REPLAY_HOOK)
     return costs
 
 
@@ -708,14 +706,13 @@ def _row_sq(tensor: torch.Tensor) -> torch.Tensor:
 def _repeat_per_row(value: Any, rows: int, times: int) -> Any:
     """Repeat ``times`` times every tensor whose first dimension is ``rows`` (per-row inputs), in nested
     tuples, lists and dicts; timesteps and other tensors stay as they are."""
-    from .propagation import _map_tensors
 
     def repeat(tensor: torch.Tensor) -> torch.Tensor:
         if tensor.dim() > 0 and tensor.shape[0] == rows and times > 1:
             return tensor.repeat(times, *([1] * (tensor.dim() - 1)))
         return tensor
 
-    return _map_tensors(value, repeat)
+    return map_tensors(value, repeat)
 
 
 def _tile(parts: list[torch.Tensor], halves: int) -> torch.Tensor:
@@ -875,6 +872,37 @@ def missing_message(pipe: Any, num_steps: int) -> str:
     )
 
 
+def resolve_auto(
+    pipe: Any, scheduler: Any, num_steps: int, timesteps: Sequence[float] | None = None
+) -> Calibration:
+    """The calibration ``key_steps="auto"`` is placed from, for a run of ``num_steps`` steps of ``pipe`` with
+    ``scheduler``: handed to the reuse modes by :func:`faster_diffusion.apply_faster_diffusion`.
+
+    Raises :class:`CalibrationError` when none is saved or made for them, or when the run's ``timesteps`` are
+    not the scheduler's own for that step count (the only ones a calibration measures)."""
+    own = scheduler_timesteps(scheduler, num_steps)
+    if timesteps is not None:
+        given = tuple(int(t) for t in timesteps)
+        if given != own:
+            raise CalibrationError(
+                f"key_steps 'auto' is calibrated on the scheduler's own {num_steps} timesteps "
+                f"({_span(own)}), and this run was given others ({_span(given)}), as by a timesteps= "
+                "argument or a set_timesteps option (LCM's original_inference_steps or strength); pass "
+                "explicit key steps (such as 'paper' or a list) for a run on custom timesteps"
+            )
+    found = find_calibration(pipe, num_steps, scheduler, own) if pipe is not None else None
+    if found is None:
+        raise CalibrationError(missing_message(pipe, num_steps))
+    return found
+
+
+def _span(timesteps: Sequence[int]) -> str:
+    """Timesteps for a message: all of them when few, else the first three and the last."""
+    if len(timesteps) <= 6:
+        return ", ".join(map(str, timesteps))
+    return f"{', '.join(map(str, timesteps[:3]))}, ..., {timesteps[-1]}"
+
+
 def _default_steps(scheduler: Any) -> int:
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
@@ -910,8 +938,6 @@ def get_calibration(
     run of the prompts; ``"prediction"`` adds N(N-1)/2 decoder passes per prompt, about 20 times more for
     DDIM-50; ``"final"`` adds a tail of N-1-j UNet calls for every pair k < j, about N^3/6 calls per prompt).
     """
-    from .propagation import get_faster_diffusion
-
     if get_faster_diffusion(pipe) is not None:
         raise RuntimeError("calibrate: faster diffusion is attached to this pipeline; call remove() first")
     if criterion not in CRITERIA:

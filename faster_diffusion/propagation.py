@@ -20,41 +20,33 @@ How it attaches, without copying ``StableDiffusionPipeline.__call__`` or ``UNet2
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import inspect
 import sys
 import threading
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DEISMultistepScheduler,
-    DiffusionPipeline,
-    DPMSolverMultistepScheduler,
-    LCMScheduler,
-    UNet2DConditionModel,
-)
-from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.models.attention_processor import (
-    Attention,
-    AttnProcessor,
-    AttnProcessor2_0,
-    FusedAttnProcessor2_0,
-    SlicedAttnProcessor,
-    XFormersAttnProcessor,
-)
+from diffusers import DiffusionPipeline
+from diffusers.hooks import ModelHook
+from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
+from ._hooks import add_hook, drop_hook, last_rows, map_tensors, map_tensors_once, repeat_rows, tensors_in
 from .memory import AUTO, auto_decoder_batch_cap, available_memory_bytes, resident_weight_bytes
-from .noise import NoiseInjection, inject_prior_noise
-from .schedule import KeyStepKind, KeySteps, KeyStepSchedule
+from .noise import NoiseInjection
+from .schedule import KeyStepError, KeyStepKind, KeySteps, KeyStepSchedule
+from .support import (
+    ROW_WISE_PROCESSORS,
+    UnsupportedModelError,
+    check_supported_call,
+    check_supported_scheduler,
+    check_supported_unet,
+)
+from .taps import RunEndTap, SchedulerTap
 
 _UNET_HOOK = "faster_diffusion"
 _ENCODER_HOOK = "faster_diffusion_encoder"
@@ -71,37 +63,15 @@ _BATCHED_INPUTS = (
     "added_cond_kwargs",
 )
 
-#: The ``added_cond_kwargs`` of SDXL's ``addition_embed_type="text_time"``.
-_TEXT_TIME_INPUTS = frozenset({"text_embeds", "time_ids"})
-
-#: The ``encoder_hid_dim_type`` that diffusers' ``load_ip_adapter`` sets on a UNet.
-_IP_ADAPTER_PROJECTION = "ip_image_proj"
-
-#: UNet inputs that would change the encoder features in ways propagation cannot reuse.
-_UNSUPPORTED_INPUTS = (
-    "class_labels",
-    "down_block_additional_residuals",
-    "mid_block_additional_residual",
-    "down_intrablock_additional_residuals",
-)
-
-#: Attention processors that treat every row of the batch on its own, so that a decoder batch of several steps
-#: gives each step what a batch of that step alone would. A processor that splits the batch into parts, as
-#: Perturbed-Attention Guidance's ``chunk(3)`` does, would mix the steps of a decoder batch.
-_ROW_WISE_PROCESSORS: tuple[type, ...] = (
-    AttnProcessor,
-    AttnProcessor2_0,
-    FusedAttnProcessor2_0,
-    SlicedAttnProcessor,
-    XFormersAttnProcessor,
-)
-
 #: How many frames above the scheduler's ``set_timesteps`` to look for the pipeline that called it.
 _CALLER_DEPTH = 8
 
-
-class UnsupportedModelError(ValueError):
-    """The pipeline or UNet uses a feature that encoder propagation does not support."""
+#: Finds the calibration that ``key_steps="auto"`` is placed from: called with the pipeline, its scheduler,
+#: the step count and the run's timesteps; returns the calibration, or raises a clear error (a
+#: :class:`~faster_diffusion.schedule.KeyStepError`) when there is none. Handed in by whoever applies the
+#: method (:func:`faster_diffusion.apply_faster_diffusion` hands calibration's), so that propagation does not
+#: import calibration.
+AutoResolver = Callable[[Any, Any, int, Sequence[float] | None], Any]
 
 
 @dataclass(frozen=True)
@@ -222,43 +192,6 @@ class _RunState(threading.local):
         self.repeat = 0
 
 
-def _map_tensors(value: Any, fn) -> Any:
-    """Apply ``fn`` to every tensor in a (nested) tuple, list or dict."""
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_map_tensors(item, fn) for item in value)
-    if isinstance(value, dict):
-        return {key: _map_tensors(item, fn) for key, item in value.items()}
-    return value
-
-
-def _map_tensors_once(value: Any, fn) -> Any:
-    """:func:`_map_tensors`, with ``fn`` applied once per distinct tensor: a tensor met twice maps to one
-    shared result, as down blocks return their last output both as hidden states and as a skip feature."""
-    seen: dict[int, torch.Tensor] = {}
-
-    def once(tensor: torch.Tensor) -> torch.Tensor:
-        key = id(tensor)
-        if key not in seen:
-            seen[key] = fn(tensor)
-        return seen[key]
-
-    return _map_tensors(value, once)
-
-
-def _repeat_rows(value: Any, times: int) -> Any:
-    """Repeat the batch dimension of every tensor in ``value`` ``times`` times."""
-    if times == 1:
-        return value
-    return _map_tensors_once(value, lambda tensor: tensor.repeat(times, *([1] * (tensor.dim() - 1))))
-
-
-def _last_rows(value: Any, rows: int) -> Any:
-    """The last ``rows`` rows of every tensor in ``value`` (views)."""
-    return _map_tensors_once(value, lambda tensor: tensor[tensor.shape[0] - rows :])
-
-
 def _batch_inputs(inputs: dict[str, Any]) -> tuple[Any, ...]:
     """What a decoder batch depends on besides the latents and the timestep: the shape of the sample and the
     conditioning inputs. Compared by identity, so checking that a call matches a batch needs no host sync."""
@@ -311,18 +244,6 @@ def _same_batch_inputs(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
         and a[0] == b[0]
         and all(_same_input(x, y) for x, y in zip(a[1:], b[1:], strict=True))
     )
-
-
-def _tensors_in(value: Any) -> Iterator[torch.Tensor]:
-    """Every tensor in a (nested) tuple, list or dict."""
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            yield from _tensors_in(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors_in(item)
 
 
 def _adapter_layers(unet: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
@@ -412,8 +333,8 @@ class _EncoderModuleHook(ModelHook):
                 def first_rows(tensor: torch.Tensor) -> torch.Tensor:
                     return tensor[:rows] if tensor.dim() > 0 and tensor.shape[0] == total else tensor
 
-                args = _map_tensors(args, first_rows)
-                kwargs = {name: _map_tensors(value, first_rows) for name, value in kwargs.items()}
+                args = map_tensors(args, first_rows)
+                kwargs = {name: map_tensors(value, first_rows) for name, value in kwargs.items()}
             output = self.fn_ref.original_forward(*args, **kwargs)
             state.encoder_cache[self.slot] = output
         else:
@@ -421,8 +342,8 @@ class _EncoderModuleHook(ModelHook):
         if state.repeat == 1:
             # The decoder may change what it is given in place (FreeU scales the mid block's output in place):
             # a batch of one step gets a copy, so that the kept features stay as they were computed.
-            return _map_tensors_once(output, torch.Tensor.clone)
-        return _repeat_rows(output, state.repeat)
+            return map_tensors_once(output, torch.Tensor.clone)
+        return repeat_rows(output, state.repeat)
 
 
 class _RepeatedTextHook(ModelHook):
@@ -480,7 +401,7 @@ class _PropagationHook(ModelHook):
         bound = self._signature.bind(*args, **kwargs)
         inputs = dict(bound.arguments)
         return_dict = inputs.get("return_dict", True)
-        _check_supported_call(module, inputs)
+        check_supported_call(module, inputs)
         step = state.unet_calls
         if step != state.step:
             raise RuntimeError(
@@ -543,13 +464,13 @@ class _PropagationHook(ModelHook):
         elif rows != state.encoder_rows:
             self._keep_conditional_rows(start, rows, inputs)
         state.decoded_inputs = _batch_inputs(inputs)
-        state.decoded_state = _InPlaceState(_tensors_in(state.decoded_inputs[1:]), state.adapter_layers)
+        state.decoded_state = _InPlaceState(tensors_in(state.decoded_inputs[1:]), state.adapter_layers)
         if steps > 1:
             inputs["sample"] = sample.repeat(steps, *([1] * (sample.dim() - 1)))
             inputs["timestep"] = state.timesteps[start:stop].repeat_interleave(rows)
             for name in _BATCHED_INPUTS:
                 if inputs.get(name) is not None:
-                    inputs[name] = _repeat_rows(inputs[name], steps)
+                    inputs[name] = repeat_rows(inputs[name], steps)
         inputs["return_dict"] = False
         state.computing_encoder = should_compute_encoder
         state.repeat = steps
@@ -585,7 +506,7 @@ class _PropagationHook(ModelHook):
                 "diffusers' SDCFGCutoffCallback: prompt_embeds cut to its conditional half, "
                 "prompt_embeds.chunk(2)[1]); change the batch at a key step, or use key steps 'all'"
             )
-        state.encoder_cache = {slot: _last_rows(value, rows) for slot, value in state.encoder_cache.items()}
+        state.encoder_cache = {slot: last_rows(value, rows) for slot, value in state.encoder_cache.items()}
         state.encoder_rows = rows
 
     def _start_steps(self, timestep: Any) -> None:
@@ -657,299 +578,6 @@ class _PropagationHook(ModelHook):
         )
 
 
-def _check_supported_call(unet: torch.nn.Module, inputs: dict[str, Any]) -> None:
-    for name in _UNSUPPORTED_INPUTS:
-        if inputs.get(name) is not None:
-            raise UnsupportedModelError(
-                f"faster_diffusion: the UNet input {name!r} (ControlNet, T2I-Adapter or class conditioning) "
-                "is not supported with encoder propagation; remove faster diffusion for this pipeline"
-            )
-    added = inputs.get("added_cond_kwargs")
-    if added and not (unet.config.addition_embed_type == "text_time" and set(added) <= _TEXT_TIME_INPUTS):
-        raise UnsupportedModelError(
-            f"faster_diffusion: added_cond_kwargs {sorted(added)} are not supported with encoder propagation "
-            "(supported: SDXL's text_embeds and time_ids on a UNet with addition_embed_type='text_time'; "
-            "IP-Adapter's image_embeds are not)"
-        )
-    check_supported_unet(unet)
-
-
-def check_supported_unet(unet: torch.nn.Module) -> None:
-    """Raise :class:`UnsupportedModelError` unless ``unet`` is a Stable Diffusion 1.x/2.x or SDXL
-    ``UNet2DConditionModel``: no class embedding, no encoder projection, and no added embedding other than
-    SDXL's ``text_time``."""
-    if not isinstance(unet, UNet2DConditionModel):
-        raise UnsupportedModelError(
-            f"faster_diffusion supports UNet2DConditionModel (Stable Diffusion 1.x/2.x and SDXL), got "
-            f"{type(unet).__name__}"
-        )
-    config = unet.config
-    unsupported = {
-        "class_embed_type": config.class_embed_type,
-        "num_class_embeds": config.num_class_embeds,
-        "addition_embed_type": None
-        if config.addition_embed_type == "text_time"
-        else config.addition_embed_type,
-        "encoder_hid_dim_type": config.encoder_hid_dim_type,
-    }
-    found = {name: value for name, value in unsupported.items() if value is not None}
-    if getattr(config, "attention_type", "default") in ("gated", "gated-text-image"):
-        raise UnsupportedModelError(
-            f"faster_diffusion: GLIGEN (a UNet with attention_type={config.attention_type!r}, grounded by "
-            "boxes) is not supported with encoder propagation; remove faster diffusion for this pipeline"
-        )
-    if config.encoder_hid_dim_type == _IP_ADAPTER_PROJECTION:
-        raise UnsupportedModelError(
-            "faster_diffusion: IP-Adapter is not supported with encoder propagation (an IP-Adapter is "
-            f"loaded: this UNet has encoder_hid_dim_type={_IP_ADAPTER_PROJECTION!r}); call "
-            "pipe.unload_ip_adapter() to use faster diffusion, or remove faster diffusion to use the "
-            "IP-Adapter"
-        )
-    if found:
-        details = ", ".join(f"{name}={value!r}" for name, value in found.items())
-        raise UnsupportedModelError(
-            f"faster_diffusion supports Stable Diffusion 1.x/2.x and SDXL UNets (added embedding: SDXL's "
-            f"text_time only); this UNet has {details}"
-        )
-
-
-#: Scheduler classes that encoder propagation supports. Each makes one UNet call per scheduler step over
-#: distinct timesteps, so a step index counts what the user asked for; starts from latents at unit scale
-#: (``init_noise_sigma == 1``), so alpha * z_T has the paper's weight; and advances from the sample its
-#: ``step`` is given, so the injected prior noise takes effect. PNDM (its repeated warm-up step), Heun and
-#: KDPM2 (two UNet calls a step), Euler, Euler ancestral and LMS (sigma-scaled latents), UniPC (its corrector
-#: recomputes the sample), single-step DPM-Solver (steps from the sample of its group's start), EDM and
-#: flow-matching schedulers are not among them. Exact classes: a subclass may change ``step``.
-SUPPORTED_SCHEDULERS: tuple[type, ...] = (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    DEISMultistepScheduler,
-    LCMScheduler,
-)
-
-
-def check_supported_scheduler(scheduler: Any) -> None:
-    """Raise :class:`UnsupportedModelError` unless ``scheduler`` is one of :data:`SUPPORTED_SCHEDULERS`,
-    configured for sample-space (not flow-matching) sampling from latents at unit scale."""
-    name = type(scheduler).__name__
-    supported = ", ".join(cls.__name__ for cls in SUPPORTED_SCHEDULERS)
-    advice = (
-        f"supported schedulers: {supported}. Set one with faster_diffusion.use_sampler(pipe, 'DDIM-50') "
-        "(or 'DPM-Solver-20', 'DPM-Solver++-20') before apply_faster_diffusion()"
-    )
-    if type(scheduler) not in SUPPORTED_SCHEDULERS:
-        raise UnsupportedModelError(
-            f"faster_diffusion does not support the scheduler {name}: encoder propagation needs one UNet "
-            f"call per step, latents at unit scale and a step that advances from the sample it is given; "
-            f"{advice}"
-        )
-    config = getattr(scheduler, "config", {})
-    found = []
-    if config.get("use_flow_sigmas", False):
-        found.append("use_flow_sigmas=True")
-    if config.get("prediction_type") == "flow_prediction":
-        found.append("prediction_type='flow_prediction'")
-    init_noise_sigma = float(getattr(scheduler, "init_noise_sigma", 1.0))
-    if init_noise_sigma != 1.0:
-        found.append(f"init_noise_sigma={init_noise_sigma:g}")
-    if found:
-        raise UnsupportedModelError(
-            f"faster_diffusion does not support the scheduler {name} with {', '.join(found)} (flow matching "
-            f"or sigma-scaled latents); {advice}"
-        )
-
-
-class _SchedulerTap:
-    """Wraps ``set_timesteps`` and ``step`` of one scheduler instance; undone by :meth:`detach`.
-
-    Schedulers are not ``nn.Module``s, so diffusers' hook registry cannot hold these. The wrappers keep the
-    wrapped methods' signatures (the pipeline inspects them for ``eta``, ``generator`` and ``timesteps``).
-    """
-
-    _METHODS = ("set_timesteps", "step")
-
-    def __init__(self, scheduler: Any, state: _RunState, handle: FasterDiffusion) -> None:
-        self.scheduler = scheduler
-        self.state = state
-        self.handle = handle
-        self._originals: dict[str, Any] = {}
-        self._step_signature: inspect.Signature | None = None
-
-    def attach(self) -> None:
-        for name in self._METHODS:
-            original = getattr(self.scheduler, name)
-            self._originals[name] = original
-            setattr(self.scheduler, name, self._wrap(original, getattr(self, f"_{name}")))
-        self._step_signature = inspect.signature(self._originals["step"])
-
-    @staticmethod
-    def _wrap(original: Any, replacement: Any) -> Any:
-        @functools.wraps(original)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            return replacement(*args, **kwargs)
-
-        wrapper._faster_diffusion_tap = True
-        return wrapper
-
-    @classmethod
-    def tapped(cls, scheduler: Any) -> bool:
-        """Whether a handle's tap is on ``scheduler`` already."""
-        return any(
-            getattr(vars(scheduler).get(name), "_faster_diffusion_tap", False) for name in cls._METHODS
-        )
-
-    def detach(self) -> None:
-        for name in self._METHODS:
-            if name in vars(self.scheduler):
-                delattr(self.scheduler, name)
-        self._originals.clear()
-
-    def _set_timesteps(self, *args: Any, **kwargs: Any) -> Any:
-        result = self._originals["set_timesteps"](*args, **kwargs)
-        self.handle._start_run(self.scheduler.timesteps)
-        return result
-
-    def _step(self, *args: Any, **kwargs: Any) -> Any:
-        state = self.state
-        original = self._originals["step"]
-        if not state.active:
-            return original(*args, **kwargs)
-        index = state.step
-        bound = self._step_signature.bind(*args, **kwargs)
-        sample = bound.arguments["sample"]
-        if state.initial_latents is None:
-            # z_T: the latents at the run's first step, exactly as the pipeline prepared them (after
-            # init_noise_sigma scaling; for image-to-image, the noised input image's latents).
-            state.initial_latents = sample
-        should_inject_noise = state.inject[index]
-        if should_inject_noise:
-            alpha = self.handle.config.noise_injection.alpha
-            bound.arguments["sample"] = inject_prior_noise(sample, state.initial_latents, alpha)
-        result = original(*bound.args, **bound.kwargs)
-        state.step += 1
-        state.stats.steps += 1
-        state.stats.injected_steps += int(should_inject_noise)
-        if state.step == state.num_steps:
-            state.reset()  # the run is over: drop cached features and predictions
-        return result
-
-
-class _LoopProgressBar:
-    """The pipeline's progress bar, unchanged, except that leaving its ``with`` block ends the run."""
-
-    def __init__(self, bar: Any, on_exit: Any) -> None:
-        self._bar = bar
-        self._on_exit = on_exit
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._bar, name)
-
-    def __iter__(self) -> Any:
-        return iter(self._bar)
-
-    def __len__(self) -> int:
-        return len(self._bar)
-
-    def __enter__(self) -> _LoopProgressBar:
-        self._bar.__enter__()
-        return self
-
-    def __exit__(self, *exc_info: Any) -> Any:
-        try:
-            return self._bar.__exit__(*exc_info)
-        finally:
-            self._on_exit()
-
-
-#: Marks an attribute that an instance did not have.
-_ABSENT = object()
-
-
-class _RunEndTap:
-    """Wraps ``progress_bar`` of one pipeline instance, so that the run ends when the denoising loop does.
-
-    Every diffusers pipeline runs its loop inside ``with self.progress_bar(total=...)``. Leaving that block,
-    however the loop ends (finished, stopped by ``pipe._interrupt``, or by an exception), drops the run's
-    cached features and predictions, so that nothing stale is served afterwards. Undone by :meth:`detach`.
-    """
-
-    def __init__(self, pipe: Any, state: _RunState) -> None:
-        self._pipe = weakref.ref(pipe)
-        self.state = state
-        self.attached = False
-        # What the pipeline instance itself held as progress_bar before attach() (an override of the class's
-        # method), put back by detach(); _ABSENT when it held none.
-        self._own: Any = _ABSENT
-
-    def watches(self, pipe: Any) -> bool:
-        return self.attached and self._pipe() is pipe
-
-    def attach(self) -> None:
-        pipe = self._pipe()
-        self._own = vars(pipe).get("progress_bar", _ABSENT)
-        original = getattr(pipe, "progress_bar", None)
-        if not callable(original):
-            return
-        state = self.state
-
-        @functools.wraps(original)
-        def progress_bar(*args: Any, **kwargs: Any) -> _LoopProgressBar:
-            total = kwargs.get("total")
-            if state.active and not state.started:
-                state.in_loop = True
-                if isinstance(total, int) and not isinstance(total, bool):
-                    state.loop_steps = total  # the steps the loop will run, for a run that stops early
-            return _LoopProgressBar(original(*args, **kwargs), state.reset)
-
-        pipe.progress_bar = progress_bar
-        self.attached = True
-
-    def detach(self) -> None:
-        pipe = self._pipe()
-        if pipe is not None and "progress_bar" in vars(pipe):
-            if self._own is _ABSENT:
-                delattr(pipe, "progress_bar")
-            else:
-                pipe.progress_bar = self._own
-        self._own = _ABSENT
-        self.attached = False
-
-
-@contextlib.contextmanager
-def _beneath_accelerate_hook(module: torch.nn.Module) -> Iterator[None]:
-    """Register or remove diffusers hooks on ``module`` beneath an accelerate hook, if it has one.
-
-    accelerate's ``add_hook_to_module`` (model or sequential CPU offload) replaces ``forward`` with a wrapper
-    that calls ``module._old_forward``, and diffusers' model CPU offload takes it off and puts it back
-    at the end of every pipeline call. A hook registered on top of the wrapper would then be dropped, and
-    removing one from on top would overwrite the wrapper. So, for the length of the block, ``forward`` is what
-    accelerate wraps; afterwards accelerate's wrapper is outermost again, around what the block left.
-    """
-    if getattr(module, "_hf_hook", None) is None or "_old_forward" not in vars(module):
-        yield
-        return
-    accelerate_forward = module.forward
-    module.forward = module._old_forward
-    try:
-        yield
-    finally:
-        module._old_forward = module.forward
-        module.forward = accelerate_forward
-
-
-def _add_hook(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
-    """Register ``hook`` on ``module``'s diffusers hook registry, beneath an accelerate hook if it has one."""
-    with _beneath_accelerate_hook(module):
-        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
-
-
-def _drop_hook(module: torch.nn.Module, name: str) -> None:
-    """Remove the hook ``name`` from ``module`` (not from its children), beneath an accelerate hook if any."""
-    with _beneath_accelerate_hook(module):
-        HookRegistry.check_if_exists_or_initialize(module).remove_hook(name, recurse=False)
-
-
 class FasterDiffusion:
     """Faster diffusion attached to one pipeline. Made by :func:`apply_faster_diffusion`.
 
@@ -957,17 +585,20 @@ class FasterDiffusion:
     block) to take the feature off; the pipeline then gives stock output exactly.
     """
 
-    def __init__(self, pipe: Any, config: FasterDiffusionConfig) -> None:
+    def __init__(
+        self, pipe: Any, config: FasterDiffusionConfig, resolve_auto: AutoResolver | None = None
+    ) -> None:
         self.config = config
+        self._resolve_auto = resolve_auto
         self._pipe = weakref.ref(pipe)
         self.unet = pipe.unet
         self.scheduler = pipe.scheduler
         self._state = _RunState()
-        self._tap = _SchedulerTap(self.scheduler, self._state, self)
+        self._tap = SchedulerTap(self.scheduler, self._state, self)
         # One per pipeline whose loop is watched: this one, and any other that shares the UNet and scheduler
         # (DiffusionPipeline.from_pipe, or an image-to-image pipeline built on pipe.components), tapped at its
         # first run.
-        self._run_ends = [_RunEndTap(pipe, self._state)]
+        self._run_ends = [RunEndTap(pipe, self._state)]
         self._encoder_modules = self._current_encoder_modules()
         # Attention modules of the decoder, by name, whose processors are read at every run.
         self._decoder_attentions = [
@@ -1010,17 +641,17 @@ class FasterDiffusion:
         ):
             return
         for module in self._encoder_modules:
-            _drop_hook(module, _ENCODER_HOOK)
+            drop_hook(module, _ENCODER_HOOK)
         self._encoder_modules = current
         for slot, module in enumerate(current):
-            _add_hook(module, _EncoderModuleHook(self._state, slot), _ENCODER_HOOK)
+            add_hook(module, _EncoderModuleHook(self._state, slot), _ENCODER_HOOK)
 
     def _decoder_splits_the_batch(self) -> bool:
         """Whether a decoder attention processor splits the batch (Perturbed-Attention Guidance's does, with
         ``chunk(3)``), so that a decoder batch of several steps would mix them; warns once per processor."""
         for name, module in self._decoder_attentions:
             processor = type(module.processor)
-            if processor not in _ROW_WISE_PROCESSORS:
+            if processor not in ROW_WISE_PROCESSORS:
                 if processor.__name__ not in self._warned:
                     self._warned.add(processor.__name__)
                     warnings.warn(
@@ -1045,7 +676,7 @@ class FasterDiffusion:
             if isinstance(caller, DiffusionPipeline) and getattr(caller, "unet", None) is self.unet:
                 if not any(tap.watches(caller) for tap in self._run_ends):
                     self._run_ends = [tap for tap in self._run_ends if tap._pipe() is not None]
-                    tap = _RunEndTap(caller, self._state)
+                    tap = RunEndTap(caller, self._state)
                     tap.attach()
                     self._run_ends.append(tap)
                 return any(tap.watches(caller) for tap in self._run_ends)
@@ -1054,10 +685,10 @@ class FasterDiffusion:
 
     def _attach(self) -> None:
         for slot, module in enumerate(self._encoder_modules):
-            _add_hook(module, _EncoderModuleHook(self._state, slot), _ENCODER_HOOK)
-        _add_hook(self.unet, _PropagationHook(self._state, self), _UNET_HOOK)
+            add_hook(module, _EncoderModuleHook(self._state, slot), _ENCODER_HOOK)
+        add_hook(self.unet, _PropagationHook(self._state, self), _UNET_HOOK)
         for projection in self._text_projections:
-            _add_hook(projection, _RepeatedTextHook(self._state), _TEXT_HOOK)
+            add_hook(projection, _RepeatedTextHook(self._state), _TEXT_HOOK)
         self._tap.attach()
         for tap in self._run_ends:
             tap.attach()
@@ -1070,11 +701,11 @@ class FasterDiffusion:
         self._tap.detach()
         for tap in self._run_ends:
             tap.detach()
-        _drop_hook(self.unet, _UNET_HOOK)
+        drop_hook(self.unet, _UNET_HOOK)
         for module in self._encoder_modules:
-            _drop_hook(module, _ENCODER_HOOK)
+            drop_hook(module, _ENCODER_HOOK)
         for projection in self._text_projections:
-            _drop_hook(projection, _TEXT_HOOK)
+            drop_hook(projection, _TEXT_HOOK)
         self._state.reset()
         self.attached = False
 
@@ -1089,28 +720,17 @@ class FasterDiffusion:
         return self.config.key_steps.resolve(num_steps, self._calibration(num_steps))
 
     def _calibration(self, num_steps: int, timesteps: Sequence[float] | None = None) -> Any:
-        """For ``key_steps="auto"``: the calibration of this model, sampler and step count (a clear error if
-        there is none, or if the run's ``timesteps`` are not the scheduler's own for that step count, the only
-        ones a calibration measures); ``None`` for the other kinds."""
+        """For ``key_steps="auto"``: the calibration of this model, sampler and step count, from the resolver
+        the handle was made with (a clear error if there is none, or if the run's ``timesteps`` are not the
+        scheduler's own); ``None`` for the other kinds."""
         if self.config.key_steps.kind is not KeyStepKind.AUTO:
             return None
-        from .calibration import CalibrationError, find_calibration, missing_message, scheduler_timesteps
-
-        own = scheduler_timesteps(self.scheduler, num_steps)
-        if timesteps is not None:
-            given = tuple(int(t) for t in timesteps)
-            if given != own:
-                raise CalibrationError(
-                    f"key_steps 'auto' is calibrated on the scheduler's own {num_steps} timesteps "
-                    f"({_span(own)}), and this run was given others ({_span(given)}), as by a timesteps= "
-                    "argument or a set_timesteps option (LCM's original_inference_steps or strength); pass "
-                    "explicit key steps (such as 'paper' or a list) for a run on custom timesteps"
-                )
-        pipe = self._pipe()
-        found = find_calibration(pipe, num_steps, self.scheduler, own) if pipe is not None else None
-        if found is None:
-            raise CalibrationError(missing_message(pipe, num_steps))
-        return found
+        if self._resolve_auto is None:
+            raise KeyStepError(
+                "key_steps 'auto' needs a calibration: apply with faster_diffusion.apply_faster_diffusion(), "
+                "which places it from faster_diffusion.calibration"
+            )
+        return self._resolve_auto(self._pipe(), self.scheduler, num_steps, timesteps)
 
     def _resident_weight_bytes(self, device: torch.device) -> int:
         """Bytes of the weights the pipeline's torch modules hold on ``device`` (the UNet's alone if the
@@ -1154,33 +774,16 @@ class FasterDiffusion:
         self._latest = state.stats
 
 
-def _span(timesteps: Sequence[int]) -> str:
-    """Timesteps for a message: all of them when few, else the first three and the last."""
-    if len(timesteps) <= 6:
-        return ", ".join(map(str, timesteps))
-    return f"{', '.join(map(str, timesteps[:3]))}, ..., {timesteps[-1]}"
-
-
-def apply_faster_diffusion(pipe: Any, config: FasterDiffusionConfig | None = None) -> FasterDiffusion:
-    """Attach faster diffusion to a diffusers Stable Diffusion pipeline, in place.
+def apply_encoder_propagation(
+    pipe: Any, config: FasterDiffusionConfig, *, resolve_auto: AutoResolver | None = None
+) -> FasterDiffusion:
+    """Attach encoder propagation to a diffusers Stable Diffusion pipeline, in place: the reuse mode of
+    :class:`FasterDiffusionConfig` (use it through :func:`faster_diffusion.apply_faster_diffusion`).
 
     The pipeline's current scheduler is used as it is (see :func:`faster_diffusion.use_sampler` to switch to
     DDIM or DPM-Solver first). Returns a handle whose ``remove()`` takes the feature off again.
-
-    Example:
-        >>> from faster_diffusion import FasterDiffusionConfig, KeySteps, apply_faster_diffusion, use_sampler
-        >>> from faster_diffusion.reference.tiny import build_tiny_pipeline
-        >>> pipe = build_tiny_pipeline()
-        >>> use_sampler(pipe, "DPM-Solver-20")
-        <Sampler.DPM_SOLVER: 'DPM-Solver-20'>
-        >>> handle = apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=KeySteps.paper()))
-        >>> latents = pipe("a red circle", num_inference_steps=20, output_type="latent").images
-        >>> handle.last_run.encoder_passes, handle.last_run.decoder_passes
-        (7, 20)
-        >>> handle.remove()
+    ``resolve_auto`` finds the calibration of ``key_steps="auto"`` (:data:`AutoResolver`).
     """
-    if config is None:
-        config = FasterDiffusionConfig()
     if not isinstance(config, FasterDiffusionConfig):
         raise TypeError(f"config must be a FasterDiffusionConfig, got {type(config).__name__}")
     unet = getattr(pipe, "unet", None)
@@ -1205,13 +808,13 @@ def apply_faster_diffusion(pipe: Any, config: FasterDiffusionConfig | None = Non
             "DiffusionPipeline.from_pipe() and pipelines built on pipe.components do, which then run with "
             "it); call remove() first"
         )
-    if _SchedulerTap.tapped(scheduler):
+    if SchedulerTap.tapped(scheduler):
         raise UnsupportedModelError(
             "faster_diffusion: this pipeline's scheduler is shared with another pipeline that has faster "
             "diffusion attached, and one scheduler can carry one of them; give this pipeline a scheduler of "
             "its own: pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)"
         )
-    handle = FasterDiffusion(pipe, config)
+    handle = FasterDiffusion(pipe, config, resolve_auto)
     handle._attach()
     return handle
 

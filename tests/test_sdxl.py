@@ -19,8 +19,8 @@ from faster_diffusion import (
     get_calibration,
     use_sampler,
 )
-from faster_diffusion.propagation import _check_supported_call, check_supported_unet
 from faster_diffusion.reference.tiny import TINY_SDXL_UNET_CONFIG, build_tiny_sdxl_pipeline
+from faster_diffusion.support import check_supported_call, check_supported_unet
 
 from .conftest import assert_equal_up_to_rounding
 
@@ -89,7 +89,7 @@ def test_other_added_conditioning_is_still_refused():
     image_embeds = {"image_embeds": [torch.zeros(1, 4)]}
     pipe = build_tiny_sdxl_pipeline()
     with pytest.raises(UnsupportedModelError, match=r"added_cond_kwargs \['image_embeds'\].*IP-Adapter"):
-        _check_supported_call(pipe.unet, {"added_cond_kwargs": image_embeds})
+        check_supported_call(pipe.unet, {"added_cond_kwargs": image_embeds})
     from diffusers import UNet2DConditionModel
 
     image_unet = UNet2DConditionModel(**{**TINY_SDXL_UNET_CONFIG, "addition_embed_type": "text"})

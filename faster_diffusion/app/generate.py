@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from ..memory import AUTO
+from ..modes import apply_faster_diffusion
 from ..noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, NoiseInjection
-from ..propagation import FasterDiffusionConfig, RunStats, apply_faster_diffusion, remove_faster_diffusion
+from ..propagation import FasterDiffusionConfig, RunStats, remove_faster_diffusion
 from ..samplers import Sampler, use_sampler
 from ..schedule import KeyStepKind, KeySteps, KeyStepSchedule
 from .images import prepare_image

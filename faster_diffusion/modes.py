@@ -1,0 +1,64 @@
+"""The ways of reusing UNet features, and the one entry point that applies any of them.
+
+A reuse mode is a config class (a frozen dataclass), a function that attaches the mode to a pipeline and
+returns a handle with ``remove()`` and ``last_run``, and one row in :data:`MODES` (or a call of
+:func:`register_mode`). :func:`apply_faster_diffusion` looks the config's class up there, as diffusers'
+``enable_cache(config)`` does, and hands the mode calibration's resolver for ``key_steps="auto"``, so that no
+mode imports calibration. Today there is one mode, the paper's encoder propagation
+(:class:`~faster_diffusion.propagation.FasterDiffusionConfig`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .calibration import resolve_auto
+from .propagation import FasterDiffusionConfig, apply_encoder_propagation
+
+#: Applies a mode: ``apply(pipe, config, resolve_auto=...)`` attaches it and returns its handle.
+ApplyMode = Callable[..., Any]
+
+#: Each reuse mode's config class, and the function that applies it.
+MODES: dict[type, ApplyMode] = {
+    FasterDiffusionConfig: apply_encoder_propagation,
+}
+
+
+def register_mode(config_class: type, apply: ApplyMode) -> None:
+    """Make ``apply_faster_diffusion(pipe, config)``, for a ``config`` of ``config_class``, call
+    ``apply(pipe, config, resolve_auto=...)``."""
+    if not isinstance(config_class, type):
+        raise TypeError(f"config_class must be a class, got {config_class!r}")
+    if not callable(apply):
+        raise TypeError(f"apply must be callable, got {apply!r}")
+    MODES[config_class] = apply
+
+
+def apply_faster_diffusion(pipe: Any, config: Any = None) -> Any:
+    """Attach faster diffusion to a diffusers Stable Diffusion pipeline, in place, in the mode of ``config``'s
+    class (:data:`MODES`); ``None`` is :class:`~faster_diffusion.propagation.FasterDiffusionConfig`'s
+    defaults. Returns a handle whose ``remove()`` takes it off again.
+
+    Example:
+        >>> from faster_diffusion import FasterDiffusionConfig, KeySteps, apply_faster_diffusion, use_sampler
+        >>> from faster_diffusion.reference.tiny import build_tiny_pipeline
+        >>> pipe = build_tiny_pipeline()
+        >>> use_sampler(pipe, "DPM-Solver-20")
+        <Sampler.DPM_SOLVER: 'DPM-Solver-20'>
+        >>> handle = apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=KeySteps.paper()))
+        >>> latents = pipe("a red circle", num_inference_steps=20, output_type="latent").images
+        >>> handle.last_run.encoder_passes, handle.last_run.decoder_passes
+        (7, 20)
+        >>> handle.remove()
+    """
+    if config is None:
+        config = FasterDiffusionConfig()
+    apply = MODES.get(type(config))
+    if apply is None:
+        known = ", ".join(cls.__name__ for cls in MODES)
+        raise TypeError(
+            f"config must be a FasterDiffusionConfig (or another registered mode: {known}), got "
+            f"{type(config).__name__}"
+        )
+    return apply(pipe, config, resolve_auto=resolve_auto)

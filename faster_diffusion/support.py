@@ -1,0 +1,158 @@
+"""What encoder propagation supports, and the clear errors for the rest: the UNet (Stable Diffusion 1.x/2.x
+and SDXL, no class or added embeddings but SDXL's, no IP-Adapter or GLIGEN), the inputs of a UNet call
+(no ControlNet or adapter residuals), the schedulers, and the attention processors a batched decoder can
+run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    LCMScheduler,
+    UNet2DConditionModel,
+)
+from diffusers.models.attention_processor import (
+    AttnProcessor,
+    AttnProcessor2_0,
+    FusedAttnProcessor2_0,
+    SlicedAttnProcessor,
+    XFormersAttnProcessor,
+)
+
+#: The ``added_cond_kwargs`` of SDXL's ``addition_embed_type="text_time"``.
+_TEXT_TIME_INPUTS = frozenset({"text_embeds", "time_ids"})
+
+#: The ``encoder_hid_dim_type`` that diffusers' ``load_ip_adapter`` sets on a UNet.
+_IP_ADAPTER_PROJECTION = "ip_image_proj"
+
+#: UNet inputs that would change the encoder features in ways propagation cannot reuse.
+_UNSUPPORTED_INPUTS = (
+    "class_labels",
+    "down_block_additional_residuals",
+    "mid_block_additional_residual",
+    "down_intrablock_additional_residuals",
+)
+
+#: Attention processors that treat every row of the batch on its own, so that a decoder batch of several steps
+#: gives each step what a batch of that step alone would. A processor that splits the batch into parts, as
+#: Perturbed-Attention Guidance's ``chunk(3)`` does, would mix the steps of a decoder batch.
+ROW_WISE_PROCESSORS: tuple[type, ...] = (
+    AttnProcessor,
+    AttnProcessor2_0,
+    FusedAttnProcessor2_0,
+    SlicedAttnProcessor,
+    XFormersAttnProcessor,
+)
+
+
+class UnsupportedModelError(ValueError):
+    """The pipeline or UNet uses a feature that encoder propagation does not support."""
+
+
+def check_supported_call(unet: torch.nn.Module, inputs: dict[str, Any]) -> None:
+    for name in _UNSUPPORTED_INPUTS:
+        if inputs.get(name) is not None:
+            raise UnsupportedModelError(
+                f"faster_diffusion: the UNet input {name!r} (ControlNet, T2I-Adapter or class conditioning) "
+                "is not supported with encoder propagation; remove faster diffusion for this pipeline"
+            )
+    added = inputs.get("added_cond_kwargs")
+    if added and not (unet.config.addition_embed_type == "text_time" and set(added) <= _TEXT_TIME_INPUTS):
+        raise UnsupportedModelError(
+            f"faster_diffusion: added_cond_kwargs {sorted(added)} are not supported with encoder propagation "
+            "(supported: SDXL's text_embeds and time_ids on a UNet with addition_embed_type='text_time'; "
+            "IP-Adapter's image_embeds are not)"
+        )
+    check_supported_unet(unet)
+
+
+def check_supported_unet(unet: torch.nn.Module) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``unet`` is a Stable Diffusion 1.x/2.x or SDXL
+    ``UNet2DConditionModel``: no class embedding, no encoder projection, and no added embedding other than
+    SDXL's ``text_time``."""
+    if not isinstance(unet, UNet2DConditionModel):
+        raise UnsupportedModelError(
+            f"faster_diffusion supports UNet2DConditionModel (Stable Diffusion 1.x/2.x and SDXL), got "
+            f"{type(unet).__name__}"
+        )
+    config = unet.config
+    unsupported = {
+        "class_embed_type": config.class_embed_type,
+        "num_class_embeds": config.num_class_embeds,
+        "addition_embed_type": None
+        if config.addition_embed_type == "text_time"
+        else config.addition_embed_type,
+        "encoder_hid_dim_type": config.encoder_hid_dim_type,
+    }
+    found = {name: value for name, value in unsupported.items() if value is not None}
+    if getattr(config, "attention_type", "default") in ("gated", "gated-text-image"):
+        raise UnsupportedModelError(
+            f"faster_diffusion: GLIGEN (a UNet with attention_type={config.attention_type!r}, grounded by "
+            "boxes) is not supported with encoder propagation; remove faster diffusion for this pipeline"
+        )
+    if config.encoder_hid_dim_type == _IP_ADAPTER_PROJECTION:
+        raise UnsupportedModelError(
+            "faster_diffusion: IP-Adapter is not supported with encoder propagation (an IP-Adapter is "
+            f"loaded: this UNet has encoder_hid_dim_type={_IP_ADAPTER_PROJECTION!r}); call "
+            "pipe.unload_ip_adapter() to use faster diffusion, or remove faster diffusion to use the "
+            "IP-Adapter"
+        )
+    if found:
+        details = ", ".join(f"{name}={value!r}" for name, value in found.items())
+        raise UnsupportedModelError(
+            f"faster_diffusion supports Stable Diffusion 1.x/2.x and SDXL UNets (added embedding: SDXL's "
+            f"text_time only); this UNet has {details}"
+        )
+
+
+#: Scheduler classes that encoder propagation supports. Each makes one UNet call per scheduler step over
+#: distinct timesteps, so a step index counts what the user asked for; starts from latents at unit scale
+#: (``init_noise_sigma == 1``), so alpha * z_T has the paper's weight; and advances from the sample its
+#: ``step`` is given, so the injected prior noise takes effect. PNDM (its repeated warm-up step), Heun and
+#: KDPM2 (two UNet calls a step), Euler, Euler ancestral and LMS (sigma-scaled latents), UniPC (its corrector
+#: recomputes the sample), single-step DPM-Solver (steps from the sample of its group's start), EDM and
+#: flow-matching schedulers are not among them. Exact classes: a subclass may change ``step``.
+SUPPORTED_SCHEDULERS: tuple[type, ...] = (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    DEISMultistepScheduler,
+    LCMScheduler,
+)
+
+
+def check_supported_scheduler(scheduler: Any) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``scheduler`` is one of :data:`SUPPORTED_SCHEDULERS`,
+    configured for sample-space (not flow-matching) sampling from latents at unit scale."""
+    name = type(scheduler).__name__
+    supported = ", ".join(cls.__name__ for cls in SUPPORTED_SCHEDULERS)
+    advice = (
+        f"supported schedulers: {supported}. Set one with faster_diffusion.use_sampler(pipe, 'DDIM-50') "
+        "(or 'DPM-Solver-20', 'DPM-Solver++-20') before apply_faster_diffusion()"
+    )
+    if type(scheduler) not in SUPPORTED_SCHEDULERS:
+        raise UnsupportedModelError(
+            f"faster_diffusion does not support the scheduler {name}: encoder propagation needs one UNet "
+            f"call per step, latents at unit scale and a step that advances from the sample it is given; "
+            f"{advice}"
+        )
+    config = getattr(scheduler, "config", {})
+    found = []
+    if config.get("use_flow_sigmas", False):
+        found.append("use_flow_sigmas=True")
+    if config.get("prediction_type") == "flow_prediction":
+        found.append("prediction_type='flow_prediction'")
+    init_noise_sigma = float(getattr(scheduler, "init_noise_sigma", 1.0))
+    if init_noise_sigma != 1.0:
+        found.append(f"init_noise_sigma={init_noise_sigma:g}")
+    if found:
+        raise UnsupportedModelError(
+            f"faster_diffusion does not support the scheduler {name} with {', '.join(found)} (flow matching "
+            f"or sigma-scaled latents); {advice}"
+        )
