@@ -1,7 +1,9 @@
 """Key steps calibrated from a model's own features: ``key_steps="auto"``.
 
 The paper picked its key steps by hand for SD v1.5. Here they are chosen per model, sampler and step count
-from a quantity measured on the model during stock sampling. Three are implemented; ``"feature"`` is the
+from a quantity measured on the model during stock sampling (:mod:`faster_diffusion.measure` records the run
+and measures each criterion; a new one is a function and a ``register_criterion`` call). Three are built in;
+``"feature"`` is the
 default (:data:`DEFAULT_CRITERION`), chosen by ``benchmarks/frontier.py``'s rank correlation with measured
 quality:
 
@@ -60,11 +62,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers.hooks import ModelHook
 
-from ._hooks import add_hook, drop_hook, map_tensors
+from .measure import criterion_names, measure_run
 from .propagation import get_faster_diffusion
-from .schedule import KeyStepError, KeySteps, paper_key_steps
+from .schedule import CalibrationError, KeySteps, paper_key_steps
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +73,9 @@ logger = logging.getLogger(__name__)
 CALIBRATION_FILE = "faster_diffusion_calibration.json"
 #: Format version of that file.
 FILE_VERSION = 1
-#: The criteria :func:`measure_costs` can compute; see the module docstring.
-CRITERIA = ("prediction", "feature", "final")
+#: The built-in criteria :func:`measure_costs` can compute (see the module docstring); others are added with
+#: :func:`faster_diffusion.measure.register_criterion`.
+CRITERIA = criterion_names()
 #: The criterion ``calibrate`` uses: the one whose predicted cost ranked measured quality better
 #: (``benchmarks/frontier.py``).
 DEFAULT_CRITERION = "feature"
@@ -87,13 +89,6 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
 )
 #: Seeds of the calibration runs: far from the small seeds users and the benchmarks use.
 DEFAULT_SEED = 90_000
-
-_REPLAY_HOOK = "faster_diffusion_calibration"
-_TAIL_HOOK = "faster_diffusion_calibration_tail"
-
-
-class CalibrationError(KeyStepError):
-    """A calibration that cannot be made or used; the message says what is missing and how to get it."""
 
 
 def _not_finite(matrix: Any, shown: int = 3) -> str | None:
@@ -212,8 +207,8 @@ class Calibration:
     timesteps: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.criterion not in CRITERIA:
-            raise CalibrationError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
+        if self.criterion not in criterion_names():
+            raise CalibrationError(f"criterion must be one of {criterion_names()}, got {self.criterion!r}")
         matrices = {self.criterion: self.cost, **self.other}
         for name, matrix in matrices.items():
             if len(matrix) != self.num_steps or any(len(row) != self.num_steps for row in matrix):
@@ -408,76 +403,6 @@ def scheduler_key(scheduler: Any) -> str:
 # ---------------------------------------------------------------------------------- measuring
 
 
-class _RecordReplayHook(ModelHook):
-    """On an encoder module: record its output at every step, or serve a given output without computing.
-    While ``serve["record"]`` is false it computes without recording."""
-
-    def __init__(self, records: list[Any], serve: dict[str, Any]) -> None:
-        super().__init__()
-        self.records = records
-        self.serve = serve
-
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        served = self.serve.get("outputs")
-        if served is not None:
-            return served[id(self)]
-        output = self.fn_ref.original_forward(*args, **kwargs)
-        if self.serve.get("record", True):
-            self.records.append(output)
-        return output
-
-
-class _TailHook(ModelHook):
-    """On the UNet, for one run of several copies of the calibration batch: calls before ``step`` return
-    ``stock`` (the stock run's outputs, tiled to the batch), so the latents stay stock's without computing;
-    the call at ``step`` runs on the encoder outputs in ``served`` (which the :class:`_RecordReplayHook`
-    instances return); later calls run as usual."""
-
-    def __init__(self, stock: list[torch.Tensor], step: int, served: dict[int, Any], serve: dict) -> None:
-        super().__init__()
-        self.stock, self.step, self.served, self.serve = stock, step, served, serve
-        self.calls = 0
-
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        index, self.calls = self.calls, self.calls + 1
-        if index < self.step:
-            sample = self.stock[index]
-            return (sample,) if not kwargs.get("return_dict", True) else _unet_output(sample)
-        if index == self.step:
-            self.serve["outputs"] = self.served
-        try:
-            return self.fn_ref.original_forward(*args, **kwargs)
-        finally:
-            self.serve.pop("outputs", None)
-
-
-def _unet_output(sample: torch.Tensor) -> Any:
-    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-    return UNet2DConditionOutput(sample=sample)
-
-
-def _flat(value: Any) -> list[torch.Tensor]:
-    """Every distinct tensor of a (nested) output, in order."""
-    found: dict[int, torch.Tensor] = {}
-    map_tensors(value, lambda t: found.setdefault(id(t), t))
-    return list(found.values())
-
-
-def _guided(prediction: torch.Tensor, images: int, guidance_scale: float) -> torch.Tensor:
-    """Classifier-free guidance as diffusers' SD pipelines apply it (unconditional rows first)."""
-    if prediction.shape[0] == 2 * images:
-        uncond, cond = prediction.chunk(2)
-        return (uncond + guidance_scale * (cond - uncond)).double()
-    return prediction.double()
-
-
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean over rows of ||a - b|| / ||b||."""
-    diff = (a - b).flatten(1).norm(dim=1)
-    return float((diff / b.flatten(1).norm(dim=1).clamp_min(1e-12)).mean())
-
-
 def measure_costs(
     pipe: Any,
     *,
@@ -502,9 +427,9 @@ def measure_costs(
     many as fit a quarter of the free memory by :func:`faster_diffusion.memory.decoder_row_bytes`'s
     estimate, at most 512.
     """
-    unknown = [c for c in criteria if c not in CRITERIA]
+    unknown = [c for c in criteria if c not in criterion_names()]
     if unknown:
-        raise CalibrationError(f"criterion must be among {CRITERIA}, got {unknown[0]!r}")
+        raise CalibrationError(f"criterion must be among {criterion_names()}, got {unknown[0]!r}")
     if len(prompts) != len(seeds) or not prompts:
         raise CalibrationError(
             f"calibration needs one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds"
@@ -519,7 +444,7 @@ def measure_costs(
     totals = {c: np.zeros((n, n)) for c in criteria}
     for start in range(0, len(prompts), prompts_per_run):
         chunk = list(prompts[start : start + prompts_per_run])
-        costs = _measure_run(
+        costs = measure_run(
             pipe,
             num_inference_steps=n,
             prompts=chunk,
@@ -550,205 +475,6 @@ def prompts_per_run_for(
     per_prompt = values * parameter.element_size() * rows_per_prompt * num_inference_steps
     return max(1, int(available_memory_bytes(parameter.device) // 2 // max(per_prompt, 1)))
 
-
-def _measure_run(
-    pipe: Any,
-    *,
-    num_inference_steps: int,
-    prompts: Sequence[str],
-    seeds: Sequence[int],
-    guidance_scale: float,
-    height: int,
-    width: int,
-    criteria: Sequence[str],
-    max_rows: int | None,
-) -> dict[str, np.ndarray]:
-    """One stock run of ``pipe`` over ``prompts``, measuring the cost matrices of ``criteria`` (means over its
-    images)."""
-    unet = pipe.unet
-    modules = [unet.conv_in, *unet.down_blocks] + ([unet.mid_block] if unet.mid_block is not None else [])
-    records: list[list[Any]] = [[] for _ in modules]
-    serve: dict[str, Any] = {}
-    hooks = [_RecordReplayHook(r, serve) for r in records]
-    calls: list[tuple[tuple, dict, torch.Tensor]] = []
-
-    def record_inputs(module, args, kwargs):
-        calls.append((args, kwargs))
-
-    def record_output(module, args, kwargs, output):
-        sample = output[0] if isinstance(output, tuple) else output.sample
-        args_kwargs = calls[-1]
-        calls[-1] = (*args_kwargs, sample)
-
-    for module, hook in zip(modules, hooks, strict=True):
-        add_hook(module, hook, _REPLAY_HOOK)
-    handles = [
-        unet.register_forward_pre_hook(record_inputs, with_kwargs=True),
-        unet.register_forward_hook(record_output, with_kwargs=True),
-    ]
-    n = num_inference_steps
-    costs = {c: np.zeros((n, n)) for c in criteria}
-    try:
-        device = getattr(pipe, "_execution_device", unet.device)
-        generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-        with torch.inference_mode():
-            final = pipe(
-                list(prompts),
-                num_inference_steps=n,
-                guidance_scale=guidance_scale,
-                height=height,
-                width=width,
-                generator=generators,
-                output_type="latent",
-            ).images
-            for handle in handles:  # the replays below are not stock calls
-                handle.remove()
-            if len(calls) != n or any(len(r) != n for r in records):
-                raise CalibrationError(
-                    f"calibration expected {n} UNet calls in a stock run of {n} steps, saw {len(calls)}; the "
-                    "sampler must call the UNet once per step"
-                )
-            images = len(prompts)
-            stock = [_guided(sample, images, guidance_scale) for _, _, sample in calls]
-            if "feature" in criteria:
-                tensors = [[t for m in range(len(modules)) for t in _flat(records[m][j])] for j in range(n)]
-                for j in range(1, n):
-                    norm = sum(_row_sq(t) for t in tensors[j]).sqrt().clamp_min(1e-12)
-                    for k in range(j):
-                        diff = sum(_row_sq(a - b) for a, b in zip(tensors[j], tensors[k], strict=True))
-                        costs["feature"][k, j] = float((diff.sqrt() / norm).mean())
-            if "prediction" in criteria:
-                rows = calls[0][2].shape[0]
-                if max_rows is None:
-                    max_rows = _default_max_rows(unet, calls[0][2])
-                per_call = max(1, max_rows // rows)
-                for j in range(1, n):
-                    args, kwargs, _ = calls[j]
-                    for start in range(0, j, per_call):
-                        ks = list(range(start, min(j, start + per_call)))
-                        serve["outputs"] = {
-                            id(hook): _concat([record[k] for k in ks])
-                            for hook, record in zip(hooks, records, strict=True)
-                        }
-                        call_args, call_kwargs = _repeat_per_row((args, kwargs), rows, len(ks))
-                        out = unet(*call_args, **call_kwargs)
-                        serve.pop("outputs")
-                        sample = out[0] if isinstance(out, tuple) else out.sample
-                        for index, k in enumerate(ks):
-                            part = _guided(sample[index * rows : (index + 1) * rows], images, guidance_scale)
-                            costs["prediction"][k, j] = _relative(part, stock[j])
-            if "final" in criteria:
-                rows = calls[0][2].shape[0]
-                halves = rows // images
-                if max_rows is None:
-                    max_rows = _default_max_rows(unet, calls[0][2])
-                per_call = max(1, max_rows // rows)
-                serve["record"] = False
-                for j in range(1, n):
-                    for start in range(0, j, per_call):
-                        ks = list(range(start, min(j, start + per_call)))
-                        copies = len(ks)
-                        tail = _TailHook(
-                            [_tile([sample] * copies, halves) for _, _, sample in calls[:j]],
-                            j,
-                            {
-                                id(hook): _concat([record[k] for k in ks], lambda p: _tile(p, halves))
-                                for hook, record in zip(hooks, records, strict=True)
-                            },
-                            serve,
-                        )
-                        add_hook(unet, tail, _TAIL_HOOK)
-                        try:
-                            out = pipe(
-                                list(prompts) * copies,
-                                num_inference_steps=n,
-                                guidance_scale=guidance_scale,
-                                height=height,
-                                width=width,
-                                generator=[
-                                    torch.Generator(device=device).manual_seed(int(s))
-                                    for _ in ks
-                                    for s in seeds
-                                ],
-                                output_type="latent",
-                            ).images
-                        finally:
-                            drop_hook(unet, _TAIL_HOOK)
-                        if tail.calls != n:
-                            raise CalibrationError(
-                                f"calibration expected {n} UNet calls in a run of {n} steps, saw {tail.calls}"
-                            )
-                        for index, k in enumerate(ks):
-                            part = out[index * images : (index + 1) * images].double()
-                            costs["final"][k, j] = _relative(part, final.double())
-    finally:
-        serve.pop("outputs", None)
-        serve.pop("record", None)
-        for handle in handles:
-            handle.remove()
-        for module in modules:
-            drop_hook(module, _REPLAY_HOOK)
-    return costs
-
-
-def _default_max_rows(unet: torch.nn.Module, sample: torch.Tensor) -> int:
-    from .memory import available_memory_bytes, decoder_row_bytes
-
-    row = decoder_row_bytes(unet.config, sample.shape[-2], sample.shape[-1], sample.element_size())
-    return int(max(1, min(512, available_memory_bytes(sample.device) // 4 // max(row, 1))))
-
-
-def _row_sq(tensor: torch.Tensor) -> torch.Tensor:
-    """Squared norm of every row, accumulated in fp32 (fp16 values squared would overflow)."""
-    return tensor.flatten(1).float().pow(2).sum(1).double()
-
-
-def _repeat_per_row(value: Any, rows: int, times: int) -> Any:
-    """Repeat ``times`` times every tensor whose first dimension is ``rows`` (per-row inputs), in nested
-    tuples, lists and dicts; timesteps and other tensors stay as they are."""
-
-    def repeat(tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.dim() > 0 and tensor.shape[0] == rows and times > 1:
-            return tensor.repeat(times, *([1] * (tensor.dim() - 1)))
-        return tensor
-
-    return map_tensors(value, repeat)
-
-
-def _tile(parts: list[torch.Tensor], halves: int) -> torch.Tensor:
-    """Join per-run tensors into the batch of one pipeline call of their runs' prompts in a row: each part's
-    rows are ``halves`` blocks (unconditional then conditional under guidance), and the call's batch is the
-    unconditional block of every part, then the conditional block of every part."""
-    blocks = [part.chunk(halves) for part in parts]
-    return torch.cat([block[h] for h in range(halves) for block in blocks])
-
-
-def _concat(parts: list[Any], join: Any = torch.cat) -> Any:
-    """Concatenate same-structured (nested) outputs along the batch dimension, tensor by tensor (with
-    ``join``); a tensor that appears twice in each part (a down block's last output) stays one shared
-    tensor."""
-    first = parts[0]
-    if isinstance(first, torch.Tensor):
-        return join(parts)
-    if isinstance(first, (tuple, list)):
-        cache: dict[tuple[int, ...], torch.Tensor] = {}
-
-        def walk(items: list[Any]) -> Any:
-            head = items[0]
-            if isinstance(head, torch.Tensor):
-                key = tuple(id(t) for t in items)
-                if key not in cache:
-                    cache[key] = join(items)
-                return cache[key]
-            if isinstance(head, (tuple, list)):
-                return type(head)(walk([item[i] for item in items]) for i in range(len(head)))
-            return head
-
-        return walk(parts)
-    return first
-
-
-# ------------------------------------------------------------------------- finding, saving, calibrating
 
 #: Calibrations made or loaded in this process, per UNet.
 _REGISTRY: weakref.WeakKeyDictionary[torch.nn.Module, list[Calibration]] = weakref.WeakKeyDictionary()
@@ -940,12 +666,12 @@ def get_calibration(
     """
     if get_faster_diffusion(pipe) is not None:
         raise RuntimeError("calibrate: faster diffusion is attached to this pipeline; call remove() first")
-    if criterion not in CRITERIA:
-        raise CalibrationError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    if criterion not in criterion_names():
+        raise CalibrationError(f"criterion must be one of {criterion_names()}, got {criterion!r}")
     criteria = tuple(dict.fromkeys([criterion, *(criteria or ())]))
-    unknown = [c for c in criteria if c not in CRITERIA]
+    unknown = [c for c in criteria if c not in criterion_names()]
     if unknown:
-        raise CalibrationError(f"criteria must be among {CRITERIA}, got {unknown[0]!r}")
+        raise CalibrationError(f"criteria must be among {criterion_names()}, got {unknown[0]!r}")
     steps = _default_steps(pipe.scheduler) if num_inference_steps is None else num_inference_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise CalibrationError(f"num_inference_steps must be a whole number >= 2, got {steps!r}")

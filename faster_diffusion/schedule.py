@@ -55,6 +55,10 @@ class KeyStepError(ValueError):
     """A key-step specification that cannot be used. The message names the input and what is allowed."""
 
 
+class CalibrationError(KeyStepError):
+    """A calibration that cannot be made or used; the message says what is missing and how to get it."""
+
+
 class KeyStepKind(enum.Enum):
     PAPER = "paper"
     UNIFORM = "uniform"

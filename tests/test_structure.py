@@ -1,0 +1,117 @@
+"""The package's structure as specifications: imports run one way, and reuse modes and calibration criteria
+are added through one registration each."""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import faster_diffusion
+from faster_diffusion import apply_faster_diffusion, calibrate
+from faster_diffusion.calibration import find_calibration, optimal_key_steps
+from faster_diffusion.measure import _CRITERIA, register_criterion
+from faster_diffusion.modes import MODES, register_mode
+
+PACKAGE = Path(faster_diffusion.__file__).parent
+
+
+def package_imports() -> dict[str, set[str]]:
+    """Every module of the package and the package modules it imports, at module level or inside functions."""
+    graph: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")
+                    base = base[: len(base) - node.level + 1]
+                    target = ".".join([*base, node.module] if node.module else base)
+                else:
+                    target = node.module or ""
+                if target.startswith("faster_diffusion"):
+                    found.add(target)
+                    found.update(f"{target}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name.startswith("faster_diffusion"))
+        graph[name] = found
+    return {name: {t for t in targets if t in graph and t != name} for name, targets in graph.items()}
+
+
+def test_the_package_has_no_import_cycle():
+    """Nothing imports back up: no module reaches itself through the imports of the package's modules (a
+    package's ``__init__``, which re-exports, is left out as a target)."""
+    graph = package_imports()
+    packages = {name for name in graph if (PACKAGE.parent / name.replace(".", "/") / "__init__.py").exists()}
+    edges = {name: targets - packages for name, targets in graph.items()}
+
+    def reaches(start: str) -> list[str] | None:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for target in edges.get(node, ()):
+                if target == start:
+                    return [*path, target]
+                if target not in seen:
+                    seen.add(target)
+                    stack.append((target, [*path, target]))
+        return None
+
+    cycles = [cycle for name in edges if (cycle := reaches(name)) is not None]
+    assert cycles == []
+
+
+def test_propagation_does_not_import_calibration():
+    graph = package_imports()
+    assert "faster_diffusion.calibration" not in graph["faster_diffusion.propagation"]
+    assert "faster_diffusion.calibration" not in graph["faster_diffusion.measure"]
+
+
+@dataclass(frozen=True)
+class EchoConfig:
+    """A stand-in reuse mode: applying it records what the seam handed it."""
+
+    label: str = "echo"
+
+
+def test_a_new_reuse_mode_is_one_registration(make_pipe, monkeypatch):
+    monkeypatch.setitem(MODES, EchoConfig, None)
+    seen = {}
+
+    def apply_echo(pipe, config, *, resolve_auto):
+        seen.update(pipe=pipe, config=config, resolve_auto=resolve_auto)
+        return "handle"
+
+    register_mode(EchoConfig, apply_echo)
+    pipe = make_pipe()
+    assert apply_faster_diffusion(pipe, EchoConfig()) == "handle"
+    assert seen["pipe"] is pipe and seen["config"] == EchoConfig()
+    assert callable(seen["resolve_auto"])  # calibration's, for key_steps="auto"
+
+
+def test_an_unregistered_config_is_refused_naming_the_modes(make_pipe):
+    with pytest.raises(TypeError, match=r"FasterDiffusionConfig.*got dict"):
+        apply_faster_diffusion(make_pipe(), {"key_steps": "paper"})
+
+
+def test_a_new_criterion_is_one_registration(make_pipe, monkeypatch):
+    """A criterion that charges reusing any step at step j by j alone places key steps where that says."""
+    monkeypatch.setattr("faster_diffusion.measure._CRITERIA", dict(_CRITERIA))
+
+    def later_costs_more(run):
+        n = run.num_steps
+        return np.triu(np.tile(np.arange(n, dtype=float), (n, 1)), k=1)
+
+    register_criterion("later-costs-more", later_costs_more)
+    pipe = make_pipe("DPM-Solver-20")
+    keys = calibrate(pipe, budget=5, criterion="later-costs-more", prompts=["a red circle"])
+    calibration = find_calibration(pipe, 20)
+    assert calibration.criterion == "later-costs-more"
+    expected = optimal_key_steps(later_costs_more(type("Run", (), {"num_steps": 20})), 5)
+    assert keys.resolve(20).indices == expected
