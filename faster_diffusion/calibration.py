@@ -3,9 +3,8 @@
 The paper picked its key steps by hand for SD v1.5. Here they are chosen per model, sampler and step count
 from a quantity measured on the model during stock sampling (:mod:`faster_diffusion.measure` records the run
 and measures each criterion; a new one is a function and a ``register_criterion`` call). Three are built in;
-``"feature"`` is the
-default (:data:`DEFAULT_CRITERION`), chosen by ``benchmarks/frontier.py``'s rank correlation with measured
-quality:
+``"feature"`` is the default (:data:`DEFAULT_CRITERION`), chosen by ``benchmarks/frontier.py``'s rank
+correlation with measured quality:
 
 - ``"prediction"``: the error that reusing step k's encoder features causes in step j's noise prediction,
   for every k < j. Along a stock trajectory, the decoder of step j is run on the encoder outputs recorded at
