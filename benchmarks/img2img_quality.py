@@ -8,7 +8,7 @@ Protocol (fixed before any result was seen):
   The image-to-image prompt is pair i's own prompt. So the run must change the image into the prompt.
 - Strengths 0.8 (Replicate's default) and 0.6. Samplers DDIM-50 and DPM-Solver-20.
 - Configurations: ``stock`` (no faster diffusion), ``default`` (the product's default key steps for the
-  reference model: ``faster_diffusion.app.generate.default_key_steps(pipe, sampler)``, i.e. auto for DDIM,
+  reference model: ``faster_diffusion.policy.default_key_steps(pipe, sampler)``, i.e. auto for DDIM,
   auto:9 for DPM-Solver, from the committed calibration), ``paper`` (KeySteps.paper()); noise injection on
   (the default) for the accelerated ones. Image-to-image pipeline built with ``image_to_image_pipeline(pipe)``
   from the loaded reference pipeline.
@@ -68,12 +68,9 @@ from benchmarks.quality import (  # noqa: E402
 )
 from benchmarks.quality import generate as text_to_image  # noqa: E402
 from faster_diffusion import KeySteps, Sampler, apply_faster_diffusion, reference, use_sampler  # noqa: E402
-from faster_diffusion.app.generate import (  # noqa: E402
-    default_key_steps,
-    image_to_image_pipeline,
-    image_to_image_steps,
-)
+from faster_diffusion.app.generate import image_to_image_pipeline, image_to_image_steps  # noqa: E402
 from faster_diffusion.app.loading import load_pipeline  # noqa: E402
+from faster_diffusion.policy import default_key_steps  # noqa: E402
 from faster_diffusion.reference import shapes  # noqa: E402
 
 SCRIPT = "benchmarks/img2img_quality.py"

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .calibration import resolve_auto
+from .policy import default_key_steps
 from .propagation import FasterDiffusionConfig, apply_encoder_propagation
 
 #: Applies a mode: ``apply(pipe, config, resolve_auto=...)`` attaches it and returns its handle.
@@ -37,8 +38,13 @@ def register_mode(config_class: type, apply: ApplyMode) -> None:
 
 def apply_faster_diffusion(pipe: Any, config: Any = None) -> Any:
     """Attach faster diffusion to a diffusers Stable Diffusion pipeline, in place, in the mode of ``config``'s
-    class (:data:`MODES`); ``None`` is :class:`~faster_diffusion.propagation.FasterDiffusionConfig`'s
-    defaults. Returns a handle whose ``remove()`` takes it off again.
+    class (:data:`MODES`). Returns a handle whose ``remove()`` takes it off again.
+
+    ``config=None`` gives the product's default, as the command line and the Cog model use it: encoder
+    propagation with :func:`faster_diffusion.policy.default_key_steps` for this pipeline and its scheduler
+    (``auto`` from the model's calibration, or the paper's preset on SD v1.5 base weights; for DPM-Solver, 9
+    key steps of its default 20). ``auto`` needs a calibration of the model for the run's sampler and step
+    count (:func:`faster_diffusion.calibrate`); a run without one gets a clear error that says so.
 
     Example:
         >>> from faster_diffusion import FasterDiffusionConfig, KeySteps, apply_faster_diffusion, use_sampler
@@ -53,7 +59,7 @@ def apply_faster_diffusion(pipe: Any, config: Any = None) -> Any:
         >>> handle.remove()
     """
     if config is None:
-        config = FasterDiffusionConfig()
+        config = FasterDiffusionConfig(key_steps=default_key_steps(pipe))
     apply = MODES.get(type(config))
     if apply is None:
         known = ", ".join(cls.__name__ for cls in MODES)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from faster_diffusion import KeySteps, reference
+from faster_diffusion import KeySteps, apply_faster_diffusion, reference, use_sampler
 from faster_diffusion.app.cli import main
-from faster_diffusion.app.download import read_source, write_source
-from faster_diffusion.app.generate import GenerationRequest, default_key_steps, faster_config
+from faster_diffusion.app.download import write_source
+from faster_diffusion.app.generate import GenerationRequest, faster_config
 from faster_diffusion.app.loading import load_pipeline
 from faster_diffusion.app.serving import TextToImage
 from faster_diffusion.calibration import CALIBRATION_FILE, load_calibrations
+from faster_diffusion.policy import default_key_steps, read_source
 from faster_diffusion.reference.tiny import save_tiny_weights
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -42,6 +43,28 @@ def test_default_key_steps_are_the_paper_s_on_sd15_and_calibrated_elsewhere(tmp_
     write_source(folder, SD15)
     assert default_key_steps(pipe, "DDIM-50") == KeySteps.paper()
     assert default_key_steps(pipe, "DPM-Solver-20") == KeySteps.paper()
+
+
+def test_apply_with_no_config_gives_the_product_s_default(tmp_path, reference_pipe):
+    """One call gives a diffusers user what the command line and Cog use: the same policy, read from the
+    pipeline's weights and scheduler (DPM-Solver's default is for its own 20 steps)."""
+    for sampler, steps, expected in [
+        ("DDIM-50", 50, KeySteps.auto()),
+        ("DPM-Solver-20", 20, KeySteps.auto(9)),
+    ]:
+        use_sampler(reference_pipe, sampler)
+        with apply_faster_diffusion(reference_pipe) as handle:
+            assert handle.config.key_steps == expected == default_key_steps(reference_pipe, sampler)
+            reference_pipe("a large red circle", num_inference_steps=steps, output_type="latent")
+            assert handle.last_run.encoder_passes == 9  # DDIM-50's paper budget; DPM-Solver's 9 of 20
+            assert handle.last_run.schedule.describe().startswith("auto")
+    use_sampler(reference_pipe, "DDIM-50")
+    folder = save_tiny_weights(tmp_path / "weights", with_safety_checker=False)
+    write_source(folder, SD15)
+    pipe = load_pipeline(folder, device="cpu", safety_checker=False)
+    use_sampler(pipe, "DDIM-50")
+    with apply_faster_diffusion(pipe) as handle:
+        assert handle.config.key_steps == KeySteps.paper()
 
 
 def test_cli_default_on_new_weights_calibrates_once_says_so_and_saves_it(tmp_path, capsys):

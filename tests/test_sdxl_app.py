@@ -32,13 +32,7 @@ from faster_diffusion.app.download import (
     download,
     repo_family,
 )
-from faster_diffusion.app.generate import (
-    DEFAULT_KEY_STEPS,
-    GenerationRequest,
-    default_key_steps,
-    faster_config,
-    generate,
-)
+from faster_diffusion.app.generate import GenerationRequest, faster_config, generate
 from faster_diffusion.app.loading import (
     DOWNLOAD_COMMAND,
     SD,
@@ -51,6 +45,7 @@ from faster_diffusion.app.loading import (
     safety_check_of,
 )
 from faster_diffusion.app.serving import NSFWError, TextToImage
+from faster_diffusion.policy import DEFAULT_KEY_STEPS, default_key_steps
 from faster_diffusion.reference.tiny import (
     build_tiny_components,
     build_tiny_sdxl_pipeline,

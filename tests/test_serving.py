@@ -20,7 +20,7 @@ from PIL import Image
 import predict
 from faster_diffusion import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, Sampler
 from faster_diffusion.app.cancel import StoppedBetweenSteps, run_stoppable
-from faster_diffusion.app.generate import DEFAULT_KEY_STEPS, MAX_SEED, GenerationRequest, generate
+from faster_diffusion.app.generate import MAX_SEED, GenerationRequest, generate
 from faster_diffusion.app.serving import (
     IMAGE_FORMATS,
     NSFWError,
@@ -29,6 +29,7 @@ from faster_diffusion.app.serving import (
     check_inputs,
     save_images,
 )
+from faster_diffusion.policy import DEFAULT_KEY_STEPS
 from faster_diffusion.reference.tiny import (
     build_tiny_pipeline,
     make_safety_checker_flag_everything,

@@ -17,16 +17,15 @@ import numpy as np
 
 from .. import reference
 from ..noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU
+from ..policy import DEFAULT_KEY_STEPS, resolve_key_steps
 from ..reference import shapes
 from ..samplers import Sampler
 from ..schedule import ACCEPTED_FORMS, KeyStepError
 from .generate import (
-    DEFAULT_KEY_STEPS,
     DEFAULT_STRENGTH,
     MAX_SEED,
     GenerationRequest,
     GenerationResult,
-    default_key_steps,
     describe_speedup,
     faster_config,
     generate,
@@ -184,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         pipe, source, is_reference = _load(args)
         if default:
-            keys = default_key_steps(pipe, args.sampler, args.steps)
+            keys = resolve_key_steps(DEFAULT_KEY_STEPS, pipe, args.sampler, args.steps)
             faster = dataclasses.replace(faster, key_steps=keys)
         guidance = args.guidance_scale
         if guidance is None:

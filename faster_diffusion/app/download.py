@@ -32,6 +32,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..policy import SOURCE_FILE
 from .loading import (
     DEFAULT_WEIGHTS_DIR,
     SD,
@@ -194,10 +195,6 @@ def download(repo: str, dest: Path, *, revision: str | None = None) -> Path:
     return dest
 
 
-#: Where :func:`download` records the repository a weights folder came from (read by :func:`read_source`).
-SOURCE_FILE = "faster_diffusion_source.json"
-
-
 def write_source(
     folder: Path, repo: str, revision: str | None = None, *, safety_checker: str | None = None
 ) -> None:
@@ -206,17 +203,6 @@ def write_source(
     if safety_checker is not None:
         source["safety_checker"] = safety_checker
     (Path(folder) / SOURCE_FILE).write_text(json.dumps(source) + "\n")
-
-
-def read_source(folder: str | Path | None) -> str | None:
-    """The repository ``folder`` was downloaded from by :func:`download`; ``None`` if it does not say."""
-    if folder is None:
-        return None
-    try:
-        repo = json.loads((Path(folder) / SOURCE_FILE).read_text()).get("repo")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return repo if isinstance(repo, str) else None
 
 
 def is_unfilled(folder: Path) -> bool:

@@ -152,37 +152,6 @@ def check_image_to_image_steps(
         )
 
 
-#: Repositories of SD v1.5 base weights: the weights the paper's key steps and its FID evidence are for.
-SD15_REPOS = frozenset({"stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5"})
-#: The text input that asks for :func:`default_key_steps`.
-DEFAULT_KEY_STEPS = "default"
-#: Key steps per step for the DPM-Solver samplers by default: 9 of 20, the smallest budget at which ``auto``
-#: stayed within noise of stock on the reference model (the paper's 7 lost 3.3 points [-7.9, +1.2];
-#: ``benchmarks/results/frontier.md``).
-DPM_SOLVER_DEFAULT_FRACTION = 9 / 20
-
-
-def default_key_steps(pipe: Any, sampler: Sampler | str, num_steps: int | None = None) -> KeySteps:
-    """The key steps used when none are given, decided from the quality evidence (README, "Key steps"):
-
-    - SD v1.5 base weights (downloaded by ``script/download-weights``, which records the repository): the
-      paper's preset, which the paper's FID and CLIP scores support on exactly these weights;
-    - any other weights, the reference model included: ``auto``, calibrated on the model itself. DDIM keeps
-      the paper's budget (9 of 50: within noise of stock on the reference model, where the preset loses 13
-      points); the DPM-Solver samplers take 9 of 20 (:data:`DPM_SOLVER_DEFAULT_FRACTION`).
-    """
-    from ..calibration import weights_folder
-    from .download import read_source
-
-    sampler = Sampler.parse(sampler)
-    if read_source(weights_folder(pipe)) in SD15_REPOS:
-        return KeySteps.paper()
-    if sampler is Sampler.DDIM:
-        return KeySteps.auto()
-    steps = num_steps or sampler.default_steps
-    return KeySteps.auto(max(1, math.floor(steps * DPM_SOLVER_DEFAULT_FRACTION + 0.5)))
-
-
 def is_reference_model(pipe: Any) -> bool:
     from .. import reference
     from ..calibration import weights_folder

@@ -26,13 +26,12 @@ import diffusers
 import transformers
 from cog import FieldInfo
 
+from ..policy import DEFAULT_KEY_STEPS, resolve_key_steps
 from .cancel import StoppedBetweenSteps, run_stoppable
 from .generate import (
-    DEFAULT_KEY_STEPS,
     MAX_SEED,
     GenerationRequest,
     GenerationResult,
-    default_key_steps,
     describe_speedup,
     faster_config,
     generate,
@@ -180,16 +179,17 @@ class TextToImage:
     def prepare_default_key_steps(self, sampler: str = "DDIM-50") -> None:
         """Calibrate ``sampler``'s default key steps now if they are ``auto`` and no calibration is saved, so
         that the first request with the default inputs does not pay for it (the Cog setup calls this)."""
-        keys = default_key_steps(self.pipe, sampler)
+        keys = resolve_key_steps(DEFAULT_KEY_STEPS, self.pipe, sampler)
         request = prepare_key_steps(
             self.pipe, GenerationRequest(prompt="-", sampler=sampler, faster=faster_config(keys))
         )
         print(f"Default key steps for {request.sampler.value}: {request.schedule.describe()}")
 
     def key_steps(self, text: str, sampler: str) -> Any:
-        """The key-step input as given, or, for ``'default'``, :func:`default_key_steps` for these weights."""
+        """The key-step input as given, or, for ``'default'``, the policy's key steps for these weights
+        (:func:`~faster_diffusion.policy.resolve_key_steps`)."""
         if text.strip().lower() == DEFAULT_KEY_STEPS:
-            return default_key_steps(self.pipe, sampler)
+            return resolve_key_steps(text, self.pipe, sampler)
         return text
 
     @classmethod

@@ -1,0 +1,84 @@
+"""The key-step policy: what ``key_steps="default"`` means, decided once from the quality evidence and used by
+the library (``apply_faster_diffusion(pipe)`` with no config), the command line and the Cog model alike.
+
+- SD v1.5 base weights (a weights folder whose recorded source, :data:`SOURCE_FILE`, is one of
+  :data:`SD15_REPOS`): the paper's preset, which the paper's FID and CLIP scores support on exactly these
+  weights;
+- any other weights, the built-in reference model included: ``auto``, calibrated on the model itself. DDIM
+  (and every sampler but DPM-Solver) keeps the paper's budget (9 of 50: within noise of stock on the reference
+  model, where the preset loses 13 points); the DPM-Solver samplers take 9 of 20
+  (:data:`DPM_SOLVER_DEFAULT_FRACTION`). The evidence: ``benchmarks/README.md``, "The defaults".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+from .calibration import weights_folder
+from .samplers import Sampler
+from .schedule import KeySteps
+
+#: Repositories of SD v1.5 base weights: the weights the paper's key steps and its FID evidence are for.
+SD15_REPOS = frozenset({"stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5"})
+#: The text input that asks for :func:`default_key_steps`.
+DEFAULT_KEY_STEPS = "default"
+#: Key steps per step for the DPM-Solver samplers by default: 9 of 20, the smallest budget at which ``auto``
+#: stayed within noise of stock on the reference model (the paper's 7 lost 3.3 points [-7.9, +1.2];
+#: ``benchmarks/results/frontier.md``).
+DPM_SOLVER_DEFAULT_FRACTION = 9 / 20
+#: Where ``script/download-weights`` records the repository a weights folder came from.
+SOURCE_FILE = "faster_diffusion_source.json"
+
+
+def read_source(folder: str | Path | None) -> str | None:
+    """The repository ``folder`` was downloaded from (its :data:`SOURCE_FILE`); ``None`` if it says none."""
+    if folder is None:
+        return None
+    try:
+        repo = json.loads((Path(folder) / SOURCE_FILE).read_text()).get("repo")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return repo if isinstance(repo, str) else None
+
+
+def sampler_of(scheduler: Any) -> Sampler | None:
+    """The sampler a scheduler is (DDIM, DPM-Solver or DPM-Solver++), or ``None`` for any other."""
+    if type(scheduler) is DDIMScheduler:
+        return Sampler.DDIM
+    if type(scheduler) is DPMSolverMultistepScheduler:
+        algorithm = scheduler.config.get("algorithm_type", "dpmsolver++")
+        return Sampler.DPM_SOLVER_PP if algorithm == "dpmsolver++" else Sampler.DPM_SOLVER
+    return None
+
+
+def default_key_steps(
+    pipe: Any, sampler: Sampler | str | None = None, num_steps: int | None = None
+) -> KeySteps:
+    """The key steps used when none are given (see the module docstring). ``sampler``: the one the run
+    uses; ``None`` reads it from ``pipe.scheduler``. ``num_steps``: the run's step count; ``None`` is the
+    sampler's own (20 for DPM-Solver)."""
+    sampler = Sampler.parse(sampler) if sampler is not None else sampler_of(getattr(pipe, "scheduler", None))
+    if read_source(weights_folder(pipe)) in SD15_REPOS:
+        return KeySteps.paper()
+    if sampler not in (Sampler.DPM_SOLVER, Sampler.DPM_SOLVER_PP):
+        return KeySteps.auto()
+    steps = num_steps or sampler.default_steps
+    return KeySteps.auto(max(1, math.floor(steps * DPM_SOLVER_DEFAULT_FRACTION + 0.5)))
+
+
+def resolve_key_steps(
+    value: str | KeySteps, pipe: Any, sampler: Sampler | str | None = None, num_steps: int | None = None
+) -> KeySteps:
+    """The one entry point for a key-step input: ``"default"`` is :func:`default_key_steps` for ``pipe``,
+    ``sampler`` and ``num_steps``; any other text is read by :meth:`KeySteps.parse`; a :class:`KeySteps` is
+    taken as it is."""
+    if isinstance(value, KeySteps):
+        return value
+    if isinstance(value, str) and value.strip().lower() == DEFAULT_KEY_STEPS:
+        return default_key_steps(pipe, sampler, num_steps)
+    return KeySteps.parse(value)
