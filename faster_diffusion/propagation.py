@@ -36,6 +36,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from ._hooks import add_hook, drop_hook, last_rows, map_tensors, map_tensors_once, repeat_rows, tensors_in
+from .families import refused_variant
 from .memory import AUTO, auto_decoder_batch_cap, available_memory_bytes, resident_weight_bytes
 from .noise import NoiseInjection
 from .schedule import KeyStepError, KeyStepKind, KeySteps, KeyStepSchedule
@@ -792,11 +793,9 @@ def apply_encoder_propagation(
         raise UnsupportedModelError(
             f"faster_diffusion needs a pipeline with a unet and a scheduler, got {type(pipe).__name__}"
         )
-    if getattr(getattr(pipe, "config", None), "requires_aesthetics_score", False):
-        raise UnsupportedModelError(
-            "faster_diffusion: the SDXL refiner (a pipeline with requires_aesthetics_score=True) is not "
-            "supported; use the SDXL base model, for text-to-image or image-to-image"
-        )
+    refused = refused_variant(pipe)
+    if refused is not None:
+        raise UnsupportedModelError(f"faster_diffusion: {refused}")
     check_supported_unet(unet)
     for name in ("set_timesteps", "step"):
         if not callable(getattr(scheduler, name, None)):

@@ -115,3 +115,22 @@ def test_a_new_criterion_is_one_registration(make_pipe, monkeypatch):
     assert calibration.criterion == "later-costs-more"
     expected = optimal_key_steps(later_costs_more(type("Run", (), {"num_steps": 20})), 5)
     assert keys.resolve(20).indices == expected
+
+
+def test_one_record_per_pipeline_family():
+    """Each family's pipelines are read from its record: text-to-image and image-to-image, SD and SDXL."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from faster_diffusion.app.generate import image_to_image_pipeline
+    from faster_diffusion.families import SD, SDXL, family_of, refused_variant
+    from faster_diffusion.reference.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
+
+    for family, pipe in [(SD, build_tiny_pipeline(0)), (SDXL, build_tiny_sdxl_pipeline(0))]:
+        assert family_of(pipe) is family and refused_variant(pipe) is None
+        runner = image_to_image_pipeline(pipe)
+        assert type(runner) is family.image_to_image_class() and family_of(runner) is family
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        **build_tiny_sdxl_pipeline(0).components, requires_aesthetics_score=True
+    )
+    assert "SDXL refiner" in refused_variant(refiner)
+    assert family_of(object()) is None

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..families import family_of
 from ..memory import AUTO
 from ..modes import apply_faster_diffusion
 from ..noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, NoiseInjection
@@ -393,22 +394,13 @@ def image_to_image_pipeline(pipe: Any) -> Any:
     second and logs warnings about image processors this package never uses. ``pipe``'s progress-bar
     settings and SDXL watermarker are carried over too.
     """
-    from diffusers import (
-        StableDiffusionImg2ImgPipeline,
-        StableDiffusionPipeline,
-        StableDiffusionXLImg2ImgPipeline,
-        StableDiffusionXLPipeline,
-    )
-
-    if isinstance(pipe, StableDiffusionXLPipeline):
-        runner_class = StableDiffusionXLImg2ImgPipeline
-    elif isinstance(pipe, StableDiffusionPipeline):
-        runner_class = StableDiffusionImg2ImgPipeline
-    else:
+    family = family_of(pipe)
+    if family is None or not isinstance(pipe, family.pipeline_class()):
         raise TypeError(
             "image-to-image needs a StableDiffusionPipeline or StableDiffusionXLPipeline, got "
             f"{type(pipe).__name__}"
         )
+    runner_class = family.image_to_image_class()
     modules, settings = runner_class._get_signature_keys(runner_class)
     components = {name: module for name, module in pipe.components.items() if name in modules}
     config = {name: value for name, value in pipe.config.items() if name in settings}

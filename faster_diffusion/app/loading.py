@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..families import FAMILIES, SD, SDXL, SDXL_REFINER_PIPELINE, Family
+
 logger = logging.getLogger(__name__)
 
 #: The environment variable that names the weights folder.
@@ -39,42 +41,6 @@ DEFAULT_WEIGHTS_DIR = "weights"
 DOWNLOAD_COMMAND = "script/download-weights"
 
 _SAFETY = ("safety_checker", "feature_extractor")
-
-
-@dataclass(frozen=True)
-class Family:
-    """A family of weights that :func:`load_pipeline` serves."""
-
-    #: ``"sd"`` or ``"sdxl"``.
-    name: str
-    #: The diffusers pipeline class named by ``model_index.json``'s ``_class_name``.
-    pipeline: str
-    #: For messages: ``"Stable Diffusion 1.x/2.x"``.
-    description: str
-    #: The sub-folders the folder must have.
-    required: tuple[str, ...]
-    #: The sub-folders whose weights must be ``.safetensors``.
-    models: tuple[str, ...]
-
-
-SD = Family(
-    name="sd",
-    pipeline="StableDiffusionPipeline",
-    description="Stable Diffusion 1.x/2.x",
-    required=("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
-    models=("unet", "vae", "text_encoder"),
-)
-SDXL = Family(
-    name="sdxl",
-    pipeline="StableDiffusionXLPipeline",
-    description="SDXL base",
-    required=("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
-    models=("unet", "vae", "text_encoder", "text_encoder_2"),
-)
-#: The families served, by the ``_class_name`` of their ``model_index.json``.
-FAMILIES = {family.pipeline: family for family in (SD, SDXL)}
-#: The ``_class_name`` of the SDXL refiner's ``model_index.json``.
-SDXL_REFINER_PIPELINE = "StableDiffusionXLImg2ImgPipeline"
 
 
 class WeightsError(RuntimeError):
