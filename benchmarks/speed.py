@@ -80,8 +80,8 @@ from faster_diffusion import (  # noqa: E402
     apply_faster_diffusion,
     use_sampler,
 )
-from faster_diffusion.reference.tiny import (  # noqa: E402
-    SD15_SCHEDULER_CONFIG,
+from faster_diffusion.reference.components import SD15_SCHEDULER_CONFIG  # noqa: E402
+from fixtures.tiny import (  # noqa: E402
     build_tiny_pipeline,
     build_tiny_sdxl_pipeline,
     build_tiny_tokenizer,
@@ -368,7 +368,7 @@ MODELS: dict[str, ModelSpec] = {
     "sd15": ModelSpec(
         label="SD v1.5 architecture (published configs), random weights",
         build=build_sd15_pipeline,
-        tiny_label="tiny SD-shaped test model (faster_diffusion.reference.tiny), random weights",
+        tiny_label="tiny SD-shaped test model (fixtures/tiny.py), random weights",
         build_tiny=build_tiny_pipeline,
         default_size=256,
         share_sizes=(),
@@ -377,7 +377,7 @@ MODELS: dict[str, ModelSpec] = {
     "sdxl": ModelSpec(
         label="SDXL base 1.0 architecture (published configs), random weights",
         build=build_sdxl_pipeline,
-        tiny_label="tiny SDXL-shaped test model (faster_diffusion.reference.tiny), random weights",
+        tiny_label="tiny SDXL-shaped test model (fixtures/tiny.py), random weights",
         build_tiny=build_tiny_sdxl_pipeline,
         default_size=256,
         share_sizes=(256, 512),

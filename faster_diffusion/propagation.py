@@ -1169,7 +1169,7 @@ def apply_faster_diffusion(pipe: Any, config: FasterDiffusionConfig | None = Non
 
     Example:
         >>> from faster_diffusion import FasterDiffusionConfig, KeySteps, apply_faster_diffusion, use_sampler
-        >>> from faster_diffusion.reference.tiny import build_tiny_pipeline
+        >>> from fixtures.tiny import build_tiny_pipeline
         >>> pipe = build_tiny_pipeline()
         >>> use_sampler(pipe, "DPM-Solver-20")
         <Sampler.DPM_SOLVER: 'DPM-Solver-20'>

@@ -20,7 +20,7 @@ from faster_diffusion.memory import (
     decoder_row_bytes,
     decoder_steps_per_batch,
 )
-from faster_diffusion.reference.tiny import SD_SHAPED_UNET, build_tiny_components
+from fixtures.tiny import SD_SHAPED_UNET, build_tiny_components
 
 from .conftest import assert_equal_up_to_rounding, generate_latents
 

@@ -20,7 +20,7 @@ from faster_diffusion import (
     use_sampler,
 )
 from faster_diffusion.propagation import _check_supported_call, check_supported_unet
-from faster_diffusion.reference.tiny import TINY_SDXL_UNET_CONFIG, build_tiny_sdxl_pipeline
+from fixtures.tiny import TINY_SDXL_UNET_CONFIG, build_tiny_sdxl_pipeline
 
 from .conftest import assert_equal_up_to_rounding
 

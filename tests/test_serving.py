@@ -29,7 +29,7 @@ from faster_diffusion.app.serving import (
     check_inputs,
     save_images,
 )
-from faster_diffusion.reference.tiny import (
+from fixtures.tiny import (
     build_tiny_pipeline,
     make_safety_checker_flag_everything,
     save_tiny_weights,
