@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from benchmarks.speed import SD15_UNET_CONFIG
+from benchmarks.models import SD15_UNET_CONFIG
 from faster_diffusion import FasterDiffusionConfig, KeySteps, apply_faster_diffusion
 from faster_diffusion.memory import (
     AUTO,
