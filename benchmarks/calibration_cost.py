@@ -33,7 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.speed import build_sd15_pipeline  # noqa: E402
+from benchmarks.models import build_sd15_pipeline  # noqa: E402
 from faster_diffusion import Sampler, get_calibration, use_sampler  # noqa: E402
 from faster_diffusion.calibration import DEFAULT_PROMPTS  # noqa: E402
 

@@ -44,7 +44,7 @@ from faster_diffusion import (  # noqa: E402
     apply_faster_diffusion,
     use_sampler,
 )
-from faster_diffusion.reference.tiny import SD_SHAPED_UNET, build_tiny_pipeline  # noqa: E402
+from fixtures.tiny import SD_SHAPED_UNET, build_tiny_pipeline  # noqa: E402
 
 #: The paper's Table (A40 GPU, SD v1.5, 512 px, fp16): seconds per image for stock, propagation alone and
 #: propagation with the parallel decoder.

@@ -36,7 +36,7 @@ and weights, the sampler and its timesteps, and :func:`find_calibration` reads i
 
 Example:
     >>> from faster_diffusion import FasterDiffusionConfig, apply_faster_diffusion, calibrate, use_sampler
-    >>> from faster_diffusion.reference.tiny import build_tiny_pipeline
+    >>> from fixtures.tiny import build_tiny_pipeline
     >>> pipe = build_tiny_pipeline()
     >>> _ = use_sampler(pipe, "DPM-Solver-20")
     >>> keys = calibrate(pipe, budget=7, prompts=["a red circle"])

@@ -48,7 +48,7 @@ def apply_faster_diffusion(pipe: Any, config: Any = None) -> Any:
 
     Example:
         >>> from faster_diffusion import FasterDiffusionConfig, KeySteps, apply_faster_diffusion, use_sampler
-        >>> from faster_diffusion.reference.tiny import build_tiny_pipeline
+        >>> from fixtures.tiny import build_tiny_pipeline
         >>> pipe = build_tiny_pipeline()
         >>> use_sampler(pipe, "DPM-Solver-20")
         <Sampler.DPM_SOLVER: 'DPM-Solver-20'>

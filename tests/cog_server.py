@@ -27,7 +27,7 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from PIL import Image
 
-from faster_diffusion.reference.tiny import (
+from fixtures.tiny import (
     TINY_VAE_CONFIG,
     build_tiny_components,
     make_safety_checker_flag_everything,

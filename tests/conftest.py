@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from faster_diffusion import FasterDiffusionConfig, KeySteps, NoiseInjection, use_sampler
-from faster_diffusion.reference.tiny import build_tiny_pipeline
+from fixtures.tiny import build_tiny_pipeline
 
 SAMPLERS = ("DDIM-50", "DPM-Solver-20", "DPM-Solver++-20")
 

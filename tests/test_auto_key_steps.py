@@ -12,7 +12,7 @@ from faster_diffusion.app.loading import load_pipeline
 from faster_diffusion.app.serving import TextToImage
 from faster_diffusion.calibration import CALIBRATION_FILE, load_calibrations
 from faster_diffusion.policy import default_key_steps, read_source
-from faster_diffusion.reference.tiny import save_tiny_weights
+from fixtures.tiny import save_tiny_weights
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 

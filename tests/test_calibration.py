@@ -45,8 +45,8 @@ from faster_diffusion.calibration import (
     weights_folder,
 )
 from faster_diffusion.reference import shapes
-from faster_diffusion.reference.tiny import save_tiny_weights
 from faster_diffusion.schedule import KeyStepError, KeyStepKind
+from fixtures.tiny import save_tiny_weights
 
 from .conftest import ROUNDING, generate_latents
 

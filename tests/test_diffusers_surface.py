@@ -22,9 +22,9 @@ from faster_diffusion import (
     apply_faster_diffusion,
     use_sampler,
 )
-from faster_diffusion.reference.tiny import TINY_UNET_CONFIG
-from faster_diffusion.reference.tiny import build_tiny_pipeline as build_tiny_sd
-from faster_diffusion.reference.tiny import build_tiny_sdxl_pipeline as build_tiny_sdxl
+from fixtures.tiny import TINY_UNET_CONFIG
+from fixtures.tiny import build_tiny_pipeline as build_tiny_sd
+from fixtures.tiny import build_tiny_sdxl_pipeline as build_tiny_sdxl
 
 from .conftest import (
     PAPER,

@@ -25,7 +25,7 @@ from faster_diffusion.app.download import (
 from faster_diffusion.app.loading import DOWNLOAD_COMMAND, WEIGHTS_ENV, WeightsError, inspect_weights
 from faster_diffusion.app.serving import TextToImage
 from faster_diffusion.policy import read_source
-from faster_diffusion.reference.tiny import save_tiny_weights
+from fixtures.tiny import save_tiny_weights
 
 from .cog_server import REPO_ROOT
 

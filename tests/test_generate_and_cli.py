@@ -8,7 +8,7 @@ import pytest
 from faster_diffusion import KeySteps, Sampler
 from faster_diffusion.app.cli import main
 from faster_diffusion.app.generate import GenerationRequest, faster_config, generate
-from faster_diffusion.reference.tiny import build_tiny_pipeline, save_tiny_weights
+from fixtures.tiny import build_tiny_pipeline, save_tiny_weights
 
 
 def request(**overrides):

@@ -68,7 +68,7 @@ def test_exactness_comparison_fails_beyond_its_tolerance():
 def test_timed_runs_on_cuda_sync_only_at_their_start(monkeypatch):
     """A sync inside every UNet call would stall stock (a call per step) far more than the batched decoder (a
     call per group): with per-call syncs off, the clock syncs once after clear(), whatever the mode."""
-    from faster_diffusion.reference.tiny import build_tiny_pipeline
+    from fixtures.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(0)
     syncs = []

@@ -37,7 +37,7 @@ from faster_diffusion import (
     UnsupportedModelError,
     apply_faster_diffusion,
 )
-from faster_diffusion.reference.tiny import build_tiny_pipeline
+from fixtures.tiny import build_tiny_pipeline
 
 from .conftest import PAPER, STOCK_EQUIVALENT, assert_equal_up_to_rounding, generate_latents
 from .test_propagation import CallCounter

@@ -31,7 +31,7 @@ from faster_diffusion.app.generate import (
 )
 from faster_diffusion.app.images import ImageInputError, load_image, prepare_image
 from faster_diffusion.app.serving import TextToImage, check_inputs
-from faster_diffusion.reference.tiny import (
+from fixtures.tiny import (
     build_tiny_components,
     build_tiny_sdxl_pipeline,
     save_tiny_weights,

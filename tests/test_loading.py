@@ -17,7 +17,7 @@ from faster_diffusion.app.loading import (
     inspect_weights,
     load_pipeline,
 )
-from faster_diffusion.reference.tiny import build_tiny_pipeline, save_tiny_weights
+from fixtures.tiny import build_tiny_pipeline, save_tiny_weights
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from benchmarks.speed import SD15_UNET_CONFIG
+from benchmarks.models import SD15_UNET_CONFIG
 from faster_diffusion import FasterDiffusionConfig, KeySteps, apply_faster_diffusion
 from faster_diffusion.memory import (
     AUTO,
@@ -20,7 +20,7 @@ from faster_diffusion.memory import (
     decoder_row_bytes,
     decoder_steps_per_batch,
 )
-from faster_diffusion.reference.tiny import SD_SHAPED_UNET, build_tiny_components
+from fixtures.tiny import SD_SHAPED_UNET, build_tiny_components
 
 from .conftest import assert_equal_up_to_rounding, generate_latents
 

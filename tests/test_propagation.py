@@ -19,7 +19,7 @@ from faster_diffusion import (
     remove_faster_diffusion,
     use_sampler,
 )
-from faster_diffusion.reference.tiny import SD_SHAPED_UNET
+from fixtures.tiny import SD_SHAPED_UNET
 
 from .conftest import (
     PAPER,

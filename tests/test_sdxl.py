@@ -19,8 +19,8 @@ from faster_diffusion import (
     get_calibration,
     use_sampler,
 )
-from faster_diffusion.reference.tiny import TINY_SDXL_UNET_CONFIG, build_tiny_sdxl_pipeline
 from faster_diffusion.support import check_supported_call, check_supported_unet
+from fixtures.tiny import TINY_SDXL_UNET_CONFIG, build_tiny_sdxl_pipeline
 
 from .conftest import assert_equal_up_to_rounding
 

@@ -46,7 +46,7 @@ from faster_diffusion.app.loading import (
 )
 from faster_diffusion.app.serving import NSFWError, TextToImage
 from faster_diffusion.policy import DEFAULT_KEY_STEPS, default_key_steps
-from faster_diffusion.reference.tiny import (
+from fixtures.tiny import (
     build_tiny_components,
     build_tiny_sdxl_pipeline,
     make_safety_checker_flag_everything,
@@ -254,7 +254,7 @@ def test_an_sd_index_whose_safety_checker_entry_is_null_is_refused_naming_it(tmp
 
 
 def test_an_sd_folder_is_still_sd(tmp_path):
-    from faster_diffusion.reference.tiny import save_tiny_weights
+    from fixtures.tiny import save_tiny_weights
 
     assert inspect_weights(save_tiny_weights(tmp_path / "sd")).family is SD
 

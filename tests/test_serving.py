@@ -30,7 +30,7 @@ from faster_diffusion.app.serving import (
     save_images,
 )
 from faster_diffusion.policy import DEFAULT_KEY_STEPS
-from faster_diffusion.reference.tiny import (
+from fixtures.tiny import (
     build_tiny_pipeline,
     make_safety_checker_flag_everything,
     save_tiny_weights,

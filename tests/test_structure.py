@@ -123,7 +123,7 @@ def test_one_record_per_pipeline_family():
 
     from faster_diffusion.app.generate import image_to_image_pipeline
     from faster_diffusion.families import SD, SDXL, family_of, refused_variant
-    from faster_diffusion.reference.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
+    from fixtures.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
 
     for family, pipe in [(SD, build_tiny_pipeline(0)), (SDXL, build_tiny_sdxl_pipeline(0))]:
         assert family_of(pipe) is family and refused_variant(pipe) is None

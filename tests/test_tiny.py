@@ -1,4 +1,4 @@
-"""Tests for the tiny random-weight Stable Diffusion pipelines in ``faster_diffusion.reference.tiny``."""
+"""Tests for the tiny random-weight Stable Diffusion pipelines in ``fixtures.tiny``."""
 
 import json
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from faster_diffusion.reference.tiny import (
+from fixtures.tiny import (
     TINY_PROMPT_WORDS,
     build_tiny_components,
     build_tiny_pipeline,

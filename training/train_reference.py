@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from faster_diffusion import Sampler, reference, use_sampler  # noqa: E402
 from faster_diffusion.reference import shapes  # noqa: E402
-from faster_diffusion.reference.tiny import SD15_SCHEDULER_CONFIG, write_vocab_files  # noqa: E402
+from faster_diffusion.reference.components import SD15_SCHEDULER_CONFIG, write_vocab_files  # noqa: E402
 
 RESULTS = ROOT / "training" / "results"
 WORK = ROOT / "training" / "work"  # checkpoints and snapshots during training; not committed

@@ -7,8 +7,9 @@ renders real images offline when no Stable Diffusion weights are present. It is 
 benchmark measures. Next to it is a small attribute classifier (shape, colour, size, position, background)
 that scores prompt faithfulness and provides features for a Fréchet distance.
 
-Beside the model: :mod:`.shapes`, the world it learned, and :mod:`.tiny`, tiny SD-shaped pipelines with random
-weights for the tests and benchmarks.
+Beside the model: :mod:`.shapes`, the world it learned, and :mod:`.components`, the Stable Diffusion parts it
+is built from (SD v1.5's scheduler config, a CLIP tokenizer over its vocabulary). The tiny SD-shaped pipelines
+with random weights that the tests and benchmarks use are not part of the package: ``fixtures/tiny.py``.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ VAE_CONFIG: dict[str, Any] = {
 
 def build_tokenizer():
     """The reference model's CLIP tokenizer: every word of :data:`shapes.VOCABULARY` is one token."""
-    from .tiny import build_clip_tokenizer
+    from .components import build_clip_tokenizer
 
     return build_clip_tokenizer(shapes.VOCABULARY, model_max_length=TEXT_MAX_LENGTH)
 
