@@ -62,9 +62,8 @@ SDXL_REFINER_PIPELINE = "StableDiffusionXLImg2ImgPipeline"
 
 
 def family_of(pipe: Any) -> Family | None:
-    """The family whose text-to-image or image-to-image pipeline ``pipe`` is (SDXL's before SD's: an SDXL
-    pipeline is no subclass of SD's, but the check is in that order anyway), or ``None``."""
-    for family in (SDXL, SD):
+    """The family whose text-to-image or image-to-image pipeline ``pipe`` is, or ``None``."""
+    for family in FAMILIES.values():
         if isinstance(pipe, (family.pipeline_class(), family.image_to_image_class())):
             return family
     return None

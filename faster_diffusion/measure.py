@@ -8,6 +8,7 @@ cost of reusing step k's encoder features at step j (mean over the run's images)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -179,8 +180,10 @@ class StockRun:
     def images(self) -> int:
         return len(self.prompts)
 
+    @functools.cached_property
     def rows_per_call(self) -> tuple[int, int]:
-        """The rows of one UNet call of the run, and how many of its steps one replay call may hold."""
+        """The rows of one UNet call of the run, and how many of its steps one replay call may hold (the free
+        memory is read once per run, whichever criteria replay)."""
         rows = self.calls[0][2].shape[0]
         max_rows = self.max_rows
         if max_rows is None:
@@ -228,7 +231,7 @@ def prediction_cost(run: StockRun) -> np.ndarray:
     n = run.num_steps
     cost = np.zeros((n, n))
     unet, hooks, records, serve = run.pipe.unet, run.hooks, run.records, run.serve
-    rows, per_call = run.rows_per_call()
+    rows, per_call = run.rows_per_call
     for j in range(1, n):
         args, kwargs, _ = run.calls[j]
         for start in range(0, j, per_call):
@@ -252,7 +255,7 @@ def final_cost(run: StockRun) -> np.ndarray:
     n = run.num_steps
     cost = np.zeros((n, n))
     unet, hooks, records, serve, images = run.pipe.unet, run.hooks, run.records, run.serve, run.images
-    rows, per_call = run.rows_per_call()
+    rows, per_call = run.rows_per_call
     halves = rows // images
     serve["record"] = False
     for j in range(1, n):

@@ -424,9 +424,9 @@ class _PropagationHook(ModelHook):
             and state.decoded_state.unchanged()
         ):
             # A callback changed the batch, the text embeddings or the LoRA weights after the batch was
-            # decoded
-            # (diffusers' SDCFGCutoffCallback drops the unconditional half; a LoRA-scale schedule calls
-            # set_adapters; a callback scales prompt_embeds in place): decode the rest of the group again.
+            # decoded (diffusers' SDCFGCutoffCallback drops the unconditional half; a LoRA-scale schedule
+            # calls set_adapters; a callback scales prompt_embeds in place): decode the rest of the group
+            # again.
             state.predictions.clear()
         if step not in state.predictions:
             self._decode(module, step, inputs)
@@ -465,7 +465,10 @@ class _PropagationHook(ModelHook):
         elif rows != state.encoder_rows:
             self._keep_conditional_rows(start, rows, inputs)
         state.decoded_inputs = _batch_inputs(inputs)
-        state.decoded_state = _InPlaceState(tensors_in(state.decoded_inputs[1:]), state.adapter_layers)
+        # Read back only when the batch serves later steps: a batch of one step records nothing (no copies).
+        state.decoded_state = (
+            _InPlaceState(tensors_in(state.decoded_inputs[1:]), state.adapter_layers) if steps > 1 else None
+        )
         if steps > 1:
             inputs["sample"] = sample.repeat(steps, *([1] * (sample.dim() - 1)))
             inputs["timestep"] = state.timesteps[start:stop].repeat_interleave(rows)
@@ -641,11 +644,17 @@ class FasterDiffusion:
             new is old for new, old in zip(current, self._encoder_modules, strict=True)
         ):
             return
+        self._unhook_encoder_modules()
+        self._encoder_modules = current
+        self._hook_encoder_modules()
+
+    def _hook_encoder_modules(self) -> None:
+        for slot, module in enumerate(self._encoder_modules):
+            add_hook(module, _EncoderModuleHook(self._state, slot), _ENCODER_HOOK)
+
+    def _unhook_encoder_modules(self) -> None:
         for module in self._encoder_modules:
             drop_hook(module, _ENCODER_HOOK)
-        self._encoder_modules = current
-        for slot, module in enumerate(current):
-            add_hook(module, _EncoderModuleHook(self._state, slot), _ENCODER_HOOK)
 
     def _decoder_splits_the_batch(self) -> bool:
         """Whether a decoder attention processor splits the batch (Perturbed-Attention Guidance's does, with
@@ -675,18 +684,18 @@ class FasterDiffusion:
                 return False
             caller = frame.f_locals.get("self")
             if isinstance(caller, DiffusionPipeline) and getattr(caller, "unet", None) is self.unet:
-                if not any(tap.watches(caller) for tap in self._run_ends):
-                    self._run_ends = [tap for tap in self._run_ends if tap._pipe() is not None]
-                    tap = RunEndTap(caller, self._state)
-                    tap.attach()
-                    self._run_ends.append(tap)
-                return any(tap.watches(caller) for tap in self._run_ends)
+                if any(tap.watches(caller) for tap in self._run_ends):
+                    return True
+                self._run_ends = [tap for tap in self._run_ends if tap._pipe() is not None]
+                tap = RunEndTap(caller, self._state)
+                tap.attach()  # attaches nothing to a pipeline without a progress bar
+                self._run_ends.append(tap)
+                return tap.attached
             frame = frame.f_back
         return False
 
     def _attach(self) -> None:
-        for slot, module in enumerate(self._encoder_modules):
-            add_hook(module, _EncoderModuleHook(self._state, slot), _ENCODER_HOOK)
+        self._hook_encoder_modules()
         add_hook(self.unet, _PropagationHook(self._state, self), _UNET_HOOK)
         for projection in self._text_projections:
             add_hook(projection, _RepeatedTextHook(self._state), _TEXT_HOOK)
@@ -703,8 +712,7 @@ class FasterDiffusion:
         for tap in self._run_ends:
             tap.detach()
         drop_hook(self.unet, _UNET_HOOK)
-        for module in self._encoder_modules:
-            drop_hook(module, _ENCODER_HOOK)
+        self._unhook_encoder_modules()
         for projection in self._text_projections:
             drop_hook(projection, _TEXT_HOOK)
         self._state.reset()
