@@ -12,6 +12,7 @@ Rethinking the Role of the Encoder for Diffusion Model Inference" (NeurIPS 2024)
 """
 
 from .calibration import CalibrationError, calibrate, get_calibration
+from .deep import DeepReuseConfig
 from .modes import apply_faster_diffusion
 from .noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, NoiseInjection
 from .propagation import (
@@ -37,6 +38,7 @@ __all__ = [
     "PRIOR_NOISE_ALPHA",
     "PRIOR_NOISE_TAU",
     "CalibrationError",
+    "DeepReuseConfig",
     "FasterDiffusion",
     "FasterDiffusionConfig",
     "KeyStepError",

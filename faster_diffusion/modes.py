@@ -4,8 +4,9 @@ A reuse mode is a config class (a frozen dataclass), a function that attaches th
 returns a handle with ``remove()`` and ``last_run``, and one row in :data:`MODES` (or a call of
 :func:`register_mode`). :func:`apply_faster_diffusion` looks the config's class up there, as diffusers'
 ``enable_cache(config)`` does, and hands the mode calibration's resolver for ``key_steps="auto"``, so that no
-mode imports calibration. Today there is one mode, the paper's encoder propagation
-(:class:`~faster_diffusion.propagation.FasterDiffusionConfig`).
+mode imports calibration. Two modes are registered: the paper's encoder propagation
+(:class:`~faster_diffusion.propagation.FasterDiffusionConfig`) and deep reuse
+(:class:`~faster_diffusion.deep.DeepReuseConfig`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .calibration import resolve_auto
+from .deep import DeepReuseConfig, apply_deep_reuse
 from .policy import default_key_steps
 from .propagation import FasterDiffusionConfig, apply_encoder_propagation
 
@@ -23,6 +25,7 @@ ApplyMode = Callable[..., Any]
 #: Each reuse mode's config class, and the function that applies it.
 MODES: dict[type, ApplyMode] = {
     FasterDiffusionConfig: apply_encoder_propagation,
+    DeepReuseConfig: apply_deep_reuse,
 }
 
 

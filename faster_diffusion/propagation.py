@@ -98,10 +98,15 @@ class FasterDiffusionConfig:
     max_decoder_batch: int | str | None = AUTO
     #: Prior noise injection settings.
     noise_injection: NoiseInjection = field(default_factory=NoiseInjection)
+    #: 0: a non-key step reuses the latest key step's encoder features as they are (the paper). 1: it
+    #: extrapolates them linearly, by step, from the latest two key steps (``F_k + (F_k - F_p) (j - k) / (k -
+    #: p)``); the first group, with one key step behind it, copies.
+    forecast: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.key_steps, KeySteps):
             raise TypeError(f"key_steps must be a KeySteps value, got {self.key_steps!r}")
+        check_forecast(self.forecast)
         if not isinstance(self.parallel, bool):
             raise TypeError(f"parallel must be true or false, got {self.parallel!r}")
         cap = self.max_decoder_batch
@@ -118,6 +123,56 @@ class FasterDiffusionConfig:
         """Steps per decoder batch at most; 1 when not parallel, ``None`` for no cap, ``"auto"`` for the
         automatic cap."""
         return self.max_decoder_batch if self.parallel else 1
+
+    def cached_modules(self, unet: torch.nn.Module) -> list[torch.nn.Module]:
+        """The modules whose outputs key steps compute and the other steps reuse: the encoder (``conv_in``,
+        the down blocks, the mid block)."""
+        return [unet.conv_in, *unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else [])]
+
+    def forecast_slots(self, count: int) -> range:
+        """Which of the :meth:`cached_modules` (by position) are forecast when ``forecast`` is on: all."""
+        return range(count) if self.forecast else range(0)
+
+    def copies_served(self, unet: torch.nn.Module) -> bool:
+        """Whether a decoder batch of one step gets a copy of the kept features: always, since the decoder may
+        change what it is given in place (FreeU scales the mid block's output in place)."""
+        return True
+
+
+#: The forecast orders a mode accepts: 0 (copy) and 1 (linear extrapolation).
+FORECAST_ORDERS = (0, 1)
+
+
+def check_forecast(value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is a forecast order of :data:`FORECAST_ORDERS`."""
+    if isinstance(value, bool) or value not in FORECAST_ORDERS:
+        raise ValueError(
+            f"forecast must be 0 (reuse the features as they are) or 1 (extrapolate them linearly from the "
+            f"latest two key steps), got {value!r}"
+        )
+
+
+def _forecast(current: Any, previous: Any, weights: Sequence[float]) -> Any:
+    """``current + (current - previous) * w`` for each ``w`` of ``weights``, stacked along the batch, for
+    every tensor of a (nested) output; a tensor met twice (a down block's last output is both its hidden
+    states and a skip feature) is extrapolated once."""
+    done: dict[int, torch.Tensor] = {}
+
+    def walk(now: Any, before: Any) -> Any:
+        if isinstance(now, torch.Tensor):
+            key = id(now)
+            if key not in done:
+                step = now - before
+                parts = [now + step * w if w else now.clone() for w in weights]
+                done[key] = parts[0] if len(parts) == 1 else torch.cat(parts)
+            return done[key]
+        if isinstance(now, (tuple, list)):
+            return type(now)(walk(a, b) for a, b in zip(now, before, strict=True))
+        if isinstance(now, dict):
+            return {name: walk(item, before[name]) for name, item in now.items()}
+        return now
+
+    return walk(current, previous)
 
 
 @dataclass
@@ -174,6 +229,16 @@ class _RunState(threading.local):
         self.unet_calls = 0
         self.predictions: dict[int, torch.Tensor] = {}
         self.encoder_cache: dict[int, Any] = {}
+        # The step whose features encoder_cache holds; for forecasting, the key step before it and its
+        # features (only the slots that are forecast).
+        self.cache_step = 0
+        self.previous_step: int | None = None
+        self.previous_cache: dict[int, Any] = {}
+        # The steps of the current decoder batch.
+        self.batch_steps: range = range(0)
+        # Slots of the cached modules that are forecast, and whether a batch of one step gets copies.
+        self.forecast_slots: frozenset[int] = frozenset()
+        self.copies_served = True
         self.encoder_rows: int | None = None
         # What the cached predictions were decoded from: see _batch_inputs; and the state of what can change
         # in place under the same objects: see _InPlaceState.
@@ -340,7 +405,13 @@ class _EncoderModuleHook(ModelHook):
             state.encoder_cache[self.slot] = output
         else:
             output = state.encoder_cache[self.slot]
+        if self.slot in state.forecast_slots and state.previous_step is not None:
+            key, previous = state.cache_step, state.previous_step
+            weights = [(step - key) / (key - previous) for step in state.batch_steps]
+            return _forecast(output, state.previous_cache[self.slot], weights)
         if state.repeat == 1:
+            if not state.copies_served:
+                return output
             # The decoder may change what it is given in place (FreeU scales the mid block's output in place):
             # a batch of one step gets a copy, so that the kept features stay as they were computed.
             return map_tensors_once(output, torch.Tensor.clone)
@@ -476,6 +547,13 @@ class _PropagationHook(ModelHook):
                 if inputs.get(name) is not None:
                     inputs[name] = repeat_rows(inputs[name], steps)
         inputs["return_dict"] = False
+        if should_compute_encoder and start != state.cache_step:
+            if state.forecast_slots and state.encoder_cache:
+                state.previous_step = state.cache_step
+                state.previous_cache = {slot: state.encoder_cache[slot] for slot in state.forecast_slots}
+            state.encoder_cache = {}
+            state.cache_step = start
+        state.batch_steps = range(start, stop)
         state.computing_encoder = should_compute_encoder
         state.repeat = steps
         try:
@@ -511,6 +589,7 @@ class _PropagationHook(ModelHook):
                 "prompt_embeds.chunk(2)[1]); change the batch at a key step, or use key steps 'all'"
             )
         state.encoder_cache = {slot: last_rows(value, rows) for slot, value in state.encoder_cache.items()}
+        state.previous_cache = {slot: last_rows(value, rows) for slot, value in state.previous_cache.items()}
         state.encoder_rows = rows
 
     def _start_steps(self, timestep: Any) -> None:
@@ -630,10 +709,7 @@ class FasterDiffusion:
         return stats
 
     def _current_encoder_modules(self) -> list[torch.nn.Module]:
-        modules = [self.unet.conv_in, *self.unet.down_blocks]
-        if self.unet.mid_block is not None:
-            modules.append(self.unet.mid_block)
-        return modules
+        return self.config.cached_modules(self.unet)
 
     def _follow_encoder_modules(self) -> None:
         """Move the encoder hooks to modules that replaced the hooked ones since: a LoRA that targets
@@ -778,6 +854,8 @@ class FasterDiffusion:
         state.timestep_values = tuple(values)
         state.num_steps = len(values)
         state.adapter_layers = _adapter_layers(self.unet)
+        state.forecast_slots = frozenset(self.config.forecast_slots(len(self._encoder_modules)))
+        state.copies_served = self.config.copies_served(self.unet)
         state.watched = self._watch_calling_pipeline()
         state.active = True
         self._latest = state.stats
@@ -795,6 +873,14 @@ def apply_encoder_propagation(
     """
     if not isinstance(config, FasterDiffusionConfig):
         raise TypeError(f"config must be a FasterDiffusionConfig, got {type(config).__name__}")
+    return attach_reuse(pipe, config, resolve_auto)
+
+
+def attach_reuse(pipe: Any, config: Any, resolve_auto: AutoResolver | None = None) -> FasterDiffusion:
+    """Attach a reuse mode whose config says which modules key steps compute and the other steps reuse
+    (``config.cached_modules(unet)``), with ``key_steps``, ``noise_injection``, ``decoder_batch_cap``,
+    ``forecast_slots`` and ``copies_served`` as :class:`FasterDiffusionConfig` has them: the checks, the
+    hooks and the handle that every mode shares."""
     unet = getattr(pipe, "unet", None)
     scheduler = getattr(pipe, "scheduler", None)
     if unet is None or scheduler is None:

@@ -3,6 +3,7 @@ the CPU.
 
     python training/train_reference.py                    # all three stages, in order
     python training/train_reference.py --stage unet       # one stage (the later ones read the earlier output)
+    python training/train_reference.py --layout sd15      # the second model, with SD v1.5's UNet layout
 
 Stages:
   vae         AutoencoderKL, 32x32x3 images <-> 8x8x4 latents (reconstruction + a small KL term); its
@@ -18,6 +19,11 @@ Stages:
   classifier  AttributeClassifier on rendered images (with noise augmentation); scored on held-out scenes.
   guidance    The classifier-free guidance scale for the command line: stock DDIM-50 at a few scales on
               prompts of training combinations, scored by the classifier (reference.GUIDANCE_SCALE).
+
+``--layout sd15`` trains the second reference model (reference.SD15_LAYOUT_MODEL_DIR): SD v1.5's UNet layout
+at 16x16 latents, with a VAE of its own (32x32x3 images <-> 16x16x4 latents). Its ``text`` stage copies the
+first model's text encoder (the same frozen encoder, as SD versions share CLIP), and it uses the first model's
+classifier (the same images); its checkpoints and results go to sd15/ subfolders.
 
 Every stage is deterministic for a given torch version and thread count (``--threads``, default 2; runs.json
 records each stage's): data come from fixed seeds and torch is seeded at the start of each stage. The vae,
@@ -78,6 +84,10 @@ TEXT_LR = 2e-3
 CLASSIFIER_STEPS = 3000
 CLASSIFIER_BATCH = 128
 CLASSIFIER_LR = 2e-3
+
+#: What differs for the SD v1.5-layout model (--layout sd15): its UNet costs about 6x as much a step, so it
+#: trains on smaller batches for fewer steps, from a smaller encoded dataset.
+SD15_LAYOUT = {"UNET_STEPS": 5000, "UNET_BATCH": 32, "UNET_DATASET": 32000, "UNET_WARMUP": 300}
 
 # Seeds of the data streams (kept apart so stages never see each other's images).
 VAE_DATA_SEED = 1
@@ -173,7 +183,7 @@ def train_vae(out: Path) -> dict:
 
     torch.manual_seed(0)
     rng = np.random.default_rng(VAE_DATA_SEED)
-    vae = AutoencoderKL(**reference.VAE_CONFIG)
+    vae = AutoencoderKL(**VAE_CONFIG)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0)
     checkpoint = Checkpoint(
         "vae", {"steps": VAE_STEPS, "batch": VAE_BATCH, "lr": VAE_LR, "kl": VAE_KL_WEIGHT}
@@ -299,7 +309,7 @@ def train_unet(out: Path) -> dict:
     torch.manual_seed(0)
     rng = np.random.default_rng(UNET_DATA_SEED)
     tokenizer = reference.build_tokenizer()
-    unet = UNet2DConditionModel(**reference.UNET_CONFIG)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
     log(f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params")
     start = time.perf_counter()
     scenes, latent_mean, latent_std = _encode_dataset(vae, rng)
@@ -320,7 +330,7 @@ def train_unet(out: Path) -> dict:
     checkpoint = Checkpoint(
         "unet",
         {
-            "config": reference.UNET_CONFIG,
+            "config": UNET_CONFIG,
             "steps": UNET_STEPS,
             "batch": UNET_BATCH,
             "lr": UNET_LR,
@@ -617,23 +627,58 @@ def plot_losses() -> None:
 
 STAGES = ("vae", "text", "unet", "classifier", "guidance")
 
+UNET_CONFIG = reference.UNET_CONFIG
+VAE_CONFIG = reference.VAE_CONFIG
+
+
+def copy_text_encoder(out: Path) -> dict:
+    """The SD v1.5-layout model's text stage: the first model's text encoder, unchanged."""
+    import shutil
+
+    shutil.copytree(reference.MODEL_DIR / "text_encoder", out / "text_encoder", dirs_exist_ok=True)
+    return {"copied_from": str((reference.MODEL_DIR / "text_encoder").relative_to(ROOT))}
+
+
+def use_layout(layout: str) -> Path:
+    """Point the stages at ``layout``'s configs, settings and folders; returns its model folder."""
+    global RESULTS, WORK, UNET_CONFIG, VAE_CONFIG
+    if layout == "shapes-ldm":
+        return reference.MODEL_DIR
+    RESULTS = RESULTS / "sd15"
+    WORK = WORK / "sd15"
+    UNET_CONFIG = reference.SD15_LAYOUT_UNET_CONFIG
+    VAE_CONFIG = reference.SD15_LAYOUT_VAE_CONFIG
+    globals().update(SD15_LAYOUT)
+    return reference.SD15_LAYOUT_MODEL_DIR
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--stage", choices=("all", *STAGES), default="all")
-    parser.add_argument("--out", type=Path, default=reference.MODEL_DIR, help="the model folder to write")
+    parser.add_argument(
+        "--layout",
+        choices=("shapes-ldm", "sd15"),
+        default="shapes-ldm",
+        help="which reference model: the first (3 levels, 8x8 latents) or SD v1.5's layout (4 levels, 16x16)",
+    )
+    parser.add_argument("--out", type=Path, help="the model folder to write (default: the layout's)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it)")
     parser.add_argument("--fresh", action="store_true", help="ignore saved checkpoints in training/work/")
     args = parser.parse_args(argv)
     global FRESH
     FRESH = args.fresh
+    default_out = use_layout(args.layout)
+    args.out = args.out or default_out
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
     WORK.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     stages = STAGES if args.stage == "all" else (args.stage,)
+    if args.layout == "sd15":
+        # The classifier is the first model's: the same 32x32 images.
+        stages = tuple(stage for stage in stages if stage != "classifier")
     run_file = RESULTS / "runs.json"
     runs = json.loads(run_file.read_text()) if run_file.is_file() else {}
     for stage in stages:
@@ -641,14 +686,17 @@ def main(argv: list[str] | None = None) -> int:
         log(f"stage {stage}")
         summary = {
             "vae": lambda: train_vae(args.out),
-            "text": lambda: train_text(args.out),
+            "text": lambda: (
+                train_text(args.out) if args.layout == "shapes-ldm" else copy_text_encoder(args.out)
+            ),
             "unet": lambda: train_unet(args.out),
             "classifier": train_classifier,
             "guidance": lambda: choose_guidance(args.out),
         }[stage]()
         runs[stage] = {
             "command": f"python training/train_reference.py --stage {stage} --threads {args.threads}"
-            + ("" if args.out == reference.MODEL_DIR else f" --out {args.out}"),
+            + ("" if args.layout == "shapes-ldm" else f" --layout {args.layout}")
+            + ("" if args.out == default_out else f" --out {args.out}"),
             "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
             "wall_seconds": round(time.time() - started, 1),
             "torch": torch.__version__,

@@ -30,6 +30,9 @@ __all__ = [
     "EXAMPLE_PROMPT",
     "GUIDANCE_SCALE",
     "MODEL_DIR",
+    "SD15_LAYOUT_MODEL_DIR",
+    "SD15_LAYOUT_UNET_CONFIG",
+    "SD15_LAYOUT_VAE_CONFIG",
     "TEXT_MAX_LENGTH",
     "UNET_CONFIG",
     "VAE_CONFIG",
@@ -64,6 +67,10 @@ def calibration_options() -> dict[str, Any]:
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 MODEL_DIR = ASSETS_DIR / "shapes-ldm"
+#: The second reference model, with Stable Diffusion v1.5's UNet layout (:data:`SD15_LAYOUT_UNET_CONFIG`):
+#: the same world, text encoder and classifier, for judging methods whose behaviour depends on the layout
+#: (how deep a feature cache reaches).
+SD15_LAYOUT_MODEL_DIR = ASSETS_DIR / "shapes-ldm-sd15"
 CLASSIFIER_PATH = ASSETS_DIR / "shapes-classifier.safetensors"
 
 #: Captions are at most 13 words; with the start and end tokens 16 is enough, 20 leaves room.
@@ -96,6 +103,33 @@ VAE_CONFIG: dict[str, Any] = {
     "block_out_channels": (32, 64, 64),
     "layers_per_block": 1,
     "norm_num_groups": 32,
+}
+
+
+#: Stable Diffusion v1.5's UNet layout scaled down: four resolutions (16x16, 8x8, 4x4, 2x2 latents),
+#: cross-attention in the three outer ones and none in the innermost, a cross-attention mid block, two layers
+#: per block (so an up block has three), ``attention_head_dim=8``, as in SD v1.5. Channels 32, 48, 64, 64 (SD
+#: v1.5: 320, 640, 1280, 1280).
+SD15_LAYOUT_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    "block_out_channels": (32, 48, 64, 64),
+    "layers_per_block": 2,
+    "cross_attention_dim": TEXT_HIDDEN_SIZE,
+    "attention_head_dim": 8,
+    "norm_num_groups": 16,
+}
+
+#: The VAE of the SD v1.5-layout model: the same 32x32x3 images to 16x16x4 latents (``vae_scale_factor ==
+#: 2``), so that its UNet sees latents of 16x16.
+SD15_LAYOUT_VAE_CONFIG: dict[str, Any] = {
+    **VAE_CONFIG,
+    "down_block_types": ("DownEncoderBlock2D",) * 2,
+    "up_block_types": ("UpDecoderBlock2D",) * 2,
+    "block_out_channels": (32, 64),
 }
 
 
