@@ -50,6 +50,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,7 @@ from diffusers import (  # noqa: E402
 
 from benchmarks.models import build_sd15_pipeline, build_sdxl_pipeline  # noqa: E402
 from faster_diffusion import (  # noqa: E402
+    DeepReuseConfig,
     FasterDiffusionConfig,
     KeySteps,
     NoiseInjection,
@@ -83,6 +85,23 @@ from fixtures.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline  # noqa:
 MODES = ("stock", "propagation", "propagation+batched")
 PROPAGATION_MODE = "propagation"
 BATCHED_MODE = "propagation+batched"
+#: Extra modes ``--extra-modes`` can add, each with a full-step interval I (``uniform:I``):
+#: ``deep:I`` and ``deep+forecast:I`` (this package's deep reuse, branch 0, copy or linear forecast) and
+#: ``deepcache:I`` (DeepCache's own ``DeepCacheSDHelper``, branch 0: install ``deepcache`` for it; a peer,
+#: never a dependency of the package).
+EXTRA_MODE_KINDS = ("deep", "deep+forecast", "deepcache")
+
+
+def parse_extra_mode(text: str) -> tuple[str, int]:
+    """``"deep:3"`` -> ``("deep", 3)``; raises ``ValueError`` naming ``--extra-modes`` otherwise."""
+    kind, _, interval = text.partition(":")
+    if kind not in EXTRA_MODE_KINDS or not interval.isdigit() or int(interval) < 1:
+        raise ValueError(
+            f"--extra-modes: {text!r} must be KIND:I with KIND one of {', '.join(EXTRA_MODE_KINDS)} and I a "
+            "whole number >= 1"
+        )
+    return kind, int(interval)
+
 
 #: Targets of our issue, as end-to-end speedups over stock in the same run at 256 px on the CPU.
 TARGET_SIZE = 256
@@ -353,7 +372,28 @@ class Bench:
         pipe = self.pipe
         use_sampler(pipe, sampler)
         handle = None
-        if mode != "stock":
+        extra = None if mode in MODES else parse_extra_mode(mode)
+        if extra is not None and extra[0] == "deepcache":
+            from DeepCache import DeepCacheSDHelper
+
+            handle = DeepCacheSDHelper(pipe=pipe)
+            handle.set_params(cache_interval=extra[1], cache_branch_id=0)
+            handle.enable()
+            handle.remove = handle.disable
+            # DeepCache keeps no counts: its full steps are every I-th (its "uniform" skip mode).
+            full = tuple(range(0, steps or sampler.default_steps, extra[1]))
+            handle.last_run = types.SimpleNamespace(
+                encoder_passes=len(full),
+                decoder_passes=steps or sampler.default_steps,
+                decoder_batches=steps or sampler.default_steps,
+                schedule=types.SimpleNamespace(indices=full),
+            )
+        elif extra is not None:
+            config = DeepReuseConfig(
+                key_steps=KeySteps.uniform(extra[1]), branch=0, forecast=int(extra[0] == "deep+forecast")
+            )
+            handle = apply_faster_diffusion(pipe, config)
+        elif mode != "stock":
             config = FasterDiffusionConfig(
                 key_steps=self.key_steps,
                 parallel=mode == BATCHED_MODE,
@@ -874,7 +914,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="do not return freed heap memory to the OS before each call (makes RSS increases unreliable)",
     )
+    parser.add_argument(
+        "--extra-modes",
+        default="",
+        help="comma-separated modes to time beside the three: deep:I, deep+forecast:I, deepcache:I (a full "
+        "step every I steps, branch 0)",
+    )
     args = parser.parse_args(argv)
+    extra = [m.strip() for m in args.extra_modes.split(",") if m.strip()]
+    try:
+        for mode in extra:
+            parse_extra_mode(mode)
+    except ValueError as error:
+        parser.error(str(error))
+    args.mode_list = (*MODES, *extra)
     spec = MODELS[args.model]
     if args.size is None:
         args.size = spec.default_size
@@ -1008,7 +1061,7 @@ def benchmark(argv: Sequence[str] | None = None) -> Benchmark:
         if repeat == 0:
             timed_cpu = CpuUse()
         for sampler in args.sampler_list:
-            for mode in MODES:
+            for mode in args.mode_list:
                 result = bench.run(sampler, mode, repeat)
                 (warmups if repeat < 0 else runs).append(result)
                 label = "warm-up" if repeat < 0 else f"repeat {repeat + 1}/{args.repeats}"
@@ -1044,7 +1097,7 @@ def benchmark(argv: Sequence[str] | None = None) -> Benchmark:
     summaries = []
     for sampler in args.sampler_list:
         stock = [r for r in runs if r.sampler is sampler and r.mode == "stock"]
-        for mode in MODES:
+        for mode in args.mode_list:
             summaries.append(
                 Summary(sampler, mode, [r for r in runs if r.sampler is sampler and r.mode == mode], stock)
             )
