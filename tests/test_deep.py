@@ -1,0 +1,253 @@
+"""Deep reuse (faster_diffusion/deep.py) and forecasting, against a hand-written reference of DeepCache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from faster_diffusion import (
+    DeepReuseConfig,
+    FasterDiffusionConfig,
+    KeySteps,
+    NoiseInjection,
+    apply_faster_diffusion,
+    get_faster_diffusion,
+)
+from faster_diffusion.deep import branch_count, deep_modules
+from fixtures.tiny import SD_SHAPED_UNET
+
+from .conftest import assert_equal_up_to_rounding, generate_latents
+
+
+class BranchZeroReference:
+    """DeepCache's branch 0, written out on the stock UNet: the whole UNet runs at every step, but at a
+    partial step the hidden state entering the last layer of the last up block (everything but the skip
+    feature of ``conv_in`` that is concatenated to it) is replaced by the one of the latest full step; with
+    ``forecast``, by its linear extrapolation from the latest two full steps. Shares no code with the
+    package."""
+
+    def __init__(self, unet: torch.nn.Module, full_steps, forecast: int = 0) -> None:
+        self.full = set(full_steps)
+        self.forecast = forecast
+        self.step = -1
+        self.kept: list[tuple[int, torch.Tensor]] = []
+        self.skip_channels = unet.conv_in.out_channels
+        self.handles = [
+            unet.register_forward_pre_hook(self._on_unet),
+            unet.up_blocks[-1].resnets[-1].register_forward_pre_hook(self._on_last_layer),
+        ]
+
+    def _on_unet(self, module, args) -> None:
+        self.step += 1
+
+    def _on_last_layer(self, module, args):
+        hidden, *rest = args
+        split = hidden.shape[1] - self.skip_channels
+        deep, skip = hidden[:, :split], hidden[:, split:]
+        if self.step in self.full:
+            self.kept = [*self.kept, (self.step, deep)][-2:]
+            return None
+        key, kept = self.kept[-1]
+        if self.forecast and len(self.kept) == 2:
+            previous, before = self.kept[0]
+            kept = kept + (kept - before) * ((self.step - key) / (key - previous))
+        return (torch.cat([kept, skip], dim=1), *rest)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("sampler", ["DDIM-50", "DPM-Solver-20"])
+def test_every_step_full_gives_stock_bit_for_bit(make_pipe, sampler):
+    pipe = make_pipe(sampler)
+    steps = 20 if sampler.startswith("DPM") else 10
+    stock = generate_latents(pipe, steps=steps)
+    handle = apply_faster_diffusion(pipe, DeepReuseConfig(key_steps=KeySteps.every_step(), forecast=1))
+    full = generate_latents(pipe, steps=steps)
+    assert handle.last_run.encoder_passes == steps
+    handle.remove()
+    assert torch.equal(full, stock)
+    assert torch.equal(generate_latents(pipe, steps=steps), stock)
+
+
+@pytest.mark.parametrize("forecast", [0, 1])
+@pytest.mark.parametrize(
+    ("sampler", "keys"),
+    [
+        ("DPM-Solver-20", KeySteps.uniform(3)),
+        ("DDIM-50", KeySteps.uniform(4)),
+        ("DPM-Solver-20", KeySteps.explicit([0, 1, 2, 4, 8, 13])),
+    ],
+)
+def test_branch_zero_equals_the_reference(make_pipe, sampler, keys, forecast):
+    steps = 20 if sampler.startswith("DPM") else 12
+    pipe = make_pipe(sampler, dtype=torch.float64)
+    full_steps = keys.resolve(steps).indices
+    reference = BranchZeroReference(pipe.unet, full_steps, forecast)
+    try:
+        expected = generate_latents(pipe, steps=steps)
+    finally:
+        reference.remove()
+    handle = apply_faster_diffusion(pipe, DeepReuseConfig(key_steps=keys, forecast=forecast))
+    actual = generate_latents(pipe, steps=steps)
+    stats = handle.last_run
+    handle.remove()
+    assert stats.encoder_passes == len(full_steps) and stats.decoder_passes == steps
+    assert_equal_up_to_rounding(actual, expected)
+    stock = generate_latents(pipe, steps=steps)
+    assert (actual - stock).abs().max() > 1e-3  # the partial steps did change something
+
+
+def test_forecast_changes_the_result_only_after_the_second_full_step(make_pipe):
+    pipe = make_pipe("DPM-Solver-20", dtype=torch.float64)
+    # Full steps 0 and 10: steps 1-9 have one full step behind them (copied either way); 11-19 are forecast.
+    keys = KeySteps.explicit([0, 10])
+    results = {}
+    for forecast in (0, 1):
+        handle = apply_faster_diffusion(pipe, DeepReuseConfig(key_steps=keys, forecast=forecast))
+        results[forecast] = generate_latents(pipe, steps=20)
+        handle.remove()
+    assert (results[0] - results[1]).abs().max() > 1e-6
+    # With a single full step there is nothing to extrapolate from: forecast 1 copies.
+    for forecast in (0, 1):
+        handle = apply_faster_diffusion(
+            pipe, DeepReuseConfig(key_steps=KeySteps.explicit([0]), forecast=forecast)
+        )
+        results[forecast] = generate_latents(pipe, steps=20)
+        handle.remove()
+    assert torch.equal(results[0], results[1])
+
+
+def test_noise_injection_works_in_deep_mode(make_pipe):
+    pipe = make_pipe("DDIM-50")
+    noise = NoiseInjection(enabled=True, alpha=0.05)
+    handle = apply_faster_diffusion(
+        pipe, FasterDiffusionConfig(key_steps=KeySteps.every_step(), noise_injection=noise)
+    )
+    encoder_mode = generate_latents(pipe, steps=20)
+    handle.remove()
+    handle = apply_faster_diffusion(
+        pipe, DeepReuseConfig(key_steps=KeySteps.every_step(), noise_injection=noise)
+    )
+    deep_mode = generate_latents(pipe, steps=20)
+    injected = handle.last_run.injected_steps
+    handle.remove()
+    assert injected > 0
+    assert torch.equal(deep_mode, encoder_mode)
+    handle = apply_faster_diffusion(pipe, DeepReuseConfig(key_steps=KeySteps.every_step()))
+    assert handle.config.noise_injection.enabled is False
+    assert not torch.equal(generate_latents(pipe, steps=20), deep_mode)
+    assert handle.last_run.injected_steps == 0
+    handle.remove()
+
+
+def test_state_is_dropped_after_a_run_and_remove_restores_stock(make_pipe):
+    pipe = make_pipe("DPM-Solver-20")
+    stock = generate_latents(pipe, steps=20)
+    handle = apply_faster_diffusion(pipe, DeepReuseConfig(forecast=1))
+    generate_latents(pipe, steps=20)
+    state = handle._state
+    assert state.encoder_cache == {} and state.previous_cache == {} and state.predictions == {}
+    assert get_faster_diffusion(pipe) is handle
+    handle.remove()
+    assert get_faster_diffusion(pipe) is None
+    assert torch.equal(generate_latents(pipe, steps=20), stock)
+
+
+def test_every_branch_of_an_sd_shaped_unet_runs(make_pipe):
+    pipe = make_pipe("DPM-Solver-20", unet_kwargs=SD_SHAPED_UNET)
+    unet = pipe.unet
+    assert branch_count(unet) == 12  # 4 up blocks of 3 layers, as SD v1.5
+    stock = generate_latents(pipe, steps=20, height=24, width=40)
+    errors = []
+    for branch in range(12):
+        modules = deep_modules(unet, branch)
+        assert unet.conv_in not in modules and unet.mid_block in modules
+        handle = apply_faster_diffusion(pipe, DeepReuseConfig(key_steps=KeySteps.uniform(3), branch=branch))
+        latents = generate_latents(pipe, steps=20, height=24, width=40)
+        handle.remove()
+        assert torch.isfinite(latents).all()
+        errors.append(float((latents - stock).norm() / stock.norm()))
+    # A deeper branch runs more of the UNet at a partial step: the shallowest is the furthest from stock.
+    assert errors[0] == max(errors) and errors[-1] < errors[0]
+    # The deepest branch reuses only the mid block.
+    assert deep_modules(unet, 11) == [unet.mid_block]
+
+
+def test_the_branch_must_fit_the_unet(make_pipe):
+    pipe = make_pipe("DDIM-50")
+    count = branch_count(pipe.unet)
+    with pytest.raises(ValueError, match=f"branch must be a whole number from 0 to {count - 1}"):
+        apply_faster_diffusion(pipe, DeepReuseConfig(branch=count))
+    assert get_faster_diffusion(pipe) is None
+    assert apply_faster_diffusion(pipe, DeepReuseConfig(branch=count - 1)).remove() is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"branch": -1}, ValueError, "branch must be a whole number >= 0"),
+        ({"branch": True}, ValueError, "branch must be a whole number"),
+        ({"branch": 1.0}, ValueError, "branch must be a whole number"),
+        ({"forecast": 2}, ValueError, "forecast must be 0"),
+        ({"forecast": True}, ValueError, "forecast must be 0"),
+        ({"key_steps": "uniform:3"}, TypeError, "key_steps must be a KeySteps value"),
+        ({"noise_injection": True}, TypeError, "noise_injection must be a NoiseInjection value"),
+    ],
+)
+def test_bad_settings_get_clear_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        DeepReuseConfig(**kwargs)
+
+
+def test_encoder_forecast_is_checked():
+    with pytest.raises(ValueError, match="forecast must be 0"):
+        FasterDiffusionConfig(forecast=3)
+
+
+@pytest.mark.parametrize("sampler", ["DDIM-50", "DPM-Solver-20"])
+def test_encoder_forecast_batched_equals_one_step_at_a_time(make_pipe, sampler):
+    pipe = make_pipe(sampler, dtype=torch.float64)
+    steps = 20
+    results = {}
+    for parallel in (True, False):
+        config = FasterDiffusionConfig(key_steps=KeySteps.paper(), parallel=parallel, forecast=1)
+        handle = apply_faster_diffusion(pipe, config)
+        results[parallel] = generate_latents(pipe, steps=steps)
+        handle.remove()
+    assert_equal_up_to_rounding(results[True], results[False])
+    handle = apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=KeySteps.paper(), forecast=0))
+    copied = generate_latents(pipe, steps=steps)
+    handle.remove()
+    assert (copied - results[True]).abs().max() > 1e-6
+
+
+def test_deep_mode_on_image_to_image(make_pipe):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = make_pipe("DDIM-50")
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    image = torch.rand(1, 3, 16, 16)
+
+    def run():
+        with torch.inference_mode():
+            return img2img(
+                "a red circle",
+                image=image,
+                strength=0.6,
+                num_inference_steps=20,
+                generator=torch.Generator().manual_seed(0),
+                output_type="latent",
+            ).images
+
+    stock = run()
+    handle = apply_faster_diffusion(img2img, DeepReuseConfig(key_steps=KeySteps.every_step()))
+    assert torch.equal(run(), stock)
+    handle.remove()
+    handle = apply_faster_diffusion(img2img, DeepReuseConfig(key_steps=KeySteps.uniform(3)))
+    partial = run()
+    stats = handle.last_run
+    handle.remove()
+    assert stats.decoder_passes == 12 and stats.encoder_passes < 12  # 12 steps run (8-19), some partial
+    assert not torch.equal(partial, stock)
