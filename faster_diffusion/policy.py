@@ -56,12 +56,19 @@ def sampler_of(scheduler: Any) -> Sampler | None:
     return None
 
 
+#: Full steps of deep reuse when none are given: every third, DeepCache's own default interval. Deep reuse has
+#: no calibrated default yet (``benchmarks/results/modes-frontier.md``).
+DEEP_DEFAULT_KEY_STEPS = KeySteps.uniform(3)
+
+
 def default_key_steps(
-    pipe: Any, sampler: Sampler | str | None = None, num_steps: int | None = None
+    pipe: Any, sampler: Sampler | str | None = None, num_steps: int | None = None, mode: str = "encoder"
 ) -> KeySteps:
     """The key steps used when none are given (see the module docstring). ``sampler``: the one the run
     uses; ``None`` reads it from ``pipe.scheduler``. ``num_steps``: the run's step count; ``None`` is the
-    sampler's own (20 for DPM-Solver)."""
+    sampler's own (20 for DPM-Solver). ``mode``: ``"deep"`` gives :data:`DEEP_DEFAULT_KEY_STEPS`."""
+    if mode == "deep":
+        return DEEP_DEFAULT_KEY_STEPS
     sampler = Sampler.parse(sampler) if sampler is not None else sampler_of(getattr(pipe, "scheduler", None))
     if read_source(weights_folder(pipe)) in SD15_REPOS:
         return KeySteps.paper()
@@ -72,13 +79,17 @@ def default_key_steps(
 
 
 def resolve_key_steps(
-    value: str | KeySteps, pipe: Any, sampler: Sampler | str | None = None, num_steps: int | None = None
+    value: str | KeySteps,
+    pipe: Any,
+    sampler: Sampler | str | None = None,
+    num_steps: int | None = None,
+    mode: str = "encoder",
 ) -> KeySteps:
     """The one entry point for a key-step input: ``"default"`` is :func:`default_key_steps` for ``pipe``,
-    ``sampler`` and ``num_steps``; any other text is read by :meth:`KeySteps.parse`; a :class:`KeySteps` is
-    taken as it is."""
+    ``sampler``, ``num_steps`` and ``mode``; any other text is read by :meth:`KeySteps.parse`; a
+    :class:`KeySteps` is taken as it is."""
     if isinstance(value, KeySteps):
         return value
     if isinstance(value, str) and value.strip().lower() == DEFAULT_KEY_STEPS:
-        return default_key_steps(pipe, sampler, num_steps)
+        return default_key_steps(pipe, sampler, num_steps, mode)
     return KeySteps.parse(value)

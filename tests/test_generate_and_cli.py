@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from faster_diffusion import KeySteps, Sampler
+from faster_diffusion import DeepReuseConfig, KeySteps, Sampler
 from faster_diffusion.app.cli import main
 from faster_diffusion.app.generate import GenerationRequest, faster_config, generate
 from fixtures.tiny import build_tiny_pipeline, save_tiny_weights
@@ -90,6 +90,29 @@ def test_faster_config_from_user_inputs():
         faster_config(noise_strength=-1)
 
 
+def test_faster_config_of_each_mode():
+    deep = faster_config("uniform:3", mode="deep", branch=1, forecast=1)
+    assert deep == DeepReuseConfig(key_steps=KeySteps.uniform(3), branch=1, forecast=1)
+    assert deep.noise_injection.enabled is False  # the mode's default
+    assert faster_config(mode="deep", noise_injection=True).noise_injection.enabled is True
+    assert faster_config().noise_injection.enabled is True
+    assert faster_config(forecast=1).forecast == 1
+    with pytest.raises(ValueError, match="mode must be one of encoder, deep"):
+        faster_config(mode="fast")
+    with pytest.raises(TypeError, match="faster must be the config of a reuse mode"):
+        GenerationRequest(prompt="x", faster="deep")
+
+
+def test_cli_deep_mode_on_the_reference_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FASTER_DIFFUSION_WEIGHTS", str(tmp_path / "empty"))
+    argv = ["a red circle", "--out", str(tmp_path / "out"), "--mode", "deep", "--sampler", "DPM-Solver-20"]
+    assert main([*argv, "--compare"]) == 0
+    out = capsys.readouterr().out
+    assert "Key steps: uniform:3: 7 of 20 steps are key steps [0, 3, 6, 9, 12, 15, 18]" in out
+    assert "Noise injection: off" in out
+    assert "7 full / 13 partial UNet passes" in out and "Speedup: " in out
+
+
 def test_cli_compare_on_a_weights_folder(tmp_path, capsys):
     weights = save_tiny_weights(tmp_path / "weights", with_safety_checker=True)
     out_dir = str(tmp_path / "out")
@@ -126,6 +149,9 @@ def test_cli_without_weights_says_it_uses_the_reference_model(tmp_path, monkeypa
         (["--sampler", "plms"], "error: sampler: unknown value 'plms'"),
         (["--noise-strength", "-1"], "error: noise_injection: alpha (strength) must be >= 0"),
         (["--weights", "/nonexistent/sd"], "error: No weights folder at /nonexistent/sd. Fill it with"),
+        (["--mode", "deep", "--branch", "6"], "error: --branch: branch must be a whole number from 0 to 5"),
+        (["--branch", "1"], "error: --branch applies to --mode deep only"),
+        (["--mode", "deep", "--sequential"], "error: --sequential and --max-decoder-batch apply to --mode"),
     ],
 )
 def test_cli_rejects_bad_input_clearly(argv, message, tmp_path, capsys, monkeypatch):

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import reference
+from ..deep import deep_modules
 from ..noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU
 from ..policy import DEFAULT_KEY_STEPS, resolve_key_steps
 from ..reference import shapes
@@ -24,6 +25,7 @@ from ..schedule import ACCEPTED_FORMS, KeyStepError
 from .generate import (
     DEFAULT_STRENGTH,
     MAX_SEED,
+    MODE_NAMES,
     GenerationRequest,
     GenerationResult,
     describe_speedup,
@@ -65,6 +67,26 @@ def build_parser() -> argparse.ArgumentParser:
         "(DDIM) or 'auto:9' (DPM-Solver, 20 steps), see the README",
     )
     parser.add_argument(
+        "--mode",
+        choices=MODE_NAMES,
+        default="encoder",
+        help="encoder: the paper's encoder propagation; deep: deep reuse (only the shallowest layers run at "
+        "a partial step, as DeepCache; the key steps are the full steps)",
+    )
+    parser.add_argument(
+        "--branch",
+        type=int,
+        default=0,
+        help="--mode deep: how deep a partial step reaches (DeepCache's cache_branch_id; 0 runs the least)",
+    )
+    parser.add_argument(
+        "--forecast",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="1: extrapolate the reused features linearly from the latest two key steps instead of copying",
+    )
+    parser.add_argument(
         "--sequential",
         action="store_true",
         help="decode one step at a time instead of batching a group's decoder passes",
@@ -78,7 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
             "budget; see README, Memory)"
         ),
     )
-    parser.add_argument("--no-noise-injection", action="store_true", help="turn prior noise injection off")
+    parser.add_argument(
+        "--no-noise-injection",
+        action="store_true",
+        help="turn prior noise injection off (it is on in --mode encoder, off in --mode deep)",
+    )
     parser.add_argument("--noise-strength", type=float, default=PRIOR_NOISE_ALPHA, help="alpha")
     parser.add_argument("--noise-threshold", type=float, default=PRIOR_NOISE_TAU, help="tau (timestep value)")
     parser.add_argument("--seed", type=int, default=0, help=f"0 to {MAX_SEED}")
@@ -173,17 +199,32 @@ def main(argv: list[str] | None = None) -> int:
     try:
         image = _input_image(args)
         default = args.key_steps.strip().lower() == DEFAULT_KEY_STEPS
+        if args.mode != "deep" and args.branch:
+            raise ValueError("--branch applies to --mode deep only")
+        if args.mode == "deep" and (args.sequential or args.max_decoder_batch):
+            raise ValueError(
+                "--sequential and --max-decoder-batch apply to --mode encoder only (deep reuse runs one step "
+                "at a time)"
+            )
         faster = faster_config(
             "paper" if default else args.key_steps,
+            mode=args.mode,
+            branch=args.branch,
+            forecast=args.forecast,
             parallel=not args.sequential,
             max_decoder_batch=args.max_decoder_batch,
-            noise_injection=not args.no_noise_injection,
+            noise_injection=False if args.no_noise_injection else None,
             noise_strength=args.noise_strength,
             noise_threshold=args.noise_threshold,
         )
         pipe, source, is_reference = _load(args)
+        if args.mode == "deep":
+            try:
+                deep_modules(pipe.unet, args.branch)
+            except ValueError as error:
+                raise ValueError(f"--branch: {error}") from None
         if default:
-            keys = resolve_key_steps(DEFAULT_KEY_STEPS, pipe, args.sampler, args.steps)
+            keys = resolve_key_steps(DEFAULT_KEY_STEPS, pipe, args.sampler, args.steps, args.mode)
             faster = dataclasses.replace(faster, key_steps=keys)
         guidance = args.guidance_scale
         if guidance is None:

@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
+from ..deep import DeepReuseConfig
 from ..families import family_of
 from ..memory import AUTO
-from ..modes import apply_faster_diffusion
+from ..modes import MODES, apply_faster_diffusion
 from ..noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, NoiseInjection
 from ..propagation import FasterDiffusionConfig, RunStats, remove_faster_diffusion
 from ..samplers import Sampler, use_sampler
@@ -82,8 +83,9 @@ class GenerationRequest:
         if guidance < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance}")
         _check_int("seed", self.seed, 0, MAX_SEED)
-        if not isinstance(self.faster, FasterDiffusionConfig):
-            raise TypeError(f"faster must be a FasterDiffusionConfig, got {self.faster!r}")
+        if not isinstance(self.faster, tuple(MODES)):
+            known = ", ".join(cls.__name__ for cls in MODES)
+            raise TypeError(f"faster must be the config of a reuse mode ({known}), got {self.faster!r}")
         strength = self.strength
         if (
             isinstance(strength, bool)
@@ -212,32 +214,52 @@ def _check_int(name: str, value: Any, low: int, high: int) -> None:
         raise ValueError(f"{name} must be between {low} and {high}, got {value}")
 
 
+#: The reuse modes by the name the command line gives them: encoder propagation (the paper's) and deep reuse.
+MODE_NAMES = ("encoder", "deep")
+
+
 def faster_config(
     key_steps: str | KeySteps = "paper",
     *,
+    mode: str = "encoder",
     parallel: bool = True,
     max_decoder_batch: int | None = None,
-    noise_injection: bool = True,
+    noise_injection: bool | None = None,
     noise_strength: float | None = None,
     noise_threshold: float | None = None,
-) -> FasterDiffusionConfig:
-    """A :class:`FasterDiffusionConfig` from plain user inputs (text key steps, on/off switches).
+    branch: int = 0,
+    forecast: int = 0,
+) -> FasterDiffusionConfig | DeepReuseConfig:
+    """The config of reuse ``mode`` (:data:`MODE_NAMES`) from plain user inputs (text key steps, on/off
+    switches).
 
+    ``noise_injection``: ``None`` is the mode's default (on for encoder propagation, off for deep reuse).
     ``max_decoder_batch``: 0 or ``None`` gives the automatic cap (``"auto"``, see
     :mod:`faster_diffusion.memory`), a whole number >= 1 caps the steps in one decoder batch, as the CLI's
     ``--max-decoder-batch`` and the Cog input do. Whole groups whatever their size (no cap) are not available
-    here: use ``FasterDiffusionConfig(max_decoder_batch=None)``.
+    here: use ``FasterDiffusionConfig(max_decoder_batch=None)``. ``parallel`` and ``max_decoder_batch`` are
+    encoder propagation's, ``branch`` is deep reuse's (a partial step runs one step at a time); ``forecast``
+    is both modes'.
     """
+    if mode not in MODE_NAMES:
+        raise ValueError(f"mode must be one of {', '.join(MODE_NAMES)}, got {mode!r}")
     keys = key_steps if isinstance(key_steps, KeySteps) else KeySteps.parse(key_steps)
+    enabled = (mode == "encoder") if noise_injection is None else noise_injection
     noise = NoiseInjection(
-        enabled=noise_injection,
+        enabled=enabled,
         alpha=PRIOR_NOISE_ALPHA if noise_strength is None else noise_strength,
         tau=PRIOR_NOISE_TAU if noise_threshold is None else noise_threshold,
     )
+    if mode == "deep":
+        return DeepReuseConfig(key_steps=keys, branch=branch, forecast=forecast, noise_injection=noise)
     if max_decoder_batch in (None, 0):
         max_decoder_batch = AUTO
     return FasterDiffusionConfig(
-        key_steps=keys, parallel=parallel, max_decoder_batch=max_decoder_batch, noise_injection=noise
+        key_steps=keys,
+        parallel=parallel,
+        max_decoder_batch=max_decoder_batch,
+        noise_injection=noise,
+        forecast=forecast,
     )
 
 
@@ -254,11 +276,19 @@ class GenerationResult:
     seconds: float
     #: Wall time of the denoising loop: from the first UNet call to the end of the last step.
     loop_seconds: float
+    #: The reuse mode of an accelerated run (:data:`MODE_NAMES`).
+    mode: str = "encoder"
 
     def describe(self) -> str:
         """One line for logs: the times and, for an accelerated run, the pass counts."""
         if self.stats is None:
             return f"Stock diffusers: {self.seconds:.2f} s ({self.loop_seconds:.2f} s denoising)"
+        if self.mode == "deep":
+            full, steps = self.stats.encoder_passes, self.stats.decoder_passes
+            return (
+                f"Faster diffusion (deep reuse): {self.seconds:.2f} s ({self.loop_seconds:.2f} s denoising), "
+                f"{full} full / {steps - full} partial UNet passes"
+            )
         return (
             f"Faster diffusion: {self.seconds:.2f} s ({self.loop_seconds:.2f} s denoising), "
             f"{self.stats.encoder_passes} encoder / {self.stats.decoder_passes} decoder passes in "
@@ -380,6 +410,7 @@ def generate(
         stats=handle.last_run if handle is not None else None,
         seconds=seconds,
         loop_seconds=loop_seconds,
+        mode="deep" if isinstance(request.faster, DeepReuseConfig) else "encoder",
     )
 
 
