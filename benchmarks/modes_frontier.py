@@ -138,7 +138,8 @@ def plot(results: dict, path: Path) -> None:
             for family, points in families.items():
                 points = sorted(points, key=lambda m: m["full_passes"])
                 x = [m["full_passes"] for m in points]
-                (line,) = ax.plot(x, [m[metric] * scale for m in points], marker="o", label=family)
+                label = "deepcache (identical to deep, drawn under it)" if family == "deepcache" else family
+                (line,) = ax.plot(x, [m[metric] * scale for m in points], marker="o", label=label)
                 ax.fill_between(
                     x,
                     [m[f"{metric}_ci"][0] * scale for m in points],
@@ -158,6 +159,13 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def noise_verdict(delta: float, ci) -> str:
+    """The protocol's "within noise of stock", or "above stock" when the whole interval is above 0."""
+    if ci[0] > 0:
+        return "above stock"
+    return "yes" if within_noise(delta, ci) else "no"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -169,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=80, help="prompts per pipeline call")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help="write the report and plot again from a run's .json (nothing is generated)",
+    )
+    parser.add_argument(
         "--samplers",
         type=lambda text: [Sampler.parse(t) for t in text.split(",")],
         default=list(SAMPLERS),
@@ -178,6 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     argv_list = list(argv if argv is not None else sys.argv[1:])
+    if args.from_json is not None:
+        saved = json.loads(args.from_json.read_text())
+        header = args.out.read_text().splitlines()[:7] if args.out.is_file() else []
+        stem = args.out.with_suffix("")
+        plot(saved["results"], Path(f"{stem}.png"))
+        body = report([], args, "", 0.0, saved["pairs"], saved["results"], saved["agreement"], True)
+        args.out.write_text("\n".join(header + body.splitlines()[7:]) + "\n")
+        return 0
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     t0 = time.perf_counter()
     pipe = load_pipeline(args.model, device="cpu", safety_checker=False)
@@ -284,7 +306,7 @@ def report(argv, args, started, wall, n, results, agreement, deepcache) -> str:
             ci = m["delta_ci"]
             lines.append(
                 f"| {name} | {m['full_passes']} | {m['delta'] * 100:+.1f} [{ci[0] * 100:+.1f}, "
-                f"{ci[1] * 100:+.1f}] | {'yes' if within_noise(m['delta'], ci) else 'no'} | {m['psnr']:.2f} "
+                f"{ci[1] * 100:+.1f}] | {noise_verdict(m['delta'], ci)} | {m['psnr']:.2f} "
                 f"[{m['psnr_ci'][0]:.2f}, {m['psnr_ci'][1]:.2f}] |"
             )
         lines += ["", forecast_verdict(rows, intervals), ""]

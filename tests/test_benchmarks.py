@@ -279,3 +279,51 @@ def test_frontier_quick_run_scores_every_family_and_ranks_the_criteria(tmp_path)
     assert all(-1 <= m["delta"] <= 1 and m["psnr"] > 0 for m in (f["7"] for f in families.values()))
     assert set(data["correlations"]["DPM-Solver-20"]) == {"feature", "prediction"}
     assert out.with_suffix(".png").stat().st_size > 0 and "## DPM-Solver-20" in out.read_text()
+
+
+def test_speed_benchmark_times_deep_reuse_beside_the_three_modes(tmp_path):
+    out = tmp_path / "speed.md"
+    run_script(
+        "speed.py",
+        "--quick",
+        "--samplers",
+        "DPM-Solver-20",
+        "--extra-modes",
+        "deep:3,deep+forecast:5",
+        "--out",
+        str(out),
+    )
+    report = out.read_text()
+    assert "| DPM-Solver-20 | deep:3 |" in report and "| 7 / 20 (20) |" in report
+    assert "| DPM-Solver-20 | deep+forecast:5 |" in report and "| 4 / 20 (20) |" in report
+    bad = subprocess.run(
+        [sys.executable, "benchmarks/speed.py", "--quick", "--extra-modes", "deep:0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "--extra-modes: 'deep:0' must be KIND:I" in bad.stderr
+
+
+def test_modes_frontier_quick_run_judges_deep_reuse_and_the_forecast_rule(tmp_path):
+    from benchmarks.modes_frontier import forecast_verdict, have_deepcache
+
+    out = tmp_path / "m.md"
+    run_script("modes_frontier.py", "--quick", "--samplers", "DPM-Solver-20", "--out", str(out))
+    data = json.loads(out.with_suffix(".json").read_text())
+    rows = data["results"]["DPM-Solver-20"]
+    assert data["pairs"] == 8
+    assert {"stock", "encoder: paper", "deep:3", "deep+forecast:3", "deep:5", "encoder: auto:4"} <= set(rows)
+    assert rows["deep:3"]["full_passes"] == 7 and rows["deep:5"]["full_passes"] == 4
+    if have_deepcache():  # a peer, installed in the benchmark environment only
+        assert data["agreement"]["DPM-Solver-20"] == {"3": 0.0, "5": 0.0}
+    else:
+        assert "deepcache:3" not in rows
+    assert out.with_suffix(".png").stat().st_size > 0 and "not kept" in forecast_verdict(
+        {
+            "deep:3": {"psnr": 30.0, "delta": 0.0},
+            "deep+forecast:3": {"psnr": 31.0, "delta": -0.02},
+        },
+        (3,),
+    )
