@@ -152,6 +152,14 @@ def check_forecast(value: Any) -> None:
         )
 
 
+def _rows_of(cache: dict[int, Any]) -> int | None:
+    """The batch rows of kept features (of their first tensor)."""
+    for value in cache.values():
+        for tensor in tensors_in(value):
+            return tensor.shape[0]
+    return None
+
+
 def _forecast(current: Any, previous: Any, weights: Sequence[float]) -> Any:
     """``current + (current - previous) * w`` for each ``w`` of ``weights``, stacked along the batch, for
     every tensor of a (nested) output; a tensor met twice (a down block's last output is both its hidden
@@ -532,6 +540,10 @@ class _PropagationHook(ModelHook):
         rows = sample.shape[0]
         should_compute_encoder = state.is_key[start]
         if should_compute_encoder:
+            # A key step whose batch differs from the kept features' (classifier-free guidance switched off
+            # since): those features are of other rows, so there is nothing to forecast from until the next.
+            if state.encoder_rows is not None and state.encoder_rows != rows:
+                state.previous_step, state.previous_cache = None, {}
             state.encoder_rows = rows
         elif rows != state.encoder_rows:
             self._keep_conditional_rows(start, rows, inputs)
@@ -548,7 +560,11 @@ class _PropagationHook(ModelHook):
                     inputs[name] = repeat_rows(inputs[name], steps)
         inputs["return_dict"] = False
         if should_compute_encoder and start != state.cache_step:
-            if state.forecast_slots and state.encoder_cache:
+            if (
+                state.forecast_slots
+                and state.encoder_cache
+                and state.encoder_rows == _rows_of(state.encoder_cache)
+            ):
                 state.previous_step = state.cache_step
                 state.previous_cache = {slot: state.encoder_cache[slot] for slot in state.forecast_slots}
             state.encoder_cache = {}

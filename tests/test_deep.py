@@ -44,9 +44,15 @@ class BranchZeroReference:
         hidden, *rest = args
         split = hidden.shape[1] - self.skip_channels
         deep, skip = hidden[:, :split], hidden[:, split:]
+        rows = hidden.shape[0]
         if self.step in self.full:
+            if self.kept and self.kept[-1][1].shape[0] != rows:
+                self.kept = []  # the batch changed at this very step: nothing to extrapolate from yet
             self.kept = [*self.kept, (self.step, deep)][-2:]
             return None
+        # Guidance switched off since the full step (a partial step has fewer rows): keep the conditional
+        # rows, the last ones, of what was kept.
+        self.kept = [(step, kept[-rows:]) for step, kept in self.kept]
         key, kept = self.kept[-1]
         if self.forecast and len(self.kept) == 2:
             previous, before = self.kept[0]
@@ -97,6 +103,27 @@ def test_branch_zero_equals_the_reference(make_pipe, sampler, keys, forecast):
     assert_equal_up_to_rounding(actual, expected)
     stock = generate_latents(pipe, steps=steps)
     assert (actual - stock).abs().max() > 1e-3  # the partial steps did change something
+
+
+@pytest.mark.parametrize("cutoff_step", [5, 6])  # guidance off from step 6 (a full step) or 7 (a partial one)
+def test_guidance_switched_off_part_way_equals_the_reference(make_pipe, cutoff_step):
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    pipe = make_pipe("DDIM-50", dtype=torch.float64)
+    keys, steps = KeySteps.uniform(3), 12
+
+    def cutoff():
+        return SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=cutoff_step)
+
+    reference = BranchZeroReference(pipe.unet, keys.resolve(steps).indices, forecast=1)
+    try:
+        expected = generate_latents(pipe, steps=steps, callback_on_step_end=cutoff())
+    finally:
+        reference.remove()
+    handle = apply_faster_diffusion(pipe, DeepReuseConfig(key_steps=keys, forecast=1))
+    actual = generate_latents(pipe, steps=steps, callback_on_step_end=cutoff())
+    handle.remove()
+    assert_equal_up_to_rounding(actual, expected)
 
 
 def test_forecast_changes_the_result_only_after_the_second_full_step(make_pipe):
