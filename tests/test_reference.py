@@ -158,6 +158,38 @@ def test_reference_model_renders_held_out_prompts_faithfully(reference_pipe, sam
     assert (predicted == labels).all(axis=1).mean() >= 0.8  # chance: 1 in 972; the first model got 0.6
 
 
+def test_the_sd15_layout_model_is_a_complete_folder_with_sd15_s_block_layout():
+    folder = reference.SD15_LAYOUT_MODEL_DIR
+    assert inspect_weights(folder).variant is None
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    for key, value in reference.SD15_LAYOUT_UNET_CONFIG.items():
+        assert unet[key] == (list(value) if isinstance(value, tuple) else value), key
+    assert not any("_name_or_path" in json.loads(p.read_text()) for p in folder.glob("*/config.json"))
+    assert sum(p.stat().st_size for p in folder.rglob("*")) < 20 * 2**20
+    assert reference.guidance_scale(folder) == reference.SD15_LAYOUT_GUIDANCE_SCALE
+    with pytest.raises(ValueError, match="is not a reference model folder"):
+        reference.guidance_scale(folder.parent)
+
+
+def test_the_sd15_layout_model_renders_held_out_prompts_faithfully():
+    pipe = load_pipeline(reference.SD15_LAYOUT_MODEL_DIR, device="cpu", safety_checker=False)
+    assert pipe.unet.config.sample_size == 16 and pipe.vae_scale_factor == 2
+    combos = shapes.HELD_OUT_COMBOS[::8]
+    result = quality.generate(
+        pipe,
+        Sampler.DPM_SOLVER,
+        quality.Config("stock", None),
+        [shapes.caption(shapes.Scene(*c)) for c in combos],
+        list(range(10)),
+        reference.SD15_LAYOUT_GUIDANCE_SCALE,
+        batch=10,
+    )
+    assert result.images.shape == (10, 3, 32, 32)
+    labels = np.array([shapes.Scene(*c).labels() for c in combos])
+    predicted, _ = quality.classify(reference.load_classifier(), result.images)
+    assert (predicted == labels).all(axis=1).mean() >= 0.7  # chance: 1 in 972
+
+
 @pytest.mark.parametrize("key_steps", [None, "paper", "auto"], ids=["stock", "paper", "auto"])
 def test_the_quick_start_prompt_renders_right_for_nine_of_seeds_0_to_9(reference_pipe, key_steps):
     """The README's first command, as a newcomer runs it (DDIM-50, the model's guidance scale), with each of

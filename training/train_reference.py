@@ -280,6 +280,10 @@ def _build_pipeline(unet, vae, text_encoder, tokenizer):
 
 def _save_pipeline(pipe, folder: Path) -> None:
     pipe.save_pretrained(folder, safe_serialization=True)
+    for config in folder.glob("*/config.json"):  # a component loaded from disk records this machine's path
+        data = json.loads(config.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     write_vocab_files(folder / "tokenizer", shapes.VOCABULARY)
 
 
@@ -596,21 +600,21 @@ def plot_losses() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
-    for ax, (name, key, title) in zip(
-        axes,
-        [
+    panels = [
+        (name, key, title)
+        for name, key, title in [
             ("vae", "mse", "VAE reconstruction MSE"),
             ("text", "loss", "Text encoder pretraining loss (5 heads)"),
             ("unet", "loss", "UNet loss (min-SNR-5 weighted)"),
             ("classifier", "loss", "Classifier loss (sum of 5 heads)"),
-        ],
-        strict=True,
-    ):
+        ]
+        if (RESULTS / f"{name}-log.json").is_file()  # stages copied from the first model have no log
+    ]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.25 * len(panels), 3.6), squeeze=False)
+    for ax, (name, key, title) in zip(axes[0], panels, strict=True):
         path = RESULTS / f"{name}-log.json"
-        if not path.is_file():
-            ax.set_title(f"{title}: not trained")
-            continue
         history = json.loads(path.read_text())["history"]
         values = np.array([h[key] for h in history])
         window = max(1, len(values) // 100)

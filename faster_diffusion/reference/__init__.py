@@ -30,6 +30,7 @@ __all__ = [
     "EXAMPLE_PROMPT",
     "GUIDANCE_SCALE",
     "MODEL_DIR",
+    "SD15_LAYOUT_GUIDANCE_SCALE",
     "SD15_LAYOUT_MODEL_DIR",
     "SD15_LAYOUT_UNET_CONFIG",
     "SD15_LAYOUT_VAE_CONFIG",
@@ -39,6 +40,7 @@ __all__ = [
     "AttributeClassifier",
     "attribute_accuracy",
     "build_tokenizer",
+    "guidance_scale",
     "load_classifier",
     "text_encoder_config",
     "unknown_words",
@@ -59,19 +61,33 @@ CALIBRATION_PROMPTS: tuple[str, ...] = tuple(
 CALIBRATION_SEEDS: tuple[int, ...] = tuple(90_000 + i for i in range(len(CALIBRATION_PROMPTS)))
 
 
-def calibration_options() -> dict[str, Any]:
-    """How the reference model is calibrated: the ``prompts``, ``seeds`` and ``guidance_scale`` arguments of
-    :func:`faster_diffusion.calibration.get_calibration`."""
-    return {"prompts": CALIBRATION_PROMPTS, "seeds": CALIBRATION_SEEDS, "guidance_scale": GUIDANCE_SCALE}
+def calibration_options(model_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """How a reference model (the first by default) is calibrated: the ``prompts``, ``seeds`` and
+    ``guidance_scale`` arguments of :func:`faster_diffusion.calibration.get_calibration`."""
+    guidance = GUIDANCE_SCALE if model_dir is None else guidance_scale(model_dir)
+    return {"prompts": CALIBRATION_PROMPTS, "seeds": CALIBRATION_SEEDS, "guidance_scale": guidance}
 
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 MODEL_DIR = ASSETS_DIR / "shapes-ldm"
 #: The second reference model, with Stable Diffusion v1.5's UNet layout (:data:`SD15_LAYOUT_UNET_CONFIG`):
 #: the same world, text encoder and classifier, for judging methods whose behaviour depends on the layout
-#: (how deep a feature cache reaches).
+#: (how deep a feature cache reaches). In the repository for the benchmarks, not in the wheel.
 SD15_LAYOUT_MODEL_DIR = ASSETS_DIR / "shapes-ldm-sd15"
+#: Its guidance scale, chosen by the same procedure as :data:`GUIDANCE_SCALE` (training/README.md).
+SD15_LAYOUT_GUIDANCE_SCALE = 3.0
 CLASSIFIER_PATH = ASSETS_DIR / "shapes-classifier.safetensors"
+
+
+def guidance_scale(model_dir: str | os.PathLike) -> float:
+    """The guidance scale chosen for the reference model in ``model_dir`` (either of the two)."""
+    folder = Path(model_dir).resolve()
+    if folder == SD15_LAYOUT_MODEL_DIR.resolve():
+        return SD15_LAYOUT_GUIDANCE_SCALE
+    if folder == MODEL_DIR.resolve():
+        return GUIDANCE_SCALE
+    raise ValueError(f"{model_dir} is not a reference model folder ({MODEL_DIR} or {SD15_LAYOUT_MODEL_DIR})")
+
 
 #: Captions are at most 13 words; with the start and end tokens 16 is enough, 20 leaves room.
 TEXT_MAX_LENGTH = 20
