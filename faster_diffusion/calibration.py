@@ -62,7 +62,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .measure import criterion_names, measure_run
+from .measure import canonical_target, criterion_names, measure_run, target_modules
 from .propagation import get_faster_diffusion
 from .schedule import CalibrationError, KeySteps, paper_key_steps
 
@@ -75,9 +75,19 @@ FILE_VERSION = 1
 #: The built-in criteria :func:`measure_costs` can compute (see the module docstring); others are added with
 #: :func:`faster_diffusion.measure.register_criterion`.
 CRITERIA = criterion_names()
-#: The criterion ``calibrate`` uses: the one whose predicted cost ranked measured quality better
-#: (``benchmarks/frontier.py``).
+#: The criterion ``calibrate`` uses for encoder propagation: the one whose predicted cost ranked measured
+#: quality better (``benchmarks/frontier.py``).
 DEFAULT_CRITERION = "feature"
+#: The criterion for each other target (by the name before its ``:``): deep reuse places its full steps by
+#: the error in the step's prediction (``benchmarks/modes_frontier.py``).
+DEFAULT_CRITERIA: dict[str, str] = {"encoder": DEFAULT_CRITERION, "deep": "prediction"}
+
+
+def default_criterion(target: str = "encoder") -> str:
+    """The criterion calibrations of ``target`` are read with by default."""
+    return DEFAULT_CRITERIA.get(target.partition(":")[0], DEFAULT_CRITERION)
+
+
 #: Calibration prompts for weights other than the reference model: varied subjects, layouts and styles.
 #: The reference model calibrates on its own training captions (``reference.CALIBRATION_PROMPTS``).
 DEFAULT_PROMPTS: tuple[str, ...] = (
@@ -204,6 +214,9 @@ class Calibration:
     #: The run's timesteps (:func:`scheduler_timesteps`): settings that move them (Karras sigmas, spacing,
     #: offsets) make another trajectory, which needs its own calibration.
     timesteps: tuple[int, ...] = ()
+    #: Which features the costs are of reusing (:func:`faster_diffusion.measure.target_modules`):
+    #: ``"encoder"`` (encoder propagation) or ``"deep:B"`` (deep reuse of branch B).
+    target: str = "encoder"
 
     def __post_init__(self) -> None:
         if self.criterion not in criterion_names():
@@ -243,8 +256,9 @@ class Calibration:
         return tuple(start + i for i in optimal_key_steps(block, min(budget, stop - start)))
 
     def describe(self) -> str:
+        of = "" if self.target == "encoder" else f" of {self.target} reuse"
         return (
-            f"calibrated by {self.criterion} error on {len(self.prompts)} prompt"
+            f"calibrated by {self.criterion} error{of} on {len(self.prompts)} prompt"
             f"{'s' if len(self.prompts) != 1 else ''} (one seed each), "
             f"{self.width}x{self.height}, {self.num_steps} steps of {self.scheduler.split(',')[0]}"
         )
@@ -266,10 +280,12 @@ class Calibration:
         num_steps: int,
         probe: Sequence[float] | None = None,
         timesteps: Sequence[int] | None = None,
+        target: str = "encoder",
     ) -> bool:
-        """Whether this is the calibration of that architecture, sampler and step count, and, when given,
-        of those weights (``probe``) and of that trajectory (``timesteps``)."""
-        same_key = (self.model, self.scheduler, self.num_steps) == (model, scheduler, num_steps)
+        """Whether this is the calibration of that architecture, sampler, step count and ``target``, and,
+        when given, of those weights (``probe``) and of that trajectory (``timesteps``)."""
+        key = (self.model, self.scheduler, self.num_steps, self.target)
+        same_key = key == (model, scheduler, num_steps, target)
         same_steps = timesteps is None or tuple(timesteps) == self.timesteps
         return same_key and same_steps and (probe is None or same_weights(self.probe, probe))
 
@@ -292,6 +308,7 @@ class Calibration:
             "other": {name: rounded(matrix) for name, matrix in self.other.items()},
             "weights_probe": [float(f"{value:.9g}") for value in self.probe],
             "timesteps": list(self.timesteps),
+            "target": self.target,
         }
 
     @classmethod
@@ -315,6 +332,7 @@ class Calibration:
                 },
                 probe=tuple(float(v) for v in data["weights_probe"]),
                 timesteps=tuple(int(t) for t in data["timesteps"]),
+                target=str(data.get("target", "encoder")),  # files from before deep reuse: the encoder's
             )
         except CalibrationError:  # its own message says what is wrong
             raise
@@ -414,6 +432,7 @@ def measure_costs(
     criteria: Sequence[str] = CRITERIA,
     max_rows: int | None = None,
     prompts_per_run: int | None = None,
+    target: str = "encoder",
 ) -> dict[str, np.ndarray]:
     """Stock runs of ``pipe`` (one image per prompt, ``seeds[i]`` for ``prompts[i]``), measuring the N x N
     cost matrix of each criterion: the mean over all images of each image's cost.
@@ -453,6 +472,7 @@ def measure_costs(
             width=width,
             criteria=criteria,
             max_rows=max_rows,
+            target=target,
         )
         for criterion in criteria:
             totals[criterion] += costs[criterion] * len(chunk)
@@ -537,7 +557,9 @@ def save_calibration(calibration: Calibration, folder: str | Path) -> Path:
     kept = [
         c
         for c in load_calibrations(folder)
-        if not c.matches(calibration.model, calibration.scheduler, calibration.num_steps)
+        if not c.matches(
+            calibration.model, calibration.scheduler, calibration.num_steps, target=calibration.target
+        )
     ]
     data = {"version": FILE_VERSION, "calibrations": [c.to_json() for c in [*kept, calibration]]}
     file = folder / CALIBRATION_FILE
@@ -552,53 +574,68 @@ def register(unet: torch.nn.Module, calibration: Calibration) -> None:
     entries = [
         c
         for c in _REGISTRY.get(unet, [])
-        if not c.matches(calibration.model, calibration.scheduler, calibration.num_steps)
+        if not c.matches(
+            calibration.model, calibration.scheduler, calibration.num_steps, target=calibration.target
+        )
     ]
     _REGISTRY[unet] = [*entries, calibration]
 
 
 def find_calibration(
-    pipe: Any, num_steps: int, scheduler: Any = None, timesteps: Sequence[int] | None = None
+    pipe: Any,
+    num_steps: int,
+    scheduler: Any = None,
+    timesteps: Sequence[int] | None = None,
+    target: str = "encoder",
 ) -> Calibration | None:
-    """The calibration of ``pipe``'s UNet for its scheduler (or ``scheduler``) and ``num_steps``: one made or
-    loaded in this process, else one saved in the folder the pipeline was loaded from; ``None`` if neither.
+    """The calibration of ``pipe``'s UNet for its scheduler (or ``scheduler``), ``num_steps`` and ``target``:
+    one made or loaded in this process, else one saved in the folder the pipeline was loaded from; ``None`` if
+    neither.
     It must be of the same architecture, weights (:func:`weight_probe`) and timesteps (``timesteps`` when the
     caller has them, else the scheduler's own for ``num_steps``, :func:`scheduler_timesteps`)."""
     unet = pipe.unet
+    target = canonical_target(target)
     scheduler = scheduler if scheduler is not None else pipe.scheduler
     model, key, probe = model_fingerprint(unet), scheduler_key(scheduler), weight_probe(unet)
     if timesteps is None:
         timesteps = scheduler_timesteps(scheduler, num_steps)
     for calibration in _REGISTRY.get(unet, []):
-        if calibration.matches(model, key, num_steps, probe, timesteps):
+        if calibration.matches(model, key, num_steps, probe, timesteps, target):
             return _preferred(calibration)
     folder = weights_folder(pipe)
     if folder is not None:
         for calibration in load_calibrations(folder):
-            if calibration.matches(model, key, num_steps, probe, timesteps):
+            if calibration.matches(model, key, num_steps, probe, timesteps, target):
                 register(unet, calibration)
                 return _preferred(calibration)
     return None
 
 
 def _preferred(calibration: Calibration) -> Calibration:
-    """``calibration`` read with :data:`DEFAULT_CRITERION` where it measured it."""
-    if calibration.criterion != DEFAULT_CRITERION and DEFAULT_CRITERION in calibration.other:
-        return calibration.with_criterion(DEFAULT_CRITERION)
+    """``calibration`` read with its target's :func:`default_criterion` where it measured it."""
+    preferred = default_criterion(calibration.target)
+    if calibration.criterion != preferred and preferred in calibration.other:
+        return calibration.with_criterion(preferred)
     return calibration
 
 
-def missing_message(pipe: Any, num_steps: int) -> str:
+def missing_message(pipe: Any, num_steps: int, target: str = "encoder") -> str:
+    of, also = ("", "") if target == "encoder" else (f" of {target} reuse", f", target={target!r}")
     return (
-        f"key_steps 'auto' needs a calibration of this model for {scheduler_key(pipe.scheduler)} with "
+        f"key_steps 'auto' needs a calibration{of} of this model for {scheduler_key(pipe.scheduler)} with "
         f"{num_steps} steps, and none is saved or was made in this process. Run "
-        f"faster_diffusion.calibrate(pipe, num_inference_steps={num_steps}) once before the call (it saves "
-        "the result next to the weights when they come from a local folder), or pass explicit key steps"
+        f"faster_diffusion.calibrate(pipe, num_inference_steps={num_steps}{also}) once before the call (it "
+        "saves the result next to the weights when they come from a local folder), or pass explicit key steps"
     )
 
 
 def resolve_auto(
-    pipe: Any, scheduler: Any, num_steps: int, timesteps: Sequence[float] | None = None
+    pipe: Any,
+    scheduler: Any,
+    num_steps: int,
+    timesteps: Sequence[float] | None = None,
+    *,
+    target: str = "encoder",
 ) -> Calibration:
     """The calibration ``key_steps="auto"`` is placed from, for a run of ``num_steps`` steps of ``pipe`` with
     ``scheduler``: handed to the reuse modes by :func:`faster_diffusion.apply_faster_diffusion`.
@@ -615,9 +652,9 @@ def resolve_auto(
                 "argument or a set_timesteps option (LCM's original_inference_steps or strength); pass "
                 "explicit key steps (such as 'paper' or a list) for a run on custom timesteps"
             )
-    found = find_calibration(pipe, num_steps, scheduler, own) if pipe is not None else None
+    found = find_calibration(pipe, num_steps, scheduler, own, target) if pipe is not None else None
     if found is None:
-        raise CalibrationError(missing_message(pipe, num_steps))
+        raise CalibrationError(missing_message(pipe, num_steps, target))
     return found
 
 
@@ -649,22 +686,30 @@ def get_calibration(
     guidance_scale: float = 7.5,
     height: int | None = None,
     width: int | None = None,
-    criterion: str = DEFAULT_CRITERION,
+    criterion: str | None = None,
     criteria: Sequence[str] | None = None,
     save: bool = True,
     force: bool = False,
+    target: str = "encoder",
 ) -> Calibration:
     """The calibration of ``pipe`` (its UNet and current scheduler) for ``num_inference_steps`` steps: the
     saved one if there is one (unless ``force``), else measured now with :func:`measure_costs`, registered
     for this process and, when ``save`` and the pipeline came from a writable local folder, saved there.
 
-    Defaults: :data:`DEFAULT_PROMPTS`, one seed each from :data:`DEFAULT_SEED`, the pipeline's default size.
-    Only ``criterion`` is measured unless ``criteria`` names more (the ``"feature"`` criterion costs one stock
-    run of the prompts; ``"prediction"`` adds N(N-1)/2 decoder passes per prompt, about 20 times more for
-    DDIM-50; ``"final"`` adds a tail of N-1-j UNet calls for every pair k < j, about N^3/6 calls per prompt).
+    ``target`` is what is reused: ``"encoder"`` (encoder propagation) or ``"deep:B"`` (deep reuse of branch
+    B, as :class:`~faster_diffusion.DeepReuseConfig`'s ``calibration_target``); each has its own calibration.
+
+    Defaults: :data:`DEFAULT_PROMPTS`, one seed each from :data:`DEFAULT_SEED`, the pipeline's default size,
+    the target's :func:`default_criterion`. Only ``criterion`` is measured unless ``criteria`` names more
+    (the ``"feature"`` criterion costs one stock run of the prompts; ``"prediction"`` adds N(N-1)/2 replayed
+    passes per prompt, each the part of the UNet the target does not reuse, about 20 times more for DDIM-50;
+    ``"final"`` adds a tail of N-1-j UNet calls for every pair k < j, about N^3/6 calls per prompt).
     """
     if get_faster_diffusion(pipe) is not None:
         raise RuntimeError("calibrate: faster diffusion is attached to this pipeline; call remove() first")
+    target = canonical_target(target)
+    target_modules(pipe.unet, target)  # an unknown target, or a branch this UNet lacks, fails here
+    criterion = default_criterion(target) if criterion is None else criterion
     if criterion not in criterion_names():
         raise CalibrationError(f"criterion must be one of {criterion_names()}, got {criterion!r}")
     criteria = tuple(dict.fromkeys([criterion, *(criteria or ())]))
@@ -675,7 +720,7 @@ def get_calibration(
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise CalibrationError(f"num_inference_steps must be a whole number >= 2, got {steps!r}")
     if not force:
-        found = find_calibration(pipe, steps)
+        found = find_calibration(pipe, steps, target=target)
         if found is not None and (found.criterion == criterion or criterion in found.other):
             return found.with_criterion(criterion)
     prompts = tuple(DEFAULT_PROMPTS if prompts is None else prompts)
@@ -696,6 +741,7 @@ def get_calibration(
         height=height,
         width=width,
         criteria=criteria,
+        target=target,
     )
     seconds = time.perf_counter() - started
     problem = _not_finite_costs(costs)
@@ -726,6 +772,7 @@ def get_calibration(
         other={name: as_tuple(matrix) for name, matrix in costs.items() if name != criterion},
         probe=weight_probe(pipe.unet),
         timesteps=scheduler_timesteps(pipe.scheduler, steps),
+        target=target,
     )
     logger.info("calibrated %s", calibration.describe())
     register(pipe.unet, calibration)
@@ -743,9 +790,10 @@ def get_calibration(
 def calibrate(pipe: Any, budget: int | None = None, **options: Any) -> KeySteps:
     """Key steps for ``pipe``, placed where the model's own features say reuse costs least.
 
-    ``budget`` is the number of key steps (encoder passes); default: the paper's count for the step count (9
-    of 50, 7 of 20). ``options`` are those of :func:`get_calibration` (``num_inference_steps``, ``prompts``,
-    ``seeds``, ``guidance_scale``, ``height``, ``width``, ``criterion``, ``save``, ``force``). The result is
+    ``budget`` is the number of key steps (encoder passes, or full passes of deep reuse); default: the paper's
+    count for the step count (9 of 50, 7 of 20). ``options`` are those of :func:`get_calibration`
+    (``num_inference_steps``, ``prompts``, ``seeds``, ``guidance_scale``, ``height``, ``width``,
+    ``criterion``, ``save``, ``force``, ``target``). The result is
     an explicit list that says where it came from when echoed. A bad budget fails before anything is measured.
     """
     if budget is not None:

@@ -7,7 +7,8 @@ the skip connections of the outermost level carry what changes. At a *partial* s
 layers; the rest of the UNet (the deeper down blocks, the mid block and the deeper up blocks) returns the
 outputs it computed at the latest *full* step. The key steps (:class:`~faster_diffusion.schedule.KeySteps`)
 are the full steps, so every form of them works: ``uniform:N`` is DeepCache's ``cache_interval``, and ``auto``
-places them from a calibration.
+places them from a calibration of this mode (target ``"deep:B"``: the same criteria, measured by replaying
+the deep modules' outputs; :func:`faster_diffusion.calibrate` with ``target="deep:0"``).
 
 ``branch`` says how deep a partial step reaches, with DeepCache's numbering: with L layers in an up block
 (3 in SD v1.5), branch ``b`` runs the last ``b % L + 1`` layers of up block ``b // L`` counted from the
@@ -31,6 +32,7 @@ from typing import Any
 
 import torch
 
+from .measure import register_target
 from .noise import NoiseInjection
 from .propagation import AutoResolver, FasterDiffusion, attach_reuse, check_forecast
 from .schedule import KeySteps
@@ -83,6 +85,16 @@ def deep_modules(unet: torch.nn.Module, branch: int) -> list[torch.nn.Module]:
     return modules
 
 
+def _target_modules(unet: torch.nn.Module, arg: str | None) -> list[torch.nn.Module]:
+    """The ``"deep:B"`` calibration target: what a partial step of branch B reuses."""
+    if arg is None or not arg.isdigit():
+        raise ValueError(f"the branch after 'deep:' must be a whole number, got {arg!r}")
+    return deep_modules(unet, int(arg))
+
+
+register_target("deep", _target_modules, default_arg="0")
+
+
 @dataclass(frozen=True)
 class DeepReuseConfig:
     """Settings of deep reuse (see the module docstring).
@@ -118,6 +130,11 @@ class DeepReuseConfig:
 
     def cached_modules(self, unet: torch.nn.Module) -> list[torch.nn.Module]:
         return deep_modules(unet, self.branch)
+
+    @property
+    def calibration_target(self) -> str:
+        """What ``key_steps="auto"`` is calibrated for: reusing this branch's deep modules."""
+        return f"deep:{self.branch}"
 
     def forecast_slots(self, count: int) -> range:
         """Only the feature that enters the layers that run is forecast; the other kept outputs feed only

@@ -1,9 +1,14 @@
 """Measuring the costs that calibration places key steps by: one stock run recorded, then each criterion.
 
 A criterion is a function of a recorded :class:`StockRun` that returns the N x N matrix ``cost[k, j]``, the
-cost of reusing step k's encoder features at step j (mean over the run's images), registered by name with
+cost of reusing step k's features at step j (mean over the run's images), registered by name with
 :func:`register_criterion`. The three built in (``"feature"``, ``"prediction"``, ``"final"``) are described in
 :mod:`faster_diffusion.calibration`. A new criterion is one function and one registration.
+
+Which features are reused is the calibration's *target*: ``"encoder"`` (``conv_in``, the down blocks and the
+mid block, what encoder propagation reuses) or a reuse mode's own, registered with :func:`register_target`
+(deep reuse registers ``"deep:B"``, the modules a partial step of branch B does not run). The run records and
+replays exactly the target's modules, so every criterion measures that mode's reuse.
 """
 
 from __future__ import annotations
@@ -150,15 +155,66 @@ def _concat(parts: list[Any], join: Any = torch.cat) -> Any:
     return first
 
 
+#: Gives the modules a target reuses, for a UNet and the text after the target's ``:`` (``None`` if none).
+TargetModules = Callable[[torch.nn.Module, "str | None"], list[torch.nn.Module]]
+
+_TARGETS: dict[str, tuple[TargetModules, str | None]] = {}
+
+
+def register_target(name: str, modules: TargetModules, default_arg: str | None = None) -> None:
+    """Make ``name`` (or ``name:ARG``) a calibration target whose reused modules are ``modules(unet, ARG)``;
+    ``name`` alone means ``name:default_arg`` when that is given."""
+    if not isinstance(name, str) or not name or ":" in name:
+        raise TypeError(f"a target's name must be a non-empty string without ':', got {name!r}")
+    if not callable(modules):
+        raise TypeError(f"modules must be callable, got {modules!r}")
+    _TARGETS[name] = (modules, default_arg)
+
+
+def canonical_target(target: str) -> str:
+    """``target`` as calibrations are keyed by: ``"deep"`` is ``"deep:0"``."""
+    if not isinstance(target, str):
+        raise CalibrationError(f"target must be a text such as 'encoder' or 'deep:0', got {target!r}")
+    name, colon, arg = target.strip().partition(":")
+    if name not in _TARGETS:
+        raise CalibrationError(
+            f"target must be one of {tuple(_TARGETS)} (with ':ARG' where one takes it), got {target!r}"
+        )
+    default = _TARGETS[name][1]
+    if not colon and default is not None:
+        return f"{name}:{default}"
+    return f"{name}:{arg}" if colon else name
+
+
+def target_modules(unet: torch.nn.Module, target: str) -> list[torch.nn.Module]:
+    """The modules ``target`` reuses in ``unet`` (a :class:`CalibrationError` that names the known targets for
+    an unknown one, and the target's own for a bad argument)."""
+    name, colon, arg = canonical_target(target).partition(":")
+    try:
+        return _TARGETS[name][0](unet, arg if colon else None)
+    except (TypeError, ValueError) as error:
+        raise CalibrationError(f"target {target!r}: {error}") from error
+
+
+def encoder_modules(unet: torch.nn.Module, arg: str | None = None) -> list[torch.nn.Module]:
+    """The encoder: ``conv_in``, the down blocks and the mid block (the ``"encoder"`` target)."""
+    if arg is not None:
+        raise ValueError("the encoder target takes no argument")
+    return [unet.conv_in, *unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else [])]
+
+
+register_target("encoder", encoder_modules)
+
+
 @dataclass
 class StockRun:
     """One recorded stock run of a pipeline over some prompts, for the criteria to measure from."""
 
     pipe: Any
-    #: The encoder modules (``conv_in``, the down blocks, the mid block) and their record-and-replay hooks.
+    #: The target's modules (:func:`target_modules`) and their record-and-replay hooks.
     modules: list[torch.nn.Module]
     hooks: list[_RecordReplayHook]
-    #: Each encoder module's output at every step: ``records[module][step]``.
+    #: Each of those modules' output at every step: ``records[module][step]``.
     records: list[list[Any]]
     #: Shared with the hooks: what they serve instead of computing (see :class:`_RecordReplayHook`).
     serve: dict[str, Any]
@@ -312,14 +368,15 @@ def measure_run(
     width: int,
     criteria: Sequence[str],
     max_rows: int | None,
+    target: str = "encoder",
 ) -> dict[str, np.ndarray]:
     """One stock run of ``pipe`` over ``prompts``, recorded, then the cost matrices of ``criteria`` measured
-    from it (means over its images)."""
+    from it (means over its images), for reusing the modules of ``target``."""
     unknown = [c for c in criteria if c not in _CRITERIA]
     if unknown:
         raise CalibrationError(f"criterion must be among {criterion_names()}, got {unknown[0]!r}")
     unet = pipe.unet
-    modules = [unet.conv_in, *unet.down_blocks] + ([unet.mid_block] if unet.mid_block is not None else [])
+    modules = target_modules(unet, target)
     records: list[list[Any]] = [[] for _ in modules]
     serve: dict[str, Any] = {}
     hooks = [_RecordReplayHook(r, serve) for r in records]

@@ -37,6 +37,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from ._hooks import add_hook, drop_hook, last_rows, map_tensors, map_tensors_once, repeat_rows, tensors_in
 from .families import refused_variant
+from .measure import encoder_modules
 from .memory import AUTO, auto_decoder_batch_cap, available_memory_bytes, resident_weight_bytes
 from .noise import NoiseInjection
 from .schedule import KeyStepError, KeyStepKind, KeySteps, KeyStepSchedule
@@ -68,11 +69,12 @@ _BATCHED_INPUTS = (
 _CALLER_DEPTH = 8
 
 #: Finds the calibration that ``key_steps="auto"`` is placed from: called with the pipeline, its scheduler,
-#: the step count and the run's timesteps; returns the calibration, or raises a clear error (a
+#: the step count, the run's timesteps and (by keyword) ``target``, the mode's ``calibration_target``;
+#: returns the calibration, or raises a clear error (a
 #: :class:`~faster_diffusion.schedule.KeyStepError`) when there is none. Handed in by whoever applies the
 #: method (:func:`faster_diffusion.apply_faster_diffusion` hands calibration's), so that propagation does not
 #: import calibration.
-AutoResolver = Callable[[Any, Any, int, Sequence[float] | None], Any]
+AutoResolver = Callable[..., Any]
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,10 @@ class FasterDiffusionConfig:
     def cached_modules(self, unet: torch.nn.Module) -> list[torch.nn.Module]:
         """The modules whose outputs key steps compute and the other steps reuse: the encoder (``conv_in``,
         the down blocks, the mid block)."""
-        return [unet.conv_in, *unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else [])]
+        return encoder_modules(unet)
+
+    #: What ``key_steps="auto"`` is calibrated for (:func:`faster_diffusion.measure.target_modules`).
+    calibration_target = "encoder"
 
     def forecast_slots(self, count: int) -> range:
         """Which of the :meth:`cached_modules` (by position) are forecast when ``forecast`` is on: all."""
@@ -831,7 +836,8 @@ class FasterDiffusion:
                 "key_steps 'auto' needs a calibration: apply with faster_diffusion.apply_faster_diffusion(), "
                 "which places it from faster_diffusion.calibration"
             )
-        return self._resolve_auto(self._pipe(), self.scheduler, num_steps, timesteps)
+        target = getattr(self.config, "calibration_target", "encoder")
+        return self._resolve_auto(self._pipe(), self.scheduler, num_steps, timesteps, target=target)
 
     def _resident_weight_bytes(self, device: torch.device) -> int:
         """Bytes of the weights the pipeline's torch modules hold on ``device`` (the UNet's alone if the

@@ -1,13 +1,15 @@
-"""Calibrate the reference model's key steps (``key_steps="auto"``) for each sampler, with two criteria.
+"""Calibrate a reference model's key steps (``key_steps="auto"``) for each sampler, with two criteria.
 
-Writes ``faster_diffusion/reference/assets/shapes-ldm/faster_diffusion_calibration.json`` anew (one entry
-per sampler), which the library, the CLI, the Cog model and ``benchmarks/frontier.py`` read. The prompts are
-captions of training combinations (``reference.CALIBRATION_PROMPTS``) with seeds 90,000 and up, apart from the
-quality benchmark's held-out prompts and seeds. "feature" and "prediction" are measured, so the frontier
-benchmark can compare them; ``--with-final`` adds "final" (12 minutes for DPM-Solver-20 on 2 busy CPU cores,
-and about 17 times its UNet calls for DDIM-50).
+Writes the model's ``faster_diffusion_calibration.json`` entries for one target anew (one entry per sampler),
+keeping the other targets' entries; the library, the CLI, the Cog model and the benchmarks read them. The
+prompts are captions of training combinations (``reference.CALIBRATION_PROMPTS``) with seeds 90,000 and up,
+apart from the quality benchmark's held-out prompts and seeds, at the model's guidance scale. "feature" and
+"prediction" are measured, so the frontier benchmarks can compare them; ``--with-final`` adds "final" (12
+minutes for DPM-Solver-20 on 2 busy CPU cores, and about 17 times its UNet calls for DDIM-50).
 
-    python training/calibrate_reference.py              # about 1 minute on 2 CPU cores
+    python training/calibrate_reference.py              # encoder propagation, about 1 minute on 2 CPU cores
+    python training/calibrate_reference.py --target deep:0    # deep reuse, branch 0
+    python training/calibrate_reference.py --model faster_diffusion/reference/assets/shapes-ldm-sd15
     python training/calibrate_reference.py --out-dir DIR   # the same, saved in DIR instead of the weights
     python training/calibrate_reference.py --halves     # how much two disjoint 8-prompt halves agree
 
@@ -17,6 +19,7 @@ prints the key steps each gives at several budgets, and the rank correlation of 
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -29,7 +32,14 @@ if __package__ in (None, ""):
 
 from faster_diffusion import Sampler, get_calibration, reference, use_sampler  # noqa: E402
 from faster_diffusion.app.loading import load_pipeline  # noqa: E402
-from faster_diffusion.calibration import CALIBRATION_FILE, CRITERIA, save_calibration  # noqa: E402
+from faster_diffusion.calibration import (  # noqa: E402
+    CALIBRATION_FILE,
+    CRITERIA,
+    FILE_VERSION,
+    load_calibrations,
+    save_calibration,
+)
+from faster_diffusion.measure import canonical_target  # noqa: E402
 
 
 def halves(pipe) -> None:
@@ -61,17 +71,33 @@ def halves(pipe) -> None:
             print(f"  {budget} key steps: {'all three agree' if same else 'differ'}: {lists}")
 
 
+def _option(name: str, default: str | None) -> str | None:
+    argv = sys.argv[1:]
+    return argv[argv.index(name) + 1] if name in argv else default
+
+
+def drop_target(folder: Path, target: str) -> None:
+    """Remove ``target``'s entries from ``folder``'s calibration file, keeping the others as they are."""
+    file = folder / CALIBRATION_FILE
+    if not file.is_file():
+        return
+    kept = [c.to_json() for c in load_calibrations(folder) if c.target != target]
+    file.write_text(json.dumps({"version": FILE_VERSION, "calibrations": kept}, indent=1) + "\n")
+
+
 def main() -> int:
-    pipe = load_pipeline(reference.MODEL_DIR, device="cpu", safety_checker=False)
+    model = Path(_option("--model", str(reference.MODEL_DIR)))
+    target = canonical_target(_option("--target", "encoder"))
+    pipe = load_pipeline(model, device="cpu", safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     if "--halves" in sys.argv[1:]:
         halves(pipe)
         return 0
-    out_dir = None
-    if "--out-dir" in sys.argv[1:]:
-        out_dir = Path(sys.argv[sys.argv.index("--out-dir") + 1])
+    out_dir = _option("--out-dir", None)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-    (Path(out_dir or reference.MODEL_DIR) / CALIBRATION_FILE).unlink(missing_ok=True)
+    drop_target(Path(out_dir or model), target)
     for sampler in Sampler:
         use_sampler(pipe, sampler)
         started = time.perf_counter()
@@ -81,13 +107,14 @@ def main() -> int:
             criteria=CRITERIA if "--with-final" in sys.argv[1:] else ("feature", "prediction"),
             force=True,
             save=out_dir is None,
-            **reference.calibration_options(),
+            target=target,
+            **reference.calibration_options(model),
         )
         if out_dir is not None:
             save_calibration(calibration, out_dir)
         print(
-            f"{sampler.value}: {time.perf_counter() - started:.1f} s; auto = {list(calibration.indices())} "
-            f"({calibration.criterion})",
+            f"{sampler.value}: {time.perf_counter() - started:.1f} s; {target} auto = "
+            f"{list(calibration.indices())} ({calibration.criterion})",
             flush=True,
         )
     return 0
