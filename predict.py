@@ -16,6 +16,7 @@ from faster_diffusion.app.loading import default_weights_dir
 from faster_diffusion.app.serving import (
     TextToImage,
     check_inputs,
+    check_mode_inputs,
     describe_unused_size,
     random_seed,
     save_images,
@@ -51,8 +52,23 @@ class Inputs:
         description="The steps at which the UNet encoder runs; the other steps reuse its features. 'default': 'paper' for SD v1.5 base weights, otherwise 'auto' for DDIM and 'auto:9' for DPM-Solver. 'auto' (the paper's number of key steps, placed by a calibration on the model itself, made once and saved), 'auto:B' (B key steps, placed the same way), 'paper' (the paper's key steps), 'all' (every step: the stock result), 'uniform:K' (every K-th step), or a comma-separated list of step indices that starts with 0, such as '0,1,2,3,5,10,15,25,35'.",  # noqa: E501 (one literal, for cog build)
         default="default",
     )
+    mode = Input(
+        description="How UNet features are reused. 'encoder': the paper's encoder propagation: at a non-key step the UNet decoder runs on the latest key step's encoder features. 'deep': deep reuse, as DeepCache does: at a partial step only the shallowest layers run and everything deeper comes from the latest full step; key_steps then says which steps are full ('default': every third step).",  # noqa: E501
+        choices=["encoder", "deep"],
+        default="encoder",
+    )
+    branch = Input(
+        description="For mode 'deep': how deep a partial step reaches (DeepCache's cache_branch_id). 0 runs the least and is the fastest; up to 11 on SD v1.5 and 8 on SDXL (up blocks x layers per block, minus 1). Must be 0 for mode 'encoder'.",  # noqa: E501
+        ge=0,
+        le=11,
+        default=0,
+    )
+    forecast = Input(
+        description="Extrapolate the reused features linearly from the latest two full (or key) steps instead of copying them (as TaylorSeer does for transformers). On the reference model it helps DDIM-50 and hurts DPM-Solver-20.",  # noqa: E501
+        default=False,
+    )
     parallel_decoder = Input(
-        description="Run the decoder passes between two key steps as one batch (the paper's parallel decoder). Off: one step at a time, with the same images up to float rounding.",  # noqa: E501
+        description="Run the decoder passes between two key steps as one batch (the paper's parallel decoder). Off: one step at a time, with the same images up to float rounding. Mode 'deep' always runs one step at a time.",  # noqa: E501
         default=True,
     )
     max_decoder_batch = Input(
@@ -62,7 +78,7 @@ class Inputs:
         default=0,
     )
     noise_injection = Input(
-        description="Prior noise injection: add a little of the initial noise back in late in sampling, which restores fine texture.",  # noqa: E501
+        description="Prior noise injection: add a little of the initial noise back in late in sampling, which restores the fine texture that encoder propagation loses. For mode 'encoder'; mode 'deep' runs without it (a partial step keeps its own texture), as DeepCache does.",  # noqa: E501
         default=True,
     )
     noise_strength = Input(
@@ -132,6 +148,9 @@ class Predictor(BaseRunner):
         prompt_strength: float = Inputs.prompt_strength,
         sampler: str = Inputs.sampler,
         key_steps: str = Inputs.key_steps,
+        mode: str = Inputs.mode,
+        branch: int = Inputs.branch,
+        forecast: bool = Inputs.forecast,
         parallel_decoder: bool = Inputs.parallel_decoder,
         max_decoder_batch: int = Inputs.max_decoder_batch,
         noise_injection: bool = Inputs.noise_injection,
@@ -149,6 +168,7 @@ class Predictor(BaseRunner):
     ) -> list[Path]:
         """Generate images with faster diffusion (and with stock diffusers too, when comparing)."""
         check_inputs(self.run, Inputs, locals())
+        check_mode_inputs(mode, branch, max_decoder_batch)
         if image is not None:
             steps = Sampler.parse(sampler).default_steps
             check_image_to_image_steps(steps, prompt_strength, "prompt_strength", f": at least {1 / steps:g}")
@@ -166,10 +186,13 @@ class Predictor(BaseRunner):
             image=load_image(image) if image is not None else None,
             strength=prompt_strength,
             faster=faster_config(
-                self.model.key_steps(key_steps, sampler),
+                self.model.key_steps(key_steps, sampler, mode),
+                mode=mode,
+                branch=branch,
+                forecast=int(forecast),
                 parallel=parallel_decoder,
                 max_decoder_batch=max_decoder_batch,
-                noise_injection=noise_injection,
+                noise_injection=noise_injection and mode == "encoder",
                 noise_strength=noise_strength,
                 noise_threshold=noise_threshold,
             ),

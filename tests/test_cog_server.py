@@ -132,9 +132,24 @@ def test_all_key_steps_without_noise_injection_give_the_stock_pixels(server, com
     assert same_pixels(pixels(every_step), pixels(compared)[2:])
 
 
+def test_mode_deep_runs_deep_reuse_and_every_step_full_gives_the_stock_pixels(server, compared):
+    deep = server.predict(**SMALL, num_outputs=2, seed=5, mode="deep", sampler="DPM-Solver-20")
+
+    assert deep["status"] == "succeeded", deep.get("error")
+    assert deep["metrics"]["encoder_passes"] == 7  # every third of 20 steps is full by default
+    assert re.search(
+        r"^Faster diffusion \(deep reuse\): .* 7 full / 13 partial UNet passes$", deep["logs"], re.M
+    )
+    assert "Noise injection: off" in deep["logs"]
+    all_full = server.predict(**SMALL, num_outputs=2, seed=5, mode="deep", key_steps="all", branch=2)
+    assert same_pixels(pixels(all_full), pixels(compared)[2:])
+
+
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
+        (dict(mode="deep", branch=11), "branch: branch must be a whole number from 0 to 5 for this UNet"),
+        (dict(branch=1), "branch applies to mode 'deep' only, got branch 1 with mode 'encoder'"),
         (dict(key_steps="0,2,x"), "key_steps: invalid value '0,2,x'"),
         (dict(key_steps="0,60"), "key_steps: index 60 is out of range for 50 steps"),
         (dict(width=100), "width must be a multiple of 8, got 100"),

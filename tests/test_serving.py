@@ -18,7 +18,14 @@ from cog import CancelationException, FieldInfo
 from PIL import Image
 
 import predict
-from faster_diffusion import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, Sampler
+from faster_diffusion import (
+    PRIOR_NOISE_ALPHA,
+    PRIOR_NOISE_TAU,
+    DeepReuseConfig,
+    FasterDiffusionConfig,
+    KeySteps,
+    Sampler,
+)
 from faster_diffusion.app.cancel import StoppedBetweenSteps, run_stoppable
 from faster_diffusion.app.generate import MAX_SEED, GenerationRequest, generate
 from faster_diffusion.app.serving import (
@@ -160,8 +167,10 @@ def run_request(**inputs) -> GenerationRequest:
     class Recorder:
         default_size = 1024
 
-        def key_steps(self, text, sampler):
-            return "paper" if text == DEFAULT_KEY_STEPS else text
+        def key_steps(self, text, sampler, mode="encoder"):
+            if text != DEFAULT_KEY_STEPS:
+                return text
+            return "paper" if mode == "encoder" else "uniform:3"
 
         def generate(self, request, **options):
             requests.append(request)
@@ -178,6 +187,41 @@ def test_max_decoder_batch_0_is_automatic_and_a_number_caps_the_decoder_batch():
     capped = run_request(max_decoder_batch=5).faster
     assert (capped.max_decoder_batch, capped.decoder_batch_cap) == (5, 5)
     assert run_request(max_decoder_batch=5, parallel_decoder=False).faster.decoder_batch_cap == 1
+
+
+def test_mode_deep_gives_deep_reuse_with_its_branch_and_forecast():
+    faster = run_request(mode="deep", branch=3, forecast=True, key_steps="uniform:4").faster
+    assert isinstance(faster, DeepReuseConfig)
+    assert (faster.branch, faster.forecast, faster.key_steps) == (3, 1, KeySteps.uniform(4))
+    assert not faster.noise_injection.enabled  # deep reuse's own default
+    assert run_request(mode="deep").faster.key_steps == KeySteps.uniform(3)  # the mode's default
+    encoder = run_request(forecast=True).faster
+    assert isinstance(encoder, FasterDiffusionConfig) and encoder.forecast == 1
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({"branch": 2}, "branch applies to mode 'deep' only, got branch 2 with mode 'encoder'"),
+        (
+            {"mode": "deep", "max_decoder_batch": 4},
+            "max_decoder_batch applies to mode 'encoder' only (deep reuse runs one step at a time), got 4",
+        ),
+        ({"mode": "cache"}, "mode must be one of 'encoder', 'deep', got 'cache'"),
+        ({"mode": "deep", "branch": 12}, "branch must be between 0 and 11, got 12"),
+        ({"forecast": 1}, "forecast must be true or false, got 1"),
+    ],
+)
+def test_mode_inputs_that_do_not_fit_fail_naming_the_input(inputs, message):
+    with pytest.raises(ValueError) as error:
+        run_request(**inputs)
+    assert str(error.value).startswith(message)
+
+
+def test_a_branch_the_unet_does_not_have_fails_before_the_run():
+    model = TextToImage(build_tiny_pipeline(0))
+    with pytest.raises(ValueError, match=r"^branch: branch must be a whole number from 0 to 5 for this UNet"):
+        model.generate(tiny_request(faster=DeepReuseConfig(branch=6)))
 
 
 # ------------------------------------------------------------------------------------------ stopping
@@ -436,7 +480,7 @@ def test_run_returns_the_files_under_the_names_of_the_outcome(tmp_path):
     class Done:
         default_size = 16
 
-        def key_steps(self, text, sampler):
+        def key_steps(self, text, sampler, mode="encoder"):
             return "paper" if text == DEFAULT_KEY_STEPS else text
 
         def generate(self, request, **options):
@@ -469,3 +513,36 @@ def test_output_quality_changes_lossy_files(tmp_path):
     low = save_images([image], tmp_path / "low", "jpg", 5)[0].stat().st_size
     high = save_images([image], tmp_path / "high", "jpg", 95)[0].stat().st_size
     assert low < high
+
+
+def test_a_request_looks_its_calibration_up_once_and_attaches_once(tmp_path, monkeypatch, capsys):
+    """One request with 'auto' key steps: the calibration is looked up once, the pipeline's sampler is set and
+    faster diffusion attached only by the run itself, once (plus the stock run's sampler when comparing)."""
+    from faster_diffusion import calibration as calibration_module
+    from faster_diffusion.app import generate as generate_module
+
+    folder = save_tiny_weights(tmp_path / "weights", with_safety_checker=False)
+    model = TextToImage.load(folder)
+    model.prepare_default_key_steps("DPM-Solver-20")  # calibrates once, as the Cog setup does
+    assert "Calibrating" in capsys.readouterr().out
+    calls = {"find": 0, "apply": 0, "use_sampler": 0}
+
+    def counting(name, real):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(
+        calibration_module, "find_calibration", counting("find", calibration_module.find_calibration)
+    )
+    monkeypatch.setattr(
+        generate_module, "apply_faster_diffusion", counting("apply", generate_module.apply_faster_diffusion)
+    )
+    monkeypatch.setattr(generate_module, "use_sampler", counting("use_sampler", generate_module.use_sampler))
+    request = tiny_request(sampler="DPM-Solver-20", faster=FasterDiffusionConfig(key_steps=KeySteps.auto(9)))
+    outcome = model.generate(request, safety_checker=False, compare=True)
+    assert calls == {"find": 1, "apply": 1, "use_sampler": 2}
+    assert outcome.faster.stats.encoder_passes == 9
+    assert "Calibrating" not in capsys.readouterr().out

@@ -23,7 +23,7 @@ from ..memory import AUTO
 from ..modes import MODES, apply_faster_diffusion
 from ..noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, NoiseInjection
 from ..propagation import FasterDiffusionConfig, RunStats, remove_faster_diffusion
-from ..samplers import Sampler, use_sampler
+from ..samplers import Sampler, make_scheduler, use_sampler
 from ..schedule import KeyStepKind, KeySteps, KeyStepSchedule
 from .images import prepare_image
 from .loading import safety_check_of
@@ -167,8 +167,10 @@ def prepare_key_steps(
     pipe: Any, request: GenerationRequest, log: Callable[[str], None] = print
 ) -> GenerationRequest:
     """``request`` with ``auto`` key steps replaced by the calibrated list (explicit, saying where it came
-    from), so that ``request.schedule`` can be echoed before the run. Calibrates the model first when no
-    calibration for its sampler and step count is saved, and says how long that took."""
+    from), so that ``request.schedule`` can be echoed before the run, and the run places nothing again. The
+    calibration is the one of the request's reuse mode (its ``calibration_target``), looked up for the
+    request's sampler without changing the pipeline. Calibrates the model first when none for its sampler and
+    step count is saved (the one case that sets the pipeline's sampler here), and says how long that took."""
     from .. import reference
     from ..calibration import (
         CALIBRATION_FILE,
@@ -181,23 +183,29 @@ def prepare_key_steps(
     keys = request.faster.key_steps
     if keys.kind is not KeyStepKind.AUTO:
         return request
-    remove_faster_diffusion(pipe)
-    use_sampler(pipe, request.sampler)
     options: dict[str, Any] = {}
     if is_reference_model(pipe):
         # The built-in model's folder is package data: its saved calibrations are those that
         # training/calibrate_reference.py made; one for another step count is kept for this process only.
         options = {**reference.calibration_options(), "save": False}
-    calibration = find_calibration(pipe, request.steps)
+    target = request.faster.calibration_target
+    # Looked up for the request's sampler without touching the pipeline (the run sets it, once).
+    scheduler = make_scheduler(request.sampler, pipe.scheduler.config)
+    calibration = find_calibration(pipe, request.steps, scheduler, target=target)
     if calibration is None:
+        remove_faster_diffusion(pipe)  # calibration runs the pipeline stock, with the request's sampler
+        use_sampler(pipe, request.sampler)
         prompts = len(options.get("prompts", DEFAULT_PROMPTS))
+        of = "" if target == "encoder" else f" of {target} reuse"
         log(
-            f"Calibrating key steps for this model ({request.sampler.value}, {request.steps} steps): a stock "
-            f"run of {prompts} calibration prompts, once"
+            f"Calibrating key steps{of} for this model ({request.sampler.value}, {request.steps} steps): a "
+            f"stock run of {prompts} calibration prompts, once"
         )
         started = time.perf_counter()
         # None is saved (just looked up): measure without looking again.
-        calibration = get_calibration(pipe, num_inference_steps=request.steps, force=True, **options)
+        calibration = get_calibration(
+            pipe, num_inference_steps=request.steps, force=True, target=target, **options
+        )
         folder = weights_folder(pipe)
         saved = folder is not None and options.get("save", True) and (folder / CALIBRATION_FILE).is_file()
         where = f"saved in {folder / CALIBRATION_FILE}" if saved else "kept for this process"

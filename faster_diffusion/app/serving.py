@@ -26,6 +26,7 @@ import diffusers
 import transformers
 from cog import FieldInfo
 
+from ..deep import DeepReuseConfig, deep_modules
 from ..policy import DEFAULT_KEY_STEPS, resolve_key_steps
 from .cancel import StoppedBetweenSteps, run_stoppable
 from .generate import (
@@ -108,6 +109,17 @@ def _check_input(name: str, value: Any, annotation: Any, spec: FieldInfo) -> Non
         raise ValueError(f"{name} must be {bound}, got {value!r}")
 
 
+def check_mode_inputs(mode: str, branch: int, max_decoder_batch: int) -> None:
+    """Refuse settings of one reuse mode given to the other, naming the input (before anything runs)."""
+    if mode != "deep" and branch:
+        raise ValueError(f"branch applies to mode 'deep' only, got branch {branch} with mode {mode!r}")
+    if mode == "deep" and max_decoder_batch:
+        raise ValueError(
+            "max_decoder_batch applies to mode 'encoder' only (deep reuse runs one step at a time), got "
+            f"{max_decoder_batch}"
+        )
+
+
 def describe_unused_size(request: GenerationRequest, width: int | None, height: int | None) -> str | None:
     """One line for the log when ``width`` or ``height`` was given with an input image, which sets the output
     size instead (as in Replicate's Stable Diffusion models); ``None`` otherwise."""
@@ -185,11 +197,11 @@ class TextToImage:
         )
         print(f"Default key steps for {request.sampler.value}: {request.schedule.describe()}")
 
-    def key_steps(self, text: str, sampler: str) -> Any:
-        """The key-step input as given, or, for ``'default'``, the policy's key steps for these weights
-        (:func:`~faster_diffusion.policy.resolve_key_steps`)."""
+    def key_steps(self, text: str, sampler: str, mode: str = "encoder") -> Any:
+        """The key-step input as given, or, for ``'default'``, the policy's key steps for these weights and
+        reuse ``mode`` (:func:`~faster_diffusion.policy.resolve_key_steps`)."""
         if text.strip().lower() == DEFAULT_KEY_STEPS:
-            return resolve_key_steps(text, self.pipe, sampler)
+            return resolve_key_steps(text, self.pipe, sampler, mode=mode)
         return text
 
     @classmethod
@@ -221,6 +233,11 @@ class TextToImage:
 
         Images flagged by the safety checker are dropped; :class:`NSFWError` if that leaves none.
         """
+        if isinstance(request.faster, DeepReuseConfig):
+            try:
+                deep_modules(self.pipe.unet, request.faster.branch)
+            except ValueError as error:  # a branch this UNet does not have
+                raise ValueError(f"branch: {error}") from None
         request = prepare_key_steps(self.pipe, request)  # calibrates first for 'auto' if none is saved
         schedule = request.schedule  # raises KeyStepError for key steps that do not fit the sampler's steps
         print(f"Key steps: {schedule.describe()}")
