@@ -48,8 +48,14 @@ class Inputs:
         choices=["DDIM-50", "DPM-Solver-20", "DPM-Solver++-20"],
         default="DDIM-50",
     )
+    num_inference_steps = Input(
+        description="Number of denoising steps. Leave blank for the sampler's own: 50 for DDIM, 20 for DPM-Solver. Key steps are placed for the count asked: the paper's preset scales to it, and 'auto' calibrates for it once (saved next to the weights).",  # noqa: E501
+        ge=1,
+        le=500,
+        default=None,
+    )
     key_steps = Input(
-        description="The steps at which the UNet encoder runs; the other steps reuse its features. 'default': 'paper' for SD v1.5 base weights, otherwise 'auto' for DDIM and 'auto:9' for DPM-Solver. 'auto' (the paper's number of key steps, placed by a calibration on the model itself, made once and saved), 'auto:B' (B key steps, placed the same way), 'paper' (the paper's key steps), 'all' (every step: the stock result), 'uniform:K' (every K-th step), or a comma-separated list of step indices that starts with 0, such as '0,1,2,3,5,10,15,25,35'.",  # noqa: E501 (one literal, for cog build)
+        description="The steps at which the UNet encoder runs; the other steps reuse its features. 'default': 'paper' for SD v1.5 base weights, otherwise 'auto' for DDIM and 'auto:9' for DPM-Solver. 'auto' (the paper's number of key steps, placed by a calibration on the model itself, made once and saved), 'auto:B' (B key steps, placed the same way), 'paper' (the paper's key steps), 'all' (every step; with noise_injection off, the stock result), 'uniform:K' (every K-th step), or a comma-separated list of step indices that starts with 0, such as '0,1,2,3,5,10,15,25,35'. In mode 'deep', the full steps ('default': every third).",  # noqa: E501 (one literal, for cog build)
         default="default",
     )
     mode = Input(
@@ -147,6 +153,7 @@ class Predictor(BaseRunner):
         image: Path | None = Inputs.image,
         prompt_strength: float = Inputs.prompt_strength,
         sampler: str = Inputs.sampler,
+        num_inference_steps: int | None = Inputs.num_inference_steps,
         key_steps: str = Inputs.key_steps,
         mode: str = Inputs.mode,
         branch: int = Inputs.branch,
@@ -170,7 +177,7 @@ class Predictor(BaseRunner):
         check_inputs(self.run, Inputs, locals())
         check_mode_inputs(mode, branch, max_decoder_batch)
         if image is not None:
-            steps = Sampler.parse(sampler).default_steps
+            steps = num_inference_steps or Sampler.parse(sampler).default_steps
             check_image_to_image_steps(steps, prompt_strength, "prompt_strength", f": at least {1 / steps:g}")
         seed = random_seed() if seed is None else seed
         print(f"Using seed: {seed}")
@@ -178,6 +185,7 @@ class Predictor(BaseRunner):
             prompt=prompt,
             negative_prompt=negative_prompt or None,
             sampler=sampler,
+            num_steps=num_inference_steps,
             width=width or self.model.default_size,
             height=height or self.model.default_size,
             num_outputs=num_outputs,
@@ -186,7 +194,7 @@ class Predictor(BaseRunner):
             image=load_image(image) if image is not None else None,
             strength=prompt_strength,
             faster=faster_config(
-                self.model.key_steps(key_steps, sampler, mode),
+                self.model.key_steps(key_steps, sampler, mode, num_inference_steps),
                 mode=mode,
                 branch=branch,
                 forecast=int(forecast),

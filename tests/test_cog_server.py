@@ -132,6 +132,21 @@ def test_all_key_steps_without_noise_injection_give_the_stock_pixels(server, com
     assert same_pixels(pixels(every_step), pixels(compared)[2:])
 
 
+def test_num_inference_steps_runs_that_many_steps_with_key_steps_calibrated_and_saved_for_it(server):
+    from faster_diffusion.calibration import load_calibrations
+
+    prediction = server.predict(**SMALL, num_inference_steps=12, seed=3)
+
+    assert prediction["status"] == "succeeded", prediction.get("error")
+    assert prediction["metrics"]["decoder_passes"] == 12
+    assert "Calibrating key steps for this model (DDIM-50, 12 steps)" in prediction["logs"]
+    assert 12 in [c.num_steps for c in load_calibrations(server.weights)]
+    again = server.predict(**SMALL, num_inference_steps=12, seed=3)
+    assert "Calibrating" not in again["logs"] and same_pixels(pixels(again), pixels(prediction))
+    paper = server.predict(**SMALL, num_inference_steps=12, key_steps="paper")
+    assert paper["metrics"]["encoder_passes"] == 6  # the paper's preset at 12 steps: 0, 1, 2, 3, 5, 10
+
+
 def test_mode_deep_runs_deep_reuse_and_every_step_full_gives_the_stock_pixels(server, compared):
     deep = server.predict(**SMALL, num_outputs=2, seed=5, mode="deep", sampler="DPM-Solver-20")
 
@@ -156,6 +171,7 @@ def test_mode_deep_runs_deep_reuse_and_every_step_full_gives_the_stock_pixels(se
         (dict(width=2048), "width must be between 64 and 1024, got 2048"),
         (dict(sampler="Euler"), "sampler must be one of 'DDIM-50', 'DPM-Solver-20', 'DPM-Solver++-20'"),
         (dict(num_outputs=0), "num_outputs must be between 1 and 4, got 0"),
+        (dict(num_inference_steps=501), "num_inference_steps must be between 1 and 500, got 501"),
         (dict(num_outputs=5), "num_outputs must be between 1 and 4, got 5"),
         (dict(noise_strength=-0.001), "noise_strength must be between 0.0 and 0.1, got -0.001"),
         (dict(max_decoder_batch=-1), "max_decoder_batch must be between 0 and 50, got -1"),

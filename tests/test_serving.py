@@ -167,7 +167,7 @@ def run_request(**inputs) -> GenerationRequest:
     class Recorder:
         default_size = 1024
 
-        def key_steps(self, text, sampler, mode="encoder"):
+        def key_steps(self, text, sampler, mode="encoder", num_steps=None):
             if text != DEFAULT_KEY_STEPS:
                 return text
             return "paper" if mode == "encoder" else "uniform:3"
@@ -187,6 +187,26 @@ def test_max_decoder_batch_0_is_automatic_and_a_number_caps_the_decoder_batch():
     capped = run_request(max_decoder_batch=5).faster
     assert (capped.max_decoder_batch, capped.decoder_batch_cap) == (5, 5)
     assert run_request(max_decoder_batch=5, parallel_decoder=False).faster.decoder_batch_cap == 1
+
+
+def test_num_inference_steps_sets_the_request_s_step_count_and_blank_is_the_sampler_s():
+    assert run_request(num_inference_steps=30).steps == 30
+    assert run_request(sampler="DPM-Solver-20").steps == 20
+    assert run_request(num_inference_steps=None).num_steps is None
+    with pytest.raises(ValueError, match=r"^num_inference_steps must be between 1 and 500, got 0$"):
+        run_request(num_inference_steps=0)
+    with pytest.raises(ValueError, match=r"^num_inference_steps must be a whole number, got 7.5$"):
+        run_request(num_inference_steps=7.5)
+    # Image-to-image checks the strength against the steps asked: int(4 * 0.2) = 0 steps would run.
+    with pytest.raises(ValueError, match=r"prompt_strength 0.2 with 4 steps runs no step .*at least 0.25"):
+        run_request(image=Path("unused.png"), num_inference_steps=4, prompt_strength=0.2)
+
+
+def test_the_default_key_steps_follow_the_step_count_asked(tmp_path):
+    model = TextToImage(build_tiny_pipeline(0))
+    assert model.key_steps("default", "DPM-Solver-20") == KeySteps.auto(9)
+    assert model.key_steps("default", "DPM-Solver-20", num_steps=30) == KeySteps.auto(14)  # 9/20 of 30
+    assert model.key_steps("default", "DDIM-50", num_steps=30) == KeySteps.auto()
 
 
 def test_mode_deep_gives_deep_reuse_with_its_branch_and_forecast():
@@ -480,7 +500,7 @@ def test_run_returns_the_files_under_the_names_of_the_outcome(tmp_path):
     class Done:
         default_size = 16
 
-        def key_steps(self, text, sampler, mode="encoder"):
+        def key_steps(self, text, sampler, mode="encoder", num_steps=None):
             return "paper" if text == DEFAULT_KEY_STEPS else text
 
         def generate(self, request, **options):

@@ -197,11 +197,12 @@ class TextToImage:
         )
         print(f"Default key steps for {request.sampler.value}: {request.schedule.describe()}")
 
-    def key_steps(self, text: str, sampler: str, mode: str = "encoder") -> Any:
-        """The key-step input as given, or, for ``'default'``, the policy's key steps for these weights and
-        reuse ``mode`` (:func:`~faster_diffusion.policy.resolve_key_steps`)."""
+    def key_steps(self, text: str, sampler: str, mode: str = "encoder", num_steps: int | None = None) -> Any:
+        """The key-step input as given, or, for ``'default'``, the policy's key steps for these weights, reuse
+        ``mode`` and step count (``None``: the sampler's own), by
+        :func:`~faster_diffusion.policy.resolve_key_steps`."""
         if text.strip().lower() == DEFAULT_KEY_STEPS:
-            return resolve_key_steps(text, self.pipe, sampler, mode=mode)
+            return resolve_key_steps(text, self.pipe, sampler, num_steps, mode)
         return text
 
     @classmethod
