@@ -3,9 +3,10 @@
 Protocol (written before the first run; see ``benchmarks/README.md``, "Reuse modes against DeepCache"):
 
 - Evaluation set and judge: those of ``benchmarks/frontier.py`` (80 held-out attribute combinations x 3
-  seeds, guidance 5.0; faithfulness difference to stock with a 95% paired bootstrap interval, 1000 draws
-  shared by every method; PSNR against stock's image of the same pair). ``--model`` picks the reference
-  model (``shapes-ldm`` by default, or the SD v1.5-layout one).
+  seeds; faithfulness difference to stock with a 95% paired bootstrap interval, 1000 draws shared by every
+  method; PSNR against stock's image of the same pair). ``--model`` picks the reference model
+  (``shapes-ldm`` by default, or the SD v1.5-layout one), each at the guidance scale chosen when it was
+  trained (5.0 and 3.0: ``reference.guidance_scale``).
 - Samplers: DPM-Solver-20 and DDIM-50.
 - Methods, each at the full-pass budgets of DeepCache's intervals 2 to 5 (``uniform:I``: steps 0, I, 2I, ...):
   ``deepcache:I`` (``DeepCacheSDHelper``, ``cache_branch_id=0``; when the ``deepcache`` package is
@@ -17,6 +18,18 @@ Protocol (written before the first run; see ``benchmarks/README.md``, "Reuse mod
   the four intervals, and its faithfulness difference is nowhere lower by more than 1 point.
 - ``deep:I`` is checked against ``deepcache:I`` image by image: they compute the same thing, so their largest
   pixel difference is reported (it is float rounding, or a defect).
+
+Addendum, written before its first run (calibrated deep reuse, and the SD v1.5-layout model):
+
+- Methods added: ``deep auto:B`` (deep reuse, branch 0, full steps placed by the model's ``deep:0``
+  calibration with the target's default criterion, ``prediction``) and ``deep auto:B (feature)`` (the same
+  calibration read with the ``feature`` criterion), at each interval's budget B, and at the extra budgets of
+  :data:`EXTRA_BUDGETS` (DPM-Solver-20: 6, the most full passes that can reach 2.5x end to end; DDIM-50: 8).
+- Criterion rule: ``prediction`` stays deep reuse's default criterion if its PSNR against stock is at least
+  ``feature``'s at at least three of the four interval budgets on DPM-Solver-20, on the first model; else
+  ``feature`` becomes it.
+- Placement rule: at a budget, calibrated deep reuse *beats* DeepCache when its PSNR is higher and its
+  faithfulness difference is not lower by more than 1 point.
 
 Speed is not measured here (the reference model is too small to time): ``benchmarks/speed.py
 --extra-modes`` times the same methods on the SD v1.5 architecture.
@@ -31,6 +44,7 @@ import argparse
 import datetime
 import json
 import platform
+import re
 import shlex
 import sys
 import time
@@ -55,10 +69,13 @@ from faster_diffusion import (  # noqa: E402
     use_sampler,
 )
 from faster_diffusion.app.loading import load_pipeline  # noqa: E402
+from faster_diffusion.calibration import find_calibration  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 INTERVALS = (2, 3, 4, 5)
 QUICK_INTERVALS = (3, 5)
+#: Budgets of calibrated deep reuse beside the intervals' (see the protocol's addendum).
+EXTRA_BUDGETS = {Sampler.DPM_SOLVER: (6,), Sampler.DDIM: (8,)}
 SAMPLERS = (Sampler.DPM_SOLVER, Sampler.DDIM)
 
 
@@ -70,9 +87,24 @@ def have_deepcache() -> bool:
     return True
 
 
-def methods(sampler: Sampler, intervals, deepcache: bool) -> list[tuple[str, int, object]]:
+def deep_auto(pipe, sampler: Sampler, budget: int) -> list[tuple[str, int, object]]:
+    """Calibrated deep reuse at ``budget`` full passes, placed by each criterion of the model's ``deep:0``
+    calibration (an error row if it has none)."""
+    steps = sampler.default_steps
+    calibration = find_calibration(pipe, steps, target="deep:0")
+    if calibration is None:
+        return [(f"deep auto:{budget}", budget, "no deep:0 calibration of this model for this sampler")]
+    out = []
+    for criterion, suffix in (("prediction", ""), ("feature", " (feature)")):
+        keys = calibration.with_criterion(criterion).key_steps(budget)
+        out.append((f"deep auto:{budget}{suffix}", budget, DeepReuseConfig(key_steps=keys)))
+    return out
+
+
+def methods(pipe, sampler: Sampler, intervals, deepcache: bool) -> list[tuple[str, int, object]]:
     """(name, full passes, how to attach it) for every method of the protocol."""
     steps = sampler.default_steps
+    use_sampler(pipe, sampler)
     out: list[tuple[str, int, object]] = [("stock", steps, None)]
     paper = KeySteps.paper().resolve(steps).num_key_steps
     out.append(("encoder: paper", paper, FasterDiffusionConfig(key_steps=KeySteps.paper())))
@@ -88,14 +120,19 @@ def methods(sampler: Sampler, intervals, deepcache: bool) -> list[tuple[str, int
                 DeepReuseConfig(key_steps=KeySteps.uniform(interval), forecast=1),
             )
         )
+        out.extend(deep_auto(pipe, sampler, budget))
         out.append(
             (f"encoder: auto:{budget}", budget, FasterDiffusionConfig(key_steps=KeySteps.auto(budget)))
         )
+    for budget in EXTRA_BUDGETS.get(sampler, ()):
+        out.extend(deep_auto(pipe, sampler, budget))
     return out
 
 
 def run(pipe, sampler: Sampler, how, prompts, seeds, guidance: float, batch: int) -> np.ndarray:
     use_sampler(pipe, sampler)
+    if isinstance(how, str):
+        raise RuntimeError(how)
     if how is None:
         handle = None
     elif isinstance(how, tuple):
@@ -129,7 +166,7 @@ def plot(results: dict, path: Path) -> None:
         for name, m in rows.items():
             if name == "stock":
                 continue
-            family = name.split(":")[0] if not name.startswith("encoder: auto") else "encoder: auto"
+            family = re.sub(r":\d+", "", name)  # "deep auto:7 (feature)" -> "deep auto (feature)"
             families.setdefault(family, []).append(m)
         for col, (metric, label, scale) in enumerate(
             (("delta", "faithfulness − stock (points)", 100), ("psnr", "PSNR vs stock (dB)", 1))
@@ -138,8 +175,9 @@ def plot(results: dict, path: Path) -> None:
             for family, points in families.items():
                 points = sorted(points, key=lambda m: m["full_passes"])
                 x = [m["full_passes"] for m in points]
-                label = "deepcache (identical to deep, drawn under it)" if family == "deepcache" else family
-                (line,) = ax.plot(x, [m[metric] * scale for m in points], marker="o", label=label)
+                legend = "deepcache (identical to deep, drawn under it)" if family == "deepcache" else family
+                y = [m[metric] * scale for m in points]
+                (line,) = ax.plot(x, y, marker="o", label=legend, color=COLOURS.get(family))
                 ax.fill_between(
                     x,
                     [m[f"{metric}_ci"][0] * scale for m in points],
@@ -159,11 +197,123 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+#: One colour per family of methods, the same in every panel.
+COLOURS = {
+    "encoder: paper": "C0",
+    "deepcache": "C1",
+    "deep": "C2",
+    "deep auto": "C3",
+    "deep auto (feature)": "C4",
+    "deep+forecast": "C5",
+    "encoder: auto": "C6",
+}
+
+
+def read_speedups(path: Path) -> dict[tuple[str, str], float]:
+    """End-to-end speedups from a ``benchmarks/speed.py`` report: ``{(sampler, mode): speedup}``."""
+    speedups = {}
+    for line in path.read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) > 5 and cells[5].endswith("x") and cells[0] in {s.value for s in Sampler}:
+            speedups[(cells[0], cells[1])] = float(cells[5][:-1])
+    return speedups
+
+
+def speed_of(name: str, full: int, sampler: str, speedups: dict, steps: int) -> float | None:
+    """The measured speedup a method runs at: its own row, or the row of a method that makes the same UNet
+    calls (a partial step of deep reuse costs the same wherever it falls; encoder propagation's cost depends
+    only on how many key steps it has)."""
+    own = {"stock": "stock", "encoder: paper": "propagation+batched"}.get(name, name)
+    if (sampler, own) in speedups:
+        return speedups[(sampler, own)]
+    if name.startswith("deep auto:") or name.startswith("deep:"):
+        same = [f"deep:{i}" for i in range(1, steps + 1) if len(range(0, steps, i)) == full] + [
+            f"deep-full:{full}"
+        ]
+        return next((speedups[(sampler, m)] for m in same if (sampler, m) in speedups), None)
+    if name.startswith("encoder: auto:") and full == KeySteps.paper().resolve(steps).num_key_steps:
+        return speedups.get((sampler, "propagation+batched"))
+    return None
+
+
+def plot_speed(results: dict, speedups: dict, path: Path) -> list[str]:
+    """Quality against measured end-to-end speedup, for the samplers the speed reports cover; returns the
+    methods left out for want of a speed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samplers = [s for s in results if any(k[0] == s for k in speedups)]
+    missing: list[str] = []
+    if not samplers:
+        return missing
+    fig, axes = plt.subplots(len(samplers), 2, figsize=(12, 4.4 * len(samplers)), squeeze=False)
+    for row, sampler in enumerate(samplers):
+        steps = Sampler.parse(sampler).default_steps
+        families: dict[str, list] = {}
+        for name, m in results[sampler].items():
+            if "error" in m:
+                continue
+            speed = speed_of(name, m["full_passes"], sampler, speedups, steps)
+            if speed is None:
+                missing.append(f"{sampler} {name}")
+                continue
+            families.setdefault(re.sub(r":\d+", "", name), []).append((speed, m))
+        for col, (metric, label, scale) in enumerate(
+            (("delta", "faithfulness − stock (points)", 100), ("psnr", "PSNR vs stock (dB)", 1))
+        ):
+            ax = axes[row][col]
+            for family, points in families.items():
+                if family == "stock":
+                    continue
+                points.sort(key=lambda p: p[0])
+                x = [p[0] for p in points]
+                style = {"linestyle": ":"} if family == "deepcache" else {}
+                colour = COLOURS.get(family)
+                y = [p[1][metric] * scale for p in points]
+                ax.plot(x, y, marker="o", label=family, color=colour, **style)
+                ax.errorbar(
+                    x,
+                    [p[1][metric] * scale for p in points],
+                    yerr=[
+                        [(p[1][metric] - p[1][f"{metric}_ci"][0]) * scale for p in points],
+                        [(p[1][f"{metric}_ci"][1] - p[1][metric]) * scale for p in points],
+                    ],
+                    fmt="none",
+                    ecolor="0.6",
+                    capsize=2,
+                )
+            if metric == "delta":
+                ax.axhline(0, color="black", linewidth=0.8)
+                ax.axhline(-1, color="0.6", linewidth=0.8, linestyle="--")
+            ax.axvline(2.5, color="0.8", linewidth=0.8, linestyle="--")
+            ax.set_xlabel("end-to-end speedup over stock (SD v1.5 architecture, 256 px, CPU)")
+            ax.set_ylabel(label)
+            ax.set_title(f"{sampler}: {label}")
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return missing
+
+
 def noise_verdict(delta: float, ci) -> str:
     """The protocol's "within noise of stock", or "above stock" when the whole interval is above 0."""
     if ci[0] > 0:
         return "above stock"
     return "yes" if within_noise(delta, ci) else "no"
+
+
+def speed_plot(results: dict, args, stem: Path) -> None:
+    if not args.speed:
+        return
+    speedups: dict[tuple[str, str], float] = {}
+    for path in args.speed:
+        speedups.update(read_speedups(path))
+    missing = plot_speed(results, speedups, Path(f"{stem}-speed.png"))
+    if missing:
+        print(f"no measured speed, left off the speed plot: {', '.join(missing)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,6 +333,20 @@ def main(argv: list[str] | None = None) -> int:
         help="write the report and plot again from a run's .json (nothing is generated)",
     )
     parser.add_argument(
+        "--speed",
+        type=Path,
+        action="append",
+        default=[],
+        help="a benchmarks/speed.py report whose end-to-end speedups place the methods on a second plot, "
+        "quality against speed (<out>-speed.png); may be given more than once",
+    )
+    parser.add_argument(
+        "--skip",
+        type=re.compile,
+        default=None,
+        help="leave out the methods whose name this regular expression matches (e.g. 'forecast|feature')",
+    )
+    parser.add_argument(
         "--samplers",
         type=lambda text: [Sampler.parse(t) for t in text.split(",")],
         default=list(SAMPLERS),
@@ -197,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         header = args.out.read_text().splitlines()[:7] if args.out.is_file() else []
         stem = args.out.with_suffix("")
         plot(saved["results"], Path(f"{stem}.png"))
+        speed_plot(saved["results"], args, stem)
         body = report([], args, "", 0.0, saved["pairs"], saved["results"], saved["agreement"], True)
         args.out.write_text("\n".join(header + body.splitlines()[7:]) + "\n")
         return 0
@@ -211,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     draws = [rng.integers(0, n, n) for _ in range(args.boot or (20 if args.quick else 1000))]
     deepcache = have_deepcache()
     intervals = QUICK_INTERVALS if args.quick else INTERVALS
-    guidance = reference.GUIDANCE_SCALE
+    guidance = reference.guidance_scale(args.model)
 
     results: dict[str, dict[str, dict]] = {}
     agreement: dict[str, dict[str, float]] = {}
@@ -219,7 +384,9 @@ def main(argv: list[str] | None = None) -> int:
         rows: dict[str, dict] = {}
         images: dict[str, np.ndarray] = {}
         judge = None
-        for name, full, how in methods(sampler, intervals, deepcache):
+        for name, full, how in methods(pipe, sampler, intervals, deepcache):
+            if args.skip is not None and args.skip.search(name):
+                continue
             try:
                 images[name] = run(pipe, sampler, how, pairs.prompts, pairs.seeds, guidance, args.batch)
             except Exception as error:  # a method that cannot run here (no calibration) is reported as such
@@ -246,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     stem = args.out.with_suffix("")
     plot(results, Path(f"{stem}.png"))
+    speed_plot(results, args, stem)
     text = report(argv_list, args, started, time.perf_counter() - t0, n, results, agreement, deepcache)
     args.out.write_text(text)
     Path(f"{stem}.json").write_text(
@@ -275,6 +443,41 @@ def forecast_verdict(rows: dict[str, dict], intervals) -> str:
     )
 
 
+def criterion_verdict(rows: dict[str, dict], intervals) -> str:
+    budgets = [rows[f"deep:{i}"]["full_passes"] for i in intervals if f"deep:{i}" in rows]
+    pairs = [
+        (b, rows[f"deep auto:{b}"]["psnr"], rows[f"deep auto:{b} (feature)"]["psnr"])
+        for b in budgets
+        if "psnr" in rows.get(f"deep auto:{b}", {}) and "psnr" in rows.get(f"deep auto:{b} (feature)", {})
+    ]
+    if not pairs:
+        return "no calibrated deep reuse rows with both criteria"
+    at_least = [b for b, prediction, feature in pairs if prediction >= feature]
+    kept = len(at_least) >= min(3, len(pairs))
+    return (
+        f"prediction's PSNR is at least feature's at budgets {at_least or 'none'} of "
+        f"{[b for b, *_ in pairs]}: "
+        f"**{'prediction stays' if kept else 'feature becomes'}** deep reuse's default criterion by the rule"
+    )
+
+
+def placement_verdict(rows: dict[str, dict], intervals) -> str:
+    beats, loses = [], []
+    for i in intervals:
+        cache = rows.get(f"deepcache:{i}", rows.get(f"deep:{i}", {}))
+        if "psnr" not in cache:
+            continue
+        auto = rows.get(f"deep auto:{cache['full_passes']}", {})
+        if "psnr" not in auto:
+            continue
+        better = auto["psnr"] > cache["psnr"] and auto["delta"] >= cache["delta"] - 0.01
+        (beats if better else loses).append(cache["full_passes"])
+    return (
+        f"calibrated deep reuse (prediction) beats DeepCache's uniform steps at {beats or 'no'} full passes, "
+        f"not at {loses or 'none'}"
+    )
+
+
 def report(argv, args, started, wall, n, results, agreement, deepcache) -> str:
     intervals = QUICK_INTERVALS if args.quick else INTERVALS
     lines = [
@@ -284,7 +487,7 @@ def report(argv, args, started, wall, n, results, agreement, deepcache) -> str:
         f"- Date: {started}; wall time {wall / 60:.1f} min; {platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads",
         f"- Model: `{Path(args.model).name}`; {n} pairs (held-out combinations x seeds); guidance "
-        f"{reference.GUIDANCE_SCALE}",
+        f"{reference.guidance_scale(args.model)}",
         "- DeepCache: "
         + (
             "installed; DeepCacheSDHelper, branch 0" if deepcache else "not installed (its rows are left out)"
@@ -309,7 +512,18 @@ def report(argv, args, started, wall, n, results, agreement, deepcache) -> str:
                 f"{ci[1] * 100:+.1f}] | {noise_verdict(m['delta'], ci)} | {m['psnr']:.2f} "
                 f"[{m['psnr_ci'][0]:.2f}, {m['psnr_ci'][1]:.2f}] |"
             )
-        lines += ["", forecast_verdict(rows, intervals), ""]
+        decides = sampler == Sampler.DPM_SOLVER.value
+        lines += [
+            "",
+            "The rules, applied to this sampler"
+            + ("" if decides else " for reference (the protocol decides on DPM-Solver-20)")
+            + ":",
+            "",
+            f"- {forecast_verdict(rows, intervals)}",
+            f"- {criterion_verdict(rows, intervals)}",
+            f"- {placement_verdict(rows, intervals)}",
+            "",
+        ]
         if sampler in agreement:
             shown = ", ".join(f"interval {i}: {d:.3g}" for i, d in agreement[sampler].items())
             lines += [f"Largest pixel difference (0-255) of `deep:I` against `deepcache:I`: {shown}.", ""]

@@ -88,8 +88,15 @@ BATCHED_MODE = "propagation+batched"
 #: Extra modes ``--extra-modes`` can add, each with a full-step interval I (``uniform:I``):
 #: ``deep:I`` and ``deep+forecast:I`` (this package's deep reuse, branch 0, copy or linear forecast) and
 #: ``deepcache:I`` (DeepCache's own ``DeepCacheSDHelper``, branch 0: install ``deepcache`` for it; a peer,
-#: never a dependency of the package).
-EXTRA_MODE_KINDS = ("deep", "deep+forecast", "deepcache")
+#: never a dependency of the package); and ``deep-full:B``, deep reuse with B full passes spread evenly
+#: (steps ``round(i * N / B)``): a calibrated placement of B full passes costs the same, since a partial step
+#: costs the same wherever it falls.
+EXTRA_MODE_KINDS = ("deep", "deep+forecast", "deepcache", "deep-full")
+
+
+def spread(steps: int, full: int) -> KeySteps:
+    """``full`` full steps of ``steps`` spread evenly, step 0 first."""
+    return KeySteps.explicit(sorted({round(i * steps / full) for i in range(full)}))
 
 
 def parse_extra_mode(text: str) -> tuple[str, int]:
@@ -389,9 +396,11 @@ class Bench:
                 schedule=types.SimpleNamespace(indices=full),
             )
         elif extra is not None:
-            config = DeepReuseConfig(
-                key_steps=KeySteps.uniform(extra[1]), branch=0, forecast=int(extra[0] == "deep+forecast")
-            )
+            if extra[0] == "deep-full":
+                keys = spread(steps or sampler.default_steps, extra[1])
+            else:
+                keys = KeySteps.uniform(extra[1])
+            config = DeepReuseConfig(key_steps=keys, branch=0, forecast=int(extra[0] == "deep+forecast"))
             handle = apply_faster_diffusion(pipe, config)
         elif mode != "stock":
             config = FasterDiffusionConfig(
@@ -918,7 +927,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--extra-modes",
         default="",
         help="comma-separated modes to time beside the three: deep:I, deep+forecast:I, deepcache:I (a full "
-        "step every I steps, branch 0)",
+        "step every I steps, branch 0), deep-full:B (B full steps spread evenly)",
     )
     args = parser.parse_args(argv)
     extra = [m.strip() for m in args.extra_modes.split(",") if m.strip()]

@@ -310,11 +310,17 @@ def test_modes_frontier_quick_run_judges_deep_reuse_and_the_forecast_rule(tmp_pa
     from benchmarks.modes_frontier import forecast_verdict, have_deepcache
 
     out = tmp_path / "m.md"
-    run_script("modes_frontier.py", "--quick", "--samplers", "DPM-Solver-20", "--out", str(out))
+    speed = ROOT / "benchmarks" / "results" / "speed-256-deep.md"
+    options = ["--samplers", "DPM-Solver-20", "--out", str(out), "--speed", str(speed)]
+    run_script("modes_frontier.py", "--quick", *options)
     data = json.loads(out.with_suffix(".json").read_text())
     rows = data["results"]["DPM-Solver-20"]
     assert data["pairs"] == 8
     assert {"stock", "encoder: paper", "deep:3", "deep+forecast:3", "deep:5", "encoder: auto:4"} <= set(rows)
+    # Calibrated deep reuse, placed by each criterion of the shipped calibration, and at the extra budget.
+    assert {"deep auto:7", "deep auto:7 (feature)", "deep auto:4", "deep auto:6"} <= set(rows)
+    assert rows["deep auto:6"]["full_passes"] == 6
+    assert (tmp_path / "m-speed.png").stat().st_size > 0
     assert rows["deep:3"]["full_passes"] == 7 and rows["deep:5"]["full_passes"] == 4
     if have_deepcache():  # a peer, installed in the benchmark environment only
         assert data["agreement"]["DPM-Solver-20"] == {"3": 0.0, "5": 0.0}
@@ -327,3 +333,26 @@ def test_modes_frontier_quick_run_judges_deep_reuse_and_the_forecast_rule(tmp_pa
         },
         (3,),
     )
+
+
+def test_the_modes_frontier_rules_and_speeds_read_as_written():
+    from benchmarks.modes_frontier import criterion_verdict, placement_verdict, read_speedups, speed_of
+
+    rows = {f"deep:{i}": {"full_passes": b} for i, b in ((2, 10), (3, 7), (4, 5), (5, 4))}
+    for b, prediction, feature in ((10, 40.0, 37.0), (7, 35.0, 35.1), (5, 31.0, 30.8), (4, 26.9, 26.8)):
+        rows[f"deep auto:{b}"] = {"psnr": prediction, "delta": 0.0}
+        rows[f"deep auto:{b} (feature)"] = {"psnr": feature, "delta": 0.0}
+    assert "**prediction stays**" in criterion_verdict(rows, (2, 3, 4, 5))
+    rows["deep auto:5"]["psnr"] = 30.0
+    assert "**feature becomes**" in criterion_verdict(rows, (2, 3, 4, 5))
+    cache = {"deepcache:2": {"full_passes": 10, "psnr": 37.0, "delta": 0.04}}
+    cache["deep auto:10"] = {"psnr": 40.0, "delta": 0.02}  # higher PSNR, 2 points less faithful: no
+    assert "at no full passes, not at [10]" in placement_verdict(cache, (2,))
+    cache["deep auto:10"]["delta"] = 0.035  # within 1 point: yes
+    assert "at [10] full passes" in placement_verdict(cache, (2,))
+
+    speedups = read_speedups(ROOT / "benchmarks" / "results" / "speed-256-deep.md")
+    assert speedups[("DPM-Solver-20", "deep:3")] == 2.39 and speedups[("DPM-Solver-20", "stock")] == 1.0
+    assert speed_of("deep auto:7", 7, "DPM-Solver-20", speedups, 20) == 2.39  # as many full passes
+    assert speed_of("deep auto:6", 6, "DPM-Solver-20", speedups, 20) is None  # none measured
+    assert speed_of("encoder: paper", 7, "DPM-Solver-20", speedups, 20) == 1.48
