@@ -424,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def forecast_verdict(rows: dict[str, dict], intervals) -> str:
+    if not any(f"deep+forecast:{i}" in rows for i in intervals):
+        return "forecasting was not run"
     better = [
         i
         for i in intervals
