@@ -34,33 +34,17 @@ from faster_diffusion.measure import canonical_target, target_modules
 from fixtures.tiny import save_tiny_weights
 
 from .conftest import ROUNDING
-from .test_calibration import GUIDANCE, PROMPTS, SEEDS, STEPS, guided_relative_error, made_up
+from .test_calibration import (
+    GUIDANCE,
+    PROMPTS,
+    SEEDS,
+    STEPS,
+    guided_relative_error,
+    made_up,
+    unet_outputs,
+)
 
 OPTIONS = dict(num_inference_steps=STEPS, prompts=PROMPTS, seeds=SEEDS, guidance_scale=GUIDANCE)
-
-
-def unet_outputs(pipe, config=None) -> list[torch.Tensor]:
-    outputs: list[torch.Tensor] = []
-
-    def keep(module, args, output):
-        outputs.append((output[0] if isinstance(output, tuple) else output.sample).clone())
-
-    handle = apply_faster_diffusion(pipe, config) if config is not None else None
-    hook = pipe.unet.register_forward_hook(keep)
-    try:
-        with torch.inference_mode():
-            pipe(
-                list(PROMPTS),
-                num_inference_steps=STEPS,
-                guidance_scale=GUIDANCE,
-                generator=[torch.Generator().manual_seed(s) for s in SEEDS],
-                output_type="latent",
-            )
-    finally:
-        hook.remove()
-        if handle is not None:
-            handle.remove()
-    return outputs
 
 
 @pytest.mark.parametrize(("sampler", "branch", "j"), [("DDIM-50", 0, 3), ("DPM-Solver++-20", 2, 5)])
