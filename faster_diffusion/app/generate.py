@@ -188,7 +188,7 @@ def prepare_key_steps(
         # The built-in model's folder is package data: its saved calibrations are those that
         # training/calibrate_reference.py made; one for another step count is kept for this process only.
         options = {**reference.calibration_options(), "save": False}
-    target = request.faster.calibration_target
+    target = getattr(request.faster, "calibration_target", "encoder")  # a registered mode may have none
     # Looked up for the request's sampler without touching the pipeline (the run sets it, once).
     scheduler = make_scheduler(request.sampler, pipe.scheduler.config)
     calibration = find_calibration(pipe, request.steps, scheduler, target=target)
