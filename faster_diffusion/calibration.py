@@ -561,8 +561,14 @@ def save_calibration(calibration: Calibration, folder: str | Path) -> Path:
             calibration.model, calibration.scheduler, calibration.num_steps, target=calibration.target
         )
     ]
-    data = {"version": FILE_VERSION, "calibrations": [c.to_json() for c in [*kept, calibration]]}
-    file = folder / CALIBRATION_FILE
+    return write_calibrations(folder, [*kept, calibration])
+
+
+def write_calibrations(folder: str | Path, calibrations: Sequence[Calibration]) -> Path:
+    """Write ``folder``'s :data:`CALIBRATION_FILE` with exactly ``calibrations``, replacing it atomically, so
+    a reader never sees half of it."""
+    data = {"version": FILE_VERSION, "calibrations": [c.to_json() for c in calibrations]}
+    file = Path(folder) / CALIBRATION_FILE
     partial = file.with_name(file.name + ".partial")
     partial.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     partial.replace(file)

@@ -19,7 +19,6 @@ prints the key steps each gives at several budgets, and the rank correlation of 
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,9 +34,9 @@ from faster_diffusion.app.loading import load_pipeline  # noqa: E402
 from faster_diffusion.calibration import (  # noqa: E402
     CALIBRATION_FILE,
     CRITERIA,
-    FILE_VERSION,
     load_calibrations,
     save_calibration,
+    write_calibrations,
 )
 from faster_diffusion.measure import canonical_target  # noqa: E402
 
@@ -78,11 +77,8 @@ def _option(name: str, default: str | None) -> str | None:
 
 def drop_target(folder: Path, target: str) -> None:
     """Remove ``target``'s entries from ``folder``'s calibration file, keeping the others as they are."""
-    file = folder / CALIBRATION_FILE
-    if not file.is_file():
-        return
-    kept = [c.to_json() for c in load_calibrations(folder) if c.target != target]
-    file.write_text(json.dumps({"version": FILE_VERSION, "calibrations": kept}, indent=1) + "\n")
+    if (folder / CALIBRATION_FILE).is_file():
+        write_calibrations(folder, [c for c in load_calibrations(folder) if c.target != target])
 
 
 def main() -> int:
