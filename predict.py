@@ -112,7 +112,12 @@ class Inputs:
         default=None,
     )
     num_outputs = Input(description="Number of images to generate.", ge=1, le=4, default=1)
-    guidance_scale = Input(description="Scale for classifier-free guidance.", ge=1.0, le=20.0, default=7.5)
+    guidance_scale = Input(
+        description="Scale for classifier-free guidance. Leave blank for the model's own: 7.5 for Stable Diffusion, 5.0 for the built-in reference model (as on the command line).",  # noqa: E501
+        ge=1.0,
+        le=20.0,
+        default=None,
+    )
     seed = Input(
         description="Random seed. Leave blank to pick one at random.", ge=0, le=4294967295, default=None
     )
@@ -166,7 +171,7 @@ class Predictor(BaseRunner):
         width: int | None = Inputs.width,
         height: int | None = Inputs.height,
         num_outputs: int = Inputs.num_outputs,
-        guidance_scale: float = Inputs.guidance_scale,
+        guidance_scale: float | None = Inputs.guidance_scale,
         seed: int | None = Inputs.seed,
         output_format: str = Inputs.output_format,
         output_quality: int = Inputs.output_quality,
@@ -189,7 +194,7 @@ class Predictor(BaseRunner):
             width=width or self.model.default_size,
             height=height or self.model.default_size,
             num_outputs=num_outputs,
-            guidance_scale=guidance_scale,
+            guidance_scale=self.model.default_guidance if guidance_scale is None else guidance_scale,
             seed=seed,
             image=load_image(image) if image is not None else None,
             strength=prompt_strength,

@@ -25,6 +25,7 @@ from faster_diffusion import (
     FasterDiffusionConfig,
     KeySteps,
     Sampler,
+    reference,
 )
 from faster_diffusion.app.cancel import StoppedBetweenSteps, run_stoppable
 from faster_diffusion.app.generate import MAX_SEED, GenerationRequest, generate
@@ -166,6 +167,7 @@ def run_request(**inputs) -> GenerationRequest:
 
     class Recorder:
         default_size = 1024
+        default_guidance = 6.0
 
         def key_steps(self, text, sampler, mode="encoder", num_steps=None):
             if text != DEFAULT_KEY_STEPS:
@@ -200,6 +202,25 @@ def test_num_inference_steps_sets_the_request_s_step_count_and_blank_is_the_samp
     # Image-to-image checks the strength against the steps asked: int(4 * 0.2) = 0 steps would run.
     with pytest.raises(ValueError, match=r"prompt_strength 0.2 with 4 steps runs no step .*at least 0.25"):
         run_request(image=Path("unused.png"), num_inference_steps=4, prompt_strength=0.2)
+
+
+def test_a_blank_guidance_scale_is_the_model_s_own_as_on_the_command_line():
+    assert run_request().guidance_scale == 6.0  # the loaded model's (the recorder's)
+    assert run_request(guidance_scale=3).guidance_scale == 3
+    assert TextToImage(build_tiny_pipeline(0)).default_guidance == 7.5
+    assert TextToImage.load(reference.MODEL_DIR).default_guidance == reference.GUIDANCE_SCALE
+    sd15_layout = TextToImage.load(reference.SD15_LAYOUT_MODEL_DIR)
+    assert sd15_layout.default_guidance == reference.SD15_LAYOUT_GUIDANCE_SCALE
+
+
+def test_the_reference_model_refuses_sizes_it_was_not_trained_for_naming_the_input():
+    model = TextToImage.load(reference.MODEL_DIR)
+    assert model.default_size == reference.IMAGE_SIZE
+    request = GenerationRequest(prompt=reference.EXAMPLE_PROMPT, width=64, height=64)
+    with pytest.raises(ValueError, match=r"^width and height: the built-in reference model draws 32x32"):
+        model.generate(request)
+    with pytest.raises(ValueError, match=r"^image: .* 32x32 images only .*got 48x32$"):
+        model.generate(GenerationRequest(prompt="a red circle", image=Image.new("RGB", (48, 32))))
 
 
 def test_the_default_key_steps_follow_the_step_count_asked(tmp_path):

@@ -29,10 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import reference
+from ..calibration import weights_folder
 from ..families import FAMILIES, SD, SDXL, SDXL_REFINER_PIPELINE, Family
 
 logger = logging.getLogger(__name__)
 
+#: Stable Diffusion's usual classifier-free guidance scale: the default but for the reference models.
+DEFAULT_GUIDANCE = 7.5
 #: The environment variable that names the weights folder.
 WEIGHTS_ENV = "FASTER_DIFFUSION_WEIGHTS"
 #: The default weights folder, relative to the working directory.
@@ -352,3 +356,26 @@ def enable_fast_attention(pipe: Any) -> str:
         logger.warning("xformers is installed but not usable (%s); using PyTorch SDPA attention", error)
         return "sdpa"
     return "xformers"
+
+
+def default_guidance(pipe: Any) -> float:
+    """The guidance scale a request that gives none gets: the one chosen for a built-in reference model
+    (:func:`faster_diffusion.reference.guidance_scale`), else Stable Diffusion's usual
+    :data:`DEFAULT_GUIDANCE`. The command line and the Cog model both use it, so the same seed gives the same
+    image from either."""
+    folder = weights_folder(pipe)
+    return reference.guidance_scale(folder) if reference.is_model_dir(folder) else DEFAULT_GUIDANCE
+
+
+def check_trained_size(pipe: Any, width: int, height: int, inputs: str) -> None:
+    """Refuse an output size a built-in reference model was not trained for (it draws several shapes, or
+    none, at any size but :data:`faster_diffusion.reference.IMAGE_SIZE`). ``inputs`` names what set the size
+    (for example ``"width and height"``, or ``"--image"``). Other weights take any size."""
+    if not reference.is_model_dir(weights_folder(pipe)):
+        return
+    size = reference.IMAGE_SIZE
+    if (width, height) != (size, size):
+        raise ValueError(
+            f"{inputs}: the built-in reference model draws {size}x{size} images only (it was trained at that "
+            f"size, and draws several shapes or none at others), got {width}x{height}"
+        )

@@ -39,6 +39,8 @@ from .generate import (
     prepare_key_steps,
 )
 from .loading import (
+    check_trained_size,
+    default_guidance,
     default_weights_dir,
     has_safety_checker,
     load_pipeline,
@@ -188,6 +190,12 @@ class TextToImage:
         blank, meaning this."""
         return model_size(self.pipe)
 
+    @property
+    def default_guidance(self) -> float:
+        """The guidance scale of a request that gives none (:func:`~.loading.default_guidance`): 7.5, or the
+        one chosen for a built-in reference model, as on the command line."""
+        return default_guidance(self.pipe)
+
     def prepare_default_key_steps(self, sampler: str = "DDIM-50") -> None:
         """Calibrate ``sampler``'s default key steps now if they are ``auto`` and no calibration is saved, so
         that the first request with the default inputs does not pay for it (the Cog setup calls this)."""
@@ -239,6 +247,7 @@ class TextToImage:
                 deep_modules(self.pipe.unet, request.faster.branch)
             except ValueError as error:  # a branch this UNet does not have
                 raise ValueError(f"branch: {error}") from None
+        check_trained_size(self.pipe, *request.output_size, "image" if request.image else "width and height")
         request = prepare_key_steps(self.pipe, request)  # calibrates first for 'auto' if none is saved
         schedule = request.schedule  # raises KeyStepError for key steps that do not fit the sampler's steps
         print(f"Key steps: {schedule.describe()}")

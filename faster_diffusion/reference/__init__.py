@@ -29,6 +29,7 @@ __all__ = [
     "CLASSIFIER_PATH",
     "EXAMPLE_PROMPT",
     "GUIDANCE_SCALE",
+    "IMAGE_SIZE",
     "MODEL_DIR",
     "SD15_LAYOUT_GUIDANCE_SCALE",
     "SD15_LAYOUT_MODEL_DIR",
@@ -41,6 +42,7 @@ __all__ = [
     "attribute_accuracy",
     "build_tokenizer",
     "guidance_scale",
+    "is_model_dir",
     "load_classifier",
     "text_encoder_config",
     "unknown_words",
@@ -77,6 +79,18 @@ SD15_LAYOUT_MODEL_DIR = ASSETS_DIR / "shapes-ldm-sd15"
 #: Its guidance scale, chosen by the same procedure as :data:`GUIDANCE_SCALE` (training/README.md).
 SD15_LAYOUT_GUIDANCE_SCALE = 3.0
 CLASSIFIER_PATH = ASSETS_DIR / "shapes-classifier.safetensors"
+
+
+#: The image size both reference models were trained at, in pixels a side. At any other size they draw
+#: several shapes, or none, where one was asked.
+IMAGE_SIZE = 32
+
+
+def is_model_dir(folder: str | os.PathLike | None) -> bool:
+    """Whether ``folder`` is one of the two reference model folders."""
+    if folder is None:
+        return False
+    return Path(folder).resolve() in (MODEL_DIR.resolve(), SD15_LAYOUT_MODEL_DIR.resolve())
 
 
 def guidance_scale(model_dir: str | os.PathLike) -> float:
