@@ -149,6 +149,28 @@ def test_auto_on_the_reference_model_never_writes_into_the_package(tmp_path, mon
     assert (reference.MODEL_DIR / CALIBRATION_FILE).read_bytes() == saved
 
 
+def test_the_sd15_layout_reference_model_is_calibrated_with_its_own_guidance_and_never_saved(monkeypatch):
+    """Either built-in model is package data, calibrated as training/calibrate_reference.py calibrates it."""
+    from faster_diffusion.app import generate as generate_module
+    from faster_diffusion.calibration import get_calibration
+
+    seen = {}
+
+    def recording(pipe, **options):
+        seen.update(options)
+        return get_calibration(pipe, **options)
+
+    monkeypatch.setattr("faster_diffusion.calibration.get_calibration", recording)
+    saved = (reference.SD15_LAYOUT_MODEL_DIR / CALIBRATION_FILE).read_bytes()
+    pipe = load_pipeline(reference.SD15_LAYOUT_MODEL_DIR, device="cpu", safety_checker=False)
+    request = GenerationRequest(prompt="-", num_steps=5, faster=faster_config(KeySteps.auto(2)))
+    prepared = generate_module.prepare_key_steps(pipe, request, log=lambda line: None)
+    assert prepared.faster.key_steps.kind.value == "explicit"
+    assert seen["guidance_scale"] == reference.SD15_LAYOUT_GUIDANCE_SCALE
+    assert seen["save"] is False
+    assert (reference.SD15_LAYOUT_MODEL_DIR / CALIBRATION_FILE).read_bytes() == saved
+
+
 def test_the_cog_setup_calibrates_the_default_sampler_once_and_not_for_sd15(tmp_path, monkeypatch, capsys):
     import predict
 

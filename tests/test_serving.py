@@ -448,6 +448,30 @@ def test_a_run_whose_images_are_all_flagged_fails():
 # ------------------------------------------------------------------------------------------ outputs
 
 
+def test_comparing_starts_with_an_untimed_warm_up_so_both_timed_runs_start_warm(monkeypatch):
+    from faster_diffusion.app import generate as generate_module
+    from faster_diffusion.app import serving
+
+    calls = []
+    for module in (generate_module, serving):
+        original = module.generate
+
+        def recording(pipe, request, *, accelerate=True, _original=original, **options):
+            calls.append((request.steps, request.num_outputs, accelerate))
+            return _original(pipe, request, accelerate=accelerate, **options)
+
+        monkeypatch.setattr(module, "generate", recording)
+    model = TextToImage(build_tiny_pipeline(0))
+    request = tiny_request(
+        num_steps=4, num_outputs=2, faster=FasterDiffusionConfig(key_steps=KeySteps.paper())
+    )
+    model.generate(request, compare=True)
+    assert calls == [(2, 1, False), (4, 2, True), (4, 2, False)]
+    calls.clear()
+    model.generate(request)
+    assert calls == [(4, 2, True)]  # no warm-up when nothing is timed against it
+
+
 def test_metrics_report_passes_unet_seconds_and_the_speedup_only_when_comparing():
     model = TextToImage(build_tiny_pipeline(0))
 
