@@ -34,7 +34,7 @@ class Inputs:
     )
     negative_prompt = Input(description="Text to steer away from.", default="")
     image = Input(
-        description="Input image for img2img mode. The outputs have its size, rounded down to a multiple of 8 (width and height are not used). 32 to 1024 px a side; RGB or greyscale (RGBA and palette images only without transparent pixels); a still image, not an animation.",  # noqa: E501
+        description="Input image for img2img mode. The outputs have its size, rounded down to a multiple of 8 (width and height are not used). 32 to 2048 px a side and at most 1024x1024 pixels; RGB or greyscale (RGBA and palette images only without transparent pixels); a still image, not an animation.",  # noqa: E501
         default=None,
     )
     prompt_strength = Input(
@@ -100,15 +100,15 @@ class Inputs:
         default=500,
     )
     width = Input(
-        description="Width of the output images in pixels: a multiple of 8. Leave blank for the size the model was trained at: 1024 for SDXL, 512 for SD v1.5.",  # noqa: E501
+        description="Width of the output images in pixels: a multiple of 8, up to 2048, with width x height at most 1024x1024 pixels (SDXL's sizes such as 1344x768, 1216x832 and 1536x640 fit). Leave blank for the size the model was trained at: 1024 for SDXL, 512 for SD v1.5.",  # noqa: E501
         ge=64,
-        le=1024,
+        le=2048,
         default=None,
     )
     height = Input(
-        description="Height of the output images in pixels: a multiple of 8. Leave blank for the size the model was trained at: 1024 for SDXL, 512 for SD v1.5.",  # noqa: E501
+        description="Height of the output images in pixels: a multiple of 8, up to 2048, with width x height at most 1024x1024 pixels (SDXL's sizes such as 1344x768, 1216x832 and 1536x640 fit). Leave blank for the size the model was trained at: 1024 for SDXL, 512 for SD v1.5.",  # noqa: E501
         ge=64,
-        le=1024,
+        le=2048,
         default=None,
     )
     num_outputs = Input(description="Number of images to generate.", ge=1, le=4, default=1)
@@ -132,6 +132,10 @@ class Inputs:
     )
     disable_safety_checker = Input(
         description="Disable the safety checker for the generated images.", default=False
+    )
+    apply_watermark = Input(
+        description="SDXL: mark the images with diffusers' invisible watermark, as Replicate's SDXL model does. Turn it off to leave them unmarked. SD 1.x/2.x images are never marked.",  # noqa: E501
+        default=True,
     )
     compare_with_baseline = Input(
         description="Also run stock diffusers with the same seed. The output then holds both sets of images, named faster-0, faster-1, ... and stock-0, stock-1, ... (the number is the image's number in its run; uploaded outputs can come back in any order), and the log prints both timings and the speedup.",  # noqa: E501
@@ -176,6 +180,7 @@ class Predictor(BaseRunner):
         output_format: str = Inputs.output_format,
         output_quality: int = Inputs.output_quality,
         disable_safety_checker: bool = Inputs.disable_safety_checker,
+        apply_watermark: bool = Inputs.apply_watermark,
         compare_with_baseline: bool = Inputs.compare_with_baseline,
     ) -> list[Path]:
         """Generate images with faster diffusion (and with stock diffusers too, when comparing)."""
@@ -198,6 +203,7 @@ class Predictor(BaseRunner):
             seed=seed,
             image=load_image(image) if image is not None else None,
             strength=prompt_strength,
+            watermark=apply_watermark,
             faster=faster_config(
                 self.model.key_steps(key_steps, sampler, mode, num_inference_steps),
                 mode=mode,

@@ -102,8 +102,12 @@ def same(a: list, b: list) -> bool:
             "image: {tmp}/notes.png is not an image file that can be read (cannot identify image file",
         ),
         (
-            lambda tmp: saved(noise_image(1025, 64), tmp / "wide.png"),
-            "image ({tmp}/wide.png): 1025x64 px is too large: at most 1024 px a side; resize it first",
+            lambda tmp: saved(noise_image(2049, 64), tmp / "wide.png"),
+            "image ({tmp}/wide.png): 2049x64 px is too large: at most 2048 px a side; resize it first",
+        ),
+        (
+            lambda tmp: saved(noise_image(1032, 1024), tmp / "big.png"),
+            "image ({tmp}/big.png): 1032x1024 px is too large: at most 1048576 pixels (1024x1024); resize it",
         ),
         (
             lambda tmp: saved(noise_image(64, 31), tmp / "short.png"),
@@ -122,7 +126,7 @@ def same(a: list, b: list) -> bool:
             "image ({tmp}/bits.png): images in mode 1 are not accepted",
         ),
     ],
-    ids=["missing", "folder", "text", "too-large", "too-small", "cmyk", "16-bit", "1-bit"],
+    ids=["missing", "folder", "text", "too-long", "too-many-pixels", "too-small", "cmyk", "16-bit", "1-bit"],
 )
 def test_an_image_that_cannot_be_used_is_refused_naming_the_input_and_the_file(make, message, tmp_path):
     path = make(tmp_path)

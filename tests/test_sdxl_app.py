@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
+from PIL import Image
 
 import predict
 from faster_diffusion import KeySteps
@@ -592,3 +593,33 @@ def test_download_fetches_sdxl_base_with_sds_safety_checker_and_it_serves(
     model = TextToImage.load(dest)
     assert "safety checker: on" in capsys.readouterr().out
     assert model.generate(tiny_request()).faster.nsfw == [False]
+
+
+class _Watermarker:
+    """Stands in for diffusers' ``StableDiffusionXLWatermarker`` (invisible-watermark is in the Cog image
+    only): shifts every pixel, visibly, and counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def apply_watermark(self, images: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return (images + 0.5).clamp(-1, 1)
+
+
+@pytest.mark.parametrize("image_to_image", [False, True], ids=["text-to-image", "image-to-image"])
+def test_apply_watermark_false_leaves_sdxl_images_unmarked_for_that_request_only(image_to_image):
+    pipe = build_tiny_sdxl_pipeline()
+    marker = _Watermarker()
+    pipe.watermark = marker
+    image = Image.new("RGB", (32, 32), (90, 140, 200)) if image_to_image else None
+    base = {"prompt": "a red cat", "width": 32, "height": 32, "num_steps": 3, "image": image}
+    marked = generate(pipe, GenerationRequest(**base), output_type="np")
+    assert marker.calls == 1
+    unmarked = generate(pipe, GenerationRequest(**base, watermark=False), output_type="np")
+    assert marker.calls == 1 and pipe.watermark is marker  # skipped for that call, then put back
+    diff = np.abs(np.asarray(marked.images) - np.asarray(unmarked.images))
+    assert diff.max() > 0.2
+    again = generate(pipe, GenerationRequest(**base), output_type="np")
+    assert marker.calls == 2
+    np.testing.assert_array_equal(np.asarray(again.images), np.asarray(marked.images))

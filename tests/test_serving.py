@@ -121,8 +121,8 @@ def test_the_defaults_pass_the_input_checks():
 @pytest.mark.parametrize(
     ("name", "value", "message"),
     [
-        ("width", 2048, "width must be between 64 and 1024, got 2048"),
-        ("height", 32, "height must be between 64 and 1024, got 32"),
+        ("width", 2056, "width must be between 64 and 2048, got 2056"),
+        ("height", 32, "height must be between 64 and 2048, got 32"),
         ("width", "512", "width must be a whole number, got '512'"),
         ("num_outputs", True, "num_outputs must be a whole number, got True"),
         ("num_outputs", 5, "num_outputs must be between 1 and 4, got 5"),
@@ -182,6 +182,23 @@ def run_request(**inputs) -> GenerationRequest:
     with pytest.raises(_Stop):
         predictor.run(**{**defaults(), **inputs})
     return requests[0]
+
+
+def test_sdxl_s_sizes_pass_and_the_pixel_cap_bounds_the_rest_naming_width_and_height():
+    for width, height in ((1344, 768), (768, 1344), (1216, 832), (1536, 640), (1024, 1024), (2048, 512)):
+        request = run_request(width=width, height=height)
+        assert (request.width, request.height) == (width, height)
+    with pytest.raises(ValueError, match=r"^width x height must be at most 1048576 pixels .* got 1536x768"):
+        run_request(width=1536, height=768)
+    with pytest.raises(ValueError, match=r"^width must be a multiple of 8, got 1340$"):
+        run_request(width=1340, height=768)
+
+
+def test_apply_watermark_reaches_the_request():
+    assert run_request().watermark is True
+    assert run_request(apply_watermark=False).watermark is False
+    with pytest.raises(ValueError, match=r"^apply_watermark must be true or false, got 'no'$"):
+        run_request(apply_watermark="no")
 
 
 def test_max_decoder_batch_0_is_automatic_and_a_number_caps_the_decoder_batch():
@@ -544,6 +561,7 @@ def test_run_returns_the_files_under_the_names_of_the_outcome(tmp_path):
 
     class Done:
         default_size = 16
+        default_guidance = 7.5
 
         def key_steps(self, text, sampler, mode="encoder", num_steps=None):
             return "paper" if text == DEFAULT_KEY_STEPS else text
@@ -582,7 +600,8 @@ def test_output_quality_changes_lossy_files(tmp_path):
 
 def test_a_request_looks_its_calibration_up_once_and_attaches_once(tmp_path, monkeypatch, capsys):
     """One request with 'auto' key steps: the calibration is looked up once, the pipeline's sampler is set and
-    faster diffusion attached only by the run itself, once (plus the stock run's sampler when comparing)."""
+    faster diffusion attached only by the run itself, once (plus the warm-up's and the stock run's sampler
+    when comparing)."""
     from faster_diffusion import calibration as calibration_module
     from faster_diffusion.app import generate as generate_module
 
@@ -608,6 +627,6 @@ def test_a_request_looks_its_calibration_up_once_and_attaches_once(tmp_path, mon
     monkeypatch.setattr(generate_module, "use_sampler", counting("use_sampler", generate_module.use_sampler))
     request = tiny_request(sampler="DPM-Solver-20", faster=FasterDiffusionConfig(key_steps=KeySteps.auto(9)))
     outcome = model.generate(request, safety_checker=False, compare=True)
-    assert calls == {"find": 1, "apply": 1, "use_sampler": 2}
+    assert calls == {"find": 1, "apply": 1, "use_sampler": 3}
     assert outcome.faster.stats.encoder_passes == 9
     assert "Calibrating" not in capsys.readouterr().out

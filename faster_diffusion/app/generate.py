@@ -25,7 +25,7 @@ from ..noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, NoiseInjection
 from ..propagation import FasterDiffusionConfig, RunStats, remove_faster_diffusion
 from ..samplers import Sampler, make_scheduler, use_sampler
 from ..schedule import KeyStepKind, KeySteps, KeyStepSchedule
-from .images import prepare_image
+from .images import MAX_PIXELS, MAX_SIDE, prepare_image
 from .loading import safety_check_of
 
 #: Largest seed accepted (torch generators take 64-bit seeds; this keeps seeds printable and portable).
@@ -57,6 +57,9 @@ class GenerationRequest:
     #: Image-to-image: how much of the image is replaced, 0 to 1 (1: all of it, from pure noise). The run
     #: takes the last ``int(steps * strength)`` steps of the sampler's schedule, as diffusers does.
     strength: float = DEFAULT_STRENGTH
+    #: SDXL: mark the images with diffusers' invisible watermark (when ``invisible-watermark`` is installed,
+    #: as in the Cog image). ``False`` leaves them unmarked. SD 1.x/2.x pipelines have no watermarker.
+    watermark: bool = True
 
     def __post_init__(self) -> None:
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
@@ -69,9 +72,16 @@ class GenerationRequest:
             _check_int("num_steps", self.num_steps, 1, 1000)
         for name in ("width", "height"):
             value = getattr(self, name)
-            _check_int(name, value, 8, 4096)
+            _check_int(name, value, 8, MAX_SIDE)
             if value % 8:
                 raise ValueError(f"{name} must be a multiple of 8, got {value}")
+        if self.image is None and self.width * self.height > MAX_PIXELS:
+            raise ValueError(
+                f"width x height must be at most {MAX_PIXELS} pixels (1024x1024; SDXL's sizes such as "
+                f"1344x768 and 1536x640 fit), got {self.width}x{self.height} = {self.width * self.height}"
+            )
+        if not isinstance(self.watermark, bool):
+            raise ValueError(f"watermark must be true or false, got {self.watermark!r}")
         _check_int("num_outputs", self.num_outputs, 1, 64)
         guidance = self.guidance_scale
         if (
@@ -383,6 +393,9 @@ def generate(
         images = [request.image] * (prompts * request.num_outputs)
         runner, inputs = image_to_image_pipeline(pipe), {"image": images, "strength": request.strength}
     handle = apply_faster_diffusion(runner, request.faster) if accelerate else None
+    watermarker = getattr(runner, "watermark", None)  # SDXL's, when invisible-watermark is installed
+    if watermarker is not None and not request.watermark:
+        runner.watermark = None  # for this call only (cog-sdxl's apply_watermark=false does the same)
     device = getattr(pipe, "_execution_device", torch.device("cpu"))
     generator = torch.Generator(device=device).manual_seed(request.seed)
     timer = _LoopTimer(pipe.unet, request.steps_run, step_callback)
@@ -403,6 +416,8 @@ def generate(
         seconds = time.perf_counter() - started
     finally:
         loop_seconds = timer.close()
+        if watermarker is not None:
+            runner.watermark = watermarker
         if handle is not None:
             handle.remove()
     images = list(output.images)

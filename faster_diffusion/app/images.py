@@ -1,12 +1,13 @@
 """Input images for image-to-image: read and checked in one place, for the command line and the predictor.
 
-An input image is accepted when it is a file Pillow can read, 32 to 1024 px a side (at most the bound of the
-width and height inputs; at least the built-in reference model's 32 px), and RGB or greyscale; RGBA, LA and
-palette images only when fully opaque, and a still image (one frame; an animated GIF, PNG or WebP is
-refused rather than cut to its first frame). Its EXIF orientation is applied (as diffusers' ``load_image``
-does), it is converted to RGB, and its size is rounded down to a multiple of 8 (resized with Lanczos, as
-diffusers does with a size that is not a multiple of the VAE's scale factor): the output images have that
-size, as in Replicate's Stable Diffusion models, which take the input image's size in img2img mode.
+An input image is accepted when it is a file Pillow can read, 32 to 2048 px a side and at most 1024x1024
+pixels in all (the bounds of the width and height inputs; at least the built-in reference model's 32 px), and
+RGB or greyscale; RGBA, LA and palette images only when fully opaque, and a still image (one frame; an
+animated GIF, PNG or WebP is refused rather than cut to its first frame). Its EXIF orientation is applied (as
+diffusers' ``load_image`` does), it is converted to RGB, and its size is rounded down to a multiple of 8
+(resized with Lanczos, as diffusers does with a size that is not a multiple of the VAE's scale factor): the
+output images have that size, as in Replicate's Stable Diffusion models, which take the input image's size in
+img2img mode.
 """
 
 from __future__ import annotations
@@ -17,9 +18,15 @@ from typing import Any
 from PIL import Image, ImageOps
 
 #: Smallest and largest side of an input image, in pixels: the built-in reference model's size (it was trained
-#: at 32 px), and the predictor's bound on width and height.
+#: at 32 px), and the bound on width and height (:data:`MAX_SIDE`).
 MIN_IMAGE_SIDE = 32
-MAX_IMAGE_SIDE = 1024
+#: Longest side of an output image (or an input image), in pixels; one side may be this long as long as the
+#: image stays within :data:`MAX_PIXELS`.
+MAX_SIDE = 2048
+MAX_IMAGE_SIDE = MAX_SIDE
+#: Most pixels an image may have: 1024x1024, SDXL's training size. Every size of SDXL's aspect-ratio buckets
+#: fits (1344x768, 1216x832, 1536x640 and their transposes), and memory stays bounded.
+MAX_PIXELS = 1024 * 1024
 #: The output size is the input image's rounded down to a multiple of this (SD's VAE scale factor).
 IMAGE_SIZE_MULTIPLE = 8
 #: Modes taken as they are or converted to RGB; those with transparency only when fully opaque.
@@ -50,7 +57,7 @@ def load_image(path: str | os.PathLike[str], name: str = "image") -> Image.Image
         raise ImageInputError(f"{name}: no such file: {where}") from None
     except Image.DecompressionBombError as error:
         raise ImageInputError(
-            f"{name}: {where} is too large ({error}); at most {MAX_IMAGE_SIDE} px a side"
+            f"{name}: {where} is too large ({error}); at most {MAX_PIXELS} pixels"
         ) from None
     except (OSError, SyntaxError, ValueError) as error:
         if isinstance(error, ImageInputError):
@@ -121,6 +128,11 @@ def _check_size(image: Image.Image, name: str, where: str) -> None:
         raise ImageInputError(
             f"{name}{where}: {width}x{height} px is too large: at most {MAX_IMAGE_SIDE} px a side; resize it "
             "first"
+        )
+    if width * height > MAX_PIXELS:
+        raise ImageInputError(
+            f"{name}{where}: {width}x{height} px is too large: at most {MAX_PIXELS} pixels (1024x1024); "
+            "resize it first"
         )
     if min(width, height) < MIN_IMAGE_SIDE:
         raise ImageInputError(

@@ -228,6 +228,9 @@ class TextToImage:
         pipe = load_pipeline(folder)
         attention = sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()})
         checker = "on" if has_safety_checker(pipe) else f"none ({folder} has no safety checker)"
+        if hasattr(pipe, "watermark"):  # SDXL: diffusers adds its watermarker when the package is installed
+            marker = "on" if pipe.watermark is not None else "none (invisible-watermark is not installed)"
+            checker += f"; watermark: {marker}"
         print(
             f"Loaded {folder} ({type(pipe).__name__}, {model_size(pipe)} px by default) on "
             f"{pipe.device.type} ({str(pipe.unet.dtype).removeprefix('torch.')}, attention: "
