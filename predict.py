@@ -11,7 +11,7 @@ from cog import BaseRunner, Input, Path
 
 from faster_diffusion.app.download import fetch_at_setup
 from faster_diffusion.app.generate import GenerationRequest, check_image_to_image_steps, faster_config
-from faster_diffusion.app.images import load_image
+from faster_diffusion.app.images import load_image, load_mask
 from faster_diffusion.app.loading import default_weights_dir
 from faster_diffusion.app.serving import (
     TextToImage,
@@ -37,8 +37,12 @@ class Inputs:
         description="Input image for img2img mode. The outputs have its size, rounded down to a multiple of 8 (width and height are not used). 32 to 2048 px a side and at most 1024x1024 pixels; RGB or greyscale (RGBA and palette images only without transparent pixels); a still image, not an animation.",  # noqa: E501
         default=None,
     )
+    mask = Input(
+        description="Input mask for inpaint mode, with image. Black areas will be preserved, white areas will be inpainted. Must have the image's size.",  # noqa: E501
+        default=None,
+    )
     prompt_strength = Input(
-        description="Prompt strength when using img2img. 1.0 corresponds to full destruction of information in image. The run takes the last int(steps x prompt_strength) steps of the sampler's.",  # noqa: E501
+        description="Prompt strength when using img2img or inpainting. 1.0 corresponds to full destruction of information in image. The run takes the last int(steps x prompt_strength) steps of the sampler's.",  # noqa: E501
         ge=0.0,
         le=1.0,
         default=0.8,
@@ -160,6 +164,7 @@ class Predictor(BaseRunner):
         prompt: str = Inputs.prompt,
         negative_prompt: str = Inputs.negative_prompt,
         image: Path | None = Inputs.image,
+        mask: Path | None = Inputs.mask,
         prompt_strength: float = Inputs.prompt_strength,
         sampler: str = Inputs.sampler,
         num_inference_steps: int | None = Inputs.num_inference_steps,
@@ -202,6 +207,7 @@ class Predictor(BaseRunner):
             guidance_scale=self.model.default_guidance if guidance_scale is None else guidance_scale,
             seed=seed,
             image=load_image(image) if image is not None else None,
+            mask=load_mask(mask) if mask is not None else None,
             strength=prompt_strength,
             watermark=apply_watermark,
             faster=faster_config(

@@ -2,9 +2,9 @@
 SDXL is here, and nowhere else decides by family.
 
 The method itself has no family branches: SDXL is "more per-row UNet inputs" (``added_cond_kwargs``, batched
-like the text embeddings). What differs is around it: which diffusers pipeline classes a family uses for
-text-to-image and image-to-image, what its weights folder holds, and which variant is refused (SDXL's
-refiner, which only refines the base model's images).
+like the text embeddings). What differs is around it: which diffusers pipeline classes a family uses
+for text-to-image, image-to-image and inpainting, what its weights folder holds, and which variant is
+refused (SDXL's refiner, which only refines the base model's images).
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ class Family:
     pipeline: str
     #: The image-to-image pipeline class over the same modules.
     image_to_image: str
+    #: The inpainting pipeline class over the same modules (4-channel UNets: it keeps the unmasked part by
+    #: blending latents; a 9-channel inpainting UNet takes the mask as input).
+    inpaint: str
     #: For messages: ``"Stable Diffusion 1.x/2.x"``.
     description: str
     #: The sub-folders a weights folder must have.
@@ -38,11 +41,15 @@ class Family:
     def image_to_image_class(self) -> type:
         return getattr(diffusers, self.image_to_image)
 
+    def inpaint_class(self) -> type:
+        return getattr(diffusers, self.inpaint)
+
 
 SD = Family(
     name="sd",
     pipeline="StableDiffusionPipeline",
     image_to_image="StableDiffusionImg2ImgPipeline",
+    inpaint="StableDiffusionInpaintPipeline",
     description="Stable Diffusion 1.x/2.x",
     required=("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
     models=("unet", "vae", "text_encoder"),
@@ -51,6 +58,7 @@ SDXL = Family(
     name="sdxl",
     pipeline="StableDiffusionXLPipeline",
     image_to_image="StableDiffusionXLImg2ImgPipeline",
+    inpaint="StableDiffusionXLInpaintPipeline",
     description="SDXL base",
     required=("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
     models=("unet", "vae", "text_encoder", "text_encoder_2"),
@@ -62,9 +70,9 @@ SDXL_REFINER_PIPELINE = "StableDiffusionXLImg2ImgPipeline"
 
 
 def family_of(pipe: Any) -> Family | None:
-    """The family whose text-to-image or image-to-image pipeline ``pipe`` is, or ``None``."""
+    """The family whose text-to-image, image-to-image or inpainting pipeline ``pipe`` is, or ``None``."""
     for family in FAMILIES.values():
-        if isinstance(pipe, (family.pipeline_class(), family.image_to_image_class())):
+        if isinstance(pipe, (family.pipeline_class(), family.image_to_image_class(), family.inpaint_class())):
             return family
     return None
 

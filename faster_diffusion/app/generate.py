@@ -25,7 +25,7 @@ from ..noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, NoiseInjection
 from ..propagation import FasterDiffusionConfig, RunStats, remove_faster_diffusion
 from ..samplers import Sampler, make_scheduler, use_sampler
 from ..schedule import KeyStepKind, KeySteps, KeyStepSchedule
-from .images import MAX_PIXELS, MAX_SIDE, prepare_image
+from .images import MAX_PIXELS, MAX_SIDE, prepare_image, prepare_mask
 from .loading import safety_check_of
 
 #: Largest seed accepted (torch generators take 64-bit seeds; this keeps seeds printable and portable).
@@ -57,6 +57,10 @@ class GenerationRequest:
     #: Image-to-image: how much of the image is replaced, 0 to 1 (1: all of it, from pure noise). The run
     #: takes the last ``int(steps * strength)`` steps of the sampler's schedule, as diffusers does.
     strength: float = DEFAULT_STRENGTH
+    #: Inpainting: a mask of the input image's size (a PIL image; white is repainted, black kept), checked and
+    #: made ready by :func:`~faster_diffusion.app.images.prepare_mask`; ``None`` repaints all of it. Needs
+    #: ``image``; ``strength`` works as in image-to-image.
+    mask: Any = None
     #: SDXL: mark the images with diffusers' invisible watermark (when ``invisible-watermark`` is installed,
     #: as in the Cog image). ``False`` leaves them unmarked. SD 1.x/2.x pipelines have no watermarker.
     watermark: bool = True
@@ -108,6 +112,10 @@ class GenerationRequest:
         if self.image is not None:
             object.__setattr__(self, "image", prepare_image(self.image))
             check_image_to_image_steps(self.steps, strength)
+        if self.mask is not None:
+            if self.image is None:
+                raise ValueError("mask needs an image: it marks which part of the image to repaint")
+            object.__setattr__(self, "mask", prepare_mask(self.mask, size=self.image.size))
 
     @property
     def steps(self) -> int:
@@ -133,8 +141,9 @@ class GenerationRequest:
         if self.image is None:
             return None
         width, height = self.output_size
+        kind = "Image-to-image" if self.mask is None else "Inpainting (white of the mask repainted)"
         return (
-            f"Image-to-image: strength {self.strength:g}, {self.steps_run} of {self.steps} steps run, "
+            f"{kind}: strength {self.strength:g}, {self.steps_run} of {self.steps} steps run, "
             f"output {width}x{height} (the input image's size)"
         )
 
@@ -372,8 +381,9 @@ def generate(
     (``"pil"`` or ``"np"``; ``"latent"`` are not checked, as in SD's pipeline) checked by it, flagged ones
     blacked out, as SD's own checker does; other output types raise ``ValueError``.
 
-    A request with an image runs on :func:`image_to_image_pipeline` of ``pipe`` (the same modules), with
-    faster diffusion attached to that pipeline object for the call.
+    A request with an image runs on :func:`image_to_image_pipeline` of ``pipe`` (the same modules), and one
+    with a mask too on :func:`inpaint_pipeline`, with faster diffusion attached to that pipeline object for
+    the call.
     """
     if not isinstance(request, GenerationRequest):
         raise TypeError(f"request must be a GenerationRequest, got {type(request).__name__}")
@@ -392,6 +402,10 @@ def generate(
         prompts = 1 if isinstance(request.prompt, str) else len(request.prompt)
         images = [request.image] * (prompts * request.num_outputs)
         runner, inputs = image_to_image_pipeline(pipe), {"image": images, "strength": request.strength}
+        if request.mask is not None:
+            width, height = request.output_size  # the inpainting pipelines default to the model's size
+            runner = inpaint_pipeline(pipe)
+            inputs.update(mask_image=[request.mask] * len(images), width=width, height=height)
     handle = apply_faster_diffusion(runner, request.faster) if accelerate else None
     watermarker = getattr(runner, "watermark", None)  # SDXL's, when invisible-watermark is installed
     if watermarker is not None and not request.watermark:
@@ -447,13 +461,26 @@ def image_to_image_pipeline(pipe: Any) -> Any:
     second and logs warnings about image processors this package never uses. ``pipe``'s progress-bar
     settings and SDXL watermarker are carried over too.
     """
+    return _over_modules_of(pipe, _text_to_image_family(pipe, "image-to-image").image_to_image_class())
+
+
+def inpaint_pipeline(pipe: Any) -> Any:
+    """The inpainting pipeline over ``pipe``'s own modules, built as :func:`image_to_image_pipeline` builds
+    its pipeline: ``StableDiffusionInpaintPipeline`` for SD 1.x/2.x, ``StableDiffusionXLInpaintPipeline`` for
+    SDXL."""
+    return _over_modules_of(pipe, _text_to_image_family(pipe, "inpainting").inpaint_class())
+
+
+def _text_to_image_family(pipe: Any, what: str) -> Any:
     family = family_of(pipe)
     if family is None or not isinstance(pipe, family.pipeline_class()):
         raise TypeError(
-            "image-to-image needs a StableDiffusionPipeline or StableDiffusionXLPipeline, got "
-            f"{type(pipe).__name__}"
+            f"{what} needs a StableDiffusionPipeline or StableDiffusionXLPipeline, got {type(pipe).__name__}"
         )
-    runner_class = family.image_to_image_class()
+    return family
+
+
+def _over_modules_of(pipe: Any, runner_class: type) -> Any:
     modules, settings = runner_class._get_signature_keys(runner_class)
     components = {name: module for name, module in pipe.components.items() if name in modules}
     config = {name: value for name, value in pipe.config.items() if name in settings}

@@ -13,6 +13,7 @@ img2img mode.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from PIL import Image, ImageOps
@@ -40,7 +41,9 @@ class ImageInputError(ValueError):
     """An input image that cannot be used; the message names the input and says what is allowed."""
 
 
-def load_image(path: str | os.PathLike[str], name: str = "image") -> Image.Image:
+def load_image(
+    path: str | os.PathLike[str], name: str = "image", prepare: Callable[..., Image.Image] | None = None
+) -> Image.Image:
     """Read the image file ``path`` given as input ``name`` and return it checked (:func:`prepare_image`).
 
     Raises :class:`ImageInputError`, naming the input and the file, when there is no such file, it is not
@@ -63,7 +66,33 @@ def load_image(path: str | os.PathLike[str], name: str = "image") -> Image.Image
         if isinstance(error, ImageInputError):
             raise
         raise ImageInputError(f"{name}: {where} is not an image file that can be read ({error})") from None
-    return prepare_image(image, name, f" ({where})")
+    return (prepare or prepare_image)(image, name, f" ({where})")
+
+
+def load_mask(path: str | os.PathLike[str], name: str = "mask") -> Image.Image:
+    """Read the inpainting mask file ``path`` given as input ``name``, checked as :func:`prepare_mask`
+    checks it (its size against the image's is checked with the request)."""
+    return load_image(path, name, prepare_mask)
+
+
+def prepare_mask(
+    mask: Any, name: str = "mask", where: str = "", size: tuple[int, int] | None = None
+) -> Image.Image:
+    """An inpainting mask as the pipeline takes it: white is repainted, black is kept, grey in between.
+
+    Checked as an image (:func:`prepare_image`; a 1-bit mask is accepted too), made greyscale, and, when
+    ``size`` (the prepared input image's) is given, refused naming input ``name`` unless it has that size.
+    """
+    if isinstance(mask, Image.Image) and mask.mode == "1":
+        mask = mask.convert("L")
+    prepared = prepare_image(mask, name, where).convert("L")
+    if size is not None and prepared.size != tuple(size):
+        width, height = prepared.size
+        raise ImageInputError(
+            f"{name}{where}: {width}x{height} px (rounded down to a multiple of 8), but the image is "
+            f"{size[0]}x{size[1]} px: the mask must have the image's size"
+        )
+    return prepared
 
 
 def prepare_image(image: Any, name: str = "image", where: str = "") -> Image.Image:
