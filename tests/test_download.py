@@ -9,8 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx2
 import huggingface_hub
 import pytest
+from huggingface_hub.errors import LocalEntryNotFoundError
 
 import predict
 from faster_diffusion.app.download import (
@@ -22,6 +24,7 @@ from faster_diffusion.app.download import (
     choose_files,
     fetch_at_setup,
 )
+from faster_diffusion.app.download import main as download_main
 from faster_diffusion.app.loading import DOWNLOAD_COMMAND, WEIGHTS_ENV, WeightsError, inspect_weights
 from faster_diffusion.app.serving import TextToImage
 from faster_diffusion.policy import read_source
@@ -352,3 +355,76 @@ def test_offline_switches_keep_setup_from_the_hub(
     assert f"No weights folder at {dest}. Fill it with `{DOWNLOAD_COMMAND}`" in str(error.value)
     assert f"Not fetched from the Hugging Face hub at setup: {reason}." in str(error.value)
     assert not dest.exists()
+
+
+# ------------------------------------------------------------------------------------ the script, offline
+
+
+def chained(error, cause):
+    error.__cause__ = cause
+    return error
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (httpx2.ConnectError("[Errno -2] Name or service not known"), "ConnectError: [Errno -2] Name or"),
+        (httpx2.ConnectTimeout("timed out"), "ConnectTimeout: timed out"),
+        (ConnectionError("Failed to resolve 'huggingface.co'"), "ConnectionError: Failed to resolve"),
+        (  # as snapshot_download raises it
+            chained(
+                LocalEntryNotFoundError("An error happened"), httpx2.ConnectError("[Errno 101] no route")
+            ),
+            "ConnectError: [Errno 101] no route",
+        ),
+    ],
+    ids=["name", "timeout", "connection", "snapshot"],
+)
+def test_the_script_without_network_says_so_in_a_paragraph(
+    online, monkeypatch, hub_folder, tmp_path, capsys, error, reason
+):
+    FakeHub(monkeypatch, hub_folder, error=error)
+    dest = tmp_path / "weights"
+
+    assert download_main(["--dest", str(dest)]) == 2
+
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: could not download {DEFAULT_REPO} from the Hugging Face hub: the hub could not be reached "
+        f"({reason}"
+    )
+    assert "this machine seems to be offline" in err
+    assert f"run {DOWNLOAD_COMMAND} again once huggingface.co can be reached" in err
+    assert f"a diffusers Stable Diffusion folder (model_index.json, unet/, vae/, ...) into {dest}/" in err
+    assert f"${WEIGHTS_ENV}" in err and len(err.splitlines()) == 1
+
+
+def test_the_script_cut_short_by_the_network_says_so(online, monkeypatch, hub_folder, tmp_path, capsys):
+    FakeHub(monkeypatch, hub_folder, fail_after=3)
+
+    assert download_main(["--dest", str(tmp_path / "weights")]) == 2
+    assert "(ConnectionError: Connection reset by peer)" in capsys.readouterr().err
+
+
+def test_the_script_lets_other_failures_through(online, monkeypatch, hub_folder, tmp_path):
+    FakeHub(monkeypatch, hub_folder, error=RuntimeError("a bug"))
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        download_main(["--dest", str(tmp_path / "weights")])
+
+
+def test_the_script_offline_by_switch_ends_without_a_traceback(tmp_path):
+    result = subprocess.run(
+        [str(REPO_ROOT / "script" / "download-weights"), "--dest", str(tmp_path / "weights")],
+        env={**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+    )
+
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        f"error: could not download {DEFAULT_REPO} from the Hugging Face hub: HF_HUB_OFFLINE is set"
+    )
+    assert f"unset HF_HUB_OFFLINE and run {DOWNLOAD_COMMAND} again" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "weights").exists()

@@ -8,6 +8,7 @@ import pytest
 from faster_diffusion import DeepReuseConfig, KeySteps, Sampler
 from faster_diffusion.app.cli import main
 from faster_diffusion.app.generate import GenerationRequest, faster_config, generate
+from faster_diffusion.app.images import MAX_SIDE
 from fixtures.tiny import build_tiny_pipeline, save_tiny_weights
 
 
@@ -60,7 +61,7 @@ def test_generate_leaves_the_pipeline_stock_even_when_a_step_raises():
     ("overrides", "message"),
     [
         (dict(width=100), "width must be a multiple of 8, got 100"),
-        (dict(height=0), "height must be between 8 and 4096, got 0"),
+        (dict(height=0), f"height must be between 8 and {MAX_SIDE}, got 0"),
         (dict(num_outputs=0), "num_outputs must be between 1 and 64, got 0"),
         (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number"),
         (dict(seed=-1), "seed must be between 0 and 4294967295, got -1"),
@@ -143,11 +144,11 @@ def test_cli_without_weights_says_it_uses_the_reference_model(tmp_path, monkeypa
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--key-steps", "1,2"], "error: key_steps: the list must contain step 0"),
-        (["--key-steps", "0,60"], "error: key_steps: index 60 is out of range for 50 steps"),
-        (["--width", "20"], "error: width must be a multiple of 8, got 20"),
-        (["--sampler", "plms"], "error: sampler: unknown value 'plms'"),
-        (["--noise-strength", "-1"], "error: noise_injection: alpha (strength) must be >= 0"),
+        (["--key-steps", "1,2"], "error: --key-steps: the list must contain step 0"),
+        (["--key-steps", "0,60"], "error: --key-steps: index 60 is out of range for 50 steps"),
+        (["--width", "20"], "error: --width must be a multiple of 8, got 20"),
+        (["--sampler", "plms"], "error: --sampler: unknown value 'plms'"),
+        (["--noise-strength", "-1"], "error: --noise-strength must be >= 0"),
         (["--weights", "/nonexistent/sd"], "error: No weights folder at /nonexistent/sd. Fill it with"),
         (["--mode", "deep", "--branch", "6"], "error: --branch: branch must be a whole number from 0 to 5"),
         (["--branch", "1"], "error: --branch applies to --mode deep only"),

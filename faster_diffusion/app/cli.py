@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .. import reference
 from ..deep import deep_modules
@@ -21,16 +22,18 @@ from ..noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU
 from ..policy import DEFAULT_KEY_STEPS, resolve_key_steps
 from ..reference import shapes
 from ..samplers import Sampler
-from ..schedule import ACCEPTED_FORMS, KeyStepError
+from ..schedule import ACCEPTED_FORMS, KeyStepError, KeyStepKind, KeySteps
 from .generate import (
     DEFAULT_STRENGTH,
     MAX_SEED,
     MODE_NAMES,
     GenerationRequest,
     GenerationResult,
+    check_image_to_image_steps,
     describe_speedup,
     faster_config,
     generate,
+    image_to_image_steps,
     prepare_key_steps,
 )
 from .images import load_image
@@ -46,6 +49,24 @@ from .loading import (
 
 #: Stable Diffusion's usual classifier-free guidance scale.
 DEFAULT_GUIDANCE = 7.5
+#: The flag of each field that the library's error messages name: :func:`main` prints an error that starts
+#: with a field's name with the flag instead (:func:`_flag_message`).
+FIELD_FLAGS = {
+    "noise_injection: alpha (strength)": "--noise-strength",
+    "noise_injection: tau (threshold)": "--noise-threshold",
+    "max_decoder_batch": "--max-decoder-batch",
+    "guidance_scale": "--guidance-scale",
+    "num_outputs": "--num-outputs",
+    "key_steps": "--key-steps",
+    "num_steps": "--steps",
+    "strength": "--strength",
+    "sampler": "--sampler",
+    "branch": "--branch",
+    "height": "--height",
+    "width": "--width",
+    "image": "--image",
+    "seed": "--seed",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--image",
         type=Path,
         default=None,
-        help="image-to-image: start from this image (32 to 1024 px a side); the outputs have its size, "
-        "rounded down to a multiple of 8",
+        help="image-to-image: start from this image (32 to 2048 px a side, at most 1024x1024 pixels); the "
+        "outputs have its size, rounded down to a multiple of 8",
     )
     parser.add_argument(
         "--strength",
@@ -139,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"diffusers weights folder (default: ${WEIGHTS_ENV} or weights/)",
     )
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:N or mps where available (default: cuda if available)"
+    )
     parser.add_argument("--no-safety-checker", action="store_true", help="do not run the safety checker")
     parser.add_argument(
         "--compare", action="store_true", help="also run stock diffusers with the same seed and compare"
@@ -181,6 +204,76 @@ def _input_image(args: argparse.Namespace):
     return load_image(args.image)
 
 
+def _check_flags(args: argparse.Namespace, image) -> None:
+    """Refuse a value that would otherwise be refused only once the model has loaded (which can take
+    minutes): the request's own checks, the key steps against the step count (except ``auto``'s, placed by a
+    calibration of the model) and the device. ``image``: the input image (already checked), or ``None``.
+
+    Raises ``ValueError``. The request's and the key steps' messages name fields: :func:`main` prints them
+    with the flags (:func:`_flag_message`).
+    """
+    if args.max_decoder_batch < 0:
+        raise ValueError(f"--max-decoder-batch must be >= 0 (0: automatic), got {args.max_decoder_batch}")
+    if args.branch < 0:
+        raise ValueError(f"--branch must be >= 0, got {args.branch}")
+    # A request of the given values, for its checks: 8 px for a side left to the model's size, no image.
+    given = GenerationRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        sampler=args.sampler,
+        num_steps=args.steps,
+        width=8 if args.width is None else args.width,
+        height=8 if args.height is None else args.height,
+        num_outputs=args.num_outputs,
+        guidance_scale=DEFAULT_GUIDANCE if args.guidance_scale is None else args.guidance_scale,
+        seed=args.seed,
+        strength=DEFAULT_STRENGTH if args.strength is None else args.strength,
+    )
+    first = 0
+    if image is not None:
+        check_image_to_image_steps(given.steps, given.strength, "--strength", ", or use more --steps")
+        first = given.steps - image_to_image_steps(given.steps, given.strength)
+    if args.key_steps.strip().lower() != DEFAULT_KEY_STEPS:
+        keys = KeySteps.parse(args.key_steps)
+        if keys.kind is not KeyStepKind.AUTO:
+            keys.resolve(given.steps, start=first)
+    _check_device(args.device)
+
+
+def _check_device(device: str | None) -> None:
+    """Refuse a --device that torch cannot use here: unknown, or CUDA or MPS where it is missing."""
+    if device is None:
+        return
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda", "mps"):
+        accepted = ["cpu", *(["cuda", "cuda:N"] if cuda else []), *(["mps"] if mps else [])]
+        raise ValueError(f"--device: unknown device {device!r}; accepted here: {', '.join(accepted)}")
+    if parsed.type == "cuda" and not cuda:
+        missing = "no CUDA GPU is visible" if torch.version.cuda else "this PyTorch build has no CUDA support"
+        raise ValueError(f"--device {device}: CUDA is not available on this machine ({missing}); use cpu")
+    count = torch.cuda.device_count() if cuda else 0
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= count:
+        devices = (
+            "1 CUDA device, cuda:0" if count == 1 else f"{count} CUDA devices, cuda:0 to cuda:{count - 1}"
+        )
+        raise ValueError(f"--device {device}: this machine has {devices}")
+    if parsed.type == "mps" and not mps:
+        raise ValueError(f"--device {device}: MPS is not available on this machine; use cpu")
+
+
+def _flag_message(message: str) -> str:
+    """``message`` with the field it starts with, if any (``num_steps must ...``, ``key_steps: ...``,
+    ``key_steps 'auto:60': ...``), named by its flag (:data:`FIELD_FLAGS`)."""
+    for field, flag in FIELD_FLAGS.items():
+        if message.startswith((f"{field} must ", f"{field}:", f"{field} '")):
+            return flag + message[len(field) :]
+    return message
+
+
 def _save(result: GenerationResult, folder: Path, prefix: str) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -198,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         image = _input_image(args)
+        _check_flags(args, image)
         default = args.key_steps.strip().lower() == DEFAULT_KEY_STEPS
         if args.mode != "deep" and args.branch:
             raise ValueError("--branch applies to --mode deep only")
@@ -235,8 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             negative_prompt=args.negative_prompt,
             sampler=args.sampler,
             num_steps=args.steps,
-            width=args.width or size,
-            height=args.height or size,
+            width=size if args.width is None else args.width,
+            height=size if args.height is None else args.height,
             num_outputs=args.num_outputs,
             guidance_scale=guidance,
             seed=args.seed,
@@ -247,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         request = prepare_key_steps(pipe, request)
         schedule = request.schedule
     except (KeyStepError, ValueError, TypeError, WeightsError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_flag_message(str(error))}", file=sys.stderr)
         return 2
 
     print(f"Model: {source}")

@@ -23,6 +23,8 @@ way (an image built from a clean checkout has none), unless ``HF_HUB_OFFLINE=1``
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import os
 import re
@@ -35,6 +37,7 @@ from pathlib import Path
 from ..policy import SOURCE_FILE
 from .loading import (
     DEFAULT_WEIGHTS_DIR,
+    DOWNLOAD_COMMAND,
     SD,
     SDXL,
     WEIGHTS_ENV,
@@ -282,6 +285,48 @@ def fetch_at_setup(folder: Path, repo: str | None = None) -> None:
         ) from error
 
 
+def hub_unreachable(error: BaseException) -> BaseException | None:
+    """The error in ``error``'s chain (it and those it was raised from) that says the Hugging Face hub could
+    not be reached: no network, a host name that does not resolve, a timeout, ``HF_HUB_OFFLINE`` (the
+    innermost such error); None when there is none."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    # huggingface_hub's offline mode raises a ConnectionError; its HTTP library (httpx2, httpx in earlier
+    # versions) raises its own transport errors; snapshot_download raises LocalEntryNotFoundError from them.
+    kinds: list[type[BaseException]] = [ConnectionError, TimeoutError, LocalEntryNotFoundError]
+    for module in ("httpx2", "httpx"):
+        with contextlib.suppress(ImportError):
+            kinds.append(importlib.import_module(module).TransportError)
+    found, seen = None, set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, tuple(kinds)):
+            found = error
+        error = error.__cause__ or error.__context__
+    return found
+
+
+def unreachable_message(repo: str, dest: Path, cause: BaseException) -> str:
+    """What ``script/download-weights`` says when the hub could not be reached (``cause``: see
+    :func:`hub_unreachable`): what failed, why, and how to retry or fill ``dest`` by hand."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    if isinstance(cause, OfflineModeIsEnabled):
+        why = "HF_HUB_OFFLINE is set, so huggingface_hub does not go online"
+        retry = f"unset HF_HUB_OFFLINE and run {DOWNLOAD_COMMAND} again"
+    else:
+        why = (
+            f"the hub could not be reached ({type(cause).__name__}: {cause}): this machine seems to be "
+            "offline, or huggingface.co is blocked (by a firewall, or behind a proxy: set HTTPS_PROXY)"
+        )
+        retry = f"run {DOWNLOAD_COMMAND} again once huggingface.co can be reached"
+    return (
+        f"could not download {repo} from the Hugging Face hub: {why}. To retry, {retry}. Or fill the weights "
+        f"folder by hand: copy a diffusers Stable Diffusion folder (model_index.json, unet/, vae/, ...) into "
+        f"{dest}/, or name one with ${WEIGHTS_ENV} or the command line's --weights."
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="script/download-weights",
@@ -310,6 +355,12 @@ def main(argv: list[str] | None = None) -> int:
         download(args.repo, dest, revision=args.revision)
     except (ValueError, WeightsError) as error:
         print(f"error: {args.repo}: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        cause = hub_unreachable(error)
+        if cause is None:
+            raise
+        print(f"error: {unreachable_message(args.repo, dest, cause)}", file=sys.stderr)
         return 2
     print(f"Done: {dest}/ holds {args.repo}")
     return 0
