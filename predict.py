@@ -153,6 +153,9 @@ class Predictor(BaseRunner):
         missing folder is first filled from the Hugging Face hub (as script/download-weights does), unless
         HF_HUB_OFFLINE=1 or FASTER_DIFFUSION_FETCH_AT_SETUP=0. Weights whose default key steps are calibrated
         (any but SD v1.5's) get the default sampler's calibration now, if none is saved."""
+        from faster_diffusion.app.threads import fit_torch_threads  # torch's threads: the CPUs it may use
+
+        fit_torch_threads()
         folder = default_weights_dir().absolute()
         fetch_at_setup(folder)
         self.model = TextToImage.load(folder)

@@ -85,7 +85,9 @@ class CogServer:
             "COG_PREDICT_TYPE_STUB": "predict.py:Predictor",
             "PORT": str(self.port),
             "FASTER_DIFFUSION_WEIGHTS": str(weights),
-            "OMP_NUM_THREADS": "1",  # the tiny model gains nothing from threads; spare the other processes
+            # The tiny model gains nothing from threads; spare the other processes. When set, it wins over the
+            # thread count setup() fits to the CPUs the process may use (faster_diffusion.app.threads).
+            "OMP_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1",
             # coglet starts its worker with the `python` on PATH: make that this interpreter.
             "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
