@@ -207,6 +207,32 @@ def test_a_canceled_async_prediction_stops_between_steps_and_the_server_carries_
     assert (after["metrics"]["encoder_passes"], after["metrics"]["decoder_passes"]) == (9, 50)
 
 
+def test_setup_logs_the_cpu_threads_and_leaves_omp_num_threads_as_set(server):
+    _, health = server.request("GET", "/health-check")
+
+    assert "CPU threads: 1 (OMP_NUM_THREADS=1 set, so left as is)" in health["setup"]["logs"]
+
+
+def test_a_prediction_while_one_runs_is_refused_with_409_and_the_server_carries_on(server):
+    """Cog has no queue: one prediction at a time, and 409 "At capacity" for another (docs/cog.md)."""
+    webhook = WebhookReceiver()
+    try:
+        body = dict(id="busy", input=SLOW, webhook=webhook.url, webhook_events_filter=["completed"])
+        assert server.request("PUT", "/predictions/busy", body, {"Prefer": "respond-async"})[0] == 202
+        try:
+            server.wait_for_log("busy", "Noise injection")  # running its denoising loop
+            status, refused = server.request("POST", "/predictions", {"input": SMALL})
+        finally:
+            server.request("POST", "/predictions/busy/cancel")
+            webhook.wait_for(lambda update: update.get("id") == "busy")  # the slot is free again
+    finally:
+        webhook.close()
+
+    assert status == 409
+    assert refused == {"error": "At capacity - all prediction slots busy", "status": "failed"}
+    assert server.predict(**SMALL)["status"] == "succeeded"
+
+
 def test_the_server_log_has_no_deprecation_warning(server):
     assert server.predict(**SMALL)["status"] == "succeeded"
     _, health = server.request("GET", "/health-check")

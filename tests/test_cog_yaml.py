@@ -174,3 +174,37 @@ def test_the_image_runs_what_the_tests_run_except_torch_and_xformers():
 @pytest.mark.parametrize("path", ["requirements/cpu.txt", "requirements/cog.txt"])
 def test_every_requirement_is_pinned(path):
     assert pins(REPO_ROOT / path)
+
+
+#: A command of build.run that installs a pinned coglet: ``... install ... coglet==X.Y.Z``.
+COGLET_PIN = re.compile(r"\binstall\b.*(?<![\w.-])coglet==(?P<version>[0-9][A-Za-z0-9_.+!-]*)(?:\s|$)")
+
+
+def coglet_pins(build: dict) -> list[str]:
+    commands = [item if isinstance(item, str) else item.get("command", "") for item in build.get("run", [])]
+    return [match["version"] for command in commands if (match := COGLET_PIN.search(command))]
+
+
+def test_coglet_is_pinned_in_the_image_to_the_version_the_tests_run_against():
+    """cog's sdk_version pins the SDK, whose dependency on coglet is a range (``coglet<1.0,>=0.23.1``):
+    without a pin the image gets the latest coglet below 1.0. cog build drops cog and coglet from
+    python_requirements (with a warning), and runs build.run after it has installed the SDK, so coglet is
+    pinned there."""
+    from importlib.metadata import requires, version
+
+    from packaging.requirements import Requirement
+
+    build = load_config()["build"]
+    assert coglet_pins(build) == [version("coglet")]
+    assert build["sdk_version"] == version("cog")
+    (needed,) = [r for r in map(Requirement, requires("cog") or []) if r.name == "coglet" and not r.marker]
+    assert needed.specifier.contains(version("coglet")), f"cog {version('cog')} needs {needed}"
+    assert not {"cog", "coglet"} & set(pins(REPO_ROOT / build["python_requirements"]))
+
+
+def test_the_coglet_pin_is_read_from_install_commands_only():
+    uv = "uv pip install --break-system-packages --no-cache coglet==0.23.1"
+    assert coglet_pins({"run": [uv]}) == ["0.23.1"]
+    assert coglet_pins({"run": [{"command": "pip install coglet==1.2.3 other==4"}]}) == ["1.2.3"]
+    assert coglet_pins({"run": ["echo coglet==0.1.0", "pip install notcoglet==0.1.0"]}) == []
+    assert coglet_pins({}) == []
