@@ -526,7 +526,7 @@ def report(argv, args, started, wall, n, results, agreement, deepcache) -> str:
             f"- {placement_verdict(rows, intervals)}",
             "",
         ]
-        if sampler in agreement:
+        if agreement.get(sampler):  # both implementations ran at some interval
             shown = ", ".join(f"interval {i}: {d:.3g}" for i, d in agreement[sampler].items())
             lines += [f"Largest pixel difference (0-255) of `deep:I` against `deepcache:I`: {shown}.", ""]
     return "\n".join(lines) + "\n"

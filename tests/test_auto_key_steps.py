@@ -107,8 +107,8 @@ def test_cli_auto_on_the_reference_model_uses_its_committed_calibration(tmp_path
 @pytest.mark.parametrize(
     ("key_steps", "message"),
     [
-        ("auto:0", "error: key_steps: invalid value 'auto:0': the auto budget must be a whole number >= 1"),
-        ("auto:60", "error: key_steps: the budget must be a whole number from 1 to 50, got 60"),
+        ("auto:0", "error: --key-steps: invalid value 'auto:0': the auto budget must be a whole number >= 1"),
+        ("auto:60", "error: --key-steps: the budget must be a whole number from 1 to 50, got 60"),
     ],
 )
 def test_cli_rejects_a_bad_auto_budget_clearly(key_steps, message, tmp_path, monkeypatch, capsys):

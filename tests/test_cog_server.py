@@ -168,7 +168,7 @@ def test_mode_deep_runs_deep_reuse_and_every_step_full_gives_the_stock_pixels(se
         (dict(key_steps="0,2,x"), "key_steps: invalid value '0,2,x'"),
         (dict(key_steps="0,60"), "key_steps: index 60 is out of range for 50 steps"),
         (dict(width=100), "width must be a multiple of 8, got 100"),
-        (dict(width=2048), "width must be between 64 and 1024, got 2048"),
+        (dict(width=2056), "width must be between 64 and 2048, got 2056"),
         (dict(sampler="Euler"), "sampler must be one of 'DDIM-50', 'DPM-Solver-20', 'DPM-Solver++-20'"),
         (dict(num_outputs=0), "num_outputs must be between 1 and 4, got 0"),
         (dict(num_inference_steps=501), "num_inference_steps must be between 1 and 500, got 501"),

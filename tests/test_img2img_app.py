@@ -399,11 +399,11 @@ def test_run_with_an_image_that_cannot_be_used_fails_naming_it(tmp_path):
         (["--image", "{tmp}/missing.png"], "error: image: no such file: {tmp}/missing.png"),
         (
             ["--image", "{tmp}/in.png", "--strength", "1.5"],
-            "error: strength must be between 0 and 1, got 1.5",
+            "error: --strength must be between 0 and 1, got 1.5",
         ),
         (
             ["--image", "{tmp}/in.png", "--strength", "0.01"],
-            "error: strength 0.01 with 50 steps runs no step",
+            "error: --strength 0.01 with 50 steps runs no step",
         ),
         (["--image", "{tmp}/small.png"], "error: image ({tmp}/small.png): 24x64 px is too small"),
     ],
