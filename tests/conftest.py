@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -22,8 +24,10 @@ PAPER_ONE_STEP_AT_A_TIME = FasterDiffusionConfig(key_steps=KeySteps.paper(), par
 SD2_SHAPED_UNET = dict(use_linear_projection=True, attention_head_dim=(2, 4), upcast_attention=True)
 
 # The tiny models are far too small to gain from several threads; one thread is faster and keeps timings of
-# other processes on this machine undisturbed.
+# other processes on this machine undisturbed. The variable tells the thread fitting of the command line and
+# the Cog setup (faster_diffusion.app.threads) to leave it so, as a user's own setting does.
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture

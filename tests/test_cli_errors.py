@@ -93,6 +93,29 @@ def test_image_to_image_flags_are_checked_before_the_model_loads(run, image, fla
     assert err.startswith(f"error: {message}")
 
 
+def test_a_mask_is_checked_before_the_model_loads_naming_its_flag(run, image, tmp_path):
+    code, err = run("--mask", image)
+    assert (code, err) == (
+        2,
+        "error: --mask applies only with --image: it marks which part of the image to repaint\n",
+    )
+    code, err = run("--image", image, "--mask", str(tmp_path / "missing.png"))
+    assert (code, err) == (2, f"error: --mask: no such file: {tmp_path / 'missing.png'}\n")
+    big = tmp_path / "big.png"
+    Image.new("L", (2056, 64)).save(big)
+    code, err = run("--image", image, "--mask", str(big))
+    assert code == 2 and err.startswith(
+        f"error: --mask ({big}): 2056x64 px is too large: at most 2048 px a side"
+    )
+
+
+def test_the_pixel_cap_is_named_by_the_flags_before_the_model_loads(run):
+    code, err = run("--width", "2048", "--height", "1024")
+    assert code == 2 and err.startswith("error: width x height must be at most 1048576 pixels")
+    with pytest.raises(Loaded):
+        run("--width", "1344", "--height", "768")
+
+
 def test_an_image_that_cannot_be_used_is_named_by_its_flag(run, tmp_path):
     code, err = run("--image", str(tmp_path / "missing.png"))
     assert (code, err) == (2, f"error: --image: no such file: {tmp_path / 'missing.png'}\n")
@@ -171,3 +194,19 @@ def test_the_module_refuses_an_unknown_device_without_a_traceback():
 )
 def test_a_later_error_that_names_a_field_names_its_flag(message, expected):
     assert cli._flag_message(message) == expected
+
+
+def test_the_reference_models_refuse_other_sizes_and_use_their_own_guidance(tmp_path, monkeypatch, capsys):
+    """After loading (the size a model was trained at is the model's): the same guidance as the Cog model."""
+    from faster_diffusion import reference
+
+    monkeypatch.setenv("FASTER_DIFFUSION_WEIGHTS", str(tmp_path / "empty"))  # the built-in model
+    out = str(tmp_path / "out")
+    assert cli.main(["a red circle", "--out", out, "--width", "64"]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after loading's progress bars
+    assert last.startswith(
+        "error: --width and --height: the built-in reference model draws 32x32 images only"
+    )
+    sd15 = ["--weights", str(reference.SD15_LAYOUT_MODEL_DIR), "--steps", "4", "--key-steps", "uniform:2"]
+    assert cli.main(["a red circle", "--out", out, *sd15]) == 0
+    assert f"guidance {reference.SD15_LAYOUT_GUIDANCE_SCALE}" in capsys.readouterr().out

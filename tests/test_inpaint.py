@@ -149,3 +149,35 @@ def test_run_with_a_mask_of_another_size_or_without_an_image_fails_naming_mask(t
         predictor(tmp_path, pipe).run(**{**defaults(), "image": image, "mask": small})
     with pytest.raises(ValueError, match=r"^mask needs an image"):
         predictor(tmp_path, pipe).run(**{**defaults(), "mask": small})
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+def test_cli_inpaints_with_mask_and_says_so(tmp_path, capsys):
+    from faster_diffusion.app.cli import main
+
+    from .test_img2img_app import tiny_sd
+
+    folder = tmp_path / "weights"
+    tiny_sd().save_pretrained(folder, safe_serialization=True)
+    image = saved(noise_image(72, 64), tmp_path / "in.png")
+    mask = saved(half_mask(), tmp_path / "mask.png")
+    common = [
+        "a red circle",
+        "--weights",
+        str(folder),
+        "--image",
+        str(image),
+        "--steps",
+        "10",
+        "--strength",
+        "0.6",
+    ]
+    assert main([*common, "--mask", str(mask), "--out", str(tmp_path / "masked"), "--compare"]) == 0
+    out = capsys.readouterr().out
+    assert "Inpainting (white of the mask repainted): strength 0.6, 6 of 10 steps run, output 72x64" in out
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    masked = Image.open(tmp_path / "masked" / "faster-0.png")
+    assert masked.size == (72, 64)
+    assert not same([masked], [Image.open(tmp_path / "plain" / "faster-0.png")])

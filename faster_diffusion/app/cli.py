@@ -35,20 +35,23 @@ from .generate import (
     generate,
     image_to_image_steps,
     prepare_key_steps,
+    warm_up,
 )
-from .images import load_image
+from .images import load_image, load_mask
 from .loading import (
+    DEFAULT_GUIDANCE,
     DOWNLOAD_COMMAND,
     WEIGHTS_ENV,
     WeightsError,
+    check_trained_size,
+    default_guidance,
     default_weights_dir,
     has_weights,
     load_pipeline,
     model_size,
 )
+from .threads import fit_torch_threads
 
-#: Stable Diffusion's usual classifier-free guidance scale.
-DEFAULT_GUIDANCE = 7.5
 #: The flag of each field that the library's error messages name: :func:`main` prints an error that starts
 #: with a field's name with the flag instead (:func:`_flag_message`).
 FIELD_FLAGS = {
@@ -65,6 +68,7 @@ FIELD_FLAGS = {
     "height": "--height",
     "width": "--width",
     "image": "--image",
+    "mask": "--mask",
     "seed": "--seed",
 }
 
@@ -140,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
         "outputs have its size, rounded down to a multiple of 8",
     )
     parser.add_argument(
+        "--mask",
+        type=Path,
+        default=None,
+        help="with --image: inpaint: repaint the white part of this mask (black is kept); it must have the "
+        "image's size",
+    )
+    parser.add_argument(
         "--strength",
         type=float,
         default=None,
@@ -150,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance-scale",
         type=float,
         default=None,
-        help=f"classifier-free guidance (default: {DEFAULT_GUIDANCE}; {reference.GUIDANCE_SCALE} for the "
-        "built-in reference model)",
+        help=f"classifier-free guidance (default: {DEFAULT_GUIDANCE}; the built-in reference models' own, "
+        f"{reference.GUIDANCE_SCALE} and {reference.SD15_LAYOUT_GUIDANCE_SCALE}, as the Cog model's)",
     )
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNG files")
     parser.add_argument(
@@ -195,6 +206,8 @@ def _input_image(args: argparse.Namespace):
     if args.image is None:
         if args.strength is not None:
             raise ValueError("--strength applies only with --image")
+        if args.mask is not None:
+            raise ValueError("--mask applies only with --image: it marks which part of the image to repaint")
         return None
     if args.width is not None or args.height is not None:
         raise ValueError(
@@ -269,7 +282,7 @@ def _flag_message(message: str) -> str:
     """``message`` with the field it starts with, if any (``num_steps must ...``, ``key_steps: ...``,
     ``key_steps 'auto:60': ...``), named by its flag (:data:`FIELD_FLAGS`)."""
     for field, flag in FIELD_FLAGS.items():
-        if message.startswith((f"{field} must ", f"{field}:", f"{field} '")):
+        if message.startswith((f"{field} must ", f"{field}:", f"{field} '", f"{field} (")):
             return flag + message[len(field) :]
     return message
 
@@ -289,8 +302,10 @@ def _save(result: GenerationResult, folder: Path, prefix: str) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    fit_torch_threads()
     try:
         image = _input_image(args)
+        mask = load_mask(args.mask) if args.mask is not None else None
         _check_flags(args, image)
         default = args.key_steps.strip().lower() == DEFAULT_KEY_STEPS
         if args.mode != "deep" and args.branch:
@@ -320,9 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         if default:
             keys = resolve_key_steps(DEFAULT_KEY_STEPS, pipe, args.sampler, args.steps, args.mode)
             faster = dataclasses.replace(faster, key_steps=keys)
-        guidance = args.guidance_scale
-        if guidance is None:
-            guidance = reference.GUIDANCE_SCALE if is_reference else DEFAULT_GUIDANCE
+        guidance = default_guidance(pipe) if args.guidance_scale is None else args.guidance_scale
         size = model_size(pipe)
         request = GenerationRequest(
             prompt=args.prompt,
@@ -336,8 +349,10 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             faster=faster,
             image=image,
+            mask=mask,
             strength=DEFAULT_STRENGTH if args.strength is None else args.strength,
         )
+        check_trained_size(pipe, *request.output_size, "--image" if image else "--width and --height")
         request = prepare_key_steps(pipe, request)
         schedule = request.schedule
     except (KeyStepError, ValueError, TypeError, WeightsError) as error:
@@ -361,11 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         print(request.describe_image_to_image())
     print(f"Key steps: {schedule.describe()}")
     print(f"Noise injection: {faster.noise_injection.describe()}")
-    if args.compare:
-        # The first call in a process pays one-off costs (allocator, thread pool, lazy imports); keep them out
-        # of both timed runs so the comparison is fair.
-        warm_up = dataclasses.replace(request, num_steps=2, num_outputs=1, strength=1.0)
-        generate(pipe, warm_up, accelerate=False)
+    if args.compare:  # both timed runs start warm, so the speedup reported is fair
+        warm_up(pipe, request)
     fast = generate(pipe, request, accelerate=True)
     paths = _save(fast, args.out, "faster")
     print(fast.describe())
