@@ -27,6 +27,9 @@ from .schedule import KeySteps
 SD15_REPOS = frozenset({"stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5"})
 #: The text input that asks for :func:`default_key_steps`.
 DEFAULT_KEY_STEPS = "default"
+#: The reuse mode of the product's default: the library's one-call default, the command line's and the Cog
+#: model's.
+DEFAULT_MODE = "encoder"
 #: Key steps per step for the DPM-Solver samplers by default: 9 of 20, the smallest budget at which ``auto``
 #: stayed within noise of stock on the reference model (the paper's 7 lost 3.3 points [-7.9, +1.2];
 #: ``benchmarks/results/frontier.md``).

@@ -171,21 +171,61 @@ def test_the_sd15_layout_reference_model_is_calibrated_with_its_own_guidance_and
     assert (reference.SD15_LAYOUT_MODEL_DIR / CALIBRATION_FILE).read_bytes() == saved
 
 
-def test_the_cog_setup_calibrates_the_default_sampler_once_and_not_for_sd15(tmp_path, monkeypatch, capsys):
+def test_the_cog_setup_measures_nothing_and_prepare_weights_calibrates_every_default(
+    tmp_path, monkeypatch, capsys
+):
+    """Setup looks the defaults up and warns about a missing calibration (the first request makes it);
+    script/prepare-weights, run before cog build, calibrates them, verifies, and setup then finds them all."""
     import predict
+    from faster_diffusion.app import prepare
+    from faster_diffusion.app.generate import GenerationRequest as Request
 
     folder = save_tiny_weights(tmp_path / "weights", with_safety_checker=False)
     monkeypatch.setenv("FASTER_DIFFUSION_WEIGHTS", str(folder))
     predict.Predictor().setup()
     out = capsys.readouterr().out
-    assert "Calibrating key steps for this model (DDIM-50, 50 steps)" in out
-    assert "Default key steps for DDIM-50: auto, calibrated by feature error" in out
-    assert [c.num_steps for c in load_calibrations(folder)] == [50]
-    predict.Predictor().setup()  # a restart finds it
+    assert "Calibrating" not in out and not (folder / CALIBRATION_FILE).exists()
+    assert (
+        "Warning: key_steps 'auto': no calibration" in out
+        and "script/prepare-weights before cog build" in out
+    )
+
+    assert prepare.main([]) == 0  # the weights folder from $FASTER_DIFFUSION_WEIGHTS, already filled
+    out = capsys.readouterr().out
+    assert "Ready: " in out and out.count("Calibrating key steps") >= 1
+    saved = (folder / CALIBRATION_FILE).read_bytes()
+    predictor = predict.Predictor()
+    predictor.setup()
+    out = capsys.readouterr().out
+    assert "Calibrating" not in out and "Warning" not in out
+    for sampler in prepare.SAMPLERS:
+        assert f"Default key steps for {sampler}: " in out
+    request = Request(prompt="a red cat", width=16, height=16, num_steps=None)
+    predictor.model.generate(request)  # a default request calibrates nothing either
     assert "Calibrating" not in capsys.readouterr().out
+    assert (folder / CALIBRATION_FILE).read_bytes() == saved
+    assert prepare.main([]) == 0  # again: nothing to do
+    assert "Calibrating" not in capsys.readouterr().out
+
     write_source(folder, SD15)
     (folder / CALIBRATION_FILE).unlink()
     predict.Predictor().setup()
     out = capsys.readouterr().out
-    assert "Calibrating" not in out and "Default key steps for DDIM-50: paper: 9 of 50" in out
+    assert "Calibrating" not in out and "Warning" not in out
     assert not (folder / CALIBRATION_FILE).exists()
+
+
+def test_prepare_weights_downloads_into_an_empty_folder_first_and_fails_clearly(
+    tmp_path, monkeypatch, capsys
+):
+    from faster_diffusion.app import prepare
+
+    calls = []
+    monkeypatch.setattr(prepare.download, "main", lambda argv: calls.append(argv) or 2)
+    assert prepare.main(["--weights", str(tmp_path / "empty"), "--repo", "someone/model"]) == 2
+    assert calls == [["--repo", "someone/model", "--dest", str(tmp_path / "empty")]]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{}")
+    assert prepare.main(["--weights", str(broken)]) == 2
+    assert capsys.readouterr().err.startswith("error: ")

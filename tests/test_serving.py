@@ -607,7 +607,7 @@ def test_a_request_looks_its_calibration_up_once_and_attaches_once(tmp_path, mon
 
     folder = save_tiny_weights(tmp_path / "weights", with_safety_checker=False)
     model = TextToImage.load(folder)
-    model.prepare_default_key_steps("DPM-Solver-20")  # calibrates once, as the Cog setup does
+    model.prepare_default_key_steps("DPM-Solver-20")  # calibrates once, as script/prepare-weights does
     assert "Calibrating" in capsys.readouterr().out
     calls = {"find": 0, "apply": 0, "use_sampler": 0}
 

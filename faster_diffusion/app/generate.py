@@ -24,7 +24,7 @@ from ..modes import MODES, apply_faster_diffusion
 from ..noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, NoiseInjection
 from ..propagation import FasterDiffusionConfig, RunStats, remove_faster_diffusion
 from ..samplers import Sampler, make_scheduler, use_sampler
-from ..schedule import KeyStepKind, KeySteps, KeyStepSchedule
+from ..schedule import CalibrationError, KeyStepKind, KeySteps, KeyStepSchedule
 from .images import MAX_PIXELS, MAX_SIDE, prepare_image, prepare_mask
 from .loading import safety_check_of
 
@@ -175,13 +175,15 @@ def check_image_to_image_steps(
 
 
 def prepare_key_steps(
-    pipe: Any, request: GenerationRequest, log: Callable[[str], None] = print
+    pipe: Any, request: GenerationRequest, log: Callable[[str], None] = print, *, calibrate: bool = True
 ) -> GenerationRequest:
     """``request`` with ``auto`` key steps replaced by the calibrated list (explicit, saying where it came
     from), so that ``request.schedule`` can be echoed before the run, and the run places nothing again. The
     calibration is the one of the request's reuse mode (its ``calibration_target``), looked up for the
     request's sampler without changing the pipeline. Calibrates the model first when none for its sampler and
-    step count is saved (the one case that sets the pipeline's sampler here), and says how long that took."""
+    step count is saved (the one case that sets the pipeline's sampler here), and says how long that took;
+    with ``calibrate=False`` raises :class:`~faster_diffusion.schedule.CalibrationError` instead, measuring
+    nothing."""
     from .. import reference
     from ..calibration import (
         CALIBRATION_FILE,
@@ -204,11 +206,16 @@ def prepare_key_steps(
     # Looked up for the request's sampler without touching the pipeline (the run sets it, once).
     scheduler = make_scheduler(request.sampler, pipe.scheduler.config)
     calibration = find_calibration(pipe, request.steps, scheduler, target=target)
+    of = "" if target == "encoder" else f" of {target} reuse"
+    if calibration is None and not calibrate:
+        raise CalibrationError(
+            f"key_steps 'auto': no calibration{of} of this model for {request.sampler.value} with "
+            f"{request.steps} steps is saved"
+        )
     if calibration is None:
         remove_faster_diffusion(pipe)  # calibration runs the pipeline stock, with the request's sampler
         use_sampler(pipe, request.sampler)
         prompts = len(options.get("prompts", DEFAULT_PROMPTS))
-        of = "" if target == "encoder" else f" of {target} reuse"
         log(
             f"Calibrating key steps{of} for this model ({request.sampler.value}, {request.steps} steps): a "
             f"stock run of {prompts} calibration prompts, once"

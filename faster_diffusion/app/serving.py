@@ -17,7 +17,7 @@ import inspect
 import math
 import secrets
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
@@ -27,7 +27,8 @@ import transformers
 from cog import FieldInfo
 
 from ..deep import DeepReuseConfig, deep_modules
-from ..policy import DEFAULT_KEY_STEPS, resolve_key_steps
+from ..policy import DEFAULT_KEY_STEPS, DEFAULT_MODE, resolve_key_steps
+from ..schedule import CalibrationError
 from .cancel import StoppedBetweenSteps, run_stoppable
 from .generate import (
     MAX_SEED,
@@ -49,6 +50,8 @@ from .loading import (
     without_safety_checker,
 )
 
+#: The command that puts the weights and their calibrations in place before ``cog build``.
+PREPARE_COMMAND = "script/prepare-weights"
 #: Pillow's name for each output format.
 IMAGE_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
 #: How output file names start: ``out`` alone, ``faster`` and ``stock`` when comparing.
@@ -197,16 +200,38 @@ class TextToImage:
         one chosen for a built-in reference model, as on the command line."""
         return default_guidance(self.pipe)
 
-    def prepare_default_key_steps(self, sampler: str = "DDIM-50") -> None:
-        """Calibrate ``sampler``'s default key steps now if they are ``auto`` and no calibration is saved, so
-        that the first request with the default inputs does not pay for it (the Cog setup calls this)."""
-        keys = resolve_key_steps(DEFAULT_KEY_STEPS, self.pipe, sampler)
-        request = prepare_key_steps(
-            self.pipe, GenerationRequest(prompt="-", sampler=sampler, faster=faster_config(keys))
+    def prepare_default_key_steps(self, sampler: str = "DDIM-50", *, calibrate: bool = True) -> str:
+        """The default key steps of ``sampler`` at its own step count, in the default mode
+        (:data:`~faster_diffusion.policy.DEFAULT_MODE`), described; ``auto`` ones are read from the saved
+        calibration. With none saved, ``calibrate`` makes and saves it (``script/prepare-weights``, before
+        ``cog build``); ``calibrate=False`` raises :class:`~faster_diffusion.schedule.CalibrationError`
+        instead, measuring nothing."""
+        keys = resolve_key_steps(DEFAULT_KEY_STEPS, self.pipe, sampler, mode=DEFAULT_MODE)
+        request = GenerationRequest(
+            prompt="-", sampler=sampler, faster=faster_config(keys, mode=DEFAULT_MODE)
         )
-        print(f"Default key steps for {request.sampler.value}: {request.schedule.describe()}")
+        return prepare_key_steps(self.pipe, request, calibrate=calibrate).schedule.describe()
 
-    def key_steps(self, text: str, sampler: str, mode: str = "encoder", num_steps: int | None = None) -> Any:
+    def check_default_key_steps(self, samplers: Sequence[str]) -> list[str]:
+        """What the Cog setup does about key steps: look each sampler's default up and log it, measuring
+        nothing. Returns the samplers whose calibration is missing (logged with a warning: their first
+        request calibrates first)."""
+        missing = []
+        for sampler in samplers:
+            try:
+                described = self.prepare_default_key_steps(sampler, calibrate=False)
+                print(f"Default key steps for {sampler}: {described}")
+            except CalibrationError as error:
+                missing.append(sampler)
+                print(
+                    f"Warning: {error}: the first request with the default key steps and {sampler} "
+                    f"calibrates first. Run {PREPARE_COMMAND} before cog build to put it in the image."
+                )
+        return missing
+
+    def key_steps(
+        self, text: str, sampler: str, mode: str = DEFAULT_MODE, num_steps: int | None = None
+    ) -> Any:
         """The key-step input as given, or, for ``'default'``, the policy's key steps for these weights, reuse
         ``mode`` and step count (``None``: the sampler's own), by
         :func:`~faster_diffusion.policy.resolve_key_steps`."""
