@@ -59,13 +59,13 @@ class Inputs:
         default=None,
     )
     key_steps = Input(
-        description="The steps at which the UNet encoder runs; the other steps reuse its features. 'default': 'paper' for SD v1.5 base weights, otherwise 'auto' for DDIM and 'auto:9' for DPM-Solver. 'auto' (the paper's number of key steps, placed by a calibration on the model itself, made once and saved), 'auto:B' (B key steps, placed the same way), 'paper' (the paper's key steps), 'all' (every step; with noise_injection off, the stock result), 'uniform:K' (every K-th step), or a comma-separated list of step indices that starts with 0, such as '0,1,2,3,5,10,15,25,35'. In mode 'deep', the full steps ('default': every third).",  # noqa: E501 (one literal, for cog build)
+        description="The key steps: in mode 'deep', the steps where the whole UNet runs (the others run only its shallowest layers); in mode 'encoder', the steps where the UNet encoder runs. 'default': in mode 'deep', 'auto:13' for DDIM (13 of 50, placed by a calibration on the model) and every third step for DPM-Solver; in mode 'encoder', 'paper' for SD v1.5 base weights, otherwise 'auto' for DDIM and 'auto:9' for DPM-Solver. 'auto' (the paper's number of key steps, placed by a calibration on the model itself, made once and saved), 'auto:B' (B key steps, placed the same way), 'paper' (the paper's key steps), 'all' (every step; in mode 'deep', or with noise_injection off, the stock result), 'uniform:K' (every K-th step), or a comma-separated list of step indices that starts with 0, such as '0,1,2,3,5,10,15,25,35'.",  # noqa: E501 (one literal, for cog build)
         default="default",
     )
     mode = Input(
-        description="How UNet features are reused. 'encoder': the paper's encoder propagation: at a non-key step the UNet decoder runs on the latest key step's encoder features. 'deep': deep reuse, as DeepCache does: at a partial step only the shallowest layers run and everything deeper comes from the latest full step; key_steps then says which steps are full ('default': every third step).",  # noqa: E501
+        description="How UNet features are reused. 'deep' (the default: the fastest setting that kept stock quality on both reference models): deep reuse, as DeepCache does: at a partial step only the shallowest layers run and everything deeper comes from the latest full step; key_steps says which steps are full. 'encoder': the paper's encoder propagation: at a non-key step the UNet decoder runs on the latest key step's encoder features.",  # noqa: E501
         choices=["encoder", "deep"],
-        default="encoder",
+        default="deep",
     )
     branch = Input(
         description="For mode 'deep': how deep a partial step reaches (DeepCache's cache_branch_id). 0 runs the least and is the fastest; up to 11 on SD v1.5 and 8 on SDXL (up blocks x layers per block, minus 1). Must be 0 for mode 'encoder'.",  # noqa: E501

@@ -16,7 +16,7 @@ from typing import Any
 
 from .calibration import resolve_auto
 from .deep import DeepReuseConfig, apply_deep_reuse
-from .policy import default_key_steps
+from .policy import DEFAULT_MODE, default_key_steps
 from .propagation import FasterDiffusionConfig, apply_encoder_propagation
 
 #: Applies a mode: ``apply(pipe, config, resolve_auto=...)`` attaches it and returns its handle.
@@ -43,10 +43,10 @@ def apply_faster_diffusion(pipe: Any, config: Any = None) -> Any:
     """Attach faster diffusion to a diffusers Stable Diffusion pipeline, in place, in the mode of ``config``'s
     class (:data:`MODES`). Returns a handle whose ``remove()`` takes it off again.
 
-    ``config=None`` gives the product's default, as the command line and the Cog model use it: encoder
-    propagation with :func:`faster_diffusion.policy.default_key_steps` for this pipeline and its scheduler
-    (``auto`` from the model's calibration, or the paper's preset on SD v1.5 base weights; for DPM-Solver, 9
-    key steps of its default 20). ``auto`` needs a calibration of the model for the run's sampler and step
+    ``config=None`` gives the product's default, as the command line and the Cog model use it: deep reuse
+    (:data:`faster_diffusion.policy.DEFAULT_MODE`) with :func:`faster_diffusion.policy.default_key_steps` for
+    this pipeline's scheduler (``auto:13`` with DDIM, every third step with DPM-Solver). A config of a
+    mode gives that mode; ``auto`` key steps need a calibration of the model for the run's sampler and step
     count (:func:`faster_diffusion.calibrate`); a run without one gets a clear error that says so.
 
     Example:
@@ -62,7 +62,8 @@ def apply_faster_diffusion(pipe: Any, config: Any = None) -> Any:
         >>> handle.remove()
     """
     if config is None:
-        config = FasterDiffusionConfig(key_steps=default_key_steps(pipe))
+        default = DeepReuseConfig if DEFAULT_MODE == "deep" else FasterDiffusionConfig
+        config = default(key_steps=default_key_steps(pipe, mode=DEFAULT_MODE))
     apply = MODES.get(type(config))
     if apply is None:
         known = ", ".join(cls.__name__ for cls in MODES)

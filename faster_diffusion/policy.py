@@ -1,5 +1,15 @@
-"""The key-step policy: what ``key_steps="default"`` means, decided once from the quality evidence and used by
-the library (``apply_faster_diffusion(pipe)`` with no config), the command line and the Cog model alike.
+"""The key-step policy: the default reuse mode and what ``key_steps="default"`` means, decided once from the
+quality evidence and used by the library (``apply_faster_diffusion(pipe)`` with no config), the command line
+and the Cog model alike.
+
+The default mode is deep reuse (:data:`DEFAULT_MODE`), chosen by the rule written in ``benchmarks/README.md``
+("The rule that sets the product's default"): the fastest setting measured that keeps stock quality on both
+reference models. Its full steps are, for any weights, 13 of 50 with DDIM placed by the model's own
+calibration (``auto:13``, :data:`DEEP_DDIM_FRACTION`; 3.19x end to end on the SD v1.5 architecture at 256 px
+on a 2-core CPU) and every third step with DPM-Solver (7 of 20: 2.39x), DeepCache's own interval
+(:data:`DEEP_DEFAULTS`).
+
+Encoder propagation (``mode="encoder"``), the paper's method, has its own default key steps:
 
 - SD v1.5 base weights (a weights folder whose recorded source, :data:`SOURCE_FILE`, is one of
   :data:`SD15_REPOS`): the paper's preset, which the paper's FID and CLIP scores support on exactly these
@@ -29,7 +39,7 @@ SD15_REPOS = frozenset({"stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml
 DEFAULT_KEY_STEPS = "default"
 #: The reuse mode of the product's default: the library's one-call default, the command line's and the Cog
 #: model's.
-DEFAULT_MODE = "encoder"
+DEFAULT_MODE = "deep"
 #: Key steps per step for the DPM-Solver samplers by default: 9 of 20, the smallest budget at which ``auto``
 #: stayed within noise of stock on the reference model (the paper's 7 lost 3.3 points [-7.9, +1.2];
 #: ``benchmarks/results/frontier.md``).
@@ -59,26 +69,44 @@ def sampler_of(scheduler: Any) -> Sampler | None:
     return None
 
 
-#: Full steps of deep reuse when none are given: every third, DeepCache's own default interval. Deep reuse has
-#: no calibrated default yet (``benchmarks/results/modes-frontier.md``).
+#: Full steps of deep reuse when none are given, for a sampler without an entry in :data:`DEEP_DEFAULTS`:
+#: every third, DeepCache's own default interval.
 DEEP_DEFAULT_KEY_STEPS = KeySteps.uniform(3)
+#: Deep reuse's default full steps with the DPM-Solver samplers, for any step count: every third, the fastest
+#: setting measured that stayed within noise of stock on both reference models (``benchmarks/README.md``, "The
+#: rule that sets the product's default"; ``benchmarks/results/modes-frontier*.md``).
+DEEP_DEFAULTS: dict[Sampler, KeySteps] = {
+    Sampler.DPM_SOLVER: KeySteps.uniform(3),
+    Sampler.DPM_SOLVER_PP: KeySteps.uniform(3),
+}
+#: Full steps per step of deep reuse's default with DDIM, placed by the model's ``deep:0`` calibration: 13 of
+#: 50 (``auto:13``), by the same rule; 13 uniform ones (every fourth step) were as fast and 1.2 dB less
+#: faithful to stock on the SD v1.5-layout reference model.
+DEEP_DDIM_FRACTION = 13 / 50
 
 
 def default_key_steps(
-    pipe: Any, sampler: Sampler | str | None = None, num_steps: int | None = None, mode: str = "encoder"
+    pipe: Any, sampler: Sampler | str | None = None, num_steps: int | None = None, mode: str = DEFAULT_MODE
 ) -> KeySteps:
     """The key steps used when none are given (see the module docstring). ``sampler``: the one the run
     uses; ``None`` reads it from ``pipe.scheduler``. ``num_steps``: the run's step count; ``None`` is the
-    sampler's own (20 for DPM-Solver). ``mode``: ``"deep"`` gives :data:`DEEP_DEFAULT_KEY_STEPS`."""
-    if mode == "deep":
-        return DEEP_DEFAULT_KEY_STEPS
+    sampler's own (20 for DPM-Solver). ``mode``: ``"deep"`` (the default) gives :data:`DEEP_DEFAULTS`'s entry,
+    ``"encoder"`` the paper's preset or ``auto``."""
     sampler = Sampler.parse(sampler) if sampler is not None else sampler_of(getattr(pipe, "scheduler", None))
+    if mode == "deep":
+        if sampler is Sampler.DDIM:
+            return KeySteps.auto(_budget(num_steps or sampler.default_steps, DEEP_DDIM_FRACTION))
+        return DEEP_DEFAULTS.get(sampler, DEEP_DEFAULT_KEY_STEPS)
     if read_source(weights_folder(pipe)) in SD15_REPOS:
         return KeySteps.paper()
     if sampler not in (Sampler.DPM_SOLVER, Sampler.DPM_SOLVER_PP):
         return KeySteps.auto()
-    steps = num_steps or sampler.default_steps
-    return KeySteps.auto(max(1, math.floor(steps * DPM_SOLVER_DEFAULT_FRACTION + 0.5)))
+    return KeySteps.auto(_budget(num_steps or sampler.default_steps, DPM_SOLVER_DEFAULT_FRACTION))
+
+
+def _budget(steps: int, fraction: float) -> int:
+    """``fraction`` of ``steps``, rounded half up, at least 1."""
+    return max(1, math.floor(steps * fraction + 0.5))
 
 
 def resolve_key_steps(
@@ -86,7 +114,7 @@ def resolve_key_steps(
     pipe: Any,
     sampler: Sampler | str | None = None,
     num_steps: int | None = None,
-    mode: str = "encoder",
+    mode: str = DEFAULT_MODE,
 ) -> KeySteps:
     """The one entry point for a key-step input: ``"default"`` is :func:`default_key_steps` for ``pipe``,
     ``sampler``, ``num_steps`` and ``mode``; any other text is read by :meth:`KeySteps.parse`; a

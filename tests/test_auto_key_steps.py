@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from faster_diffusion import KeySteps, apply_faster_diffusion, reference, use_sampler
+from faster_diffusion import DeepReuseConfig, KeySteps, apply_faster_diffusion, reference, use_sampler
 from faster_diffusion.app.cli import main
 from faster_diffusion.app.download import write_source
 from faster_diffusion.app.generate import GenerationRequest, faster_config
@@ -31,77 +31,81 @@ def test_the_source_of_downloaded_weights_is_recorded(tmp_path):
     assert read_source(None) is None
 
 
-def test_default_key_steps_are_the_paper_s_on_sd15_and_calibrated_elsewhere(tmp_path, reference_pipe):
+def test_default_key_steps_are_deep_reuse_s_and_encoder_propagation_keeps_its_own(tmp_path, reference_pipe):
     folder = save_tiny_weights(tmp_path / "weights", with_safety_checker=False)
     pipe = load_pipeline(folder, device="cpu", safety_checker=False)
-    assert default_key_steps(pipe, "DDIM-50") == KeySteps.auto()
-    assert default_key_steps(pipe, "DPM-Solver-20") == KeySteps.auto(9)
-    assert default_key_steps(pipe, "DPM-Solver++-20", 40) == KeySteps.auto(18)
-    assert default_key_steps(reference_pipe, "DPM-Solver-20") == KeySteps.auto(9)
+    # Deep reuse, the default mode, for any weights: auto:13 of 50 with DDIM (the fraction kept), every third
+    # step with DPM-Solver.
+    for weights in (pipe, reference_pipe):
+        assert default_key_steps(weights, "DDIM-50") == KeySteps.auto(13)
+        assert default_key_steps(weights, "DDIM-50", 30) == KeySteps.auto(8)
+        assert default_key_steps(weights, "DPM-Solver-20") == KeySteps.uniform(3)
+        assert default_key_steps(weights, "DPM-Solver++-20", 40) == KeySteps.uniform(3)
+    # Encoder propagation: the paper's preset on SD v1.5 base weights, else auto (9 of 20 for DPM-Solver).
+    assert default_key_steps(pipe, "DDIM-50", mode="encoder") == KeySteps.auto()
+    assert default_key_steps(pipe, "DPM-Solver-20", mode="encoder") == KeySteps.auto(9)
+    assert default_key_steps(pipe, "DPM-Solver++-20", 40, mode="encoder") == KeySteps.auto(18)
     write_source(folder, "someone/sd15-finetune")
-    assert default_key_steps(pipe, "DDIM-50") == KeySteps.auto()
+    assert default_key_steps(pipe, "DDIM-50", mode="encoder") == KeySteps.auto()
     write_source(folder, SD15)
-    assert default_key_steps(pipe, "DDIM-50") == KeySteps.paper()
-    assert default_key_steps(pipe, "DPM-Solver-20") == KeySteps.paper()
+    assert default_key_steps(pipe, "DDIM-50", mode="encoder") == KeySteps.paper()
+    assert default_key_steps(pipe, "DPM-Solver-20", mode="encoder") == KeySteps.paper()
+    assert default_key_steps(pipe, "DDIM-50") == KeySteps.auto(13)  # deep reuse's: the same for every weights
 
 
 def test_apply_with_no_config_gives_the_product_s_default(tmp_path, reference_pipe):
-    """One call gives a diffusers user what the command line and Cog use: the same policy, read from the
-    pipeline's weights and scheduler (DPM-Solver's default is for its own 20 steps)."""
-    for sampler, steps, expected in [
-        ("DDIM-50", 50, KeySteps.auto()),
-        ("DPM-Solver-20", 20, KeySteps.auto(9)),
+    """One call gives a diffusers user what the command line and Cog use: deep reuse with the policy's full
+    steps, read from the pipeline's scheduler; auto:13 from the model's deep:0 calibration."""
+    for sampler, steps, expected, full in [
+        ("DDIM-50", 50, KeySteps.auto(13), 13),
+        ("DPM-Solver-20", 20, KeySteps.uniform(3), 7),
     ]:
         use_sampler(reference_pipe, sampler)
         with apply_faster_diffusion(reference_pipe) as handle:
+            assert isinstance(handle.config, DeepReuseConfig)
             assert handle.config.key_steps == expected == default_key_steps(reference_pipe, sampler)
             reference_pipe("a large red circle", num_inference_steps=steps, output_type="latent")
-            assert handle.last_run.encoder_passes == 9  # DDIM-50's paper budget; DPM-Solver's 9 of 20
-            assert handle.last_run.schedule.describe().startswith("auto")
+            assert handle.last_run.encoder_passes == full
+            assert handle.last_run.schedule.describe().startswith(str(expected))
     use_sampler(reference_pipe, "DDIM-50")
-    folder = save_tiny_weights(tmp_path / "weights", with_safety_checker=False)
-    write_source(folder, SD15)
-    pipe = load_pipeline(folder, device="cpu", safety_checker=False)
-    use_sampler(pipe, "DDIM-50")
-    with apply_faster_diffusion(pipe) as handle:
-        assert handle.config.key_steps == KeySteps.paper()
 
 
 def test_cli_default_on_new_weights_calibrates_once_says_so_and_saves_it(tmp_path, capsys):
+    """Deep reuse's auto:13 of 50 with DDIM, at 10 steps auto:3, calibrated (target deep:0) on first use."""
     weights = save_tiny_weights(tmp_path / "weights", with_safety_checker=False)
-    argv = [
-        "a red circle",
-        "--weights",
-        str(weights),
-        "--sampler",
-        "DPM-Solver-20",
-        "--out",
-        str(tmp_path / "o"),
-    ]
+    argv = ["a red circle", "--weights", str(weights), "--steps", "10", "--out", str(tmp_path / "o")]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "Calibrating key steps for this model (DPM-Solver-20, 20 steps)" in out
+    assert "Calibrating key steps of deep:0 reuse for this model (DDIM-50, 10 steps)" in out
     assert f"; saved in {weights / CALIBRATION_FILE}" in out
-    assert "Key steps: auto:9, calibrated by feature error on 4 prompts" in out
-    assert "9 of 20 steps are key steps" in out
-    assert "9 encoder / 20 decoder passes" in out
+    assert "Key steps: auto:3, calibrated by prediction error of deep:0 reuse on 4 prompts" in out
+    assert "3 full / 7 partial UNet passes" in out
     (saved,) = load_calibrations(weights)
-    assert saved.num_steps == 20 and (weights / CALIBRATION_FILE).is_file()
+    assert (saved.num_steps, saved.target) == (10, "deep:0") and (weights / CALIBRATION_FILE).is_file()
     # A new process (a new pipeline) finds the saved calibration and does not calibrate again.
     assert main(argv) == 0
     again = capsys.readouterr().out
     assert "Calibrating" not in again
-    assert f"are key steps {list(saved.indices(9))}" in again
+    assert f"are key steps {list(saved.indices(3))}" in again
+    # Encoder propagation's default calibrates its own target.
+    assert main([*argv, "--mode", "encoder", "--sampler", "DPM-Solver-20"]) == 0
+    out = capsys.readouterr().out
+    assert "Calibrating key steps for this model (DPM-Solver-20, 10 steps)" in out
+    assert "Key steps: auto:5, calibrated by feature error on 4 prompts" in out  # 9/20 of 10, rounded
 
 
 def test_cli_auto_on_the_reference_model_uses_its_committed_calibration(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FASTER_DIFFUSION_WEIGHTS", str(tmp_path / "empty"))
-    argv = [reference.EXAMPLE_PROMPT, "--out", str(tmp_path / "out"), "--key-steps", "auto"]
-    assert main(argv) == 0
+    argv = [reference.EXAMPLE_PROMPT, "--out", str(tmp_path / "out")]
+    assert main([*argv, "--mode", "encoder", "--key-steps", "auto"]) == 0
     out = capsys.readouterr().out
     assert "Calibrating" not in out
     assert "Key steps: auto, calibrated by feature error on 16 prompts (one seed each)" in out
     assert "9 of 50 steps are key steps [0, 4, 8, 13, 19, 26, 32, 38, 44]" in out
+    assert main(argv) == 0  # the default: deep reuse, auto:13
+    out = capsys.readouterr().out
+    assert "Calibrating" not in out
+    assert "Key steps: auto:13, calibrated by prediction error of deep:0 reuse on 16 prompts" in out
 
 
 @pytest.mark.parametrize(
@@ -120,15 +124,17 @@ def test_cli_rejects_a_bad_auto_budget_clearly(key_steps, message, tmp_path, mon
 def test_the_cog_model_resolves_default_and_auto_key_steps(tmp_path, capsys):
     folder = save_tiny_weights(tmp_path / "weights", with_safety_checker=False)
     model = TextToImage.load(folder)
-    assert model.key_steps("default", "DDIM-50") == KeySteps.auto()
-    assert model.key_steps(" DEFAULT ", "DPM-Solver-20") == KeySteps.auto(9)
+    assert model.key_steps("default", "DDIM-50") == KeySteps.auto(13)
+    assert model.key_steps(" DEFAULT ", "DPM-Solver-20") == KeySteps.uniform(3)
+    assert model.key_steps("default", "DDIM-50", "encoder") == KeySteps.auto()
+    assert model.key_steps(" DEFAULT ", "DPM-Solver-20", "encoder") == KeySteps.auto(9)
     assert model.key_steps("uniform:3", "DDIM-50") == "uniform:3"
     request = GenerationRequest(
         prompt="a red circle",
         sampler="DPM-Solver-20",
         width=16,
         height=16,
-        faster=faster_config(model.key_steps("default", "DPM-Solver-20")),
+        faster=faster_config(model.key_steps("default", "DPM-Solver-20", "encoder")),
     )
     outcome = model.generate(request, safety_checker=False)
     out = capsys.readouterr().out
@@ -144,7 +150,7 @@ def test_auto_on_the_reference_model_never_writes_into_the_package(tmp_path, mon
     argv = [reference.EXAMPLE_PROMPT, "--out", str(tmp_path / "out"), "--steps", "6", "--key-steps", "auto:3"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "Calibrating key steps for this model (DDIM-50, 6 steps): a stock run of 16 calibration" in out
+    assert "Calibrating key steps of deep:0 reuse for this model (DDIM-50, 6 steps): a stock run of 16" in out
     assert "; kept for this process" in out
     assert (reference.MODEL_DIR / CALIBRATION_FILE).read_bytes() == saved
 
@@ -207,12 +213,13 @@ def test_the_cog_setup_measures_nothing_and_prepare_weights_calibrates_every_def
     assert prepare.main([]) == 0  # again: nothing to do
     assert "Calibrating" not in capsys.readouterr().out
 
-    write_source(folder, SD15)
+    write_source(folder, SD15)  # deep reuse's defaults are the same on SD v1.5's weights
     (folder / CALIBRATION_FILE).unlink()
     predict.Predictor().setup()
     out = capsys.readouterr().out
-    assert "Calibrating" not in out and "Warning" not in out
-    assert not (folder / CALIBRATION_FILE).exists()
+    assert "Calibrating" not in out and not (folder / CALIBRATION_FILE).exists()
+    assert "Warning: key_steps 'auto': no calibration of deep:0 reuse of this model for DDIM-50" in out
+    assert "Default key steps for DPM-Solver-20: uniform:3: 7 of 20 steps are key steps" in out
 
 
 def test_prepare_weights_downloads_into_an_empty_folder_first_and_fails_clearly(

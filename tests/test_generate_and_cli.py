@@ -118,7 +118,7 @@ def test_cli_compare_on_a_weights_folder(tmp_path, capsys):
     weights = save_tiny_weights(tmp_path / "weights", with_safety_checker=True)
     out_dir = str(tmp_path / "out")
     argv = ["a red circle", "--weights", str(weights), "--compare", "--out", out_dir, "--seed", "7"]
-    argv += ["--key-steps", "paper"]
+    argv += ["--mode", "encoder", "--key-steps", "paper"]
     code = main([*argv, "--sampler", "DPM-Solver-20", "--num-outputs", "2"])
     out = capsys.readouterr().out
     assert code == 0
@@ -151,7 +151,7 @@ def test_cli_without_weights_says_it_uses_the_reference_model(tmp_path, monkeypa
         (["--noise-strength", "-1"], "error: --noise-strength must be >= 0"),
         (["--weights", "/nonexistent/sd"], "error: No weights folder at /nonexistent/sd. Fill it with"),
         (["--mode", "deep", "--branch", "6"], "error: --branch: branch must be a whole number from 0 to 5"),
-        (["--branch", "1"], "error: --branch applies to --mode deep only"),
+        (["--mode", "encoder", "--branch", "1"], "error: --branch applies to --mode deep only"),
         (["--mode", "deep", "--sequential"], "error: --sequential and --max-decoder-batch apply to --mode"),
     ],
 )

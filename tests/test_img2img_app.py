@@ -396,7 +396,7 @@ def test_run_with_an_image_that_cannot_be_used_fails_naming_it(tmp_path):
             ["--image", "{tmp}/in.png", "--width", "64"],
             "error: --width and --height do not apply with --image",
         ),
-        (["--image", "{tmp}/missing.png"], "error: image: no such file: {tmp}/missing.png"),
+        (["--image", "{tmp}/missing.png"], "error: --image: no such file: {tmp}/missing.png"),
         (
             ["--image", "{tmp}/in.png", "--strength", "1.5"],
             "error: --strength must be between 0 and 1, got 1.5",
@@ -405,7 +405,7 @@ def test_run_with_an_image_that_cannot_be_used_fails_naming_it(tmp_path):
             ["--image", "{tmp}/in.png", "--strength", "0.01"],
             "error: --strength 0.01 with 50 steps runs no step",
         ),
-        (["--image", "{tmp}/small.png"], "error: image ({tmp}/small.png): 24x64 px is too small"),
+        (["--image", "{tmp}/small.png"], "error: --image ({tmp}/small.png): 24x64 px is too small"),
     ],
 )
 def test_cli_rejects_bad_image_arguments_clearly(argv, message, tmp_path, capsys, monkeypatch):
@@ -428,6 +428,8 @@ def test_cli_image_to_image_says_what_ran(tmp_path, capsys):
         str(image),
         "--strength",
         "1",
+        "--mode",
+        "encoder",
         "--key-steps",
         "all",
         "--no-noise-injection",
@@ -483,7 +485,8 @@ def test_cli_image_to_image_below_strength_1_compares_with_stock(tmp_path, capsy
     weights = save_tiny_weights(tmp_path / "weights", with_safety_checker=False)
     image = saved(noise_image(64, 64), tmp_path / "in.png")
     argv = ["a red circle", "--weights", str(weights), "--out", str(tmp_path / "out"), "--steps", "8"]
-    argv += ["--image", str(image), "--strength", "0.375", "--key-steps", "all", "--no-noise-injection"]
+    argv += ["--image", str(image), "--strength", "0.375", "--mode", "encoder", "--key-steps", "all"]
+    argv += ["--no-noise-injection"]
 
     assert main([*argv, "--compare"]) == 0
     out = capsys.readouterr().out

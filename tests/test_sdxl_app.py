@@ -386,8 +386,9 @@ def test_the_cli_runs_sdxl_at_the_models_size_with_the_checker(checked_sdxl_weig
 def test_sdxl_default_key_steps_are_calibrated(sdxl_weights, tmp_path):
     folder = Path(shutil.copytree(sdxl_weights, tmp_path / "sdxl"))
     model = TextToImage.load(folder)
-    assert model.key_steps(DEFAULT_KEY_STEPS, "DDIM-50") == KeySteps.auto()
-    assert default_key_steps(model.pipe, "DPM-Solver-20") == KeySteps.auto(9)
+    assert model.key_steps(DEFAULT_KEY_STEPS, "DDIM-50") == KeySteps.auto(13)
+    assert model.key_steps(DEFAULT_KEY_STEPS, "DDIM-50", "encoder") == KeySteps.auto()
+    assert default_key_steps(model.pipe, "DPM-Solver-20", mode="encoder") == KeySteps.auto(9)
 
     request = tiny_request(num_steps=6, faster=faster_config(KeySteps.auto(3)))
     outcome = model.generate(request)

@@ -28,7 +28,7 @@ from faster_diffusion import (
     reference,
 )
 from faster_diffusion.app.cancel import StoppedBetweenSteps, run_stoppable
-from faster_diffusion.app.generate import MAX_SEED, GenerationRequest, generate
+from faster_diffusion.app.generate import MAX_SEED, MODE_NAMES, GenerationRequest, generate
 from faster_diffusion.app.serving import (
     IMAGE_FORMATS,
     NSFWError,
@@ -37,7 +37,7 @@ from faster_diffusion.app.serving import (
     check_inputs,
     save_images,
 )
-from faster_diffusion.policy import DEFAULT_KEY_STEPS
+from faster_diffusion.policy import DEFAULT_KEY_STEPS, DEFAULT_MODE
 from fixtures.tiny import (
     build_tiny_pipeline,
     make_safety_checker_flag_everything,
@@ -99,6 +99,7 @@ def test_input_limits_agree_with_the_core():
     assert inputs.sampler.choices == [sampler.value for sampler in Sampler]
     assert Sampler.parse(inputs.sampler.default)
     assert inputs.key_steps.default == DEFAULT_KEY_STEPS
+    assert (inputs.mode.default, inputs.mode.choices) == (DEFAULT_MODE, list(MODE_NAMES))
     assert inputs.noise_strength.default == PRIOR_NOISE_ALPHA
     assert inputs.noise_threshold.default == PRIOR_NOISE_TAU
     assert (inputs.seed.ge, inputs.seed.le) == (0, MAX_SEED)
@@ -202,10 +203,11 @@ def test_apply_watermark_reaches_the_request():
 
 
 def test_max_decoder_batch_0_is_automatic_and_a_number_caps_the_decoder_batch():
-    assert run_request(max_decoder_batch=0).faster.max_decoder_batch == "auto"
-    capped = run_request(max_decoder_batch=5).faster
+    assert run_request(mode="encoder", max_decoder_batch=0).faster.max_decoder_batch == "auto"
+    capped = run_request(mode="encoder", max_decoder_batch=5).faster
     assert (capped.max_decoder_batch, capped.decoder_batch_cap) == (5, 5)
-    assert run_request(max_decoder_batch=5, parallel_decoder=False).faster.decoder_batch_cap == 1
+    sequential = run_request(mode="encoder", max_decoder_batch=5, parallel_decoder=False).faster
+    assert sequential.decoder_batch_cap == 1
 
 
 def test_num_inference_steps_sets_the_request_s_step_count_and_blank_is_the_sampler_s():
@@ -242,9 +244,12 @@ def test_the_reference_model_refuses_sizes_it_was_not_trained_for_naming_the_inp
 
 def test_the_default_key_steps_follow_the_step_count_asked(tmp_path):
     model = TextToImage(build_tiny_pipeline(0))
-    assert model.key_steps("default", "DPM-Solver-20") == KeySteps.auto(9)
-    assert model.key_steps("default", "DPM-Solver-20", num_steps=30) == KeySteps.auto(14)  # 9/20 of 30
-    assert model.key_steps("default", "DDIM-50", num_steps=30) == KeySteps.auto()
+    assert model.key_steps("default", "DDIM-50") == KeySteps.auto(13)
+    assert model.key_steps("default", "DDIM-50", num_steps=30) == KeySteps.auto(8)  # 13/50 of 30
+    assert model.key_steps("default", "DPM-Solver-20", num_steps=30) == KeySteps.uniform(3)
+    assert model.key_steps("default", "DPM-Solver-20", "encoder") == KeySteps.auto(9)
+    assert model.key_steps("default", "DPM-Solver-20", "encoder", num_steps=30) == KeySteps.auto(14)  # 9/20
+    assert model.key_steps("default", "DDIM-50", "encoder", num_steps=30) == KeySteps.auto()
 
 
 def test_mode_deep_gives_deep_reuse_with_its_branch_and_forecast():
@@ -253,16 +258,20 @@ def test_mode_deep_gives_deep_reuse_with_its_branch_and_forecast():
     assert (faster.branch, faster.forecast, faster.key_steps) == (3, 1, KeySteps.uniform(4))
     assert not faster.noise_injection.enabled  # deep reuse's own default
     assert run_request(mode="deep").faster.key_steps == KeySteps.uniform(3)  # the mode's default
-    encoder = run_request(forecast=True).faster
+    assert isinstance(run_request().faster, DeepReuseConfig)  # the default mode
+    encoder = run_request(mode="encoder", forecast=True).faster
     assert isinstance(encoder, FasterDiffusionConfig) and encoder.forecast == 1
 
 
 @pytest.mark.parametrize(
     ("inputs", "message"),
     [
-        ({"branch": 2}, "branch applies to mode 'deep' only, got branch 2 with mode 'encoder'"),
         (
-            {"mode": "deep", "max_decoder_batch": 4},
+            {"mode": "encoder", "branch": 2},
+            "branch applies to mode 'deep' only, got branch 2 with mode 'encoder'",
+        ),
+        (
+            {"max_decoder_batch": 4},
             "max_decoder_batch applies to mode 'encoder' only (deep reuse runs one step at a time), got 4",
         ),
         ({"mode": "cache"}, "mode must be one of 'encoder', 'deep', got 'cache'"),
@@ -607,7 +616,7 @@ def test_a_request_looks_its_calibration_up_once_and_attaches_once(tmp_path, mon
 
     folder = save_tiny_weights(tmp_path / "weights", with_safety_checker=False)
     model = TextToImage.load(folder)
-    model.prepare_default_key_steps("DPM-Solver-20")  # calibrates once, as script/prepare-weights does
+    model.prepare_default_key_steps("DDIM-50")  # calibrates deep:0 once, as script/prepare-weights does
     assert "Calibrating" in capsys.readouterr().out
     calls = {"find": 0, "apply": 0, "use_sampler": 0}
 
@@ -625,8 +634,8 @@ def test_a_request_looks_its_calibration_up_once_and_attaches_once(tmp_path, mon
         generate_module, "apply_faster_diffusion", counting("apply", generate_module.apply_faster_diffusion)
     )
     monkeypatch.setattr(generate_module, "use_sampler", counting("use_sampler", generate_module.use_sampler))
-    request = tiny_request(sampler="DPM-Solver-20", faster=FasterDiffusionConfig(key_steps=KeySteps.auto(9)))
+    request = tiny_request(faster=DeepReuseConfig(key_steps=KeySteps.auto(13)))
     outcome = model.generate(request, safety_checker=False, compare=True)
     assert calls == {"find": 1, "apply": 1, "use_sampler": 3}
-    assert outcome.faster.stats.encoder_passes == 9
+    assert outcome.faster.stats.encoder_passes == 13
     assert "Calibrating" not in capsys.readouterr().out

@@ -19,7 +19,7 @@ import torch
 from .. import reference
 from ..deep import deep_modules
 from ..noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU
-from ..policy import DEFAULT_KEY_STEPS, resolve_key_steps
+from ..policy import DEFAULT_KEY_STEPS, DEFAULT_MODE, resolve_key_steps
 from ..reference import shapes
 from ..samplers import Sampler
 from ..schedule import ACCEPTED_FORMS, KeyStepError, KeyStepKind, KeySteps
@@ -88,15 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--key-steps",
         default=DEFAULT_KEY_STEPS,
-        help=f"key steps: {ACCEPTED_FORMS}; default: 'paper' for SD v1.5 base weights, otherwise 'auto' "
-        "(DDIM) or 'auto:9' (DPM-Solver, 20 steps), see the README",
+        help=f"key steps (with --mode deep, the full steps): {ACCEPTED_FORMS}; default: --mode deep: "
+        "auto:13 (DDIM, 50 steps) or uniform:3 (DPM-Solver); --mode encoder: 'paper' for SD v1.5 base "
+        "weights, otherwise 'auto' (DDIM) or 'auto:9' (DPM-Solver, 20 steps); see the README",
     )
     parser.add_argument(
         "--mode",
         choices=MODE_NAMES,
-        default="encoder",
-        help="encoder: the paper's encoder propagation; deep: deep reuse (only the shallowest layers run at "
-        "a partial step, as DeepCache; the key steps are the full steps)",
+        default=DEFAULT_MODE,
+        help="deep: deep reuse (only the shallowest layers run at a partial step, as DeepCache; the key "
+        f"steps are the full steps); encoder: the paper's encoder propagation (default: {DEFAULT_MODE})",
     )
     parser.add_argument(
         "--branch",
