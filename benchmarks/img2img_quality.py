@@ -7,9 +7,10 @@ Protocol (fixed before any result was seen):
   pair i) of the prompt of ANOTHER held-out combination: combo (i + 1) mod 80 of the list, i.e. the next one.
   The image-to-image prompt is pair i's own prompt. So the run must change the image into the prompt.
 - Strengths 0.8 (Replicate's default) and 0.6. Samplers DDIM-50 and DPM-Solver-20.
-- Configurations: ``stock`` (no faster diffusion), ``default`` (the product's default key steps for the
-  reference model: ``faster_diffusion.policy.default_key_steps(pipe, sampler)``, i.e. auto for DDIM,
-  auto:9 for DPM-Solver, from the committed calibration), ``paper`` (KeySteps.paper()); noise injection on
+- Configurations: ``stock`` (no faster diffusion), ``default`` (encoder propagation's default key steps for
+  the reference model: ``faster_diffusion.policy.default_key_steps(pipe, sampler, mode="encoder")``, i.e. auto
+  for DDIM, auto:9 for DPM-Solver, from the committed calibration; the product's default until deep reuse
+  became it), ``paper`` (KeySteps.paper()); noise injection on
   (the default) for the accelerated ones. Image-to-image pipeline built with ``image_to_image_pipeline(pipe)``
   from the loaded reference pipeline.
 - Metrics per sampler x strength x configuration: faithfulness (classifier reads all 5 attributes of pair i's
@@ -98,7 +99,7 @@ def configs_for(pipe, sampler: Sampler) -> list[Config]:
     """``stock``, the product's ``default`` key steps for ``pipe`` and ``sampler``, and ``paper``."""
     return [
         Config("stock", None),
-        Config("default", default_key_steps(pipe, sampler)),
+        Config("default", default_key_steps(pipe, sampler, mode="encoder")),
         Config("paper", KeySteps.paper()),
     ]
 
