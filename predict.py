@@ -141,6 +141,16 @@ class Inputs:
         description="SDXL: mark the images with diffusers' invisible watermark, as Replicate's SDXL model does. Turn it off to leave them unmarked. SD 1.x/2.x images are never marked.",  # noqa: E501
         default=True,
     )
+    lora_weights = Input(
+        description="LoRA weights to use: a URL or a path to a .safetensors LoRA in the diffusers or kohya format, for the loaded model's family (an SD 1.5 LoRA on SD 1.x weights, an SDXL LoRA on SDXL). Leave blank for none. A URL is downloaded once and kept. With 'auto' key steps, the LoRA'd model is calibrated on its first use at each lora_scale (a stock run of the calibration prompts), never served the base model's calibration.",  # noqa: E501
+        default=None,
+    )
+    lora_scale = Input(
+        description="LoRA additive scale, from 0 (the model without the LoRA) to 1. Only applicable with lora_weights.",  # noqa: E501
+        ge=0.0,
+        le=1.0,
+        default=0.6,
+    )
     compare_with_baseline = Input(
         description="Also run stock diffusers with the same seed. The output then holds both sets of images, named faster-0, faster-1, ... and stock-0, stock-1, ... (the number is the image's number in its run; uploaded outputs can come back in any order), and the log prints both timings and the speedup.",  # noqa: E501
         default=False,
@@ -190,6 +200,8 @@ class Predictor(BaseRunner):
         output_quality: int = Inputs.output_quality,
         disable_safety_checker: bool = Inputs.disable_safety_checker,
         apply_watermark: bool = Inputs.apply_watermark,
+        lora_weights: str | None = Inputs.lora_weights,
+        lora_scale: float = Inputs.lora_scale,
         compare_with_baseline: bool = Inputs.compare_with_baseline,
     ) -> list[Path]:
         """Generate images with faster diffusion (and with stock diffusers too, when comparing)."""
@@ -230,7 +242,11 @@ class Predictor(BaseRunner):
         if unused is not None:
             print(unused)
         outcome = self.model.generate(
-            request, safety_checker=not disable_safety_checker, compare=compare_with_baseline
+            request,
+            safety_checker=not disable_safety_checker,
+            compare=compare_with_baseline,
+            lora_weights=lora_weights,
+            lora_scale=lora_scale,
         )
         for name, value in outcome.metrics.items():
             self.record_metric(name, value)

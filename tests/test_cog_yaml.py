@@ -167,7 +167,7 @@ def test_the_image_runs_what_the_tests_run_except_torch_and_xformers():
 
     assert "xformers" not in cpu and "cog" not in gpu
     assert build["sdk_version"] == cpu["cog"]
-    image_only = {"torch", "xformers", "invisible-watermark"}  # the watermark: SDXL's, in the image only
+    image_only = {"torch", "xformers", "invisible_watermark"}  # the watermark: SDXL's, in the image only
     for name in sorted(set(gpu) - image_only):
         assert gpu[name] == cpu.get(name), f"{name}: {gpu[name]} in the image, {cpu.get(name)} in the tests"
 

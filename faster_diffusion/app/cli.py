@@ -50,6 +50,7 @@ from .loading import (
     load_pipeline,
     model_size,
 )
+from .lora import CACHE_ENV, DEFAULT_SCALE, check_lora_file, check_scale, fetch_lora, use_lora
 from .threads import fit_torch_threads
 
 #: The flag of each field that the library's error messages name: :func:`main` prints an error that starts
@@ -61,6 +62,8 @@ FIELD_FLAGS = {
     "guidance_scale": "--guidance-scale",
     "num_outputs": "--num-outputs",
     "key_steps": "--key-steps",
+    "lora_weights": "--lora",
+    "lora_scale": "--lora-scale",
     "num_steps": "--steps",
     "strength": "--strength",
     "sampler": "--sampler",
@@ -165,6 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"classifier-free guidance (default: {DEFAULT_GUIDANCE}; the built-in reference models' own, "
         f"{reference.GUIDANCE_SCALE} and {reference.SD15_LAYOUT_GUIDANCE_SCALE}, as the Cog model's)",
     )
+    parser.add_argument(
+        "--lora",
+        default=None,
+        help="LoRA weights: a URL or a path to a .safetensors LoRA (diffusers or kohya format) for the "
+        f"model's family; a URL is downloaded once, into ${CACHE_ENV} or ~/.cache/faster_diffusion/lora",
+    )
+    parser.add_argument(
+        "--lora-scale",
+        type=float,
+        default=None,
+        help=f"with --lora: the LoRA's additive scale, 0 (none) to 1 (default: {DEFAULT_SCALE})",
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNG files")
     parser.add_argument(
         "--weights",
@@ -252,6 +267,18 @@ def _check_flags(args: argparse.Namespace, image) -> None:
         if keys.kind is not KeyStepKind.AUTO:
             keys.resolve(given.steps, start=first)
     _check_device(args.device)
+    _check_lora(args)
+
+
+def _check_lora(args: argparse.Namespace) -> None:
+    """Refuse --lora-scale without --lora, a scale out of bounds, and a --lora that cannot be fetched or is
+    not a LoRA file, before the model loads (a URL is downloaded now, into the cache the load reads)."""
+    if args.lora is None:
+        if args.lora_scale is not None:
+            raise ValueError("--lora-scale applies only with --lora")
+        return
+    check_scale(DEFAULT_SCALE if args.lora_scale is None else args.lora_scale)
+    check_lora_file(fetch_lora(args.lora), args.lora)
 
 
 def _check_device(device: str | None) -> None:
@@ -328,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
             noise_threshold=args.noise_threshold,
         )
         pipe, source, is_reference = _load(args)
+        if args.lora is not None:  # before the key steps: 'auto' is placed for the LoRA'd model
+            use_lora(pipe, args.lora, DEFAULT_SCALE if args.lora_scale is None else args.lora_scale)
         if args.mode == "deep":
             try:
                 deep_modules(pipe.unet, args.branch)

@@ -27,6 +27,7 @@ from ..samplers import Sampler, make_scheduler, use_sampler
 from ..schedule import CalibrationError, KeyStepKind, KeySteps, KeyStepSchedule
 from .images import MAX_PIXELS, MAX_SIDE, prepare_image, prepare_mask
 from .loading import safety_check_of
+from .lora import loaded_lora
 
 #: Largest seed accepted (torch generators take 64-bit seeds; this keeps seeds printable and portable).
 MAX_SEED = 2**32 - 1
@@ -183,7 +184,8 @@ def prepare_key_steps(
     request's sampler without changing the pipeline. Calibrates the model first when none for its sampler and
     step count is saved (the one case that sets the pipeline's sampler here), and says how long that took;
     with ``calibrate=False`` raises :class:`~faster_diffusion.schedule.CalibrationError` instead, measuring
-    nothing."""
+    nothing. A pipeline that carries a LoRA (:mod:`.lora`) is another model to the calibration: it is
+    calibrated for itself and kept for this process, never saved into the base weights' file."""
     from .. import reference
     from ..calibration import (
         CALIBRATION_FILE,
@@ -202,6 +204,11 @@ def prepare_key_steps(
         # A built-in model's folder is package data: its saved calibrations are those that
         # training/calibrate_reference.py made; one for another step count is kept for this process only.
         options = {**reference.calibration_options(folder), "save": False}
+    lora = loaded_lora(pipe)
+    if lora is not None:
+        # lora.py names the adapter after the file and the scale, so the LoRA'd UNet's fingerprint is its own:
+        # the base weights' calibration is never found for it. Its own is not written into their folder.
+        options["save"] = False
     target = getattr(request.faster, "calibration_target", "encoder")  # a registered mode may have none
     # Looked up for the request's sampler without touching the pipeline (the run sets it, once).
     scheduler = make_scheduler(request.sampler, pipe.scheduler.config)
@@ -216,8 +223,9 @@ def prepare_key_steps(
         remove_faster_diffusion(pipe)  # calibration runs the pipeline stock, with the request's sampler
         use_sampler(pipe, request.sampler)
         prompts = len(options.get("prompts", DEFAULT_PROMPTS))
+        model = "this model" if lora is None else f"this model with the LoRA {lora.describe()}"
         log(
-            f"Calibrating key steps{of} for this model ({request.sampler.value}, {request.steps} steps): a "
+            f"Calibrating key steps{of} for {model} ({request.sampler.value}, {request.steps} steps): a "
             f"stock run of {prompts} calibration prompts, once"
         )
         started = time.perf_counter()

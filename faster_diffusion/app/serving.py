@@ -49,6 +49,7 @@ from .loading import (
     model_size,
     without_safety_checker,
 )
+from .lora import DEFAULT_SCALE, use_lora
 
 #: The command that puts the weights and their calibrations in place before ``cog build``.
 PREPARE_COMMAND = "script/prepare-weights"
@@ -265,12 +266,25 @@ class TextToImage:
         return cls(pipe)
 
     def generate(
-        self, request: GenerationRequest, *, safety_checker: bool = True, compare: bool = False
+        self,
+        request: GenerationRequest,
+        *,
+        safety_checker: bool = True,
+        compare: bool = False,
+        lora_weights: str | None = None,
+        lora_scale: float = DEFAULT_SCALE,
     ) -> Outcome:
         """Run ``request`` with faster diffusion and, when ``compare``, with stock diffusers (same seed).
 
+        ``lora_weights`` (a URL or a path to a ``.safetensors`` LoRA; ``None`` or blank: none) is put on the
+        pipeline at ``lora_scale`` first, or kept if it is there already at that scale, and ``auto`` key steps
+        are placed for the LoRA'd model (:func:`~faster_diffusion.app.lora.use_lora`; the pipeline without the
+        safety checker shares the modules). A LoRA that cannot be used raises
+        :class:`~faster_diffusion.app.lora.LoraError`, a ``ValueError`` naming the input.
+
         Images flagged by the safety checker are dropped; :class:`NSFWError` if that leaves none.
         """
+        use_lora(self.pipe, lora_weights, lora_scale)
         if isinstance(request.faster, DeepReuseConfig):
             try:
                 deep_modules(self.pipe.unet, request.faster.branch)
