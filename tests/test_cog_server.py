@@ -53,10 +53,10 @@ def same_pixels(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
 @pytest.mark.parametrize(
     ("sampler", "output_format", "width", "height", "key_steps"),
     [
-        # The default key steps on weights other than SD v1.5: auto, 9 of 50 (DDIM) and 9 of 20 (DPM-Solver).
-        ("DDIM-50", "png", 64, 64, 9),
-        ("DPM-Solver-20", "jpg", 128, 64, 9),
-        ("DPM-Solver++-20", "webp", 64, 96, 9),
+        # The default, deep reuse: auto:13 of 50 full passes (DDIM), every third of 20 (DPM-Solver).
+        ("DDIM-50", "png", 64, 64, 13),
+        ("DPM-Solver-20", "jpg", 128, 64, 7),
+        ("DPM-Solver++-20", "webp", 64, 96, 7),
     ],
 )
 def test_each_sampler_returns_images_of_the_requested_size_and_format(
@@ -139,7 +139,9 @@ def test_num_inference_steps_runs_that_many_steps_with_key_steps_calibrated_and_
 
     assert prediction["status"] == "succeeded", prediction.get("error")
     assert prediction["metrics"]["decoder_passes"] == 12
-    assert "Calibrating key steps for this model (DDIM-50, 12 steps)" in prediction["logs"]
+    # The default, deep reuse's auto:13 of 50, keeps its fraction: auto:3 of 12, calibrated for deep:0 reuse.
+    assert "Calibrating key steps of deep:0 reuse for this model (DDIM-50, 12 steps)" in prediction["logs"]
+    assert prediction["metrics"]["encoder_passes"] == 3
     assert 12 in [c.num_steps for c in load_calibrations(server.weights)]
     again = server.predict(**SMALL, num_inference_steps=12, seed=3)
     assert "Calibrating" not in again["logs"] and same_pixels(pixels(again), pixels(prediction))
@@ -164,7 +166,10 @@ def test_mode_deep_runs_deep_reuse_and_every_step_full_gives_the_stock_pixels(se
     ("bad", "message"),
     [
         (dict(mode="deep", branch=11), "branch: branch must be a whole number from 0 to 5 for this UNet"),
-        (dict(branch=1), "branch applies to mode 'deep' only, got branch 1 with mode 'encoder'"),
+        (
+            dict(mode="encoder", branch=1),
+            "branch applies to mode 'deep' only, got branch 1 with mode 'encoder'",
+        ),
         (dict(key_steps="0,2,x"), "key_steps: invalid value '0,2,x'"),
         (dict(key_steps="0,60"), "key_steps: index 60 is out of range for 50 steps"),
         (dict(width=100), "width must be a multiple of 8, got 100"),
@@ -204,7 +209,7 @@ def test_a_canceled_async_prediction_stops_between_steps_and_the_server_carries_
     assert stopped and 1 <= int(stopped.group(1)) < 50, ended["logs"]
     after = server.predict(**SMALL)
     assert after["status"] == "succeeded"
-    assert (after["metrics"]["encoder_passes"], after["metrics"]["decoder_passes"]) == (9, 50)
+    assert (after["metrics"]["encoder_passes"], after["metrics"]["decoder_passes"]) == (13, 50)
 
 
 def test_setup_logs_the_cpu_threads_and_leaves_omp_num_threads_as_set(server):
