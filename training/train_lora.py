@@ -143,21 +143,9 @@ def train() -> dict:
         index = torch.from_numpy(rng.integers(0, DATASET, size=BATCH))
         latents = (latent_mean[index] + latent_std[index] * torch.randn_like(latent_std[index])) * scaling
         captions = base._caption_batch(rng, [scenes[i] for i in index.tolist()])  # the caption's own colour
-        ids = tokenizer(
-            captions,
-            padding="max_length",
-            max_length=reference.TEXT_MAX_LENGTH,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (BATCH,))
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        with torch.no_grad():
-            hidden = text_encoder(ids)[0]
-        pred = unet(noisy, timesteps, hidden).sample
-        per_sample = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
-        loss = (per_sample * loss_weight[timesteps]).mean()
+        loss, per_sample = base.denoising_loss(
+            unet, text_encoder, tokenizer, noise_scheduler, latents, captions, loss_weight
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

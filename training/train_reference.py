@@ -303,6 +303,27 @@ def _sample_grid(pipe, path: Path, guidance: float = 5.0) -> None:
     save_grid(np.concatenate([real, images.transpose(0, 3, 1, 2) * 2 - 1]), path)
 
 
+def denoising_loss(unet, text_encoder, tokenizer, noise_scheduler, latents, captions, loss_weight):
+    """The UNet's training loss on one batch: epsilon prediction at random timesteps, each sample's squared
+    error weighted by ``loss_weight`` at its timestep (min-SNR); the text encoder is frozen. Returns the loss
+    and the per-sample errors (for the log). The reference models and the LoRA train with it."""
+    ids = tokenizer(
+        captions,
+        padding="max_length",
+        max_length=reference.TEXT_MAX_LENGTH,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],))
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    with torch.no_grad():
+        hidden = text_encoder(ids)[0]
+    pred = unet(noisy, timesteps, hidden).sample
+    per_sample = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+    return (per_sample * loss_weight[timesteps]).mean(), per_sample
+
+
 def train_unet(out: Path) -> dict:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -354,21 +375,9 @@ def train_unet(out: Path) -> dict:
         index = torch.from_numpy(rng.integers(0, UNET_DATASET, size=UNET_BATCH))
         latents = (latent_mean[index] + latent_std[index] * torch.randn_like(latent_std[index])) * scaling
         captions = _caption_batch(rng, [scenes[i] for i in index.tolist()])
-        ids = tokenizer(
-            captions,
-            padding="max_length",
-            max_length=reference.TEXT_MAX_LENGTH,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (UNET_BATCH,))
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        with torch.no_grad():
-            hidden = text_encoder(ids)[0]
-        pred = unet(noisy, timesteps, hidden).sample
-        per_sample = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
-        loss = (per_sample * loss_weight[timesteps]).mean()
+        loss, per_sample = denoising_loss(
+            unet, text_encoder, tokenizer, noise_scheduler, latents, captions, loss_weight
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
