@@ -303,3 +303,49 @@ def test_an_input_that_is_not_an_image_fails_naming_it(server):
     assert prediction["status"] == "failed"
     error = prediction["error"]
     assert re.search(r"image: \S+ is not an image file that can be read", error), error
+
+
+def _data_uri(image) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_a_mask_inpaints_and_a_mask_of_another_size_fails_naming_mask(server):
+    from PIL import Image
+
+    image = _data_uri(Image.new("RGB", (72, 64), "orange"))
+    mask = Image.new("L", (72, 64), 0)
+    mask.paste(255, (36, 0, 72, 64))  # repaint the right half
+    request = dict(SMALL, image=image, mask=_data_uri(mask), prompt_strength=0.8, seed=3)
+    prediction = server.predict(**request)
+    assert prediction["status"] == "succeeded", prediction.get("error")
+    assert [image.size for _, image in decode_outputs(prediction)] == [(72, 64)]
+    assert "Inpainting (white of the mask repainted): strength 0.8, 40 of 50 steps run" in prediction["logs"]
+    failed = server.predict(**dict(request, mask=_data_uri(Image.new("L", (64, 64), 255))))
+    assert failed["status"] == "failed"
+    assert ": mask: 64x64 px (rounded down to a multiple of 8), but the image is 72x64" in failed["error"]
+
+
+def test_lora_weights_load_by_path_and_bad_ones_fail_naming_lora_weights(server, tmp_path):
+    from faster_diffusion.app.loading import load_pipeline
+
+    from .test_lora import make_lora
+
+    lora = make_lora(load_pipeline(server.weights, device="cpu"), tmp_path / "tiny-lora.safetensors")
+    base = server.predict(**SMALL, seed=11, key_steps="uniform:3")
+    loaded = server.predict(**SMALL, seed=11, key_steps="uniform:3", lora_weights=str(lora), lora_scale=1.0)
+    assert loaded["status"] == "succeeded", loaded.get("error")
+    assert not same_pixels(pixels(loaded), pixels(base))
+    again = server.predict(**SMALL, seed=11, key_steps="uniform:3")  # no LoRA: the base model again
+    assert same_pixels(pixels(again), pixels(base))
+    missing = server.predict(**SMALL, lora_weights=str(tmp_path / "missing.safetensors"))
+    assert missing["status"] == "failed" and ": lora_weights: no such file: " in missing["error"], missing[
+        "error"
+    ]
+    scale = server.predict(**SMALL, lora_weights=str(lora), lora_scale=1.5)
+    assert "lora_scale must be between 0.0 and 1.0, got 1.5" in scale["error"]
+    assert server.predict(**SMALL, apply_watermark=False)["status"] == "succeeded"  # SD: nothing to mark
