@@ -1,5 +1,6 @@
-"""The Cog model: Stable Diffusion text-to-image and image-to-image with Faster Diffusion (encoder
-propagation, a parallel decoder and prior noise injection; Li et al., NeurIPS 2024).
+"""The Cog model: Stable Diffusion text-to-image, image-to-image and inpainting, faster by reusing UNet
+features: deep reuse by default (DeepCache's rule, with calibrated full steps), or the paper's encoder
+propagation with its parallel decoder and prior noise injection (Faster Diffusion; Li et al., NeurIPS 2024).
 
 ``run()`` maps its inputs to a request for the ``faster_diffusion`` package and saves the images; the work is
 in ``faster_diffusion.app.serving``.

@@ -2,7 +2,8 @@
 
 Generates images from a diffusers Stable Diffusion weights folder with faster diffusion, and with
 ``--compare`` also with stock diffusers from the same seed, printing both times, the speedup and the
-difference between the images. ``--image PATH`` (with ``--strength S``) starts from an image instead.
+difference between the images. ``--image PATH`` (with ``--strength S``) starts from an image instead, and
+``--mask PATH`` with it inpaints; ``--lora`` puts a LoRA on the model.
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ FIELD_FLAGS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m faster_diffusion",
-        description="Stable Diffusion text-to-image with Faster Diffusion (encoder propagation, batched "
-        "decoder, prior noise injection).",
+        description="Stable Diffusion text-to-image, image-to-image and inpainting, faster by reusing UNet "
+        "features: deep reuse by default, or the paper's encoder propagation (--mode encoder).",
     )
     parser.add_argument("prompt", help="the text to render")
     parser.add_argument("--negative-prompt", default="", help="text to steer away from")
