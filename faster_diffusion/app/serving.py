@@ -284,13 +284,13 @@ class TextToImage:
 
         Images flagged by the safety checker are dropped; :class:`NSFWError` if that leaves none.
         """
-        use_lora(self.pipe, lora_weights, lora_scale)
         if isinstance(request.faster, DeepReuseConfig):
             try:
                 deep_modules(self.pipe.unet, request.faster.branch)
             except ValueError as error:  # a branch this UNet does not have
                 raise ValueError(f"branch: {error}") from None
         check_trained_size(self.pipe, *request.output_size, "image" if request.image else "width and height")
+        use_lora(self.pipe, lora_weights, lora_scale)  # after the cheap checks: it may download
         request = prepare_key_steps(self.pipe, request)  # calibrates first for 'auto' if none is saved
         schedule = request.schedule  # raises KeyStepError for key steps that do not fit the sampler's steps
         print(f"Key steps: {schedule.describe()}")
