@@ -117,15 +117,7 @@ def train() -> dict:
 
     start = time.perf_counter()
     scenes, seeds = base.random_scenes(rng, DATASET)
-    drawn = [lora_colour(scene) for scene in scenes]
-    means, stds = [], []
-    with torch.no_grad():
-        for i in range(0, DATASET, 512):
-            x = torch.from_numpy(shapes.render_batch(drawn[i : i + 512], seeds[i : i + 512]))
-            dist = vae.encode(x).latent_dist
-            means.append(dist.mean)
-            stds.append(dist.std)
-    latent_mean, latent_std = torch.cat(means), torch.cat(stds)
+    latent_mean, latent_std = base.encode_scenes(vae, [lora_colour(scene) for scene in scenes], seeds)
     base.log(f"encoded {DATASET} images in {time.perf_counter() - start:.0f} s")
 
     scaling = vae.config.scaling_factor

@@ -238,16 +238,21 @@ def train_vae(out: Path) -> dict:
 # -------------------------------------------------------------------------------------------------- unet
 
 
-def _encode_dataset(vae, rng: np.random.Generator) -> tuple[list[shapes.Scene], torch.Tensor, torch.Tensor]:
-    scenes, seeds = random_scenes(rng, UNET_DATASET)
+def encode_scenes(vae, scenes: list[shapes.Scene], seeds) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's latent mean and standard deviation of each scene, rendered with its seed (512 at a time)."""
     means, stds = [], []
     with torch.no_grad():
-        for i in range(0, UNET_DATASET, 512):
+        for i in range(0, len(scenes), 512):
             x = torch.from_numpy(shapes.render_batch(scenes[i : i + 512], seeds[i : i + 512]))
             dist = vae.encode(x).latent_dist
             means.append(dist.mean)
             stds.append(dist.std)
-    return scenes, torch.cat(means), torch.cat(stds)
+    return torch.cat(means), torch.cat(stds)
+
+
+def _encode_dataset(vae, rng: np.random.Generator) -> tuple[list[shapes.Scene], torch.Tensor, torch.Tensor]:
+    scenes, seeds = random_scenes(rng, UNET_DATASET)
+    return scenes, *encode_scenes(vae, scenes, seeds)
 
 
 def _caption_batch(rng: np.random.Generator, scenes: list[shapes.Scene]) -> list[str]:
