@@ -3,15 +3,17 @@
 
 Protocol (written before the first run):
 
-- Work: stock DDIM-50 on the built-in reference model (32 px, guidance 5.0, one image), in a fresh Python process
-  per setting, because libgomp reads ``OMP_WAIT_POLICY`` once, when torch loads it. Each process makes one untimed
-  run, then ``--repeats`` timed runs; the median is reported, with the range.
+- Work: stock DDIM-50 on the built-in reference model (32 px, guidance 5.0, one image), in a fresh Python
+  process per setting, because libgomp reads ``OMP_WAIT_POLICY`` once, when torch loads it. Each process makes
+  one untimed run, then ``--repeats`` timed runs; the median is reported, with the range.
 - Threads: torch's, fitted to the CPUs the process may use (2 on the 2-core machines here).
-- Settings: the policy unset (libgomp's default, which spins before it sleeps) and ``PASSIVE``; each on a quiet
-  machine and with a competitor, a process that keeps one core busy (a Python busy loop) for the whole run.
-- Decision rule: ``PASSIVE`` becomes the default of the Cog model (set at the top of ``predict.py``, before torch
-  loads) and of ``script/generate`` if, with the competitor, its median is at least 2x faster than the default's,
-  and on the quiet machine it is at most 10% slower. A user's own ``OMP_WAIT_POLICY`` is always left as set.
+- Settings: the policy unset (libgomp's default, which spins before it sleeps) and ``PASSIVE``; each on a
+  quiet machine and with a competitor, a process that keeps one core busy (a Python busy loop) for the whole
+  run.
+- Decision rule: ``PASSIVE`` becomes the default of the Cog model (set at the top of ``predict.py``, before
+  torch loads) and of ``script/generate`` if, with the competitor, its median is at least 2x faster than the
+  default's, and on the quiet machine it is at most 10% slower. A user's own ``OMP_WAIT_POLICY`` is always
+  left as set.
 
     python benchmarks/omp_wait.py                     # prints the table
 """
@@ -112,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     verdict = "PASSIVE becomes the default" if gain >= 2 and cost <= 0.10 else "the default stays"
     print()
     print(
-        f"Shared: PASSIVE is {gain:.1f}x faster; quiet: PASSIVE costs {cost * 100:+.1f}%. By the rule: {verdict}."
+        f"Shared: PASSIVE is {gain:.1f}x faster; quiet: PASSIVE costs {cost * 100:+.1f}%. "
+        f"By the rule: {verdict}."
     )
     return 0
 
