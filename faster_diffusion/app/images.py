@@ -18,13 +18,11 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-#: Smallest and largest side of an input image, in pixels: the built-in reference model's size (it was trained
-#: at 32 px), and the bound on width and height (:data:`MAX_SIDE`).
+#: Smallest side of an input image, in pixels: the built-in reference model's size (it was trained at 32 px).
 MIN_IMAGE_SIDE = 32
-#: Longest side of an output image (or an input image), in pixels; one side may be this long as long as the
-#: image stays within :data:`MAX_PIXELS`.
+#: Longest side of an output or input image, in pixels (the bound on width and height); one side may be this
+#: long as long as the image stays within :data:`MAX_PIXELS`.
 MAX_SIDE = 2048
-MAX_IMAGE_SIDE = MAX_SIDE
 #: Most pixels an image may have: 1024x1024, SDXL's training size. Every size of SDXL's aspect-ratio buckets
 #: fits (1344x768, 1216x832, 1536x640 and their transposes), and memory stays bounded.
 MAX_PIXELS = 1024 * 1024
@@ -100,7 +98,7 @@ def prepare_image(image: Any, name: str = "image", where: str = "") -> Image.Ima
     down to a multiple of :data:`IMAGE_SIZE_MULTIPLE`. An image that is that already is returned as it is.
 
     Raises :class:`ImageInputError` naming input ``name`` (and ``where``, the file) for an image that is not
-    a PIL image, of a side under :data:`MIN_IMAGE_SIDE` or over :data:`MAX_IMAGE_SIDE` px, in a mode other
+    a PIL image, of a side under :data:`MIN_IMAGE_SIDE` or over :data:`MAX_SIDE` px, in a mode other
     than RGB, L, or RGBA, LA and P without transparent pixels.
     """
     if not isinstance(image, Image.Image):
@@ -153,10 +151,9 @@ def _check_still(image: Image.Image, name: str, where: str) -> None:
 
 def _check_size(image: Image.Image, name: str, where: str) -> None:
     width, height = image.size
-    if max(width, height) > MAX_IMAGE_SIDE:
+    if max(width, height) > MAX_SIDE:
         raise ImageInputError(
-            f"{name}{where}: {width}x{height} px is too large: at most {MAX_IMAGE_SIDE} px a side; resize it "
-            "first"
+            f"{name}{where}: {width}x{height} px is too large: at most {MAX_SIDE} px a side; resize it first"
         )
     if width * height > MAX_PIXELS:
         raise ImageInputError(

@@ -81,9 +81,9 @@ SD15_LAYOUT_GUIDANCE_SCALE = 3.0
 CLASSIFIER_PATH = ASSETS_DIR / "shapes-classifier.safetensors"
 
 
-#: The image size both reference models were trained at, in pixels a side. At any other size they draw
-#: several shapes, or none, where one was asked.
-IMAGE_SIZE = 32
+#: The image size both reference models were trained at, in pixels a side (the size the shapes are drawn at).
+#: At any other size they draw several shapes, or none, where one was asked.
+IMAGE_SIZE = shapes.IMAGE_SIZE
 
 
 def is_model_dir(folder: str | os.PathLike | None) -> bool:
