@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from .. import reference
-from ..deep import deep_modules
 from ..noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU
 from ..policy import DEFAULT_KEY_STEPS, DEFAULT_MODE, resolve_key_steps
 from ..reference import shapes
@@ -30,6 +29,7 @@ from .generate import (
     MODE_NAMES,
     GenerationRequest,
     GenerationResult,
+    check_for_model,
     check_image_to_image_steps,
     describe_speedup,
     faster_config,
@@ -44,7 +44,6 @@ from .loading import (
     DOWNLOAD_COMMAND,
     WEIGHTS_ENV,
     WeightsError,
-    check_trained_size,
     default_guidance,
     default_weights_dir,
     has_weights,
@@ -69,6 +68,7 @@ FIELD_FLAGS = {
     "strength": "--strength",
     "sampler": "--sampler",
     "branch": "--branch",
+    "width and height": "--width and --height",
     "height": "--height",
     "width": "--width",
     "image": "--image",
@@ -247,18 +247,7 @@ def _check_flags(args: argparse.Namespace, image) -> None:
     if args.branch < 0:
         raise ValueError(f"--branch must be >= 0, got {args.branch}")
     # A request of the given values, for its checks: 8 px for a side left to the model's size, no image.
-    given = GenerationRequest(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        sampler=args.sampler,
-        num_steps=args.steps,
-        width=8 if args.width is None else args.width,
-        height=8 if args.height is None else args.height,
-        num_outputs=args.num_outputs,
-        guidance_scale=DEFAULT_GUIDANCE if args.guidance_scale is None else args.guidance_scale,
-        seed=args.seed,
-        strength=DEFAULT_STRENGTH if args.strength is None else args.strength,
-    )
+    given = _request(args, 8, DEFAULT_GUIDANCE)
     first = 0
     if image is not None:
         check_image_to_image_steps(given.steps, given.strength, "--strength", ", or use more --steps")
@@ -271,6 +260,28 @@ def _check_flags(args: argparse.Namespace, image) -> None:
     _check_lora(args)
 
 
+def _request(args: argparse.Namespace, size: int, guidance: float, **more) -> GenerationRequest:
+    """The request the flags ask for: ``size`` for a side they leave out, ``guidance`` when --guidance-scale
+    is left out, and ``more`` (the reuse config, the input image and mask) as given."""
+    return GenerationRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        sampler=args.sampler,
+        num_steps=args.steps,
+        width=size if args.width is None else args.width,
+        height=size if args.height is None else args.height,
+        num_outputs=args.num_outputs,
+        guidance_scale=guidance if args.guidance_scale is None else args.guidance_scale,
+        seed=args.seed,
+        strength=DEFAULT_STRENGTH if args.strength is None else args.strength,
+        **more,
+    )
+
+
+def _lora_scale(args: argparse.Namespace) -> float:
+    return DEFAULT_SCALE if args.lora_scale is None else args.lora_scale
+
+
 def _check_lora(args: argparse.Namespace) -> None:
     """Refuse --lora-scale without --lora, a scale out of bounds, and a --lora that cannot be fetched or is
     not a LoRA file, before the model loads (a URL is downloaded now, into the cache the load reads)."""
@@ -278,7 +289,7 @@ def _check_lora(args: argparse.Namespace) -> None:
         if args.lora_scale is not None:
             raise ValueError("--lora-scale applies only with --lora")
         return
-    check_scale(DEFAULT_SCALE if args.lora_scale is None else args.lora_scale)
+    check_scale(_lora_scale(args))
     check_lora_file(fetch_lora(args.lora), args.lora)
 
 
@@ -356,34 +367,15 @@ def main(argv: list[str] | None = None) -> int:
             noise_threshold=args.noise_threshold,
         )
         pipe, source, is_reference = _load(args)
-        if args.lora is not None:  # before the key steps: 'auto' is placed for the LoRA'd model
-            use_lora(pipe, args.lora, DEFAULT_SCALE if args.lora_scale is None else args.lora_scale)
-        if args.mode == "deep":
-            try:
-                deep_modules(pipe.unet, args.branch)
-            except ValueError as error:
-                raise ValueError(f"--branch: {error}") from None
         if default:
             keys = resolve_key_steps(DEFAULT_KEY_STEPS, pipe, args.sampler, args.steps, args.mode)
             faster = dataclasses.replace(faster, key_steps=keys)
-        guidance = default_guidance(pipe) if args.guidance_scale is None else args.guidance_scale
-        size = model_size(pipe)
-        request = GenerationRequest(
-            prompt=args.prompt,
-            negative_prompt=args.negative_prompt,
-            sampler=args.sampler,
-            num_steps=args.steps,
-            width=size if args.width is None else args.width,
-            height=size if args.height is None else args.height,
-            num_outputs=args.num_outputs,
-            guidance_scale=guidance,
-            seed=args.seed,
-            faster=faster,
-            image=image,
-            mask=mask,
-            strength=DEFAULT_STRENGTH if args.strength is None else args.strength,
+        request = _request(
+            args, model_size(pipe), default_guidance(pipe), faster=faster, image=image, mask=mask
         )
-        check_trained_size(pipe, *request.output_size, "--image" if image else "--width and --height")
+        check_for_model(pipe, request)
+        if args.lora is not None:  # before the key steps: 'auto' is placed for the LoRA'd model
+            use_lora(pipe, args.lora, _lora_scale(args))
         request = prepare_key_steps(pipe, request)
         schedule = request.schedule
     except (KeyStepError, ValueError, TypeError, WeightsError) as error:

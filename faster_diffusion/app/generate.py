@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..deep import DeepReuseConfig
+from ..deep import DeepReuseConfig, deep_modules
 from ..families import family_of
 from ..memory import AUTO
 from ..modes import MODES, apply_faster_diffusion
@@ -26,7 +26,7 @@ from ..propagation import FasterDiffusionConfig, RunStats, remove_faster_diffusi
 from ..samplers import Sampler, make_scheduler, use_sampler
 from ..schedule import CalibrationError, KeyStepKind, KeySteps, KeyStepSchedule
 from .images import MAX_PIXELS, MAX_SIDE, prepare_image, prepare_mask
-from .loading import safety_check_of
+from .loading import check_trained_size, safety_check_of
 from .lora import loaded_lora
 
 #: Largest seed accepted (torch generators take 64-bit seeds; this keeps seeds printable and portable).
@@ -173,6 +173,21 @@ def check_image_to_image_steps(
             f"{name} {strength} with {steps} steps runs no step (int({steps} * {strength}) = 0); "
             f"raise {name} so that steps * {name} >= 1{advice}"
         )
+
+
+def check_for_model(pipe: Any, request: GenerationRequest) -> None:
+    """Refuse, before anything runs, what ``request`` asks of ``pipe``'s model that it cannot do: a deep-reuse
+    branch its UNet does not have (``branch: ...``), and an output size a built-in reference model was not
+    trained for (``image: ...`` or ``width and height: ...``). The messages name the Cog inputs; the command
+    line names the flags."""
+    if isinstance(request.faster, DeepReuseConfig):
+        try:
+            deep_modules(pipe.unet, request.faster.branch)
+        except ValueError as error:  # a branch this UNet does not have
+            raise ValueError(f"branch: {error}") from None
+    check_trained_size(
+        pipe, *request.output_size, "image" if request.image is not None else "width and height"
+    )
 
 
 def prepare_key_steps(

@@ -26,7 +26,6 @@ import diffusers
 import transformers
 from cog import FieldInfo
 
-from ..deep import DeepReuseConfig, deep_modules
 from ..policy import DEFAULT_KEY_STEPS, DEFAULT_MODE, resolve_key_steps
 from ..schedule import CalibrationError
 from .cancel import StoppedBetweenSteps, run_stoppable
@@ -34,6 +33,7 @@ from .generate import (
     MAX_SEED,
     GenerationRequest,
     GenerationResult,
+    check_for_model,
     describe_speedup,
     faster_config,
     generate,
@@ -41,7 +41,6 @@ from .generate import (
     warm_up,
 )
 from .loading import (
-    check_trained_size,
     default_guidance,
     default_weights_dir,
     has_safety_checker,
@@ -284,12 +283,7 @@ class TextToImage:
 
         Images flagged by the safety checker are dropped; :class:`NSFWError` if that leaves none.
         """
-        if isinstance(request.faster, DeepReuseConfig):
-            try:
-                deep_modules(self.pipe.unet, request.faster.branch)
-            except ValueError as error:  # a branch this UNet does not have
-                raise ValueError(f"branch: {error}") from None
-        check_trained_size(self.pipe, *request.output_size, "image" if request.image else "width and height")
+        check_for_model(self.pipe, request)
         use_lora(self.pipe, lora_weights, lora_scale)  # after the cheap checks: it may download
         request = prepare_key_steps(self.pipe, request)  # calibrates first for 'auto' if none is saved
         schedule = request.schedule  # raises KeyStepError for key steps that do not fit the sampler's steps
