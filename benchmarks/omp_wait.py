@@ -21,6 +21,7 @@ Protocol (written before the first run):
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import platform
@@ -79,8 +80,6 @@ def measure(policy: str | None, competitor: bool, repeats: int) -> list[float]:
         if busy is not None:
             stop.set()
             busy.join()
-    import json
-
     return json.loads(out.strip().splitlines()[-1])
 
 
