@@ -80,7 +80,11 @@ CRITERIA = criterion_names()
 DEFAULT_CRITERION = "feature"
 #: The criterion for each other target (by the name before its ``:``): deep reuse places its full steps by
 #: the error in the step's prediction (``benchmarks/modes_frontier.py``).
-DEFAULT_CRITERIA: dict[str, str] = {"encoder": DEFAULT_CRITERION, "deep": "prediction"}
+DEFAULT_CRITERIA: dict[str, str] = {
+    "encoder": DEFAULT_CRITERION,
+    "deep": "prediction",
+    "deep-batched": "prediction",
+}
 
 
 def default_criterion(target: str = "encoder") -> str:

@@ -19,10 +19,15 @@ one on SD v1.5.
 ``forecast=1`` extrapolates the reused feature (the input of the first layer that runs) linearly from the
 latest two full steps instead of copying it, as TaylorSeer does for transformers.
 
+``batched=True`` also reuses ``conv_in`` and the down-path layers a partial step would run (DeepCache's
+design runs them on the step's own latent): a partial step then sees only its own timestep, not its own
+latent, so a full step and the partial steps after it run as one batch of the UNet, as encoder propagation's
+decoder does (capped by ``max_decoder_batch``). Its calibration target is ``"deep-batched:B"``.
+
 It runs through the same hooks, taps and guarantees as encoder propagation
 (:mod:`faster_diffusion.propagation`): every step full gives stock output bit for bit, prior noise injection
-and every key-step form work, and the state is dropped after every run. A partial step needs the step's own
-latent, so partial steps run one at a time (no decoder batch).
+and every key-step form work, and the state is dropped after every run. Unless ``batched``, a partial step
+needs the step's own latent, so partial steps run one at a time.
 """
 
 from __future__ import annotations
@@ -33,11 +38,12 @@ from typing import Any
 import torch
 
 from .measure import register_target
+from .memory import AUTO
 from .noise import NoiseInjection
-from .propagation import AutoResolver, FasterDiffusion, attach_reuse, check_forecast
+from .propagation import AutoResolver, FasterDiffusion, attach_reuse, check_decoder_cap, check_forecast
 from .schedule import KeySteps
 
-__all__ = ["DeepReuseConfig", "apply_deep_reuse", "branch_count", "deep_modules"]
+__all__ = ["DeepReuseConfig", "apply_deep_reuse", "batched_modules", "branch_count", "deep_modules"]
 
 
 def _no_noise_injection() -> NoiseInjection:
@@ -85,14 +91,39 @@ def deep_modules(unet: torch.nn.Module, branch: int) -> list[torch.nn.Module]:
     return modules
 
 
+def batched_modules(unet: torch.nn.Module, branch: int) -> list[torch.nn.Module]:
+    """What a partial step of ``branch`` reuses when ``batched``: :func:`deep_modules` and, before them,
+    ``conv_in`` and the down-path layers a partial step would otherwise run on its own latent (no module
+    and one of its parts both: a whole down block, or its layers)."""
+    deep = deep_modules(unet, branch)
+    block, layer = divmod(branch, len(unet.up_blocks[-1].resnets))
+    shallow: list[torch.nn.Module] = [unet.conv_in, *unet.down_blocks[:block]]
+    if layer:
+        down = unet.down_blocks[block]
+        attentions = getattr(down, "attentions", None) or [None] * len(down.resnets)
+        for resnet, attention in list(zip(down.resnets, attentions, strict=True))[:layer]:
+            shallow.extend(m for m in (resnet, attention) if m is not None)
+    return shallow + deep
+
+
+def _branch_arg(name: str, arg: str | None) -> int:
+    if arg is None or not arg.isdigit():
+        raise ValueError(f"the branch after '{name}:' must be a whole number, got {arg!r}")
+    return int(arg)
+
+
 def _target_modules(unet: torch.nn.Module, arg: str | None) -> list[torch.nn.Module]:
     """The ``"deep:B"`` calibration target: what a partial step of branch B reuses."""
-    if arg is None or not arg.isdigit():
-        raise ValueError(f"the branch after 'deep:' must be a whole number, got {arg!r}")
-    return deep_modules(unet, int(arg))
+    return deep_modules(unet, _branch_arg("deep", arg))
+
+
+def _batched_target_modules(unet: torch.nn.Module, arg: str | None) -> list[torch.nn.Module]:
+    """The ``"deep-batched:B"`` calibration target: what a batched partial step of branch B reuses."""
+    return batched_modules(unet, _branch_arg("deep-batched", arg))
 
 
 register_target("deep", _target_modules, default_arg="0")
+register_target("deep-batched", _batched_target_modules, default_arg="0")
 
 
 @dataclass(frozen=True)
@@ -114,6 +145,12 @@ class DeepReuseConfig:
     #: Prior noise injection (off by default in this mode: it restores the texture that encoder propagation
     #: loses, which a partial step here keeps).
     noise_injection: NoiseInjection = field(default_factory=_no_noise_injection)
+    #: Partial steps also reuse ``conv_in`` and the shallow down path, so that a full step and the partial
+    #: steps after it run as one batch (see the module docstring). False: DeepCache's design.
+    batched: bool = False
+    #: With ``batched``: steps per batch at most, as :attr:`FasterDiffusionConfig.max_decoder_batch`
+    #: (``"auto"``, a whole number, or ``None`` for whole groups). Ignored otherwise.
+    max_decoder_batch: int | str | None = AUTO
 
     def __post_init__(self) -> None:
         if not isinstance(self.key_steps, KeySteps):
@@ -123,18 +160,29 @@ class DeepReuseConfig:
         check_forecast(self.forecast)
         if not isinstance(self.noise_injection, NoiseInjection):
             raise TypeError(f"noise_injection must be a NoiseInjection value, got {self.noise_injection!r}")
+        if not isinstance(self.batched, bool):
+            raise TypeError(f"batched must be true or false, got {self.batched!r}")
+        check_decoder_cap(self.max_decoder_batch)
 
-    #: A partial step needs its own latent: partial steps run one at a time.
-    parallel = False
-    decoder_batch_cap = 1
+    @property
+    def parallel(self) -> bool:
+        """Whether a group's steps run as one batch: only when ``batched`` (a partial step of DeepCache's
+        design needs its own latent, so it runs on its own)."""
+        return self.batched
+
+    @property
+    def decoder_batch_cap(self) -> int | str | None:
+        """Steps per batch at most: 1 unless ``batched``."""
+        return self.max_decoder_batch if self.batched else 1
 
     def cached_modules(self, unet: torch.nn.Module) -> list[torch.nn.Module]:
-        return deep_modules(unet, self.branch)
+        return batched_modules(unet, self.branch) if self.batched else deep_modules(unet, self.branch)
 
     @property
     def calibration_target(self) -> str:
-        """What ``key_steps="auto"`` is calibrated for: reusing this branch's deep modules."""
-        return f"deep:{self.branch}"
+        """What ``key_steps="auto"`` is calibrated for: reusing this branch's deep modules (and, when
+        ``batched``, its shallow down path)."""
+        return f"deep-batched:{self.branch}" if self.batched else f"deep:{self.branch}"
 
     def forecast_slots(self, count: int) -> range:
         """Only the feature that enters the layers that run is forecast; the other kept outputs feed only

@@ -111,12 +111,7 @@ class FasterDiffusionConfig:
         check_forecast(self.forecast)
         if not isinstance(self.parallel, bool):
             raise TypeError(f"parallel must be true or false, got {self.parallel!r}")
-        cap = self.max_decoder_batch
-        if cap is not None and cap != AUTO and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
-            raise ValueError(
-                f"max_decoder_batch must be 'auto', a whole number >= 1 or None (no cap: whole groups), "
-                f"got {cap!r}"
-            )
+        check_decoder_cap(self.max_decoder_batch)
         if not isinstance(self.noise_injection, NoiseInjection):
             raise TypeError(f"noise_injection must be a NoiseInjection value, got {self.noise_injection!r}")
 
@@ -142,6 +137,16 @@ class FasterDiffusionConfig:
         """Whether a decoder batch of one step gets a copy of the kept features: always, since the decoder may
         change what it is given in place (FreeU scales the mid block's output in place)."""
         return True
+
+
+def check_decoder_cap(cap: Any) -> None:
+    """Raise ``ValueError`` unless ``cap`` is a ``max_decoder_batch`` value: ``"auto"``, a whole number >= 1
+    or ``None``."""
+    if cap is not None and cap != AUTO and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise ValueError(
+            f"max_decoder_batch must be 'auto', a whole number >= 1 or None (no cap: whole groups), "
+            f"got {cap!r}"
+        )
 
 
 #: The forecast orders a mode accepts: 0 (copy) and 1 (linear extrapolation).

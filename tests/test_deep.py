@@ -23,12 +23,15 @@ class BranchZeroReference:
     """DeepCache's branch 0, written out on the stock UNet: the whole UNet runs at every step, but at a
     partial step the hidden state entering the last layer of the last up block (everything but the skip
     feature of ``conv_in`` that is concatenated to it) is replaced by the one of the latest full step; with
-    ``forecast``, by its linear extrapolation from the latest two full steps. Shares no code with the
-    package."""
+    ``forecast``, by its linear extrapolation from the latest two full steps. With ``batched``, the skip
+    feature is the full step's too (the batched variant: a partial step does not see its own latent). Shares
+    no code with the package."""
 
-    def __init__(self, unet: torch.nn.Module, full_steps, forecast: int = 0) -> None:
+    def __init__(self, unet: torch.nn.Module, full_steps, forecast: int = 0, batched: bool = False) -> None:
         self.full = set(full_steps)
         self.forecast = forecast
+        self.batched = batched
+        self.kept_skip: torch.Tensor | None = None
         self.step = -1
         self.kept: list[tuple[int, torch.Tensor]] = []
         self.skip_channels = unet.conv_in.out_channels
@@ -49,6 +52,7 @@ class BranchZeroReference:
             if self.kept and self.kept[-1][1].shape[0] != rows:
                 self.kept = []  # the batch changed at this very step: nothing to extrapolate from yet
             self.kept = [*self.kept, (self.step, deep)][-2:]
+            self.kept_skip = skip
             return None
         # Guidance switched off since the full step (a partial step has fewer rows): keep the conditional
         # rows, the last ones, of what was kept.
@@ -57,6 +61,8 @@ class BranchZeroReference:
         if self.forecast and len(self.kept) == 2:
             previous, before = self.kept[0]
             kept = kept + (kept - before) * ((self.step - key) / (key - previous))
+        if self.batched:
+            skip = self.kept_skip[-rows:]
         return (torch.cat([kept, skip], dim=1), *rest)
 
     def remove(self) -> None:
@@ -278,3 +284,109 @@ def test_deep_mode_on_image_to_image(make_pipe):
     handle.remove()
     assert stats.decoder_passes == 12 and stats.encoder_passes < 12  # 12 steps run (8-19), some partial
     assert not torch.equal(partial, stock)
+
+
+@pytest.mark.parametrize("sampler", ["DDIM-50", "DPM-Solver-20"])
+def test_batched_every_step_full_gives_stock_bit_for_bit(make_pipe, sampler):
+    pipe = make_pipe(sampler)
+    stock = generate_latents(pipe, steps=20)
+    handle = apply_faster_diffusion(pipe, DeepReuseConfig(key_steps=KeySteps.every_step(), batched=True))
+    full = generate_latents(pipe, steps=20)
+    assert handle.last_run.encoder_passes == 20 and handle.last_run.decoder_batches == 20
+    handle.remove()
+    assert torch.equal(full, stock)
+
+
+@pytest.mark.parametrize("forecast", [0, 1])
+@pytest.mark.parametrize(
+    ("sampler", "keys"),
+    [
+        ("DPM-Solver-20", KeySteps.uniform(3)),
+        ("DDIM-50", KeySteps.uniform(4)),
+        ("DPM-Solver-20", KeySteps.explicit([0, 1, 2, 4, 8, 13])),
+    ],
+)
+def test_batched_equals_the_reference_and_one_step_at_a_time(make_pipe, sampler, keys, forecast):
+    steps = 20 if sampler.startswith("DPM") else 12
+    pipe = make_pipe(sampler, dtype=torch.float64)
+    full_steps = keys.resolve(steps).indices
+    reference = BranchZeroReference(pipe.unet, full_steps, forecast, batched=True)
+    try:
+        expected = generate_latents(pipe, steps=steps)
+    finally:
+        reference.remove()
+    results, batches = {}, {}
+    for cap in ("auto", None, 1):
+        config = DeepReuseConfig(key_steps=keys, forecast=forecast, batched=True, max_decoder_batch=cap)
+        handle = apply_faster_diffusion(pipe, config)
+        results[cap] = generate_latents(pipe, steps=steps)
+        stats = handle.last_run
+        handle.remove()
+        assert stats.encoder_passes == len(full_steps) and stats.decoder_passes == steps
+        batches[cap] = stats.decoder_batches
+        assert_equal_up_to_rounding(results[cap], expected)
+    # Whole groups: one UNet call per full step; a cap of 1 runs every step on its own.
+    assert batches[None] == len(full_steps) and batches[1] == steps
+    # Not the same as DeepCache's design, which shows a partial step its own latent.
+    handle = apply_faster_diffusion(pipe, DeepReuseConfig(key_steps=keys, forecast=forecast))
+    assert (generate_latents(pipe, steps=steps) - results[None]).abs().max() > 1e-6
+    handle.remove()
+
+
+def test_batched_with_guidance_switched_off_part_way_equals_the_reference(make_pipe):
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    pipe = make_pipe("DDIM-50", dtype=torch.float64)
+    keys, steps = KeySteps.uniform(3), 12
+
+    def cutoff():
+        return SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=7)
+
+    reference = BranchZeroReference(pipe.unet, keys.resolve(steps).indices, batched=True)
+    try:
+        expected = generate_latents(pipe, steps=steps, callback_on_step_end=cutoff())
+    finally:
+        reference.remove()
+    handle = apply_faster_diffusion(pipe, DeepReuseConfig(key_steps=keys, batched=True))
+    actual = generate_latents(pipe, steps=steps, callback_on_step_end=cutoff())
+    handle.remove()
+    assert_equal_up_to_rounding(actual, expected)
+
+
+def test_batched_modules_of_every_branch(make_pipe):
+    from faster_diffusion.deep import batched_modules
+    from faster_diffusion.measure import target_modules
+
+    pipe = make_pipe("DPM-Solver-20", unet_kwargs=SD_SHAPED_UNET)
+    unet = pipe.unet
+    stock = generate_latents(pipe, steps=20, height=24, width=40)
+    for branch in range(branch_count(unet)):
+        modules = batched_modules(unet, branch)
+        assert modules[0] is unet.conv_in and modules[-len(deep_modules(unet, branch)) :] == deep_modules(
+            unet, branch
+        )
+        # No module is there with one of its own parts (its output would be served twice).
+        for module in modules:
+            assert not any(other is not module and other in list(module.modules()) for other in modules)
+        assert target_modules(unet, f"deep-batched:{branch}") == modules
+        config = DeepReuseConfig(key_steps=KeySteps.uniform(3), branch=branch, batched=True)
+        assert config.calibration_target == f"deep-batched:{branch}" and config.parallel
+        handle = apply_faster_diffusion(pipe, config)
+        latents = generate_latents(pipe, steps=20, height=24, width=40)
+        handle.remove()
+        assert torch.isfinite(latents).all() and not torch.equal(latents, stock)
+    assert torch.equal(generate_latents(pipe, steps=20, height=24, width=40), stock)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"batched": 1}, TypeError, "batched must be true or false"),
+        ({"batched": True, "max_decoder_batch": 0}, ValueError, "max_decoder_batch must be 'auto'"),
+        ({"max_decoder_batch": "all"}, ValueError, "max_decoder_batch must be 'auto'"),
+    ],
+)
+def test_batched_bad_settings_get_clear_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        DeepReuseConfig(**kwargs)
+    assert DeepReuseConfig().decoder_batch_cap == 1 and not DeepReuseConfig().parallel

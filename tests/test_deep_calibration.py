@@ -47,27 +47,31 @@ from .test_calibration import (
 OPTIONS = dict(num_inference_steps=STEPS, prompts=PROMPTS, seeds=SEEDS, guidance_scale=GUIDANCE)
 
 
-@pytest.mark.parametrize(("sampler", "branch", "j"), [("DDIM-50", 0, 3), ("DPM-Solver++-20", 2, 5)])
+@pytest.mark.parametrize(
+    ("sampler", "branch", "j", "batched"),
+    [("DDIM-50", 0, 3, False), ("DPM-Solver++-20", 2, 5, False), ("DPM-Solver-20", 0, 4, True)],
+)
 def test_deep_prediction_cost_is_the_error_of_a_deep_reuse_run_at_its_only_partial_step(
-    make_pipe, sampler, branch, j
+    make_pipe, sampler, branch, j, batched
 ):
     """Every step but j full: the trajectory is stock's up to j, and step j's prediction is the shallow layers
     on step j-1's deep features, which is what cost[j-1, j] of target deep:B charges."""
     pipe = make_pipe(sampler, dtype=torch.float64)
-    costs = measure_costs(
-        pipe, height=16, width=16, target=f"deep:{branch}", criteria=("prediction",), **OPTIONS
-    )
-    encoder = measure_costs(pipe, height=16, width=16, criteria=("prediction",), **OPTIONS)
+    target = f"deep-batched:{branch}" if batched else f"deep:{branch}"
+    costs = measure_costs(pipe, height=16, width=16, target=target, criteria=("prediction",), **OPTIONS)
+    # Another target's cost: the encoder's, or for the batched variant, deep reuse of the same branch.
+    other = {"target": f"deep:{branch}"} if batched else {}
+    encoder = measure_costs(pipe, height=16, width=16, criteria=("prediction",), **other, **OPTIONS)
     stock = unet_outputs(pipe)
     keys = KeySteps.explicit(i for i in range(STEPS) if i != j)
-    fast = unet_outputs(pipe, DeepReuseConfig(key_steps=keys, branch=branch))
+    fast = unet_outputs(pipe, DeepReuseConfig(key_steps=keys, branch=branch, batched=batched))
     for i in range(j):
         torch.testing.assert_close(fast[i], stock[i], rtol=0, atol=0)
     error = guided_relative_error(fast[j], stock[j])
     assert error > 1e-6
     assert costs["prediction"][j - 1, j] == pytest.approx(error, rel=ROUNDING["rtol"])
-    # Not the encoder's cost: the two targets reuse different features.
-    assert abs(encoder["prediction"][j - 1, j] - error) > 1e-3 * error
+    # Not the other target's cost: the two reuse different features.
+    assert abs(encoder["prediction"][j - 1, j] - error) > 1e-6 * error
 
 
 def test_deep_feature_cost_is_the_relative_distance_of_the_deep_modules_outputs(make_pipe):
@@ -119,11 +123,14 @@ def test_targets_are_canonical_and_bad_ones_are_refused_by_name(make_pipe):
     assert target_modules(unet, "deep:1") == deep_modules(unet, 1)
     assert target_modules(unet, "encoder") == [unet.conv_in, *unet.down_blocks, unet.mid_block]
     assert default_criterion("deep:3") == "prediction" and default_criterion("encoder") == "feature"
+    assert canonical_target("deep-batched") == "deep-batched:0"
+    assert default_criterion("deep-batched:0") == "prediction"
     for bad, message in [
         ("deep:x", "the branch after 'deep:' must be a whole number, got 'x'"),
         ("deep:99", "branch must be a whole number from 0 to 5 for this UNet"),
         ("encoder:1", "the encoder target takes no argument"),
-        ("decoder", "target must be one of ('encoder', 'deep')"),
+        ("decoder", "target must be one of ('encoder', 'deep', 'deep-batched')"),
+        ("deep-batched:x", "the branch after 'deep-batched:' must be a whole number, got 'x'"),
         (3, "target must be a text such as 'encoder' or 'deep:0', got 3"),
     ]:
         with pytest.raises(CalibrationError, match=re.escape(message)):
