@@ -18,6 +18,12 @@ peak RSS on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA. It also measur
 spent in the encoder (``conv_in`` + down blocks + mid block, at the CFG batch of 2), and the bound that share
 puts on propagation alone: ``N / (N - (N - |K|) * share)``.
 
+``--extra-modes`` adds other modes to the same interleaved repeats (deep reuse, DeepCache; ``MODE@SAMPLER``
+times one with that sampler only), and ``--compile`` times modes again with ``pipe.unet.compile()``: each on a
+copy of the UNet that shares its weights (no extra memory), with the mode's reuse attached once for all its
+runs, and ``--compile-warmups`` untimed warm-ups first, so that no compilation is timed. A compiled mode that
+fails is reported with its error instead of ending the run.
+
 With ``--model sdxl`` it builds SDXL base 1.0 the same way (UNet, VAE, both text encoders, scheduler config;
 ``StableDiffusionXLPipeline``) and also measures the encoder share at ``--share-sizes`` (default 256 and 512
 px), since the share changes with the size. SDXL runs at 256 px by default: 512 px fits in memory (about 14
@@ -31,19 +37,24 @@ accelerated modes use its preset (9 of 50, 7 of 20); the cost depends only on th
     python benchmarks/speed.py --quick --out /tmp/speed-quick.md   # tiny model, seconds (smoke test)
     python benchmarks/speed.py --model sdxl --samplers DPM-Solver-20 --repeats 1   # -> speed-sdxl-256.md
     python benchmarks/speed.py --model sdxl --samplers DPM-Solver-20 --repeats 1 --dry-run   # check, estimate
+    python benchmarks/speed.py --quick --extra-modes deep:3@DPM-Solver-20 --compile stock,deep:3@DPM-Solver-20
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import copy
 import ctypes
 import dataclasses
 import datetime
 import functools
 import gc
+import logging
 import math
 import os
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -99,15 +110,53 @@ def spread(steps: int, full: int) -> KeySteps:
     return KeySteps.explicit(sorted({round(i * steps / full) for i in range(full)}))
 
 
-def parse_extra_mode(text: str) -> tuple[str, int]:
-    """``"deep:3"`` -> ``("deep", 3)``; raises ``ValueError`` naming ``--extra-modes`` otherwise."""
+def parse_extra_mode(text: str, option: str = "--extra-modes") -> tuple[str, int]:
+    """``"deep:3"`` -> ``("deep", 3)``; raises ``ValueError`` naming ``option`` otherwise."""
     kind, _, interval = text.partition(":")
     if kind not in EXTRA_MODE_KINDS or not interval.isdigit() or int(interval) < 1:
         raise ValueError(
-            f"--extra-modes: {text!r} must be KIND:I with KIND one of {', '.join(EXTRA_MODE_KINDS)} and I a "
+            f"{option}: {text!r} must be KIND:I with KIND one of {', '.join(EXTRA_MODE_KINDS)} and I a "
             "whole number >= 1"
         )
     return kind, int(interval)
+
+
+#: Appended to the name of a mode timed with a compiled UNet (``--compile``): ``stock (compiled)``.
+COMPILED = " (compiled)"
+#: Untimed runs of each compiled mode before its timed ones (``--compile-warmups``): Dynamo compiles in the
+#: first; a second one catches what only a second run compiles.
+COMPILE_WARMUPS = 2
+
+
+def parse_modes(option: str, text: str, samplers: Sequence[Sampler]) -> list[tuple[str, Sampler | None]]:
+    """The comma-separated modes of ``option``, each ``MODE`` (with every sampler) or ``MODE@SAMPLER`` (with
+    that sampler only), as ``(mode, sampler or None)`` in order, without repeats. ``--extra-modes`` takes
+    the extra modes (``KIND:I``), ``--compile`` also the three of :data:`MODES`; raises ``ValueError`` naming
+    ``option`` otherwise."""
+    found: list[tuple[str, Sampler | None]] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        mode, at, name = (part.strip() for part in item.partition("@"))
+        sampler = None
+        if at:
+            try:
+                sampler = Sampler.parse(name)
+            except ValueError as error:
+                raise ValueError(f"{option}: {item!r}: {error}") from None
+            if sampler not in samplers:
+                raise ValueError(f"{option}: {item!r} names {sampler.value}, which --samplers does not time")
+        if not (option == "--compile" and mode in MODES):
+            parse_extra_mode(mode, option)
+        if (mode, sampler) not in found:
+            found.append((mode, sampler))
+    return found
+
+
+def modes_of(sampler: Sampler, extra: Sequence[tuple[str, Sampler | None]]) -> list[str]:
+    """The modes of ``extra`` (:func:`parse_modes`) that ``sampler`` is timed with."""
+    modes = [mode for mode, only in extra if only in (None, sampler)]
+    return list(dict.fromkeys(modes))
 
 
 #: Targets of our issue, as end-to-end speedups over stock in the same run at 256 px on the CPU.
@@ -293,6 +342,8 @@ class Run:
     #: Seconds of each UNet call of the pipeline, and the key steps (accelerated modes only).
     call_seconds: list[float] = field(default_factory=list)
     key_steps: tuple[int, ...] = ()
+    #: Graphs Dynamo compiled during the call (compiled modes only): 0 in a timed run, or compiling was timed.
+    graphs_compiled: int | None = None
 
     def non_key_calls(self) -> list[float]:
         """Seconds of the UNet calls at non-key steps (decoder only, in the one-step-at-a-time mode)."""
@@ -318,9 +369,19 @@ class UnetClock:
     that, since a sync inside every UNet call would stall stock (one call per step) far more often than the
     batched decoder (one call per group) and bias the speedups; their per-call readings then mean nothing,
     and the encoder share is measured in separate, synced calls.
+
+    ``boundaries_only`` is for a UNet compiled with ``Module.compile()``, whose graphs take in its hooks: the
+    clock then times only whole calls (no encoder readings), from hooks that Dynamo leaves out of the graphs
+    (``torch.compiler.disable``), so that they break the graph only before and after the UNet's work.
     """
 
-    def __init__(self, unet: UNet2DConditionModel, sync: Callable[[], None] = _no_sync) -> None:
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        sync: Callable[[], None] = _no_sync,
+        *,
+        boundaries_only: bool = False,
+    ) -> None:
         self.calls: list[float] = []
         self.returns: list[float] = []
         self.encoder_starts: list[float] = []
@@ -333,9 +394,21 @@ class UnetClock:
                 sync()
             return time.perf_counter()
 
+        def call(module: Any, args: Any) -> None:
+            self.calls.append(now())
+
+        def returned(module: Any, args: Any, output: Any) -> None:
+            self.returns.append(now())
+
+        if boundaries_only:
+            self._hooks = [
+                unet.register_forward_pre_hook(torch.compiler.disable(call)),
+                unet.register_forward_hook(torch.compiler.disable(returned)),
+            ]
+            return
         self._hooks = [
-            unet.register_forward_pre_hook(lambda m, a: self.calls.append(now())),
-            unet.register_forward_hook(lambda m, a, o: self.returns.append(now())),
+            unet.register_forward_pre_hook(call),
+            unet.register_forward_hook(returned),
             unet.conv_in.register_forward_pre_hook(lambda m, a: self.encoder_starts.append(now())),
             last.register_forward_hook(lambda m, a, o: self.encoder_ends.append(now())),
         ]
@@ -357,6 +430,49 @@ class UnetClock:
         return [(end - start, enc_end - enc_start) for start, end, enc_start, enc_end in marks]
 
 
+def attach_mode(
+    pipe: Any,
+    sampler: Sampler,
+    mode: str,
+    steps: int,
+    key_steps: KeySteps,
+    max_decoder_batch: int | str | None = "auto",
+) -> Any:
+    """Attach ``mode`` to ``pipe`` (set for ``sampler``) for a run of ``steps`` steps; return its handle,
+    whose ``remove()`` makes the pipeline stock again and whose ``last_run`` has the pass counts, or ``None``
+    for ``stock``. ``key_steps`` and ``max_decoder_batch``: those of the propagation modes."""
+    if mode == "stock":
+        return None
+    extra = None if mode in MODES else parse_extra_mode(mode)
+    if extra is not None and extra[0] == "deepcache":
+        from DeepCache import DeepCacheSDHelper
+
+        handle = DeepCacheSDHelper(pipe=pipe)
+        handle.set_params(cache_interval=extra[1], cache_branch_id=0)
+        handle.enable()
+        handle.remove = handle.disable
+        # DeepCache keeps no counts: its full steps are every I-th (its "uniform" skip mode).
+        full = tuple(range(0, steps, extra[1]))
+        handle.last_run = types.SimpleNamespace(
+            encoder_passes=len(full),
+            decoder_passes=steps,
+            decoder_batches=steps,
+            schedule=types.SimpleNamespace(indices=full),
+        )
+        return handle
+    if extra is not None:
+        keys = spread(steps, extra[1]) if extra[0] == "deep-full" else KeySteps.uniform(extra[1])
+        config = DeepReuseConfig(key_steps=keys, branch=0, forecast=int(extra[0] == "deep+forecast"))
+        return apply_faster_diffusion(pipe, config)
+    config = FasterDiffusionConfig(
+        key_steps=key_steps,
+        parallel=mode == BATCHED_MODE,
+        max_decoder_batch=max_decoder_batch,
+        noise_injection=NoiseInjection(),
+    )
+    return apply_faster_diffusion(pipe, config)
+
+
 @dataclass
 class Bench:
     pipe: StableDiffusionPipeline | StableDiffusionXLPipeline
@@ -372,44 +488,28 @@ class Bench:
     #: ``FasterDiffusionConfig.max_decoder_batch`` of the batched mode.
     max_decoder_batch: int | str | None = "auto"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: Whether ``pipe.unet`` is compiled (:func:`compiled_bench`): each run counts the graphs Dynamo compiles.
+    compiled: bool = False
+    #: A mode attached to ``pipe`` for good (a compiled UNet's: attaching it again would make Dynamo
+    #: recompile): runs neither switch the sampler nor attach anything, and read their counts from it.
+    reuse: Any = None
 
     def run(self, sampler: Sampler, mode: str, repeat: int, steps: int | None = None) -> Run:
         """One image with ``sampler`` in ``mode`` (``steps`` steps, default the sampler's); the pipeline is
-        stock again afterwards."""
+        stock again afterwards (or as :attr:`reuse` left it). ``mode`` may end in :data:`COMPILED`."""
         pipe = self.pipe
-        use_sampler(pipe, sampler)
         handle = None
-        extra = None if mode in MODES else parse_extra_mode(mode)
-        if extra is not None and extra[0] == "deepcache":
-            from DeepCache import DeepCacheSDHelper
-
-            handle = DeepCacheSDHelper(pipe=pipe)
-            handle.set_params(cache_interval=extra[1], cache_branch_id=0)
-            handle.enable()
-            handle.remove = handle.disable
-            # DeepCache keeps no counts: its full steps are every I-th (its "uniform" skip mode).
-            full = tuple(range(0, steps or sampler.default_steps, extra[1]))
-            handle.last_run = types.SimpleNamespace(
-                encoder_passes=len(full),
-                decoder_passes=steps or sampler.default_steps,
-                decoder_batches=steps or sampler.default_steps,
-                schedule=types.SimpleNamespace(indices=full),
+        if self.reuse is None:
+            use_sampler(pipe, sampler)
+            handle = attach_mode(
+                pipe,
+                sampler,
+                mode.removesuffix(COMPILED),
+                steps or sampler.default_steps,
+                self.key_steps,
+                self.max_decoder_batch,
             )
-        elif extra is not None:
-            if extra[0] == "deep-full":
-                keys = spread(steps or sampler.default_steps, extra[1])
-            else:
-                keys = KeySteps.uniform(extra[1])
-            config = DeepReuseConfig(key_steps=keys, branch=0, forecast=int(extra[0] == "deep+forecast"))
-            handle = apply_faster_diffusion(pipe, config)
-        elif mode != "stock":
-            config = FasterDiffusionConfig(
-                key_steps=self.key_steps,
-                parallel=mode == BATCHED_MODE,
-                max_decoder_batch=self.max_decoder_batch,
-                noise_injection=NoiseInjection(),
-            )
-            handle = apply_faster_diffusion(pipe, config)
+        counts = handle if handle is not None else self.reuse
         steps = steps or sampler.default_steps
         loop_end: list[float] = []
         sync = device_sync(self.device)
@@ -431,6 +531,7 @@ class Bench:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(self.device)
             cpu = CpuUse()
+            graphs = _graphs_compiled() if self.compiled else None
             with torch.inference_mode(), RssSampler() as rss:
                 sync()
                 start = time.perf_counter()
@@ -453,7 +554,9 @@ class Bench:
             calls = len(self.clock.calls)
             stock_calls = self.clock.stock_calls() if mode == "stock" and not cuda else []
             call_seconds = self.clock.call_seconds() if not cuda else []
-            stats = handle.last_run if handle is not None else None
+            stats = counts.last_run if counts is not None else None
+            if graphs is not None:
+                graphs = _graphs_compiled() - graphs
         finally:
             self.clock.sync_each_call = True
             if handle is not None:
@@ -476,7 +579,71 @@ class Bench:
             stock_calls=stock_calls,
             call_seconds=call_seconds,
             key_steps=stats.schedule.indices if stats else (),
+            graphs_compiled=graphs,
         )
+
+
+class RecompileLimitLog(logging.Handler):
+    """Collects, while in a ``with`` block, the functions for which Dynamo warns that it hit a recompile
+    limit: it runs them uncompiled from then on (a compiled mode's UNet, or only some bookkeeping)."""
+
+    LOGGER = "torch._dynamo.convert_frame"
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.functions: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if "hit config." in text:
+            found = re.search(r"function: '([^']*)' \(([^)]*)\)", text)
+            where = f"{found[1]} ({os.path.basename(found[2])})" if found else text.splitlines()[0]
+            self.functions.append(where)
+
+    def __enter__(self) -> RecompileLimitLog:
+        logging.getLogger(self.LOGGER).addHandler(self)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        logging.getLogger(self.LOGGER).removeHandler(self)
+
+
+def _graphs_compiled() -> int:
+    """How many graphs Dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def shared_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module`` that shares its parameters and buffers (no memory, the same device and dtype).
+    Its forward hooks are copied too: copy a UNet before hooking it."""
+    shared = {id(tensor): tensor for tensor in (*module.parameters(), *module.buffers())}
+    return copy.deepcopy(module, shared)
+
+
+def compiled_bench(bench: Bench, unet: UNet2DConditionModel, sampler: Sampler, mode: str) -> Bench:
+    """``bench`` on a pipeline of its own, which shares everything with ``bench.pipe`` but the UNet: ``unet``
+    (a :func:`shared_copy` of it, not hooked yet), compiled with ``Module.compile()`` (torch.compile's
+    defaults), for ``mode`` (without :data:`COMPILED`). A mode other than ``stock`` is attached for good, set
+    for ``sampler``: a compiled UNet takes the hooks into its graphs, and attaching them again for every run
+    would make Dynamo compile again in every run. Compilation happens at the first run."""
+    pipe = type(bench.pipe).from_pipe(bench.pipe, unet=unet)
+    pipe.set_progress_bar_config(**getattr(bench.pipe, "_progress_bar_config", {}))
+    reuse = None
+    if mode != "stock":
+        use_sampler(pipe, sampler)
+        reuse = attach_mode(
+            pipe, sampler, mode, sampler.default_steps, bench.key_steps, bench.max_decoder_batch
+        )
+    try:
+        clock = UnetClock(unet, device_sync(bench.device), boundaries_only=True)
+        unet.compile()
+    except BaseException:
+        if reuse is not None:
+            reuse.remove()
+        raise
+    return dataclasses.replace(bench, pipe=pipe, clock=clock, compiled=True, reuse=reuse)
 
 
 @dataclass
@@ -694,6 +861,30 @@ def targets_lines(summaries: list[Summary], bounds: dict[Sampler, dict[str, floa
         f"- {check(not slower)}: no mode slower than stock" + (f" (slower: {names})" if slower else "")
     )
     return lines
+
+
+def compiled_line(warmups: int, graphs: Sequence[int], limit_hits: Sequence[str] = ()) -> str:
+    """The settings line of the compiled modes: how they are set up, their warm-ups, whether Dynamo compiled
+    anything in the timed runs (``graphs``: the graphs it compiled in each), and where it hit a recompile
+    limit (``limit_hits``: :class:`RecompileLimitLog`'s functions)."""
+    return (
+        "- Compiled modes (`--compile`): `pipe.unet.compile()` with torch.compile's defaults, on a copy of "
+        "the UNet that shares its weights: one for `stock` with every sampler, one per sampler for any other "
+        "mode, which stays attached for all its runs (attaching it again would make Dynamo compile again); "
+        f"{warmups} untimed warm-up{'s' if warmups != 1 else ''} each before the timed repeats, where Dynamo "
+        f"compiles; graphs compiled during the {len(graphs)} timed compiled runs: {sum(graphs)}"
+        + (" (so some compilation was timed: give more --compile-warmups)" if sum(graphs) else "")
+        + "; "
+        + limit_line(limit_hits)
+    )
+
+
+def limit_line(limit_hits: Sequence[str]) -> str:
+    """Where Dynamo hit a recompile limit (:class:`RecompileLimitLog`), and what that means."""
+    if not limit_hits:
+        return "Dynamo hit no recompile limit"
+    counted = ", ".join(f"{name} ({count}x)" for name, count in collections.Counter(limit_hits).items())
+    return f"Dynamo hit a recompile limit in {counted}, and ran these uncompiled from then on"
 
 
 def raw_table(runs: list[Run]) -> list[str]:
@@ -927,16 +1118,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--extra-modes",
         default="",
         help="comma-separated modes to time beside the three: deep:I, deep+forecast:I, deepcache:I (a full "
-        "step every I steps, branch 0), deep-full:B (B full steps spread evenly)",
+        "step every I steps, branch 0), deep-full:B (B full steps spread evenly); MODE@SAMPLER times it with "
+        "that sampler only, e.g. deep:3@DPM-Solver-20",
+    )
+    parser.add_argument(
+        "--compile",
+        default="",
+        help="comma-separated modes (stock, the other two, or extra modes; MODE@SAMPLER as in --extra-modes) "
+        "to time again with pipe.unet.compile(), as 'MODE (compiled)': each on a copy of the UNet that "
+        "shares its weights, with the mode attached once for all its runs; a mode that fails to compile or "
+        "run is reported with its error",
+    )
+    parser.add_argument(
+        "--compile-warmups",
+        type=int,
+        default=COMPILE_WARMUPS,
+        help=f"untimed runs of each compiled mode before its timed ones (default {COMPILE_WARMUPS})",
     )
     args = parser.parse_args(argv)
-    extra = [m.strip() for m in args.extra_modes.split(",") if m.strip()]
-    try:
-        for mode in extra:
-            parse_extra_mode(mode)
-    except ValueError as error:
-        parser.error(str(error))
-    args.mode_list = (*MODES, *extra)
     spec = MODELS[args.model]
     if args.size is None:
         args.size = spec.default_size
@@ -963,6 +1162,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(str(error))
     if not args.sampler_list:
         parser.error("--samplers: give at least one sampler")
+    try:
+        extra = parse_modes("--extra-modes", args.extra_modes, args.sampler_list)
+        args.compile_list = parse_modes("--compile", args.compile, args.sampler_list)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.compile_warmups < 1:
+        parser.error(f"--compile-warmups must be >= 1, got {args.compile_warmups}")
+    #: The modes each sampler is timed in, in order: the three, the extra modes, the compiled modes.
+    args.modes_for = {
+        sampler: [
+            *MODES,
+            *modes_of(sampler, extra),
+            *(mode + COMPILED for mode in modes_of(sampler, args.compile_list)),
+        ]
+        for sampler in args.sampler_list
+    }
     if any(g < 1 for g in args.probe_groups):
         parser.error(f"--decoder-probe: group sizes must be >= 1, got {args.decoder_probe!r}")
     try:
@@ -1007,6 +1222,65 @@ class Benchmark:
 
     report: str
     summaries: list[Summary]
+    #: Compiled modes that failed, by (sampler, mode): the error, on one line.
+    failed: dict[tuple[Sampler, str], str] = field(default_factory=dict)
+    #: Functions where Dynamo hit a recompile limit during the runs (:class:`RecompileLimitLog`).
+    recompile_limit_hits: list[str] = field(default_factory=list)
+
+
+def error_text(error: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line, cut to ``limit`` characters."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _twin_key(sampler: Sampler, mode: str) -> tuple[Sampler | None, str]:
+    """Which compiled UNet copy times ``mode`` with ``sampler``: stock attaches nothing, so one copy serves
+    every sampler; any other mode is attached for good, to a copy per sampler."""
+    return (None, mode) if mode == "stock" else (sampler, mode)
+
+
+def compile_twins(
+    unet: UNet2DConditionModel,
+    samplers: Sequence[Sampler],
+    compile_list: Sequence[tuple[str, Sampler | None]],
+) -> dict[tuple[Sampler | None, str], UNet2DConditionModel]:
+    """A :func:`shared_copy` of ``unet`` for each compiled UNet that the modes of ``compile_list``
+    (:func:`parse_modes`) need: make them before hooking ``unet``."""
+    keys = dict.fromkeys(_twin_key(s, mode) for s in samplers for mode in modes_of(s, compile_list))
+    return {key: shared_copy(unet) for key in keys}
+
+
+def compiled_benches(
+    bench: Bench,
+    twins: dict[tuple[Sampler | None, str], UNet2DConditionModel],
+    samplers: Sequence[Sampler],
+    compile_list: Sequence[tuple[str, Sampler | None]],
+) -> tuple[dict[tuple[Sampler, str], Bench], dict[tuple[Sampler, str], str]]:
+    """The benches of the compiled modes by (sampler, ``MODE (compiled)``), on the UNet copies of
+    :func:`compile_twins`, and the error of each that could not be set up (reported, not fatal). Dynamo's
+    caches are emptied first: the graphs of an earlier run in this process would count against the
+    recompile limit of the UNet's code, shared by every copy."""
+    if twins:
+        torch._dynamo.reset()
+    benches: dict[tuple[Sampler, str], Bench] = {}
+    failed: dict[tuple[Sampler, str], str] = {}
+    made: dict[tuple[Sampler | None, str], Bench | str] = {}
+    for sampler in samplers:
+        for mode in modes_of(sampler, compile_list):
+            key = _twin_key(sampler, mode)
+            if key not in made:
+                try:
+                    made[key] = compiled_bench(bench, twins[key], sampler, mode)
+                except Exception as error:
+                    made[key] = error_text(error)
+                    _log(f"{mode}{COMPILED}: could not be set up: {made[key]}")
+            result = made[key]
+            if isinstance(result, str):
+                failed[(sampler, mode + COMPILED)] = result
+            else:
+                benches[(sampler, mode + COMPILED)] = result
+    return benches, failed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1046,6 +1320,8 @@ def benchmark(argv: Sequence[str] | None = None) -> Benchmark:
     build_seconds = time.perf_counter() - build_start
     _log(f"built in {build_seconds:.1f} s; {size} px, {torch.get_num_threads()} threads")
 
+    # Copies of the UNet for the compiled modes, made before the clock hooks it (a copy takes hooks along).
+    twins = {} if args.dry_run else compile_twins(pipe.unet, args.sampler_list, args.compile_list)
     bench = Bench(
         pipe=pipe,
         size=size,
@@ -1063,21 +1339,34 @@ def benchmark(argv: Sequence[str] | None = None) -> Benchmark:
         text = dry_run(bench, args)
         print(text)
         return Benchmark(report=text, summaries=[])
+    compiled, failed = compiled_benches(bench, twins, args.sampler_list, args.compile_list)
     warmups: list[Run] = []
     runs: list[Run] = []
     timed_cpu = None
-    for repeat in range(-1, args.repeats):
-        if repeat == 0:
-            timed_cpu = CpuUse()
-        for sampler in args.sampler_list:
-            for mode in args.mode_list:
-                result = bench.run(sampler, mode, repeat)
-                (warmups if repeat < 0 else runs).append(result)
-                label = "warm-up" if repeat < 0 else f"repeat {repeat + 1}/{args.repeats}"
-                _log(
-                    f"{label} {sampler.value} {mode}: loop {result.loop_seconds:.2f} s, "
-                    f"e2e {result.e2e_seconds:.2f} s, peak {_mib(peak_memory_bytes(result))} MiB"
-                )
+    with RecompileLimitLog() as limit_log:
+        # Compiled modes take --compile-warmups warm-ups, the others one (in the round before the timed ones).
+        for repeat in range(-args.compile_warmups if compiled else -1, args.repeats):
+            if repeat == 0:
+                timed_cpu = CpuUse()
+            for sampler in args.sampler_list:
+                for mode in args.modes_for[sampler]:
+                    runner = compiled.get((sampler, mode), bench)
+                    if (sampler, mode) in failed or (repeat < -1 and runner is bench):
+                        continue
+                    try:
+                        result = runner.run(sampler, mode, repeat)
+                    except Exception as error:  # only a compiled mode's failure is reported rather than fatal
+                        if runner is bench:
+                            raise
+                        failed[(sampler, mode)] = error_text(error)
+                        _log(f"{sampler.value} {mode} failed: {failed[(sampler, mode)]}")
+                        continue
+                    (warmups if repeat < 0 else runs).append(result)
+                    label = "warm-up" if repeat < 0 else f"repeat {repeat + 1}/{args.repeats}"
+                    _log(
+                        f"{label} {sampler.value} {mode}: loop {result.loop_seconds:.2f} s, "
+                        f"e2e {result.e2e_seconds:.2f} s, peak {_mib(peak_memory_bytes(result))} MiB"
+                    )
     timed_others = timed_cpu.others_percent() if timed_cpu else None
 
     latent_size = size // pipe.vae_scale_factor
@@ -1106,7 +1395,9 @@ def benchmark(argv: Sequence[str] | None = None) -> Benchmark:
     summaries = []
     for sampler in args.sampler_list:
         stock = [r for r in runs if r.sampler is sampler and r.mode == "stock"]
-        for mode in args.mode_list:
+        for mode in args.modes_for[sampler]:
+            if (sampler, mode) in failed:
+                continue
             summaries.append(
                 Summary(sampler, mode, [r for r in runs if r.sampler is sampler and r.mode == mode], stock)
             )
@@ -1143,6 +1434,9 @@ def benchmark(argv: Sequence[str] | None = None) -> Benchmark:
         if timed_others is not None and per_run_others
         else "- Load by other processes: not measurable on this platform",
     ]
+    if args.compile_list:
+        graphs = [r.graphs_compiled for r in runs if r.graphs_compiled is not None]
+        settings.append(compiled_line(args.compile_warmups, graphs, limit_log.functions))
     method = [
         "- **UNet loop**: from the first call of `pipe.unet` (a forward pre-hook) to the end of the last "
         "scheduler step (`callback_on_step_end` at the last step); measured the same way for every mode.",
@@ -1188,6 +1482,9 @@ def benchmark(argv: Sequence[str] | None = None) -> Benchmark:
     title = f"{size} px, {where}" if args.model == "sd15" else f"{args.model.upper()}, {size} px, {where}"
     report = [f"# Faster Diffusion speed benchmark: {title}", "", *settings, "", "## Results", ""]
     report += results_table(summaries)
+    if failed:
+        report += ["", "Failed, and left out of the tables:", ""]
+        report += [f"- {sampler.value} {mode}: {error}" for (sampler, mode), error in failed.items()]
     report += ["", "## Encoder share and the bound on propagation alone", "", *bounds_lines]
     if share_probe:
         report += [
@@ -1210,7 +1507,9 @@ def benchmark(argv: Sequence[str] | None = None) -> Benchmark:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text, encoding="utf-8")
     _log(f"wrote {args.out} ({total_seconds / 60:.1f} min)")
-    return Benchmark(report=text, summaries=summaries)
+    return Benchmark(
+        report=text, summaries=summaries, failed=failed, recompile_limit_hits=limit_log.functions
+    )
 
 
 if __name__ == "__main__":
