@@ -7,11 +7,28 @@ On a machine with a CUDA GPU and a CUDA build of torch (this script installs not
    against one step at a time), and call counts (the encoder runs |K| times, the decoder N times).
 2. Speed, with ``benchmarks/speed.py``'s machinery: the SD v1.5 architecture with random weights at 512 px in
    fp16, with PyTorch SDPA and, when it imports, xformers; DDIM-50 and DPM-Solver-20, each as stock,
-   propagation and batched; medians over repeats and the peak of ``torch.cuda.max_memory_allocated``.
-3. A Markdown report with the paper's A40 figures beside the measured ones.
+   propagation and batched, and in the same interleaved repeats:
+
+   - the product's default, deep reuse with ``faster_diffusion.policy.default_key_steps(..., mode="deep")``:
+     ``uniform:3`` with DPM-Solver-20; with DDIM-50 ``auto:13``, which needs a calibration that random weights
+     lack, so it is timed as 13 full steps spread evenly (``deep-full:13``: a partial step costs the same
+     wherever it falls);
+   - DeepCache (``DeepCacheSDHelper``, branch 0) with as many full steps as the default (``cache_interval``
+     3 with DPM-Solver-20, 4 with DDIM-50), when the ``DeepCache`` package imports (the report says so when
+     it does not);
+   - with ``--compile`` (the default on CUDA, not on the CPU): stock and the default again with
+     ``pipe.unet.compile()``, each after ``--compile-warmups`` untimed warm-ups (compilation is not timed),
+     so that the default's speedup is also measured against a compiled stock (a stock bound by kernel
+     launches flatters every cache); a compiled mode that fails is reported with its error.
+
+   Medians over repeats, and the peak of ``torch.cuda.max_memory_allocated``.
+3. A Markdown report with the paper's A40 figures beside the measured ones, and a table of every mode of the
+   run with its full and partial steps, seconds per image, speedups against stock and against compiled
+   stock, and peak memory.
 
     script/gpu-check                                   # -> benchmarks/results/gpu-check.md
     script/gpu-check --device cpu --quick --out /tmp/gpu-check.md   # the same code on the CPU, tiny, seconds
+    script/gpu-check --device cpu --quick --compile --out /tmp/gpu-check.md   # with compiled rows: a minute
 """
 
 from __future__ import annotations
@@ -44,6 +61,8 @@ from faster_diffusion import (  # noqa: E402
     apply_faster_diffusion,
     use_sampler,
 )
+from faster_diffusion.policy import default_key_steps  # noqa: E402
+from faster_diffusion.schedule import KeyStepKind  # noqa: E402
 from fixtures.tiny import SD_SHAPED_UNET, build_tiny_pipeline  # noqa: E402
 
 #: The paper's Table (A40 GPU, SD v1.5, 512 px, fp16): seconds per image for stock, propagation alone and
@@ -68,6 +87,59 @@ TOLERANCES = {
 
 EXACTNESS_SAMPLERS = (Sampler.DDIM, Sampler.DPM_SOLVER)
 PROMPT = "a red circle above a blue square"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the speed run times with one sampler beside the paper's three modes."""
+
+    sampler: Sampler
+    #: The product's default key steps, as ``faster_diffusion.policy.default_key_steps`` gives them.
+    default_keys: KeySteps
+    #: The ``speed.py`` mode that times the default, e.g. ``deep-full:13``.
+    default: str
+    #: The ``speed.py`` mode that times DeepCache with as many full steps, e.g. ``deepcache:4``.
+    deepcache: str
+    #: Full steps of the default.
+    full: int
+
+    @property
+    def as_given(self) -> bool:
+        """Whether the default is timed with its own key steps (uniform), not a stand-in of equal cost."""
+        return self.default_keys.kind is KeyStepKind.UNIFORM
+
+    @property
+    def default_label(self) -> str:
+        timed_as = "" if self.as_given else f", timed as `{self.default}`"
+        return f"default: deep reuse `{self.default_keys}`{timed_as}"
+
+    @property
+    def cache_interval(self) -> int:
+        return int(self.deepcache.partition(":")[2])
+
+
+def plan(sampler: Sampler) -> Plan:
+    """The default and DeepCache modes timed with ``sampler``. The default is deep reuse with the key steps of
+    ``default_key_steps(pipe, sampler, steps, mode="deep")``; a calibrated placement (``auto:B``) is timed as
+    B full steps spread evenly, since random weights have no calibration and a partial step costs the same
+    wherever it falls. DeepCache gets the smallest interval with no more full steps: ``ceil(N / B)``."""
+    steps = sampler.default_steps
+    keys = default_key_steps(None, sampler, steps, mode="deep")  # the pipeline matters to mode="encoder" only
+    if keys.kind is KeyStepKind.AUTO:
+        full = keys.budget or len(KeySteps.paper().resolve(steps).indices)
+    else:
+        full = len(keys.resolve(steps).indices)
+    default = f"deep:{keys.every}" if keys.kind is KeyStepKind.UNIFORM else f"deep-full:{full}"
+    return Plan(sampler, keys, default, f"deepcache:{-(-steps // full)}", full)
+
+
+def deepcache_missing() -> str | None:
+    """``None`` when DeepCache imports, else why it does not."""
+    try:
+        from DeepCache import DeepCacheSDHelper  # noqa: F401
+    except Exception as error:  # any import failure means: no DeepCache row
+        return speed.error_text(error)
+    return None
 
 
 @dataclass
@@ -197,6 +269,8 @@ def paper_table(summaries: list[speed.Summary], cuda: bool) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
+        if s.mode not in speed.MODES:
+            continue
         paper = PAPER_SECONDS.get(s.sampler, {})
         seconds = paper.get(s.mode)
         paper_speedup = paper["stock"] / seconds if seconds else None
@@ -208,6 +282,133 @@ def paper_table(summaries: list[speed.Summary], cuda: bool) -> list[str]:
             f"| {s.peak_memory / 1e9:.2f} ({s.memory_vs_stock:.2f}x) |"
         )
     return lines
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _seconds(summary: speed.Summary) -> str:
+    values = [r.e2e_seconds for r in summary.runs]
+    spread = f" ({min(values):.3f}–{max(values):.3f})" if len(values) > 1 else ""
+    return f"{summary.e2e:.3f}{spread}"
+
+
+def modes_table(
+    result: speed.Benchmark,
+    plans: Sequence[Plan],
+    deepcache_error: str | None,
+    compiled: bool,
+    cuda: bool,
+) -> list[str]:
+    """Every mode of the speed run side by side, per sampler: full / partial steps, seconds per image, the
+    speedup against stock and, for the compiled rows, against compiled stock, and peak memory; a row for
+    DeepCache that says it is not installed, and compiled rows that failed, with their error."""
+    unit = "GB" if cuda else "GB (peak RSS)"
+    lines = [
+        "| sampler | mode | full / partial steps | s/img, median (min–max) | speedup vs stock "
+        f"| speedup vs compiled stock | peak memory {unit} (vs stock) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    summaries = {(s.sampler, s.mode): s for s in result.summaries}
+    for p in plans:
+        rows = [
+            ("stock", "stock"),
+            (speed.PROPAGATION_MODE, "propagation (paper's key steps)"),
+            (speed.BATCHED_MODE, "propagation+batched (paper's key steps)"),
+            (p.default, p.default_label),
+            (p.deepcache, f"DeepCache, `cache_interval={p.cache_interval}`"),
+        ]
+        if compiled:
+            rows += [
+                ("stock" + speed.COMPILED, "stock, compiled"),
+                (p.default + speed.COMPILED, "default, compiled"),
+            ]
+        compiled_stock = summaries.get((p.sampler, "stock" + speed.COMPILED))
+        for mode, label in rows:
+            row = f"| {p.sampler.value} | {label} "
+            summary = summaries.get((p.sampler, mode))
+            if mode == p.deepcache and deepcache_error is not None:
+                lines.append(
+                    row + f"| – | not installed: `DeepCache` does not import ({_cell(deepcache_error)}) "
+                    "| – | – | – |"
+                )
+            elif summary is None:
+                error = result.failed.get((p.sampler, mode), "not timed")
+                lines.append(row + f"| – | failed: {_cell(error)} | – | – | – |")
+            else:
+                first = summary.runs[0]
+                if not mode.endswith(speed.COMPILED):
+                    against_compiled = "–"
+                elif compiled_stock is None:
+                    against_compiled = "– (compiled stock failed)"
+                else:
+                    against_compiled = f"{compiled_stock.e2e / summary.e2e:.2f}x"
+                lines.append(
+                    row + f"| {first.encoder_passes} / {first.decoder_passes - first.encoder_passes} "
+                    f"| {_seconds(summary)} | {summary.e2e_speedup:.2f}x | {against_compiled} "
+                    f"| {summary.peak_memory / 1e9:.2f} ({summary.memory_vs_stock:.2f}x) |"
+                )
+    return lines
+
+
+def modes_notes(
+    result: speed.Benchmark, plans: Sequence[Plan], deepcache_error: str | None, compiled: bool, warmups: int
+) -> list[str]:
+    """What the rows of :func:`modes_table` are and how they were timed."""
+    defaults = "; ".join(
+        f"{p.sampler.value}: `{p.default_keys}`"
+        + (
+            f", timed as `{p.default}` ({p.full} full steps spread evenly: a calibrated placement needs a "
+            "calibration, which random weights lack, and costs the same, since a partial step costs the "
+            "same wherever it falls)"
+            if not p.as_given
+            else f" (`{p.default}`, {p.full} full steps)"
+        )
+        for p in plans
+    )
+    notes = [
+        "- Every row is from the same run as the table above, all modes interleaved in every repeat; seconds "
+        "per image are end to end (`pipe(...)`), speedups are ratios of medians.",
+        "- Full / partial steps: a full step runs the whole UNet; a partial one runs the decoder alone "
+        "(propagation) or only the outermost layers (deep reuse and DeepCache, branch 0).",
+        "- **Default**: the product's, deep reuse (`DeepReuseConfig`, branch 0) with the key steps of "
+        f'`faster_diffusion.policy.default_key_steps(pipe, sampler, steps, mode="deep")`: {defaults}.',
+    ]
+    if deepcache_error is None:
+        notes.append(
+            "- **DeepCache**: `DeepCacheSDHelper` with `cache_branch_id=0` and the smallest `cache_interval` "
+            "I whose full steps, ceil(N / I) of N, are no more than the default's: "
+            + "; ".join(f"{p.sampler.value}: {p.cache_interval}" for p in plans)
+            + "."
+        )
+    else:
+        notes.append(
+            f"- **DeepCache**: not installed (the `DeepCache` package does not import: {deepcache_error}); "
+            "`pip install DeepCache` to time it."
+        )
+    if compiled:
+        graphs = [
+            r.graphs_compiled
+            for s in result.summaries
+            if s.mode.endswith(speed.COMPILED)
+            for r in s.runs
+            if r.graphs_compiled is not None
+        ]
+        notes.append(
+            "- **Compiled**: stock and the default again with `pipe.unet.compile()` (torch.compile's "
+            "defaults), each on a copy of the UNet that shares its weights, the default attached once for "
+            f"all its runs; {warmups} untimed warm-up{'s' if warmups != 1 else ''} of each compiled mode "
+            "before the timed repeats, where the compilation happens (the other modes: one); graphs compiled "
+            f"during the timed runs: {sum(graphs)}"
+            + (" (some compilation was timed: rerun with more --compile-warmups)" if sum(graphs) else "")
+            + f"; {speed.limit_line(result.recompile_limit_hits)}. 'Speedup vs compiled stock' is compiled "
+            "stock's median over the row's: a stock whose time goes to launching kernels flatters every "
+            "cache, and a compiled stock launches fewer."
+        )
+    else:
+        notes.append("- **Compiled**: not timed (`--no-compile`; the default on the CPU).")
+    return notes
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -228,6 +429,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="exactness dtypes (default: float16,float32 on CUDA; float32 on the CPU)",
     )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time stock and the default with pipe.unet.compile() (default: on with cuda, off with cpu)",
+    )
+    parser.add_argument(
+        "--compile-warmups",
+        type=int,
+        default=speed.COMPILE_WARMUPS,
+        help=f"untimed runs of each compiled mode before the timed ones (default {speed.COMPILE_WARMUPS})",
+    )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "gpu-check.md")
     args = parser.parse_args(argv)
     try:
@@ -243,6 +456,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.dtype_list = [getattr(torch, name) for name in names]
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.compile_warmups < 1:
+        parser.error(f"--compile-warmups must be >= 1, got {args.compile_warmups}")
+    if args.compile is None:
+        args.compile = args.torch_device.type == "cuda"
+    try:
+        args.sampler_list = [Sampler.parse(name) for name in args.samplers.split(",") if name.strip()]
+    except ValueError as error:
+        parser.error(f"--samplers: {error}")
+    if not args.sampler_list:
+        parser.error("--samplers: give at least one sampler")
     return args
 
 
@@ -278,6 +501,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             attentions.append("xformers")
         except Exception as error:  # any import failure means: no xformers run
             _log(f"xformers does not import ({error}); SDPA only")
+    deepcache_error = deepcache_missing()
+    if deepcache_error is not None:
+        _log(f"DeepCache does not import ({deepcache_error}); no DeepCache row")
+    plans = [plan(sampler) for sampler in args.sampler_list]
+    extra = [f"{p.default}@{p.sampler.value}" for p in plans]
+    if deepcache_error is None:
+        extra += [f"{p.deepcache}@{p.sampler.value}" for p in plans]
     runs: list[tuple[str, speed.Benchmark]] = []
     for attention in attentions:
         speed_argv = [
@@ -290,6 +520,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         speed_argv += ["--repeats", str(args.repeats), "--dtype", "float16" if cuda else "float32"]
         speed_argv += ["--quick"] if args.quick else ["--size", str(args.size)]
+        speed_argv += ["--extra-modes", ",".join(extra)]
+        if args.compile:
+            compiled = ",".join(["stock", *(f"{p.default}@{p.sampler.value}" for p in plans)])
+            speed_argv += ["--compile", compiled, "--compile-warmups", str(args.compile_warmups)]
         out = Path(tempfile.gettempdir()) / f"faster-diffusion-gpu-check-speed-{attention}.md"
         runs.append((attention, speed.benchmark([*speed_argv, "--out", str(out)])))
 
@@ -325,6 +559,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "Measured: end-to-end medians; the batched mode uses the automatic decoder-batch cap.",
             "",
             *paper_table(result.summaries, cuda),
+            "",
+            "### The product's default, DeepCache and a compiled UNet, beside the paper's modes (same run)",
+            "",
+            *modes_table(result, plans, deepcache_error, args.compile, cuda),
+            "",
+            *modes_notes(result, plans, deepcache_error, args.compile, args.compile_warmups),
             "",
             "<details><summary>Full speed report</summary>",
             "",

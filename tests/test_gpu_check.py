@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import speed
-from benchmarks.gpu_check import TOLERANCES, _compare, cuda_missing_message
+from benchmarks import gpu_check, speed
+from benchmarks.gpu_check import TOLERANCES, _compare, cuda_missing_message, deepcache_missing, plan
 from faster_diffusion import Sampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +39,17 @@ def test_gpu_check_runs_on_the_cpu_and_writes_a_report(tmp_path):
     assert "| DPM-Solver-20 | propagation+batched | 0.64 | 1.78x |" in report
     assert "(1.00x) |" in report  # stock's memory against itself
     assert "### Results" in report  # the full speed report is included
+    # In the same run: the product's default (deep reuse, every third step full with DPM-Solver-20), with its
+    # full / partial steps, and DeepCache with as many full steps, or a row that says it is not installed.
+    assert "| DPM-Solver-20 | default: deep reuse `uniform:3` | 7 / 13 | " in report
+    if deepcache_missing() is None:
+        assert "| DPM-Solver-20 | DeepCache, `cache_interval=3` | 7 / 13 | " in report
+    else:
+        assert "| DPM-Solver-20 | DeepCache, `cache_interval=3` | – | not installed: " in report
+    # No compiled rows on the CPU unless asked for; the paper's table keeps to the paper's modes.
+    assert "**Compiled**: not timed" in report and "stock, compiled" not in report
+    paper_rows = report.split("| paper memory GB")[1].split("\n\n")[0]
+    assert "deep" not in paper_rows and "compiled" not in paper_rows
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
@@ -84,3 +96,130 @@ def test_timed_runs_on_cuda_sync_only_at_their_start(monkeypatch):
         clock.sync_each_call = True
         pipe.unet(latent, torch.full((2,), 500), encoder_hidden_states=text)
     assert len(syncs) == 1 + 4  # call, conv_in, mid block, return
+
+
+def test_the_default_and_deepcache_follow_the_policy():
+    """DDIM-50's default, auto:13, is timed as 13 full steps spread evenly (random weights have no
+    calibration); DPM-Solver-20's is uniform:3. DeepCache gets as many full steps: every 4th of 50, every 3rd
+    of 20."""
+    ddim, dpm = plan(Sampler.DDIM), plan(Sampler.DPM_SOLVER)
+    assert (str(ddim.default_keys), ddim.default, ddim.deepcache) == (
+        "auto:13",
+        "deep-full:13",
+        "deepcache:4",
+    )
+    assert (str(dpm.default_keys), dpm.default, dpm.deepcache) == ("uniform:3", "deep:3", "deepcache:3")
+    assert (ddim.full, dpm.full) == (13, 7)
+    assert ddim.default_label == "default: deep reuse `auto:13`, timed as `deep-full:13`"
+    assert dpm.default_label == "default: deep reuse `uniform:3`"
+
+
+def test_speed_modes_can_be_limited_to_one_sampler():
+    samplers = [Sampler.DDIM, Sampler.DPM_SOLVER]
+    extra = speed.parse_modes(
+        "--extra-modes", "deep-full:13@DDIM-50,deep:3@DPM-Solver-20,deepcache:3", samplers
+    )
+    assert speed.modes_of(Sampler.DDIM, extra) == ["deep-full:13", "deepcache:3"]
+    assert speed.modes_of(Sampler.DPM_SOLVER, extra) == ["deep:3", "deepcache:3"]
+    assert speed.parse_modes("--compile", "stock,deep:3@DPM-Solver-20", samplers) == [
+        ("stock", None),
+        ("deep:3", Sampler.DPM_SOLVER),
+    ]
+    with pytest.raises(ValueError, match="--compile: 'deep:3@DDIM-50' names DDIM-50, which --samplers"):
+        speed.parse_modes("--compile", "deep:3@DDIM-50", [Sampler.DPM_SOLVER])
+    with pytest.raises(ValueError, match="--extra-modes: 'stock' must be KIND:I"):
+        speed.parse_modes("--extra-modes", "stock", samplers)
+
+
+def run_in_process(tmp_path, *args: str) -> str:
+    """gpu_check's quick CPU run with DPM-Solver-20, in this process (for a test to patch); its report."""
+    out = tmp_path / "gpu-check.md"
+    torch.set_num_threads(1)
+    assert (
+        gpu_check.main(
+            ["--device", "cpu", "--quick", "--samplers", "DPM-Solver-20", *args, "--out", str(out)]
+        )
+        == 0
+    )
+    return out.read_text()
+
+
+def test_compiled_rows_give_speedups_against_compiled_stock(tmp_path, monkeypatch):
+    """With --compile, stock and the default run again on compiled copies of the UNet, after their own
+    warm-ups; every compiled row has a speedup against compiled stock. Dynamo's eager backend traces and
+    guards like inductor, without a C++ compiler."""
+    compile_ = torch.compile
+    monkeypatch.setattr(
+        torch, "compile", lambda *args, **kwargs: compile_(*args, **{**kwargs, "backend": "eager"})
+    )
+    report = run_in_process(tmp_path, "--compile", "--compile-warmups", "2")
+    # Speedups against stock, and for the compiled rows against compiled stock (1.00x for itself).
+    assert re.search(r"\| DPM-Solver-20 \| stock \| 20 / 0 \| [^|]+ \| 1\.00x \| – \|", report)
+    assert re.search(
+        r"\| DPM-Solver-20 \| stock, compiled \| 20 / 0 \| [^|]+ \| [\d.]+x \| 1\.00x \|", report
+    )
+    assert re.search(
+        r"\| DPM-Solver-20 \| default, compiled \| 7 / 13 \| [^|]+ \| [\d.]+x \| [\d.]+x \|", report
+    )
+    assert "2 untimed warm-ups of each compiled mode" in report
+    assert "graphs compiled during the timed runs: 0;" in report
+    assert "failed" not in report.split("<details>")[0]
+    torch._dynamo.reset()
+
+
+def test_a_failing_compile_gives_error_rows_not_a_crash(tmp_path, monkeypatch):
+    """A compile that fails (here: at the first call, as inductor does without a C++ compiler) puts its error
+    in the compiled rows; so does one that fails when asked to compile. No DeepCache: a row says so."""
+
+    def broken(*args, **kwargs):
+        def call(*args, **kwargs):
+            raise RuntimeError("no C++ compiler | here")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(
+        gpu_check, "deepcache_missing", lambda: "ModuleNotFoundError: No module named 'DeepCache'"
+    )
+    report = run_in_process(tmp_path, "--compile")
+    for row in ("stock, compiled", "default, compiled"):
+        assert f"| DPM-Solver-20 | {row} | – | failed: RuntimeError: no C++ compiler \\| here | – |" in report
+    assert (
+        "| DPM-Solver-20 | DeepCache, `cache_interval=3` | – | not installed: `DeepCache` does not import"
+        in report
+    )
+    assert "| DPM-Solver-20 | default: deep reuse `uniform:3` | 7 / 13 | " in report  # the rest still timed
+    assert "Failed, and left out of the tables:" in report
+
+
+def test_a_compile_refused_at_setup_is_reported_and_the_copies_share_the_weights(monkeypatch):
+    from fixtures.tiny import build_tiny_pipeline
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("torch.compile is not supported here")
+
+    monkeypatch.setattr(torch, "compile", refused)
+    pipe = build_tiny_pipeline(0)
+    samplers = [Sampler.DPM_SOLVER]
+    compile_list = speed.parse_modes("--compile", "stock,deep:3", samplers)
+    twins = speed.compile_twins(pipe.unet, samplers, compile_list)
+    assert set(twins) == {(None, "stock"), (Sampler.DPM_SOLVER, "deep:3")}
+    for twin in twins.values():  # no weights copied
+        assert twin is not pipe.unet and twin.conv_in.weight is pipe.unet.conv_in.weight
+    bench = speed.Bench(
+        pipe=pipe,
+        size=16,
+        prompt="a cat",
+        negative_prompt="",
+        guidance_scale=7.5,
+        seed=0,
+        trim=False,
+        clock=speed.UnetClock(pipe.unet),
+    )
+    benches, failed = speed.compiled_benches(bench, twins, samplers, compile_list)
+    error = "RuntimeError: torch.compile is not supported here"
+    assert benches == {}
+    assert failed == {
+        (Sampler.DPM_SOLVER, "stock (compiled)"): error,
+        (Sampler.DPM_SOLVER, "deep:3 (compiled)"): error,
+    }
