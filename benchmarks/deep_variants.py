@@ -36,7 +36,7 @@ calibration prompts, never the held-out pairs, and are reported as exploratory i
 - Check: the prototype below (``compose`` and ``damped``) with no encoder-reuse step and no damping equals
   ``deep:I`` to the pixel, and with a gain of 1 equals ``forecast=1``; the report gives both differences.
 
-    python benchmarks/deep_variants.py --costs --threads 1          # ~15 min, SD v1.5 architecture
+    python benchmarks/deep_variants.py --costs --threads 1          # ~13 min, SD v1.5 architecture
     python benchmarks/deep_variants.py --threads 1                   # first model -> results/deep-variants.md
     M=faster_diffusion/reference/assets/shapes-ldm-sd15
     python benchmarks/deep_variants.py --threads 1 --model $M \\

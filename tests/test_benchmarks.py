@@ -356,3 +356,40 @@ def test_the_modes_frontier_rules_and_speeds_read_as_written():
     assert speed_of("deep auto:7", 7, "DPM-Solver-20", speedups, 20) == 2.39  # as many full passes
     assert speed_of("deep auto:6", 6, "DPM-Solver-20", speedups, 20) is None  # none measured
     assert speed_of("encoder: paper", 7, "DPM-Solver-20", speedups, 20) == 1.48
+
+
+def test_deep_variants_quick_run_checks_its_prototype_against_the_package(tmp_path):
+    out = tmp_path / "v.md"
+    run_script("deep_variants.py", "--quick", "--threads", "1", "--out", str(out))
+    data = json.loads(out.with_suffix(".json").read_text())
+    rows = data["rows"]
+    assert {"stock", "deep:3", "compose:3", "damped:3", "batched:3", "deep:5", "batched:5"} <= set(rows)
+    assert any(row["family"] == "depth" for row in rows.values())
+    # The step-plan prototype computes deep reuse and its forecast exactly as the package does.
+    assert data["agreement"] == {"plan vs deep": 0.0, "gain 1 vs forecast=1": 0.0}
+    assert "The rules" in out.read_text()
+
+
+def test_deep_variants_budgets_plans_and_rules_read_as_written(tmp_path):
+    from benchmarks.deep_variants import compose_plan, depth_budgets, verdicts
+
+    costs = {"partial": {"0": 0.05, "1": 0.15, "2": 0.25, "3": 0.9}}
+    # DeepCache:3 costs 7 + 13 * 0.05 = 7.65: branch 1 fits 5 full steps (5 + 15 * 0.15 = 7.25), branch 2
+    # 3 (3 + 17 * 0.25 = 7.25; 4 would cost 8.0), branch 3 none.
+    assert depth_budgets(20, 3, costs) == [(1, 5), (2, 3)]
+    assert compose_plan(10, 3) == "FPPEPPFPPE"
+    rows = {
+        "deep:2": {"family": "baseline", "interval": 2, "psnr": 30.0, "delta": 0.0},
+        "depth b1:8 (I=2)": {"family": "depth", "interval": 2, "psnr": 31.0, "delta": -0.005},
+        "batched:2": {"family": "batched", "interval": 2, "psnr": 29.6, "delta": -0.02},
+    }
+    found = verdicts(rows, (2,))
+    assert found["depth"].startswith("beats the baseline at intervals [2]")
+    assert "faithfulness lower by more than 1 point at [2]" in found["batched"]
+    missing = subprocess.run(
+        [sys.executable, "benchmarks/deep_variants.py", "--costs-file", str(tmp_path / "none.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2 and "measure it first with --costs" in missing.stderr
