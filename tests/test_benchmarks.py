@@ -335,6 +335,19 @@ def test_modes_frontier_quick_run_judges_deep_reuse_and_the_forecast_rule(tmp_pa
     )
 
 
+def test_modes_frontier_seed_offset_gives_fresh_seeds_and_says_so(tmp_path):
+    keep = ["--skip", "^(?!(stock|deep:3)$)", "--samplers", "DPM-Solver-20"]
+    psnr = {}
+    for offset in (0, 1000):
+        out = tmp_path / f"m{offset}.md"
+        run_script("modes_frontier.py", "--quick", "--seed-offset", str(offset), "--out", str(out), *keep)
+        data = json.loads(out.with_suffix(".json").read_text())
+        assert data["seed_offset"] == offset and set(data["results"]["DPM-Solver-20"]) == {"stock", "deep:3"}
+        assert f"seeds {offset} to {offset + 7})" in out.read_text()
+        psnr[offset] = data["results"]["DPM-Solver-20"]["deep:3"]["psnr"]
+    assert psnr[0] != psnr[1000]  # other noise, other images
+
+
 def test_the_modes_frontier_rules_and_speeds_read_as_written():
     from benchmarks.modes_frontier import criterion_verdict, placement_verdict, read_speedups, speed_of
 
