@@ -392,8 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline(args.model, device="cpu", safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     classifier = reference.load_classifier(reference.CLASSIFIER_PATH)
-    pairs = quality.Pairs.held_out(args.quick)
-    pairs.seeds = [seed + args.seed_offset for seed in pairs.seeds]
+    pairs = quality.Pairs.held_out(args.quick, args.seed_offset)
     n = len(pairs.prompts)
     rng = np.random.default_rng(0)
     draws = [rng.integers(0, n, n) for _ in range(args.boot or (20 if args.quick else 1000))]

@@ -563,7 +563,7 @@ def report(
 @dataclass
 class Pairs:
     """The benchmark's prompt x seed pairs: ``per_combo`` seeds for each held-out combination, pair i's seed
-    being i."""
+    being ``seed_offset + i`` (i by default)."""
 
     combos: list[tuple[str, ...]]
     per_combo: int
@@ -573,8 +573,9 @@ class Pairs:
     labels: np.ndarray
 
     @classmethod
-    def held_out(cls, quick: bool) -> Pairs:
-        """All held-out combinations with :data:`SEEDS_PER_COMBO` seeds each, or 4 with 2 for ``quick``."""
+    def held_out(cls, quick: bool, seed_offset: int = 0) -> Pairs:
+        """All held-out combinations with :data:`SEEDS_PER_COMBO` seeds each, or 4 with 2 for ``quick``; pair
+        i's seed is ``seed_offset + i``."""
         combos = list(shapes.HELD_OUT_COMBOS[:4] if quick else shapes.HELD_OUT_COMBOS)
         per_combo = 2 if quick else SEEDS_PER_COMBO
         scenes = [shapes.Scene(*c) for c in combos for _ in range(per_combo)]
@@ -583,7 +584,7 @@ class Pairs:
             per_combo=per_combo,
             scenes=scenes,
             prompts=[shapes.caption(s) for s in scenes],
-            seeds=list(range(len(scenes))),
+            seeds=list(range(seed_offset, seed_offset + len(scenes))),
             labels=np.array([s.labels() for s in scenes]),
         )
 
