@@ -46,6 +46,16 @@ Addendum 2, written before its first run (a second look at DPM-Solver-20's defau
   difference at least -1 point, 95% interval containing 0 or above it) in all three confirmation runs.
   Otherwise ``uniform:3`` stays.
 
+Addendum 3, written before its first run (DPM-Solver++-20, which no run above measured):
+
+- The policy gave DPM-Solver++-20 DPM-Solver-20's deep default (``uniform:3``) without a run of its own.
+  Four runs on DPM-Solver++-20 (``--samplers DPM-Solver++-20``): each model's held-out pairs with seeds
+  0-239 and with ``--seed-offset 1000``; each with stock, ``deep:3`` (for context) and ``deep auto:6
+  (feature)`` (budget 6 is in :data:`EXTRA_BUDGETS` for this sampler from this addendum on).
+- Rule: ``deep auto:6 (feature)`` becomes DPM-Solver++-20's default too if it keeps stock quality (as in
+  Addendum 2) in all four runs. Otherwise DPM-Solver++-20 keeps ``uniform:3``, and the report says whether
+  ``uniform:3`` kept stock quality there.
+
 Speed is not measured here (the reference model is too small to time): ``benchmarks/speed.py
 --extra-modes`` times the same methods on the SD v1.5 architecture.
 
@@ -90,7 +100,7 @@ RESULTS = REPO_ROOT / "benchmarks" / "results"
 INTERVALS = (2, 3, 4, 5)
 QUICK_INTERVALS = (3, 5)
 #: Budgets of calibrated deep reuse beside the intervals' (see the protocol's addendum).
-EXTRA_BUDGETS = {Sampler.DPM_SOLVER: (6,), Sampler.DDIM: (8,)}
+EXTRA_BUDGETS = {Sampler.DPM_SOLVER: (6,), Sampler.DPM_SOLVER_PP: (6,), Sampler.DDIM: (8,)}
 SAMPLERS = (Sampler.DPM_SOLVER, Sampler.DDIM)
 
 
