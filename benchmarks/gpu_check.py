@@ -10,12 +10,12 @@ On a machine with a CUDA GPU and a CUDA build of torch (this script installs not
    propagation and batched, and in the same interleaved repeats:
 
    - the product's default, deep reuse with ``faster_diffusion.policy.default_key_steps(..., mode="deep")``:
-     ``uniform:3`` with DPM-Solver-20; with DDIM-50 ``auto:13``, which needs a calibration that random weights
-     lack, so it is timed as 13 full steps spread evenly (``deep-full:13``: a partial step costs the same
-     wherever it falls);
-   - DeepCache (``DeepCacheSDHelper``, branch 0) with as many full steps as the default (``cache_interval``
-     3 with DPM-Solver-20, 4 with DDIM-50), when the ``DeepCache`` package imports (the report says so when
-     it does not);
+     ``auto:13`` with DDIM-50 and ``auto:6@feature`` with DPM-Solver-20, which need a calibration that random
+     weights lack, so they are timed as 13 and 6 full steps spread evenly (``deep-full:13``, ``deep-full:6``:
+     a partial step costs the same wherever it falls); ``uniform:3`` with DPM-Solver++-20;
+   - DeepCache (``DeepCacheSDHelper``, branch 0) with the smallest interval that has no more full steps than
+     the default (``cache_interval`` 4 with DDIM-50 and DPM-Solver-20), when the ``DeepCache`` package imports
+     (the report says so when it does not);
    - with ``--compile`` (the default on CUDA, not on the CPU): stock and the default again with
      ``pipe.unet.compile()``, each after ``--compile-warmups`` untimed warm-ups (compilation is not timed),
      so that the default's speedup is also measured against a compiled stock (a stock bound by kernel

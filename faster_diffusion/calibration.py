@@ -269,9 +269,11 @@ class Calibration:
 
     def key_steps(self, budget: int | None = None, start: int = 0, stop: int | None = None) -> KeySteps:
         """An explicit :class:`KeySteps` for ``budget`` (default: the paper's count), which says where it
-        came from when echoed. For a run of steps ``start .. stop-1`` (:meth:`indices`), the list is step 0
-        and the key steps placed over the run: cut to the steps that run, it gives exactly those."""
-        budget_text = f"auto:{budget}" if budget is not None else "auto"
+        came from when echoed (as ``auto:B@C`` when read with a criterion C other than the target's default).
+        For a run of steps ``start .. stop-1`` (:meth:`indices`), the list is step 0 and the key steps placed
+        over the run: cut to the steps that run, it gives exactly those."""
+        criterion = None if self.criterion == default_criterion(self.target) else self.criterion
+        budget_text = str(KeySteps.auto(budget, criterion))
         indices = self.indices(budget, start, stop)
         if start > 0:
             indices = (0, *indices)

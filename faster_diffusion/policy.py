@@ -6,8 +6,10 @@ The default mode is deep reuse (:data:`DEFAULT_MODE`), chosen by the rule writte
 ("The rule that sets the product's default"): the fastest setting measured that keeps stock quality on both
 reference models. Its full steps are, for any weights, 13 of 50 with DDIM placed by the model's own
 calibration (``auto:13``, :data:`DEEP_DDIM_FRACTION`; 3.19x end to end on the SD v1.5 architecture at 256 px
-on a 2-core CPU) and every third step with DPM-Solver (7 of 20: 2.39x), DeepCache's own interval
-(:data:`DEEP_DEFAULTS`).
+on a 2-core CPU), and 6 of 20 with DPM-Solver placed by the same calibration read with the ``feature``
+criterion (``auto:6@feature``, :data:`DEEP_DPM_SOLVER_FRACTION`: 2.68x), each a fraction of the run's steps
+for other step counts (:data:`DEEP_DEFAULTS`). DPM-Solver++ keeps every third step, DeepCache's own interval
+(:data:`DEEP_DEFAULT_KEY_STEPS`).
 
 Encoder propagation (``mode="encoder"``), the paper's method, has its own default key steps:
 
@@ -30,8 +32,9 @@ from typing import Any
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
 from .calibration import weights_folder
+from .measure import criterion_names
 from .samplers import Sampler
-from .schedule import KeySteps
+from .schedule import KeyStepError, KeySteps
 
 #: Repositories of SD v1.5 base weights: the weights the paper's key steps and its FID evidence are for.
 SD15_REPOS = frozenset({"stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5"})
@@ -72,17 +75,27 @@ def sampler_of(scheduler: Any) -> Sampler | None:
 #: Full steps of deep reuse when none are given, for a sampler without an entry in :data:`DEEP_DEFAULTS`:
 #: every third, DeepCache's own default interval.
 DEEP_DEFAULT_KEY_STEPS = KeySteps.uniform(3)
-#: Deep reuse's default full steps with the DPM-Solver samplers, for any step count: every third, the fastest
-#: setting measured that stayed within noise of stock on both reference models (``benchmarks/README.md``, "The
-#: rule that sets the product's default"; ``benchmarks/results/modes-frontier*.md``).
-DEEP_DEFAULTS: dict[Sampler, KeySteps] = {
-    Sampler.DPM_SOLVER: KeySteps.uniform(3),
-    Sampler.DPM_SOLVER_PP: KeySteps.uniform(3),
-}
 #: Full steps per step of deep reuse's default with DDIM, placed by the model's ``deep:0`` calibration: 13 of
-#: 50 (``auto:13``), by the same rule; 13 uniform ones (every fourth step) were as fast and 1.2 dB less
-#: faithful to stock on the SD v1.5-layout reference model.
+#: 50 (``auto:13``), by the rule of ``benchmarks/README.md`` ("The rule that sets the product's default"); 13
+#: uniform ones (every fourth step) were as fast and 1.2 dB less faithful to stock on the SD v1.5-layout
+#: reference model.
 DEEP_DDIM_FRACTION = 13 / 50
+#: Full steps per step of deep reuse's default with DPM-Solver: 6 of 20 (``auto:6@feature``), placed by the
+#: model's ``deep:0`` calibration read with :data:`DEEP_DPM_SOLVER_CRITERION`. By the rule of the second
+#: addendum of ``benchmarks/modes_frontier.py``, it kept stock quality in three confirmation runs on the two
+#: reference models (``benchmarks/results/modes-frontier*-confirm*.md``), with 2.68x end to end against 2.31x
+#: for every third step (``benchmarks/results/speed-256-deep-6.md``).
+DEEP_DPM_SOLVER_FRACTION = 6 / 20
+#: The criterion DPM-Solver's deep default reads the calibration with: ``feature`` (the reused feature's own
+#: error), whose placement kept stock quality where ``prediction``'s at the same budget did not.
+DEEP_DPM_SOLVER_CRITERION = "feature"
+#: Deep reuse's default full steps by sampler: a fraction of the run's steps, placed by the model's ``deep:0``
+#: calibration read with a criterion (``None``: the target's default criterion). The DPM-Solver++ sampler,
+#: which no quality run of deep reuse has measured yet, keeps :data:`DEEP_DEFAULT_KEY_STEPS`.
+DEEP_DEFAULTS: dict[Sampler, tuple[float, str | None]] = {
+    Sampler.DDIM: (DEEP_DDIM_FRACTION, None),
+    Sampler.DPM_SOLVER: (DEEP_DPM_SOLVER_FRACTION, DEEP_DPM_SOLVER_CRITERION),
+}
 
 
 def default_key_steps(
@@ -94,9 +107,10 @@ def default_key_steps(
     ``"encoder"`` the paper's preset or ``auto``."""
     sampler = Sampler.parse(sampler) if sampler is not None else sampler_of(getattr(pipe, "scheduler", None))
     if mode == "deep":
-        if sampler is Sampler.DDIM:
-            return KeySteps.auto(_budget(num_steps or sampler.default_steps, DEEP_DDIM_FRACTION))
-        return DEEP_DEFAULTS.get(sampler, DEEP_DEFAULT_KEY_STEPS)
+        if sampler not in DEEP_DEFAULTS:
+            return DEEP_DEFAULT_KEY_STEPS
+        fraction, criterion = DEEP_DEFAULTS[sampler]
+        return KeySteps.auto(_budget(num_steps or sampler.default_steps, fraction), criterion)
     if read_source(weights_folder(pipe)) in SD15_REPOS:
         return KeySteps.paper()
     if sampler not in (Sampler.DPM_SOLVER, Sampler.DPM_SOLVER_PP):
@@ -117,10 +131,22 @@ def resolve_key_steps(
     mode: str = DEFAULT_MODE,
 ) -> KeySteps:
     """The one entry point for a key-step input: ``"default"`` is :func:`default_key_steps` for ``pipe``,
-    ``sampler``, ``num_steps`` and ``mode``; any other text is read by :meth:`KeySteps.parse`; a
+    ``sampler``, ``num_steps`` and ``mode``; any other text is read by :func:`parse_key_steps`; a
     :class:`KeySteps` is taken as it is."""
     if isinstance(value, KeySteps):
         return value
     if isinstance(value, str) and value.strip().lower() == DEFAULT_KEY_STEPS:
         return default_key_steps(pipe, sampler, num_steps, mode)
-    return KeySteps.parse(value)
+    return parse_key_steps(value)
+
+
+def parse_key_steps(text: str) -> KeySteps:
+    """:meth:`KeySteps.parse`, with the criterion of ``auto:B@C`` checked against those calibration can
+    measure (:func:`faster_diffusion.measure.criterion_names`), so that a typo fails before anything runs."""
+    keys = KeySteps.parse(text)
+    if keys.criterion is not None and keys.criterion not in criterion_names():
+        raise KeyStepError(
+            f"key_steps {text.strip()!r}: unknown criterion {keys.criterion!r}; the criteria are "
+            f"{', '.join(criterion_names())}"
+        )
+    return keys

@@ -46,8 +46,9 @@ RECOMMENDED_UNIFORM_EVERY = 4
 
 #: What ``KeySteps.parse`` accepts, for error messages.
 ACCEPTED_FORMS = (
-    "'paper', 'all', 'auto', 'auto:B' (B key steps, a whole number >= 1), 'uniform:K' (K a whole number "
-    ">= 1), or a comma-separated list of step indices that starts with 0, such as '0,1,2,3,5,10,15,25,35'"
+    "'paper', 'all', 'auto', 'auto:B' (B key steps, a whole number >= 1), 'auto:B@C' (read with the "
+    "calibration's criterion C, such as 'auto:6@feature'), 'uniform:K' (K a whole number >= 1), or a "
+    "comma-separated list of step indices that starts with 0, such as '0,1,2,3,5,10,15,25,35'"
 )
 
 
@@ -147,6 +148,9 @@ class KeySteps:
     budget: int | None = None
     #: For ``EXPLICIT``: where the list came from (a calibration, say), echoed by ``describe()``.
     origin: str | None = None
+    #: For ``AUTO``: the criterion the calibration is read with (one it measured, such as ``"feature"``);
+    #: ``None`` for the calibration target's default (:func:`faster_diffusion.calibration.default_criterion`).
+    criterion: str | None = None
 
     def __post_init__(self) -> None:
         every = self.every
@@ -164,6 +168,13 @@ class KeySteps:
             and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1)
         ):
             raise KeyStepError(f"key_steps: the auto budget must be a whole number >= 1, got {budget!r}")
+        if self.criterion is not None:
+            if self.kind is not KeyStepKind.AUTO:
+                raise KeyStepError("key_steps: only 'auto' key steps are read with a criterion")
+            if not isinstance(self.criterion, str) or not re.fullmatch(r"[a-z][a-z0-9_-]*", self.criterion):
+                raise KeyStepError(
+                    f"key_steps: a criterion is a lowercase name such as 'feature', got {self.criterion!r}"
+                )
 
     @classmethod
     def paper(cls) -> KeySteps:
@@ -185,11 +196,26 @@ class KeySteps:
         return cls(KeyStepKind.EXPLICIT, indices=indices)
 
     @classmethod
-    def auto(cls, budget: int | None = None) -> KeySteps:
+    def auto(cls, budget: int | None = None, criterion: str | None = None) -> KeySteps:
         """``budget`` key steps placed from a calibration of the model (:mod:`faster_diffusion.calibration`);
         ``None`` for the paper's count. Resolved at the start of a run, against the calibration for the
-        run's model, sampler and step count."""
-        return cls(KeyStepKind.AUTO, budget=budget)
+        run's model, sampler and step count, read with ``criterion`` (one the calibration measured; ``None``:
+        the default criterion of what the mode reuses)."""
+        return cls(KeyStepKind.AUTO, budget=budget, criterion=criterion)
+
+    def placed_by(self, calibration: Any) -> Any:
+        """For ``AUTO``: ``calibration`` read with this value's criterion (itself when it names none). A
+        clear error when the calibration did not measure that criterion."""
+        if self.criterion is None or calibration.criterion == self.criterion:
+            return calibration
+        if self.criterion not in calibration.other:
+            measured = sorted([calibration.criterion, *calibration.other])
+            raise CalibrationError(
+                f"key_steps {str(self)!r}: the calibration of this model measured the criteria {measured}, "
+                f"not {self.criterion!r}; calibrate it again with criteria=[{self.criterion!r}] (and "
+                "force=True), or pass key steps without a criterion"
+            )
+        return calibration.with_criterion(self.criterion)
 
     def with_origin(self, origin: str) -> KeySteps:
         """The same explicit list, saying where it came from."""
@@ -206,9 +232,9 @@ class KeySteps:
     def parse(cls, text: str) -> KeySteps:
         """Read the text form a user types.
 
-        Accepted: ``paper``, ``all`` (or ``every``), ``auto``, ``auto:B``, ``uniform:K`` and a comma-separated
-        index list such as ``0,1,2,3,5,10,15,25,35`` (spaces and surrounding brackets are allowed). Case does
-        not matter.
+        Accepted: ``paper``, ``all`` (or ``every``), ``auto``, ``auto:B``, ``auto@C`` and ``auto:B@C`` (read
+        with the calibration's criterion ``C``), ``uniform:K`` and a comma-separated index list such as
+        ``0,1,2,3,5,10,15,25,35`` (spaces and surrounding brackets are allowed). Case does not matter.
         """
         if not isinstance(text, str):
             raise KeyStepError(f"key_steps must be text, got {type(text).__name__}: {text!r}")
@@ -218,17 +244,20 @@ class KeySteps:
             return cls.paper()
         if text in ("all", "every"):
             return cls.every_step()
-        if text == "auto":
-            return cls.auto()
-        match = re.fullmatch(r"auto\s*[:=]\s*(\S+)", text)
+        match = re.fullmatch(r"auto(?:\s*[:=]\s*([^@\s]+))?(?:\s*@\s*(\S*))?", text)
         if match:
-            value = match.group(1)
-            if not re.fullmatch(r"\d+", value) or int(value) < 1:
+            value, criterion = match.groups()
+            if value is not None and (not re.fullmatch(r"\d+", value) or int(value) < 1):
                 raise KeyStepError(
                     f"key_steps: invalid value {raw!r}: the auto budget must be a whole number >= 1, "
                     f"got {value!r}"
                 )
-            return cls.auto(int(value))
+            if criterion is not None and not re.fullmatch(r"[a-z][a-z0-9_-]*", criterion):
+                raise KeyStepError(
+                    f"key_steps: invalid value {raw!r}: after '@' comes a criterion such as 'feature', "
+                    f"got {criterion!r}"
+                )
+            return cls.auto(None if value is None else int(value), criterion)
         match = re.fullmatch(r"uniform\s*[:=]\s*(\S+)", text)
         if match:
             value = match.group(1)
@@ -281,7 +310,7 @@ class KeySteps:
                     f"key_steps {str(self)!r}: a budget of {self.budget} key steps is more than the "
                     f"{num_steps} steps of the run"
                 )
-            return calibration.key_steps(self.budget, start, stop).resolve(num_steps)
+            return self.placed_by(calibration).key_steps(self.budget, start, stop).resolve(num_steps)
         if self.kind is KeyStepKind.PAPER:
             indices = paper_key_steps(num_steps)
         elif self.kind is KeyStepKind.UNIFORM:
@@ -303,8 +332,10 @@ class KeySteps:
             return f"uniform:{self.every}"
         if self.kind is KeyStepKind.EXPLICIT:
             return ",".join(str(i) for i in self.indices)
-        if self.kind is KeyStepKind.AUTO and self.budget is not None:
-            return f"auto:{self.budget}"
+        if self.kind is KeyStepKind.AUTO:
+            budget = "" if self.budget is None else f":{self.budget}"
+            criterion = "" if self.criterion is None else f"@{self.criterion}"
+            return f"auto{budget}{criterion}"
         return self.kind.value
 
 

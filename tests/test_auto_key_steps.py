@@ -34,12 +34,13 @@ def test_the_source_of_downloaded_weights_is_recorded(tmp_path):
 def test_default_key_steps_are_deep_reuse_s_and_encoder_propagation_keeps_its_own(tmp_path, reference_pipe):
     folder = save_tiny_weights(tmp_path / "weights", with_safety_checker=False)
     pipe = load_pipeline(folder, device="cpu", safety_checker=False)
-    # Deep reuse, the default mode, for any weights: auto:13 of 50 with DDIM (the fraction kept), every third
-    # step with DPM-Solver.
+    # Deep reuse, the default mode, for any weights: auto:13 of 50 with DDIM and auto:6@feature of 20 with
+    # DPM-Solver (each fraction kept for other step counts); every third step with DPM-Solver++.
     for weights in (pipe, reference_pipe):
         assert default_key_steps(weights, "DDIM-50") == KeySteps.auto(13)
         assert default_key_steps(weights, "DDIM-50", 30) == KeySteps.auto(8)
-        assert default_key_steps(weights, "DPM-Solver-20") == KeySteps.uniform(3)
+        assert default_key_steps(weights, "DPM-Solver-20") == KeySteps.auto(6, "feature")
+        assert default_key_steps(weights, "DPM-Solver-20", 25) == KeySteps.auto(8, "feature")  # 7.5, half up
         assert default_key_steps(weights, "DPM-Solver++-20", 40) == KeySteps.uniform(3)
     # Encoder propagation: the paper's preset on SD v1.5 base weights, else auto (9 of 20 for DPM-Solver).
     assert default_key_steps(pipe, "DDIM-50", mode="encoder") == KeySteps.auto()
@@ -55,10 +56,13 @@ def test_default_key_steps_are_deep_reuse_s_and_encoder_propagation_keeps_its_ow
 
 def test_apply_with_no_config_gives_the_product_s_default(tmp_path, reference_pipe):
     """One call gives a diffusers user what the command line and Cog use: deep reuse with the policy's full
-    steps, read from the pipeline's scheduler; auto:13 from the model's deep:0 calibration."""
+    steps, read from the pipeline's scheduler, placed by the model's deep:0 calibration (DPM-Solver's read
+    with the feature criterion: [0, 3, 6, 9, 13, 17]; the prediction criterion's are [0, 2, 5, 9, 13, 17]).
+    """
     for sampler, steps, expected, full in [
         ("DDIM-50", 50, KeySteps.auto(13), 13),
-        ("DPM-Solver-20", 20, KeySteps.uniform(3), 7),
+        ("DPM-Solver-20", 20, KeySteps.auto(6, "feature"), 6),
+        ("DPM-Solver++-20", 20, KeySteps.uniform(3), 7),
     ]:
         use_sampler(reference_pipe, sampler)
         with apply_faster_diffusion(reference_pipe) as handle:
@@ -67,6 +71,8 @@ def test_apply_with_no_config_gives_the_product_s_default(tmp_path, reference_pi
             reference_pipe("a large red circle", num_inference_steps=steps, output_type="latent")
             assert handle.last_run.encoder_passes == full
             assert handle.last_run.schedule.describe().startswith(str(expected))
+            if sampler == "DPM-Solver-20":
+                assert handle.last_run.schedule.indices == (0, 3, 6, 9, 13, 17)
     use_sampler(reference_pipe, "DDIM-50")
 
 
@@ -92,6 +98,24 @@ def test_cli_default_on_new_weights_calibrates_once_says_so_and_saves_it(tmp_pat
     out = capsys.readouterr().out
     assert "Calibrating key steps for this model (DPM-Solver-20, 10 steps)" in out
     assert "Key steps: auto:5, calibrated by feature error on 4 prompts" in out  # 9/20 of 10, rounded
+    # Deep reuse's DPM-Solver default reads its calibration with the feature criterion: measured with it.
+    assert main([*argv, "--sampler", "DPM-Solver-20"]) == 0
+    out = capsys.readouterr().out
+    assert "Calibrating key steps of deep:0 reuse with the feature criterion for this model" in out
+    assert "Key steps: auto:3@feature, calibrated by feature error of deep:0 reuse" in out  # 6/20 of 10
+    # A criterion the saved calibration did not measure (DDIM's was read with prediction alone) is measured
+    # once, and saved with it; the next run finds it.
+    assert main([*argv, "--key-steps", "auto:3@feature"]) == 0
+    out = capsys.readouterr().out
+    assert "Calibrating key steps of deep:0 reuse with the feature criterion for this model (DDIM-50" in out
+    ddim = [c for c in load_calibrations(weights) if c.num_steps == 10 and c.target == "deep:0"]
+    assert sorted((c.scheduler.split(",")[0], c.criterion, set(c.other)) for c in ddim) == [
+        ("DDIMScheduler", "prediction", {"feature"}),
+        ("DPMSolverMultistepScheduler", "prediction", {"feature"}),
+    ]
+    assert main([*argv, "--key-steps", "auto:3@feature"]) == 0
+    out = capsys.readouterr().out
+    assert "Calibrating" not in out and "Key steps: auto:3@feature, calibrated by feature error" in out
 
 
 def test_cli_auto_on_the_reference_model_uses_its_committed_calibration(tmp_path, monkeypatch, capsys):
@@ -113,6 +137,7 @@ def test_cli_auto_on_the_reference_model_uses_its_committed_calibration(tmp_path
     [
         ("auto:0", "error: --key-steps: invalid value 'auto:0': the auto budget must be a whole number >= 1"),
         ("auto:60", "error: --key-steps: the budget must be a whole number from 1 to 50, got 60"),
+        ("auto:6@featur", "error: --key-steps 'auto:6@featur': unknown criterion 'featur'; the criteria"),
     ],
 )
 def test_cli_rejects_a_bad_auto_budget_clearly(key_steps, message, tmp_path, monkeypatch, capsys):
@@ -125,7 +150,8 @@ def test_the_cog_model_resolves_default_and_auto_key_steps(tmp_path, capsys):
     folder = save_tiny_weights(tmp_path / "weights", with_safety_checker=False)
     model = TextToImage.load(folder)
     assert model.key_steps("default", "DDIM-50") == KeySteps.auto(13)
-    assert model.key_steps(" DEFAULT ", "DPM-Solver-20") == KeySteps.uniform(3)
+    assert model.key_steps(" DEFAULT ", "DPM-Solver-20") == KeySteps.auto(6, "feature")
+    assert model.key_steps("default", "DPM-Solver++-20") == KeySteps.uniform(3)
     assert model.key_steps("default", "DDIM-50", "encoder") == KeySteps.auto()
     assert model.key_steps(" DEFAULT ", "DPM-Solver-20", "encoder") == KeySteps.auto(9)
     assert model.key_steps("uniform:3", "DDIM-50") == "uniform:3"
@@ -192,7 +218,8 @@ def test_the_cog_setup_measures_nothing_and_prepare_weights_calibrates_every_def
     out = capsys.readouterr().out
     assert "Calibrating" not in out and not (folder / CALIBRATION_FILE).exists()
     assert (
-        "Warning: key_steps 'auto': no calibration" in out
+        "Warning: key_steps 'auto:13': no calibration of deep:0 reuse of this model for DDIM-50" in out
+        and "Warning: key_steps 'auto:6@feature': no calibration of deep:0 reuse with the feature" in out
         and "script/prepare-weights before cog build" in out
     )
 
@@ -218,8 +245,12 @@ def test_the_cog_setup_measures_nothing_and_prepare_weights_calibrates_every_def
     predict.Predictor().setup()
     out = capsys.readouterr().out
     assert "Calibrating" not in out and not (folder / CALIBRATION_FILE).exists()
-    assert "Warning: key_steps 'auto': no calibration of deep:0 reuse of this model for DDIM-50" in out
-    assert "Default key steps for DPM-Solver-20: uniform:3: 7 of 20 steps are key steps" in out
+    assert "Warning: key_steps 'auto:13': no calibration of deep:0 reuse of this model for DDIM-50" in out
+    assert (
+        "Warning: key_steps 'auto:6@feature': no calibration of deep:0 reuse with the feature criterion"
+        in out
+    )
+    assert "Default key steps for DPM-Solver++-20: uniform:3: 7 of 20 steps are key steps" in out
 
 
 def test_prepare_weights_downloads_into_an_empty_folder_first_and_fails_clearly(

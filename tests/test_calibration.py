@@ -44,6 +44,7 @@ from faster_diffusion.calibration import (
     weight_probe,
     weights_folder,
 )
+from faster_diffusion.policy import parse_key_steps
 from faster_diffusion.reference import shapes
 from faster_diffusion.schedule import KeyStepError, KeyStepKind
 from fixtures.tiny import save_tiny_weights
@@ -650,6 +651,59 @@ def test_parse_auto_forms():
     for budget in (0, True, 2.5):
         with pytest.raises(KeyStepError, match=re.escape(f"got {budget!r}")):
             KeySteps.auto(budget)
+
+
+def test_auto_names_the_criterion_it_reads_the_calibration_with():
+    """``auto:B@C`` (and ``auto@C``) reads the calibration with criterion C; the text round-trips."""
+    assert KeySteps.parse("auto:6@feature") == KeySteps.auto(6, "feature")
+    assert KeySteps.parse(" AUTO = 6 @ Prediction ") == KeySteps.auto(6, "prediction")
+    assert KeySteps.parse("auto@feature") == KeySteps.auto(None, "feature")
+    for steps in (KeySteps.auto(6, "feature"), KeySteps.auto(None, "final")):
+        assert KeySteps.parse(str(steps)) == steps
+    assert (str(KeySteps.auto(6, "feature")), str(KeySteps.auto(criterion="final"))) == (
+        "auto:6@feature",
+        "auto@final",
+    )
+    assert KeySteps.auto(6, "feature") != KeySteps.auto(6)
+    for text, message in [
+        ("auto:6@", "after '@' comes a criterion such as 'feature', got ''"),
+        ("auto:6@feat!", "after '@' comes a criterion such as 'feature', got 'feat!'"),
+        ("auto:0@feature", "the auto budget must be a whole number >= 1, got '0'"),
+    ]:
+        with pytest.raises(KeyStepError, match=re.escape(message)):
+            KeySteps.parse(text)
+    with pytest.raises(KeyStepError, match="only 'auto' key steps are read with a criterion"):
+        KeySteps(KeyStepKind.UNIFORM, every=3, criterion="feature")
+    with pytest.raises(KeyStepError, match="a criterion is a lowercase name such as 'feature', got 3"):
+        KeySteps.auto(6, 3)
+    # The policy's parser knows the criteria calibration measures, so a typo fails before anything runs.
+    assert parse_key_steps("auto:6@feature") == KeySteps.auto(6, "feature")
+    with pytest.raises(KeyStepError, match=r"unknown criterion 'featur'; the criteria are .*feature"):
+        parse_key_steps("auto:6@featur")
+
+
+def test_a_criterion_places_the_key_steps_by_that_criterion_s_costs():
+    """``placed_by`` reads the calibration with the criterion asked for; one it did not measure is a clear
+    error that says how to get it. The echo names a criterion that is not the target's default."""
+    calibration = made_up(num_steps=STEPS)  # read with prediction, feature measured too; target encoder
+    prediction, feature = KeySteps.auto(3, "prediction"), KeySteps.auto(3, "feature")
+    assert (
+        prediction.placed_by(calibration) is calibration
+        and KeySteps.auto(3).placed_by(calibration) is calibration
+    )
+    assert feature.placed_by(calibration).criterion == "feature"
+    by_feature = calibration.with_criterion("feature").indices(3)
+    assert by_feature != calibration.indices(3)  # the two criteria place differently here
+    assert feature.resolve(STEPS, calibration).indices == by_feature
+    assert prediction.resolve(STEPS, calibration).indices == calibration.indices(3)
+    assert feature.resolve(STEPS, calibration).describe().startswith("auto:3, calibrated by feature error")
+    echo = prediction.resolve(STEPS, calibration).describe()
+    assert echo.startswith("auto:3@prediction, calibrated by prediction error")
+    alone = dataclasses.replace(calibration, other={})
+    with pytest.raises(
+        CalibrationError, match=re.escape("measured the criteria ['prediction'], not 'feature'")
+    ):
+        feature.resolve(STEPS, alone)
 
 
 def count_unet_calls(pipe) -> list[int]:

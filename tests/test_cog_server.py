@@ -53,9 +53,10 @@ def same_pixels(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
 @pytest.mark.parametrize(
     ("sampler", "output_format", "width", "height", "key_steps"),
     [
-        # The default, deep reuse: auto:13 of 50 full passes (DDIM), every third of 20 (DPM-Solver).
+        # The default, deep reuse: auto:13 of 50 full passes (DDIM), auto:6@feature of 20 (DPM-Solver), every
+        # third of 20 (DPM-Solver++).
         ("DDIM-50", "png", 64, 64, 13),
-        ("DPM-Solver-20", "jpg", 128, 64, 7),
+        ("DPM-Solver-20", "jpg", 128, 64, 6),
         ("DPM-Solver++-20", "webp", 64, 96, 7),
     ],
 )
@@ -153,9 +154,9 @@ def test_mode_deep_runs_deep_reuse_and_every_step_full_gives_the_stock_pixels(se
     deep = server.predict(**SMALL, num_outputs=2, seed=5, mode="deep", sampler="DPM-Solver-20")
 
     assert deep["status"] == "succeeded", deep.get("error")
-    assert deep["metrics"]["encoder_passes"] == 7  # every third of 20 steps is full by default
+    assert deep["metrics"]["encoder_passes"] == 6  # auto:6@feature of 20 steps by default
     assert re.search(
-        r"^Faster diffusion \(deep reuse\): .* 7 full / 13 partial UNet passes$", deep["logs"], re.M
+        r"^Faster diffusion \(deep reuse\): .* 6 full / 14 partial UNet passes$", deep["logs"], re.M
     )
     assert "Noise injection: off" in deep["logs"]
     all_full = server.predict(**SMALL, num_outputs=2, seed=5, mode="deep", key_steps="all", branch=2)

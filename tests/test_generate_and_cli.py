@@ -109,9 +109,20 @@ def test_cli_deep_mode_on_the_reference_model(tmp_path, monkeypatch, capsys):
     argv = ["a red circle", "--out", str(tmp_path / "out"), "--mode", "deep", "--sampler", "DPM-Solver-20"]
     assert main([*argv, "--compare"]) == 0
     out = capsys.readouterr().out
-    assert "Key steps: uniform:3: 7 of 20 steps are key steps [0, 3, 6, 9, 12, 15, 18]" in out
+    # The default for DPM-Solver: 6 of 20, placed by the model's deep:0 calibration read with the feature
+    # criterion, and echoed as such.
+    assert (
+        "Key steps: auto:6@feature, calibrated by feature error of deep:0 reuse on 16 prompts (one seed "
+        "each), 32x32, 20 steps of DPMSolverMultistepScheduler: 6 of 20 steps are key steps "
+        "[0, 3, 6, 9, 13, 17]"
+    ) in out
     assert "Noise injection: off" in out
-    assert "7 full / 13 partial UNet passes" in out and "Speedup: " in out
+    assert "6 full / 14 partial UNet passes" in out and "Speedup: " in out
+    assert main([*argv, "--key-steps", "uniform:3"]) == 0
+    assert (
+        "Key steps: uniform:3: 7 of 20 steps are key steps [0, 3, 6, 9, 12, 15, 18]"
+        in capsys.readouterr().out
+    )
 
 
 def test_cli_compare_on_a_weights_folder(tmp_path, capsys):

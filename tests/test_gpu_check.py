@@ -39,13 +39,15 @@ def test_gpu_check_runs_on_the_cpu_and_writes_a_report(tmp_path):
     assert "| DPM-Solver-20 | propagation+batched | 0.64 | 1.78x |" in report
     assert "(1.00x) |" in report  # stock's memory against itself
     assert "### Results" in report  # the full speed report is included
-    # In the same run: the product's default (deep reuse, every third step full with DPM-Solver-20), with its
-    # full / partial steps, and DeepCache with as many full steps, or a row that says it is not installed.
-    assert "| DPM-Solver-20 | default: deep reuse `uniform:3` | 7 / 13 | " in report
+    # In the same run: the product's default (deep reuse, 6 of 20 full steps with DPM-Solver-20, timed spread
+    # evenly), with its full / partial steps, and DeepCache with no more full steps, or a row that says it is
+    # not installed.
+    default = "| DPM-Solver-20 | default: deep reuse `auto:6@feature`, timed as `deep-full:6` | 6 / 14 | "
+    assert default in report
     if deepcache_missing() is None:
-        assert "| DPM-Solver-20 | DeepCache, `cache_interval=3` | 7 / 13 | " in report
+        assert "| DPM-Solver-20 | DeepCache, `cache_interval=4` | 5 / 15 | " in report
     else:
-        assert "| DPM-Solver-20 | DeepCache, `cache_interval=3` | – | not installed: " in report
+        assert "| DPM-Solver-20 | DeepCache, `cache_interval=4` | – | not installed: " in report
     # No compiled rows on the CPU unless asked for; the paper's table keeps to the paper's modes.
     assert "**Compiled**: not timed" in report and "stock, compiled" not in report
     paper_rows = report.split("| paper memory GB")[1].split("\n\n")[0]
@@ -99,19 +101,25 @@ def test_timed_runs_on_cuda_sync_only_at_their_start(monkeypatch):
 
 
 def test_the_default_and_deepcache_follow_the_policy():
-    """DDIM-50's default, auto:13, is timed as 13 full steps spread evenly (random weights have no
-    calibration); DPM-Solver-20's is uniform:3. DeepCache gets as many full steps: every 4th of 50, every 3rd
-    of 20."""
-    ddim, dpm = plan(Sampler.DDIM), plan(Sampler.DPM_SOLVER)
+    """The defaults, auto:13 of DDIM-50 and auto:6@feature of DPM-Solver-20, are timed as as many full steps
+    spread evenly (random weights have no calibration); DPM-Solver++-20's is uniform:3. DeepCache gets the
+    smallest interval with no more full steps: every 4th of 50, every 4th of 20, every 3rd of 20."""
+    ddim, dpm, pp = plan(Sampler.DDIM), plan(Sampler.DPM_SOLVER), plan(Sampler.DPM_SOLVER_PP)
     assert (str(ddim.default_keys), ddim.default, ddim.deepcache) == (
         "auto:13",
         "deep-full:13",
         "deepcache:4",
     )
-    assert (str(dpm.default_keys), dpm.default, dpm.deepcache) == ("uniform:3", "deep:3", "deepcache:3")
-    assert (ddim.full, dpm.full) == (13, 7)
+    assert (str(dpm.default_keys), dpm.default, dpm.deepcache) == (
+        "auto:6@feature",
+        "deep-full:6",
+        "deepcache:4",
+    )
+    assert (str(pp.default_keys), pp.default, pp.deepcache) == ("uniform:3", "deep:3", "deepcache:3")
+    assert (ddim.full, dpm.full, pp.full) == (13, 6, 7)
     assert ddim.default_label == "default: deep reuse `auto:13`, timed as `deep-full:13`"
-    assert dpm.default_label == "default: deep reuse `uniform:3`"
+    assert dpm.default_label == "default: deep reuse `auto:6@feature`, timed as `deep-full:6`"
+    assert pp.default_label == "default: deep reuse `uniform:3`"
 
 
 def test_speed_modes_can_be_limited_to_one_sampler():
@@ -159,7 +167,7 @@ def test_compiled_rows_give_speedups_against_compiled_stock(tmp_path, monkeypatc
         r"\| DPM-Solver-20 \| stock, compiled \| 20 / 0 \| [^|]+ \| [\d.]+x \| 1\.00x \|", report
     )
     assert re.search(
-        r"\| DPM-Solver-20 \| default, compiled \| 7 / 13 \| [^|]+ \| [\d.]+x \| [\d.]+x \|", report
+        r"\| DPM-Solver-20 \| default, compiled \| 6 / 14 \| [^|]+ \| [\d.]+x \| [\d.]+x \|", report
     )
     assert "2 untimed warm-ups of each compiled mode" in report
     assert "graphs compiled during the timed runs: 0;" in report
@@ -185,10 +193,11 @@ def test_a_failing_compile_gives_error_rows_not_a_crash(tmp_path, monkeypatch):
     for row in ("stock, compiled", "default, compiled"):
         assert f"| DPM-Solver-20 | {row} | – | failed: RuntimeError: no C++ compiler \\| here | – |" in report
     assert (
-        "| DPM-Solver-20 | DeepCache, `cache_interval=3` | – | not installed: `DeepCache` does not import"
+        "| DPM-Solver-20 | DeepCache, `cache_interval=4` | – | not installed: `DeepCache` does not import"
         in report
     )
-    assert "| DPM-Solver-20 | default: deep reuse `uniform:3` | 7 / 13 | " in report  # the rest still timed
+    default = "| DPM-Solver-20 | default: deep reuse `auto:6@feature`, timed as `deep-full:6` | 6 / 14 | "
+    assert default in report  # the rest still timed
     assert "Failed, and left out of the tables:" in report
 
 

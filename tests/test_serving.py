@@ -246,7 +246,8 @@ def test_the_default_key_steps_follow_the_step_count_asked(tmp_path):
     model = TextToImage(build_tiny_pipeline(0))
     assert model.key_steps("default", "DDIM-50") == KeySteps.auto(13)
     assert model.key_steps("default", "DDIM-50", num_steps=30) == KeySteps.auto(8)  # 13/50 of 30
-    assert model.key_steps("default", "DPM-Solver-20", num_steps=30) == KeySteps.uniform(3)
+    assert model.key_steps("default", "DPM-Solver-20", num_steps=30) == KeySteps.auto(9, "feature")  # 6/20
+    assert model.key_steps("default", "DPM-Solver++-20", num_steps=30) == KeySteps.uniform(3)
     assert model.key_steps("default", "DPM-Solver-20", "encoder") == KeySteps.auto(9)
     assert model.key_steps("default", "DPM-Solver-20", "encoder", num_steps=30) == KeySteps.auto(14)  # 9/20
     assert model.key_steps("default", "DDIM-50", "encoder", num_steps=30) == KeySteps.auto()

@@ -19,10 +19,10 @@ import torch
 
 from .. import reference
 from ..noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU
-from ..policy import DEFAULT_KEY_STEPS, DEFAULT_MODE, resolve_key_steps
+from ..policy import DEFAULT_KEY_STEPS, DEFAULT_MODE, parse_key_steps, resolve_key_steps
 from ..reference import shapes
 from ..samplers import Sampler
-from ..schedule import ACCEPTED_FORMS, KeyStepError, KeyStepKind, KeySteps
+from ..schedule import ACCEPTED_FORMS, KeyStepError, KeyStepKind
 from .generate import (
     DEFAULT_STRENGTH,
     MAX_SEED,
@@ -253,7 +253,7 @@ def _check_flags(args: argparse.Namespace, image) -> None:
         check_image_to_image_steps(given.steps, given.strength, "--strength", ", or use more --steps")
         first = given.steps - image_to_image_steps(given.steps, given.strength)
     if args.key_steps.strip().lower() != DEFAULT_KEY_STEPS:
-        keys = KeySteps.parse(args.key_steps)
+        keys = parse_key_steps(args.key_steps)
         if keys.kind is not KeyStepKind.AUTO:
             keys.resolve(given.steps, start=first)
     _check_device(args.device)

@@ -22,6 +22,7 @@ from ..families import family_of
 from ..memory import AUTO
 from ..modes import MODES, apply_faster_diffusion
 from ..noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, NoiseInjection
+from ..policy import parse_key_steps
 from ..propagation import FasterDiffusionConfig, RunStats, remove_faster_diffusion
 from ..samplers import Sampler, make_scheduler, use_sampler
 from ..schedule import CalibrationError, KeyStepKind, KeySteps, KeyStepSchedule
@@ -229,9 +230,13 @@ def prepare_key_steps(
     scheduler = make_scheduler(request.sampler, pipe.scheduler.config)
     calibration = find_calibration(pipe, request.steps, scheduler, target=target)
     of = "" if target == "encoder" else f" of {target} reuse"
+    if keys.criterion is not None:
+        of += f" with the {keys.criterion} criterion"
+        if calibration is not None and keys.criterion not in (calibration.criterion, *calibration.other):
+            calibration = None  # measured again below, with that criterion too
     if calibration is None and not calibrate:
         raise CalibrationError(
-            f"key_steps 'auto': no calibration{of} of this model for {request.sampler.value} with "
+            f"key_steps {str(keys)!r}: no calibration{of} of this model for {request.sampler.value} with "
             f"{request.steps} steps is saved"
         )
     if calibration is None:
@@ -245,14 +250,15 @@ def prepare_key_steps(
         )
         started = time.perf_counter()
         # None is saved (just looked up): measure without looking again.
+        criteria = () if keys.criterion is None else (keys.criterion,)
         calibration = get_calibration(
-            pipe, num_inference_steps=request.steps, force=True, target=target, **options
+            pipe, num_inference_steps=request.steps, force=True, target=target, criteria=criteria, **options
         )
         saved = folder is not None and options.get("save", True) and (folder / CALIBRATION_FILE).is_file()
         where = f"saved in {folder / CALIBRATION_FILE}" if saved else "kept for this process"
         log(f"Calibrated in {time.perf_counter() - started:.1f} s; {where}")
     # Image-to-image runs the last steps_run steps: auto's budget is placed over them (Calibration.indices).
-    explicit = calibration.key_steps(keys.budget, start=request.first_step)
+    explicit = keys.placed_by(calibration).key_steps(keys.budget, start=request.first_step)
     return dataclasses.replace(request, faster=dataclasses.replace(request.faster, key_steps=explicit))
 
 
@@ -292,7 +298,7 @@ def faster_config(
     """
     if mode not in MODE_NAMES:
         raise ValueError(f"mode must be one of {', '.join(MODE_NAMES)}, got {mode!r}")
-    keys = key_steps if isinstance(key_steps, KeySteps) else KeySteps.parse(key_steps)
+    keys = key_steps if isinstance(key_steps, KeySteps) else parse_key_steps(key_steps)
     enabled = (mode == "encoder") if noise_injection is None else noise_injection
     noise = NoiseInjection(
         enabled=enabled,
