@@ -9,7 +9,8 @@ calibration (``auto:13``, :data:`DEEP_DDIM_FRACTION`; 3.19x end to end on the SD
 on a 2-core CPU), and 6 of 20 with DPM-Solver placed by the same calibration read with the ``feature``
 criterion (``auto:6@feature``, :data:`DEEP_DPM_SOLVER_FRACTION`: 2.68x), each a fraction of the run's steps
 for other step counts (:data:`DEEP_DEFAULTS`). DPM-Solver++ keeps every third step, DeepCache's own interval
-(:data:`DEEP_DEFAULT_KEY_STEPS`).
+(:data:`DEEP_DEFAULT_KEY_STEPS`): with it, 6 calibrated full steps lost 1.7-2.1 points on the first reference
+model (the third addendum of ``benchmarks/modes_frontier.py``), where every third step kept stock quality.
 
 Encoder propagation (``mode="encoder"``), the paper's method, has its own default key steps:
 
@@ -90,8 +91,8 @@ DEEP_DPM_SOLVER_FRACTION = 6 / 20
 #: error), whose placement kept stock quality where ``prediction``'s at the same budget did not.
 DEEP_DPM_SOLVER_CRITERION = "feature"
 #: Deep reuse's default full steps by sampler: a fraction of the run's steps, placed by the model's ``deep:0``
-#: calibration read with a criterion (``None``: the target's default criterion). The DPM-Solver++ sampler,
-#: which no quality run of deep reuse has measured yet, keeps :data:`DEEP_DEFAULT_KEY_STEPS`.
+#: calibration read with a criterion (``None``: the target's default criterion). The DPM-Solver++ sampler
+#: keeps :data:`DEEP_DEFAULT_KEY_STEPS` (``benchmarks/results/modes-frontier*-pp-confirm*.md``).
 DEEP_DEFAULTS: dict[Sampler, tuple[float, str | None]] = {
     Sampler.DDIM: (DEEP_DDIM_FRACTION, None),
     Sampler.DPM_SOLVER: (DEEP_DPM_SOLVER_FRACTION, DEEP_DPM_SOLVER_CRITERION),
