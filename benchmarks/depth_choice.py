@@ -1,0 +1,263 @@
+"""Does ``faster_diffusion.depth.choose_depth`` pick the right depth? Every branch at DeepCache's cost, on the
+reference models, against the branch the chooser picks from its predicted error.
+
+Protocol (written before the first run):
+
+- Judge and pairs: those of ``benchmarks/frontier.py`` (80 held-out attribute combinations x 3 seeds;
+  faithfulness difference to stock with a 95% paired bootstrap interval, 1000 draws; PSNR against stock's
+  image of the same pair), DPM-Solver-20, each reference model at its own guidance scale.
+- Costs of a partial step of each branch, in full UNet passes: those ``benchmarks/deep_variants.py --costs``
+  measured on the SD v1.5 architecture at 256 px (``results/deep-variants-costs.json``), where speed is
+  judged; the reference models are too small to time. The library's ``measure_step_costs`` times them on a
+  user's own model.
+- Budgets: the cost of DeepCache at each interval I in 2..5, ``F_I + (20 - F_I) p_0`` (``F_I`` its full
+  steps).
+- Candidates at a budget: every branch b in 0..5 whose affordable full steps ``F_b`` (``full_steps_within``)
+  are at least 2, placed by the model's own ``deep:b`` calibration read with the ``prediction`` criterion
+  (branch 0's is the committed one; deeper ones are made in the run on the model's calibration prompts and
+  seeds, and not saved). Beside them, the baseline ``deep:I`` (branch 0, uniform: equal to DeepCache:I,
+  checked in ``modes_frontier.py``).
+- The pick: ``choose_depth``'s, the candidate of least predicted error.
+- Rules:
+  1. The chooser *ranks well* at a budget when its pick's PSNR is within 0.5 dB of the best candidate's (by
+     PSNR) and its faithfulness difference is not lower than that candidate's by more than 1 point. It is
+     kept (exported from ``faster_diffusion`` and documented as the way to pick a depth) if it ranks well at
+     3 or more of the 4 budgets on each model; otherwise it stays in ``faster_diffusion.depth`` with this
+     verdict.
+  2. For the frontier issue's first target, the pick *beats DeepCache* at a budget when its PSNR is higher
+     than the baseline's and its faithfulness difference is not lower by more than 1 point; *strictly* when
+     it is not lower at all. Reported, not a rule of this script.
+  3. No default changes here: a change goes by the default rule (``benchmarks/README.md``), with speed
+     measured.
+
+    python benchmarks/depth_choice.py --threads 2                 # both models -> results/depth-choice.md
+    python benchmarks/depth_choice.py --quick --out /tmp/d.md     # a smoke run: 8 pairs, the first model
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks import quality  # noqa: E402
+from benchmarks.frontier import Judge, within_noise  # noqa: E402
+from benchmarks.modes_frontier import run  # noqa: E402
+from faster_diffusion import DeepReuseConfig, KeySteps, Sampler, get_calibration, reference, use_sampler  # noqa: E402
+from faster_diffusion.app.loading import load_pipeline  # noqa: E402
+from faster_diffusion.calibration import find_calibration  # noqa: E402
+from faster_diffusion.deep import branch_count  # noqa: E402
+from faster_diffusion.depth import DEPTH_CRITERION, choose_depth, full_steps_within  # noqa: E402
+
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+COSTS = RESULTS / "deep-variants-costs.json"
+SAMPLER = Sampler.DPM_SOLVER
+INTERVALS = (2, 3, 4, 5)
+QUICK_INTERVALS = (2, 3)
+#: Branches compared (as ``deep_variants.py``: deeper ones cost more than half a full step on SD v1.5).
+MAX_BRANCH = 5
+#: The chooser ranks well within this much PSNR of the best candidate (rule 1).
+RANK_DB = 0.5
+#: ... and this much faithfulness (rule 1; also rule 2's margin).
+FAITH_POINTS = 1.0
+
+
+def budget_of(interval: int, steps: int, p0: float) -> float:
+    full = len(range(0, steps, interval))
+    return full + (steps - full) * p0
+
+
+def calibrations(pipe, model: Path, branches, steps: int) -> dict:
+    """Each branch's ``deep:b`` calibration: the committed one where there is one, else made now (not
+    saved)."""
+    options = {**reference.calibration_options(model), "save": False}
+    out = {}
+    for b in branches:
+        found = find_calibration(pipe, steps, target=f"deep:{b}")
+        if found is None or DEPTH_CRITERION not in (found.criterion, *found.other):
+            started = time.perf_counter()
+            found = get_calibration(
+                pipe, num_inference_steps=steps, target=f"deep:{b}", criterion=DEPTH_CRITERION, **options
+            )
+            print(f"calibrated deep:{b} in {time.perf_counter() - started:.0f} s", flush=True)
+        out[b] = found
+    return out
+
+
+def judge_model(model: Path, args, partial: dict[int, float], draws) -> dict:
+    pipe = load_pipeline(model, device="cpu", safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    use_sampler(pipe, SAMPLER)
+    steps = SAMPLER.default_steps
+    branches = [b for b in sorted(partial) if b < min(MAX_BRANCH + 1, branch_count(pipe.unet))]
+    found = calibrations(pipe, model, branches, steps)
+    classifier = reference.load_classifier(reference.CLASSIFIER_PATH)
+    pairs = quality.Pairs.held_out(args.quick, 0)
+    guidance = reference.guidance_scale(model)
+
+    def score(how) -> dict:
+        images = run(pipe, SAMPLER, how, pairs.prompts, pairs.seeds, guidance, args.batch)
+        return judge(images)
+
+    stock = run(pipe, SAMPLER, None, pairs.prompts, pairs.seeds, guidance, args.batch)
+    judge = Judge(classifier, pairs.labels, stock, draws)
+    budgets = []
+    for interval in QUICK_INTERVALS if args.quick else INTERVALS:
+        cost = budget_of(interval, steps, partial[0])
+        costs = {b: partial[b] for b in branches if full_steps_within(cost, steps, partial[b]) >= 2}
+        choice = choose_depth(pipe, cost, costs, num_inference_steps=steps, calibrations=found)
+        rows = []
+        baseline = {"name": f"deep:{interval}", "branch": 0, "full": len(range(0, steps, interval))}
+        baseline.update(score(DeepReuseConfig(key_steps=KeySteps.uniform(interval))))
+        for c in choice.candidates:
+            config = DeepReuseConfig(key_steps=KeySteps.explicit(c.indices), branch=c.branch)
+            row = {"name": f"b{c.branch}:{c.full_steps}", "branch": c.branch, "full": c.full_steps}
+            row.update({"indices": list(c.indices), "predicted": c.predicted, "cost": c.cost})
+            row.update(score(config))
+            rows.append(row)
+            print(
+                f"{model.name} I={interval} {row['name']}: predicted {c.predicted:.4g}, "
+                f"{row['delta'] * 100:+.1f} pts, {row['psnr']:.2f} dB",
+                flush=True,
+            )
+        budgets.append(
+            {
+                "interval": interval,
+                "cost": cost,
+                "pick": choice.branch,
+                "baseline": baseline,
+                "candidates": rows,
+            }
+        )
+    return {"model": model.name, "pairs": len(pairs.prompts), "budgets": budgets}
+
+
+def verdicts(budget: dict) -> dict:
+    rows = budget["candidates"]
+    pick = next(r for r in rows if r["branch"] == budget["pick"])
+    best = max(rows, key=lambda r: r["psnr"])
+    ranks = (
+        pick["psnr"] >= best["psnr"] - RANK_DB and pick["delta"] * 100 >= best["delta"] * 100 - FAITH_POINTS
+    )
+    base = budget["baseline"]
+    beats = pick["psnr"] > base["psnr"] and pick["delta"] * 100 >= base["delta"] * 100 - FAITH_POINTS
+    strictly = beats and pick["delta"] >= base["delta"]
+    return {
+        "pick": pick["name"],
+        "best": best["name"],
+        "ranks_well": ranks,
+        "beats": beats,
+        "strictly": strictly,
+    }
+
+
+def report(argv, started, wall, results, partial) -> str:
+    lines = [
+        "# The depth chooser against every branch at DeepCache's cost",
+        "",
+        f"- Command: `{shlex.join(['python', 'benchmarks/depth_choice.py', *argv])}`",
+        f"- Date: {started}; wall time {wall / 60:.1f} min; {platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        "- Partial-step costs (full passes, SD v1.5 architecture, 256 px, `deep-variants-costs.json`): "
+        + ", ".join(f"b{b} {p:.3f}" for b, p in sorted(partial.items())),
+        "- DPM-Solver-20; candidates placed by each branch's `deep:b` calibration (prediction criterion); "
+        "the pick is the candidate of least predicted error; `deep:I` is DeepCache:I's rule",
+        "",
+    ]
+    kept = []
+    for result in results:
+        lines += [f"## {result['model']} ({result['pairs']} pairs)", ""]
+        lines += [
+            "| budget (full passes) | method | full steps | predicted error "
+            "| all five right − stock (points, 95% CI) | within noise | PSNR vs stock dB (95% CI) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        well = 0
+        notes = []
+        for budget in result["budgets"]:
+            v = verdicts(budget)
+            well += v["ranks_well"]
+            for row in [budget["baseline"], *budget["candidates"]]:
+                mark = " **(pick)**" if row["name"] == v["pick"] else ""
+                predicted = f"{row['predicted']:.4g}" if "predicted" in row else "–"
+                ci = row["delta_ci"]
+                lines.append(
+                    f"| I={budget['interval']} ({budget['cost']:.2f}) | {row['name']}{mark} | "
+                    f"{row['full']} | {predicted} | {row['delta'] * 100:+.1f} "
+                    f"[{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}] | "
+                    f"{'yes' if within_noise(row['delta'], ci) else 'no'} | {row['psnr']:.2f} "
+                    f"[{row['psnr_ci'][0]:.2f}, {row['psnr_ci'][1]:.2f}] |"
+                )
+            notes.append(
+                f"- I={budget['interval']}: pick {v['pick']}, best by PSNR {v['best']}: ranks well "
+                f"**{'yes' if v['ranks_well'] else 'no'}**; beats DeepCache:{budget['interval']} "
+                f"{'yes' if v['beats'] else 'no'} (strictly: {'yes' if v['strictly'] else 'no'})"
+            )
+        needed = 3 if len(result["budgets"]) == 4 else len(result["budgets"])
+        kept.append(well >= needed)
+        lines += ["", *notes, f"- Ranks well at {well} of {len(result['budgets'])} budgets", ""]
+    verdict = "kept" if all(kept) else "not kept"
+    lines += [
+        f"**By rule 1 the chooser is {verdict}** (it must rank well at 3 of 4 budgets on each model).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 8 pairs, intervals 2 and 3, first model"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS / "depth-choice.md")
+    parser.add_argument("--batch", type=int, default=80, help="prompts per pipeline call")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--costs-file", type=Path, default=COSTS)
+    parser.add_argument(
+        "--models",
+        type=lambda text: [Path(t) for t in text.split(",")],
+        default=None,
+        help="comma-separated model folders (default: both reference models; --quick: the first)",
+    )
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.costs_file.is_file():
+        parser.error(f"--costs-file: {args.costs_file} does not exist (benchmarks/deep_variants.py --costs)")
+    partial = {int(b): float(p) for b, p in json.loads(args.costs_file.read_text())["partial"].items()}
+    if 0 not in partial:
+        parser.error(f"--costs-file: {args.costs_file} has no cost for branch 0")
+    models = args.models or (
+        [reference.MODEL_DIR] if args.quick else [reference.MODEL_DIR, reference.SD15_LAYOUT_MODEL_DIR]
+    )
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    t0 = time.perf_counter()
+    n = len(quality.Pairs.held_out(args.quick, 0).prompts)
+    rng = np.random.default_rng(0)
+    draws = [rng.integers(0, n, n) for _ in range(20 if args.quick else 1000)]
+    results = [judge_model(model, args, partial, draws) for model in models]
+    argv_list = list(argv if argv is not None else sys.argv[1:])
+    text = report(argv_list, started, time.perf_counter() - t0, results, partial)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    args.out.with_suffix(".json").write_text(json.dumps({"partial": partial, "results": results}, indent=1))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
