@@ -406,3 +406,33 @@ def test_deep_variants_budgets_plans_and_rules_read_as_written(tmp_path):
         text=True,
     )
     assert missing.returncode == 2 and "measure it first with --costs" in missing.stderr
+
+
+def test_depth_choice_budgets_and_rules_read_as_written():
+    from benchmarks.depth_choice import budget_of, verdicts
+
+    assert budget_of(3, 20, 0.05) == pytest.approx(7 + 13 * 0.05)  # DeepCache:3's cost
+    row = dict(delta_ci=(0, 0), psnr_ci=(0, 0))
+    budget = {
+        "interval": 2,
+        "pick": 3,
+        "baseline": {"name": "deep:2", "branch": 0, "psnr": 37.0, "delta": 0.04, **row},
+        "candidates": [
+            {"name": "b0:10", "branch": 0, "psnr": 40.0, "delta": 0.0, **row},
+            {"name": "b3:5", "branch": 3, "psnr": 50.0, "delta": 0.025, **row},
+            {"name": "b4:4", "branch": 4, "psnr": 50.4, "delta": 0.03, **row},
+        ],
+    }
+    # The pick is within 0.5 dB and 1 point of the best by PSNR: it ranks well; it has more PSNR than
+    # DeepCache and 1.5 points less faithfulness: it does not beat it.
+    assert verdicts(budget) == {
+        "pick": "b3:5",
+        "best": "b4:4",
+        "ranks_well": True,
+        "beats": False,
+        "strictly": False,
+    }
+    budget["candidates"][2]["psnr"] = 50.6  # more than 0.5 dB better than the pick
+    assert verdicts(budget)["ranks_well"] is False
+    budget["baseline"]["delta"] = 0.03  # 0.5 points more faithful than the pick: beats, not strictly
+    assert verdicts(budget)["beats"] is True and verdicts(budget)["strictly"] is False
