@@ -53,8 +53,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import quality  # noqa: E402
-from benchmarks.frontier import Judge, within_noise  # noqa: E402
-from benchmarks.modes_frontier import run  # noqa: E402
+from benchmarks.frontier import Judge  # noqa: E402
+from benchmarks.modes_frontier import noise_verdict, run  # noqa: E402
 from faster_diffusion import DeepReuseConfig, KeySteps, Sampler, get_calibration, reference, use_sampler  # noqa: E402
 from faster_diffusion.app.loading import load_pipeline  # noqa: E402
 from faster_diffusion.calibration import find_calibration  # noqa: E402
@@ -197,7 +197,7 @@ def report(argv, started, wall, results, partial) -> str:
                     f"| I={budget['interval']} ({budget['cost']:.2f}) | {row['name']}{mark} | "
                     f"{row['full']} | {predicted} | {row['delta'] * 100:+.1f} "
                     f"[{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}] | "
-                    f"{'yes' if within_noise(row['delta'], ci) else 'no'} | {row['psnr']:.2f} "
+                    f"{noise_verdict(row['delta'], ci)} | {row['psnr']:.2f} "
                     f"[{row['psnr_ci'][0]:.2f}, {row['psnr_ci'][1]:.2f}] |"
                 )
             notes.append(
@@ -233,7 +233,20 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="comma-separated model folders (default: both reference models; --quick: the first)",
     )
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help="write the report again from a run's .json (nothing is generated; the header keeps the run's)",
+    )
     args = parser.parse_args(argv)
+    if args.from_json is not None:
+        saved = json.loads(args.from_json.read_text())
+        header = args.out.read_text().splitlines()[:4] if args.out.is_file() else []
+        partial = {int(b): p for b, p in saved["partial"].items()}
+        body = report([], "", 0.0, saved["results"], partial).splitlines()[4:]
+        args.out.write_text("\n".join(header + body) + "\n")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.costs_file.is_file():
