@@ -13,6 +13,7 @@ Rethinking the Role of the Encoder for Diffusion Model Inference" (NeurIPS 2024)
 
 from .calibration import CalibrationError, calibrate, get_calibration
 from .deep import DeepReuseConfig
+from .depth import DepthChoice, choose_depth, measure_step_costs
 from .modes import apply_faster_diffusion
 from .noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, NoiseInjection
 from .propagation import (
@@ -39,6 +40,7 @@ __all__ = [
     "PRIOR_NOISE_TAU",
     "CalibrationError",
     "DeepReuseConfig",
+    "DepthChoice",
     "FasterDiffusion",
     "FasterDiffusionConfig",
     "KeyStepError",
@@ -50,9 +52,11 @@ __all__ = [
     "UnsupportedModelError",
     "apply_faster_diffusion",
     "calibrate",
+    "choose_depth",
     "get_calibration",
     "get_faster_diffusion",
     "make_scheduler",
+    "measure_step_costs",
     "remove_faster_diffusion",
     "use_sampler",
 ]
