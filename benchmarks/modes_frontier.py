@@ -95,6 +95,8 @@ from faster_diffusion import (  # noqa: E402
 )
 from faster_diffusion.app.loading import load_pipeline  # noqa: E402
 from faster_diffusion.calibration import find_calibration  # noqa: E402
+from faster_diffusion.policy import default_key_steps  # noqa: E402
+from faster_diffusion.schedule import KeyStepKind  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 INTERVALS = (2, 3, 4, 5)
@@ -261,6 +263,16 @@ def speed_of(name: str, full: int, sampler: str, speedups: dict, steps: int) -> 
     return None
 
 
+def default_method(sampler: str) -> str:
+    """The name this script gives the product's default for ``sampler`` (``faster_diffusion.policy``)."""
+    keys = default_key_steps(None, sampler, mode="deep")
+    if keys.kind is KeyStepKind.UNIFORM:
+        return f"deep:{keys.every}"
+    if keys.kind is KeyStepKind.AUTO:
+        return f"deep auto:{keys.budget}" + (" (feature)" if keys.criterion == "feature" else "")
+    return str(keys)
+
+
 def plot_speed(results: dict, speedups: dict, path: Path) -> list[str]:
     """Quality against measured end-to-end speedup, for the samplers the speed reports cover; returns the
     methods left out for want of a speed."""
@@ -309,6 +321,16 @@ def plot_speed(results: dict, speedups: dict, path: Path) -> list[str]:
                     ecolor="0.6",
                     capsize=2,
                 )
+            default = default_method(sampler)
+            for points in families.values():
+                for speed, m in points:
+                    if m is results[sampler].get(default):
+                        ax.plot(
+                            speed, m[metric] * scale, marker="o", markersize=14, fillstyle="none", color="k"
+                        )
+                        ax.annotate(
+                            "the default", (speed, m[metric] * scale), (10, -18), textcoords="offset points"
+                        )
             if metric == "delta":
                 ax.axhline(0, color="black", linewidth=0.8)
                 ax.axhline(-1, color="0.6", linewidth=0.8, linestyle="--")
