@@ -712,10 +712,13 @@ def get_calibration(
     B, as :class:`~faster_diffusion.DeepReuseConfig`'s ``calibration_target``); each has its own calibration.
 
     Defaults: :data:`DEFAULT_PROMPTS`, one seed each from :data:`DEFAULT_SEED`, the pipeline's default size,
-    the target's :func:`default_criterion`. Only ``criterion`` is measured unless ``criteria`` names more
-    (the ``"feature"`` criterion costs one stock run of the prompts; ``"prediction"`` adds N(N-1)/2 replayed
-    passes per prompt, each the part of the UNet the target does not reuse, about 20 times more for DDIM-50;
-    ``"final"`` adds a tail of N-1-j UNet calls for every pair k < j, about N^3/6 calls per prompt).
+    the target's :func:`default_criterion`. ``criterion``, the ``criteria`` named and ``"feature"`` are
+    measured (``"feature"`` costs nothing but the stock run of the prompts every criterion needs;
+    ``"prediction"`` adds N(N-1)/2 replayed passes per prompt, each the part of the UNet the target does not
+    reuse, about 20 times more for DDIM-50; ``"final"`` adds a tail of N-1-j UNet calls for every pair
+    k < j, about N^3/6 calls per prompt). A saved calibration that lacks a criterion asked for gets it
+    measured and added, keeping what it measured before, when it was made with the same prompts, seeds,
+    guidance and size; otherwise it is measured again with its criteria and the new ones.
     """
     if get_faster_diffusion(pipe) is not None:
         raise RuntimeError("calibrate: faster diffusion is attached to this pipeline; call remove() first")
@@ -724,17 +727,17 @@ def get_calibration(
     criterion = default_criterion(target) if criterion is None else criterion
     if criterion not in criterion_names():
         raise CalibrationError(f"criterion must be one of {criterion_names()}, got {criterion!r}")
-    criteria = tuple(dict.fromkeys([criterion, *(criteria or ())]))
-    unknown = [c for c in criteria if c not in criterion_names()]
+    asked = tuple(dict.fromkeys([criterion, *(criteria or ())]))
+    unknown = [c for c in asked if c not in criterion_names()]
     if unknown:
         raise CalibrationError(f"criteria must be among {criterion_names()}, got {unknown[0]!r}")
+    criteria = tuple(dict.fromkeys([*asked, "feature"]))  # feature: from the stock run's records alone
     steps = _default_steps(pipe.scheduler) if num_inference_steps is None else num_inference_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise CalibrationError(f"num_inference_steps must be a whole number >= 2, got {steps!r}")
-    if not force:
-        found = find_calibration(pipe, steps, target=target)
-        if found is not None and (found.criterion == criterion or criterion in found.other):
-            return found.with_criterion(criterion)
+    found = None if force else find_calibration(pipe, steps, target=target)
+    if found is not None and all(c in (found.criterion, *found.other) for c in asked):
+        return found.with_criterion(criterion)
     prompts = tuple(DEFAULT_PROMPTS if prompts is None else prompts)
     if not prompts or not all(isinstance(p, str) and p for p in prompts):
         raise CalibrationError(f"prompts must be a non-empty list of texts, got {prompts!r}")
@@ -743,6 +746,15 @@ def get_calibration(
         raise CalibrationError(f"one seed per prompt: got {len(seeds)} seeds for {len(prompts)} prompts")
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     height, width = height or size, width or size
+    kept: dict[str, Any] = {}
+    if found is not None:  # it lacks a criterion asked for
+        measured = {found.criterion: found.cost, **found.other}
+        settings = (found.prompts, found.seeds, found.guidance_scale, found.height, found.width)
+        if settings == (prompts, seeds, float(guidance_scale), height, width):
+            kept = {name: np.array(matrix, dtype=np.float64) for name, matrix in measured.items()}
+            criteria = tuple(c for c in criteria if c not in kept)
+        else:
+            criteria = tuple(dict.fromkeys([*criteria, *measured]))
     started = time.perf_counter()
     costs = measure_costs(
         pipe,
@@ -755,7 +767,8 @@ def get_calibration(
         criteria=criteria,
         target=target,
     )
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started + (found.seconds if kept else 0.0)
+    costs = {**kept, **costs}
     problem = _not_finite_costs(costs)
     if problem is not None:
         sampler = scheduler_key(pipe.scheduler).split(",")[0]

@@ -158,7 +158,16 @@ def choose_depth(
             )
         _check_cost(f"step_costs[{branch}]", partial, upper=None)
     _check_cost("cost", cost, upper=None)
-    steps = num_inference_steps if num_inference_steps is not None else _default_steps(pipe.scheduler)
+    if num_inference_steps is None:
+        try:
+            steps = _default_steps(pipe.scheduler)
+        except CalibrationError:
+            name = type(pipe.scheduler).__name__
+            raise ValueError(
+                f"choose_depth: pass num_inference_steps; there is no default for {name}"
+            ) from None
+    else:
+        steps = num_inference_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise ValueError(f"num_inference_steps must be a whole number >= 2, got {steps!r}")
     found = dict(calibrations or {})
@@ -200,7 +209,8 @@ def choose_depth(
             f"cost {cost!r} fits no full step of any branch compared; the least is {least:.3g} full passes "
             f"(branch {cheapest.branch}: one full step, the rest partial)"
         )
-    origin = f"depth choice at {cost:g} full passes, branch {best.branch}, {found[best.branch].describe()}"
+    read = _read(found[best.branch], best.branch, steps)
+    origin = f"depth choice at {cost:g} full passes, branch {best.branch}, {read.describe()}"
     keys = KeySteps.explicit(best.indices).with_origin(origin)
     return DepthChoice(branch=best.branch, key_steps=keys, candidates=tuple(candidates), budget=float(cost))
 
@@ -239,8 +249,9 @@ def measure_step_costs(
 
     Each branch is timed as a run of ``num_inference_steps`` steps with one full step and partial ones, right
     after a stock run of as many steps; its cost is the median over ``repeats`` of
-    ``(t - s / n) / ((n - 1) s / n)`` (``t`` the run's time, ``s`` stock's, ``n`` the steps), so that drift of
-    the machine between pairs cancels. The text encoder and the VAE are left out (latent output).
+    ``(t - s / n) / ((n - 1) s / n)`` (``t`` the run's time in the UNet's calls, ``s`` stock's, ``n`` the
+    steps), so that drift of the machine between pairs cancels. Only the UNet's calls are timed (forward hooks
+    on it), so the text encoder, the scheduler and the VAE do not count.
     """
     if get_faster_diffusion(pipe) is not None:
         raise RuntimeError(
@@ -257,15 +268,25 @@ def measure_step_costs(
     height, width = height or size, width or size
     one = KeySteps.explicit([0])
 
+    spent = [0.0, 0.0]  # seconds in the UNet's calls; when the current call started
+
+    def before(module, args):
+        _synchronize(pipe)
+        spent[1] = time.perf_counter()
+
+    def after(module, args, output):
+        _synchronize(pipe)
+        spent[0] += time.perf_counter() - spent[1]
+
     def timed(branch: int | None) -> float:
         handle = (
             None
             if branch is None
             else apply_faster_diffusion(pipe, DeepReuseConfig(key_steps=one, branch=branch))
         )
+        hooks = [pipe.unet.register_forward_pre_hook(before), pipe.unet.register_forward_hook(after)]
+        spent[0] = 0.0
         try:
-            _synchronize(pipe)
-            started = time.perf_counter()
             with torch.inference_mode():
                 pipe(
                     prompt,
@@ -275,9 +296,10 @@ def measure_step_costs(
                     output_type="latent",
                     generator=torch.Generator().manual_seed(0),
                 )
-            _synchronize(pipe)
-            return time.perf_counter() - started
+            return spent[0]
         finally:
+            for hook in hooks:
+                hook.remove()
             if handle is not None:
                 handle.remove()
 

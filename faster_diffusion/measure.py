@@ -14,6 +14,7 @@ replays exactly the target's modules, so every criterion measures that mode's re
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -255,9 +256,13 @@ _CRITERIA: dict[str, Criterion] = {}
 
 
 def register_criterion(name: str, measure: Criterion) -> None:
-    """Make ``name`` a calibration criterion, measured by ``measure(run)``."""
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"a criterion's name must be a non-empty string, got {name!r}")
+    """Make ``name`` a calibration criterion, measured by ``measure(run)``. A name is lowercase letters,
+    digits, ``_`` and ``-``, starting with a letter, so that key steps can name it (``auto:6@name``)."""
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
+        raise TypeError(
+            f"a criterion's name must be lowercase letters, digits, '_' or '-', starting with a letter, got "
+            f"{name!r}"
+        )
     if not callable(measure):
         raise TypeError(f"measure must be callable, got {measure!r}")
     _CRITERIA[name] = measure

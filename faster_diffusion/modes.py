@@ -45,7 +45,9 @@ def apply_faster_diffusion(pipe: Any, config: Any = None) -> Any:
 
     ``config=None`` gives the product's default, as the command line and the Cog model use it: deep reuse
     (:data:`faster_diffusion.policy.DEFAULT_MODE`) with :func:`faster_diffusion.policy.default_key_steps` for
-    this pipeline's scheduler (``auto:13`` with DDIM, every third step with DPM-Solver). A config of a
+    this pipeline's scheduler at its own step count (``auto:13`` of 50 with DDIM, ``auto:6@feature`` of 20
+    with DPM-Solver, every third step with DPM-Solver++; for another step count, pass
+    ``DeepReuseConfig(key_steps=default_key_steps(pipe, num_steps=N))``). A config of a
     mode gives that mode; ``auto`` key steps need a calibration of the model for the run's sampler and step
     count (:func:`faster_diffusion.calibrate`); a run without one gets a clear error that says so.
 

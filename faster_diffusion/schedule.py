@@ -46,9 +46,9 @@ RECOMMENDED_UNIFORM_EVERY = 4
 
 #: What ``KeySteps.parse`` accepts, for error messages.
 ACCEPTED_FORMS = (
-    "'paper', 'all', 'auto', 'auto:B' (B key steps, a whole number >= 1), 'auto:B@C' (read with the "
-    "calibration's criterion C, such as 'auto:6@feature'), 'uniform:K' (K a whole number >= 1), or a "
-    "comma-separated list of step indices that starts with 0, such as '0,1,2,3,5,10,15,25,35'"
+    "'paper', 'all', 'auto', 'auto:B' (B key steps, a whole number >= 1), 'auto:B@C' or 'auto@C' (read "
+    "with the calibration's criterion C, such as 'auto:6@feature'), 'uniform:K' (K a whole number >= 1), "
+    "or a comma-separated list of step indices that starts with 0, such as '0,1,2,3,5,10,15,25,35'"
 )
 
 
@@ -212,8 +212,9 @@ class KeySteps:
             measured = sorted([calibration.criterion, *calibration.other])
             raise CalibrationError(
                 f"key_steps {str(self)!r}: the calibration of this model measured the criteria {measured}, "
-                f"not {self.criterion!r}; calibrate it again with criteria=[{self.criterion!r}] (and "
-                "force=True), or pass key steps without a criterion"
+                f"not {self.criterion!r}; run faster_diffusion.calibrate(pipe, num_inference_steps="
+                f"{calibration.num_steps}, target={calibration.target!r}, criteria=[{self.criterion!r}]) "
+                "(it adds the criterion to the calibration), or pass key steps without a criterion"
             )
         return calibration.with_criterion(self.criterion)
 

@@ -42,6 +42,8 @@ def test_default_key_steps_are_deep_reuse_s_and_encoder_propagation_keeps_its_ow
         assert default_key_steps(weights, "DPM-Solver-20") == KeySteps.auto(6, "feature")
         assert default_key_steps(weights, "DPM-Solver-20", 25) == KeySteps.auto(8, "feature")  # 7.5, half up
         assert default_key_steps(weights, "DPM-Solver++-20", 40) == KeySteps.uniform(3)
+        for sampler in ("DDIM-50", "DPM-Solver-20"):  # one step: nothing to reuse, nothing to calibrate
+            assert default_key_steps(weights, sampler, 1) == KeySteps.every_step()
     # Encoder propagation: the paper's preset on SD v1.5 base weights, else auto (9 of 20 for DPM-Solver).
     assert default_key_steps(pipe, "DDIM-50", mode="encoder") == KeySteps.auto()
     assert default_key_steps(pipe, "DPM-Solver-20", mode="encoder") == KeySteps.auto(9)
@@ -103,19 +105,28 @@ def test_cli_default_on_new_weights_calibrates_once_says_so_and_saves_it(tmp_pat
     out = capsys.readouterr().out
     assert "Calibrating key steps of deep:0 reuse with the feature criterion for this model" in out
     assert "Key steps: auto:3@feature, calibrated by feature error of deep:0 reuse" in out  # 6/20 of 10
-    # A criterion the saved calibration did not measure (DDIM's was read with prediction alone) is measured
-    # once, and saved with it; the next run finds it.
-    assert main([*argv, "--key-steps", "auto:3@feature"]) == 0
-    out = capsys.readouterr().out
-    assert "Calibrating key steps of deep:0 reuse with the feature criterion for this model (DDIM-50" in out
-    ddim = [c for c in load_calibrations(weights) if c.num_steps == 10 and c.target == "deep:0"]
-    assert sorted((c.scheduler.split(",")[0], c.criterion, set(c.other)) for c in ddim) == [
-        ("DDIMScheduler", "prediction", {"feature"}),
-        ("DPMSolverMultistepScheduler", "prediction", {"feature"}),
-    ]
+    # Every calibration measures the feature criterion too (it costs nothing but the stock run), so DDIM's
+    # deep:0 calibration, read with prediction, serves auto:3@feature as it is.
     assert main([*argv, "--key-steps", "auto:3@feature"]) == 0
     out = capsys.readouterr().out
     assert "Calibrating" not in out and "Key steps: auto:3@feature, calibrated by feature error" in out
+    (before,) = [
+        c for c in load_calibrations(weights) if c.num_steps == 10 and c.scheduler.startswith("DDIM")
+    ]
+    # A criterion the saved calibration did not measure is measured once and added to it, keeping the others.
+    assert main([*argv, "--key-steps", "auto:3@final"]) == 0
+    out = capsys.readouterr().out
+    assert "Calibrating key steps of deep:0 reuse with the final criterion for this model (DDIM-50" in out
+    ddim = [c for c in load_calibrations(weights) if c.num_steps == 10 and c.target == "deep:0"]
+    assert sorted((c.scheduler.split(",")[0], c.criterion, set(c.other)) for c in ddim) == [
+        ("DDIMScheduler", "prediction", {"feature", "final"}),
+        ("DPMSolverMultistepScheduler", "prediction", {"feature"}),
+    ]
+    (after,) = [c for c in ddim if c.scheduler.startswith("DDIM")]
+    assert after.cost == before.cost and after.other["feature"] == before.other["feature"]
+    assert main([*argv, "--key-steps", "auto:3@final"]) == 0
+    out = capsys.readouterr().out
+    assert "Calibrating" not in out and "Key steps: auto:3@final, calibrated by final error" in out
 
 
 def test_cli_auto_on_the_reference_model_uses_its_committed_calibration(tmp_path, monkeypatch, capsys):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import faster_diffusion
-from faster_diffusion import apply_faster_diffusion, calibrate
+from faster_diffusion import KeySteps, apply_faster_diffusion, calibrate
 from faster_diffusion.calibration import find_calibration, optimal_key_steps
 from faster_diffusion.measure import _CRITERIA, register_criterion
 from faster_diffusion.modes import MODES, register_mode
@@ -112,9 +112,14 @@ def test_a_new_criterion_is_one_registration(make_pipe, monkeypatch):
     pipe = make_pipe("DPM-Solver-20")
     keys = calibrate(pipe, budget=5, criterion="later-costs-more", prompts=["a red circle"])
     calibration = find_calibration(pipe, 20)
-    assert calibration.criterion == "later-costs-more"
+    assert calibration.with_criterion("later-costs-more").matrix[0, 19] == 19  # measured with it
     expected = optimal_key_steps(later_costs_more(type("Run", (), {"num_steps": 20})), 5)
     assert keys.resolve(20).indices == expected
+    # Its name is one key steps can carry (auto:5@later-costs-more); a name they could not carry is refused.
+    assert KeySteps.parse("auto:5@later-costs-more").resolve(20, calibration).indices == expected
+    for bad in ("SSIM", "", "2nd", "a b", None):
+        with pytest.raises(TypeError, match="a criterion's name must be lowercase letters"):
+            register_criterion(bad, later_costs_more)
 
 
 def test_one_record_per_pipeline_family():

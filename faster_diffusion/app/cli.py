@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--key-steps",
         default=DEFAULT_KEY_STEPS,
         help=f"key steps (with --mode deep, the full steps): {ACCEPTED_FORMS}; default: --mode deep: "
-        "auto:13 (DDIM, 50 steps) or uniform:3 (DPM-Solver); --mode encoder: 'paper' for SD v1.5 base "
+        "auto:13 (DDIM, 50 steps), auto:6@feature (DPM-Solver, 20 steps) or uniform:3 (DPM-Solver++); "
+        "--mode encoder: 'paper' for SD v1.5 base "
         "weights, otherwise 'auto' (DDIM) or 'auto:9' (DPM-Solver, 20 steps); see the README",
     )
     parser.add_argument(

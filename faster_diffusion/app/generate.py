@@ -230,15 +230,20 @@ def prepare_key_steps(
     scheduler = make_scheduler(request.sampler, pipe.scheduler.config)
     calibration = find_calibration(pipe, request.steps, scheduler, target=target)
     of = "" if target == "encoder" else f" of {target} reuse"
+    lacking = False  # a saved calibration that did not measure the criterion asked for
     if keys.criterion is not None:
         of += f" with the {keys.criterion} criterion"
         if calibration is not None and keys.criterion not in (calibration.criterion, *calibration.other):
-            calibration = None  # measured again below, with that criterion too
+            calibration, lacking = None, True  # the criterion is measured below and added to it
     if calibration is None and not calibrate:
-        raise CalibrationError(
-            f"key_steps {str(keys)!r}: no calibration{of} of this model for {request.sampler.value} with "
-            f"{request.steps} steps is saved"
+        which = f"{request.sampler.value} with {request.steps} steps"
+        message = (
+            f"the saved calibration of {target} reuse for {which} did not measure the {keys.criterion} "
+            "criterion"
+            if lacking
+            else f"no calibration{of} of this model for {which} is saved"
         )
+        raise CalibrationError(f"key_steps {str(keys)!r}: {message}")
     if calibration is None:
         remove_faster_diffusion(pipe)  # calibration runs the pipeline stock, with the request's sampler
         use_sampler(pipe, request.sampler)
@@ -249,10 +254,16 @@ def prepare_key_steps(
             f"stock run of {prompts} calibration prompts, once"
         )
         started = time.perf_counter()
-        # None is saved (just looked up): measure without looking again.
+        # None is saved (just looked up): measure without looking again; one that lacks the criterion gets it
+        # measured and added (get_calibration keeps what it measured before).
         criteria = () if keys.criterion is None else (keys.criterion,)
         calibration = get_calibration(
-            pipe, num_inference_steps=request.steps, force=True, target=target, criteria=criteria, **options
+            pipe,
+            num_inference_steps=request.steps,
+            force=not lacking,
+            target=target,
+            criteria=criteria,
+            **options,
         )
         saved = folder is not None and options.get("save", True) and (folder / CALIBRATION_FILE).is_file()
         where = f"saved in {folder / CALIBRATION_FILE}" if saved else "kept for this process"
