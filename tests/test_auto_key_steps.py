@@ -157,6 +157,16 @@ def test_cli_rejects_a_bad_auto_budget_clearly(key_steps, message, tmp_path, mon
     assert message in capsys.readouterr().err
 
 
+def test_a_budget_beyond_the_steps_fails_before_any_calibration(tmp_path, capsys):
+    """On weights with no calibration, auto:30 of 10 steps is refused first, not after measuring one."""
+    weights = save_tiny_weights(tmp_path / "weights", with_safety_checker=False)
+    argv = ["a red circle", "--weights", str(weights), "--steps", "10", "--out", str(tmp_path / "o")]
+    assert main([*argv, "--key-steps", "auto:30@final"]) == 2
+    captured = capsys.readouterr()
+    assert "error: --key-steps: the budget must be a whole number from 1 to 10, got 30" in captured.err
+    assert "Calibrating" not in captured.out and not (weights / CALIBRATION_FILE).exists()
+
+
 def test_the_cog_model_resolves_default_and_auto_key_steps(tmp_path, capsys):
     folder = save_tiny_weights(tmp_path / "weights", with_safety_checker=False)
     model = TextToImage.load(folder)

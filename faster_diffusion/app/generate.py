@@ -214,6 +214,10 @@ def prepare_key_steps(
     keys = request.faster.key_steps
     if keys.kind is not KeyStepKind.AUTO:
         return request
+    if keys.budget is not None and keys.budget > request.steps:  # before any calibration is measured
+        raise CalibrationError(
+            f"key_steps: the budget must be a whole number from 1 to {request.steps}, got {keys.budget}"
+        )
     options: dict[str, Any] = {}
     folder = weights_folder(pipe)
     if reference.is_model_dir(folder):
