@@ -16,6 +16,8 @@ On a machine with a CUDA GPU and a CUDA build of torch (this script installs not
    - DeepCache (``DeepCacheSDHelper``, branch 0) with the smallest interval that has no more full steps than
      the default (``cache_interval`` 4 with DDIM-50 and DPM-Solver-20), when the ``DeepCache`` package imports
      (the report says so when it does not);
+   - deep reuse with ``batched=True`` at DeepCache's interval, whose partial steps run in one UNet batch with
+     their full step (a gain only kernel launches can show);
    - with ``--compile`` (the default on CUDA, not on the CPU): stock and the default again with
      ``pipe.unet.compile()``, each after ``--compile-warmups`` untimed warm-ups (compilation is not timed),
      so that the default's speedup is also measured against a compiled stock (a stock bound by kernel
@@ -116,6 +118,12 @@ class Plan:
     @property
     def cache_interval(self) -> int:
         return int(self.deepcache.partition(":")[2])
+
+    @property
+    def batched(self) -> str:
+        """The ``speed.py`` mode of deep reuse with ``batched=True`` at DeepCache's interval: a full step and
+        its partial steps in one UNet batch, which only a GPU's launch costs can reward."""
+        return f"deep-batched:{self.cache_interval}"
 
 
 def plan(sampler: Sampler) -> Plan:
@@ -318,6 +326,7 @@ def modes_table(
             (speed.BATCHED_MODE, "propagation+batched (paper's key steps)"),
             (p.default, p.default_label),
             (p.deepcache, f"DeepCache, `cache_interval={p.cache_interval}`"),
+            (p.batched, f"deep reuse, `batched=True`, `uniform:{p.cache_interval}`"),
         ]
         if compiled:
             rows += [
@@ -387,6 +396,13 @@ def modes_notes(
             f"- **DeepCache**: not installed (the `DeepCache` package does not import: {deepcache_error}); "
             "`pip install DeepCache` to time it."
         )
+    notes.append(
+        "- **Batched deep reuse**: `DeepReuseConfig(batched=True)` at DeepCache's interval (the same full "
+        "steps): a partial step also reuses `conv_in`, so a full step and the partial steps after it run as "
+        "one UNet batch, capped as the batched decoder is. It costs some quality on the reference models and "
+        "gains nothing on a CPU (`benchmarks/README.md`, deep_variants.py); this row says whether a GPU, "
+        "where a partial step is bound by kernel launches, rewards it."
+    )
     if compiled:
         graphs = [
             r.graphs_compiled
@@ -506,6 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _log(f"DeepCache does not import ({deepcache_error}); no DeepCache row")
     plans = [plan(sampler) for sampler in args.sampler_list]
     extra = [f"{p.default}@{p.sampler.value}" for p in plans]
+    extra += [f"{p.batched}@{p.sampler.value}" for p in plans]
     if deepcache_error is None:
         extra += [f"{p.deepcache}@{p.sampler.value}" for p in plans]
     runs: list[tuple[str, speed.Benchmark]] = []

@@ -101,8 +101,9 @@ BATCHED_MODE = "propagation+batched"
 #: ``deepcache:I`` (DeepCache's own ``DeepCacheSDHelper``, branch 0: install ``deepcache`` for it; a peer,
 #: never a dependency of the package); and ``deep-full:B``, deep reuse with B full passes spread evenly
 #: (steps ``round(i * N / B)``): a calibrated placement of B full passes costs the same, since a partial step
-#: costs the same wherever it falls.
-EXTRA_MODE_KINDS = ("deep", "deep+forecast", "deepcache", "deep-full")
+#: costs the same wherever it falls; ``deep-batched:I``, deep reuse at ``uniform:I`` with ``batched=True`` (a
+#: full step and its partial steps run as one UNet batch, capped by ``--max-decoder-batch``).
+EXTRA_MODE_KINDS = ("deep", "deep+forecast", "deepcache", "deep-full", "deep-batched")
 
 
 def spread(steps: int, full: int) -> KeySteps:
@@ -462,7 +463,13 @@ def attach_mode(
         return handle
     if extra is not None:
         keys = spread(steps, extra[1]) if extra[0] == "deep-full" else KeySteps.uniform(extra[1])
-        config = DeepReuseConfig(key_steps=keys, branch=0, forecast=int(extra[0] == "deep+forecast"))
+        config = DeepReuseConfig(
+            key_steps=keys,
+            branch=0,
+            forecast=int(extra[0] == "deep+forecast"),
+            batched=extra[0] == "deep-batched",
+            max_decoder_batch=max_decoder_batch,
+        )
         return apply_faster_diffusion(pipe, config)
     config = FasterDiffusionConfig(
         key_steps=key_steps,
@@ -1117,9 +1124,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--extra-modes",
         default="",
-        help="comma-separated modes to time beside the three: deep:I, deep+forecast:I, deepcache:I (a full "
-        "step every I steps, branch 0), deep-full:B (B full steps spread evenly); MODE@SAMPLER times it with "
-        "that sampler only, e.g. deep:3@DPM-Solver-20",
+        help="comma-separated modes to time beside the three: deep:I, deep+forecast:I, deepcache:I, "
+        "deep-batched:I (a full step every I steps, branch 0), deep-full:B (B full steps spread evenly); "
+        "MODE@SAMPLER times it with that sampler only, e.g. deep:3@DPM-Solver-20",
     )
     parser.add_argument(
         "--compile",

@@ -44,6 +44,9 @@ def test_gpu_check_runs_on_the_cpu_and_writes_a_report(tmp_path):
     # not installed.
     default = "| DPM-Solver-20 | default: deep reuse `auto:6@feature`, timed as `deep-full:6` | 6 / 14 | "
     assert default in report
+    # Batched deep reuse at DeepCache's interval: 5 full steps, their partial steps in 5 UNet batches.
+    assert "| DPM-Solver-20 | deep reuse, `batched=True`, `uniform:4` | 5 / 15 | " in report
+    assert "- **Batched deep reuse**: `DeepReuseConfig(batched=True)` at DeepCache's interval" in report
     if deepcache_missing() is None:
         assert "| DPM-Solver-20 | DeepCache, `cache_interval=4` | 5 / 15 | " in report
     else:
@@ -117,6 +120,7 @@ def test_the_default_and_deepcache_follow_the_policy():
     )
     assert (str(pp.default_keys), pp.default, pp.deepcache) == ("uniform:3", "deep:3", "deepcache:3")
     assert (ddim.full, dpm.full, pp.full) == (13, 6, 7)
+    assert (ddim.batched, dpm.batched, pp.batched) == ("deep-batched:4", "deep-batched:4", "deep-batched:3")
     assert ddim.default_label == "default: deep reuse `auto:13`, timed as `deep-full:13`"
     assert dpm.default_label == "default: deep reuse `auto:6@feature`, timed as `deep-full:6`"
     assert pp.default_label == "default: deep reuse `uniform:3`"
