@@ -695,7 +695,7 @@ def get_calibration(
     num_inference_steps: int | None = None,
     prompts: Sequence[str] | None = None,
     seeds: Sequence[int] | None = None,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     height: int | None = None,
     width: int | None = None,
     criterion: str | None = None,
@@ -711,14 +711,17 @@ def get_calibration(
     ``target`` is what is reused: ``"encoder"`` (encoder propagation) or ``"deep:B"`` (deep reuse of branch
     B, as :class:`~faster_diffusion.DeepReuseConfig`'s ``calibration_target``); each has its own calibration.
 
-    Defaults: :data:`DEFAULT_PROMPTS`, one seed each from :data:`DEFAULT_SEED`, the pipeline's default size,
-    the target's :func:`default_criterion`. ``criterion``, the ``criteria`` named and ``"feature"`` are
-    measured (``"feature"`` costs nothing but the stock run of the prompts every criterion needs;
-    ``"prediction"`` adds N(N-1)/2 replayed passes per prompt, each the part of the UNet the target does not
-    reuse, about 20 times more for DDIM-50; ``"final"`` adds a tail of N-1-j UNet calls for every pair
-    k < j, about N^3/6 calls per prompt). A saved calibration that lacks a criterion asked for gets it
-    measured and added, keeping what it measured before, when it was made with the same prompts, seeds,
-    guidance and size; otherwise it is measured again with its criteria and the new ones.
+    Defaults: :data:`DEFAULT_PROMPTS`, one seed each from :data:`DEFAULT_SEED`, guidance 7.5, the pipeline's
+    default size, the target's :func:`default_criterion`. ``criterion`` and the ``criteria`` named are
+    measured, and for a target whose default criterion is not ``"feature"`` (deep reuse) ``"feature"`` too,
+    which costs nothing but the stock run of the prompts every criterion needs (``"prediction"`` adds
+    N(N-1)/2 replayed passes per prompt, each the part of the UNet the target does not reuse, about 20 times
+    more for DDIM-50; ``"final"`` adds a tail of N-1-j UNet calls for every pair k < j, about N^3/6 calls per
+    prompt).
+
+    A saved calibration that lacks a criterion asked for gets it measured and added, keeping what it
+    measured before: the prompts, seeds, guidance and size left out are the saved calibration's. Given other
+    ones, it is measured again with them, with its criteria and the new ones (a warning says so).
     """
     if get_faster_diffusion(pipe) is not None:
         raise RuntimeError("calibrate: faster diffusion is attached to this pipeline; call remove() first")
@@ -731,13 +734,22 @@ def get_calibration(
     unknown = [c for c in asked if c not in criterion_names()]
     if unknown:
         raise CalibrationError(f"criteria must be among {criterion_names()}, got {unknown[0]!r}")
-    criteria = tuple(dict.fromkeys([*asked, "feature"]))  # feature: from the stock run's records alone
+    # feature comes from the stock run's records alone; for the encoder target it is the default criterion
+    # already, and adding it there would change which criterion plain ``auto`` reads (``_preferred``).
+    implicit = () if default_criterion(target) == "feature" else ("feature",)
+    criteria = tuple(dict.fromkeys([*asked, *implicit]))
     steps = _default_steps(pipe.scheduler) if num_inference_steps is None else num_inference_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise CalibrationError(f"num_inference_steps must be a whole number >= 2, got {steps!r}")
     found = None if force else find_calibration(pipe, steps, target=target)
     if found is not None and all(c in (found.criterion, *found.other) for c in asked):
         return found.with_criterion(criterion)
+    if found is not None:  # it lacks a criterion asked for: measure with its settings unless told otherwise
+        if prompts is None:
+            prompts, seeds = found.prompts, found.seeds if seeds is None else seeds
+        guidance_scale = found.guidance_scale if guidance_scale is None else guidance_scale
+        height, width = height or found.height, width or found.width
+    guidance_scale = 7.5 if guidance_scale is None else guidance_scale
     prompts = tuple(DEFAULT_PROMPTS if prompts is None else prompts)
     if not prompts or not all(isinstance(p, str) and p for p in prompts):
         raise CalibrationError(f"prompts must be a non-empty list of texts, got {prompts!r}")
@@ -754,7 +766,15 @@ def get_calibration(
             kept = {name: np.array(matrix, dtype=np.float64) for name, matrix in measured.items()}
             criteria = tuple(c for c in criteria if c not in kept)
         else:
-            criteria = tuple(dict.fromkeys([*criteria, *measured]))
+            known = [
+                name for name in measured if name in criterion_names()
+            ]  # one not registered here is lost
+            criteria = tuple(dict.fromkeys([*criteria, *known]))
+            logger.warning(
+                "calibrate: the saved calibration was made with other prompts, seeds, guidance or size; "
+                "measuring it again with these, for the criteria %s",
+                ", ".join(criteria),
+            )
     started = time.perf_counter()
     costs = measure_costs(
         pipe,

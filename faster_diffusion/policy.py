@@ -107,12 +107,7 @@ def default_key_steps(
     sampler's own (20 for DPM-Solver). ``mode``: ``"deep"`` (the default) gives :data:`DEEP_DEFAULTS`'s entry,
     ``"encoder"`` the paper's preset or ``auto``."""
     sampler = Sampler.parse(sampler) if sampler is not None else sampler_of(getattr(pipe, "scheduler", None))
-    if (
-        num_steps is not None
-        and not isinstance(num_steps, bool)
-        and isinstance(num_steps, int)
-        and num_steps < 2
-    ):
+    if num_steps == 1 and not isinstance(num_steps, bool):
         return KeySteps.every_step()  # one step: nothing to reuse, and nothing to calibrate
     if mode == "deep":
         if sampler not in DEEP_DEFAULTS:

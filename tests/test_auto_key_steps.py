@@ -118,12 +118,13 @@ def test_cli_default_on_new_weights_calibrates_once_says_so_and_saves_it(tmp_pat
     out = capsys.readouterr().out
     assert "Calibrating key steps of deep:0 reuse with the final criterion for this model (DDIM-50" in out
     ddim = [c for c in load_calibrations(weights) if c.num_steps == 10 and c.target == "deep:0"]
-    assert sorted((c.scheduler.split(",")[0], c.criterion, set(c.other)) for c in ddim) == [
-        ("DDIMScheduler", "prediction", {"feature", "final"}),
-        ("DPMSolverMultistepScheduler", "prediction", {"feature"}),
+    assert sorted((c.scheduler.split(",")[0], {c.criterion, *c.other}) for c in ddim) == [
+        ("DDIMScheduler", {"prediction", "feature", "final"}),
+        ("DPMSolverMultistepScheduler", {"prediction", "feature"}),
     ]
-    (after,) = [c for c in ddim if c.scheduler.startswith("DDIM")]
+    (after,) = [c.with_criterion("prediction") for c in ddim if c.scheduler.startswith("DDIM")]
     assert after.cost == before.cost and after.other["feature"] == before.other["feature"]
+    assert after.prompts == before.prompts  # measured with the saved calibration's prompts
     assert main([*argv, "--key-steps", "auto:3@final"]) == 0
     out = capsys.readouterr().out
     assert "Calibrating" not in out and "Key steps: auto:3@final, calibrated by final error" in out

@@ -869,45 +869,39 @@ def test_only_the_chosen_criterion_is_measured_unless_more_are_asked_for(make_pi
 
 
 def test_a_criterion_asked_of_a_saved_calibration_is_measured_and_added(make_pipe):
-    """feature comes with every calibration (from the stock run's records); a criterion the found calibration
-    lacks is measured alone and added, keeping the rest, when the prompts and size are the same."""
+    """Deep reuse's calibrations measure feature too (from the stock run's records); a criterion the found
+    calibration lacks is measured alone, with its prompts and settings, and added, keeping the rest."""
     pipe = make_pipe()
     use_sampler(pipe, "DPM-Solver-20")
-    first = get_calibration(
-        pipe, num_inference_steps=6, prompts=PROMPTS[:1], criterion="prediction", save=False
-    )
+    first = get_calibration(pipe, num_inference_steps=6, prompts=PROMPTS[:1], target="deep", save=False)
     assert (first.criterion, set(first.other)) == ("prediction", {"feature"})
     calls = count_unet_calls(pipe)
-    again = get_calibration(
-        pipe, num_inference_steps=6, prompts=PROMPTS[:1], criteria=("feature",), save=False
-    )
+    again = get_calibration(pipe, num_inference_steps=6, criterion="feature", target="deep", save=False)
     assert again.criterion == "feature" and calls[0] == 0  # found as it is: nothing measured
-    merged = get_calibration(
-        pipe, num_inference_steps=6, prompts=PROMPTS[:1], criteria=("final",), save=False
-    )
-    assert (merged.criterion, set(merged.other)) == ("feature", {"prediction", "final"})
-    assert merged.with_criterion("prediction").cost == first.cost and merged.cost == first.other["feature"]
+    merged = get_calibration(pipe, num_inference_steps=6, criteria=("final",), target="deep", save=False)
+    assert merged.prompts == PROMPTS[:1]  # the saved calibration's prompts, not the defaults
+    assert (merged.criterion, set(merged.other)) == ("prediction", {"feature", "final"})
+    assert merged.cost == first.cost and merged.other["feature"] == first.other["feature"]
     assert merged.seconds >= first.seconds
     added = calls[0]  # the stock run and final's tails, no prediction replays
     fresh = get_calibration(
         pipe,
         num_inference_steps=6,
         prompts=PROMPTS[:1],
-        criteria=("prediction", "final"),
+        criteria=("final",),
+        target="deep",
         force=True,
         save=False,
     )
     assert fresh.with_criterion("final").cost == merged.with_criterion("final").cost
     assert calls[0] - added > added  # measured from scratch, prediction's replays come on top
-    # Asked of one made with other prompts: measured again, with its criteria and the new one.
+    # Asked with other prompts: measured again with them, its criteria and the new one.
     pipe = make_pipe()
     use_sampler(pipe, "DPM-Solver-20")
-    get_calibration(pipe, num_inference_steps=6, prompts=PROMPTS[:1], criterion="prediction", save=False)
+    get_calibration(pipe, num_inference_steps=6, prompts=PROMPTS[:1], save=False)  # encoder: feature alone
+    assert find_calibration(pipe, 6).other == {}  # the encoder target adds nothing it was not asked for
     other = get_calibration(pipe, num_inference_steps=6, prompts=PROMPTS[1:], criteria=("final",), save=False)
-    assert other.prompts == PROMPTS[1:] and (other.criterion, set(other.other)) == (
-        "feature",
-        {"prediction", "final"},
-    )
+    assert other.prompts == PROMPTS[1:] and (other.criterion, set(other.other)) == ("feature", {"final"})
 
 
 def test_the_scheduler_key_does_not_depend_on_the_sampler_used_before(make_pipe):

@@ -233,7 +233,8 @@ def prepare_key_steps(
     # Looked up for the request's sampler without touching the pipeline (the run sets it, once).
     scheduler = make_scheduler(request.sampler, pipe.scheduler.config)
     calibration = find_calibration(pipe, request.steps, scheduler, target=target)
-    of = "" if target == "encoder" else f" of {target} reuse"
+    reuse = "" if target == "encoder" else f" of {target} reuse"
+    of = reuse
     lacking = False  # a saved calibration that did not measure the criterion asked for
     if keys.criterion is not None:
         of += f" with the {keys.criterion} criterion"
@@ -242,8 +243,7 @@ def prepare_key_steps(
     if calibration is None and not calibrate:
         which = f"{request.sampler.value} with {request.steps} steps"
         message = (
-            f"the saved calibration of {target} reuse for {which} did not measure the {keys.criterion} "
-            "criterion"
+            f"the saved calibration{reuse} for {which} did not measure the {keys.criterion} criterion"
             if lacking
             else f"no calibration{of} of this model for {which} is saved"
         )
@@ -253,21 +253,25 @@ def prepare_key_steps(
         use_sampler(pipe, request.sampler)
         prompts = len(options.get("prompts", DEFAULT_PROMPTS))
         model = "this model" if lora is None else f"this model with the LoRA {lora.describe()}"
-        log(
-            f"Calibrating key steps{of} for {model} ({request.sampler.value}, {request.steps} steps): a "
-            f"stock run of {prompts} calibration prompts, once"
+        what = (
+            f"the {keys.criterion} criterion, added to the saved calibration"
+            if lacking
+            else f"a stock run of {prompts} calibration prompts"
         )
+        steps = f"{request.sampler.value}, {request.steps} steps"
+        log(f"Calibrating key steps{of} for {model} ({steps}): {what}, once")
         started = time.perf_counter()
-        # None is saved (just looked up): measure without looking again; one that lacks the criterion gets it
-        # measured and added (get_calibration keeps what it measured before).
-        criteria = () if keys.criterion is None else (keys.criterion,)
+        # A fresh one measures the target's default criterion and the one asked for; a saved one that lacks
+        # the criterion gets that one alone, with its own prompts and settings (get_calibration).
+        asked = (
+            {"criterion": keys.criterion}
+            if lacking
+            else {"criteria": (keys.criterion,)}
+            if keys.criterion
+            else {}
+        )
         calibration = get_calibration(
-            pipe,
-            num_inference_steps=request.steps,
-            force=not lacking,
-            target=target,
-            criteria=criteria,
-            **options,
+            pipe, num_inference_steps=request.steps, force=not lacking, target=target, **asked, **options
         )
         saved = folder is not None and options.get("save", True) and (folder / CALIBRATION_FILE).is_file()
         where = f"saved in {folder / CALIBRATION_FILE}" if saved else "kept for this process"
