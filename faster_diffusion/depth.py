@@ -251,7 +251,8 @@ def measure_step_costs(
     after a stock run of as many steps; its cost is the median over ``repeats`` of
     ``(t - s / n) / ((n - 1) s / n)`` (``t`` the run's time in the UNet's calls, ``s`` stock's, ``n`` the
     steps), so that drift of the machine between pairs cancels. Only the UNet's calls are timed (forward hooks
-    on it), so the text encoder, the scheduler and the VAE do not count.
+    on it), so the text encoder, the scheduler and the VAE do not count. Stock and each branch run once
+    untimed first (with a compiled UNet, that is where each compiles).
     """
     if get_faster_diffusion(pipe) is not None:
         raise RuntimeError(
@@ -304,7 +305,11 @@ def measure_step_costs(
                 handle.remove()
 
     n = num_inference_steps
-    timed(None)  # warm-up
+    for branch in [
+        None,
+        *chosen,
+    ]:  # warm-ups, untimed: a compiled UNet compiles each variant in its first run
+        timed(branch)
     ratios: dict[int, list[float]] = {b: [] for b in chosen}
     for _ in range(repeats):
         for branch in chosen:
