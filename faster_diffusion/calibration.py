@@ -766,9 +766,8 @@ def get_calibration(
             kept = {name: np.array(matrix, dtype=np.float64) for name, matrix in measured.items()}
             criteria = tuple(c for c in criteria if c not in kept)
         else:
-            known = [
-                name for name in measured if name in criterion_names()
-            ]  # one not registered here is lost
+            # A criterion not registered in this process cannot be measured again: it is left out.
+            known = [name for name in measured if name in criterion_names()]
             criteria = tuple(dict.fromkeys([*criteria, *known]))
             logger.warning(
                 "calibrate: the saved calibration was made with other prompts, seeds, guidance or size; "
