@@ -79,6 +79,7 @@ from faster_diffusion import (  # noqa: E402
 )
 from faster_diffusion.app.loading import load_pipeline  # noqa: E402
 from faster_diffusion.deep import branch_count, deep_modules  # noqa: E402
+from faster_diffusion.depth import full_steps_within  # noqa: E402
 from faster_diffusion.measure import encoder_modules  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -108,9 +109,9 @@ def depth_budgets(steps: int, interval: int, costs: dict) -> list[tuple[int, int
     for branch, p in sorted(costs["partial"].items(), key=lambda item: int(item[0])):
         if branch == "0" or p >= 1:
             continue
-        full = int((limit - steps * p) / (1 - p) + 1e-9)
+        full = full_steps_within(limit, steps, p)
         if full >= 2:
-            out.append((int(branch), min(full, steps)))
+            out.append((int(branch), full))
     return out
 
 

@@ -57,7 +57,6 @@ from benchmarks.frontier import Judge  # noqa: E402
 from benchmarks.modes_frontier import noise_verdict, run  # noqa: E402
 from faster_diffusion import DeepReuseConfig, KeySteps, Sampler, get_calibration, reference, use_sampler  # noqa: E402
 from faster_diffusion.app.loading import load_pipeline  # noqa: E402
-from faster_diffusion.calibration import find_calibration  # noqa: E402
 from faster_diffusion.deep import branch_count  # noqa: E402
 from faster_diffusion.depth import DEPTH_CRITERION, choose_depth, full_steps_within  # noqa: E402
 
@@ -80,19 +79,16 @@ def budget_of(interval: int, steps: int, p0: float) -> float:
 
 
 def calibrations(pipe, model: Path, branches, steps: int) -> dict:
-    """Each branch's ``deep:b`` calibration: the committed one where there is one, else made now (not
-    saved)."""
+    """Each branch's ``deep:b`` calibration read with the prediction criterion: the committed one where there
+    is one, else made now (not saved)."""
     options = {**reference.calibration_options(model), "save": False}
     out = {}
     for b in branches:
-        found = find_calibration(pipe, steps, target=f"deep:{b}")
-        if found is None or DEPTH_CRITERION not in (found.criterion, *found.other):
-            started = time.perf_counter()
-            found = get_calibration(
-                pipe, num_inference_steps=steps, target=f"deep:{b}", criterion=DEPTH_CRITERION, **options
-            )
-            print(f"calibrated deep:{b} in {time.perf_counter() - started:.0f} s", flush=True)
-        out[b] = found
+        started = time.perf_counter()
+        out[b] = get_calibration(
+            pipe, num_inference_steps=steps, target=f"deep:{b}", criterion=DEPTH_CRITERION, **options
+        )
+        print(f"deep:{b} calibration ready in {time.perf_counter() - started:.0f} s", flush=True)
     return out
 
 

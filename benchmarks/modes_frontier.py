@@ -321,16 +321,12 @@ def plot_speed(results: dict, speedups: dict, path: Path) -> list[str]:
                     ecolor="0.6",
                     capsize=2,
                 )
-            default = default_method(sampler)
-            for points in families.values():
-                for speed, m in points:
-                    if m is results[sampler].get(default):
-                        ax.plot(
-                            speed, m[metric] * scale, marker="o", markersize=14, fillstyle="none", color="k"
-                        )
-                        ax.annotate(
-                            "the default", (speed, m[metric] * scale), (10, -18), textcoords="offset points"
-                        )
+            default = results[sampler].get(default_method(sampler), {})
+            speed = speed_of(default_method(sampler), default.get("full_passes"), sampler, speedups, steps)
+            if metric in default and speed is not None:
+                y = default[metric] * scale
+                ax.plot(speed, y, marker="o", markersize=14, fillstyle="none", color="k")
+                ax.annotate("the default", (speed, y), (10, -18), textcoords="offset points")
             if metric == "delta":
                 ax.axhline(0, color="black", linewidth=0.8)
                 ax.axhline(-1, color="0.6", linewidth=0.8, linestyle="--")

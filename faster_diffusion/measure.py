@@ -14,7 +14,6 @@ replays exactly the target's modules, so every criterion measures that mode's re
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +24,7 @@ from diffusers.hooks import ModelHook
 
 from ._hooks import add_hook, drop_hook, map_tensors
 from .memory import available_memory_bytes, decoder_row_bytes
-from .schedule import CalibrationError
+from .schedule import CRITERION_NAME, CalibrationError
 
 _REPLAY_HOOK = "faster_diffusion_calibration"
 _TAIL_HOOK = "faster_diffusion_calibration_tail"
@@ -258,7 +257,7 @@ _CRITERIA: dict[str, Criterion] = {}
 def register_criterion(name: str, measure: Criterion) -> None:
     """Make ``name`` a calibration criterion, measured by ``measure(run)``. A name is lowercase letters,
     digits, ``_`` and ``-``, starting with a letter, so that key steps can name it (``auto:6@name``)."""
-    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
+    if not isinstance(name, str) or not CRITERION_NAME.fullmatch(name):
         raise TypeError(
             f"a criterion's name must be lowercase letters, digits, '_' or '-', starting with a letter, got "
             f"{name!r}"

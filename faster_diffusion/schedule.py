@@ -52,6 +52,11 @@ ACCEPTED_FORMS = (
 )
 
 
+#: What a calibration criterion's name may be, so that key steps can carry it (``auto:6@feature``): lowercase
+#: letters, digits, ``_`` and ``-``, starting with a letter.
+CRITERION_NAME = re.compile(r"[a-z][a-z0-9_-]*")
+
+
 class KeyStepError(ValueError):
     """A key-step specification that cannot be used. The message names the input and what is allowed."""
 
@@ -171,7 +176,7 @@ class KeySteps:
         if self.criterion is not None:
             if self.kind is not KeyStepKind.AUTO:
                 raise KeyStepError("key_steps: only 'auto' key steps are read with a criterion")
-            if not isinstance(self.criterion, str) or not re.fullmatch(r"[a-z][a-z0-9_-]*", self.criterion):
+            if not isinstance(self.criterion, str) or not CRITERION_NAME.fullmatch(self.criterion):
                 raise KeyStepError(
                     f"key_steps: a criterion is a lowercase name such as 'feature', got {self.criterion!r}"
                 )
@@ -253,7 +258,7 @@ class KeySteps:
                     f"key_steps: invalid value {raw!r}: the auto budget must be a whole number >= 1, "
                     f"got {value!r}"
                 )
-            if criterion is not None and not re.fullmatch(r"[a-z][a-z0-9_-]*", criterion):
+            if criterion is not None and not CRITERION_NAME.fullmatch(criterion):
                 raise KeyStepError(
                     f"key_steps: invalid value {raw!r}: after '@' comes a criterion such as 'feature', "
                     f"got {criterion!r}"

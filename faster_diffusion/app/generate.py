@@ -263,13 +263,11 @@ def prepare_key_steps(
         started = time.perf_counter()
         # A fresh one measures the target's default criterion and the one asked for; a saved one that lacks
         # the criterion gets that one alone, with its own prompts and settings (get_calibration).
-        asked = (
-            {"criterion": keys.criterion}
-            if lacking
-            else {"criteria": (keys.criterion,)}
-            if keys.criterion
-            else {}
-        )
+        asked: dict[str, Any] = {}
+        if lacking:
+            asked["criterion"] = keys.criterion
+        elif keys.criterion is not None:
+            asked["criteria"] = (keys.criterion,)
         calibration = get_calibration(
             pipe, num_inference_steps=request.steps, force=not lacking, target=target, **asked, **options
         )
