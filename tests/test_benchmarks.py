@@ -436,3 +436,26 @@ def test_depth_choice_budgets_and_rules_read_as_written():
     assert verdicts(budget)["ranks_well"] is False
     budget["baseline"]["delta"] = 0.03  # 0.5 points more faithful than the pick: beats, not strictly
     assert verdicts(budget)["beats"] is True and verdicts(budget)["strictly"] is False
+
+
+def test_head_to_head_rules_and_pairs_read_as_written():
+    from benchmarks.head_to_head import fresh_pairs, verdict
+
+    prompts, seeds, labels = fresh_pairs(quick=False)
+    assert len(prompts) == len(seeds) == len(labels) == 480
+    assert seeds[0] == 2000 and seeds[-1] == 2479  # fresh: other benchmarks use 0-239 and 1000-1239
+
+    def cell(faith, faith_ci, psnr, psnr_ci):
+        return {"faith_diff": (faith, faith_ci), "psnr_diff": (psnr, psnr_ci)}
+
+    # Within noise of DeepCache (interval holds 0, point at least -1 point) with more PSNR: holds its own; the
+    # PSNR interval above 0 and a faithfulness point of at least 0 make it beat DeepCache.
+    assert verdict(cell(0.0, (-0.02, 0.02), 2.0, (1.0, 3.0))) == {"holds": True, "beats": True}
+    assert verdict(cell(-0.005, (-0.03, 0.02), 2.0, (1.0, 3.0))) == {"holds": True, "beats": False}
+    assert verdict(cell(0.0, (-0.02, 0.02), 0.5, (-0.1, 1.0))) == {"holds": True, "beats": False}
+    # 1.5 points less faithful (interval holds 0): not within noise, so not held.
+    assert verdict(cell(-0.015, (-0.04, 0.01), 2.0, (1.0, 3.0)))["holds"] is False
+    # Less PSNR than DeepCache: not held, however faithful.
+    assert verdict(cell(0.05, (0.01, 0.09), -0.1, (-0.5, 0.3)))["holds"] is False
+    # More faithful beyond noise (interval above 0): held.
+    assert verdict(cell(0.05, (0.01, 0.09), 0.1, (-0.5, 0.3)))["holds"] is True

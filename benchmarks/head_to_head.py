@@ -1,0 +1,266 @@
+"""The product's best setting at DeepCache's cost against DeepCache itself, pair by pair, on fresh seeds.
+
+``depth_choice.py`` scores each method against stock, so two methods' faithfulness can only be compared
+through two intervals that each carry stock's noise. This script compares them directly: the same prompts and
+seeds, the difference of the two methods' scores taken pair by pair, with a paired bootstrap interval.
+
+Protocol (written before the first run):
+
+- Models: both reference models, DPM-Solver-20, each at its own guidance scale.
+- Pairs: the 80 held-out attribute combinations with 6 seeds each, seeds 2000 to 2479. No earlier benchmark
+  used these seeds (the others use 0-239 and 1000-1239), so nothing here was chosen on them.
+- Methods at each DeepCache interval I in 2..5:
+  - ``deepcache:I``: DeepCache's own ``DeepCacheSDHelper`` (``cache_interval=I``, ``cache_branch_id=0``).
+    The script refuses to run without the ``deepcache`` package.
+  - ``pick:I``: the product's setting at DeepCache:I's cost, chosen by ``choose_depth`` exactly as
+    ``depth_choice.py`` chooses it: the partial-step costs of ``results/deep-variants-costs.json`` (SD v1.5
+    architecture, 256 px), each branch's ``deep:b`` calibration read with the ``prediction`` criterion, the
+    branch of least predicted error. Its cost in full UNet passes is at most DeepCache's, by construction.
+  - ``stock``, to score both against.
+- Scores: for each method, faithfulness (all five attributes read right) minus stock's, and PSNR against
+  stock's image of the same pair, as in ``frontier.py``. For the comparison, the paired differences
+  ``pick - deepcache`` of faithfulness (points) and of PSNR (dB), each with a 95% paired bootstrap interval
+  (1000 draws of the pairs, the same draws for every score).
+- Rule, at each model and interval (a cell):
+  1. The pick *holds its own* against DeepCache when its mean PSNR against stock is at least DeepCache's and
+     its faithfulness is not lower by the issue's own "within noise" test applied to the paired difference:
+     the 95% interval of ``pick - deepcache`` contains 0 and its point estimate is at least -1 point, or the
+     whole interval is above 0.
+  2. It *beats* DeepCache when it holds its own, the interval of the paired PSNR difference is above 0, and
+     the point estimate of the faithfulness difference is at least 0.
+  3. The frontier issue's first target ("at every interval some setting is as fast, has at least
+     DeepCache's PSNR, without lower faithfulness") counts as met at a cell under rule 1. The report gives the
+     count of cells under each rule; nothing in the product changes with the verdict.
+
+    python benchmarks/head_to_head.py --threads 1                # both models -> results/head-to-head.md
+    python benchmarks/head_to_head.py --quick --out /tmp/h.md    # a smoke run: 8 pairs, the first model
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks import quality  # noqa: E402
+from benchmarks.depth_choice import COSTS, MAX_BRANCH, SAMPLER, budget_of, calibrations  # noqa: E402
+from benchmarks.frontier import within_noise  # noqa: E402
+from benchmarks.modes_frontier import have_deepcache, run  # noqa: E402
+from faster_diffusion import DeepReuseConfig, KeySteps, reference, use_sampler  # noqa: E402
+from faster_diffusion.app.loading import load_pipeline  # noqa: E402
+from faster_diffusion.deep import branch_count  # noqa: E402
+from faster_diffusion.depth import choose_depth, full_steps_within  # noqa: E402
+
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+INTERVALS = (2, 3, 4, 5)
+QUICK_INTERVALS = (2, 3)
+#: Seeds of the two blocks of held-out pairs (fresh: no other benchmark uses them).
+SEED_BLOCKS = (2000, 2240)
+
+
+def fresh_pairs(quick: bool):
+    """Prompts, seeds and labels of the protocol's pairs (the held-out set twice, with fresh seeds)."""
+    blocks = [quality.Pairs.held_out(quick, offset) for offset in (SEED_BLOCKS[:1] if quick else SEED_BLOCKS)]
+    prompts = [p for b in blocks for p in b.prompts]
+    seeds = [s for b in blocks for s in b.seeds]
+    labels = np.concatenate([b.labels for b in blocks])
+    if len(set(seeds)) != len(seeds):
+        raise RuntimeError("the seed blocks overlap")
+    return prompts, seeds, labels
+
+
+class Paired:
+    """Per-pair scores of runs, and their differences with paired bootstrap intervals."""
+
+    def __init__(self, classifier, labels: np.ndarray, stock: np.ndarray, draws: list[np.ndarray]):
+        self.classifier, self.labels, self.stock, self.draws = classifier, labels, stock, draws
+        self.stock_correct = self.correct(stock)
+
+    def correct(self, images: np.ndarray) -> np.ndarray:
+        predicted, _ = quality.classify(self.classifier, images)
+        return (predicted == self.labels).all(axis=1).astype(np.float64)
+
+    def scores(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        return {
+            "correct": self.correct(images),
+            "psnr": np.minimum(quality.psnr(images, self.stock), 100.0),
+        }
+
+    def difference(self, a: np.ndarray, b: np.ndarray) -> tuple[float, tuple[float, float]]:
+        """Mean of ``a - b`` over the pairs, and its 95% interval over the draws."""
+        d = a - b
+        return float(d.mean()), quality.interval(np.array([d[i].mean() for i in self.draws]))
+
+
+def judge_model(model: Path, args, partial: dict[int, float], draws) -> dict:
+    pipe = load_pipeline(model, device="cpu", safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    use_sampler(pipe, SAMPLER)
+    steps = SAMPLER.default_steps
+    branches = [b for b in sorted(partial) if b < min(MAX_BRANCH + 1, branch_count(pipe.unet))]
+    found = calibrations(pipe, model, branches, steps)
+    classifier = reference.load_classifier(reference.CLASSIFIER_PATH)
+    prompts, seeds, labels = fresh_pairs(args.quick)
+    guidance = reference.guidance_scale(model)
+
+    def images(how) -> np.ndarray:
+        return run(pipe, SAMPLER, how, prompts, seeds, guidance, args.batch)
+
+    paired = Paired(classifier, labels, images(None), draws)
+    zeros = np.zeros(len(prompts))
+    cells = []
+    for interval in QUICK_INTERVALS if args.quick else INTERVALS:
+        cost = budget_of(interval, steps, partial[0])
+        costs = {b: partial[b] for b in branches if full_steps_within(cost, steps, partial[b]) >= 2}
+        choice = choose_depth(pipe, cost, costs, num_inference_steps=steps, calibrations=found)
+        pick = next(c for c in choice.candidates if c.branch == choice.branch)
+        config = DeepReuseConfig(key_steps=KeySteps.explicit(pick.indices), branch=pick.branch)
+        dc = paired.scores(images(("deepcache", interval)))
+        ours = paired.scores(images(config))
+        cell = {
+            "interval": interval,
+            "cost": cost,
+            "setting": {"branch": pick.branch, "indices": list(pick.indices), "cost": pick.cost},
+        }
+        for name, s in (("deepcache", dc), ("pick", ours)):
+            cell[name] = {
+                "delta": paired.difference(s["correct"], paired.stock_correct),
+                "psnr": paired.difference(s["psnr"], zeros),
+            }
+        cell["faith_diff"] = paired.difference(ours["correct"], dc["correct"])
+        cell["psnr_diff"] = paired.difference(ours["psnr"], dc["psnr"])
+        cells.append(cell)
+        print(
+            f"{model.name} I={interval}: pick b{pick.branch}:{len(pick.indices)}, "
+            f"faithfulness pick - deepcache {cell['faith_diff'][0] * 100:+.1f}, "
+            f"PSNR {cell['psnr_diff'][0]:+.2f} dB",
+            flush=True,
+        )
+    return {"model": model.name, "pairs": len(prompts), "cells": cells}
+
+
+def verdict(cell: dict) -> dict:
+    faith, faith_ci = cell["faith_diff"]
+    psnr, psnr_ci = cell["psnr_diff"]
+    not_lower = within_noise(faith, faith_ci) or faith_ci[0] > 0
+    holds = psnr >= 0 and not_lower
+    beats = holds and psnr_ci[0] > 0 and faith >= 0
+    return {"holds": holds, "beats": beats}
+
+
+def points(value: tuple[float, tuple[float, float]]) -> str:
+    mean, (low, high) = value
+    return f"{mean * 100:+.1f} [{low * 100:+.1f}, {high * 100:+.1f}]"
+
+
+def report(argv, started, wall, results, partial) -> str:
+    lines = [
+        "# The product's best setting against DeepCache, pair by pair",
+        "",
+        f"- Command: `{shlex.join(['python', 'benchmarks/head_to_head.py', *argv])}`",
+        f"- Date: {started}; wall time {wall / 60:.1f} min; {platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        "- Partial-step costs (full passes, SD v1.5 architecture, 256 px, `deep-variants-costs.json`): "
+        + ", ".join(f"b{b} {p:.3f}" for b, p in sorted(partial.items())),
+        "- DPM-Solver-20; DeepCache is its own `DeepCacheSDHelper` (branch 0); the pick is `choose_depth`'s "
+        "at DeepCache's cost; seeds 2000 and up (fresh)",
+        "",
+    ]
+    totals = {"holds": 0, "beats": 0, "cells": 0}
+    for result in results:
+        lines += [f"## {result['model']} ({result['pairs']} pairs)", ""]
+        lines += [
+            "| interval (cost, full passes) | pick | DeepCache − stock (points) | pick − stock (points) "
+            "| pick − DeepCache (points, 95% CI) | DeepCache PSNR dB | pick PSNR dB "
+            "| pick − DeepCache PSNR dB (95% CI) | holds its own | beats |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for cell in result["cells"]:
+            v = verdict(cell)
+            totals["holds"] += v["holds"]
+            totals["beats"] += v["beats"]
+            totals["cells"] += 1
+            dc, pk = cell["deepcache"], cell["pick"]
+            f, fci = cell["faith_diff"]
+            p, pci = cell["psnr_diff"]
+            lines.append(
+                f"| {cell['interval']} ({cell['cost']:.2f}) | b{cell['setting']['branch']}, "
+                f"{len(cell['setting']['indices'])} full ({cell['setting']['cost']:.2f}) | "
+                f"{points(dc['delta'])} | {points(pk['delta'])} | "
+                f"{f * 100:+.1f} [{fci[0] * 100:+.1f}, {fci[1] * 100:+.1f}] | {dc['psnr'][0]:.2f} | "
+                f"{pk['psnr'][0]:.2f} | {p:+.2f} [{pci[0]:+.2f}, {pci[1]:+.2f}] | "
+                f"{'yes' if v['holds'] else 'no'} | {'yes' if v['beats'] else 'no'} |"
+            )
+        lines.append("")
+    lines += [
+        f"**The pick holds its own against DeepCache (rule 1) at {totals['holds']} of {totals['cells']} "
+        f"cells, and beats it (rule 2) at {totals['beats']}.**",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 8 pairs, intervals 2 and 3, first model"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS / "head-to-head.md")
+    parser.add_argument("--batch", type=int, default=80, help="prompts per pipeline call")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--costs-file", type=Path, default=COSTS)
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help="write the report again from a run's .json (nothing is generated; the header keeps the run's)",
+    )
+    args = parser.parse_args(argv)
+    if args.from_json is not None:
+        saved = json.loads(args.from_json.read_text())
+        header = args.out.read_text().splitlines()[:4] if args.out.is_file() else []
+        partial = {int(b): p for b, p in saved["partial"].items()}
+        body = report([], "", 0.0, saved["results"], partial).splitlines()[4:]
+        args.out.write_text("\n".join(header + body) + "\n")
+        return 0
+    if not have_deepcache():
+        parser.error("the deepcache package is not installed (pip install --no-deps deepcache==0.1.1)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.costs_file.is_file():
+        parser.error(f"--costs-file: {args.costs_file} does not exist (benchmarks/deep_variants.py --costs)")
+    partial = {int(b): float(p) for b, p in json.loads(args.costs_file.read_text())["partial"].items()}
+    if 0 not in partial:
+        parser.error(f"--costs-file: {args.costs_file} has no cost for branch 0")
+    models = [reference.MODEL_DIR] if args.quick else [reference.MODEL_DIR, reference.SD15_LAYOUT_MODEL_DIR]
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    t0 = time.perf_counter()
+    n = len(fresh_pairs(args.quick)[0])
+    rng = np.random.default_rng(0)
+    draws = [rng.integers(0, n, n) for _ in range(20 if args.quick else 1000)]
+    results = [judge_model(model, args, partial, draws) for model in models]
+    argv_list = list(argv if argv is not None else sys.argv[1:])
+    text = report(argv_list, started, time.perf_counter() - t0, results, partial)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    args.out.with_suffix(".json").write_text(json.dumps({"partial": partial, "results": results}, indent=1))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
