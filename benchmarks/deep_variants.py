@@ -79,7 +79,7 @@ from faster_diffusion import (  # noqa: E402
 )
 from faster_diffusion.app.loading import load_pipeline  # noqa: E402
 from faster_diffusion.deep import branch_count, deep_modules  # noqa: E402
-from faster_diffusion.depth import full_steps_within  # noqa: E402
+from faster_diffusion.depth import full_steps_within, run_cost  # noqa: E402
 from faster_diffusion.measure import encoder_modules  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -98,8 +98,7 @@ def spread(steps: int, full: int) -> tuple[int, ...]:
 
 
 def baseline_cost(steps: int, interval: int, costs: dict) -> float:
-    full = len(range(0, steps, interval))
-    return full + (steps - full) * costs["partial"]["0"]
+    return run_cost(len(range(0, steps, interval)), steps, costs["partial"]["0"])
 
 
 def depth_budgets(steps: int, interval: int, costs: dict) -> list[tuple[int, int]]:

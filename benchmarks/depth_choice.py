@@ -58,7 +58,7 @@ from benchmarks.modes_frontier import noise_verdict, run  # noqa: E402
 from faster_diffusion import DeepReuseConfig, KeySteps, Sampler, get_calibration, reference, use_sampler  # noqa: E402
 from faster_diffusion.app.loading import load_pipeline  # noqa: E402
 from faster_diffusion.deep import branch_count  # noqa: E402
-from faster_diffusion.depth import DEPTH_CRITERION, choose_depth, full_steps_within  # noqa: E402
+from faster_diffusion.depth import DEPTH_CRITERION, choose_depth, full_steps_within, run_cost  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 COSTS = RESULTS / "deep-variants-costs.json"
@@ -74,8 +74,8 @@ FAITH_POINTS = 1.0
 
 
 def budget_of(interval: int, steps: int, p0: float) -> float:
-    full = len(range(0, steps, interval))
-    return full + (steps - full) * p0
+    """DeepCache:I's cost in full passes: full steps every I-th, branch 0's partial steps between."""
+    return run_cost(len(range(0, steps, interval)), steps, p0)
 
 
 def calibrations(pipe, model: Path, branches, steps: int) -> dict:

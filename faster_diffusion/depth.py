@@ -57,6 +57,12 @@ __all__ = ["DepthCandidate", "DepthChoice", "choose_depth", "full_steps_within",
 DEPTH_CRITERION = "prediction"
 
 
+def run_cost(full_steps: int, num_steps: int, partial: float) -> float:
+    """The cost, in full UNet passes, of a run of ``num_steps`` steps of which ``full_steps`` are full and the
+    others partial steps costing ``partial`` each."""
+    return full_steps + (num_steps - full_steps) * partial
+
+
 def full_steps_within(cost: float, num_steps: int, partial: float) -> int:
     """The most full steps of a run of ``num_steps`` steps whose cost ``F + (num_steps - F) * partial`` (in
     full UNet passes) is at most ``cost``; at most ``num_steps``, and 0 when not even one fits."""
@@ -197,12 +203,13 @@ def choose_depth(
         matrix = calibration.matrix
         indices = optimal_key_steps(matrix, full)
         predicted = schedule_cost(matrix, indices)
-        run_cost = full + (steps - full) * partial
-        candidates.append(DepthCandidate(branch, partial, full, indices, predicted, run_cost))
+        candidates.append(
+            DepthCandidate(branch, partial, full, indices, predicted, run_cost(full, steps, partial))
+        )
     best = min(candidates, key=lambda c: (c.predicted, c.branch))
     if not best.indices:
         cheapest = min(candidates, key=lambda c: c.partial)
-        least = 1 + (steps - 1) * cheapest.partial
+        least = run_cost(1, steps, cheapest.partial)
         raise ValueError(
             f"cost {cost!r} fits no full step of any branch compared; the least is {least:.3g} full passes "
             f"(branch {cheapest.branch}: one full step, the rest partial)"

@@ -18,7 +18,7 @@ from faster_diffusion import (
     get_faster_diffusion,
 )
 from faster_diffusion.calibration import Calibration, optimal_key_steps, schedule_cost
-from faster_diffusion.depth import DepthChoice, choose_depth, full_steps_within, measure_step_costs
+from faster_diffusion.depth import DepthChoice, choose_depth, full_steps_within, measure_step_costs, run_cost
 
 STEPS = 8
 
@@ -38,6 +38,11 @@ def test_full_steps_within_a_cost():
             full_steps_within(5, 20, bad)
     with pytest.raises(ValueError, match="num_steps must be a whole number >= 1, got 0"):
         full_steps_within(5, 0, 0.1)
+    # run_cost is the inverse: the cost of F full steps fits F of them and not F + 1.
+    assert run_cost(6, 20, 0.1) == pytest.approx(7.4)
+    for partial in (0.0724, 0.1721, 0.3929):
+        for full in range(1, 21):
+            assert full_steps_within(run_cost(full, 20, partial), 20, partial) == full
 
 
 def made_up(pipe, branch: int, scale: float, seed: int) -> Calibration:
