@@ -50,7 +50,14 @@ from .modes import apply_faster_diffusion
 from .propagation import get_faster_diffusion
 from .schedule import CalibrationError, KeySteps
 
-__all__ = ["DepthCandidate", "DepthChoice", "choose_depth", "full_steps_within", "measure_step_costs"]
+__all__ = [
+    "DepthCandidate",
+    "DepthChoice",
+    "choose_depth",
+    "full_steps_within",
+    "measure_step_costs",
+    "run_cost",
+]
 
 #: The criterion :func:`choose_depth` compares branches by: the only built-in one that measures the same
 #: quantity (the step's guided prediction) whatever the branch.
