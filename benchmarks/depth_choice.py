@@ -212,52 +212,49 @@ def report(argv, started, wall, results, partial) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_run_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
+    """The options this script shares with ``head_to_head.py``."""
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 8 pairs, intervals 2 and 3, first model"
     )
-    parser.add_argument("--out", type=Path, default=RESULTS / "depth-choice.md")
+    parser.add_argument("--out", type=Path, default=out)
     parser.add_argument("--batch", type=int, default=80, help="prompts per pipeline call")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--costs-file", type=Path, default=COSTS)
-    parser.add_argument(
-        "--models",
-        type=lambda text: [Path(t) for t in text.split(",")],
-        default=None,
-        help="comma-separated model folders (default: both reference models; --quick: the first)",
-    )
     parser.add_argument(
         "--from-json",
         type=Path,
         default=None,
         help="write the report again from a run's .json (nothing is generated; the header keeps the run's)",
     )
-    args = parser.parse_args(argv)
-    if args.from_json is not None:
-        saved = json.loads(args.from_json.read_text())
-        header = args.out.read_text().splitlines()[:4] if args.out.is_file() else []
-        partial = {int(b): p for b, p in saved["partial"].items()}
-        body = report([], "", 0.0, saved["results"], partial).splitlines()[4:]
-        args.out.write_text("\n".join(header + body) + "\n")
-        return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not args.costs_file.is_file():
-        parser.error(f"--costs-file: {args.costs_file} does not exist (benchmarks/deep_variants.py --costs)")
-    partial = {int(b): float(p) for b, p in json.loads(args.costs_file.read_text())["partial"].items()}
+
+
+def report_again(args: argparse.Namespace, report) -> None:
+    """``--from-json``: write a saved run's report again, keeping its first 4 lines (the run's header)."""
+    saved = json.loads(args.from_json.read_text())
+    header = args.out.read_text().splitlines()[:4] if args.out.is_file() else []
+    partial = {int(b): p for b, p in saved["partial"].items()}
+    body = report([], "", 0.0, saved["results"], partial).splitlines()[4:]
+    args.out.write_text("\n".join(header + body) + "\n")
+
+
+def read_costs(parser: argparse.ArgumentParser, path: Path) -> dict[int, float]:
+    """The partial-step cost of each branch from ``deep_variants.py --costs``' file; branch 0's is needed."""
+    if not path.is_file():
+        parser.error(f"--costs-file: {path} does not exist (benchmarks/deep_variants.py --costs)")
+    partial = {int(b): float(p) for b, p in json.loads(path.read_text())["partial"].items()}
     if 0 not in partial:
-        parser.error(f"--costs-file: {args.costs_file} has no cost for branch 0")
-    models = args.models or (
-        [reference.MODEL_DIR] if args.quick else [reference.MODEL_DIR, reference.SD15_LAYOUT_MODEL_DIR]
-    )
+        parser.error(f"--costs-file: {path} has no cost for branch 0")
+    return partial
+
+
+def judge_and_write(args, argv, models, pairs: int, judge_model, report, partial: dict[int, float]) -> None:
+    """Run ``judge_model`` on each model (the same bootstrap draws of ``pairs`` pairs for all), then write the
+    report to ``--out``, the run beside it as ``.json``, and the report to stdout."""
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     t0 = time.perf_counter()
-    n = len(quality.Pairs.held_out(args.quick, 0).prompts)
     rng = np.random.default_rng(0)
-    draws = [rng.integers(0, n, n) for _ in range(20 if args.quick else 1000)]
+    draws = [rng.integers(0, pairs, pairs) for _ in range(20 if args.quick else 1000)]
     results = [judge_model(model, args, partial, draws) for model in models]
     argv_list = list(argv if argv is not None else sys.argv[1:])
     text = report(argv_list, started, time.perf_counter() - t0, results, partial)
@@ -265,6 +262,31 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(text)
     args.out.with_suffix(".json").write_text(json.dumps({"partial": partial, "results": results}, indent=1))
     print(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_run_arguments(parser, RESULTS / "depth-choice.md")
+    parser.add_argument(
+        "--models",
+        type=lambda text: [Path(t) for t in text.split(",")],
+        default=None,
+        help="comma-separated model folders (default: both reference models; --quick: the first)",
+    )
+    args = parser.parse_args(argv)
+    if args.from_json is not None:
+        report_again(args, report)
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    partial = read_costs(parser, args.costs_file)
+    models = args.models or (
+        [reference.MODEL_DIR] if args.quick else [reference.MODEL_DIR, reference.SD15_LAYOUT_MODEL_DIR]
+    )
+    pairs = len(quality.Pairs.held_out(args.quick, 0).prompts)
+    judge_and_write(args, argv, models, pairs, judge_model, report, partial)
     return 0
 
 

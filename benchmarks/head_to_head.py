@@ -39,12 +39,9 @@ Protocol (written before the first run):
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import platform
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +52,16 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import quality  # noqa: E402
-from benchmarks.depth_choice import COSTS, MAX_BRANCH, SAMPLER, budget_of, calibrations  # noqa: E402
+from benchmarks.depth_choice import (  # noqa: E402
+    MAX_BRANCH,
+    SAMPLER,
+    add_run_arguments,
+    budget_of,
+    calibrations,
+    judge_and_write,
+    read_costs,
+    report_again,
+)
 from benchmarks.frontier import within_noise  # noqa: E402
 from benchmarks.modes_frontier import have_deepcache, run  # noqa: E402
 from faster_diffusion import DeepReuseConfig, KeySteps, reference, use_sampler  # noqa: E402
@@ -216,49 +222,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="smoke run: 8 pairs, intervals 2 and 3, first model"
-    )
-    parser.add_argument("--out", type=Path, default=RESULTS / "head-to-head.md")
-    parser.add_argument("--batch", type=int, default=80, help="prompts per pipeline call")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--costs-file", type=Path, default=COSTS)
-    parser.add_argument(
-        "--from-json",
-        type=Path,
-        default=None,
-        help="write the report again from a run's .json (nothing is generated; the header keeps the run's)",
-    )
+    add_run_arguments(parser, RESULTS / "head-to-head.md")
     args = parser.parse_args(argv)
     if args.from_json is not None:
-        saved = json.loads(args.from_json.read_text())
-        header = args.out.read_text().splitlines()[:4] if args.out.is_file() else []
-        partial = {int(b): p for b, p in saved["partial"].items()}
-        body = report([], "", 0.0, saved["results"], partial).splitlines()[4:]
-        args.out.write_text("\n".join(header + body) + "\n")
+        report_again(args, report)
         return 0
     if not have_deepcache():
         parser.error("the deepcache package is not installed (pip install --no-deps deepcache==0.1.1)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not args.costs_file.is_file():
-        parser.error(f"--costs-file: {args.costs_file} does not exist (benchmarks/deep_variants.py --costs)")
-    partial = {int(b): float(p) for b, p in json.loads(args.costs_file.read_text())["partial"].items()}
-    if 0 not in partial:
-        parser.error(f"--costs-file: {args.costs_file} has no cost for branch 0")
+    partial = read_costs(parser, args.costs_file)
     models = [reference.MODEL_DIR] if args.quick else [reference.MODEL_DIR, reference.SD15_LAYOUT_MODEL_DIR]
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    t0 = time.perf_counter()
-    n = len(fresh_pairs(args.quick)[0])
-    rng = np.random.default_rng(0)
-    draws = [rng.integers(0, n, n) for _ in range(20 if args.quick else 1000)]
-    results = [judge_model(model, args, partial, draws) for model in models]
-    argv_list = list(argv if argv is not None else sys.argv[1:])
-    text = report(argv_list, started, time.perf_counter() - t0, results, partial)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps({"partial": partial, "results": results}, indent=1))
-    print(text)
+    judge_and_write(args, argv, models, len(fresh_pairs(args.quick)[0]), judge_model, report, partial)
     return 0
 
 
