@@ -191,6 +191,26 @@ def check_for_model(pipe: Any, request: GenerationRequest) -> None:
     )
 
 
+def calibration_options(pipe: Any) -> dict[str, Any]:
+    """The options of ``get_calibration`` for a request's calibration of ``pipe``: a built-in reference
+    model's own prompts and settings, never saved into its package folder; and for a pipeline that carries a
+    LoRA, nothing saved into the base weights' folder."""
+    from .. import reference
+    from ..calibration import weights_folder
+
+    options: dict[str, Any] = {}
+    folder = weights_folder(pipe)
+    if reference.is_model_dir(folder):
+        # A built-in model's folder is package data: its saved calibrations are those that
+        # training/calibrate_reference.py made; one for another step count is kept for this process only.
+        options = {**reference.calibration_options(folder), "save": False}
+    if loaded_lora(pipe) is not None:
+        # lora.py names the adapter after the file and the scale, so the LoRA'd UNet's fingerprint is its own:
+        # the base weights' calibration is never found for it. Its own is not written into their folder.
+        options["save"] = False
+    return options
+
+
 def prepare_key_steps(
     pipe: Any, request: GenerationRequest, log: Callable[[str], None] = print, *, calibrate: bool = True
 ) -> GenerationRequest:
@@ -202,7 +222,6 @@ def prepare_key_steps(
     with ``calibrate=False`` raises :class:`~faster_diffusion.schedule.CalibrationError` instead, measuring
     nothing. A pipeline that carries a LoRA (:mod:`.lora`) is another model to the calibration: it is
     calibrated for itself and kept for this process, never saved into the base weights' file."""
-    from .. import reference
     from ..calibration import (
         CALIBRATION_FILE,
         DEFAULT_PROMPTS,
@@ -218,17 +237,8 @@ def prepare_key_steps(
         raise CalibrationError(
             f"key_steps: the budget must be a whole number from 1 to {request.steps}, got {keys.budget}"
         )
-    options: dict[str, Any] = {}
-    folder = weights_folder(pipe)
-    if reference.is_model_dir(folder):
-        # A built-in model's folder is package data: its saved calibrations are those that
-        # training/calibrate_reference.py made; one for another step count is kept for this process only.
-        options = {**reference.calibration_options(folder), "save": False}
-    lora = loaded_lora(pipe)
-    if lora is not None:
-        # lora.py names the adapter after the file and the scale, so the LoRA'd UNet's fingerprint is its own:
-        # the base weights' calibration is never found for it. Its own is not written into their folder.
-        options["save"] = False
+    options = calibration_options(pipe)
+    folder, lora = weights_folder(pipe), loaded_lora(pipe)
     target = getattr(request.faster, "calibration_target", "encoder")  # a registered mode may have none
     # Looked up for the request's sampler without touching the pipeline (the run sets it, once).
     scheduler = make_scheduler(request.sampler, pipe.scheduler.config)
