@@ -74,6 +74,10 @@ class Inputs:
         le=11,
         default=0,
     )
+    choose_branch = Input(
+        description="For mode 'deep', text-to-image: choose the branch for this model instead of giving it. At the cost of key_steps at branch 0, every branch is given as many full steps as it affords, placed by its own calibration, and the one of least predicted error runs. The first such request times a partial step of each branch on this machine (once per image size) and calibrates each branch that is not calibrated yet; leave branch at 0.",  # noqa: E501
+        default=False,
+    )
     forecast = Input(
         description="Extrapolate the reused features linearly from the latest two full (or key) steps instead of copying them (as TaylorSeer does for transformers). On the reference model it helps DDIM-50 and hurts DPM-Solver-20.",  # noqa: E501
         default=False,
@@ -186,6 +190,7 @@ class Predictor(BaseRunner):
         key_steps: str = Inputs.key_steps,
         mode: str = Inputs.mode,
         branch: int = Inputs.branch,
+        choose_branch: bool = Inputs.choose_branch,
         forecast: bool = Inputs.forecast,
         parallel_decoder: bool = Inputs.parallel_decoder,
         max_decoder_batch: int = Inputs.max_decoder_batch,
@@ -207,7 +212,7 @@ class Predictor(BaseRunner):
     ) -> list[Path]:
         """Generate images with faster diffusion (and with stock diffusers too, when comparing)."""
         check_inputs(self.run, Inputs, locals())
-        check_mode_inputs(mode, branch, max_decoder_batch)
+        check_mode_inputs(mode, branch, max_decoder_batch, choose_branch, image is not None, forecast)
         if image is not None:
             steps = num_inference_steps or Sampler.parse(sampler).default_steps
             check_image_to_image_steps(steps, prompt_strength, "prompt_strength", f": at least {1 / steps:g}")
@@ -248,6 +253,7 @@ class Predictor(BaseRunner):
             compare=compare_with_baseline,
             lora_weights=lora_weights,
             lora_scale=lora_scale,
+            choose_branch=choose_branch,
         )
         for name, value in outcome.metrics.items():
             self.record_metric(name, value)

@@ -85,6 +85,7 @@ def test_a_value_out_of_range_is_refused_naming_its_flag_before_the_model_loads(
         (["--strength", "0.01"], "--strength 0.01 with 50 steps runs no step"),
         (["--strength", "0.5", "--steps", "1"], "--strength 0.5 with 1 steps runs no step"),
         (["--strength", "0.5", "--key-steps", "0,60"], "--key-steps: index 60 is out of range for 50 steps"),
+        (["--mode", "deep", "--branch", "auto"], "--branch auto works for text-to-image only"),
     ],
 )
 def test_image_to_image_flags_are_checked_before_the_model_loads(run, image, flags, message):

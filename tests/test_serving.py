@@ -162,6 +162,10 @@ class _Stop(Exception):
     pass
 
 
+#: The options ``run()`` passed to ``generate`` in each :func:`run_request`.
+GENERATE_OPTIONS: list[dict] = []
+
+
 def run_request(**inputs) -> GenerationRequest:
     """The request that ``run()`` builds from ``inputs`` (over the defaults), without running it."""
     predictor, requests = predict.Predictor(), []
@@ -177,6 +181,7 @@ def run_request(**inputs) -> GenerationRequest:
 
         def generate(self, request, **options):
             requests.append(request)
+            GENERATE_OPTIONS.append(options)
             raise _Stop
 
     predictor.model = Recorder()
@@ -284,6 +289,15 @@ def test_mode_inputs_that_do_not_fit_fail_naming_the_input(inputs, message):
     with pytest.raises(ValueError) as error:
         run_request(**inputs)
     assert str(error.value).startswith(message)
+
+
+def test_choose_branch_is_passed_to_generate_and_off_by_default():
+    run_request(mode="deep")
+    assert GENERATE_OPTIONS[-1]["choose_branch"] is False
+    faster = run_request(mode="deep", choose_branch=True).faster
+    assert GENERATE_OPTIONS[-1]["choose_branch"] is True and faster.branch == 0
+    with pytest.raises(ValueError, match=r"^choose_branch applies to deep reuse only"):
+        run_request(mode="encoder", choose_branch=True)
 
 
 def test_a_branch_the_unet_does_not_have_fails_before_the_run():

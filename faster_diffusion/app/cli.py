@@ -23,6 +23,7 @@ from ..policy import DEFAULT_KEY_STEPS, DEFAULT_MODE, parse_key_steps, resolve_k
 from ..reference import shapes
 from ..samplers import Sampler
 from ..schedule import ACCEPTED_FORMS, KeyStepError, KeyStepKind
+from .branch import AUTO_BRANCH, check_branch_choice, choose_branch
 from .generate import (
     DEFAULT_STRENGTH,
     MAX_SEED,
@@ -106,9 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--branch",
-        type=int,
+        type=_branch,
         default=0,
-        help="--mode deep: how deep a partial step reaches (DeepCache's cache_branch_id; 0 runs the least)",
+        help="--mode deep: how deep a partial step reaches (DeepCache's cache_branch_id; 0 runs the "
+        "least), or 'auto': the branch, and its full steps, of least predicted error at the cost of "
+        "--key-steps at branch 0, from partial steps timed on this machine and a calibration of each branch "
+        "(text-to-image)",
     )
     parser.add_argument(
         "--forecast",
@@ -235,6 +239,16 @@ def _input_image(args: argparse.Namespace):
     return load_image(args.image)
 
 
+def _branch(text: str) -> int | str:
+    """``--branch``: a whole number (checked by :func:`_check_flags`), or ``auto``."""
+    if text.strip().lower() == AUTO_BRANCH:
+        return AUTO_BRANCH
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0 or 'auto', got {text!r}") from None
+
+
 def _check_flags(args: argparse.Namespace, image) -> None:
     """Refuse a value that would otherwise be refused only once the model has loaded (which can take
     minutes): the request's own checks, the key steps against the step count (except ``auto``'s, placed by a
@@ -245,7 +259,9 @@ def _check_flags(args: argparse.Namespace, image) -> None:
     """
     if args.max_decoder_batch < 0:
         raise ValueError(f"--max-decoder-batch must be >= 0 (0: automatic), got {args.max_decoder_batch}")
-    if args.branch < 0:
+    if args.branch == AUTO_BRANCH:
+        check_branch_choice(args.mode == "deep", image is not None, args.forecast, "--branch auto")
+    elif args.branch < 0:
         raise ValueError(f"--branch must be >= 0, got {args.branch}")
     # A request of the given values, for its checks: 8 px for a side left to the model's size, no image.
     given = _request(args, 8, DEFAULT_GUIDANCE)
@@ -359,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         faster = faster_config(
             "paper" if default else args.key_steps,
             mode=args.mode,
-            branch=args.branch,
+            branch=0 if args.branch == AUTO_BRANCH else args.branch,
             forecast=args.forecast,
             parallel=not args.sequential,
             max_decoder_batch=args.max_decoder_batch,
@@ -378,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.lora is not None:  # before the key steps: 'auto' is placed for the LoRA'd model
             use_lora(pipe, args.lora, _lora_scale(args))
         request = prepare_key_steps(pipe, request)
+        if args.branch == AUTO_BRANCH:  # at the cost of those key steps at branch 0
+            request = choose_branch(pipe, request)
         schedule = request.schedule
     except (KeyStepError, ValueError, TypeError, WeightsError) as error:
         print(f"error: {_flag_message(str(error))}", file=sys.stderr)

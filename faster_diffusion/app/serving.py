@@ -28,6 +28,8 @@ from cog import FieldInfo
 
 from ..policy import DEFAULT_KEY_STEPS, DEFAULT_MODE, resolve_key_steps
 from ..schedule import CalibrationError
+from .branch import check_branch_choice
+from .branch import choose_branch as choose_branch_for
 from .cancel import StoppedBetweenSteps, run_stoppable
 from .generate import (
     MAX_SEED,
@@ -115,10 +117,23 @@ def _check_input(name: str, value: Any, annotation: Any, spec: FieldInfo) -> Non
         raise ValueError(f"{name} must be {bound}, got {value!r}")
 
 
-def check_mode_inputs(mode: str, branch: int, max_decoder_batch: int) -> None:
-    """Refuse settings of one reuse mode given to the other, naming the input (before anything runs)."""
+def check_mode_inputs(
+    mode: str,
+    branch: int,
+    max_decoder_batch: int,
+    choose_branch: bool = False,
+    image: bool = False,
+    forecast: bool = False,
+) -> None:
+    """Refuse settings of one reuse mode given to the other, and a branch choice it cannot serve
+    (:func:`~faster_diffusion.app.branch.check_branch_choice`), naming the input (before anything runs).
+    ``image``: whether an input image was given."""
     if mode != "deep" and branch:
         raise ValueError(f"branch applies to mode 'deep' only, got branch {branch} with mode {mode!r}")
+    if choose_branch:
+        if branch:
+            raise ValueError(f"choose_branch chooses the branch: leave branch at 0, got {branch}")
+        check_branch_choice(mode == "deep", image, int(forecast), "choose_branch")
     if mode == "deep" and max_decoder_batch:
         raise ValueError(
             "max_decoder_batch applies to mode 'encoder' only (deep reuse runs one step at a time), got "
@@ -272,8 +287,13 @@ class TextToImage:
         compare: bool = False,
         lora_weights: str | None = None,
         lora_scale: float = DEFAULT_SCALE,
+        choose_branch: bool = False,
     ) -> Outcome:
         """Run ``request`` with faster diffusion and, when ``compare``, with stock diffusers (same seed).
+
+        ``choose_branch``: deep reuse's branch and full steps are chosen for the model at the cost of the
+        request's key steps at branch 0 (:func:`~faster_diffusion.app.branch.choose_branch`; partial steps are
+        timed once per process and size).
 
         ``lora_weights`` (a URL or a path to a ``.safetensors`` LoRA; ``None`` or blank: none) is put on the
         pipeline at ``lora_scale`` first, or kept if it is there already at that scale, and ``auto`` key steps
@@ -286,6 +306,8 @@ class TextToImage:
         check_for_model(self.pipe, request)
         use_lora(self.pipe, lora_weights, lora_scale)  # after the cheap checks: it may download
         request = prepare_key_steps(self.pipe, request)  # calibrates first for 'auto' if none is saved
+        if choose_branch:  # at the cost of those key steps at branch 0
+            request = choose_branch_for(self.pipe, request)
         schedule = request.schedule  # raises KeyStepError for key steps that do not fit the sampler's steps
         print(f"Key steps: {schedule.describe()}")
         print(f"Noise injection: {request.faster.noise_injection.describe()}")
