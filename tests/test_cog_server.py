@@ -163,9 +163,22 @@ def test_mode_deep_runs_deep_reuse_and_every_step_full_gives_the_stock_pixels(se
     assert same_pixels(pixels(all_full), pixels(compared)[2:])
 
 
+def test_choose_branch_times_calibrates_and_runs_the_chosen_branch(server):
+    chosen = server.predict(**SMALL, seed=5, mode="deep", sampler="DPM-Solver-20", choose_branch=True)
+
+    assert chosen["status"] == "succeeded", chosen.get("error")
+    logs = chosen["logs"]
+    assert "Timing a partial step of each branch on this machine (64x64), once" in logs
+    found = re.search(r"^Branch: auto: branch (\d+) with (\d+) full steps", logs, re.M)
+    assert found is not None, logs
+    assert re.search(rf"^Key steps: depth choice at [\d.]+ full passes, branch {found[1]}, ", logs, re.M)
+    assert chosen["metrics"]["encoder_passes"] == int(found[2])
+
+
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
+        (dict(mode="encoder", choose_branch=True), "choose_branch applies to deep reuse only (mode deep)"),
         (dict(mode="deep", branch=11), "branch: branch must be a whole number from 0 to 5 for this UNet"),
         (
             dict(mode="encoder", branch=1),
