@@ -75,7 +75,7 @@ class Inputs:
         default=0,
     )
     choose_branch = Input(
-        description="For mode 'deep', text-to-image: choose the branch for this model instead of giving it. At the cost of key_steps at branch 0, every branch is given as many full steps as it affords, placed by its own calibration, and the one of least predicted error runs. The first such request times a partial step of each branch on this machine (once per image size) and calibrates each branch that is not calibrated yet; leave branch at 0.",  # noqa: E501
+        description="For mode 'deep', text-to-image: choose the branch for this model instead of giving it (leave branch at 0). At the cost of key_steps at branch 0, each branch that affords at least 2 full steps gets them, placed by its own calibration; a deeper branch runs only when it predicts less error than branch 0, otherwise the request runs as asked. The first such request of a process times a partial step of each branch on this machine (per image size and batch) and calibrates each compared branch that is not calibrated yet, so it takes longer.",  # noqa: E501
         default=False,
     )
     forecast = Input(

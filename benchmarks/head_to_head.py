@@ -32,7 +32,7 @@ Protocol (written before the first run):
      DeepCache's PSNR, without lower faithfulness") counts as met at a cell under rule 1. The report gives the
      count of cells under each rule; nothing in the product changes with the verdict.
 
-    python benchmarks/head_to_head.py --threads 1                # both models -> results/head-to-head.md
+    python benchmarks/head_to_head.py --threads 2                # both models -> results/head-to-head.md
     python benchmarks/head_to_head.py --quick --out /tmp/h.md    # a smoke run: 8 pairs, the first model
 """
 

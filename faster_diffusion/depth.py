@@ -253,10 +253,11 @@ def measure_step_costs(
     height: int | None = None,
     width: int | None = None,
     prompt: str = "a photo",
+    batch_size: int = 1,
 ) -> dict[int, float]:
     """The cost of a partial step of each of ``branches`` (default: all of the UNet's), in full UNet passes,
     timed on ``pipe`` as it is (its device, dtype and sampler) at ``height`` x ``width`` (default: its own
-    size).
+    size), for ``batch_size`` images a call (the ratio depends on the batch on a GPU).
 
     Each branch is timed as a run of ``num_inference_steps`` steps with one full step and partial ones, right
     after a stock run of as many steps; its cost is the median over ``repeats`` of
@@ -273,7 +274,11 @@ def measure_step_costs(
     chosen = list(range(count)) if branches is None else list(branches)
     if not chosen or any(isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < count for b in chosen):
         raise ValueError(f"branches must be whole numbers from 0 to {count - 1}, got {chosen!r}")
-    for name, value, low in (("num_inference_steps", num_inference_steps, 2), ("repeats", repeats, 1)):
+    for name, value, low in (
+        ("num_inference_steps", num_inference_steps, 2),
+        ("repeats", repeats, 1),
+        ("batch_size", batch_size, 1),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -305,6 +310,7 @@ def measure_step_costs(
                     num_inference_steps=num_inference_steps,
                     height=height,
                     width=width,
+                    num_images_per_prompt=batch_size,
                     output_type="latent",
                     generator=torch.Generator().manual_seed(0),
                 )

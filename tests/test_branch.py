@@ -4,18 +4,20 @@
 Partial steps are timed on the machine; here the timing is replaced by the costs measured on the SD v1.5
 architecture at 256 px (``benchmarks/results/deep-variants-costs.json``), so that the choice is the same on
 every CPU. With them, at DeepCache:3's cost (uniform:3, DPM-Solver-20), the chooser compares branches 0, 1
-and 2 (5 and 3 full steps for the deeper two; branch 3 affords none) and picks branch 0 with its calibrated
-steps, as ``benchmarks/depth_choice.py`` did on the same model.
+and 2 (5 and 3 full steps for the deeper two; branch 3 affords none) and picks branch 0, as
+``benchmarks/depth_choice.py`` did on the same model; the request then keeps its own key steps.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
+import numpy as np
 import pytest
 
 import faster_diffusion.app.branch as branch_module
-from faster_diffusion import DeepReuseConfig, reference
+from faster_diffusion import DeepReuseConfig, KeySteps, reference
 from faster_diffusion.app.branch import check_branch_choice, choose_branch
 from faster_diffusion.app.cli import main
 from faster_diffusion.app.generate import GenerationRequest, faster_config, prepare_key_steps
@@ -29,12 +31,13 @@ PICKED = [0, 2, 4, 8, 11, 14, 17]
 
 @pytest.fixture
 def timed(monkeypatch):
-    """Replace the timing with fixed costs; returns the list of (branch, height, width) timed."""
-    calls: list[tuple[int, int, int]] = []
+    """Replace the timing with fixed costs; returns the list of (branch, height, width, batch) timed, and the
+    costs, which a test may change."""
+    calls: list[tuple[int, int, int, int]] = []
     costs = dict(SD15_COSTS)
 
-    def fake(pipe, branches, *, height, width, **_):
-        calls.extend((b, height, width) for b in branches)
+    def fake(pipe, branches, *, height, width, batch_size, **_):
+        calls.extend((b, height, width, batch_size) for b in branches)
         return {b: costs.get(b, 0.9) for b in branches}
 
     monkeypatch.setattr(branch_module, "measure_step_costs", fake)
@@ -48,34 +51,54 @@ def request(keys: str = "uniform:3", **more) -> GenerationRequest:
     )
 
 
-def test_the_branch_and_full_steps_are_chosen_at_the_cost_of_the_key_steps(timed):
+def test_the_branch_is_chosen_at_the_cost_of_the_key_steps_and_branch_0_keeps_them(timed):
     calls, costs = timed
     pipe = load_pipeline(reference.MODEL_DIR, device="cpu", safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     lines: list[str] = []
-    chosen = choose_branch(pipe, prepare_key_steps(pipe, request()), lines.append)
-    assert isinstance(chosen.faster, DeepReuseConfig)
-    assert chosen.faster.branch == 0
-    assert list(chosen.schedule.indices) == PICKED  # calibrated, not every third step
+    asked = prepare_key_steps(pipe, request())
+    kept = choose_branch(pipe, asked, lines.append)
+    assert kept is asked  # branch 0 won: the key steps asked for (every third step) stay
     said = "\n".join(lines)
-    # Timed from branch 0 deeper, stopping at branch 3, the first that affords no full step at this cost.
-    assert [b for b, _, _ in calls] == [0, 1, 2, 3] and {(h, w) for _, h, w in calls} == {(32, 32)}
+    # Timed from branch 0 deeper, stopping at branch 3, the first that affords fewer than 2 full steps.
+    assert [c[0] for c in calls] == [0, 1, 2, 3] and {c[1:] for c in calls} == {(32, 32, 1)}
     assert re.search(r"predicted error per branch: b0: 7 full, [\d.]+, b1: 5 full, [\d.]+, b2: 3 full", said)
+    assert f"Branch: auto: branch 0 with 7 full steps {PICKED}" in said
+    assert said.endswith("keeping branch 0 with the key steps asked for")
     assert "Calibrating deep:1 reuse" in said and "Calibrating deep:2 reuse" in said
     assert "branch 0 0.072, branch 1 0.172, branch 2 0.275" in said
-    assert chosen.faster.key_steps.origin.startswith("depth choice at 7.9412 full passes, branch 0")
 
-    # Timed once per process, UNet and size; calibrations are not made twice. A cheaper branch 1 (as cheap as
-    # branch 0) affords as many full steps: it wins, with less error per partial step.
+    # Timed once per process, UNet, size and batch; calibrations are not made twice.
     calls.clear()
     lines.clear()
     costs[1] = costs[0]
-    again = choose_branch(pipe, prepare_key_steps(pipe, request()), lines.append)
+    assert choose_branch(pipe, asked, lines.append) is asked
     assert calls == [] and not any("Calibrating" in line for line in lines)
-    assert again.faster.branch == 0  # the costs timed before are kept for this process
+    # A branch 1 as cheap as branch 0 affords as many full steps, each partial step straying less: it wins,
+    # with its own calibrated steps.
     branch_module._STEP_COSTS.clear()
-    moved = choose_branch(pipe, prepare_key_steps(pipe, request()), lines.append)
+    moved = choose_branch(pipe, asked, lines.append)
     assert moved.faster.branch == 1 and moved.schedule.num_key_steps == 7
+    assert moved.faster.key_steps.origin.startswith("depth choice at 7.9412 full passes, branch 1")
+    # A timing below a shallower branch's is noise: it is raised to that branch's.
+    branch_module._STEP_COSTS.clear()
+    costs[1], costs[2] = SD15_COSTS[1], 0.1
+    choose_branch(pipe, asked, lines.append)
+    assert "branch 0 0.072, branch 1 0.172, branch 2 0.172" in lines[-1]
+
+
+def test_when_no_branch_can_save_anything_the_request_is_kept(timed):
+    _, costs = timed
+    pipe = load_pipeline(reference.MODEL_DIR, device="cpu", safety_checker=False)
+    asked = prepare_key_steps(pipe, request())
+    lines: list[str] = []
+    costs[1] = 0.9  # only branch 0 affords 2 full steps: nothing is calibrated
+    assert choose_branch(pipe, asked, lines.append) is asked
+    assert lines[-1].startswith("Branch: auto: branch 0, the only branch that affords 2 full steps at 7.9412")
+    branch_module._STEP_COSTS.clear()
+    costs[0] = 1.2  # a partial step as dear as a full one (a tiny model, a busy machine)
+    assert choose_branch(pipe, asked, lines.append) is asked
+    assert "a partial step timed as costly as a full one here (1.200 full passes)" in lines[-1]
 
 
 @pytest.mark.parametrize(
@@ -120,7 +143,8 @@ def test_cli_branch_auto(tmp_path, monkeypatch, capsys, timed):
     assert main([*argv, "--branch", "auto", "--key-steps", "uniform:3"]) == 0
     out = capsys.readouterr().out
     assert "Branch: auto: branch 0 with 7 full steps [0, 2, 4, 8, 11, 14, 17]" in out
-    assert "Key steps: depth choice at 7.9412 full passes, branch 0" in out
+    assert "keeping branch 0 with the key steps asked for" in out
+    assert "Key steps: uniform:3: 7 of 20 steps are key steps [0, 3, 6, 9, 12, 15, 18]" in out
     assert "7 full / 13 partial UNet passes" in out
 
 
@@ -142,13 +166,24 @@ def test_cli_branch_flags_that_do_not_fit_fail_before_loading(flags, message, tm
     assert message in capsys.readouterr().err
 
 
-def test_cog_choose_branch_runs_the_chosen_branch(timed):
+def test_cog_choose_branch_runs_the_chosen_branch(timed, capsys):
     _, costs = timed
-    costs[1] = 0.99  # no deeper branch affords a full step: branch 0 with its calibrated steps
+    costs[1] = costs[0]  # branch 1 wins (see above)
     model = TextToImage.load(reference.MODEL_DIR)
     outcome = model.generate(request(), choose_branch=True)
-    assert outcome.faster.stats.encoder_passes == 7  # full passes: DeepCache:3's count, placed by calibration
-    assert outcome.faster.stats.schedule.indices == tuple(PICKED)
+    assert "Key steps: depth choice at 7.9412 full passes, branch 1," in capsys.readouterr().out
+    indices = outcome.faster.stats.schedule.indices
+    assert len(indices) == 7 and outcome.faster.stats.encoder_passes == 7
+    # The images are those of branch 1 at those steps, run directly.
+    config = DeepReuseConfig(key_steps=KeySteps.explicit(indices), branch=1)
+    direct = model.generate(dataclasses.replace(request(), faster=config))
+    assert all(
+        np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(outcome.images, direct.images, strict=True)
+    )
+    zero = DeepReuseConfig(key_steps=config.key_steps)  # the same steps at branch 0 give other images
+    branch_zero = model.generate(dataclasses.replace(request(), faster=zero))
+    assert not np.array_equal(np.asarray(outcome.images[0]), np.asarray(branch_zero.images[0]))
 
 
 @pytest.mark.parametrize(

@@ -159,6 +159,13 @@ def test_measure_step_costs_times_each_branch_and_leaves_the_pipeline_stock(make
         measure_step_costs(pipe, repeats=0)
     with pytest.raises(ValueError, match="num_inference_steps must be a whole number >= 2, got 1"):
         measure_step_costs(pipe, num_inference_steps=1)
+    with pytest.raises(ValueError, match="batch_size must be a whole number >= 1, got 0"):
+        measure_step_costs(pipe, batch_size=0)
+    batches = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    measure_step_costs(pipe, branches=[0], num_inference_steps=2, repeats=1, batch_size=3)
+    hook.remove()
+    assert set(batches) == {6}  # 3 images a call, with their unconditional halves
     with (
         apply_faster_diffusion(pipe, DeepReuseConfig()),
         pytest.raises(RuntimeError, match="faster diffusion is attached to this pipeline"),

@@ -1,12 +1,17 @@
 """Deep reuse's branch chosen for the model, per request: ``--branch auto`` and Cog's ``choose_branch``.
 
 The request's key steps, placed as usual for branch 0, set the run's cost: their full steps, with branch 0's
-partial steps between. :func:`~faster_diffusion.depth.choose_depth` then compares every branch at that cost:
-as many full steps as each branch affords, placed by that branch's own calibration, read with the criterion
-that is comparable across branches; the branch of least predicted error wins. The cost of a partial step of
-each branch is timed on the pipeline itself (:func:`~faster_diffusion.depth.measure_step_costs`), once per
-process, UNet and image size, from branch 0 deeper until a branch affords no full step at the run's cost
-(a deeper branch costs more). Each branch's calibration is found or made as ``auto`` key steps' are.
+partial steps between. :func:`~faster_diffusion.depth.choose_depth` then compares every branch that affords at
+least :data:`MIN_FULL_STEPS` full steps at that cost: as many full steps as each affords, placed by that
+branch's own calibration, read with the criterion that is comparable across branches; the branch of least
+predicted error wins. When it is branch 0, the request runs as asked (its key steps are the product's default
+placement or the user's); a deeper branch runs with its calibrated full steps.
+
+The cost of a partial step of each branch is timed on the pipeline itself
+(:func:`~faster_diffusion.depth.measure_step_costs`), once per process, UNet, image size and batch, from
+branch 0 deeper until a branch affords too few full steps; a timing below a shallower branch's is raised to it
+(a deeper branch runs every module a shallower one runs). Each branch's calibration is found or made as
+``auto`` key steps' are. The choice rests on timings, so it can differ between machines and processes.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from .lora import loaded_lora
 
 #: What ``--branch`` and Cog's inputs call the choice.
 AUTO_BRANCH = "auto"
+#: A branch is compared when it affords this many full steps at the run's cost (as
+#: ``benchmarks/depth_choice.py`` compares them).
+MIN_FULL_STEPS = 2
 
 #: Partial-step costs timed in this process: UNet -> {(height, width, device, dtype, LoRA): {branch: cost}}.
 _STEP_COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -54,7 +62,12 @@ def choose_branch(
 ) -> GenerationRequest:
     """``request`` (deep reuse, text-to-image, key steps already placed by
     :func:`~faster_diffusion.app.generate.prepare_key_steps`) with the branch and full steps that
-    :func:`~faster_diffusion.depth.choose_depth` picks at the cost of its key steps at branch 0."""
+    :func:`~faster_diffusion.depth.choose_depth` picks at the cost of its key steps at branch 0.
+
+    When branch 0 is the pick, the request is kept as it is: its own key steps (the product's default
+    placement or the user's) stay, and only a deeper branch that predicts less error at the same cost changes
+    the run.
+    A branch is compared when it affords at least :data:`MIN_FULL_STEPS` full steps at that cost."""
     faster = request.faster
     deep = isinstance(faster, DeepReuseConfig)
     check_branch_choice(deep, request.image is not None, faster.forecast if deep else 0)
@@ -65,36 +78,55 @@ def choose_branch(
         return request
     remove_faster_diffusion(pipe)  # timing and calibrating run the pipeline stock, with the request's sampler
     use_sampler(pipe, request.sampler)
-    width, height = request.output_size
     costs: dict[int, float] = {}
     budget = 0.0
     for branch in range(branch_count(pipe.unet)):
-        cost = _step_cost(pipe, branch, height, width, log)
+        # A deeper branch runs every module a shallower one runs, and more: its cost is at least theirs, so a
+        # timing below that is noise.
+        cost = max(_step_cost(pipe, branch, request, log), *costs.values(), 0.0)
         if branch == 0:
+            if cost >= 1:
+                log(
+                    f"Branch: auto: a partial step timed as costly as a full one here ({cost:.3f} full "
+                    "passes), so no branch saves time; keeping branch 0 and the key steps asked for"
+                )
+                return request
             budget = run_cost(full, steps, cost)
-        elif full_steps_within(budget, steps, cost) < 1:
-            break  # this branch affords no full step, and every deeper one costs more
+        elif full_steps_within(budget, steps, cost) < MIN_FULL_STEPS:
+            break  # this branch affords too few full steps, and every deeper one costs more
         costs[branch] = cost
+    measured = ", ".join(f"branch {b} {c:.3f}" for b, c in costs.items())
+    if len(costs) == 1:
+        log(
+            f"Branch: auto: branch 0, the only branch that affords {MIN_FULL_STEPS} full steps at "
+            f"{budget:g} full passes (a partial step costs, in full UNet passes timed here: {measured}); "
+            "keeping the key steps asked for"
+        )
+        return request
     calibrations = {branch: _calibration(pipe, request, branch, log) for branch in costs}
     choice = choose_depth(pipe, budget, costs, num_inference_steps=steps, calibrations=calibrations)
-    measured = ", ".join(f"branch {b} {c:.3f}" for b, c in costs.items())
-    log(
-        f"Branch: auto: {choice.describe()}; a partial step costs, in full UNet passes timed here: {measured}"
-    )
+    timed = f"a partial step costs, in full UNet passes timed here: {measured}"
+    if choice.branch == 0:
+        log(f"Branch: auto: {choice.describe()}; {timed}; keeping branch 0 with the key steps asked for")
+        return request
+    log(f"Branch: auto: {choice.describe()}; {timed}")
     chosen = dataclasses.replace(faster, key_steps=choice.key_steps, branch=choice.branch)
     return dataclasses.replace(request, faster=chosen)
 
 
-def _step_cost(pipe: Any, branch: int, height: int, width: int, log: Callable[[str], None]) -> float:
+def _step_cost(pipe: Any, branch: int, request: GenerationRequest, log: Callable[[str], None]) -> float:
     unet = pipe.unet
     lora = loaded_lora(pipe)
-    key = (height, width, str(unet.device), str(unet.dtype), None if lora is None else lora.describe())
+    width, height = request.output_size
+    batch = request.num_outputs * (len(request.prompt) if isinstance(request.prompt, list) else 1)
+    key = (height, width, batch, str(unet.device), str(unet.dtype), None if lora is None else lora.describe())
     known = _STEP_COSTS.setdefault(unet, {}).setdefault(key, {})
     if branch not in known:
         if branch == 0:
-            log(f"Timing a partial step of each branch on this machine ({width}x{height}), once")
+            log(f"Timing a partial step of each branch here ({width}x{height}, batch of {batch}), once")
         started = time.perf_counter()
-        known[branch] = measure_step_costs(pipe, [branch], height=height, width=width)[branch]
+        timed = measure_step_costs(pipe, [branch], height=height, width=width, batch_size=batch)
+        known[branch] = timed[branch]
         seconds = time.perf_counter() - started
         log(f"  branch {branch}: {known[branch]:.3f} full passes (timed in {seconds:.1f} s)")
     return known[branch]
