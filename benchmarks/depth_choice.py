@@ -92,14 +92,20 @@ def calibrations(pipe, model: Path, branches, steps: int) -> dict:
     return out
 
 
-def judge_model(model: Path, args, partial: dict[int, float], draws) -> dict:
+def load_model(model: Path, partial: dict[int, float]):
+    """The model's pipeline (DPM-Solver-20), its steps, the branches compared (those with a cost, up to
+    :data:`MAX_BRANCH`), their calibrations and the judge's classifier."""
     pipe = load_pipeline(model, device="cpu", safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     use_sampler(pipe, SAMPLER)
     steps = SAMPLER.default_steps
     branches = [b for b in sorted(partial) if b < min(MAX_BRANCH + 1, branch_count(pipe.unet))]
     found = calibrations(pipe, model, branches, steps)
-    classifier = reference.load_classifier(reference.CLASSIFIER_PATH)
+    return pipe, steps, branches, found, reference.load_classifier(reference.CLASSIFIER_PATH)
+
+
+def judge_model(model: Path, args, partial: dict[int, float], draws) -> dict:
+    pipe, steps, branches, found, classifier = load_model(model, partial)
     pairs = quality.Pairs.held_out(args.quick, 0)
     guidance = reference.guidance_scale(model)
 

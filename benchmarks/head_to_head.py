@@ -53,20 +53,17 @@ if __package__ in (None, ""):
 
 from benchmarks import quality  # noqa: E402
 from benchmarks.depth_choice import (  # noqa: E402
-    MAX_BRANCH,
     SAMPLER,
     add_run_arguments,
     budget_of,
-    calibrations,
     judge_and_write,
+    load_model,
     read_costs,
     report_again,
 )
 from benchmarks.frontier import within_noise  # noqa: E402
 from benchmarks.modes_frontier import have_deepcache, run  # noqa: E402
-from faster_diffusion import DeepReuseConfig, KeySteps, reference, use_sampler  # noqa: E402
-from faster_diffusion.app.loading import load_pipeline  # noqa: E402
-from faster_diffusion.deep import branch_count  # noqa: E402
+from faster_diffusion import DeepReuseConfig, KeySteps, reference  # noqa: E402
 from faster_diffusion.depth import choose_depth, full_steps_within  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -111,13 +108,7 @@ class Paired:
 
 
 def judge_model(model: Path, args, partial: dict[int, float], draws) -> dict:
-    pipe = load_pipeline(model, device="cpu", safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    use_sampler(pipe, SAMPLER)
-    steps = SAMPLER.default_steps
-    branches = [b for b in sorted(partial) if b < min(MAX_BRANCH + 1, branch_count(pipe.unet))]
-    found = calibrations(pipe, model, branches, steps)
-    classifier = reference.load_classifier(reference.CLASSIFIER_PATH)
+    pipe, steps, branches, found, classifier = load_model(model, partial)
     prompts, seeds, labels = fresh_pairs(args.quick)
     guidance = reference.guidance_scale(model)
 
