@@ -94,7 +94,7 @@ def test_when_no_branch_can_save_anything_the_request_is_kept(timed):
     lines: list[str] = []
     costs[1] = 0.9  # only branch 0 affords 2 full steps: nothing is calibrated
     assert choose_branch(pipe, asked, lines.append) is asked
-    assert lines[-1].startswith("Branch: auto: branch 0, the only branch that affords 2 full steps at 7.9412")
+    assert lines[-1].startswith("Branch: auto: branch 0, as no deeper branch affords 2 full steps at 7.9412")
     branch_module._STEP_COSTS.clear()
     costs[0] = 1.2  # a partial step as dear as a full one (a tiny model, a busy machine)
     assert choose_branch(pipe, asked, lines.append) is asked

@@ -36,7 +36,8 @@ AUTO_BRANCH = "auto"
 #: ``benchmarks/depth_choice.py`` compares them).
 MIN_FULL_STEPS = 2
 
-#: Partial-step costs timed in this process: UNet -> {(height, width, device, dtype, LoRA): {branch: cost}}.
+#: Partial-step costs timed in this process: UNet -> {(height, width, batch, device, dtype, LoRA): {branch:
+#: cost}}.
 _STEP_COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -98,7 +99,7 @@ def choose_branch(
     measured = ", ".join(f"branch {b} {c:.3f}" for b, c in costs.items())
     if len(costs) == 1:
         log(
-            f"Branch: auto: branch 0, the only branch that affords {MIN_FULL_STEPS} full steps at "
+            f"Branch: auto: branch 0, as no deeper branch affords {MIN_FULL_STEPS} full steps at "
             f"{budget:g} full passes (a partial step costs, in full UNet passes timed here: {measured}); "
             "keeping the key steps asked for"
         )
