@@ -165,19 +165,33 @@ def verdicts(budget: dict) -> dict:
     }
 
 
-def report(argv, started, wall, results, partial) -> str:
-    lines = [
-        "# The depth chooser against every branch at DeepCache's cost",
+def report_header(title: str, script: str, argv, started, wall, partial: dict, setting: str) -> list[str]:
+    """The first lines of a report: its title, then (4 lines kept by ``--from-json``) the command, when and
+    where it ran, the partial-step costs it used, and ``setting``."""
+    return [
+        f"# {title}",
         "",
-        f"- Command: `{shlex.join(['python', 'benchmarks/depth_choice.py', *argv])}`",
+        f"- Command: `{shlex.join(['python', f'benchmarks/{script}', *argv])}`",
         f"- Date: {started}; wall time {wall / 60:.1f} min; {platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads",
         "- Partial-step costs (full passes, SD v1.5 architecture, 256 px, `deep-variants-costs.json`): "
         + ", ".join(f"b{b} {p:.3f}" for b, p in sorted(partial.items())),
-        "- DPM-Solver-20; candidates placed by each branch's `deep:b` calibration (prediction criterion); "
-        "the pick is the candidate of least predicted error; `deep:I` is DeepCache:I's rule",
+        f"- {setting}",
         "",
     ]
+
+
+def report(argv, started, wall, results, partial) -> str:
+    lines = report_header(
+        "The depth chooser against every branch at DeepCache's cost",
+        "depth_choice.py",
+        argv,
+        started,
+        wall,
+        partial,
+        "DPM-Solver-20; candidates placed by each branch's `deep:b` calibration (prediction criterion); "
+        "the pick is the candidate of least predicted error; `deep:I` is DeepCache:I's rule",
+    )
     kept = []
     for result in results:
         lines += [f"## {result['model']} ({result['pairs']} pairs)", ""]

@@ -39,8 +39,6 @@ Protocol (written before the first run):
 from __future__ import annotations
 
 import argparse
-import platform
-import shlex
 import sys
 from pathlib import Path
 
@@ -60,6 +58,7 @@ from benchmarks.depth_choice import (  # noqa: E402
     load_model,
     read_costs,
     report_again,
+    report_header,
 )
 from benchmarks.frontier import within_noise  # noqa: E402
 from benchmarks.modes_frontier import have_deepcache, run  # noqa: E402
@@ -163,18 +162,16 @@ def points(value: tuple[float, tuple[float, float]]) -> str:
 
 
 def report(argv, started, wall, results, partial) -> str:
-    lines = [
-        "# The product's best setting against DeepCache, pair by pair",
-        "",
-        f"- Command: `{shlex.join(['python', 'benchmarks/head_to_head.py', *argv])}`",
-        f"- Date: {started}; wall time {wall / 60:.1f} min; {platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads",
-        "- Partial-step costs (full passes, SD v1.5 architecture, 256 px, `deep-variants-costs.json`): "
-        + ", ".join(f"b{b} {p:.3f}" for b, p in sorted(partial.items())),
-        "- DPM-Solver-20; DeepCache is its own `DeepCacheSDHelper` (branch 0); the pick is `choose_depth`'s "
+    lines = report_header(
+        "The product's best setting against DeepCache, pair by pair",
+        "head_to_head.py",
+        argv,
+        started,
+        wall,
+        partial,
+        "DPM-Solver-20; DeepCache is its own `DeepCacheSDHelper` (branch 0); the pick is `choose_depth`'s "
         "at DeepCache's cost; seeds 2000 and up (fresh)",
-        "",
-    ]
+    )
     totals = {"holds": 0, "beats": 0, "cells": 0}
     for result in results:
         lines += [f"## {result['model']} ({result['pairs']} pairs)", ""]
