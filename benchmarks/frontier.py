@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         calibration = find_calibration(pipe, sampler.default_steps)
         if calibration is None:
             raise SystemExit(f"no saved calibration of the reference model for {sampler.value}")
-        criteria = (calibration.criterion, *calibration.other)
+        criteria = calibration.criteria
         costs = {c: calibration.with_criterion(c).matrix for c in criteria}
         budgets = budgets_of[sampler]
         schedules = schedules_for(sampler, budgets, costs)

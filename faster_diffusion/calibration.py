@@ -236,6 +236,11 @@ class Calibration:
             raise CalibrationError(problem)
 
     @property
+    def criteria(self) -> tuple[str, ...]:
+        """Every criterion this calibration measured: the one it is read with, then ``other``'s."""
+        return (self.criterion, *self.other)
+
+    @property
     def matrix(self) -> np.ndarray:
         return np.array(self.cost, dtype=np.float64)
 
@@ -742,7 +747,7 @@ def get_calibration(
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise CalibrationError(f"num_inference_steps must be a whole number >= 2, got {steps!r}")
     found = None if force else find_calibration(pipe, steps, target=target)
-    if found is not None and all(c in (found.criterion, *found.other) for c in asked):
+    if found is not None and all(c in found.criteria for c in asked):
         return found.with_criterion(criterion)
     if found is not None:  # it lacks a criterion asked for: measure with its settings unless told otherwise
         if prompts is None:

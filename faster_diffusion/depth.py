@@ -236,7 +236,7 @@ def _read(calibration: Calibration, branch: int, steps: int) -> Calibration:
             f"calibrations[{branch}] is a calibration of {calibration.target} for {calibration.num_steps} "
             f"steps, not of deep:{branch} for {steps}"
         )
-    if DEPTH_CRITERION not in (calibration.criterion, *calibration.other):
+    if DEPTH_CRITERION not in calibration.criteria:
         raise CalibrationError(
             f"the deep:{branch} calibration did not measure the {DEPTH_CRITERION!r} criterion, the only one "
             "that compares branches; calibrate it again with criterion='prediction'"

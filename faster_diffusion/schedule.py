@@ -214,7 +214,7 @@ class KeySteps:
         if self.criterion is None or calibration.criterion == self.criterion:
             return calibration
         if self.criterion not in calibration.other:
-            measured = sorted([calibration.criterion, *calibration.other])
+            measured = sorted(calibration.criteria)
             raise CalibrationError(
                 f"key_steps {str(self)!r}: the calibration of this model measured the criteria {measured}, "
                 f"not {self.criterion!r}; run faster_diffusion.calibrate(pipe, num_inference_steps="

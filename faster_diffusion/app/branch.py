@@ -136,7 +136,7 @@ def _step_cost(pipe: Any, branch: int, request: GenerationRequest, log: Callable
 def _calibration(pipe: Any, request: GenerationRequest, branch: int, log: Callable[[str], None]) -> Any:
     target = f"deep:{branch}"
     saved = find_calibration(pipe, request.steps, target=target)
-    if saved is not None and DEPTH_CRITERION in (saved.criterion, *saved.other):
+    if saved is not None and DEPTH_CRITERION in saved.criteria:
         return saved
     log(f"Calibrating {target} reuse for this model ({request.sampler.value}, {request.steps} steps), once")
     started = time.perf_counter()

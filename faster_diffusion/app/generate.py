@@ -248,7 +248,7 @@ def prepare_key_steps(
     lacking = False  # a saved calibration that did not measure the criterion asked for
     if keys.criterion is not None:
         of += f" with the {keys.criterion} criterion"
-        if calibration is not None and keys.criterion not in (calibration.criterion, *calibration.other):
+        if calibration is not None and keys.criterion not in calibration.criteria:
             calibration, lacking = None, True  # the criterion is measured below and added to it
     if calibration is None and not calibrate:
         which = f"{request.sampler.value} with {request.steps} steps"
