@@ -140,9 +140,11 @@ def _calibration(pipe: Any, request: GenerationRequest, branch: int, log: Callab
         return saved
     log(f"Calibrating {target} reuse for this model ({request.sampler.value}, {request.steps} steps), once")
     started = time.perf_counter()
+    # None found was just looked up: measure without looking again; a saved one gets the criterion added.
     calibration = get_calibration(
         pipe,
         num_inference_steps=request.steps,
+        force=saved is None,
         target=target,
         criterion=DEPTH_CRITERION,
         **calibration_options(pipe),
