@@ -297,6 +297,9 @@ def plot_speed(results: dict, speedups: dict, path: Path) -> list[str]:
                 missing.append(f"{sampler} {name}")
                 continue
             families.setdefault(re.sub(r":\d+", "", name), []).append((speed, m))
+        name = default_method(sampler)  # ringed on both panels
+        default = results[sampler].get(name, {})
+        default_speed = speed_of(name, default.get("full_passes"), sampler, speedups, steps)
         for col, (metric, label, scale) in enumerate(
             (("delta", "faithfulness − stock (points)", 100), ("psnr", "PSNR vs stock (dB)", 1))
         ):
@@ -321,12 +324,10 @@ def plot_speed(results: dict, speedups: dict, path: Path) -> list[str]:
                     ecolor="0.6",
                     capsize=2,
                 )
-            default = results[sampler].get(default_method(sampler), {})
-            speed = speed_of(default_method(sampler), default.get("full_passes"), sampler, speedups, steps)
-            if metric in default and speed is not None:
+            if metric in default and default_speed is not None:
                 y = default[metric] * scale
-                ax.plot(speed, y, marker="o", markersize=14, fillstyle="none", color="k")
-                ax.annotate("the default", (speed, y), (10, -18), textcoords="offset points")
+                ax.plot(default_speed, y, marker="o", markersize=14, fillstyle="none", color="k")
+                ax.annotate("the default", (default_speed, y), (10, -18), textcoords="offset points")
             if metric == "delta":
                 ax.axhline(0, color="black", linewidth=0.8)
                 ax.axhline(-1, color="0.6", linewidth=0.8, linestyle="--")
