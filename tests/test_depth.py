@@ -45,8 +45,8 @@ def test_full_steps_within_a_cost():
             assert full_steps_within(run_cost(full, 20, partial), 20, partial) == full
 
 
-def made_up(pipe, branch: int, scale: float, seed: int) -> Calibration:
-    """A deep:B calibration of ``pipe``'s UNet with random costs times ``scale`` (no UNet involved)."""
+def made_up(branch: int, scale: float, seed: int) -> Calibration:
+    """A deep:B calibration with random costs times ``scale`` (no UNet involved)."""
     rng = np.random.default_rng(seed)
     matrix = tuple(tuple(float(v) * scale for v in row) for row in np.triu(rng.random((STEPS, STEPS)), 1))
     return Calibration(
@@ -69,7 +69,7 @@ def test_choose_depth_takes_the_branch_of_least_predicted_error_with_its_placeme
     pipe = make_pipe("DPM-Solver-20")
     costs = {0: 0.1, 1: 0.3, 2: 0.5}
     # A deeper branch errs less per partial step; how much less decides whether its fewer full steps pay.
-    calibrations = {0: made_up(pipe, 0, 1.0, 0), 1: made_up(pipe, 1, 0.5, 1), 2: made_up(pipe, 2, 0.05, 2)}
+    calibrations = {0: made_up(0, 1.0, 0), 1: made_up(1, 0.5, 1), 2: made_up(2, 0.05, 2)}
     choice = choose_depth(pipe, 5.0, costs, num_inference_steps=STEPS, calibrations=calibrations)
     assert isinstance(choice, DepthChoice) and choice.budget == 5.0
     fulls = {c.branch: c.full_steps for c in choice.candidates}
@@ -89,7 +89,7 @@ def test_choose_depth_takes_the_branch_of_least_predicted_error_with_its_placeme
     assert choice.config(forecast=1) == DeepReuseConfig(key_steps=choice.key_steps, branch=2, forecast=1)
     assert choice.describe().startswith(f"branch 2 with 2 full steps {list(best.indices)} at 5 full passes")
     # With the deeper branches as error-prone as branch 0, its extra full steps win; a tie goes shallower.
-    same = {b: made_up(pipe, b, 1.0, 0) for b in costs}
+    same = {b: made_up(b, 1.0, 0) for b in costs}
     assert choose_depth(pipe, 5.0, costs, num_inference_steps=STEPS, calibrations=same).branch == 0
     ties = {0: 0.1, 1: 0.1}
     assert choose_depth(pipe, 5.0, ties, num_inference_steps=STEPS, calibrations=same).branch == 0
@@ -137,9 +137,9 @@ BAD_INPUT = [
 def test_choose_depth_refuses_bad_input_clearly(make_pipe, change, error, message):
     pipe = make_pipe("DPM-Solver-20")
     given = {"cost": 5.0, "step_costs": {0: 0.1}, "num_inference_steps": STEPS}
-    own = made_up(pipe, 0, 1.0, 0)
+    own = made_up(0, 1.0, 0)
     if change == "of branch 1":
-        change = {"calibrations": {0: made_up(pipe, 1, 1.0, 0)}}
+        change = {"calibrations": {0: made_up(1, 1.0, 0)}}
     elif change == "of feature alone":
         change = {"calibrations": {0: dataclasses.replace(own, criterion="feature")}}
     with pytest.raises(error, match=re.escape(message)):
