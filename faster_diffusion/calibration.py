@@ -109,22 +109,46 @@ def _not_finite(matrix: Any, shown: int = 3) -> str | None:
     and the first ``shown`` of them, e.g. ``2 values that are not finite: cost[0][3] = nan, cost[1][5] = inf``
     (``[k][j]`` as in :attr:`Calibration.cost`)."""
     values = np.asarray(matrix, dtype=np.float64)
-    places = np.argwhere(~np.isfinite(values))
+    return _listed(values, np.argwhere(~np.isfinite(values)), "not finite", shown)
+
+
+def _listed(values: np.ndarray, places: np.ndarray, what: str, shown: int) -> str | None:
+    """``"2 values that are WHAT: cost[0][3] = ..., ..."`` for the first ``shown`` of ``places``."""
     if not len(places):
         return None
     listed = ", ".join(f"cost[{k}][{j}] = {values[k, j]}" for k, j in places[:shown])
     more = ", ..." if len(places) > shown else ""
     count = "1 value that is" if len(places) == 1 else f"{len(places)} values that are"
-    return f"{count} not finite: {listed}{more}"
+    return f"{count} {what}: {listed}{more}"
+
+
+def _unusable(matrix: Any, shown: int = 3) -> str | None:
+    """What makes a cost matrix unusable by the optimiser, ``None`` if nothing: values that are not finite
+    (:func:`_not_finite`), negative values (a cost is an error, never below 0), or values so large that
+    their sum overflows (the optimiser adds them up: 1e308 twice is infinite, and every placement would then
+    cost the same)."""
+    problem = _not_finite(matrix, shown)
+    if problem is not None:
+        return problem
+    values = np.asarray(matrix, dtype=np.float64)
+    problem = _listed(values, np.argwhere(values < 0), "negative", shown)
+    if problem is not None:
+        return problem
+    with np.errstate(over="ignore"):
+        total = values.sum()
+    if not np.isfinite(total):
+        k, j = np.unravel_index(int(np.argmax(values)), values.shape)
+        largest = f"cost[{k}][{j}] = {values[k, j]}"
+        return f"values too large to add up (their sum overflows): the largest is {largest}"
+    return None
 
 
 def _not_finite_costs(matrices: Mapping[str, Any]) -> str | None:
-    """What is not finite in the cost matrices of several criteria (:func:`_not_finite`), ``None`` if
-    nothing."""
+    """What makes the cost matrices of several criteria unusable (:func:`_unusable`), ``None`` if nothing."""
     problems = [
         f"the {name!r} cost matrix has {problem}"
         for name, matrix in matrices.items()
-        if (problem := _not_finite(matrix)) is not None
+        if (problem := _unusable(matrix)) is not None
     ]
     return "; ".join(problems) or None
 
@@ -163,6 +187,9 @@ def optimal_key_steps(cost: np.ndarray, budget: int) -> tuple[int, ...]:
     problem = _not_finite(cost)
     if problem is not None:  # a NaN would win every comparison and place step 0 again and again
         raise ValueError(f"cost must be finite; it has {problem}")
+    problem = _unusable(cost)
+    if problem is not None:  # an overflowing sum ties every placement, which places step 0 again and again
+        raise ValueError(f"cost cannot be placed by; it has {problem}")
     n = len(cost)
     if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= n:
         raise CalibrationError(f"key_steps: the budget must be a whole number from 1 to {n}, got {budget!r}")
@@ -524,8 +551,8 @@ def load_calibrations(folder: str | Path) -> list[Calibration]:
     """Every calibration saved in ``folder`` (none if it has no :data:`CALIBRATION_FILE`).
 
     A file that cannot be read whole is refused with a :class:`CalibrationError` that names it (and the
-    calibration in it that is wrong): malformed, of another format version, or with costs that are not finite
-    numbers. None of its calibrations is used, and :func:`save_calibration` does not write over it.
+    calibration in it that is wrong): malformed, of another format version, or with costs the optimiser cannot
+    use (not finite, negative, or too large to add up). None of its calibrations is used, and :func:`save_calibration` does not write over it.
     """
     file = Path(folder) / CALIBRATION_FILE
     if not file.is_file():
@@ -797,7 +824,7 @@ def get_calibration(
     if problem is not None:
         sampler = scheduler_key(pipe.scheduler).split(",")[0]
         raise CalibrationError(
-            f"calibrate: the costs measured for {sampler} with {steps} steps are not finite ({problem}); "
+            f"calibrate: the costs measured for {sampler} with {steps} steps cannot be used ({problem}); "
             "nothing was saved. Activations that overflow in float16 do this: calibrate the pipeline in "
             "float32 (pipe.to(torch.float32)); the calibration it saves is found for the float16 pipeline "
             "too (the same weights, rounded)"

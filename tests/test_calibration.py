@@ -519,6 +519,40 @@ def test_costs_that_are_not_finite_are_refused_by_the_calibration_and_the_optimi
         optimal_key_steps(np.array(cost), 2)
 
 
+@pytest.mark.parametrize(
+    ("value", "described"),
+    [
+        (1e308, "the 'prediction' cost matrix has values too large to add up (their sum overflows): the "),
+        (-0.5, "the 'prediction' cost matrix has 1 value that is negative: cost[1][3] = -0.5"),
+    ],
+    ids=["huge", "negative"],
+)
+def test_a_saved_calibration_with_finite_but_unusable_costs_is_refused_when_it_is_loaded(
+    tmp_path, value, described
+):
+    """Costs that are finite but so large that the optimiser's sums overflow (1e308), or negative (a cost is
+    an error, never below 0), are refused when the file is read, naming the file, the calibration and the
+    matrix, instead of placing the same step again and again later."""
+    good = made_up(num_steps=5)
+    save_calibration(good, tmp_path)
+    file = tmp_path / CALIBRATION_FILE
+    data = json.loads(file.read_text(encoding="utf-8"))
+    saved = data["calibrations"][0]
+    if value > 0:
+        saved["cost"] = [[0.0 if j <= k else value for j in range(5)] for k in range(5)]
+    else:
+        saved["cost"][1][3] = value
+    file.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(CalibrationError) as error:
+        load_calibrations(tmp_path)
+    message = str(error.value)
+    assert message.startswith(f"{file} cannot be read (calibration 1 of 1, DDIMScheduler with 5 steps: ")
+    assert described in message and message.endswith("delete it to calibrate again")
+    huge = np.triu(np.full((5, 5), 1e308), 1)
+    with pytest.raises(ValueError, match=re.escape("too large to add up")):
+        optimal_key_steps(huge, 3)
+
+
 @pytest.fixture
 def saved_pipe(tmp_path):
     """A tiny pipeline loaded from a folder, so its calibrations are saved and found there."""
@@ -606,7 +640,7 @@ def test_measured_costs_that_are_not_finite_are_refused_before_anything_is_saved
         calibrate(pipe, budget=5, num_inference_steps=STEPS, prompts=PROMPTS[:1])
     message = str(error.value)
     assert message.startswith(
-        f"calibrate: the costs measured for DDIMScheduler with {STEPS} steps are not finite (the 'feature' "
+        f"calibrate: the costs measured for DDIMScheduler with {STEPS} steps cannot be used (the 'feature' "
         f"cost matrix has 1 value that is not finite: cost[2][5] = {value}); nothing was saved"
     )
     assert "float16" in message and "float32" in message
