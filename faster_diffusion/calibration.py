@@ -211,6 +211,25 @@ def optimal_key_steps(cost: np.ndarray, budget: int) -> tuple[int, ...]:
     return tuple(reversed(keys))
 
 
+def spearman(x: Any, y: Any) -> float:
+    """Spearman's rank correlation of ``x`` and ``y`` (ties share their mean rank): how much two cost
+    matrices agree on which reuses cost more (NaN when either is constant)."""
+
+    def ranks(v: np.ndarray) -> np.ndarray:
+        order = np.argsort(v, kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v), dtype=np.float64)
+        for value in np.unique(v):  # ties share their mean rank
+            tied = v == value
+            r[tied] = r[tied].mean()
+        return r
+
+    rx, ry = ranks(np.asarray(x, np.float64)), ranks(np.asarray(y, np.float64))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denominator = np.sqrt((rx**2).sum() * (ry**2).sum())
+    return float((rx * ry).sum() / denominator) if denominator else float("nan")
+
+
 def paper_budget(num_steps: int) -> int:
     """The number of key steps the paper uses for ``num_steps`` steps: 9 for 50, 7 for 20."""
     return len(paper_key_steps(num_steps))
@@ -551,8 +570,9 @@ def load_calibrations(folder: str | Path) -> list[Calibration]:
     """Every calibration saved in ``folder`` (none if it has no :data:`CALIBRATION_FILE`).
 
     A file that cannot be read whole is refused with a :class:`CalibrationError` that names it (and the
-    calibration in it that is wrong): malformed, of another format version, or with costs the optimiser cannot
-    use (not finite, negative, or too large to add up). None of its calibrations is used, and :func:`save_calibration` does not write over it.
+    calibration in it that is wrong): malformed, of another format version, or with costs the optimiser
+    cannot use (not finite, negative, or too large to add up). None of its calibrations is used, and
+    :func:`save_calibration` does not write over it.
     """
     file = Path(folder) / CALIBRATION_FILE
     if not file.is_file():

@@ -112,3 +112,44 @@ def test_the_reference_text_encoder_tells_every_position_apart():
     centres = np.stack([pooled[position == p].mean(0) for p in range(9)])
     nearest = ((pooled[:, None] - centres[None]) ** 2).sum(-1).argmin(1)
     assert (nearest == position).mean() >= 0.95
+
+
+def _calibrate_reference():
+    spec = importlib.util.spec_from_file_location(
+        "calibrate_reference", ROOT / "training" / "calibrate_reference.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["--no-such-flag"], ["--target", "nowhere"], ["--model", "/no/such/model"]],
+    ids=["help", "unknown-flag", "bad-target", "bad-model"],
+)
+def test_calibrate_reference_parses_its_flags_before_it_writes_anything(argv, monkeypatch):
+    """``--help`` and a bad flag stop before the model loads: the shipped calibration file stays as it is."""
+    script = _calibrate_reference()
+    shipped = reference.MODEL_DIR / "faster_diffusion_calibration.json"
+    before = shipped.read_bytes()
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(script, "load_pipeline", never)
+    monkeypatch.setattr(script, "drop_target", never)
+    with pytest.raises(SystemExit) as stop:
+        script.main(argv)
+    assert stop.value.code == (0 if argv == ["--help"] else 2)
+    assert shipped.read_bytes() == before
+
+
+def test_calibrate_reference_takes_its_rank_correlation_from_the_package_not_a_benchmark():
+    from faster_diffusion.calibration import spearman
+
+    script = _calibrate_reference()
+    assert script.spearman is spearman
+    assert spearman([1.0, 2.0, 3.0], [10.0, 20.0, 30.0]) == pytest.approx(1.0)
+    assert spearman([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == pytest.approx(-1.0)
+    assert spearman([1.0, 1.0, 2.0], [5.0, 5.0, 6.0]) == pytest.approx(1.0)  # ties

@@ -19,6 +19,7 @@ prints the key steps each gives at several budgets, and the rank correlation of 
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -36,14 +37,13 @@ from faster_diffusion.calibration import (  # noqa: E402
     CRITERIA,
     load_calibrations,
     save_calibration,
+    spearman,
     write_calibrations,
 )
 from faster_diffusion.measure import canonical_target  # noqa: E402
 
 
 def halves(pipe) -> None:
-    from benchmarks.frontier import spearman
-
     prompts, seeds = reference.CALIBRATION_PROMPTS, reference.CALIBRATION_SEEDS
     parts = {"first 8": slice(0, 8), "last 8": slice(8, 16), "all 16": slice(0, 16)}
     budgets = {Sampler.DDIM: (5, 7, 9, 12, 15), Sampler.DPM_SOLVER: (4, 7, 9, 12)}
@@ -70,37 +70,55 @@ def halves(pipe) -> None:
             print(f"  {budget} key steps: {'all three agree' if same else 'differ'}: {lists}")
 
 
-def _option(name: str, default: str | None) -> str | None:
-    argv = sys.argv[1:]
-    return argv[argv.index(name) + 1] if name in argv else default
-
-
 def drop_target(folder: Path, target: str) -> None:
     """Remove ``target``'s entries from ``folder``'s calibration file, keeping the others as they are."""
     if (folder / CALIBRATION_FILE).is_file():
         write_calibrations(folder, [c for c in load_calibrations(folder) if c.target != target])
 
 
-def main() -> int:
-    model = Path(_option("--model", str(reference.MODEL_DIR)))
-    target = canonical_target(_option("--target", "encoder"))
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, checked before anything is loaded or written (``--help`` writes nothing)."""
+    parser = argparse.ArgumentParser(
+        description="Calibrate a reference model's key steps for each sampler, and save them with the model "
+        "(or in --out-dir).",
+    )
+    parser.add_argument("--model", type=Path, default=reference.MODEL_DIR, help="the model's folder")
+    parser.add_argument(
+        "--target", default="encoder", help="what is reused: 'encoder' or 'deep:B' (default: encoder)"
+    )
+    parser.add_argument("--out-dir", type=Path, help="save here instead of next to the model's weights")
+    parser.add_argument("--with-final", action="store_true", help="also measure the 'final' criterion (slow)")
+    parser.add_argument(
+        "--halves", action="store_true", help="print how much two halves of the prompts agree; save nothing"
+    )
+    args = parser.parse_args(argv)
+    try:
+        args.target = canonical_target(args.target)
+    except ValueError as error:
+        parser.error(f"--target: {error}")
+    if not (args.model / "model_index.json").is_file():
+        parser.error(f"--model: {args.model} is not a diffusers model folder (it has no model_index.json)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    model, target, out_dir = args.model, args.target, args.out_dir
     pipe = load_pipeline(model, device="cpu", safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    if "--halves" in sys.argv[1:]:
+    if args.halves:
         halves(pipe)
         return 0
-    out_dir = _option("--out-dir", None)
     if out_dir is not None:
-        out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-    drop_target(Path(out_dir or model), target)
+    drop_target(out_dir or model, target)
     for sampler in Sampler:
         use_sampler(pipe, sampler)
         started = time.perf_counter()
         calibration = get_calibration(
             pipe,
             num_inference_steps=sampler.default_steps,
-            criteria=CRITERIA if "--with-final" in sys.argv[1:] else ("feature", "prediction"),
+            criteria=CRITERIA if args.with_final else ("feature", "prediction"),
             force=True,
             save=out_dir is None,
             target=target,
