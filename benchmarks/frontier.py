@@ -36,10 +36,7 @@ which); the judging rules stay the same.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -52,8 +49,17 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import quality  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    WITHIN_NOISE_POINTS,
+    Judge,
+    Pairs,
+    bootstrap_draws,
+    load_classifier,
+    load_reference,
+    report,
+    within_noise,
+)
 from faster_diffusion import KeySteps, Sampler, reference, use_sampler  # noqa: E402
-from faster_diffusion.app.loading import load_pipeline  # noqa: E402
 from faster_diffusion.calibration import (  # noqa: E402
     DEFAULT_CRITERION,
     find_calibration,
@@ -68,8 +74,6 @@ from faster_diffusion.schedule import evenly_spaced_key_steps, paper_shaped_key_
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 BUDGETS = {Sampler.DDIM: range(5, 26), Sampler.DPM_SOLVER: range(4, 13)}
 QUICK_BUDGETS = {Sampler.DDIM: (5, 9), Sampler.DPM_SOLVER: (4, 7)}
-#: Within noise of stock: the faithfulness difference's interval contains 0 and its point is >= this.
-WITHIN_NOISE_POINTS = -1.0
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -109,38 +113,6 @@ def schedules_for(sampler: Sampler, budgets, costs: dict[str, np.ndarray]) -> di
         out[("uniform", budget)] = evenly_spaced_key_steps(steps, budget)
         out[("paper-shaped", budget)] = paper_shaped_key_steps(steps, budget)
     return out
-
-
-def within_noise(delta: float, ci: tuple[float, float]) -> bool:
-    return ci[0] <= 0.0 <= ci[1] and delta * 100 >= WITHIN_NOISE_POINTS
-
-
-class Judge:
-    """Scores runs against stock on one set of pairs, as the protocol does: faithfulness (all five attributes
-    read right) as a difference to stock with a paired bootstrap interval, and PSNR against stock's image of
-    the same pair (capped at 100 dB) with its interval. Every run is scored on the same ``draws``."""
-
-    def __init__(self, classifier, labels: np.ndarray, stock_images: np.ndarray, draws: list[np.ndarray]):
-        self.classifier, self.labels, self.stock_images, self.draws = classifier, labels, stock_images, draws
-        self.stock_correct = self.correct(stock_images)
-        self.stock_boot = np.array([self.stock_correct[d].mean() for d in draws])
-
-    def correct(self, images: np.ndarray) -> np.ndarray:
-        """1.0 for each image whose five attributes the classifier reads right, else 0.0."""
-        predicted, _ = quality.classify(self.classifier, images)
-        return (predicted == self.labels).all(axis=1).astype(np.float64)
-
-    def __call__(self, images: np.ndarray) -> dict:
-        """``all`` (share fully right), ``delta`` and ``delta_ci`` (to stock), ``psnr`` and ``psnr_ci``."""
-        correct = self.correct(images)
-        p = np.minimum(quality.psnr(images, self.stock_images), 100.0)
-        return {
-            "all": float(correct.mean()),
-            "delta": float(correct.mean() - self.stock_correct.mean()),
-            "delta_ci": quality.interval(np.array([correct[d].mean() for d in self.draws]) - self.stock_boot),
-            "psnr": float(p.mean()),
-            "psnr_ci": quality.interval(np.array([p[d].mean() for d in self.draws])),
-        }
 
 
 def plot(results: dict, path: Path) -> None:
@@ -208,32 +180,32 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SAMPLER=B,B,...",
         help="the budgets of one sampler instead of the protocol's, e.g. DDIM-50=5,9,13 (repeatable)",
     )
+    report.add_from_json(parser, plots=True)
     args = parser.parse_args(argv)
+    if args.from_json is not None:
+        saved, ran = report.saved_run(args.from_json, parser)
+        plot(typed(saved)[0], Path(f"{args.out.with_suffix('')}.png"))
+        report.report_again(args.from_json, args.out, lambda data: render(data, ran))
+        return 0
     budgets_of = dict(QUICK_BUDGETS if args.quick else BUDGETS)
     for item in args.budgets:
         name, _, values = item.partition("=")
         budgets_of[Sampler.parse(name)] = tuple(int(v) for v in values.split(","))
-    argv_list = list(argv if argv is not None else sys.argv[1:])
     boot = args.boot or (20 if args.quick else 1000)
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    t0 = time.perf_counter()
+    started, began = report.started_now(), time.perf_counter()
 
-    pipe = load_pipeline(
-        reference.MODEL_DIR, device=args.device, dtype=getattr(torch, args.dtype), safety_checker=False
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_reference(device=args.device, dtype=getattr(torch, args.dtype))
     if args.calibrations is not None:
         calibrations = load_calibrations(args.calibrations)
         if not calibrations:
             raise SystemExit(f"--calibrations: no calibrations in {args.calibrations}")
         for calibration in calibrations:
             register(pipe.unet, calibration)
-    classifier = reference.load_classifier(reference.CLASSIFIER_PATH)
-    pairs = quality.Pairs.held_out(args.quick)
+    classifier = load_classifier()
+    pairs = Pairs.held_out(args.quick)
     prompts, seeds, labels = pairs.prompts, pairs.seeds, pairs.labels
     n = len(prompts)
-    rng = np.random.default_rng(0)
-    draws = [rng.integers(0, n, n) for _ in range(boot)]
+    draws = bootstrap_draws(n, boot)
     guidance = reference.GUIDANCE_SCALE
 
     results: dict[Sampler, dict[str, dict[int, dict]]] = {}
@@ -281,11 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         }
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    stem = args.out.with_suffix("")
-    plot(results, Path(f"{stem}.png"))
-    text = report(argv_list, args, started, time.perf_counter() - t0, n, results, correlations, stock_rows)
-    args.out.write_text(text)
+    plot(results, Path(f"{args.out.with_suffix('')}.png"))
+    device = (
+        torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "CPU"
+    )
     data = {
+        "run": report.run_facts(report.argv_of(argv), started, began, device_name=device),
         "pairs": n,
         "stock": {s.value: v for s, v in stock_rows.items()},
         "correlations": {s.value: v for s, v in correlations.items()},
@@ -294,9 +267,24 @@ def main(argv: list[str] | None = None) -> int:
             for s, by in results.items()
         },
     }
-    Path(f"{stem}.json").write_text(json.dumps(data, indent=1))
-    print(text)
+    report.write(args.out, render(data, args), data)
     return 0
+
+
+def typed(data: dict) -> tuple[dict, dict, dict]:
+    """A saved run's results, correlations and stock rows keyed by sampler (and budget) again."""
+    results = {
+        Sampler.parse(s): {family: {int(b): m for b, m in by.items()} for family, by in by_family.items()}
+        for s, by_family in data["results"].items()
+    }
+    correlations = {Sampler.parse(s): v for s, v in data["correlations"].items()}
+    stock = {Sampler.parse(s): v for s, v in data["stock"].items()}
+    return results, correlations, stock
+
+
+def render(data: dict, args: argparse.Namespace) -> str:
+    """The report of a run's JSON ``data``; ``args``: the settings its command line parses to."""
+    return write_report(data["run"], args, data["pairs"], *typed(data))
 
 
 def smallest_within_noise(by_budget: dict[int, dict]) -> tuple[int | None, int | None]:
@@ -311,17 +299,13 @@ def smallest_within_noise(by_budget: dict[int, dict]) -> tuple[int | None, int |
     return first, from_on
 
 
-def report(argv, args, started, wall, n, results, correlations, stock_rows) -> str:
-    command = " ".join(shlex.quote(a) for a in ["python", "benchmarks/frontier.py", *argv])
-    device = (
-        torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "CPU"
-    )
+def write_report(run: dict, args, n, results, correlations, stock_rows) -> str:
     lines = [
         "# Key-step placement: the speed-quality frontier on the reference model",
         "",
-        f"Command: `{command}`  ",
-        f"Started {started}; took {wall / 60:.1f} min on {args.device} ({device}), {args.dtype}; "
-        f"torch {torch.__version__}.  ",
+        f"Command: `{report.command('frontier.py', run['argv'])}`  ",
+        f"Started {run['started']}; took {report.minutes(run)} min on {args.device} ({run['device_name']}), "
+        f"{args.dtype}; torch {run['torch']}.  ",
         f"{n} held-out prompt x seed pairs (the quality benchmark's), guidance {reference.GUIDANCE_SCALE}; "
         "noise injection on for every schedule. Faithfulness: all five attributes read right. Intervals: 95% "
         "paired bootstrap over the pairs. 'Within noise': the faithfulness difference's interval contains 0 "

@@ -38,10 +38,6 @@ images, as a saved file holds them. A second sanity line reads the input images 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -54,27 +50,31 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.harness import (  # noqa: E402
+    Pairs,
+    bootstrap_draws,
+    classify,
+    interval,
+    load_classifier,
+    load_reference,
+    psnr,
+    run_in_batches,
+)
+from benchmarks.harness import report as report_  # noqa: E402
 from benchmarks.quality import (  # noqa: E402
     Config,
-    Pairs,
     _display,
     add_common_arguments,
     apply_common_arguments,
-    classify,
     fmt_ci,
-    interval,
-    psnr,
-    run_in_batches,
     tiles,
 )
 from benchmarks.quality import generate as text_to_image  # noqa: E402
-from faster_diffusion import KeySteps, Sampler, apply_faster_diffusion, reference, use_sampler  # noqa: E402
+from faster_diffusion import KeySteps, Sampler, apply_faster_diffusion, use_sampler  # noqa: E402
 from faster_diffusion.app.generate import image_to_image_pipeline, image_to_image_steps  # noqa: E402
-from faster_diffusion.app.loading import load_pipeline  # noqa: E402
 from faster_diffusion.policy import default_key_steps  # noqa: E402
 from faster_diffusion.reference import shapes  # noqa: E402
 
-SCRIPT = "benchmarks/img2img_quality.py"
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 SAMPLERS = (Sampler.DDIM, Sampler.DPM_SOLVER)
 STRENGTHS = (0.8, 0.6)
@@ -233,21 +233,52 @@ def save_samples_grid(columns: dict[str, np.ndarray], captions: list[str], path:
     grid.save(path)
 
 
-def report(args, results: dict, sanity: dict, n_pairs: int, started: str, wall: float) -> str:
+def typed(data: dict) -> dict[Sampler, dict[float, dict[str, Img2ImgRun]]]:
+    """A saved run's results as the report reads them (without images)."""
+    return {
+        Sampler.parse(s): {
+            float(strength): {
+                name: Img2ImgRun(
+                    images=None,
+                    seconds=m["seconds"],
+                    encoder_passes=m["encoder_passes"],
+                    decoder_passes=m["decoder_passes"],
+                    key_steps=m["key_steps"],
+                    metrics={k: v for k, v in m.items() if k not in RUN_FIELDS},
+                )
+                for name, m in runs.items()
+            }
+            for strength, runs in by_strength.items()
+        }
+        for s, by_strength in data["results"].items()
+    }
+
+
+#: The fields of a saved run that are not its metrics.
+RUN_FIELDS = ("key_steps", "encoder_passes", "decoder_passes", "seconds")
+
+
+def render(data: dict, args: argparse.Namespace) -> str:
+    """The report of a run's JSON ``data``; ``args``: the settings its command line parses to."""
+    return report(data["run"], args, data, typed(data))
+
+
+def report(run: dict, args, data: dict, results: dict) -> str:
+    sanity, n_pairs = data["input_faithfulness"], data["pairs"]
     to_pair, to_own = sanity["pair prompt"], sanity["own prompt"]
     input_all = fmt_ci(to_pair["all"], to_pair["all_ci"], 1, 100)
     lines = [
         "# Image-to-image quality of faster diffusion on the reference model",
         "",
-        f"Command: `{' '.join(shlex.quote(a) for a in ['python', SCRIPT, *args.argv])}`  ",
-        f"Started {started}; took {wall / 60:.1f} min. torch {torch.__version__}, {platform.machine()}, "
-        f"{torch.get_num_threads()} threads.  ",
+        f"Command: `{report_.command('img2img_quality.py', run['argv'])}`  ",
+        f"Started {run['started']}; took {report_.minutes(run)} min. torch {run['torch']}, {run['machine']}, "
+        f"{run['threads']} threads.  ",
         f"Model: `{_display(args.model)}` (trained by `training/train_reference.py`). {n_pairs} prompt x "
         "seed pairs from attribute combinations that training never saw (quality.py's pairs); guidance "
-        f"{args.guidance}; 32x32 images. The input image of each pair is the stock DDIM-50 text-to-image "
+        f"{data['guidance']}; 32x32 images. The input image of each pair is the stock DDIM-50 text-to-image "
         "output, with the pair's seed, of the next held-out combination's prompt; the image-to-image prompt "
         "is the pair's own. 95% bootstrap intervals over the pairs in brackets "
-        f"({args.boot} resamples, shared by all rows). The protocol, fixed before any result was seen, is "
+        f"({data['boot']} resamples, shared by all rows). The protocol, fixed before any result was seen, is "
         "in the docstring of `benchmarks/img2img_quality.py`.",
         "",
         "Judgement, stated in advance: **within noise of stock** when the 95% interval of the faithfulness "
@@ -304,22 +335,24 @@ def main(argv: list[str] | None = None) -> int:
         "--samples", type=Path, default=None, help="the PNG grid (default: img2img-samples.png beside --out)"
     )
     add_common_arguments(parser)
+    report_.add_from_json(parser)
     args = parser.parse_args(argv)
+    if args.from_json is not None:
+        ran = report_.saved_run(args.from_json, parser)[1]
+        report_.report_again(args.from_json, args.out, lambda data: render(data, ran))
+        return 0
     apply_common_arguments(parser, args, argv)
     samples_path = args.samples or args.out.with_name("img2img-samples.png")
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    t0 = time.perf_counter()
+    started, began = report_.started_now(), time.perf_counter()
 
-    pipe = load_pipeline(args.model, device="cpu", safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    classifier = reference.load_classifier(args.classifier)
+    pipe = load_reference(args.model)
+    classifier = load_classifier(args.classifier)
     pairs = Pairs.held_out(args.quick)  # quality.py's pairs
     scenes, prompts, seeds, labels = pairs.scenes, pairs.prompts, pairs.seeds, pairs.labels
     input_scenes = [shapes.Scene(*c) for c in input_combos(pairs.combos, pairs.per_combo)]
     input_prompts = [shapes.caption(s) for s in input_scenes]
     input_labels = np.array([s.labels() for s in input_scenes])
-    rng = np.random.default_rng(0)
-    draws = [rng.integers(0, len(scenes), len(scenes)) for _ in range(args.boot)]
+    draws = bootstrap_draws(len(scenes), args.boot)
 
     made = text_to_image(
         pipe, INPUT_SAMPLER, Config("stock", None), input_prompts, seeds, args.guidance, args.batch
@@ -358,9 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         [f"{i}: {prompts[i]}" for i in picks],
         samples_path,
     )
-    text = report(args, results, sanity, len(prompts), started, time.perf_counter() - t0)
-    args.out.write_text(text)
     data = {
+        "run": report_.run_facts(args.argv, started, began),
         "guidance": args.guidance,
         "pairs": len(prompts),
         "boot": args.boot,
@@ -382,8 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             for s, by_strength in results.items()
         },
     }
-    args.out.with_suffix(".json").write_text(json.dumps(data, indent=1))
-    print(text)
+    report_.write(args.out, report(data["run"], args, data, results), data)
     return 0
 
 

@@ -37,11 +37,7 @@ features between adjacent steps of stock sampling, plotted to ``feature-change.p
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
-import json
-import platform
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -54,6 +50,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.harness import (  # noqa: E402
+    Pairs,
+    classify,
+    interval,
+    load_classifier,
+    load_reference,
+    psnr,
+    run_in_batches,
+)
+from benchmarks.harness import report as report_  # noqa: E402
 from faster_diffusion import (  # noqa: E402
     FasterDiffusionConfig,
     KeySteps,
@@ -63,14 +69,12 @@ from faster_diffusion import (  # noqa: E402
     reference,
     use_sampler,
 )
-from faster_diffusion.app.loading import load_pipeline  # noqa: E402
 from faster_diffusion.reference import shapes  # noqa: E402
 from faster_diffusion.schedule import paper_key_steps  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 SAMPLERS = (Sampler.DDIM, Sampler.DPM_SOLVER)
 UNIFORM_KS = (2, 3, 5)
-SEEDS_PER_COMBO = 3
 REAL_PER_COMBO = 4
 REAL_SEED = 50_000  # jitter seeds of the real reference set
 REAL_FLOOR_SEED = 60_000  # jitter seeds of the second real set (the floor of both distances)
@@ -125,26 +129,6 @@ class RunResult:
     decoder_passes: int = 0
     key_steps: tuple[int, ...] = ()
     metrics: dict = field(default_factory=dict)
-
-
-def run_in_batches(
-    runner, prompts, seeds, batch: int, images: torch.Tensor | None = None, **call
-) -> tuple[np.ndarray, float]:
-    """``runner`` over ``prompts`` in calls of ``batch`` prompts, one generator seeded ``seeds[i]`` per
-    prompt, ``images`` (image-to-image inputs) sliced alongside, ``call`` passed to every call. Returns the
-    images, (N, 3, H, W) in [-1, 1], and the seconds spent in the calls."""
-    images_out, seconds = [], 0.0
-    for i in range(0, len(prompts), batch):
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[i : i + batch]]
-        inputs = {} if images is None else {"image": images[i : i + batch]}
-        started = time.perf_counter()
-        with torch.inference_mode():
-            out = runner(
-                list(prompts[i : i + batch]), **inputs, **call, generator=generators, output_type="np"
-            ).images
-        seconds += time.perf_counter() - started
-        images_out.append(out.transpose(0, 3, 1, 2) * 2.0 - 1.0)
-    return np.concatenate(images_out).astype(np.float32), seconds
 
 
 def generate(
@@ -219,13 +203,6 @@ def kernel_distance(a: np.ndarray, b: np.ndarray) -> float:
     return mmd2_unbiased(polynomial_kernel(a, a), polynomial_kernel(b, b), polynomial_kernel(a, b))
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-image PSNR (dB) of images in [-1, 1], (N, C, H, W); identical images give inf."""
-    mse = ((a.astype(np.float64) - b) ** 2).mean(axis=(1, 2, 3))
-    with np.errstate(divide="ignore"):
-        return 10 * np.log10(4.0 / mse)
-
-
 def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-image SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5), averaged over channels."""
     x = torch.from_numpy((a.astype(np.float64) + 1) / 2)
@@ -243,13 +220,6 @@ def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
     return s.mean(dim=(1, 2, 3)).numpy()
-
-
-def classify(classifier, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted labels (N, 5), features (N, 64))."""
-    x = torch.from_numpy(images)
-    labels, features = zip(*(classifier.predict_with_features(c) for c in x.split(256)), strict=True)
-    return torch.cat(labels).numpy(), torch.cat(features).numpy()
 
 
 def half_samples(rng: np.random.Generator, n: int, count: int) -> list[np.ndarray]:
@@ -306,11 +276,6 @@ def half_kernel_distances(
             for h, r in halves
         ]
     )
-
-
-def interval(values: np.ndarray) -> tuple[float, float]:
-    low, high = np.percentile(values, [2.5, 97.5])
-    return float(low), float(high)
 
 
 # ---------------------------------------------------------------------------------------- feature change
@@ -465,8 +430,50 @@ def fmt_ci(value: float, ci: tuple[float, float], digits: int = 1, scale: float 
     return f"{value * scale:.{digits}f} [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]"
 
 
+#: The fields of a saved configuration that are not its metrics.
+RUN_FIELDS = ("key_steps", "encoder_passes", "decoder_passes", "seconds")
+
+
+def typed(data: dict) -> dict[Sampler, dict[str, RunResult]]:
+    """A saved run's results as the report reads them (without images)."""
+    return {
+        Sampler.parse(s): {
+            name: RunResult(
+                images=None,
+                seconds=m["seconds"],
+                encoder_passes=m["encoder_passes"],
+                decoder_passes=m["decoder_passes"],
+                key_steps=tuple(m["key_steps"]),
+                metrics={k: v for k, v in m.items() if k not in RUN_FIELDS},
+            )
+            for name, m in by_config.items()
+        }
+        for s, by_config in data["results"].items()
+    }
+
+
+def render(data: dict, args: argparse.Namespace) -> str:
+    """The report of a run's JSON ``data``; ``args``: the settings its command line parses to."""
+    floor, kid_floor = data["frechet_floor"], data["kid_floor"]
+    return report(
+        data["run"],
+        args.model,
+        data["boot"],
+        data["guidance"],
+        typed(data),
+        floor[0],
+        floor[1:],
+        kid_floor[0],
+        kid_floor[1:],
+        data["real_accuracy"],
+        data["pairs"],
+    )
+
+
 def report(
-    args,
+    run: dict,
+    model: Path,
+    boot: int,
     guidance: float,
     results: dict[Sampler, dict[str, RunResult]],
     floor: float,
@@ -475,19 +482,17 @@ def report(
     kid_floor_ci: tuple[float, float],
     real_accuracy: dict,
     n_pairs: int,
-    started: str,
-    wall: float,
 ) -> str:
     real_attrs = ", ".join(f"{a} {real_accuracy[a] * 100:.1f}%" for a in shapes.ATTRIBUTES)
     lines = [
         "# Quality of faster diffusion on the reference model",
         "",
-        f"Command: `{' '.join(shlex.quote(a) for a in ['python', 'benchmarks/quality.py', *args.argv])}`  ",
-        f"Started {started}; took {wall / 60:.1f} min. torch {torch.__version__}, {platform.machine()}, "
-        f"{torch.get_num_threads()} threads.  ",
-        f"Model: `{_display(args.model)}` (trained by `training/train_reference.py`). "
+        f"Command: `{report_.command('quality.py', run['argv'])}`  ",
+        f"Started {run['started']}; took {report_.minutes(run)} min. torch {run['torch']}, {run['machine']}, "
+        f"{run['threads']} threads.  ",
+        f"Model: `{_display(model)}` (trained by `training/train_reference.py`). "
         f"{n_pairs} prompt x seed pairs from attribute combinations that training never saw; guidance "
-        f"{guidance}; 32x32 images. 95% intervals in brackets: bootstrap ({args.boot} resamples) for "
+        f"{guidance}; 32x32 images. 95% intervals in brackets: bootstrap ({boot} resamples) for "
         "accuracies, PSNR and SSIM; half samples without replacement, recentred, for Fréchet and kernel "
         f"distances. KID is the unbiased MMD^2 of the cubic polynomial kernel (Bińkowski et al. 2018), "
         f"shown x {KID_SCALE:g}; it can be negative.",
@@ -560,35 +565,6 @@ def report(
     return "\n".join(lines)
 
 
-@dataclass
-class Pairs:
-    """The benchmark's prompt x seed pairs: ``per_combo`` seeds for each held-out combination, pair i's seed
-    being ``seed_offset + i`` (i by default)."""
-
-    combos: list[tuple[str, ...]]
-    per_combo: int
-    scenes: list
-    prompts: list[str]
-    seeds: list[int]
-    labels: np.ndarray
-
-    @classmethod
-    def held_out(cls, quick: bool, seed_offset: int = 0) -> Pairs:
-        """All held-out combinations with :data:`SEEDS_PER_COMBO` seeds each, or 4 with 2 for ``quick``; pair
-        i's seed is ``seed_offset + i``."""
-        combos = list(shapes.HELD_OUT_COMBOS[:4] if quick else shapes.HELD_OUT_COMBOS)
-        per_combo = 2 if quick else SEEDS_PER_COMBO
-        scenes = [shapes.Scene(*c) for c in combos for _ in range(per_combo)]
-        return cls(
-            combos=combos,
-            per_combo=per_combo,
-            scenes=scenes,
-            prompts=[shapes.caption(s) for s in scenes],
-            seeds=list(range(seed_offset, seed_offset + len(scenes))),
-            labels=np.array([s.labels() for s in scenes]),
-        )
-
-
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of the benchmarks on the reference model: model, classifier, guidance, bootstrap resamples,
     batch and threads (see :func:`apply_common_arguments`)."""
@@ -623,14 +599,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "quality.md")
     add_common_arguments(parser)
+    report_.add_from_json(parser)
     args = parser.parse_args(argv)
+    if args.from_json is not None:
+        ran = report_.saved_run(args.from_json, parser)[1]
+        report_.report_again(args.from_json, args.out, lambda data: render(data, ran))
+        return 0
     apply_common_arguments(parser, args, argv)
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    t0 = time.perf_counter()
+    started, began = report_.started_now(), time.perf_counter()
 
-    pipe = load_pipeline(args.model, device="cpu", safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    classifier = reference.load_classifier(args.classifier)
+    pipe = load_reference(args.model)
+    classifier = load_classifier(args.classifier)
     pairs = Pairs.held_out(args.quick)
     combos, per_combo, scenes = pairs.combos, pairs.per_combo, pairs.scenes
     prompts, seeds, labels = pairs.prompts, pairs.seeds, pairs.labels
@@ -677,21 +656,9 @@ def main(argv: list[str] | None = None) -> int:
             {name: r.images[::per_combo] for name, r in by_config.items()},
             Path(f"{stem}-samples-{sampler.name.lower()}.png"),
         )
-    text = report(
-        args,
-        args.guidance,
-        results,
-        floor,
-        floor_ci,
-        kid_floor,
-        kid_floor_ci,
-        real_accuracy,
-        len(prompts),
-        started,
-        time.perf_counter() - t0,
-    )
-    args.out.write_text(text)
     data = {
+        "run": report_.run_facts(args.argv, started, began),
+        "boot": args.boot,
         "guidance": args.guidance,
         "pairs": len(prompts),
         "real_accuracy": real_accuracy,
@@ -712,8 +679,7 @@ def main(argv: list[str] | None = None) -> int:
             for s, by_config in results.items()
         },
     }
-    Path(f"{stem}.json").write_text(json.dumps(data, indent=1))
-    print(text)
+    report_.write(args.out, render(data, args), data)
     return 0
 
 
