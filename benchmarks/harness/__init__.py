@@ -14,8 +14,9 @@ How to add
 
 - **a method** (one of ours at a setting, or a peer such as T-GATE): one :func:`register_method` call in
   :mod:`.methods`, a pattern for its names, ``attach(pipe, context, **groups)`` returning a handle with
-  ``remove()``, ``full(context, **groups)`` its full passes, and ``needs=`` the peer's package. Judge runs
-  (:func:`run`) and speed timing (``speed.py``'s ``--extra-modes``, when its parser accepts the name) use it.
+  ``remove()``, ``full(context, **groups)`` its full passes, ``needs=`` the peer's package and
+  ``timed_kinds=`` the ``KIND`` of its ``KIND:N`` names that ``speed.py --extra-modes`` times. Judge runs
+  (:func:`run`) and speed timing (``speed.py``) attach it through the same registration.
 - **a model**: a folder in :data:`REFERENCE_MODELS` (``reference.guidance_scale`` knowing its guidance).
 - **a report**: a script whose report is a function of its JSON alone (the JSON's ``run`` is
   :func:`run_facts`'s), which it writes with :func:`write`, and whose ``--from-json`` (:func:`add_from_json`,

@@ -12,7 +12,10 @@ speed protocol (``benchmarks/speed.py``) attach methods through :func:`attach`, 
         ...
         return helper  # with remove()
 
-    register_method(r"deepcache:(?P<interval>\\d+)", attach_deepcache, full=uniform_full, needs="DeepCache")
+    register_method(
+        r"deepcache:(?P<interval>\\d+)", attach_deepcache, uniform_full, needs="DeepCache",
+        timed_kinds=("deepcache",),  # speed.py --extra-modes deepcache:I
+    )
 
 A handle's ``last_run`` (``encoder_passes``, ``decoder_passes``, ``decoder_batches``, ``schedule.indices``),
 where it has one, is what the speed report counts; a peer that keeps no counts sets it from its rule.
@@ -61,6 +64,8 @@ class Method:
     full: Callable[..., int]
     #: The module it imports (a peer's package), or ``None``.
     needs: str | None = None
+    #: The ``KIND`` of names ``KIND:N`` (N a whole number >= 1) that ``speed.py --extra-modes`` may time.
+    timed_kinds: tuple[str, ...] = ()
 
     def available(self) -> bool:
         """Whether :attr:`needs` imports here."""
@@ -71,14 +76,19 @@ METHODS: list[Method] = []
 
 
 def register_method(
-    pattern: str, attach: Callable[..., Any], full: Callable[..., int], needs: str | None = None
+    pattern: str,
+    attach: Callable[..., Any],
+    full: Callable[..., int],
+    needs: str | None = None,
+    timed_kinds: tuple[str, ...] = (),
 ) -> None:
     """Register a method: every name that ``pattern`` matches in full is attached by ``attach`` and has
-    ``full`` full passes; ``needs``: the module it imports (``have(name)`` says whether it does here)."""
+    ``full`` full passes; ``needs``: the module it imports (``have(name)`` says whether it does here);
+    ``timed_kinds``: the ``KIND`` of its names ``KIND:N`` that ``speed.py --extra-modes`` may time."""
     compiled = re.compile(pattern)
     if any(m.pattern.pattern == compiled.pattern for m in METHODS):
         raise ValueError(f"a method is already registered for {pattern!r}")
-    METHODS.append(Method(compiled, attach, full, needs))
+    METHODS.append(Method(compiled, attach, full, needs, tuple(timed_kinds)))
 
 
 def lookup(name: str) -> tuple[Method, dict[str, str]]:
@@ -106,6 +116,12 @@ def full_passes(name: str, context: Context) -> int:
 def have(name: str) -> bool:
     """Whether the package method ``name`` needs imports here (``False`` for a peer not installed)."""
     return lookup(name)[0].available()
+
+
+def timed_kinds() -> tuple[str, ...]:
+    """Every registration's ``timed_kinds``, in order of registration: what ``speed.py --extra-modes``
+    times beside its own modes."""
+    return tuple(kind for method in METHODS for kind in method.timed_kinds)
 
 
 def have_deepcache() -> bool:
@@ -218,11 +234,22 @@ def _deepcache(pipe, context: Context, interval: str):
     return handle
 
 
+# In the order ``speed.py --extra-modes`` lists the kinds it times.
 register_method(r"stock", _stock, _all_steps)
-register_method(r"(?P<kind>deep|deep\+forecast|deep-batched):(?P<interval>\d+)", _deep, uniform_full)
-register_method(r"deep-full:(?P<budget>\d+)", _deep_full, _budget)
+register_method(
+    r"(?P<kind>deep|deep\+forecast):(?P<interval>\d+)",
+    _deep,
+    uniform_full,
+    timed_kinds=("deep", "deep+forecast"),
+)
+register_method(
+    r"deepcache:(?P<interval>\d+)", _deepcache, uniform_full, needs="DeepCache", timed_kinds=("deepcache",)
+)
+register_method(r"deep-full:(?P<budget>\d+)", _deep_full, _budget, timed_kinds=("deep-full",))
+register_method(
+    r"(?P<kind>deep-batched):(?P<interval>\d+)", _deep, uniform_full, timed_kinds=("deep-batched",)
+)
 register_method(r"deep auto:(?P<budget>\d+)(?P<feature> \(feature\))?", _deep_auto, _budget)
 register_method(r"encoder: paper", _encoder, _paper_full)
 register_method(r"encoder: auto:(?P<budget>\d+)", _encoder, _budget)
 register_method(r"propagation(?P<batched>\+batched)?", _propagation, _speed_keys_full)
-register_method(r"deepcache:(?P<interval>\d+)", _deepcache, uniform_full, needs="DeepCache")
