@@ -60,18 +60,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.harness import (  # noqa: E402
-    Judge,
-    Pairs,
-    bootstrap_draws,
-    load_classifier,
-    load_reference,
-    noise_verdict,
-    report,
-    run,
-    run_in_batches,
-    timing,
-)
+from benchmarks import harness  # noqa: E402
 from faster_diffusion import (  # noqa: E402
     DeepReuseConfig,
     FasterDiffusionConfig,
@@ -189,7 +178,7 @@ def run_plan(pipe, plan: str, gain, pairs, guidance: float, batch: int) -> np.nd
     for i in range(0, len(pairs.prompts), batch):
         # One plan per pipeline call: the step counter starts again.
         with planned(pipe, plan, gain):
-            part, _ = run_in_batches(
+            part, _ = harness.run_in_batches(
                 pipe,
                 pairs.prompts[i : i + batch],
                 pairs.seeds[i : i + batch],
@@ -238,7 +227,7 @@ def checks(pipe, pairs, guidance: float, batch: int, interval: int) -> dict[str,
     """The prototype against the package: largest pixel differences (0-255)."""
     steps = SAMPLER.default_steps
     plan = "".join("F" if s % interval == 0 else "P" for s in range(steps))
-    copied = run(
+    copied = harness.run(
         pipe,
         SAMPLER,
         DeepReuseConfig(key_steps=KeySteps.uniform(interval)),
@@ -247,7 +236,7 @@ def checks(pipe, pairs, guidance: float, batch: int, interval: int) -> dict[str,
         guidance,
         batch,
     )
-    forecast = run(
+    forecast = harness.run(
         pipe,
         SAMPLER,
         DeepReuseConfig(key_steps=KeySteps.uniform(interval), forecast=1),
@@ -341,18 +330,18 @@ def measure_costs(repeats: int = 2, steps: int = 6) -> dict:
     timed(None)  # warm-up
     ratios: dict[str, list[float]] = {name: [] for name in variants}
     stock: list[float] = []
-    for _, (name, config) in timing.interleaved(variants.items(), repeats, warmups=0):
+    for _, (name, config) in harness.timing.interleaved(variants.items(), repeats, warmups=0):
         s = timed(None)
         t = timed(config)
         stock.append(s)
         ratios[name].append((t - s / steps) / ((steps - 1) * s / steps))
-    median = {name: round(timing.median(r), 4) for name, r in ratios.items()}
+    median = {name: round(harness.timing.median(r), 4) for name, r in ratios.items()}
     return {
-        "stock_seconds": {"median": timing.median(stock), "min": min(stock), "max": max(stock)},
+        "stock_seconds": {"median": harness.timing.median(stock), "min": min(stock), "max": max(stock)},
         "steps": steps,
         "repeats": repeats,
         "threads": torch.get_num_threads(),
-        "cpu": timing.cpu_model(),
+        "cpu": harness.timing.cpu_model(),
         "partial": {name.split("b")[-1]: v for name, v in median.items() if name.startswith("partial b")},
         "encoder_reuse": median["encoder reuse"],
         "batched_partial": median["batched partial"],
@@ -373,11 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated of {FAMILIES}")
     parser.add_argument("--batch", type=int, default=80)
     parser.add_argument("--threads", type=int, default=None)
-    report.add_from_json(parser)
+    harness.report.add_from_json(parser)
     args = parser.parse_args(argv)
     if args.from_json is not None:
-        ran = report.saved_run(args.from_json, parser)[1]
-        report.report_again(args.from_json, args.out, lambda data: render(data, ran))
+        ran = harness.report.saved_run(args.from_json, parser)[1]
+        harness.report.report_again(args.from_json, args.out, lambda data: render(data, ran))
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -385,11 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
         parser.error(f"--families: unknown {unknown}; choose from {FAMILIES}")
-    argv_list = report.argv_of(argv)
-    started, began = report.started_now(), time.perf_counter()
+    argv_list = harness.report.argv_of(argv)
+    started, began = harness.report.started_now(), time.perf_counter()
     if args.costs:
         costs = measure_costs(args.repeats)
-        costs["command"] = report.command("deep_variants.py", argv_list)
+        costs["command"] = harness.report.command("deep_variants.py", argv_list)
         costs["date"] = started
         args.costs_file.write_text(json.dumps(costs, indent=1) + "\n")
         print(json.dumps(costs, indent=1))
@@ -397,10 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.costs_file.is_file():
         parser.error(f"--costs-file: {args.costs_file} does not exist; measure it first with --costs")
     costs = json.loads(args.costs_file.read_text())
-    pipe = load_reference(args.model)
-    classifier = load_classifier()
-    pairs = Pairs.held_out(args.quick)
-    draws = bootstrap_draws(len(pairs.prompts), 20 if args.quick else 1000)
+    pipe = harness.load_reference(args.model)
+    classifier = harness.load_classifier()
+    pairs = harness.Pairs.held_out(args.quick)
+    draws = harness.bootstrap_draws(len(pairs.prompts), 20 if args.quick else 1000)
     guidance = reference.guidance_scale(args.model)
     intervals = QUICK_INTERVALS if args.quick else INTERVALS
     steps = SAMPLER.default_steps
@@ -410,9 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(how, tuple):
             images = run_plan(pipe, how[1], how[2], pairs, guidance, args.batch)
         else:
-            images = run(pipe, SAMPLER, how, pairs.prompts, pairs.seeds, guidance, args.batch)
+            images = harness.run(pipe, SAMPLER, how, pairs.prompts, pairs.seeds, guidance, args.batch)
         if judge is None:
-            judge = Judge(classifier, pairs.labels, images, draws)
+            judge = harness.Judge(classifier, pairs.labels, images, draws)
         rows[name] = {
             "family": family,
             "interval": interval,
@@ -431,20 +420,20 @@ def main(argv: list[str] | None = None) -> int:
         else {}
     )
     data = {
-        "run": report.run_facts(argv_list, started, began),
+        "run": harness.report.run_facts(argv_list, started, began),
         "pairs": len(pairs.prompts),
         "costs": costs,
         "rows": rows,
         "agreement": agreement,
     }
-    report.write(args.out, render(data, args), data)
+    harness.report.write(args.out, render(data, args), data)
     return 0
 
 
 def render(data: dict, args: argparse.Namespace) -> str:
     """The report of a run's JSON ``data``; ``args``: the settings its command line parses to."""
     costs, rows, intervals = data["costs"], data["rows"], QUICK_INTERVALS if args.quick else INTERVALS
-    lines = report.header(
+    lines = harness.report.header(
         "Deep reuse variants against DeepCache's rule at equal cost",
         "deep_variants.py",
         data["run"],
@@ -460,6 +449,7 @@ def render(data: dict, args: argparse.Namespace) -> str:
         "| within noise | PSNR vs stock dB (95% CI) |",
         "|---|---|---|---|---|---|---|",
     ]
+    noise_verdict = harness.noise_verdict
     for name, m in rows.items():
         ci = m["delta_ci"]
         lines.append(

@@ -46,16 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.harness import (  # noqa: E402
-    Judge,
-    Pairs,
-    budgets,
-    noise_verdict,
-    reference_models,
-    report_again,
-    run,
-)
-from benchmarks.harness.budgets import choose_at, load_model  # noqa: E402
+from benchmarks import harness  # noqa: E402
 from faster_diffusion import DeepReuseConfig, KeySteps, Sampler, reference  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -69,19 +60,19 @@ FAITH_POINTS = 1.0
 
 
 def judge_model(model: Path, args, partial: dict[int, float], draws) -> dict:
-    pipe, steps, branches, found, classifier = load_model(model, partial, SAMPLER)
-    pairs = Pairs.held_out(args.quick, 0)
+    pipe, steps, branches, found, classifier = harness.budgets.load_model(model, partial, SAMPLER)
+    pairs = harness.Pairs.held_out(args.quick, 0)
     guidance = reference.guidance_scale(model)
 
     def score(how) -> dict:
-        images = run(pipe, SAMPLER, how, pairs.prompts, pairs.seeds, guidance, args.batch)
+        images = harness.run(pipe, SAMPLER, how, pairs.prompts, pairs.seeds, guidance, args.batch)
         return judge(images)
 
-    stock = run(pipe, SAMPLER, None, pairs.prompts, pairs.seeds, guidance, args.batch)
-    judge = Judge(classifier, pairs.labels, stock, draws)
+    stock = harness.run(pipe, SAMPLER, None, pairs.prompts, pairs.seeds, guidance, args.batch)
+    judge = harness.Judge(classifier, pairs.labels, stock, draws)
     budgets = []
     for interval in QUICK_INTERVALS if args.quick else INTERVALS:
-        cost, choice = choose_at(pipe, interval, steps, partial, branches, found)
+        cost, choice = harness.budgets.choose_at(pipe, interval, steps, partial, branches, found)
         rows = []
         baseline = {"name": f"deep:{interval}", "branch": 0, "full": len(range(0, steps, interval))}
         baseline.update(score(DeepReuseConfig(key_steps=KeySteps.uniform(interval))))
@@ -128,7 +119,7 @@ def verdicts(budget: dict) -> dict:
 
 
 def report(run: dict, results, partial) -> str:
-    lines = budgets.header(
+    lines = harness.budgets.header(
         "The depth chooser against every branch at DeepCache's cost",
         "depth_choice.py",
         run,
@@ -157,7 +148,7 @@ def report(run: dict, results, partial) -> str:
                     f"| I={budget['interval']} ({budget['cost']:.2f}) | {row['name']}{mark} | "
                     f"{row['full']} | {predicted} | {row['delta'] * 100:+.1f} "
                     f"[{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}] | "
-                    f"{noise_verdict(row['delta'], ci)} | {row['psnr']:.2f} "
+                    f"{harness.noise_verdict(row['delta'], ci)} | {row['psnr']:.2f} "
                     f"[{row['psnr_ci'][0]:.2f}, {row['psnr_ci'][1]:.2f}] |"
                 )
             notes.append(
@@ -180,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    budgets.add_run_arguments(parser, RESULTS / "depth-choice.md")
+    harness.budgets.add_run_arguments(parser, RESULTS / "depth-choice.md")
     parser.add_argument(
         "--models",
         type=lambda text: [Path(t) for t in text.split(",")],
@@ -189,14 +180,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.from_json is not None:
-        report_again(args.from_json, args.out, lambda saved: report(saved["run"], *budgets.saved(saved)))
+        harness.report.report_again(
+            args.from_json, args.out, lambda saved: report(saved["run"], *harness.budgets.saved(saved))
+        )
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    partial = budgets.read_costs(parser, args.costs_file)
-    models = args.models or reference_models(args.quick)
-    pairs = len(Pairs.held_out(args.quick, 0).prompts)
-    budgets.judge_and_write(args, argv, models, pairs, judge_model, report, partial)
+    partial = harness.budgets.read_costs(parser, args.costs_file)
+    models = args.models or harness.reference_models(args.quick)
+    pairs = len(harness.Pairs.held_out(args.quick, 0).prompts)
+    harness.budgets.judge_and_write(args, argv, models, pairs, judge_model, report, partial)
     return 0
 
 

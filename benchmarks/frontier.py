@@ -48,17 +48,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import quality  # noqa: E402
-from benchmarks.harness import (  # noqa: E402
-    WITHIN_NOISE_POINTS,
-    Judge,
-    Pairs,
-    bootstrap_draws,
-    load_classifier,
-    load_reference,
-    report,
-    within_noise,
-)
+from benchmarks import harness, quality  # noqa: E402
 from faster_diffusion import KeySteps, Sampler, reference, use_sampler  # noqa: E402
 from faster_diffusion.calibration import (  # noqa: E402
     DEFAULT_CRITERION,
@@ -138,7 +128,7 @@ def plot(results: dict, path: Path) -> None:
                 ax.fill_between(budgets, low, high, color=line.get_color(), alpha=0.15)
             if metric == "delta":
                 ax.axhline(0, color="black", linewidth=0.8)
-                ax.axhline(WITHIN_NOISE_POINTS, color="0.6", linewidth=0.8, linestyle="--")
+                ax.axhline(harness.WITHIN_NOISE_POINTS, color="0.6", linewidth=0.8, linestyle="--")
             ax.axvline(paper_budget(sampler.default_steps), color="0.85", linewidth=0.8, zorder=0)
             ax.set_xlabel("key steps (encoder passes); grey line: the paper's budget")
             ax.set_ylabel(label)
@@ -180,32 +170,32 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SAMPLER=B,B,...",
         help="the budgets of one sampler instead of the protocol's, e.g. DDIM-50=5,9,13 (repeatable)",
     )
-    report.add_from_json(parser, plots=True)
+    harness.report.add_from_json(parser, plots=True)
     args = parser.parse_args(argv)
     if args.from_json is not None:
-        saved, ran = report.saved_run(args.from_json, parser)
+        saved, ran = harness.report.saved_run(args.from_json, parser)
         plot(typed(saved)[0], Path(f"{args.out.with_suffix('')}.png"))
-        report.report_again(args.from_json, args.out, lambda data: render(data, ran))
+        harness.report.report_again(args.from_json, args.out, lambda data: render(data, ran))
         return 0
     budgets_of = dict(QUICK_BUDGETS if args.quick else BUDGETS)
     for item in args.budgets:
         name, _, values = item.partition("=")
         budgets_of[Sampler.parse(name)] = tuple(int(v) for v in values.split(","))
     boot = args.boot or (20 if args.quick else 1000)
-    started, began = report.started_now(), time.perf_counter()
+    started, began = harness.report.started_now(), time.perf_counter()
 
-    pipe = load_reference(device=args.device, dtype=getattr(torch, args.dtype))
+    pipe = harness.load_reference(device=args.device, dtype=getattr(torch, args.dtype))
     if args.calibrations is not None:
         calibrations = load_calibrations(args.calibrations)
         if not calibrations:
             raise SystemExit(f"--calibrations: no calibrations in {args.calibrations}")
         for calibration in calibrations:
             register(pipe.unet, calibration)
-    classifier = load_classifier()
-    pairs = Pairs.held_out(args.quick)
+    classifier = harness.load_classifier()
+    pairs = harness.Pairs.held_out(args.quick)
     prompts, seeds, labels = pairs.prompts, pairs.seeds, pairs.labels
     n = len(prompts)
-    draws = bootstrap_draws(n, boot)
+    draws = harness.bootstrap_draws(n, boot)
     guidance = reference.GUIDANCE_SCALE
 
     results: dict[Sampler, dict[str, dict[int, dict]]] = {}
@@ -223,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         stock = quality.generate(
             pipe, sampler, quality.Config("stock", None), prompts, seeds, guidance, args.batch
         )
-        judge = Judge(classifier, labels, stock.images, draws)
+        judge = harness.Judge(classifier, labels, stock.images, draws)
         stock_rows[sampler] = {"all": float(judge.stock_correct.mean()), "seconds": stock.seconds}
         measured: dict[tuple, dict] = {}
         for indices in dict.fromkeys(schedules.values()):
@@ -258,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "CPU"
     )
     data = {
-        "run": report.run_facts(report.argv_of(argv), started, began, device_name=device),
+        "run": harness.report.run_facts(harness.report.argv_of(argv), started, began, device_name=device),
         "pairs": n,
         "stock": {s.value: v for s, v in stock_rows.items()},
         "correlations": {s.value: v for s, v in correlations.items()},
@@ -267,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             for s, by in results.items()
         },
     }
-    report.write(args.out, render(data, args), data)
+    harness.report.write(args.out, render(data, args), data)
     return 0
 
 
@@ -289,7 +279,7 @@ def render(data: dict, args: argparse.Namespace) -> str:
 
 def smallest_within_noise(by_budget: dict[int, dict]) -> tuple[int | None, int | None]:
     """(smallest budget within noise, smallest budget from which every larger one is within noise)."""
-    ok = {b: within_noise(m["delta"], m["delta_ci"]) for b, m in by_budget.items()}
+    ok = {b: harness.within_noise(m["delta"], m["delta_ci"]) for b, m in by_budget.items()}
     first = min((b for b, good in ok.items() if good), default=None)
     from_on = None
     for b in sorted(ok, reverse=True):
@@ -300,16 +290,17 @@ def smallest_within_noise(by_budget: dict[int, dict]) -> tuple[int | None, int |
 
 
 def write_report(run: dict, args, n, results, correlations, stock_rows) -> str:
+    took = harness.report.minutes(run)
     lines = [
         "# Key-step placement: the speed-quality frontier on the reference model",
         "",
-        f"Command: `{report.command('frontier.py', run['argv'])}`  ",
-        f"Started {run['started']}; took {report.minutes(run)} min on {args.device} ({run['device_name']}), "
+        f"Command: `{harness.report.command('frontier.py', run['argv'])}`  ",
+        f"Started {run['started']}; took {took} min on {args.device} ({run['device_name']}), "
         f"{args.dtype}; torch {run['torch']}.  ",
         f"{n} held-out prompt x seed pairs (the quality benchmark's), guidance {reference.GUIDANCE_SCALE}; "
         "noise injection on for every schedule. Faithfulness: all five attributes read right. Intervals: 95% "
         "paired bootstrap over the pairs. 'Within noise': the faithfulness difference's interval contains 0 "
-        f"and its point is at least {WITHIN_NOISE_POINTS:+.0f} point.",
+        f"and its point is at least {harness.WITHIN_NOISE_POINTS:+.0f} point.",
         "",
         "## Which criterion predicts quality",
         "",

@@ -49,17 +49,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.harness import (  # noqa: E402
-    Paired,
-    Pairs,
-    budgets,
-    have_deepcache,
-    reference_models,
-    report_again,
-    run,
-    within_noise,
-)
-from benchmarks.harness.budgets import choose_at, load_model  # noqa: E402
+from benchmarks import harness  # noqa: E402
 from faster_diffusion import DeepReuseConfig, KeySteps, Sampler, reference  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -72,7 +62,7 @@ SEED_BLOCKS = (2000, 2240)
 
 def fresh_pairs(quick: bool):
     """Prompts, seeds and labels of the protocol's pairs (the held-out set twice, with fresh seeds)."""
-    blocks = [Pairs.held_out(quick, offset) for offset in (SEED_BLOCKS[:1] if quick else SEED_BLOCKS)]
+    blocks = [harness.Pairs.held_out(quick, offset) for offset in (SEED_BLOCKS[:1] if quick else SEED_BLOCKS)]
     prompts = [p for b in blocks for p in b.prompts]
     seeds = [s for b in blocks for s in b.seeds]
     labels = np.concatenate([b.labels for b in blocks])
@@ -82,18 +72,18 @@ def fresh_pairs(quick: bool):
 
 
 def judge_model(model: Path, args, partial: dict[int, float], draws) -> dict:
-    pipe, steps, branches, found, classifier = load_model(model, partial, SAMPLER)
+    pipe, steps, branches, found, classifier = harness.budgets.load_model(model, partial, SAMPLER)
     prompts, seeds, labels = fresh_pairs(args.quick)
     guidance = reference.guidance_scale(model)
 
     def images(how) -> np.ndarray:
-        return run(pipe, SAMPLER, how, prompts, seeds, guidance, args.batch)
+        return harness.run(pipe, SAMPLER, how, prompts, seeds, guidance, args.batch)
 
-    paired = Paired(classifier, labels, images(None), draws)
+    paired = harness.Paired(classifier, labels, images(None), draws)
     zeros = np.zeros(len(prompts))
     cells = []
     for interval in QUICK_INTERVALS if args.quick else INTERVALS:
-        cost, choice = choose_at(pipe, interval, steps, partial, branches, found)
+        cost, choice = harness.budgets.choose_at(pipe, interval, steps, partial, branches, found)
         pick = next(c for c in choice.candidates if c.branch == choice.branch)
         config = DeepReuseConfig(key_steps=KeySteps.explicit(pick.indices), branch=pick.branch)
         dc = paired.scores(images(f"deepcache:{interval}"))
@@ -123,7 +113,7 @@ def judge_model(model: Path, args, partial: dict[int, float], draws) -> dict:
 def verdict(cell: dict) -> dict:
     faith, faith_ci = cell["faith_diff"]
     psnr, psnr_ci = cell["psnr_diff"]
-    not_lower = within_noise(faith, faith_ci) or faith_ci[0] > 0
+    not_lower = harness.within_noise(faith, faith_ci) or faith_ci[0] > 0
     holds = psnr >= 0 and not_lower
     beats = holds and psnr_ci[0] > 0 and faith >= 0
     return {"holds": holds, "beats": beats}
@@ -135,7 +125,7 @@ def points(value: tuple[float, tuple[float, float]]) -> str:
 
 
 def report(run: dict, results, partial) -> str:
-    lines = budgets.header(
+    lines = harness.budgets.header(
         "The product's best setting against DeepCache, pair by pair",
         "head_to_head.py",
         run,
@@ -181,18 +171,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    budgets.add_run_arguments(parser, RESULTS / "head-to-head.md")
+    harness.budgets.add_run_arguments(parser, RESULTS / "head-to-head.md")
     args = parser.parse_args(argv)
     if args.from_json is not None:
-        report_again(args.from_json, args.out, lambda saved: report(saved["run"], *budgets.saved(saved)))
+        harness.report.report_again(
+            args.from_json, args.out, lambda saved: report(saved["run"], *harness.budgets.saved(saved))
+        )
         return 0
-    if not have_deepcache():
+    if not harness.have_deepcache():
         parser.error("the deepcache package is not installed (pip install --no-deps deepcache==0.1.1)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    partial = budgets.read_costs(parser, args.costs_file)
-    models = reference_models(args.quick)
-    budgets.judge_and_write(args, argv, models, len(fresh_pairs(args.quick)[0]), judge_model, report, partial)
+    partial = harness.budgets.read_costs(parser, args.costs_file)
+    models = harness.reference_models(args.quick)
+    harness.budgets.judge_and_write(
+        args, argv, models, len(fresh_pairs(args.quick)[0]), judge_model, report, partial
+    )
     return 0
 
 

@@ -50,17 +50,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.harness import (  # noqa: E402
-    Pairs,
-    bootstrap_draws,
-    classify,
-    interval,
-    load_classifier,
-    load_reference,
-    psnr,
-    run_in_batches,
-)
-from benchmarks.harness import report as report_  # noqa: E402
+from benchmarks import harness  # noqa: E402
 from benchmarks.quality import (  # noqa: E402
     Config,
     _display,
@@ -141,7 +131,7 @@ def generate_img2img(
     steps = sampler.default_steps
     steps_run = image_to_image_steps(steps, strength)
     try:
-        images, seconds = run_in_batches(
+        images, seconds = harness.run_in_batches(
             runner,
             prompts,
             seeds,
@@ -182,29 +172,32 @@ def evaluate(runs: dict[str, Img2ImgRun], labels: np.ndarray, classifier, draws:
     stock = runs["stock"]
     correct = {}
     for name, run in runs.items():
-        predicted, _ = classify(classifier, run.images)
+        predicted, _ = harness.classify(classifier, run.images)
         correct[name] = (predicted == labels).all(axis=1).astype(np.float64)
     stock_boot = np.array([correct["stock"][d].mean() for d in draws])
     for name, run in runs.items():
         boot = np.array([correct[name][d].mean() for d in draws])
         run.metrics["all"] = float(correct[name].mean())
-        run.metrics["all_ci"] = interval(boot)
+        run.metrics["all_ci"] = harness.interval(boot)
         if name == "stock":
             continue
         delta = run.metrics["all"] - float(correct["stock"].mean())
         run.metrics["all_delta"] = delta
-        run.metrics["all_delta_ci"] = interval(boot - stock_boot)
+        run.metrics["all_delta_ci"] = harness.interval(boot - stock_boot)
         run.metrics["judgement"] = judge(delta, run.metrics["all_delta_ci"])
-        p = np.minimum(psnr(run.images, stock.images), 100.0)
+        p = np.minimum(harness.psnr(run.images, stock.images), 100.0)
         run.metrics["psnr"] = float(p.mean())
-        run.metrics["psnr_ci"] = interval(np.array([p[d].mean() for d in draws]))
+        run.metrics["psnr_ci"] = harness.interval(np.array([p[d].mean() for d in draws]))
 
 
 def faithfulness(classifier, images: np.ndarray, labels: np.ndarray, draws: list[np.ndarray]) -> dict:
     """How often all five attributes of ``labels`` are read off ``images``, with its bootstrap interval."""
-    predicted, _ = classify(classifier, images)
+    predicted, _ = harness.classify(classifier, images)
     correct = (predicted == labels).all(axis=1).astype(np.float64)
-    return {"all": float(correct.mean()), "all_ci": interval(np.array([correct[d].mean() for d in draws]))}
+    return {
+        "all": float(correct.mean()),
+        "all_ci": harness.interval(np.array([correct[d].mean() for d in draws])),
+    }
 
 
 # ------------------------------------------------------------------------------------------------- output
@@ -267,11 +260,12 @@ def report(run: dict, args, data: dict, results: dict) -> str:
     sanity, n_pairs = data["input_faithfulness"], data["pairs"]
     to_pair, to_own = sanity["pair prompt"], sanity["own prompt"]
     input_all = fmt_ci(to_pair["all"], to_pair["all_ci"], 1, 100)
+    took = harness.report.minutes(run)
     lines = [
         "# Image-to-image quality of faster diffusion on the reference model",
         "",
-        f"Command: `{report_.command('img2img_quality.py', run['argv'])}`  ",
-        f"Started {run['started']}; took {report_.minutes(run)} min. torch {run['torch']}, {run['machine']}, "
+        f"Command: `{harness.report.command('img2img_quality.py', run['argv'])}`  ",
+        f"Started {run['started']}; took {took} min. torch {run['torch']}, {run['machine']}, "
         f"{run['threads']} threads.  ",
         f"Model: `{_display(args.model)}` (trained by `training/train_reference.py`). {n_pairs} prompt x "
         "seed pairs from attribute combinations that training never saw (quality.py's pairs); guidance "
@@ -335,24 +329,24 @@ def main(argv: list[str] | None = None) -> int:
         "--samples", type=Path, default=None, help="the PNG grid (default: img2img-samples.png beside --out)"
     )
     add_common_arguments(parser)
-    report_.add_from_json(parser)
+    harness.report.add_from_json(parser)
     args = parser.parse_args(argv)
     if args.from_json is not None:
-        ran = report_.saved_run(args.from_json, parser)[1]
-        report_.report_again(args.from_json, args.out, lambda data: render(data, ran))
+        ran = harness.report.saved_run(args.from_json, parser)[1]
+        harness.report.report_again(args.from_json, args.out, lambda data: render(data, ran))
         return 0
     apply_common_arguments(parser, args, argv)
     samples_path = args.samples or args.out.with_name("img2img-samples.png")
-    started, began = report_.started_now(), time.perf_counter()
+    started, began = harness.report.started_now(), time.perf_counter()
 
-    pipe = load_reference(args.model)
-    classifier = load_classifier(args.classifier)
-    pairs = Pairs.held_out(args.quick)  # quality.py's pairs
+    pipe = harness.load_reference(args.model)
+    classifier = harness.load_classifier(args.classifier)
+    pairs = harness.Pairs.held_out(args.quick)  # quality.py's pairs
     scenes, prompts, seeds, labels = pairs.scenes, pairs.prompts, pairs.seeds, pairs.labels
     input_scenes = [shapes.Scene(*c) for c in input_combos(pairs.combos, pairs.per_combo)]
     input_prompts = [shapes.caption(s) for s in input_scenes]
     input_labels = np.array([s.labels() for s in input_scenes])
-    draws = bootstrap_draws(len(scenes), args.boot)
+    draws = harness.bootstrap_draws(len(scenes), args.boot)
 
     made = text_to_image(
         pipe, INPUT_SAMPLER, Config("stock", None), input_prompts, seeds, args.guidance, args.batch
@@ -392,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         samples_path,
     )
     data = {
-        "run": report_.run_facts(args.argv, started, began),
+        "run": harness.report.run_facts(args.argv, started, began),
         "guidance": args.guidance,
         "pairs": len(prompts),
         "boot": args.boot,
@@ -414,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             for s, by_strength in results.items()
         },
     }
-    report_.write(args.out, report(data["run"], args, data, results), data)
+    harness.report.write(args.out, report(data["run"], args, data, results), data)
     return 0
 
 

@@ -78,19 +78,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.harness import (  # noqa: E402
-    Context,
-    Judge,
-    Pairs,
-    bootstrap_draws,
-    full_passes,
-    have_deepcache,
-    load_classifier,
-    load_reference,
-    noise_verdict,
-    report,
-    run,
-)
+from benchmarks import harness  # noqa: E402
 from faster_diffusion import KeySteps, Sampler, reference, use_sampler  # noqa: E402
 from faster_diffusion.calibration import find_calibration  # noqa: E402
 from faster_diffusion.policy import default_key_steps  # noqa: E402
@@ -311,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--boot", type=int, default=None, help="bootstrap draws (default 1000, quick 20)")
     parser.add_argument("--batch", type=int, default=80, help="prompts per pipeline call")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    report.add_from_json(parser, plots=True)
+    harness.report.add_from_json(parser, plots=True)
     parser.add_argument(
         "--speed",
         type=Path,
@@ -340,21 +328,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.from_json is not None:
-        saved, ran = report.saved_run(args.from_json, parser)
+        saved, ran = harness.report.saved_run(args.from_json, parser)
         stem = args.out.with_suffix("")
         plot(saved["results"], Path(f"{stem}.png"))
         speed_plot(saved["results"], args, stem)
-        report.report_again(args.from_json, args.out, lambda data: render(data, ran))
+        harness.report.report_again(args.from_json, args.out, lambda data: render(data, ran))
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    started, began = report.started_now(), time.perf_counter()
-    pipe = load_reference(args.model)
-    classifier = load_classifier()
-    pairs = Pairs.held_out(args.quick, args.seed_offset)
+    started, began = harness.report.started_now(), time.perf_counter()
+    pipe = harness.load_reference(args.model)
+    classifier = harness.load_classifier()
+    pairs = harness.Pairs.held_out(args.quick, args.seed_offset)
     n = len(pairs.prompts)
-    draws = bootstrap_draws(n, args.boot or (20 if args.quick else 1000))
-    deepcache = have_deepcache()
+    draws = harness.bootstrap_draws(n, args.boot or (20 if args.quick else 1000))
+    deepcache = harness.have_deepcache()
     intervals = QUICK_INTERVALS if args.quick else INTERVALS
     guidance = reference.guidance_scale(args.model)
 
@@ -367,15 +355,17 @@ def main(argv: list[str] | None = None) -> int:
         for name in methods(pipe, sampler, intervals, deepcache):
             if args.skip is not None and args.skip.search(name):
                 continue
-            full = full_passes(name, Context(steps=sampler.default_steps))
+            full = harness.full_passes(name, harness.Context(steps=sampler.default_steps))
             try:
-                images[name] = run(pipe, sampler, name, pairs.prompts, pairs.seeds, guidance, args.batch)
+                images[name] = harness.run(
+                    pipe, sampler, name, pairs.prompts, pairs.seeds, guidance, args.batch
+                )
             except Exception as error:  # a method that cannot run here (no calibration) is reported as such
                 rows[name] = {"full_passes": full, "error": f"{type(error).__name__}: {error}"}
                 print(f"{sampler.value} {name}: {rows[name]['error']}", flush=True)
                 continue
             if judge is None:
-                judge = Judge(classifier, pairs.labels, images["stock"], draws)
+                judge = harness.Judge(classifier, pairs.labels, images["stock"], draws)
             rows[name] = {"full_passes": full, **judge(images[name])}
             print(
                 f"{sampler.value} {name} ({full} full): {rows[name]['delta'] * 100:+.1f} pts "
@@ -396,13 +386,13 @@ def main(argv: list[str] | None = None) -> int:
     plot(results, Path(f"{stem}.png"))
     speed_plot(results, args, stem)
     data = {
-        "run": report.run_facts(report.argv_of(argv), started, began, deepcache=deepcache),
+        "run": harness.report.run_facts(harness.report.argv_of(argv), started, began, deepcache=deepcache),
         "pairs": n,
         "seed_offset": args.seed_offset,
         "results": results,
         "agreement": agreement,
     }
-    report.write(args.out, render(data, args), data)
+    harness.report.write(args.out, render(data, args), data)
     return 0
 
 
@@ -472,7 +462,7 @@ def render(data: dict, args: argparse.Namespace) -> str:
     legacy = "seed_offset" not in data
     offset = data.get("seed_offset", 0)
     seeds = "seeds" if legacy else f"seeds {offset} to {offset + n - 1}"
-    lines = report.header(
+    lines = harness.report.header(
         "Reuse modes against DeepCache on the reference model",
         "modes_frontier.py",
         run,
@@ -500,7 +490,7 @@ def render(data: dict, args: argparse.Namespace) -> str:
             ci = m["delta_ci"]
             lines.append(
                 f"| {name} | {m['full_passes']} | {m['delta'] * 100:+.1f} [{ci[0] * 100:+.1f}, "
-                f"{ci[1] * 100:+.1f}] | {noise_verdict(m['delta'], ci)} | {m['psnr']:.2f} "
+                f"{ci[1] * 100:+.1f}] | {harness.noise_verdict(m['delta'], ci)} | {m['psnr']:.2f} "
                 f"[{m['psnr_ci'][0]:.2f}, {m['psnr_ci'][1]:.2f}] |"
             )
         decides = sampler == Sampler.DPM_SOLVER.value

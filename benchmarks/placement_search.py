@@ -28,17 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import quality  # noqa: E402
-from benchmarks.harness import (  # noqa: E402
-    Judge,
-    Pairs,
-    bootstrap_draws,
-    load_classifier,
-    load_reference,
-    psnr,
-    report,
-    within_noise,
-)
+from benchmarks import harness, quality  # noqa: E402
 from faster_diffusion import KeySteps, Sampler, reference  # noqa: E402
 from faster_diffusion.calibration import find_calibration, paper_budget  # noqa: E402
 from faster_diffusion.schedule import evenly_spaced_key_steps  # noqa: E402
@@ -97,23 +87,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=int, default=None, help="key steps (default: the paper's budget)")
     parser.add_argument("--moves", type=int, default=10, help="at most this many moves per search")
     quality.add_common_arguments(parser)
-    report.add_from_json(parser)
+    harness.report.add_from_json(parser)
     args = parser.parse_args(argv)
     if args.from_json is not None:
-        report.report_again(args.from_json, args.out, render)
+        harness.report.report_again(args.from_json, args.out, render)
         return 0
     quality.apply_common_arguments(parser, args, argv)
     moves = 1 if args.quick else args.moves
     sampler, steps = args.sampler, args.sampler.default_steps
     budget = args.budget if args.budget is not None else paper_budget(steps)
-    started, began = report.started_now(), time.perf_counter()
+    started, began = harness.report.started_now(), time.perf_counter()
 
-    pipe = load_reference(args.model, sampler)
+    pipe = harness.load_reference(args.model, sampler)
     calibration = find_calibration(pipe, steps)
     if calibration is None:
         raise SystemExit(f"no saved calibration of the reference model for {sampler.value}")
     start = tuple(calibration.indices(budget))
-    classifier = load_classifier(args.classifier)
+    classifier = harness.load_classifier(args.classifier)
     guidance = args.guidance
 
     def images(keys, prompts, seeds):
@@ -132,16 +122,18 @@ def main(argv: list[str] | None = None) -> int:
 
     def score_a(keys):
         if keys not in cache_a:
-            cache_a[keys] = round(float(psnr(images(keys, cal_prompts, cal_seeds), cal_stock).mean()), 4)
+            cache_a[keys] = round(
+                float(harness.psnr(images(keys, cal_prompts, cal_seeds), cal_stock).mean()), 4
+            )
         return cache_a[keys]
 
     print(f"search A (calibration prompts, PSNR) from {list(start)}: {score_a(start)}", flush=True)
     found_a, path_a = steepest_ascent(score_a, start, steps, moves, lambda m: print(m, flush=True))
 
     # Search B: development pairs, the classifier's count then PSNR.
-    pairs = Pairs.held_out(args.quick)
+    pairs = harness.Pairs.held_out(args.quick)
     dev_seeds = [DEVELOPMENT_SEED_BASE + s for s in pairs.seeds]
-    development = Judge(classifier, pairs.labels, images(None, pairs.prompts, dev_seeds), draws=[])
+    development = harness.Judge(classifier, pairs.labels, images(None, pairs.prompts, dev_seeds), draws=[])
     dev_stock_right = int(development.stock_correct.sum())
     cache_b: dict[tuple, tuple[int, float]] = {}
 
@@ -150,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             run = images(keys, pairs.prompts, dev_seeds)
             cache_b[keys] = (
                 int(development.correct(run).sum()),
-                round(float(psnr(run, development.stock_images).mean()), 4),
+                round(float(harness.psnr(run, development.stock_images).mean()), 4),
             )
         return cache_b[keys]
 
@@ -159,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # One evaluation on the evaluation set.
     n = len(pairs.prompts)
-    draws = bootstrap_draws(n, args.boot)
-    judge = Judge(classifier, pairs.labels, images(None, pairs.prompts, pairs.seeds), draws)
+    draws = harness.bootstrap_draws(n, args.boot)
+    judge = harness.Judge(classifier, pairs.labels, images(None, pairs.prompts, pairs.seeds), draws)
     candidates = {
         "start (auto)": start,
         "A: model alone": found_a,
@@ -170,13 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     evaluated: dict[tuple, dict] = {}
     for keys in dict.fromkeys(candidates.values()):
         scored = judge(images(keys, pairs.prompts, pairs.seeds))
-        within = within_noise(scored["delta"], scored["delta_ci"])
+        within = harness.within_noise(scored["delta"], scored["delta_ci"])
         evaluated[keys] = {"key_steps": list(keys), **scored, "within_noise": within}
 
     outcome = decide(evaluated[found_a], evaluated[found_b], evaluated[start])
     wall = time.perf_counter() - began
     data = {
-        "run": report.run_facts(args.argv, started, began),
+        "run": harness.report.run_facts(args.argv, started, began),
         "sampler": sampler.value,
         "budget": budget,
         "pairs": n,
@@ -193,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         "outcome": outcome,
         "seconds": wall,
     }
-    report.write(args.out, render(data), data)
+    harness.report.write(args.out, render(data), data)
     return 0
 
 
@@ -211,7 +203,7 @@ def render(data: dict) -> str:
     lines = [
         f"# Direct searches for a {data['budget']}-key placement, {data['sampler']}, on the reference model",
         "",
-        f"Command: `{report.command('placement_search.py', run['argv'])}`  ",
+        f"Command: `{harness.report.command('placement_search.py', run['argv'])}`  ",
         f"Started {run['started']}; took {data['seconds'] / 60:.1f} min on the CPU, float32"
         + (f", {data['threads']} threads" if "threads" in data else "")
         + f"; torch {run['torch']}. "

@@ -50,16 +50,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.harness import (  # noqa: E402
-    Pairs,
-    classify,
-    interval,
-    load_classifier,
-    load_reference,
-    psnr,
-    run_in_batches,
-)
-from benchmarks.harness import report as report_  # noqa: E402
+from benchmarks import harness  # noqa: E402
 from faster_diffusion import (  # noqa: E402
     FasterDiffusionConfig,
     KeySteps,
@@ -137,7 +128,7 @@ def generate(
     use_sampler(pipe, sampler)
     handle = apply_faster_diffusion(pipe, config.faster()) if config.key_steps is not None else None
     try:
-        images, seconds = run_in_batches(
+        images, seconds = harness.run_in_batches(
             pipe, prompts, seeds, batch, num_inference_steps=sampler.default_steps, guidance_scale=guidance
         )
     finally:
@@ -381,7 +372,7 @@ def evaluate(
     stock = results["stock"]
     per_config = {}
     for name, result in results.items():
-        predicted, features = classify(classifier, result.images)
+        predicted, features = harness.classify(classifier, result.images)
         per_config[name] = ((predicted == labels).all(axis=1).astype(np.float64), features)
         accuracy = reference.attribute_accuracy(predicted, labels)
         result.metrics["all"] = accuracy.pop("all")
@@ -389,11 +380,13 @@ def evaluate(
         result.metrics["fd"] = frechet_distance(features, real_features)
         result.metrics["kid"] = kernel_distance(features, real_features)
         if name != "stock":
-            p, s = psnr(result.images, stock.images), ssim(result.images, stock.images)
+            p, s = harness.psnr(result.images, stock.images), ssim(result.images, stock.images)
             result.metrics["psnr"] = float(np.mean(np.minimum(p, 100.0)))
             result.metrics["ssim"] = float(np.mean(s))
-            result.metrics["psnr_ci"] = interval(np.array([np.minimum(p, 100.0)[d].mean() for d in draws]))
-            result.metrics["ssim_ci"] = interval(np.array([s[d].mean() for d in draws]))
+            result.metrics["psnr_ci"] = harness.interval(
+                np.array([np.minimum(p, 100.0)[d].mean() for d in draws])
+            )
+            result.metrics["ssim_ci"] = harness.interval(np.array([s[d].mean() for d in draws]))
     stock_all, stock_features = per_config["stock"]
     halves = list(zip(half_samples(rng, n, boot), half_samples(rng, len(real_features), boot), strict=True))
     real_kernel = polynomial_kernel(real_features, real_features)
@@ -408,11 +401,13 @@ def evaluate(
         fds = half_fds(features)
         kids = half_kernel_distances(features, real_features, halves, real_kernel)
         accs = np.array([all_correct[d].mean() for d in draws])
-        result.metrics["all_ci"] = interval(accs)
+        result.metrics["all_ci"] = harness.interval(accs)
         result.metrics["fd_ci"] = recentred_interval(result.metrics["fd"], fds)
         result.metrics["kid_ci"] = recentred_interval(result.metrics["kid"], kids)
         if name != "stock":
-            result.metrics["all_delta_ci"] = interval(accs - np.array([stock_all[d].mean() for d in draws]))
+            result.metrics["all_delta_ci"] = harness.interval(
+                accs - np.array([stock_all[d].mean() for d in draws])
+            )
             delta = result.metrics["fd"] - stock.metrics["fd"]
             result.metrics["fd_delta_ci"] = recentred_interval(delta, fds - stock_half)
             delta = result.metrics["kid"] - stock.metrics["kid"]
@@ -484,11 +479,12 @@ def report(
     n_pairs: int,
 ) -> str:
     real_attrs = ", ".join(f"{a} {real_accuracy[a] * 100:.1f}%" for a in shapes.ATTRIBUTES)
+    took = harness.report.minutes(run)
     lines = [
         "# Quality of faster diffusion on the reference model",
         "",
-        f"Command: `{report_.command('quality.py', run['argv'])}`  ",
-        f"Started {run['started']}; took {report_.minutes(run)} min. torch {run['torch']}, {run['machine']}, "
+        f"Command: `{harness.report.command('quality.py', run['argv'])}`  ",
+        f"Started {run['started']}; took {took} min. torch {run['torch']}, {run['machine']}, "
         f"{run['threads']} threads.  ",
         f"Model: `{_display(model)}` (trained by `training/train_reference.py`). "
         f"{n_pairs} prompt x seed pairs from attribute combinations that training never saw; guidance "
@@ -599,27 +595,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "quality.md")
     add_common_arguments(parser)
-    report_.add_from_json(parser)
+    harness.report.add_from_json(parser)
     args = parser.parse_args(argv)
     if args.from_json is not None:
-        ran = report_.saved_run(args.from_json, parser)[1]
-        report_.report_again(args.from_json, args.out, lambda data: render(data, ran))
+        ran = harness.report.saved_run(args.from_json, parser)[1]
+        harness.report.report_again(args.from_json, args.out, lambda data: render(data, ran))
         return 0
     apply_common_arguments(parser, args, argv)
-    started, began = report_.started_now(), time.perf_counter()
+    started, began = harness.report.started_now(), time.perf_counter()
 
-    pipe = load_reference(args.model)
-    classifier = load_classifier(args.classifier)
-    pairs = Pairs.held_out(args.quick)
+    pipe = harness.load_reference(args.model)
+    classifier = harness.load_classifier(args.classifier)
+    pairs = harness.Pairs.held_out(args.quick)
     combos, per_combo, scenes = pairs.combos, pairs.per_combo, pairs.scenes
     prompts, seeds, labels = pairs.prompts, pairs.seeds, pairs.labels
 
     real_scenes = [shapes.Scene(*c) for c in combos for _ in range(REAL_PER_COMBO)]
     real = shapes.render_batch(real_scenes, [REAL_SEED + i for i in range(len(real_scenes))])
-    real_labels, real_features = classify(classifier, real)
+    real_labels, real_features = harness.classify(classifier, real)
     real_accuracy = reference.attribute_accuracy(real_labels, [s.labels() for s in real_scenes])
     floor_images = shapes.render_batch(scenes, [REAL_FLOOR_SEED + i for i in range(len(scenes))])
-    _, floor_features = classify(classifier, floor_images)
+    _, floor_features = harness.classify(classifier, floor_images)
     rng = np.random.default_rng(0)
     floor = frechet_distance(floor_features, real_features)
     floor_halves = list(
@@ -657,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(f"{stem}-samples-{sampler.name.lower()}.png"),
         )
     data = {
-        "run": report_.run_facts(args.argv, started, began),
+        "run": harness.report.run_facts(args.argv, started, began),
         "boot": args.boot,
         "guidance": args.guidance,
         "pairs": len(prompts),
@@ -679,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
             for s, by_config in results.items()
         },
     }
-    report_.write(args.out, render(data, args), data)
+    harness.report.write(args.out, render(data, args), data)
     return 0
 
 
