@@ -106,37 +106,22 @@ def schedules_for(sampler: Sampler, budgets, costs: dict[str, np.ndarray]) -> di
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(results), 2, figsize=(12, 4.2 * len(results)), squeeze=False)
-    for row, (sampler, by_family) in enumerate(results.items()):
-        for col, (metric, label) in enumerate(
-            (("delta", "faithfulness − stock (points)"), ("psnr", "PSNR vs stock (dB)"))
-        ):
-            ax = axes[row][col]
-            for family in by_family:
-                points = sorted(by_family[family].items())
-                budgets = [b for b, _ in points]
-                scale = 100 if metric == "delta" else 1
-                values = [m[metric] * scale for _, m in points]
-                low = [m[f"{metric}_ci"][0] * scale for _, m in points]
-                high = [m[f"{metric}_ci"][1] * scale for _, m in points]
-                (line,) = ax.plot(budgets, values, marker="o", markersize=3, label=family)
-                ax.fill_between(budgets, low, high, color=line.get_color(), alpha=0.15)
-            if metric == "delta":
-                ax.axhline(0, color="black", linewidth=0.8)
-                ax.axhline(harness.WITHIN_NOISE_POINTS, color="0.6", linewidth=0.8, linestyle="--")
-            ax.axvline(paper_budget(sampler.default_steps), color="0.85", linewidth=0.8, zorder=0)
-            ax.set_xlabel("key steps (encoder passes); grey line: the paper's budget")
-            ax.set_ylabel(label)
-            ax.set_title(f"{sampler.value}: {label}")
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with harness.plots.figure(path, len(results), 4.2) as axes:
+        for row, (sampler, by_family) in enumerate(results.items()):
+            for col, (metric, label, scale) in enumerate(harness.plots.PANELS):
+                ax = axes[row][col]
+                for family in by_family:
+                    points = sorted(by_family[family].items())
+                    budgets = [b for b, _ in points]
+                    values = [m[metric] * scale for _, m in points]
+                    low = [m[f"{metric}_ci"][0] * scale for _, m in points]
+                    high = [m[f"{metric}_ci"][1] * scale for _, m in points]
+                    (line,) = ax.plot(budgets, values, marker="o", markersize=3, label=family)
+                    ax.fill_between(budgets, low, high, color=line.get_color(), alpha=0.15)
+                harness.plots.reference_lines(ax, metric)
+                ax.axvline(paper_budget(sampler.default_steps), color="0.85", linewidth=0.8, zorder=0)
+                xlabel = "key steps (encoder passes); grey line: the paper's budget"
+                harness.plots.label(ax, xlabel, label, f"{sampler.value}: {label}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,46 +118,33 @@ def methods(pipe, sampler: Sampler, intervals, deepcache: bool) -> list[str]:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(results), 2, figsize=(12, 4.2 * len(results)), squeeze=False)
-    for row, (sampler, rows) in enumerate(results.items()):
-        families: dict[str, list] = {}
-        for name, m in rows.items():
-            if name == "stock":
-                continue
-            family = re.sub(r":\d+", "", name)  # "deep auto:7 (feature)" -> "deep auto (feature)"
-            families.setdefault(family, []).append(m)
-        for col, (metric, label, scale) in enumerate(
-            (("delta", "faithfulness − stock (points)", 100), ("psnr", "PSNR vs stock (dB)", 1))
-        ):
-            ax = axes[row][col]
-            for family, points in families.items():
-                points = sorted(points, key=lambda m: m["full_passes"])
-                x = [m["full_passes"] for m in points]
-                legend = "deepcache (identical to deep, drawn under it)" if family == "deepcache" else family
-                y = [m[metric] * scale for m in points]
-                (line,) = ax.plot(x, y, marker="o", label=legend, color=COLOURS.get(family))
-                ax.fill_between(
-                    x,
-                    [m[f"{metric}_ci"][0] * scale for m in points],
-                    [m[f"{metric}_ci"][1] * scale for m in points],
-                    color=line.get_color(),
-                    alpha=0.12,
-                )
-            if metric == "delta":
-                ax.axhline(0, color="black", linewidth=0.8)
-                ax.axhline(-1, color="0.6", linewidth=0.8, linestyle="--")
-            ax.set_xlabel("full UNet passes")
-            ax.set_ylabel(label)
-            ax.set_title(f"{sampler}: {label}")
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with harness.plots.figure(path, len(results), 4.2) as axes:
+        for row, (sampler, rows) in enumerate(results.items()):
+            families: dict[str, list] = {}
+            for name, m in rows.items():
+                if name == "stock":
+                    continue
+                family = re.sub(r":\d+", "", name)  # "deep auto:7 (feature)" -> "deep auto (feature)"
+                families.setdefault(family, []).append(m)
+            for col, (metric, label, scale) in enumerate(harness.plots.PANELS):
+                ax = axes[row][col]
+                for family, points in families.items():
+                    points = sorted(points, key=lambda m: m["full_passes"])
+                    x = [m["full_passes"] for m in points]
+                    legend = (
+                        "deepcache (identical to deep, drawn under it)" if family == "deepcache" else family
+                    )
+                    y = [m[metric] * scale for m in points]
+                    (line,) = ax.plot(x, y, marker="o", label=legend, color=COLOURS.get(family))
+                    ax.fill_between(
+                        x,
+                        [m[f"{metric}_ci"][0] * scale for m in points],
+                        [m[f"{metric}_ci"][1] * scale for m in points],
+                        color=line.get_color(),
+                        alpha=0.12,
+                    )
+                harness.plots.reference_lines(ax, metric)
+                harness.plots.label(ax, "full UNet passes", label, f"{sampler}: {label}")
 
 
 #: One colour per family of methods, the same in every panel.
@@ -212,69 +199,55 @@ def default_method(sampler: str) -> str:
 def plot_speed(results: dict, speedups: dict, path: Path) -> list[str]:
     """Quality against measured end-to-end speedup, for the samplers the speed reports cover; returns the
     methods left out for want of a speed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     samplers = [s for s in results if any(k[0] == s for k in speedups)]
     missing: list[str] = []
     if not samplers:
         return missing
-    fig, axes = plt.subplots(len(samplers), 2, figsize=(12, 4.4 * len(samplers)), squeeze=False)
-    for row, sampler in enumerate(samplers):
-        steps = Sampler.parse(sampler).default_steps
-        families: dict[str, list] = {}
-        for name, m in results[sampler].items():
-            if "error" in m:
-                continue
-            speed = speed_of(name, m["full_passes"], sampler, speedups, steps)
-            if speed is None:
-                missing.append(f"{sampler} {name}")
-                continue
-            families.setdefault(re.sub(r":\d+", "", name), []).append((speed, m))
-        name = default_method(sampler)  # ringed on both panels
-        default = results[sampler].get(name, {})
-        default_speed = speed_of(name, default.get("full_passes"), sampler, speedups, steps)
-        for col, (metric, label, scale) in enumerate(
-            (("delta", "faithfulness − stock (points)", 100), ("psnr", "PSNR vs stock (dB)", 1))
-        ):
-            ax = axes[row][col]
-            for family, points in families.items():
-                if family == "stock":
+    with harness.plots.figure(path, len(samplers), 4.4) as axes:
+        for row, sampler in enumerate(samplers):
+            steps = Sampler.parse(sampler).default_steps
+            families: dict[str, list] = {}
+            for name, m in results[sampler].items():
+                if "error" in m:
                     continue
-                points.sort(key=lambda p: p[0])
-                x = [p[0] for p in points]
-                style = {"linestyle": ":"} if family == "deepcache" else {}
-                colour = COLOURS.get(family)
-                y = [p[1][metric] * scale for p in points]
-                ax.plot(x, y, marker="o", label=family, color=colour, **style)
-                ax.errorbar(
-                    x,
-                    [p[1][metric] * scale for p in points],
-                    yerr=[
-                        [(p[1][metric] - p[1][f"{metric}_ci"][0]) * scale for p in points],
-                        [(p[1][f"{metric}_ci"][1] - p[1][metric]) * scale for p in points],
-                    ],
-                    fmt="none",
-                    ecolor="0.6",
-                    capsize=2,
-                )
-            if metric in default and default_speed is not None:
-                y = default[metric] * scale
-                ax.plot(default_speed, y, marker="o", markersize=14, fillstyle="none", color="k")
-                ax.annotate("the default", (default_speed, y), (10, -18), textcoords="offset points")
-            if metric == "delta":
-                ax.axhline(0, color="black", linewidth=0.8)
-                ax.axhline(-1, color="0.6", linewidth=0.8, linestyle="--")
-            ax.axvline(2.5, color="0.8", linewidth=0.8, linestyle="--")
-            ax.set_xlabel("end-to-end speedup over stock (SD v1.5 architecture, 256 px, CPU)")
-            ax.set_ylabel(label)
-            ax.set_title(f"{sampler}: {label}")
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+                speed = speed_of(name, m["full_passes"], sampler, speedups, steps)
+                if speed is None:
+                    missing.append(f"{sampler} {name}")
+                    continue
+                families.setdefault(re.sub(r":\d+", "", name), []).append((speed, m))
+            name = default_method(sampler)  # ringed on both panels
+            default = results[sampler].get(name, {})
+            default_speed = speed_of(name, default.get("full_passes"), sampler, speedups, steps)
+            for col, (metric, label, scale) in enumerate(harness.plots.PANELS):
+                ax = axes[row][col]
+                for family, points in families.items():
+                    if family == "stock":
+                        continue
+                    points.sort(key=lambda p: p[0])
+                    x = [p[0] for p in points]
+                    style = {"linestyle": ":"} if family == "deepcache" else {}
+                    colour = COLOURS.get(family)
+                    y = [p[1][metric] * scale for p in points]
+                    ax.plot(x, y, marker="o", label=family, color=colour, **style)
+                    ax.errorbar(
+                        x,
+                        [p[1][metric] * scale for p in points],
+                        yerr=[
+                            [(p[1][metric] - p[1][f"{metric}_ci"][0]) * scale for p in points],
+                            [(p[1][f"{metric}_ci"][1] - p[1][metric]) * scale for p in points],
+                        ],
+                        fmt="none",
+                        ecolor="0.6",
+                        capsize=2,
+                    )
+                if metric in default and default_speed is not None:
+                    y = default[metric] * scale
+                    ax.plot(default_speed, y, marker="o", markersize=14, fillstyle="none", color="k")
+                    ax.annotate("the default", (default_speed, y), (10, -18), textcoords="offset points")
+                harness.plots.reference_lines(ax, metric)
+                ax.axvline(2.5, color="0.8", linewidth=0.8, linestyle="--")
+                xlabel = "end-to-end speedup over stock (SD v1.5 architecture, 256 px, CPU)"
+                harness.plots.label(ax, xlabel, label, f"{sampler}: {label}")
     return missing
 
 

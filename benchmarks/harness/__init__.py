@@ -8,6 +8,7 @@ report's own tables.
 - :mod:`.methods`: methods as registrations; :mod:`.generation`: a method run over the pairs in batches.
 - :mod:`.budgets`: DeepCache's budgets and the partial-step costs (``depth_choice.py``, ``head_to_head.py``).
 - :mod:`.timing`: the speed protocol: the same process, a warm-up per method, interleaved repeats, medians.
+- :mod:`.plots`: the quality plots' frame (faithfulness and PSNR panels with the judge's lines).
 - :mod:`.report`: what a run records, headers, writing a report beside its JSON, ``--from-json``.
 
 How to add
@@ -26,7 +27,7 @@ How to add
 
 from __future__ import annotations
 
-from . import budgets, report, timing
+from . import budgets, plots, report, timing
 from .generation import run, run_in_batches
 from .judge import (
     SEEDS_PER_COMBO,
@@ -67,6 +68,7 @@ __all__ = [
     "load_classifier",
     "load_reference",
     "noise_verdict",
+    "plots",
     "psnr",
     "reference_models",
     "register_method",
