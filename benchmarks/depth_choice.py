@@ -40,8 +40,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
@@ -180,13 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.from_json is not None:
-        harness.report.report_again(
-            args.from_json, args.out, lambda saved: report(saved["run"], *harness.budgets.saved(saved))
-        )
+        harness.budgets.report_again(args, report)
         return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    partial = harness.budgets.read_costs(parser, args.costs_file)
+    partial = harness.budgets.prepare(parser, args)
     models = args.models or harness.reference_models(args.quick)
     pairs = len(harness.Pairs.held_out(args.quick, 0).prompts)
     harness.budgets.judge_and_write(args, argv, models, pairs, judge_model, report, partial)

@@ -43,7 +43,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
@@ -174,15 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     harness.budgets.add_run_arguments(parser, RESULTS / "head-to-head.md")
     args = parser.parse_args(argv)
     if args.from_json is not None:
-        harness.report.report_again(
-            args.from_json, args.out, lambda saved: report(saved["run"], *harness.budgets.saved(saved))
-        )
+        harness.budgets.report_again(args, report)
         return 0
     if not harness.have_deepcache():
         parser.error("the deepcache package is not installed (pip install --no-deps deepcache==0.1.1)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    partial = harness.budgets.read_costs(parser, args.costs_file)
+    partial = harness.budgets.prepare(parser, args)
     models = harness.reference_models(args.quick)
     harness.budgets.judge_and_write(
         args, argv, models, len(fresh_pairs(args.quick)[0]), judge_model, report, partial

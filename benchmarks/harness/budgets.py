@@ -9,6 +9,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from faster_diffusion import Sampler, get_calibration, reference
 from faster_diffusion.deep import branch_count
 from faster_diffusion.depth import DEPTH_CRITERION, choose_depth, full_steps_within, run_cost
@@ -94,6 +96,19 @@ def add_run_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
 def saved(data: dict) -> tuple[list[dict], dict[int, float]]:
     """The results and partial-step costs of a saved run of either script."""
     return data["results"], {int(b): p for b, p in data["partial"].items()}
+
+
+def report_again(args, render) -> None:
+    """``--from-json`` of either script: ``render(run, results, partial)`` of the saved run, to ``--out``."""
+    report.report_again(args.from_json, args.out, lambda data: render(data["run"], *saved(data)))
+
+
+def prepare(parser: argparse.ArgumentParser, args) -> dict[int, float]:
+    """Before a run of either script: its torch threads (``--threads``), and the partial-step costs it reads
+    (``--costs-file``)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return read_costs(parser, args.costs_file)
 
 
 def judge_and_write(args, argv, models, pairs: int, judge_model, render, partial: dict[int, float]) -> None:
