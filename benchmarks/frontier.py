@@ -48,8 +48,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import harness, quality  # noqa: E402
-from faster_diffusion import KeySteps, Sampler, reference, use_sampler  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from faster_diffusion import FasterDiffusionConfig, KeySteps, Sampler, reference, use_sampler  # noqa: E402
 from faster_diffusion.calibration import (  # noqa: E402
     DEFAULT_CRITERION,
     find_calibration,
@@ -195,15 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         costs = {c: calibration.with_criterion(c).matrix for c in criteria}
         budgets = budgets_of[sampler]
         schedules = schedules_for(sampler, budgets, costs)
-        stock = quality.generate(
-            pipe, sampler, quality.Config("stock", None), prompts, seeds, guidance, args.batch
-        )
+        stock = harness.generate(pipe, sampler, None, prompts, seeds, guidance, args.batch)
         judge = harness.Judge(classifier, labels, stock.images, draws)
         stock_rows[sampler] = {"all": float(judge.stock_correct.mean()), "seconds": stock.seconds}
         measured: dict[tuple, dict] = {}
         for indices in dict.fromkeys(schedules.values()):
-            config = quality.Config(f"keys {indices}", KeySteps.explicit(indices))
-            run = quality.generate(pipe, sampler, config, prompts, seeds, guidance, args.batch)
+            config = FasterDiffusionConfig(key_steps=KeySteps.explicit(indices))
+            run = harness.generate(pipe, sampler, config, prompts, seeds, guidance, args.batch)
             measured[indices] = {
                 "key_steps": list(indices),
                 **judge(run.images),

@@ -51,15 +51,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import harness  # noqa: E402
-from benchmarks.quality import (  # noqa: E402
-    Config,
-    _display,
-    add_common_arguments,
-    apply_common_arguments,
-    fmt_ci,
-    tiles,
-)
-from benchmarks.quality import generate as text_to_image  # noqa: E402
 from faster_diffusion import KeySteps, Sampler, apply_faster_diffusion, use_sampler  # noqa: E402
 from faster_diffusion.app.generate import image_to_image_pipeline, image_to_image_steps  # noqa: E402
 from faster_diffusion.policy import default_key_steps  # noqa: E402
@@ -85,12 +76,12 @@ def input_combos(combos: list[tuple[str, ...]], per_combo: int) -> list[tuple[st
     return [combos[(c + 1) % len(combos)] for c in range(len(combos)) for _ in range(per_combo)]
 
 
-def configs_for(pipe, sampler: Sampler) -> list[Config]:
+def configs_for(pipe, sampler: Sampler) -> list[harness.EncoderSetting]:
     """``stock``, the product's ``default`` key steps for ``pipe`` and ``sampler``, and ``paper``."""
     return [
-        Config("stock", None),
-        Config("default", default_key_steps(pipe, sampler, mode="encoder")),
-        Config("paper", KeySteps.paper()),
+        harness.EncoderSetting("stock", None),
+        harness.EncoderSetting("default", default_key_steps(pipe, sampler, mode="encoder")),
+        harness.EncoderSetting("paper", KeySteps.paper()),
     ]
 
 
@@ -115,7 +106,7 @@ class Img2ImgRun:
 def generate_img2img(
     pipe,
     sampler: Sampler,
-    config: Config,
+    config: harness.EncoderSetting,
     prompts: list[str],
     seeds: list[int],
     inputs: torch.Tensor,
@@ -217,7 +208,7 @@ def save_samples_grid(columns: dict[str, np.ndarray], captions: list[str], path:
     draw = ImageDraw.Draw(grid)
     for c, (name, images) in enumerate(columns.items()):
         draw.text((c * (size + pad) + 2, 2), name, fill="black")
-        for r, tile in enumerate(tiles(images[:rows], size)):
+        for r, tile in enumerate(harness.plots.tiles(images[:rows], size)):
             grid.paste(tile, (c * (size + pad), header + r * (size + pad)))
     for r, text in enumerate(captions):
         draw.text(
@@ -257,6 +248,7 @@ def render(data: dict, args: argparse.Namespace) -> str:
 
 
 def report(run: dict, args, data: dict, results: dict) -> str:
+    fmt_ci, model = harness.report.fmt_ci, harness.report.display_path(args.model)
     sanity, n_pairs = data["input_faithfulness"], data["pairs"]
     to_pair, to_own = sanity["pair prompt"], sanity["own prompt"]
     input_all = fmt_ci(to_pair["all"], to_pair["all_ci"], 1, 100)
@@ -267,7 +259,7 @@ def report(run: dict, args, data: dict, results: dict) -> str:
         f"Command: `{harness.report.command('img2img_quality.py', run['argv'])}`  ",
         f"Started {run['started']}; took {took} min. torch {run['torch']}, {run['machine']}, "
         f"{run['threads']} threads.  ",
-        f"Model: `{_display(args.model)}` (trained by `training/train_reference.py`). {n_pairs} prompt x "
+        f"Model: `{model}` (trained by `training/train_reference.py`). {n_pairs} prompt x "
         "seed pairs from attribute combinations that training never saw (quality.py's pairs); guidance "
         f"{data['guidance']}; 32x32 images. The input image of each pair is the stock DDIM-50 text-to-image "
         "output, with the pair's seed, of the next held-out combination's prompt; the image-to-image prompt "
@@ -328,14 +320,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--samples", type=Path, default=None, help="the PNG grid (default: img2img-samples.png beside --out)"
     )
-    add_common_arguments(parser)
+    harness.add_common_arguments(parser)
     harness.report.add_from_json(parser)
     args = parser.parse_args(argv)
     if args.from_json is not None:
         ran = harness.report.saved_run(args.from_json, parser)[1]
         harness.report.report_again(args.from_json, args.out, lambda data: render(data, ran))
         return 0
-    apply_common_arguments(parser, args, argv)
+    harness.apply_common_arguments(parser, args, argv)
     samples_path = args.samples or args.out.with_name("img2img-samples.png")
     started, began = harness.report.started_now(), time.perf_counter()
 
@@ -348,9 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     input_labels = np.array([s.labels() for s in input_scenes])
     draws = harness.bootstrap_draws(len(scenes), args.boot)
 
-    made = text_to_image(
-        pipe, INPUT_SAMPLER, Config("stock", None), input_prompts, seeds, args.guidance, args.batch
-    )
+    made = harness.generate(pipe, INPUT_SAMPLER, None, input_prompts, seeds, args.guidance, args.batch)
     print(f"input images: {made.seconds:.1f} s", flush=True)
     inputs = to_input_images(made.images)
     input_images = inputs.numpy() * 2.0 - 1.0  # what the pipeline was given, in [-1, 1]

@@ -28,8 +28,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import harness, quality  # noqa: E402
-from faster_diffusion import KeySteps, Sampler, reference  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from faster_diffusion import FasterDiffusionConfig, KeySteps, Sampler, reference  # noqa: E402
 from faster_diffusion.calibration import find_calibration, paper_budget  # noqa: E402
 from faster_diffusion.schedule import evenly_spaced_key_steps  # noqa: E402
 
@@ -86,13 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampler", type=Sampler.parse, default=Sampler.DPM_SOLVER)
     parser.add_argument("--budget", type=int, default=None, help="key steps (default: the paper's budget)")
     parser.add_argument("--moves", type=int, default=10, help="at most this many moves per search")
-    quality.add_common_arguments(parser)
+    harness.add_common_arguments(parser)
     harness.report.add_from_json(parser)
     args = parser.parse_args(argv)
     if args.from_json is not None:
         harness.report.report_again(args.from_json, args.out, render)
         return 0
-    quality.apply_common_arguments(parser, args, argv)
+    harness.apply_common_arguments(parser, args, argv)
     moves = 1 if args.quick else args.moves
     sampler, steps = args.sampler, args.sampler.default_steps
     budget = args.budget if args.budget is not None else paper_budget(steps)
@@ -107,10 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     guidance = args.guidance
 
     def images(keys, prompts, seeds):
-        config = quality.Config(
-            "stock" if keys is None else f"keys {keys}", None if keys is None else KeySteps.explicit(keys)
-        )
-        return quality.generate(pipe, sampler, config, prompts, seeds, guidance, args.batch).images
+        config = None if keys is None else FasterDiffusionConfig(key_steps=KeySteps.explicit(keys))
+        return harness.run(pipe, sampler, config, prompts, seeds, guidance, args.batch)
 
     # Search A: the calibration prompts, PSNR against stock.
     options = reference.calibration_options()
@@ -199,7 +197,7 @@ OUTCOMES = {
 
 def render(data: dict) -> str:
     """The report of a run's JSON ``data``."""
-    fmt, run = quality.fmt_ci, data["run"]
+    fmt, run = harness.report.fmt_ci, data["run"]
     lines = [
         f"# Direct searches for a {data['budget']}-key placement, {data['sampler']}, on the reference model",
         "",

@@ -40,7 +40,6 @@ import argparse
 import itertools
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,11 +51,8 @@ if __package__ in (None, ""):
 
 from benchmarks import harness  # noqa: E402
 from faster_diffusion import (  # noqa: E402
-    FasterDiffusionConfig,
     KeySteps,
-    NoiseInjection,
     Sampler,
-    apply_faster_diffusion,
     reference,
     use_sampler,
 )
@@ -85,62 +81,22 @@ def reversed_paper_key_steps(num_steps: int) -> tuple[int, ...]:
     return (0, *sorted(num_steps - i for i in paper if i > 0))
 
 
-@dataclass
-class Config:
-    name: str
-    key_steps: KeySteps | None  # None: stock
-    noise: bool = True
-
-    def faster(self) -> FasterDiffusionConfig | None:
-        if self.key_steps is None:
-            return None
-        return FasterDiffusionConfig(
-            key_steps=self.key_steps, noise_injection=NoiseInjection(enabled=self.noise)
-        )
-
-
-def configs_for(sampler: Sampler, quick: bool) -> list[Config]:
+def configs_for(sampler: Sampler, quick: bool) -> list[harness.EncoderSetting]:
     steps = sampler.default_steps
-    configs = [Config("stock", None), Config("paper", KeySteps.paper())]
+    configs = [harness.EncoderSetting("stock", None), harness.EncoderSetting("paper", KeySteps.paper())]
     if quick:
-        return [*configs, Config("paper reversed", KeySteps.explicit(reversed_paper_key_steps(steps)))]
+        return [
+            *configs,
+            harness.EncoderSetting("paper reversed", KeySteps.explicit(reversed_paper_key_steps(steps))),
+        ]
     # Calibrated key steps at the paper's budget, resolved from the model folder's calibration file.
-    configs.append(Config("auto", KeySteps.auto()))
-    configs.append(Config("paper, no noise", KeySteps.paper(), noise=False))
-    configs += [Config(f"uniform:{k}", KeySteps.uniform(k)) for k in UNIFORM_KS]
-    configs.append(Config("paper reversed", KeySteps.explicit(reversed_paper_key_steps(steps))))
+    configs.append(harness.EncoderSetting("auto", KeySteps.auto()))
+    configs.append(harness.EncoderSetting("paper, no noise", KeySteps.paper(), noise=False))
+    configs += [harness.EncoderSetting(f"uniform:{k}", KeySteps.uniform(k)) for k in UNIFORM_KS]
+    configs.append(
+        harness.EncoderSetting("paper reversed", KeySteps.explicit(reversed_paper_key_steps(steps)))
+    )
     return configs
-
-
-@dataclass
-class RunResult:
-    images: np.ndarray  # (N, 3, 32, 32) in [-1, 1]
-    seconds: float
-    encoder_passes: int = 0
-    decoder_passes: int = 0
-    key_steps: tuple[int, ...] = ()
-    metrics: dict = field(default_factory=dict)
-
-
-def generate(
-    pipe, sampler: Sampler, config: Config, prompts, seeds, guidance: float, batch: int
-) -> RunResult:
-    use_sampler(pipe, sampler)
-    handle = apply_faster_diffusion(pipe, config.faster()) if config.key_steps is not None else None
-    try:
-        images, seconds = harness.run_in_batches(
-            pipe, prompts, seeds, batch, num_inference_steps=sampler.default_steps, guidance_scale=guidance
-        )
-    finally:
-        if handle is not None:
-            handle.remove()
-    if handle is None:
-        encoder = decoder = sampler.default_steps
-        keys = tuple(range(sampler.default_steps))
-    else:
-        stats = handle.last_run
-        encoder, decoder, keys = stats.encoder_passes, stats.decoder_passes, stats.schedule.indices
-    return RunResult(images, seconds, encoder, decoder, keys)
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -340,25 +296,16 @@ def save_comparison_grid(real: np.ndarray, rows: dict[str, np.ndarray], path: Pa
     draw = ImageDraw.Draw(grid)
     for r, (name, images) in enumerate(all_rows.items()):
         draw.text((4, r * (size + pad) + size // 2 - 6), name, fill="black")
-        for c, tile in enumerate(tiles(images[:count], size)):
+        for c, tile in enumerate(harness.plots.tiles(images[:count], size)):
             grid.paste(tile, (label_width + c * (size + pad), r * (size + pad)))
     grid.save(path)
-
-
-def tiles(images: np.ndarray, size: int) -> list:
-    """Images (N, 3, H, W) in [-1, 1] as PIL images of ``size`` x ``size`` px, upscaled with nearest
-    neighbours so that 32 px images stay sharp."""
-    from PIL import Image
-
-    pixels = ((images.clip(-1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
-    return [Image.fromarray(image).resize((size, size), Image.Resampling.NEAREST) for image in pixels]
 
 
 # ---------------------------------------------------------------------------------------------------- main
 
 
 def evaluate(
-    results: dict[str, RunResult],
+    results: dict[str, harness.RunResult],
     labels: np.ndarray,
     real_features: np.ndarray,
     classifier,
@@ -414,26 +361,15 @@ def evaluate(
             result.metrics["kid_delta_ci"] = recentred_interval(delta, kids - stock_half_kid)
 
 
-def _display(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)
-
-
-def fmt_ci(value: float, ci: tuple[float, float], digits: int = 1, scale: float = 1.0) -> str:
-    return f"{value * scale:.{digits}f} [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]"
-
-
 #: The fields of a saved configuration that are not its metrics.
 RUN_FIELDS = ("key_steps", "encoder_passes", "decoder_passes", "seconds")
 
 
-def typed(data: dict) -> dict[Sampler, dict[str, RunResult]]:
+def typed(data: dict) -> dict[Sampler, dict[str, harness.RunResult]]:
     """A saved run's results as the report reads them (without images)."""
     return {
         Sampler.parse(s): {
-            name: RunResult(
+            name: harness.RunResult(
                 images=None,
                 seconds=m["seconds"],
                 encoder_passes=m["encoder_passes"],
@@ -470,7 +406,7 @@ def report(
     model: Path,
     boot: int,
     guidance: float,
-    results: dict[Sampler, dict[str, RunResult]],
+    results: dict[Sampler, dict[str, harness.RunResult]],
     floor: float,
     floor_ci: tuple[float, float],
     kid_floor: float,
@@ -478,6 +414,7 @@ def report(
     real_accuracy: dict,
     n_pairs: int,
 ) -> str:
+    fmt_ci = harness.report.fmt_ci
     real_attrs = ", ".join(f"{a} {real_accuracy[a] * 100:.1f}%" for a in shapes.ATTRIBUTES)
     took = harness.report.minutes(run)
     lines = [
@@ -486,7 +423,7 @@ def report(
         f"Command: `{harness.report.command('quality.py', run['argv'])}`  ",
         f"Started {run['started']}; took {took} min. torch {run['torch']}, {run['machine']}, "
         f"{run['threads']} threads.  ",
-        f"Model: `{_display(model)}` (trained by `training/train_reference.py`). "
+        f"Model: `{harness.report.display_path(model)}` (trained by `training/train_reference.py`). "
         f"{n_pairs} prompt x seed pairs from attribute combinations that training never saw; guidance "
         f"{guidance}; 32x32 images. 95% intervals in brackets: bootstrap ({boot} resamples) for "
         "accuracies, PSNR and SSIM; half samples without replacement, recentred, for Fréchet and kernel "
@@ -542,7 +479,10 @@ def report(
             fidelity = (
                 ("–", "–")
                 if name == "stock"
-                else (fmt_ci(m["psnr"], m["psnr_ci"], 1), fmt_ci(m["ssim"], m["ssim_ci"], 3))
+                else (
+                    fmt_ci(m["psnr"], m["psnr_ci"], 1),
+                    fmt_ci(m["ssim"], m["ssim_ci"], 3),
+                )
             )
             lines.append(
                 f"| {name} | {keys} | {r.encoder_passes} / {r.decoder_passes} | {r.seconds:.1f} | "
@@ -561,31 +501,6 @@ def report(
     return "\n".join(lines)
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of the benchmarks on the reference model: model, classifier, guidance, bootstrap resamples,
-    batch and threads (see :func:`apply_common_arguments`)."""
-    parser.add_argument("--model", type=Path, default=reference.MODEL_DIR, help="reference model folder")
-    parser.add_argument("--classifier", type=Path, default=reference.CLASSIFIER_PATH)
-    parser.add_argument("--guidance", type=float, default=reference.GUIDANCE_SCALE)
-    parser.add_argument("--boot", type=int, default=None, help="bootstrap resamples (default 1000, quick 20)")
-    parser.add_argument("--batch", type=int, default=80, help="prompts per pipeline call")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-
-
-def apply_common_arguments(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None
-) -> None:
-    """Record the command line for the report, default ``--boot`` (20 with ``--quick``, else 1000), check
-    it, and set the torch threads."""
-    args.argv = list(argv if argv is not None else sys.argv[1:])
-    if args.boot is None:
-        args.boot = 20 if args.quick else 1000
-    if args.boot < 2:
-        parser.error("--boot must be at least 2")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -594,14 +509,14 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="a smoke run: 8 pairs, DDIM-50, 3 configurations"
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "quality.md")
-    add_common_arguments(parser)
+    harness.add_common_arguments(parser)
     harness.report.add_from_json(parser)
     args = parser.parse_args(argv)
     if args.from_json is not None:
         ran = harness.report.saved_run(args.from_json, parser)[1]
         harness.report.report_again(args.from_json, args.out, lambda data: render(data, ran))
         return 0
-    apply_common_arguments(parser, args, argv)
+    harness.apply_common_arguments(parser, args, argv)
     started, began = harness.report.started_now(), time.perf_counter()
 
     pipe = harness.load_reference(args.model)
@@ -629,14 +544,16 @@ def main(argv: list[str] | None = None) -> int:
         kid_floor, half_kernel_distances(floor_features, real_features, floor_halves)
     )
 
-    results: dict[Sampler, dict[str, RunResult]] = {}
+    results: dict[Sampler, dict[str, harness.RunResult]] = {}
     changes = {}
     for sampler in SAMPLERS:
         # One untimed call first, so one-off start-up costs land on no configuration.
-        generate(pipe, sampler, Config("warm-up", None), prompts[:2], seeds[:2], args.guidance, args.batch)
+        harness.generate(pipe, sampler, None, prompts[:2], seeds[:2], args.guidance, args.batch)
         results[sampler] = {}
         for config in configs_for(sampler, args.quick):
-            result = generate(pipe, sampler, config, prompts, seeds, args.guidance, args.batch)
+            result = harness.generate(
+                pipe, sampler, config.faster(), prompts, seeds, args.guidance, args.batch
+            )
             results[sampler][config.name] = result
             print(f"{sampler.value} {config.name}: {result.seconds:.1f} s", flush=True)
         evaluate(results[sampler], labels, real_features, classifier, args.boot, rng)

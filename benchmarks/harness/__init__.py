@@ -4,8 +4,9 @@ report's own tables.
 
 - :mod:`.judge`: the held-out pairs and seeds, faithfulness with paired bootstrap intervals, PSNR against
   stock, "within noise".
-- :mod:`.pipes`: the reference models and their loading.
-- :mod:`.methods`: methods as registrations; :mod:`.generation`: a method run over the pairs in batches.
+- :mod:`.pipes`: the reference models, their loading and the options of the scripts that run on them.
+- :mod:`.methods`: methods as registrations; :mod:`.generation`: a method run over the pairs in batches
+  (its images, or with :func:`generate` also its seconds and passes).
 - :mod:`.budgets`: DeepCache's budgets and the partial-step costs (``depth_choice.py``, ``head_to_head.py``).
 - :mod:`.timing`: the speed protocol: the same process, a warm-up per method, interleaved repeats, medians.
 - :mod:`.plots`: the quality plots' frame (faithfulness and PSNR panels with the judge's lines).
@@ -28,7 +29,7 @@ How to add
 from __future__ import annotations
 
 from . import budgets, plots, report, timing
-from .generation import run, run_in_batches
+from .generation import RunResult, attached, generate, run, run_in_batches
 from .judge import (
     SEEDS_PER_COMBO,
     WITHIN_NOISE_POINTS,
@@ -43,8 +44,15 @@ from .judge import (
     psnr,
     within_noise,
 )
-from .methods import Context, attach, full_passes, have, have_deepcache, register_method
-from .pipes import REFERENCE_MODELS, load_classifier, load_reference, reference_models
+from .methods import Context, EncoderSetting, attach, full_passes, have, have_deepcache, register_method
+from .pipes import (
+    REFERENCE_MODELS,
+    add_common_arguments,
+    apply_common_arguments,
+    load_classifier,
+    load_reference,
+    reference_models,
+)
 from .report import add_from_json, report_again, run_facts, started_now, write
 
 __all__ = [
@@ -52,16 +60,22 @@ __all__ = [
     "SEEDS_PER_COMBO",
     "WITHIN_NOISE_POINTS",
     "Context",
+    "EncoderSetting",
     "Judge",
     "Paired",
     "Pairs",
+    "RunResult",
+    "add_common_arguments",
     "add_from_json",
     "all_right",
+    "apply_common_arguments",
     "attach",
+    "attached",
     "bootstrap_draws",
     "budgets",
     "classify",
     "full_passes",
+    "generate",
     "have",
     "have_deepcache",
     "interval",

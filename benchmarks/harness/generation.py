@@ -1,8 +1,12 @@
-"""Running a method over the pairs: batched pipeline calls, one generator per pair."""
+"""Running a method over the pairs: batched pipeline calls, one generator per pair; :func:`run` gives the
+images, :func:`generate` also the seconds in the calls and the run's passes."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,20 +36,54 @@ def run_in_batches(
     return np.concatenate(images_out).astype(np.float32), seconds
 
 
-def run(pipe, sampler: Sampler, how, prompts, seeds, guidance: float, batch: int) -> np.ndarray:
-    """The images of ``how`` over the pairs: a registered method's name (``None``: stock), or a config of
-    ours at a setting no name stands for (``apply_faster_diffusion``'s)."""
+@contextlib.contextmanager
+def attached(pipe, sampler: Sampler, how) -> Iterator:
+    """``pipe`` set for ``sampler`` with ``how`` attached for the block: a registered method's name
+    (``None``: stock), or a config of ours at a setting no name stands for (``apply_faster_diffusion``'s).
+    Yields the handle (``None`` for stock), removed when the block ends."""
     use_sampler(pipe, sampler)
-    steps = sampler.default_steps
     if how is None or isinstance(how, str):
-        handle = attach(pipe, how or "stock", Context(steps=steps))
+        handle = attach(pipe, how or "stock", Context(steps=sampler.default_steps))
     else:
         handle = apply_faster_diffusion(pipe, how)
     try:
-        images, _ = run_in_batches(
-            pipe, prompts, seeds, batch, num_inference_steps=steps, guidance_scale=guidance
-        )
+        yield handle
     finally:
         if handle is not None:
             handle.remove()
+
+
+def run(pipe, sampler: Sampler, how, prompts, seeds, guidance: float, batch: int) -> np.ndarray:
+    """The images of ``how`` (see :func:`attached`) over the pairs."""
+    with attached(pipe, sampler, how):
+        images, _ = run_in_batches(
+            pipe, prompts, seeds, batch, num_inference_steps=sampler.default_steps, guidance_scale=guidance
+        )
     return images
+
+
+@dataclass
+class RunResult:
+    """A method's run over the pairs: its images, the seconds in its pipeline calls, its passes per image
+    trajectory and key steps, and the metrics a script adds."""
+
+    images: np.ndarray  # (N, 3, 32, 32) in [-1, 1]
+    seconds: float
+    encoder_passes: int = 0
+    decoder_passes: int = 0
+    key_steps: tuple[int, ...] = ()
+    metrics: dict = field(default_factory=dict)
+
+
+def generate(pipe, sampler: Sampler, how, prompts, seeds, guidance: float, batch: int) -> RunResult:
+    """:func:`run`, with the seconds in the calls and the run's counts (``handle.last_run``; stock: every
+    step)."""
+    steps = sampler.default_steps
+    with attached(pipe, sampler, how) as handle:
+        images, seconds = run_in_batches(
+            pipe, prompts, seeds, batch, num_inference_steps=steps, guidance_scale=guidance
+        )
+    if handle is None:
+        return RunResult(images, seconds, steps, steps, tuple(range(steps)))
+    stats = handle.last_run
+    return RunResult(images, seconds, stats.encoder_passes, stats.decoder_passes, stats.schedule.indices)

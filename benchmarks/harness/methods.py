@@ -129,6 +129,23 @@ def have_deepcache() -> bool:
     return have("deepcache:1")
 
 
+@dataclass(frozen=True)
+class EncoderSetting:
+    """Encoder propagation at a setting that a script names itself (``quality.py``'s ``paper, no noise``...):
+    its key steps (``None``: stock) and whether prior noise injection is on."""
+
+    name: str
+    key_steps: KeySteps | None
+    noise: bool = True
+
+    def faster(self) -> FasterDiffusionConfig | None:
+        """The config to attach, or ``None`` for stock."""
+        if self.key_steps is None:
+            return None
+        noise = NoiseInjection(enabled=self.noise)
+        return FasterDiffusionConfig(key_steps=self.key_steps, noise_injection=noise)
+
+
 # ---------------------------------------------------------------------------------------------- the rules
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -36,3 +38,28 @@ def load_reference(
 def load_classifier(path: Path = reference.CLASSIFIER_PATH):
     """The judge's attribute classifier."""
     return reference.load_classifier(path)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the benchmarks on the reference model: model, classifier, guidance, bootstrap resamples,
+    batch and threads (see :func:`apply_common_arguments`)."""
+    parser.add_argument("--model", type=Path, default=reference.MODEL_DIR, help="reference model folder")
+    parser.add_argument("--classifier", type=Path, default=reference.CLASSIFIER_PATH)
+    parser.add_argument("--guidance", type=float, default=reference.GUIDANCE_SCALE)
+    parser.add_argument("--boot", type=int, default=None, help="bootstrap resamples (default 1000, quick 20)")
+    parser.add_argument("--batch", type=int, default=80, help="prompts per pipeline call")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+
+
+def apply_common_arguments(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None
+) -> None:
+    """Record the command line for the report, default ``--boot`` (20 with ``--quick``, else 1000), check
+    it, and set the torch threads."""
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    if args.boot is None:
+        args.boot = 20 if args.quick else 1000
+    if args.boot < 2:
+        parser.error("--boot must be at least 2")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)

@@ -1,11 +1,14 @@
 """The quality plots' frame: a figure of one row of two panels per sampler (faithfulness against stock, PSNR
-against stock), each with the judge's reference lines, saved when the ``with`` block ends."""
+against stock), each with the judge's reference lines, saved when the ``with`` block ends; and images as tiles
+for the sample grids."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
 
 from .judge import WITHIN_NOISE_POINTS
 
@@ -43,3 +46,12 @@ def label(ax, xlabel: str, ylabel: str, title: str) -> None:
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
+
+
+def tiles(images: np.ndarray, size: int) -> list:
+    """Images (N, 3, H, W) in [-1, 1] as PIL images of ``size`` x ``size`` px, upscaled with nearest
+    neighbours so that 32 px images stay sharp."""
+    from PIL import Image
+
+    pixels = ((images.clip(-1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
+    return [Image.fromarray(image).resize((size, size), Image.Resampling.NEAREST) for image in pixels]

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
 
 def started_now() -> str:
     """The start of a run as reports show it: ``2026-12-06 21:09 UTC``."""
@@ -48,6 +50,19 @@ def run_facts(argv: list[str], started: str, began: float, **more) -> dict:
 def command(script: str, argv) -> str:
     """The command that ran ``benchmarks/<script>`` with ``argv``, as a report shows it."""
     return shlex.join(["python", f"benchmarks/{script}", *argv])
+
+
+def display_path(path: Path) -> str:
+    """``path`` relative to the repository where it lies inside it, as reports show paths."""
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def fmt_ci(value: float, ci, digits: int = 1, scale: float = 1.0) -> str:
+    """``value [low, high]`` scaled by ``scale``, to ``digits`` decimals."""
+    return f"{value * scale:.{digits}f} [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]"
 
 
 def minutes(run: dict) -> str:
