@@ -36,7 +36,6 @@ which); the judging rules stay the same.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -227,9 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot(results, Path(f"{args.out.with_suffix('')}.png"))
-    device = (
-        torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "CPU"
-    )
+    device = harness.timing.processor_name(torch.device(args.device))
     data = {
         "run": harness.report.run_facts(harness.report.argv_of(argv), started, began, device_name=device),
         "pairs": n,

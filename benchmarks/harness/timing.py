@@ -4,7 +4,7 @@ medians quoted, with the spread (min–max) beside them.
 
 ``benchmarks/speed.py`` (and through it ``gpu_check.py``) and ``deep_variants.py --costs`` order their runs by
 :func:`interleaved` and summarise them with :func:`median` and :func:`spread`; the headers name the machine
-with :func:`cpu_model` and :func:`device_name`.
+with :func:`device_name` or :func:`processor_name`.
 """
 
 from __future__ import annotations
@@ -51,5 +51,11 @@ def cpu_model() -> str:
 
 
 def device_name(device: torch.device) -> str:
-    """The GPU's name on CUDA, else the CPU's model."""
+    """The GPU's name on CUDA, else the CPU's model (``speed.py``'s and ``gpu_check.py``'s headers)."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+
+
+def processor_name(device: torch.device) -> str:
+    """The GPU's name on CUDA, else ``platform.processor()`` or ``CPU`` (``frontier.py``'s and
+    ``calibration_cost.py``'s headers)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
