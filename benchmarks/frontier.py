@@ -157,9 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     harness.report.add_from_json(parser, plots=True)
     args = parser.parse_args(argv)
     if args.from_json is not None:
-        saved, ran = harness.report.saved_run(args.from_json, parser)
+        saved, _ = harness.report.report_again(args, render, parser)
         plot(typed(saved)[0], Path(f"{args.out.with_suffix('')}.png"))
-        harness.report.report_again(args.from_json, args.out, lambda data: render(data, ran))
         return 0
     budgets_of = dict(QUICK_BUDGETS if args.quick else BUDGETS)
     for item in args.budgets:

@@ -324,8 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     harness.report.add_from_json(parser)
     args = parser.parse_args(argv)
     if args.from_json is not None:
-        ran = harness.report.saved_run(args.from_json, parser)[1]
-        harness.report.report_again(args.from_json, args.out, lambda data: render(data, ran))
+        harness.report.report_again(args, render, parser)
         return 0
     harness.apply_common_arguments(parser, args, argv)
     samples_path = args.samples or args.out.with_name("img2img-samples.png")

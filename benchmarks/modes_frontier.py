@@ -301,11 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.from_json is not None:
-        saved, ran = harness.report.saved_run(args.from_json, parser)
+        saved, _ = harness.report.report_again(args, render, parser)
         stem = args.out.with_suffix("")
         plot(saved["results"], Path(f"{stem}.png"))
         speed_plot(saved["results"], args, stem)
-        harness.report.report_again(args.from_json, args.out, lambda data: render(data, ran))
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)

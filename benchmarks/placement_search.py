@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     harness.report.add_from_json(parser)
     args = parser.parse_args(argv)
     if args.from_json is not None:
-        harness.report.report_again(args.from_json, args.out, render)
+        harness.report.report_again(args, render)
         return 0
     harness.apply_common_arguments(parser, args, argv)
     moves = 1 if args.quick else args.moves

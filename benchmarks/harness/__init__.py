@@ -21,9 +21,10 @@ How to add
   (:func:`run`) and speed timing (``speed.py``) attach it through the same registration.
 - **a model**: a folder in :data:`REFERENCE_MODELS` (``reference.guidance_scale`` knowing its guidance).
 - **a report**: a script whose report is a function of its JSON alone (the JSON's ``run`` is
-  :func:`run_facts`'s), which it writes with :func:`write`, and whose ``--from-json`` (:func:`add_from_json`,
-  :func:`report_again`) writes it again; ``tests/test_benchmarks.py`` checks every committed report against
-  its JSON.
+  :func:`run_facts`'s, the settings are what its recorded command line parses to), which it writes with
+  :func:`write`, and whose ``--from-json`` (:func:`add_from_json`, :func:`report_again`) writes it again;
+  add the report's name to ``REPORT_SCRIPTS`` in ``tests/test_benchmarks.py``, which checks every committed
+  report against its JSON.
 """
 
 from __future__ import annotations

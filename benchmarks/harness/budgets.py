@@ -100,7 +100,7 @@ def saved(data: dict) -> tuple[list[dict], dict[int, float]]:
 
 def report_again(args, render) -> None:
     """``--from-json`` of either script: ``render(run, results, partial)`` of the saved run, to ``--out``."""
-    report.report_again(args.from_json, args.out, lambda data: render(data["run"], *saved(data)))
+    report.report_again(args, lambda data: render(data["run"], *saved(data)))
 
 
 def prepare(parser: argparse.ArgumentParser, args) -> dict[int, float]:

@@ -102,16 +102,13 @@ def add_from_json(parser: argparse.ArgumentParser, plots: bool = False) -> None:
     )
 
 
-def saved_run(path: Path, parser: argparse.ArgumentParser) -> tuple[dict, argparse.Namespace]:
-    """A run's JSON, and the settings its recorded command line parses to (``parser``'s)."""
-    saved = json.loads(path.read_text())
-    return saved, parser.parse_args(saved["run"]["argv"])
-
-
-def report_again(path: Path, out: Path, render) -> dict:
-    """``--from-json``: write ``render(saved)``, the report of the run saved at ``path``, to ``out``; returns
-    the saved run."""
-    saved = json.loads(path.read_text())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(saved))
-    return saved
+def report_again(args: argparse.Namespace, render, parser: argparse.ArgumentParser | None = None):
+    """``--from-json``: write the report of the run saved at ``args.from_json`` to ``args.out`` again, as
+    ``render(saved)``, or, given the script's ``parser``, ``render(saved, settings)`` with the settings the
+    run's recorded command line parses to. Returns ``(saved, settings)`` (``settings`` ``None`` without a
+    parser), for a script that draws its plots again too."""
+    saved = json.loads(args.from_json.read_text())
+    settings = parser.parse_args(saved["run"]["argv"]) if parser is not None else None
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render(saved) if parser is None else render(saved, settings))
+    return saved, settings
