@@ -492,3 +492,19 @@ def test_every_committed_report_regenerates_identically_from_its_json(tmp_path):
         if out.read_text() != path.with_suffix(".md").read_text():
             differ.append(path.name)
     assert not differ, f"reports that do not regenerate from their JSON: {differ}"
+
+
+def test_every_method_a_committed_report_names_is_one_registration_with_its_full_passes():
+    from benchmarks.harness import Context, full_passes
+    from benchmarks.harness.methods import METHODS, lookup
+    from faster_diffusion import Sampler
+
+    for path in (ROOT / "benchmarks" / "results").glob("modes-frontier*.json"):
+        for sampler, rows in json.loads(path.read_text())["results"].items():
+            context = Context(steps=Sampler.parse(sampler).default_steps)
+            for name, row in rows.items():
+                assert sum(bool(m.pattern.fullmatch(name)) for m in METHODS) == 1, name
+                assert full_passes(name, context) == row["full_passes"], (path.name, name)
+    assert lookup("deepcache:3")[0].needs == "DeepCache"
+    with pytest.raises(KeyError, match="no method is registered for 'tgate:3'"):
+        lookup("tgate:3")
