@@ -23,7 +23,7 @@ where it has one, is what the speed report counts; a peer that keeps no counts s
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import re
 import types
 from collections.abc import Callable
@@ -69,7 +69,13 @@ class Method:
 
     def available(self) -> bool:
         """Whether :attr:`needs` imports here."""
-        return self.needs is None or importlib.util.find_spec(self.needs) is not None
+        if self.needs is None:
+            return True
+        try:
+            importlib.import_module(self.needs)
+        except ImportError:
+            return False
+        return True
 
 
 METHODS: list[Method] = []
