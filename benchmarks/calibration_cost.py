@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import re
 import shlex
 import sys
@@ -33,6 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.harness.timing import processor_name  # noqa: E402
 from benchmarks.models import build_sd15_pipeline  # noqa: E402
 from faster_diffusion import Sampler, get_calibration, use_sampler  # noqa: E402
 from faster_diffusion.calibration import DEFAULT_PROMPTS  # noqa: E402
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     decoder_row = unet_row - encoder_row
     a40_flops_per_second = 50 * 2 * unet_512 / PAPER_A40_STOCK_SECONDS
     prompts = DEFAULT_PROMPTS[: args.prompts]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    name = processor_name(device)
     command = " ".join(
         shlex.quote(a) for a in ["python", "benchmarks/calibration_cost.py", *(argv or sys.argv[1:])]
     )

@@ -48,11 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
-import platform
-import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -64,9 +60,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import quality  # noqa: E402
-from benchmarks.frontier import Judge  # noqa: E402
-from benchmarks.modes_frontier import noise_verdict, run  # noqa: E402
+from benchmarks import harness  # noqa: E402
 from faster_diffusion import (  # noqa: E402
     DeepReuseConfig,
     FasterDiffusionConfig,
@@ -77,7 +71,6 @@ from faster_diffusion import (  # noqa: E402
     reference,
     use_sampler,
 )
-from faster_diffusion.app.loading import load_pipeline  # noqa: E402
 from faster_diffusion.deep import branch_count, deep_modules  # noqa: E402
 from faster_diffusion.depth import full_steps_within, run_cost  # noqa: E402
 from faster_diffusion.measure import encoder_modules  # noqa: E402
@@ -185,7 +178,7 @@ def run_plan(pipe, plan: str, gain, pairs, guidance: float, batch: int) -> np.nd
     for i in range(0, len(pairs.prompts), batch):
         # One plan per pipeline call: the step counter starts again.
         with planned(pipe, plan, gain):
-            part, _ = quality.run_in_batches(
+            part, _ = harness.run_in_batches(
                 pipe,
                 pairs.prompts[i : i + batch],
                 pairs.seeds[i : i + batch],
@@ -234,7 +227,7 @@ def checks(pipe, pairs, guidance: float, batch: int, interval: int) -> dict[str,
     """The prototype against the package: largest pixel differences (0-255)."""
     steps = SAMPLER.default_steps
     plan = "".join("F" if s % interval == 0 else "P" for s in range(steps))
-    copied = run(
+    copied = harness.run(
         pipe,
         SAMPLER,
         DeepReuseConfig(key_steps=KeySteps.uniform(interval)),
@@ -243,7 +236,7 @@ def checks(pipe, pairs, guidance: float, batch: int, interval: int) -> dict[str,
         guidance,
         batch,
     )
-    forecast = run(
+    forecast = harness.run(
         pipe,
         SAMPLER,
         DeepReuseConfig(key_steps=KeySteps.uniform(interval), forecast=1),
@@ -303,7 +296,6 @@ def measure_costs(repeats: int = 2, steps: int = 6) -> dict:
     its cost is the median over ``repeats`` of ``(t - s / steps) / ((steps - 1) s / steps)``, so that drift of
     the machine between pairs cancels."""
     from benchmarks.models import build_sd15_pipeline
-    from benchmarks.speed import _cpu_model
 
     pipe = build_sd15_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -338,19 +330,18 @@ def measure_costs(repeats: int = 2, steps: int = 6) -> dict:
     timed(None)  # warm-up
     ratios: dict[str, list[float]] = {name: [] for name in variants}
     stock: list[float] = []
-    for _ in range(repeats):
-        for name, config in variants.items():
-            s = timed(None)
-            t = timed(config)
-            stock.append(s)
-            ratios[name].append((t - s / steps) / ((steps - 1) * s / steps))
-    median = {name: round(statistics.median(r), 4) for name, r in ratios.items()}
+    for _, (name, config) in harness.timing.interleaved(variants.items(), repeats, warmups=0):
+        s = timed(None)
+        t = timed(config)
+        stock.append(s)
+        ratios[name].append((t - s / steps) / ((steps - 1) * s / steps))
+    median = {name: round(harness.timing.median(r), 4) for name, r in ratios.items()}
     return {
-        "stock_seconds": {"median": statistics.median(stock), "min": min(stock), "max": max(stock)},
+        "stock_seconds": {"median": harness.timing.median(stock), "min": min(stock), "max": max(stock)},
         "steps": steps,
         "repeats": repeats,
         "threads": torch.get_num_threads(),
-        "cpu": _cpu_model(),
+        "cpu": harness.timing.cpu_model(),
         "partial": {name.split("b")[-1]: v for name, v in median.items() if name.startswith("partial b")},
         "encoder_reuse": median["encoder reuse"],
         "batched_partial": median["batched partial"],
@@ -371,19 +362,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated of {FAMILIES}")
     parser.add_argument("--batch", type=int, default=80)
     parser.add_argument("--threads", type=int, default=None)
+    harness.report.add_from_json(parser)
     args = parser.parse_args(argv)
+    if args.from_json is not None:
+        harness.report.report_again(args, render, parser)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
         parser.error(f"--families: unknown {unknown}; choose from {FAMILIES}")
-    argv_list = list(argv if argv is not None else sys.argv[1:])
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    t0 = time.perf_counter()
+    argv_list = harness.report.argv_of(argv)
+    started, began = harness.report.started_now(), time.perf_counter()
     if args.costs:
         costs = measure_costs(args.repeats)
-        costs["command"] = shlex.join(["python", "benchmarks/deep_variants.py", *argv_list])
+        costs["command"] = harness.report.command("deep_variants.py", argv_list)
         costs["date"] = started
         args.costs_file.write_text(json.dumps(costs, indent=1) + "\n")
         print(json.dumps(costs, indent=1))
@@ -391,14 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.costs_file.is_file():
         parser.error(f"--costs-file: {args.costs_file} does not exist; measure it first with --costs")
     costs = json.loads(args.costs_file.read_text())
-    pipe = load_pipeline(args.model, device="cpu", safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    classifier = reference.load_classifier(reference.CLASSIFIER_PATH)
-    pairs = quality.Pairs.held_out(args.quick)
-    rng = np.random.default_rng(0)
-    draws = [
-        rng.integers(0, len(pairs.prompts), len(pairs.prompts)) for _ in range(20 if args.quick else 1000)
-    ]
+    pipe = harness.load_reference(args.model)
+    classifier = harness.load_classifier()
+    pairs = harness.Pairs.held_out(args.quick)
+    draws = harness.bootstrap_draws(len(pairs.prompts), 20 if args.quick else 1000)
     guidance = reference.guidance_scale(args.model)
     intervals = QUICK_INTERVALS if args.quick else INTERVALS
     steps = SAMPLER.default_steps
@@ -408,9 +398,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(how, tuple):
             images = run_plan(pipe, how[1], how[2], pairs, guidance, args.batch)
         else:
-            images = run(pipe, SAMPLER, how, pairs.prompts, pairs.seeds, guidance, args.batch)
+            images = harness.run(pipe, SAMPLER, how, pairs.prompts, pairs.seeds, guidance, args.batch)
         if judge is None:
-            judge = Judge(classifier, pairs.labels, images, draws)
+            judge = harness.Judge(classifier, pairs.labels, images, draws)
         rows[name] = {
             "family": family,
             "interval": interval,
@@ -428,42 +418,37 @@ def main(argv: list[str] | None = None) -> int:
         if {"compose", "damped"} & set(families)
         else {}
     )
-    text = report(
-        argv_list,
-        args,
-        started,
-        time.perf_counter() - t0,
-        len(pairs.prompts),
-        rows,
-        costs,
-        agreement,
-        intervals,
-    )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps({"rows": rows, "agreement": agreement}, indent=1))
-    print(text)
+    data = {
+        "run": harness.report.run_facts(argv_list, started, began),
+        "pairs": len(pairs.prompts),
+        "costs": costs,
+        "rows": rows,
+        "agreement": agreement,
+    }
+    harness.report.write(args.out, render(data, args), data)
     return 0
 
 
-def report(argv, args, started, wall, n, rows, costs, agreement, intervals) -> str:
-    lines = [
-        "# Deep reuse variants against DeepCache's rule at equal cost",
-        "",
-        f"- Command: `{shlex.join(['python', 'benchmarks/deep_variants.py', *argv])}`",
-        f"- Date: {started}; wall time {wall / 60:.1f} min; {platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads",
-        f"- Model: `{Path(args.model).name}`; {n} pairs; guidance {reference.guidance_scale(args.model)}; "
-        f"{SAMPLER.value}",
-        f"- Step costs in full passes (`{args.costs_file.name}`, {costs.get('date', '?')}, SD v1.5 "
-        f"architecture, 256 px): partial by branch "
+def render(data: dict, args: argparse.Namespace) -> str:
+    """The report of a run's JSON ``data``; ``args``: the settings its command line parses to."""
+    costs, rows, intervals = data["costs"], data["rows"], QUICK_INTERVALS if args.quick else INTERVALS
+    lines = harness.report.header(
+        "Deep reuse variants against DeepCache's rule at equal cost",
+        "deep_variants.py",
+        data["run"],
+        f"Model: `{Path(args.model).name}`; {data['pairs']} pairs; guidance "
+        f"{reference.guidance_scale(args.model)}; {SAMPLER.value}",
+        f"Step costs in full passes (`{args.costs_file.name}`, {costs.get('date', '?')}, SD v1.5 "
+        "architecture, 256 px): partial by branch "
         + ", ".join(f"b{b} {p:.3f}" for b, p in costs["partial"].items())
         + f"; encoder reuse {costs['encoder_reuse']:.3f}; batched partial {costs['batched_partial']:.3f}",
-        "",
+    )
+    lines += [
         "| method | family | full passes | cost (full passes) | all five right − stock (points, 95% CI) "
         "| within noise | PSNR vs stock dB (95% CI) |",
         "|---|---|---|---|---|---|---|",
     ]
+    noise_verdict = harness.noise_verdict
     for name, m in rows.items():
         ci = m["delta_ci"]
         lines.append(
@@ -473,11 +458,11 @@ def report(argv, args, started, wall, n, rows, costs, agreement, intervals) -> s
         )
     lines += ["", "The rules (in the script's docstring, written before the first run):", ""]
     lines += [f"- {family}: {text}" for family, text in verdicts(rows, intervals).items()]
-    if agreement:
+    if data["agreement"]:
         lines += [
             "",
             "Prototype against the package, largest pixel difference (0-255): "
-            + ", ".join(f"{k}: {v:.3g}" for k, v in agreement.items())
+            + ", ".join(f"{k}: {v:.3g}" for k, v in data["agreement"].items())
             + ".",
         ]
     return "\n".join(lines) + "\n"

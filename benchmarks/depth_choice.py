@@ -37,89 +37,40 @@ Protocol (written before the first run):
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import shlex
 import sys
-import time
 from pathlib import Path
-
-import numpy as np
-import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import quality  # noqa: E402
-from benchmarks.frontier import Judge  # noqa: E402
-from benchmarks.modes_frontier import noise_verdict, run  # noqa: E402
-from faster_diffusion import DeepReuseConfig, KeySteps, Sampler, get_calibration, reference, use_sampler  # noqa: E402
-from faster_diffusion.app.loading import load_pipeline  # noqa: E402
-from faster_diffusion.deep import branch_count  # noqa: E402
-from faster_diffusion.depth import DEPTH_CRITERION, choose_depth, full_steps_within, run_cost  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from faster_diffusion import DeepReuseConfig, KeySteps, Sampler, reference  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
-COSTS = RESULTS / "deep-variants-costs.json"
 SAMPLER = Sampler.DPM_SOLVER
 INTERVALS = (2, 3, 4, 5)
 QUICK_INTERVALS = (2, 3)
-#: Branches compared (as ``deep_variants.py``: deeper ones cost more than half a full step on SD v1.5).
-MAX_BRANCH = 5
 #: The chooser ranks well within this much PSNR of the best candidate (rule 1).
 RANK_DB = 0.5
 #: ... and this much faithfulness (rule 1; also rule 2's margin).
 FAITH_POINTS = 1.0
 
 
-def budget_of(interval: int, steps: int, p0: float) -> float:
-    """DeepCache:I's cost in full passes: full steps every I-th, branch 0's partial steps between."""
-    return run_cost(len(range(0, steps, interval)), steps, p0)
-
-
-def calibrations(pipe, model: Path, branches, steps: int) -> dict:
-    """Each branch's ``deep:b`` calibration read with the prediction criterion: the committed one where there
-    is one, else made now (not saved)."""
-    options = {**reference.calibration_options(model), "save": False}
-    out = {}
-    for b in branches:
-        started = time.perf_counter()
-        out[b] = get_calibration(
-            pipe, num_inference_steps=steps, target=f"deep:{b}", criterion=DEPTH_CRITERION, **options
-        )
-        print(f"deep:{b} calibration ready in {time.perf_counter() - started:.0f} s", flush=True)
-    return out
-
-
-def load_model(model: Path, partial: dict[int, float]):
-    """The model's pipeline (DPM-Solver-20), its steps, the branches compared (those with a cost, up to
-    :data:`MAX_BRANCH`), their calibrations and the judge's classifier."""
-    pipe = load_pipeline(model, device="cpu", safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    use_sampler(pipe, SAMPLER)
-    steps = SAMPLER.default_steps
-    branches = [b for b in sorted(partial) if b < min(MAX_BRANCH + 1, branch_count(pipe.unet))]
-    found = calibrations(pipe, model, branches, steps)
-    return pipe, steps, branches, found, reference.load_classifier(reference.CLASSIFIER_PATH)
-
-
 def judge_model(model: Path, args, partial: dict[int, float], draws) -> dict:
-    pipe, steps, branches, found, classifier = load_model(model, partial)
-    pairs = quality.Pairs.held_out(args.quick, 0)
+    pipe, steps, branches, found, classifier = harness.budgets.load_model(model, partial, SAMPLER)
+    pairs = harness.Pairs.held_out(args.quick, 0)
     guidance = reference.guidance_scale(model)
 
     def score(how) -> dict:
-        images = run(pipe, SAMPLER, how, pairs.prompts, pairs.seeds, guidance, args.batch)
+        images = harness.run(pipe, SAMPLER, how, pairs.prompts, pairs.seeds, guidance, args.batch)
         return judge(images)
 
-    stock = run(pipe, SAMPLER, None, pairs.prompts, pairs.seeds, guidance, args.batch)
-    judge = Judge(classifier, pairs.labels, stock, draws)
+    stock = harness.run(pipe, SAMPLER, None, pairs.prompts, pairs.seeds, guidance, args.batch)
+    judge = harness.Judge(classifier, pairs.labels, stock, draws)
     budgets = []
     for interval in QUICK_INTERVALS if args.quick else INTERVALS:
-        cost = budget_of(interval, steps, partial[0])
-        costs = {b: partial[b] for b in branches if full_steps_within(cost, steps, partial[b]) >= 2}
-        choice = choose_depth(pipe, cost, costs, num_inference_steps=steps, calibrations=found)
+        cost, choice = harness.budgets.choose_at(pipe, interval, steps, partial, branches, found)
         rows = []
         baseline = {"name": f"deep:{interval}", "branch": 0, "full": len(range(0, steps, interval))}
         baseline.update(score(DeepReuseConfig(key_steps=KeySteps.uniform(interval))))
@@ -165,29 +116,11 @@ def verdicts(budget: dict) -> dict:
     }
 
 
-def report_header(title: str, script: str, argv, started, wall, partial: dict, setting: str) -> list[str]:
-    """The first lines of a report: its title, then (4 lines kept by ``--from-json``) the command, when and
-    where it ran, the partial-step costs it used, and ``setting``."""
-    return [
-        f"# {title}",
-        "",
-        f"- Command: `{shlex.join(['python', f'benchmarks/{script}', *argv])}`",
-        f"- Date: {started}; wall time {wall / 60:.1f} min; {platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads",
-        "- Partial-step costs (full passes, SD v1.5 architecture, 256 px, `deep-variants-costs.json`): "
-        + ", ".join(f"b{b} {p:.3f}" for b, p in sorted(partial.items())),
-        f"- {setting}",
-        "",
-    ]
-
-
-def report(argv, started, wall, results, partial) -> str:
-    lines = report_header(
+def report(run: dict, results, partial) -> str:
+    lines = harness.budgets.header(
         "The depth chooser against every branch at DeepCache's cost",
         "depth_choice.py",
-        argv,
-        started,
-        wall,
+        run,
         partial,
         "DPM-Solver-20; candidates placed by each branch's `deep:b` calibration (prediction criterion); "
         "the pick is the candidate of least predicted error; `deep:I` is DeepCache:I's rule",
@@ -213,7 +146,7 @@ def report(argv, started, wall, results, partial) -> str:
                     f"| I={budget['interval']} ({budget['cost']:.2f}) | {row['name']}{mark} | "
                     f"{row['full']} | {predicted} | {row['delta'] * 100:+.1f} "
                     f"[{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}] | "
-                    f"{noise_verdict(row['delta'], ci)} | {row['psnr']:.2f} "
+                    f"{harness.noise_verdict(row['delta'], ci)} | {row['psnr']:.2f} "
                     f"[{row['psnr_ci'][0]:.2f}, {row['psnr_ci'][1]:.2f}] |"
                 )
             notes.append(
@@ -232,63 +165,11 @@ def report(argv, started, wall, results, partial) -> str:
     return "\n".join(lines)
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
-    """The options this script shares with ``head_to_head.py``."""
-    parser.add_argument(
-        "--quick", action="store_true", help="smoke run: 8 pairs, intervals 2 and 3, first model"
-    )
-    parser.add_argument("--out", type=Path, default=out)
-    parser.add_argument("--batch", type=int, default=80, help="prompts per pipeline call")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--costs-file", type=Path, default=COSTS)
-    parser.add_argument(
-        "--from-json",
-        type=Path,
-        default=None,
-        help="write the report again from a run's .json (nothing is generated; the header keeps the run's)",
-    )
-
-
-def report_again(args: argparse.Namespace, report) -> None:
-    """``--from-json``: write a saved run's report again, keeping its first 4 lines (the run's header)."""
-    saved = json.loads(args.from_json.read_text())
-    header = args.out.read_text().splitlines()[:4] if args.out.is_file() else []
-    partial = {int(b): p for b, p in saved["partial"].items()}
-    body = report([], "", 0.0, saved["results"], partial).splitlines()[4:]
-    args.out.write_text("\n".join(header + body) + "\n")
-
-
-def read_costs(parser: argparse.ArgumentParser, path: Path) -> dict[int, float]:
-    """The partial-step cost of each branch from ``deep_variants.py --costs``' file; branch 0's is needed."""
-    if not path.is_file():
-        parser.error(f"--costs-file: {path} does not exist (benchmarks/deep_variants.py --costs)")
-    partial = {int(b): float(p) for b, p in json.loads(path.read_text())["partial"].items()}
-    if 0 not in partial:
-        parser.error(f"--costs-file: {path} has no cost for branch 0")
-    return partial
-
-
-def judge_and_write(args, argv, models, pairs: int, judge_model, report, partial: dict[int, float]) -> None:
-    """Run ``judge_model`` on each model (the same bootstrap draws of ``pairs`` pairs for all), then write the
-    report to ``--out``, the run beside it as ``.json``, and the report to stdout."""
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    t0 = time.perf_counter()
-    rng = np.random.default_rng(0)
-    draws = [rng.integers(0, pairs, pairs) for _ in range(20 if args.quick else 1000)]
-    results = [judge_model(model, args, partial, draws) for model in models]
-    argv_list = list(argv if argv is not None else sys.argv[1:])
-    text = report(argv_list, started, time.perf_counter() - t0, results, partial)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps({"partial": partial, "results": results}, indent=1))
-    print(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_run_arguments(parser, RESULTS / "depth-choice.md")
+    harness.budgets.add_run_arguments(parser, RESULTS / "depth-choice.md")
     parser.add_argument(
         "--models",
         type=lambda text: [Path(t) for t in text.split(",")],
@@ -297,16 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.from_json is not None:
-        report_again(args, report)
+        harness.budgets.report_again(args, report)
         return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    partial = read_costs(parser, args.costs_file)
-    models = args.models or (
-        [reference.MODEL_DIR] if args.quick else [reference.MODEL_DIR, reference.SD15_LAYOUT_MODEL_DIR]
-    )
-    pairs = len(quality.Pairs.held_out(args.quick, 0).prompts)
-    judge_and_write(args, argv, models, pairs, judge_model, report, partial)
+    partial = harness.budgets.prepare(parser, args)
+    models = args.models or harness.reference_models(args.quick)
+    pairs = len(harness.Pairs.held_out(args.quick, 0).prompts)
+    harness.budgets.judge_and_write(args, argv, models, pairs, judge_model, report, partial)
     return 0
 
 

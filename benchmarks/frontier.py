@@ -36,10 +36,6 @@ which); the judging rules stay the same.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -51,9 +47,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import quality  # noqa: E402
-from faster_diffusion import KeySteps, Sampler, reference, use_sampler  # noqa: E402
-from faster_diffusion.app.loading import load_pipeline  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from faster_diffusion import FasterDiffusionConfig, KeySteps, Sampler, reference, use_sampler  # noqa: E402
 from faster_diffusion.calibration import (  # noqa: E402
     DEFAULT_CRITERION,
     find_calibration,
@@ -68,8 +63,6 @@ from faster_diffusion.schedule import evenly_spaced_key_steps, paper_shaped_key_
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 BUDGETS = {Sampler.DDIM: range(5, 26), Sampler.DPM_SOLVER: range(4, 13)}
 QUICK_BUDGETS = {Sampler.DDIM: (5, 9), Sampler.DPM_SOLVER: (4, 7)}
-#: Within noise of stock: the faithfulness difference's interval contains 0 and its point is >= this.
-WITHIN_NOISE_POINTS = -1.0
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -111,70 +104,23 @@ def schedules_for(sampler: Sampler, budgets, costs: dict[str, np.ndarray]) -> di
     return out
 
 
-def within_noise(delta: float, ci: tuple[float, float]) -> bool:
-    return ci[0] <= 0.0 <= ci[1] and delta * 100 >= WITHIN_NOISE_POINTS
-
-
-class Judge:
-    """Scores runs against stock on one set of pairs, as the protocol does: faithfulness (all five attributes
-    read right) as a difference to stock with a paired bootstrap interval, and PSNR against stock's image of
-    the same pair (capped at 100 dB) with its interval. Every run is scored on the same ``draws``."""
-
-    def __init__(self, classifier, labels: np.ndarray, stock_images: np.ndarray, draws: list[np.ndarray]):
-        self.classifier, self.labels, self.stock_images, self.draws = classifier, labels, stock_images, draws
-        self.stock_correct = self.correct(stock_images)
-        self.stock_boot = np.array([self.stock_correct[d].mean() for d in draws])
-
-    def correct(self, images: np.ndarray) -> np.ndarray:
-        """1.0 for each image whose five attributes the classifier reads right, else 0.0."""
-        predicted, _ = quality.classify(self.classifier, images)
-        return (predicted == self.labels).all(axis=1).astype(np.float64)
-
-    def __call__(self, images: np.ndarray) -> dict:
-        """``all`` (share fully right), ``delta`` and ``delta_ci`` (to stock), ``psnr`` and ``psnr_ci``."""
-        correct = self.correct(images)
-        p = np.minimum(quality.psnr(images, self.stock_images), 100.0)
-        return {
-            "all": float(correct.mean()),
-            "delta": float(correct.mean() - self.stock_correct.mean()),
-            "delta_ci": quality.interval(np.array([correct[d].mean() for d in self.draws]) - self.stock_boot),
-            "psnr": float(p.mean()),
-            "psnr_ci": quality.interval(np.array([p[d].mean() for d in self.draws])),
-        }
-
-
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(results), 2, figsize=(12, 4.2 * len(results)), squeeze=False)
-    for row, (sampler, by_family) in enumerate(results.items()):
-        for col, (metric, label) in enumerate(
-            (("delta", "faithfulness − stock (points)"), ("psnr", "PSNR vs stock (dB)"))
-        ):
-            ax = axes[row][col]
-            for family in by_family:
-                points = sorted(by_family[family].items())
-                budgets = [b for b, _ in points]
-                scale = 100 if metric == "delta" else 1
-                values = [m[metric] * scale for _, m in points]
-                low = [m[f"{metric}_ci"][0] * scale for _, m in points]
-                high = [m[f"{metric}_ci"][1] * scale for _, m in points]
-                (line,) = ax.plot(budgets, values, marker="o", markersize=3, label=family)
-                ax.fill_between(budgets, low, high, color=line.get_color(), alpha=0.15)
-            if metric == "delta":
-                ax.axhline(0, color="black", linewidth=0.8)
-                ax.axhline(WITHIN_NOISE_POINTS, color="0.6", linewidth=0.8, linestyle="--")
-            ax.axvline(paper_budget(sampler.default_steps), color="0.85", linewidth=0.8, zorder=0)
-            ax.set_xlabel("key steps (encoder passes); grey line: the paper's budget")
-            ax.set_ylabel(label)
-            ax.set_title(f"{sampler.value}: {label}")
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with harness.plots.figure(path, len(results), 4.2) as axes:
+        for row, (sampler, by_family) in enumerate(results.items()):
+            for col, (metric, label, scale) in enumerate(harness.plots.PANELS):
+                ax = axes[row][col]
+                for family in by_family:
+                    points = sorted(by_family[family].items())
+                    budgets = [b for b, _ in points]
+                    values = [m[metric] * scale for _, m in points]
+                    low = [m[f"{metric}_ci"][0] * scale for _, m in points]
+                    high = [m[f"{metric}_ci"][1] * scale for _, m in points]
+                    (line,) = ax.plot(budgets, values, marker="o", markersize=3, label=family)
+                    ax.fill_between(budgets, low, high, color=line.get_color(), alpha=0.15)
+                harness.plots.reference_lines(ax, metric)
+                ax.axvline(paper_budget(sampler.default_steps), color="0.85", linewidth=0.8, zorder=0)
+                xlabel = "key steps (encoder passes); grey line: the paper's budget"
+                harness.plots.label(ax, xlabel, label, f"{sampler.value}: {label}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,32 +154,31 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SAMPLER=B,B,...",
         help="the budgets of one sampler instead of the protocol's, e.g. DDIM-50=5,9,13 (repeatable)",
     )
+    harness.report.add_from_json(parser, plots=True)
     args = parser.parse_args(argv)
+    if args.from_json is not None:
+        saved, _ = harness.report.report_again(args, render, parser)
+        plot(typed(saved)[0], Path(f"{args.out.with_suffix('')}.png"))
+        return 0
     budgets_of = dict(QUICK_BUDGETS if args.quick else BUDGETS)
     for item in args.budgets:
         name, _, values = item.partition("=")
         budgets_of[Sampler.parse(name)] = tuple(int(v) for v in values.split(","))
-    argv_list = list(argv if argv is not None else sys.argv[1:])
     boot = args.boot or (20 if args.quick else 1000)
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    t0 = time.perf_counter()
+    started, began = harness.report.started_now(), time.perf_counter()
 
-    pipe = load_pipeline(
-        reference.MODEL_DIR, device=args.device, dtype=getattr(torch, args.dtype), safety_checker=False
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = harness.load_reference(device=args.device, dtype=getattr(torch, args.dtype))
     if args.calibrations is not None:
         calibrations = load_calibrations(args.calibrations)
         if not calibrations:
             raise SystemExit(f"--calibrations: no calibrations in {args.calibrations}")
         for calibration in calibrations:
             register(pipe.unet, calibration)
-    classifier = reference.load_classifier(reference.CLASSIFIER_PATH)
-    pairs = quality.Pairs.held_out(args.quick)
+    classifier = harness.load_classifier()
+    pairs = harness.Pairs.held_out(args.quick)
     prompts, seeds, labels = pairs.prompts, pairs.seeds, pairs.labels
     n = len(prompts)
-    rng = np.random.default_rng(0)
-    draws = [rng.integers(0, n, n) for _ in range(boot)]
+    draws = harness.bootstrap_draws(n, boot)
     guidance = reference.GUIDANCE_SCALE
 
     results: dict[Sampler, dict[str, dict[int, dict]]] = {}
@@ -248,15 +193,13 @@ def main(argv: list[str] | None = None) -> int:
         costs = {c: calibration.with_criterion(c).matrix for c in criteria}
         budgets = budgets_of[sampler]
         schedules = schedules_for(sampler, budgets, costs)
-        stock = quality.generate(
-            pipe, sampler, quality.Config("stock", None), prompts, seeds, guidance, args.batch
-        )
-        judge = Judge(classifier, labels, stock.images, draws)
+        stock = harness.generate(pipe, sampler, None, prompts, seeds, guidance, args.batch)
+        judge = harness.Judge(classifier, labels, stock.images, draws)
         stock_rows[sampler] = {"all": float(judge.stock_correct.mean()), "seconds": stock.seconds}
         measured: dict[tuple, dict] = {}
         for indices in dict.fromkeys(schedules.values()):
-            config = quality.Config(f"keys {indices}", KeySteps.explicit(indices))
-            run = quality.generate(pipe, sampler, config, prompts, seeds, guidance, args.batch)
+            config = FasterDiffusionConfig(key_steps=KeySteps.explicit(indices))
+            run = harness.generate(pipe, sampler, config, prompts, seeds, guidance, args.batch)
             measured[indices] = {
                 "key_steps": list(indices),
                 **judge(run.images),
@@ -281,11 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         }
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    stem = args.out.with_suffix("")
-    plot(results, Path(f"{stem}.png"))
-    text = report(argv_list, args, started, time.perf_counter() - t0, n, results, correlations, stock_rows)
-    args.out.write_text(text)
+    plot(results, Path(f"{args.out.with_suffix('')}.png"))
+    device = harness.timing.processor_name(torch.device(args.device))
     data = {
+        "run": harness.report.run_facts(harness.report.argv_of(argv), started, began, device_name=device),
         "pairs": n,
         "stock": {s.value: v for s, v in stock_rows.items()},
         "correlations": {s.value: v for s, v in correlations.items()},
@@ -294,14 +236,29 @@ def main(argv: list[str] | None = None) -> int:
             for s, by in results.items()
         },
     }
-    Path(f"{stem}.json").write_text(json.dumps(data, indent=1))
-    print(text)
+    harness.report.write(args.out, render(data, args), data)
     return 0
+
+
+def typed(data: dict) -> tuple[dict, dict, dict]:
+    """A saved run's results, correlations and stock rows keyed by sampler (and budget) again."""
+    results = {
+        Sampler.parse(s): {family: {int(b): m for b, m in by.items()} for family, by in by_family.items()}
+        for s, by_family in data["results"].items()
+    }
+    correlations = {Sampler.parse(s): v for s, v in data["correlations"].items()}
+    stock = {Sampler.parse(s): v for s, v in data["stock"].items()}
+    return results, correlations, stock
+
+
+def render(data: dict, args: argparse.Namespace) -> str:
+    """The report of a run's JSON ``data``; ``args``: the settings its command line parses to."""
+    return write_report(data["run"], args, data["pairs"], *typed(data))
 
 
 def smallest_within_noise(by_budget: dict[int, dict]) -> tuple[int | None, int | None]:
     """(smallest budget within noise, smallest budget from which every larger one is within noise)."""
-    ok = {b: within_noise(m["delta"], m["delta_ci"]) for b, m in by_budget.items()}
+    ok = {b: harness.within_noise(m["delta"], m["delta_ci"]) for b, m in by_budget.items()}
     first = min((b for b, good in ok.items() if good), default=None)
     from_on = None
     for b in sorted(ok, reverse=True):
@@ -311,21 +268,18 @@ def smallest_within_noise(by_budget: dict[int, dict]) -> tuple[int | None, int |
     return first, from_on
 
 
-def report(argv, args, started, wall, n, results, correlations, stock_rows) -> str:
-    command = " ".join(shlex.quote(a) for a in ["python", "benchmarks/frontier.py", *argv])
-    device = (
-        torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "CPU"
-    )
+def write_report(run: dict, args, n, results, correlations, stock_rows) -> str:
+    took = harness.report.minutes(run)
     lines = [
         "# Key-step placement: the speed-quality frontier on the reference model",
         "",
-        f"Command: `{command}`  ",
-        f"Started {started}; took {wall / 60:.1f} min on {args.device} ({device}), {args.dtype}; "
-        f"torch {torch.__version__}.  ",
+        f"Command: `{harness.report.command('frontier.py', run['argv'])}`  ",
+        f"Started {run['started']}; took {took} min on {args.device} ({run['device_name']}), "
+        f"{args.dtype}; torch {run['torch']}.  ",
         f"{n} held-out prompt x seed pairs (the quality benchmark's), guidance {reference.GUIDANCE_SCALE}; "
         "noise injection on for every schedule. Faithfulness: all five attributes read right. Intervals: 95% "
         "paired bootstrap over the pairs. 'Within noise': the faithfulness difference's interval contains 0 "
-        f"and its point is at least {WITHIN_NOISE_POINTS:+.0f} point.",
+        f"and its point is at least {harness.WITHIN_NOISE_POINTS:+.0f} point.",
         "",
         "## Which criterion predicts quality",
         "",

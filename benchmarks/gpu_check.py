@@ -55,6 +55,7 @@ if __package__ in (None, ""):  # run as a script: make the package and the bench
 import diffusers  # noqa: E402
 
 from benchmarks import speed  # noqa: E402
+from benchmarks.harness.timing import device_name  # noqa: E402
 from faster_diffusion import (  # noqa: E402
     FasterDiffusionConfig,
     KeySteps,
@@ -544,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = Path(tempfile.gettempdir()) / f"faster-diffusion-gpu-check-speed-{attention}.md"
         runs.append((attention, speed.benchmark([*speed_argv, "--out", str(out)])))
 
-    name = torch.cuda.get_device_name(device) if cuda else speed._cpu_model()
+    name = device_name(device)
     report = [
         f"# GPU check: {name}",
         "",

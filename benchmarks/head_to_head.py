@@ -43,29 +43,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import quality  # noqa: E402
-from benchmarks.depth_choice import (  # noqa: E402
-    SAMPLER,
-    add_run_arguments,
-    budget_of,
-    judge_and_write,
-    load_model,
-    read_costs,
-    report_again,
-    report_header,
-)
-from benchmarks.frontier import within_noise  # noqa: E402
-from benchmarks.modes_frontier import have_deepcache, run  # noqa: E402
-from faster_diffusion import DeepReuseConfig, KeySteps, reference  # noqa: E402
-from faster_diffusion.depth import choose_depth, full_steps_within  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from faster_diffusion import DeepReuseConfig, KeySteps, Sampler, reference  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
+SAMPLER = Sampler.DPM_SOLVER
 INTERVALS = (2, 3, 4, 5)
 QUICK_INTERVALS = (2, 3)
 #: Seeds of the two blocks of held-out pairs (fresh: no other benchmark uses them).
@@ -74,7 +61,7 @@ SEED_BLOCKS = (2000, 2240)
 
 def fresh_pairs(quick: bool):
     """Prompts, seeds and labels of the protocol's pairs (the held-out set twice, with fresh seeds)."""
-    blocks = [quality.Pairs.held_out(quick, offset) for offset in (SEED_BLOCKS[:1] if quick else SEED_BLOCKS)]
+    blocks = [harness.Pairs.held_out(quick, offset) for offset in (SEED_BLOCKS[:1] if quick else SEED_BLOCKS)]
     prompts = [p for b in blocks for p in b.prompts]
     seeds = [s for b in blocks for s in b.seeds]
     labels = np.concatenate([b.labels for b in blocks])
@@ -83,47 +70,22 @@ def fresh_pairs(quick: bool):
     return prompts, seeds, labels
 
 
-class Paired:
-    """Per-pair scores of runs, and their differences with paired bootstrap intervals."""
-
-    def __init__(self, classifier, labels: np.ndarray, stock: np.ndarray, draws: list[np.ndarray]):
-        self.classifier, self.labels, self.stock, self.draws = classifier, labels, stock, draws
-        self.stock_correct = self.correct(stock)
-
-    def correct(self, images: np.ndarray) -> np.ndarray:
-        predicted, _ = quality.classify(self.classifier, images)
-        return (predicted == self.labels).all(axis=1).astype(np.float64)
-
-    def scores(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        return {
-            "correct": self.correct(images),
-            "psnr": np.minimum(quality.psnr(images, self.stock), 100.0),
-        }
-
-    def difference(self, a: np.ndarray, b: np.ndarray) -> tuple[float, tuple[float, float]]:
-        """Mean of ``a - b`` over the pairs, and its 95% interval over the draws."""
-        d = a - b
-        return float(d.mean()), quality.interval(np.array([d[i].mean() for i in self.draws]))
-
-
 def judge_model(model: Path, args, partial: dict[int, float], draws) -> dict:
-    pipe, steps, branches, found, classifier = load_model(model, partial)
+    pipe, steps, branches, found, classifier = harness.budgets.load_model(model, partial, SAMPLER)
     prompts, seeds, labels = fresh_pairs(args.quick)
     guidance = reference.guidance_scale(model)
 
     def images(how) -> np.ndarray:
-        return run(pipe, SAMPLER, how, prompts, seeds, guidance, args.batch)
+        return harness.run(pipe, SAMPLER, how, prompts, seeds, guidance, args.batch)
 
-    paired = Paired(classifier, labels, images(None), draws)
+    paired = harness.Paired(classifier, labels, images(None), draws)
     zeros = np.zeros(len(prompts))
     cells = []
     for interval in QUICK_INTERVALS if args.quick else INTERVALS:
-        cost = budget_of(interval, steps, partial[0])
-        costs = {b: partial[b] for b in branches if full_steps_within(cost, steps, partial[b]) >= 2}
-        choice = choose_depth(pipe, cost, costs, num_inference_steps=steps, calibrations=found)
+        cost, choice = harness.budgets.choose_at(pipe, interval, steps, partial, branches, found)
         pick = next(c for c in choice.candidates if c.branch == choice.branch)
         config = DeepReuseConfig(key_steps=KeySteps.explicit(pick.indices), branch=pick.branch)
-        dc = paired.scores(images(("deepcache", interval)))
+        dc = paired.scores(images(f"deepcache:{interval}"))
         ours = paired.scores(images(config))
         cell = {
             "interval": interval,
@@ -150,7 +112,7 @@ def judge_model(model: Path, args, partial: dict[int, float], draws) -> dict:
 def verdict(cell: dict) -> dict:
     faith, faith_ci = cell["faith_diff"]
     psnr, psnr_ci = cell["psnr_diff"]
-    not_lower = within_noise(faith, faith_ci) or faith_ci[0] > 0
+    not_lower = harness.within_noise(faith, faith_ci) or faith_ci[0] > 0
     holds = psnr >= 0 and not_lower
     beats = holds and psnr_ci[0] > 0 and faith >= 0
     return {"holds": holds, "beats": beats}
@@ -161,13 +123,11 @@ def points(value: tuple[float, tuple[float, float]]) -> str:
     return f"{mean * 100:+.1f} [{low * 100:+.1f}, {high * 100:+.1f}]"
 
 
-def report(argv, started, wall, results, partial) -> str:
-    lines = report_header(
+def report(run: dict, results, partial) -> str:
+    lines = harness.budgets.header(
         "The product's best setting against DeepCache, pair by pair",
         "head_to_head.py",
-        argv,
-        started,
-        wall,
+        run,
         partial,
         "DPM-Solver-20; DeepCache is its own `DeepCacheSDHelper` (branch 0); the pick is `choose_depth`'s "
         "at DeepCache's cost; seeds 2000 and up (fresh)",
@@ -210,18 +170,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_run_arguments(parser, RESULTS / "head-to-head.md")
+    harness.budgets.add_run_arguments(parser, RESULTS / "head-to-head.md")
     args = parser.parse_args(argv)
     if args.from_json is not None:
-        report_again(args, report)
+        harness.budgets.report_again(args, report)
         return 0
-    if not have_deepcache():
+    if not harness.have_deepcache():
         parser.error("the deepcache package is not installed (pip install --no-deps deepcache==0.1.1)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    partial = read_costs(parser, args.costs_file)
-    models = [reference.MODEL_DIR] if args.quick else [reference.MODEL_DIR, reference.SD15_LAYOUT_MODEL_DIR]
-    judge_and_write(args, argv, models, len(fresh_pairs(args.quick)[0]), judge_model, report, partial)
+    partial = harness.budgets.prepare(parser, args)
+    models = harness.reference_models(args.quick)
+    harness.budgets.judge_and_write(
+        args, argv, models, len(fresh_pairs(args.quick)[0]), judge_model, report, partial
+    )
     return 0
 
 

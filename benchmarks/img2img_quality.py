@@ -38,10 +38,6 @@ images, as a saved file holds them. A second sanity line reads the input images 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -54,27 +50,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.quality import (  # noqa: E402
-    Config,
-    Pairs,
-    _display,
-    add_common_arguments,
-    apply_common_arguments,
-    classify,
-    fmt_ci,
-    interval,
-    psnr,
-    run_in_batches,
-    tiles,
-)
-from benchmarks.quality import generate as text_to_image  # noqa: E402
-from faster_diffusion import KeySteps, Sampler, apply_faster_diffusion, reference, use_sampler  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from faster_diffusion import KeySteps, Sampler, apply_faster_diffusion, use_sampler  # noqa: E402
 from faster_diffusion.app.generate import image_to_image_pipeline, image_to_image_steps  # noqa: E402
-from faster_diffusion.app.loading import load_pipeline  # noqa: E402
 from faster_diffusion.policy import default_key_steps  # noqa: E402
 from faster_diffusion.reference import shapes  # noqa: E402
 
-SCRIPT = "benchmarks/img2img_quality.py"
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 SAMPLERS = (Sampler.DDIM, Sampler.DPM_SOLVER)
 STRENGTHS = (0.8, 0.6)
@@ -95,12 +76,12 @@ def input_combos(combos: list[tuple[str, ...]], per_combo: int) -> list[tuple[st
     return [combos[(c + 1) % len(combos)] for c in range(len(combos)) for _ in range(per_combo)]
 
 
-def configs_for(pipe, sampler: Sampler) -> list[Config]:
+def configs_for(pipe, sampler: Sampler) -> list[harness.EncoderSetting]:
     """``stock``, the product's ``default`` key steps for ``pipe`` and ``sampler``, and ``paper``."""
     return [
-        Config("stock", None),
-        Config("default", default_key_steps(pipe, sampler, mode="encoder")),
-        Config("paper", KeySteps.paper()),
+        harness.EncoderSetting("stock", None),
+        harness.EncoderSetting("default", default_key_steps(pipe, sampler, mode="encoder")),
+        harness.EncoderSetting("paper", KeySteps.paper()),
     ]
 
 
@@ -125,7 +106,7 @@ class Img2ImgRun:
 def generate_img2img(
     pipe,
     sampler: Sampler,
-    config: Config,
+    config: harness.EncoderSetting,
     prompts: list[str],
     seeds: list[int],
     inputs: torch.Tensor,
@@ -141,7 +122,7 @@ def generate_img2img(
     steps = sampler.default_steps
     steps_run = image_to_image_steps(steps, strength)
     try:
-        images, seconds = run_in_batches(
+        images, seconds = harness.run_in_batches(
             runner,
             prompts,
             seeds,
@@ -182,29 +163,32 @@ def evaluate(runs: dict[str, Img2ImgRun], labels: np.ndarray, classifier, draws:
     stock = runs["stock"]
     correct = {}
     for name, run in runs.items():
-        predicted, _ = classify(classifier, run.images)
+        predicted, _ = harness.classify(classifier, run.images)
         correct[name] = (predicted == labels).all(axis=1).astype(np.float64)
     stock_boot = np.array([correct["stock"][d].mean() for d in draws])
     for name, run in runs.items():
         boot = np.array([correct[name][d].mean() for d in draws])
         run.metrics["all"] = float(correct[name].mean())
-        run.metrics["all_ci"] = interval(boot)
+        run.metrics["all_ci"] = harness.interval(boot)
         if name == "stock":
             continue
         delta = run.metrics["all"] - float(correct["stock"].mean())
         run.metrics["all_delta"] = delta
-        run.metrics["all_delta_ci"] = interval(boot - stock_boot)
+        run.metrics["all_delta_ci"] = harness.interval(boot - stock_boot)
         run.metrics["judgement"] = judge(delta, run.metrics["all_delta_ci"])
-        p = np.minimum(psnr(run.images, stock.images), 100.0)
+        p = np.minimum(harness.psnr(run.images, stock.images), 100.0)
         run.metrics["psnr"] = float(p.mean())
-        run.metrics["psnr_ci"] = interval(np.array([p[d].mean() for d in draws]))
+        run.metrics["psnr_ci"] = harness.interval(np.array([p[d].mean() for d in draws]))
 
 
 def faithfulness(classifier, images: np.ndarray, labels: np.ndarray, draws: list[np.ndarray]) -> dict:
     """How often all five attributes of ``labels`` are read off ``images``, with its bootstrap interval."""
-    predicted, _ = classify(classifier, images)
+    predicted, _ = harness.classify(classifier, images)
     correct = (predicted == labels).all(axis=1).astype(np.float64)
-    return {"all": float(correct.mean()), "all_ci": interval(np.array([correct[d].mean() for d in draws]))}
+    return {
+        "all": float(correct.mean()),
+        "all_ci": harness.interval(np.array([correct[d].mean() for d in draws])),
+    }
 
 
 # ------------------------------------------------------------------------------------------------- output
@@ -224,7 +208,7 @@ def save_samples_grid(columns: dict[str, np.ndarray], captions: list[str], path:
     draw = ImageDraw.Draw(grid)
     for c, (name, images) in enumerate(columns.items()):
         draw.text((c * (size + pad) + 2, 2), name, fill="black")
-        for r, tile in enumerate(tiles(images[:rows], size)):
+        for r, tile in enumerate(harness.plots.tiles(images[:rows], size)):
             grid.paste(tile, (c * (size + pad), header + r * (size + pad)))
     for r, text in enumerate(captions):
         draw.text(
@@ -233,21 +217,54 @@ def save_samples_grid(columns: dict[str, np.ndarray], captions: list[str], path:
     grid.save(path)
 
 
-def report(args, results: dict, sanity: dict, n_pairs: int, started: str, wall: float) -> str:
+def typed(data: dict) -> dict[Sampler, dict[float, dict[str, Img2ImgRun]]]:
+    """A saved run's results as the report reads them (without images)."""
+    return {
+        Sampler.parse(s): {
+            float(strength): {
+                name: Img2ImgRun(
+                    images=None,
+                    seconds=m["seconds"],
+                    encoder_passes=m["encoder_passes"],
+                    decoder_passes=m["decoder_passes"],
+                    key_steps=m["key_steps"],
+                    metrics={k: v for k, v in m.items() if k not in RUN_FIELDS},
+                )
+                for name, m in runs.items()
+            }
+            for strength, runs in by_strength.items()
+        }
+        for s, by_strength in data["results"].items()
+    }
+
+
+#: The fields of a saved run that are not its metrics.
+RUN_FIELDS = ("key_steps", "encoder_passes", "decoder_passes", "seconds")
+
+
+def render(data: dict, args: argparse.Namespace) -> str:
+    """The report of a run's JSON ``data``; ``args``: the settings its command line parses to."""
+    return report(data["run"], args, data, typed(data))
+
+
+def report(run: dict, args, data: dict, results: dict) -> str:
+    fmt_ci, model = harness.report.fmt_ci, harness.report.display_path(args.model)
+    sanity, n_pairs = data["input_faithfulness"], data["pairs"]
     to_pair, to_own = sanity["pair prompt"], sanity["own prompt"]
     input_all = fmt_ci(to_pair["all"], to_pair["all_ci"], 1, 100)
+    took = harness.report.minutes(run)
     lines = [
         "# Image-to-image quality of faster diffusion on the reference model",
         "",
-        f"Command: `{' '.join(shlex.quote(a) for a in ['python', SCRIPT, *args.argv])}`  ",
-        f"Started {started}; took {wall / 60:.1f} min. torch {torch.__version__}, {platform.machine()}, "
-        f"{torch.get_num_threads()} threads.  ",
-        f"Model: `{_display(args.model)}` (trained by `training/train_reference.py`). {n_pairs} prompt x "
+        f"Command: `{harness.report.command('img2img_quality.py', run['argv'])}`  ",
+        f"Started {run['started']}; took {took} min. torch {run['torch']}, {run['machine']}, "
+        f"{run['threads']} threads.  ",
+        f"Model: `{model}` (trained by `training/train_reference.py`). {n_pairs} prompt x "
         "seed pairs from attribute combinations that training never saw (quality.py's pairs); guidance "
-        f"{args.guidance}; 32x32 images. The input image of each pair is the stock DDIM-50 text-to-image "
+        f"{data['guidance']}; 32x32 images. The input image of each pair is the stock DDIM-50 text-to-image "
         "output, with the pair's seed, of the next held-out combination's prompt; the image-to-image prompt "
         "is the pair's own. 95% bootstrap intervals over the pairs in brackets "
-        f"({args.boot} resamples, shared by all rows). The protocol, fixed before any result was seen, is "
+        f"({data['boot']} resamples, shared by all rows). The protocol, fixed before any result was seen, is "
         "in the docstring of `benchmarks/img2img_quality.py`.",
         "",
         "Judgement, stated in advance: **within noise of stock** when the 95% interval of the faithfulness "
@@ -303,27 +320,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--samples", type=Path, default=None, help="the PNG grid (default: img2img-samples.png beside --out)"
     )
-    add_common_arguments(parser)
+    harness.add_common_arguments(parser)
+    harness.report.add_from_json(parser)
     args = parser.parse_args(argv)
-    apply_common_arguments(parser, args, argv)
+    if args.from_json is not None:
+        harness.report.report_again(args, render, parser)
+        return 0
+    harness.apply_common_arguments(parser, args, argv)
     samples_path = args.samples or args.out.with_name("img2img-samples.png")
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    t0 = time.perf_counter()
+    started, began = harness.report.started_now(), time.perf_counter()
 
-    pipe = load_pipeline(args.model, device="cpu", safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    classifier = reference.load_classifier(args.classifier)
-    pairs = Pairs.held_out(args.quick)  # quality.py's pairs
+    pipe = harness.load_reference(args.model)
+    classifier = harness.load_classifier(args.classifier)
+    pairs = harness.Pairs.held_out(args.quick)  # quality.py's pairs
     scenes, prompts, seeds, labels = pairs.scenes, pairs.prompts, pairs.seeds, pairs.labels
     input_scenes = [shapes.Scene(*c) for c in input_combos(pairs.combos, pairs.per_combo)]
     input_prompts = [shapes.caption(s) for s in input_scenes]
     input_labels = np.array([s.labels() for s in input_scenes])
-    rng = np.random.default_rng(0)
-    draws = [rng.integers(0, len(scenes), len(scenes)) for _ in range(args.boot)]
+    draws = harness.bootstrap_draws(len(scenes), args.boot)
 
-    made = text_to_image(
-        pipe, INPUT_SAMPLER, Config("stock", None), input_prompts, seeds, args.guidance, args.batch
-    )
+    made = harness.generate(pipe, INPUT_SAMPLER, None, input_prompts, seeds, args.guidance, args.batch)
     print(f"input images: {made.seconds:.1f} s", flush=True)
     inputs = to_input_images(made.images)
     input_images = inputs.numpy() * 2.0 - 1.0  # what the pipeline was given, in [-1, 1]
@@ -358,9 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         [f"{i}: {prompts[i]}" for i in picks],
         samples_path,
     )
-    text = report(args, results, sanity, len(prompts), started, time.perf_counter() - t0)
-    args.out.write_text(text)
     data = {
+        "run": harness.report.run_facts(args.argv, started, began),
         "guidance": args.guidance,
         "pairs": len(prompts),
         "boot": args.boot,
@@ -382,8 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             for s, by_strength in results.items()
         },
     }
-    args.out.with_suffix(".json").write_text(json.dumps(data, indent=1))
-    print(text)
+    harness.report.write(args.out, report(data["run"], args, data, results), data)
     return 0
 
 

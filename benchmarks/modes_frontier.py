@@ -66,11 +66,7 @@ Speed is not measured here (the reference model is too small to time): ``benchma
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import re
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -82,18 +78,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import quality  # noqa: E402
-from benchmarks.frontier import Judge, within_noise  # noqa: E402
-from faster_diffusion import (  # noqa: E402
-    DeepReuseConfig,
-    FasterDiffusionConfig,
-    KeySteps,
-    Sampler,
-    apply_faster_diffusion,
-    reference,
-    use_sampler,
-)
-from faster_diffusion.app.loading import load_pipeline  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from faster_diffusion import KeySteps, Sampler, reference, use_sampler  # noqa: E402
 from faster_diffusion.calibration import find_calibration  # noqa: E402
 from faster_diffusion.policy import default_key_steps  # noqa: E402
 from faster_diffusion.schedule import KeyStepKind  # noqa: E402
@@ -106,122 +92,59 @@ EXTRA_BUDGETS = {Sampler.DPM_SOLVER: (6,), Sampler.DPM_SOLVER_PP: (6,), Sampler.
 SAMPLERS = (Sampler.DPM_SOLVER, Sampler.DDIM)
 
 
-def have_deepcache() -> bool:
-    try:
-        import DeepCache  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def deep_auto(pipe, sampler: Sampler, budget: int) -> list[tuple[str, int, object]]:
+def deep_auto(pipe, sampler: Sampler, budget: int) -> list[str]:
     """Calibrated deep reuse at ``budget`` full passes, placed by each criterion of the model's ``deep:0``
-    calibration (an error row if it has none)."""
-    steps = sampler.default_steps
-    calibration = find_calibration(pipe, steps, target="deep:0")
-    if calibration is None:
-        return [(f"deep auto:{budget}", budget, "no deep:0 calibration of this model for this sampler")]
-    out = []
-    for criterion, suffix in (("prediction", ""), ("feature", " (feature)")):
-        keys = calibration.with_criterion(criterion).key_steps(budget)
-        out.append((f"deep auto:{budget}{suffix}", budget, DeepReuseConfig(key_steps=keys)))
-    return out
+    calibration (one row, which reports the error, if it has none)."""
+    if find_calibration(pipe, sampler.default_steps, target="deep:0") is None:
+        return [f"deep auto:{budget}"]
+    return [f"deep auto:{budget}", f"deep auto:{budget} (feature)"]
 
 
-def methods(pipe, sampler: Sampler, intervals, deepcache: bool) -> list[tuple[str, int, object]]:
-    """(name, full passes, how to attach it) for every method of the protocol."""
+def methods(pipe, sampler: Sampler, intervals, deepcache: bool) -> list[str]:
+    """Every method of the protocol (registered names, ``benchmarks/harness/methods.py``)."""
     steps = sampler.default_steps
     use_sampler(pipe, sampler)
-    out: list[tuple[str, int, object]] = [("stock", steps, None)]
-    paper = KeySteps.paper().resolve(steps).num_key_steps
-    out.append(("encoder: paper", paper, FasterDiffusionConfig(key_steps=KeySteps.paper())))
+    out = ["stock", "encoder: paper"]
     for interval in intervals:
         budget = len(range(0, steps, interval))
         if deepcache:
-            out.append((f"deepcache:{interval}", budget, ("deepcache", interval)))
-        out.append((f"deep:{interval}", budget, DeepReuseConfig(key_steps=KeySteps.uniform(interval))))
-        out.append(
-            (
-                f"deep+forecast:{interval}",
-                budget,
-                DeepReuseConfig(key_steps=KeySteps.uniform(interval), forecast=1),
-            )
-        )
-        out.extend(deep_auto(pipe, sampler, budget))
-        out.append(
-            (f"encoder: auto:{budget}", budget, FasterDiffusionConfig(key_steps=KeySteps.auto(budget)))
-        )
+            out.append(f"deepcache:{interval}")
+        out += [f"deep:{interval}", f"deep+forecast:{interval}"]
+        out += deep_auto(pipe, sampler, budget)
+        out.append(f"encoder: auto:{budget}")
     for budget in EXTRA_BUDGETS.get(sampler, ()):
-        out.extend(deep_auto(pipe, sampler, budget))
+        out += deep_auto(pipe, sampler, budget)
     return out
 
 
-def run(pipe, sampler: Sampler, how, prompts, seeds, guidance: float, batch: int) -> np.ndarray:
-    use_sampler(pipe, sampler)
-    if isinstance(how, str):
-        raise RuntimeError(how)
-    if how is None:
-        handle = None
-    elif isinstance(how, tuple):
-        from DeepCache import DeepCacheSDHelper
-
-        handle = DeepCacheSDHelper(pipe=pipe)
-        handle.set_params(cache_interval=how[1], cache_branch_id=0)
-        handle.enable()
-        handle.remove = handle.disable
-    else:
-        handle = apply_faster_diffusion(pipe, how)
-    try:
-        images, _ = quality.run_in_batches(
-            pipe, prompts, seeds, batch, num_inference_steps=sampler.default_steps, guidance_scale=guidance
-        )
-    finally:
-        if handle is not None:
-            handle.remove()
-    return images
-
-
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(results), 2, figsize=(12, 4.2 * len(results)), squeeze=False)
-    for row, (sampler, rows) in enumerate(results.items()):
-        families: dict[str, list] = {}
-        for name, m in rows.items():
-            if name == "stock":
-                continue
-            family = re.sub(r":\d+", "", name)  # "deep auto:7 (feature)" -> "deep auto (feature)"
-            families.setdefault(family, []).append(m)
-        for col, (metric, label, scale) in enumerate(
-            (("delta", "faithfulness − stock (points)", 100), ("psnr", "PSNR vs stock (dB)", 1))
-        ):
-            ax = axes[row][col]
-            for family, points in families.items():
-                points = sorted(points, key=lambda m: m["full_passes"])
-                x = [m["full_passes"] for m in points]
-                legend = "deepcache (identical to deep, drawn under it)" if family == "deepcache" else family
-                y = [m[metric] * scale for m in points]
-                (line,) = ax.plot(x, y, marker="o", label=legend, color=COLOURS.get(family))
-                ax.fill_between(
-                    x,
-                    [m[f"{metric}_ci"][0] * scale for m in points],
-                    [m[f"{metric}_ci"][1] * scale for m in points],
-                    color=line.get_color(),
-                    alpha=0.12,
-                )
-            if metric == "delta":
-                ax.axhline(0, color="black", linewidth=0.8)
-                ax.axhline(-1, color="0.6", linewidth=0.8, linestyle="--")
-            ax.set_xlabel("full UNet passes")
-            ax.set_ylabel(label)
-            ax.set_title(f"{sampler}: {label}")
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with harness.plots.figure(path, len(results), 4.2) as axes:
+        for row, (sampler, rows) in enumerate(results.items()):
+            families: dict[str, list] = {}
+            for name, m in rows.items():
+                if name == "stock":
+                    continue
+                family = re.sub(r":\d+", "", name)  # "deep auto:7 (feature)" -> "deep auto (feature)"
+                families.setdefault(family, []).append(m)
+            for col, (metric, label, scale) in enumerate(harness.plots.PANELS):
+                ax = axes[row][col]
+                for family, points in families.items():
+                    points = sorted(points, key=lambda m: m["full_passes"])
+                    x = [m["full_passes"] for m in points]
+                    legend = (
+                        "deepcache (identical to deep, drawn under it)" if family == "deepcache" else family
+                    )
+                    y = [m[metric] * scale for m in points]
+                    (line,) = ax.plot(x, y, marker="o", label=legend, color=COLOURS.get(family))
+                    ax.fill_between(
+                        x,
+                        [m[f"{metric}_ci"][0] * scale for m in points],
+                        [m[f"{metric}_ci"][1] * scale for m in points],
+                        color=line.get_color(),
+                        alpha=0.12,
+                    )
+                harness.plots.reference_lines(ax, metric)
+                harness.plots.label(ax, "full UNet passes", label, f"{sampler}: {label}")
 
 
 #: One colour per family of methods, the same in every panel.
@@ -276,77 +199,56 @@ def default_method(sampler: str) -> str:
 def plot_speed(results: dict, speedups: dict, path: Path) -> list[str]:
     """Quality against measured end-to-end speedup, for the samplers the speed reports cover; returns the
     methods left out for want of a speed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     samplers = [s for s in results if any(k[0] == s for k in speedups)]
     missing: list[str] = []
     if not samplers:
         return missing
-    fig, axes = plt.subplots(len(samplers), 2, figsize=(12, 4.4 * len(samplers)), squeeze=False)
-    for row, sampler in enumerate(samplers):
-        steps = Sampler.parse(sampler).default_steps
-        families: dict[str, list] = {}
-        for name, m in results[sampler].items():
-            if "error" in m:
-                continue
-            speed = speed_of(name, m["full_passes"], sampler, speedups, steps)
-            if speed is None:
-                missing.append(f"{sampler} {name}")
-                continue
-            families.setdefault(re.sub(r":\d+", "", name), []).append((speed, m))
-        name = default_method(sampler)  # ringed on both panels
-        default = results[sampler].get(name, {})
-        default_speed = speed_of(name, default.get("full_passes"), sampler, speedups, steps)
-        for col, (metric, label, scale) in enumerate(
-            (("delta", "faithfulness − stock (points)", 100), ("psnr", "PSNR vs stock (dB)", 1))
-        ):
-            ax = axes[row][col]
-            for family, points in families.items():
-                if family == "stock":
+    with harness.plots.figure(path, len(samplers), 4.4) as axes:
+        for row, sampler in enumerate(samplers):
+            steps = Sampler.parse(sampler).default_steps
+            families: dict[str, list] = {}
+            for name, m in results[sampler].items():
+                if "error" in m:
                     continue
-                points.sort(key=lambda p: p[0])
-                x = [p[0] for p in points]
-                style = {"linestyle": ":"} if family == "deepcache" else {}
-                colour = COLOURS.get(family)
-                y = [p[1][metric] * scale for p in points]
-                ax.plot(x, y, marker="o", label=family, color=colour, **style)
-                ax.errorbar(
-                    x,
-                    [p[1][metric] * scale for p in points],
-                    yerr=[
-                        [(p[1][metric] - p[1][f"{metric}_ci"][0]) * scale for p in points],
-                        [(p[1][f"{metric}_ci"][1] - p[1][metric]) * scale for p in points],
-                    ],
-                    fmt="none",
-                    ecolor="0.6",
-                    capsize=2,
-                )
-            if metric in default and default_speed is not None:
-                y = default[metric] * scale
-                ax.plot(default_speed, y, marker="o", markersize=14, fillstyle="none", color="k")
-                ax.annotate("the default", (default_speed, y), (10, -18), textcoords="offset points")
-            if metric == "delta":
-                ax.axhline(0, color="black", linewidth=0.8)
-                ax.axhline(-1, color="0.6", linewidth=0.8, linestyle="--")
-            ax.axvline(2.5, color="0.8", linewidth=0.8, linestyle="--")
-            ax.set_xlabel("end-to-end speedup over stock (SD v1.5 architecture, 256 px, CPU)")
-            ax.set_ylabel(label)
-            ax.set_title(f"{sampler}: {label}")
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+                speed = speed_of(name, m["full_passes"], sampler, speedups, steps)
+                if speed is None:
+                    missing.append(f"{sampler} {name}")
+                    continue
+                families.setdefault(re.sub(r":\d+", "", name), []).append((speed, m))
+            name = default_method(sampler)  # ringed on both panels
+            default = results[sampler].get(name, {})
+            default_speed = speed_of(name, default.get("full_passes"), sampler, speedups, steps)
+            for col, (metric, label, scale) in enumerate(harness.plots.PANELS):
+                ax = axes[row][col]
+                for family, points in families.items():
+                    if family == "stock":
+                        continue
+                    points.sort(key=lambda p: p[0])
+                    x = [p[0] for p in points]
+                    style = {"linestyle": ":"} if family == "deepcache" else {}
+                    colour = COLOURS.get(family)
+                    y = [p[1][metric] * scale for p in points]
+                    ax.plot(x, y, marker="o", label=family, color=colour, **style)
+                    ax.errorbar(
+                        x,
+                        [p[1][metric] * scale for p in points],
+                        yerr=[
+                            [(p[1][metric] - p[1][f"{metric}_ci"][0]) * scale for p in points],
+                            [(p[1][f"{metric}_ci"][1] - p[1][metric]) * scale for p in points],
+                        ],
+                        fmt="none",
+                        ecolor="0.6",
+                        capsize=2,
+                    )
+                if metric in default and default_speed is not None:
+                    y = default[metric] * scale
+                    ax.plot(default_speed, y, marker="o", markersize=14, fillstyle="none", color="k")
+                    ax.annotate("the default", (default_speed, y), (10, -18), textcoords="offset points")
+                harness.plots.reference_lines(ax, metric)
+                ax.axvline(2.5, color="0.8", linewidth=0.8, linestyle="--")
+                xlabel = "end-to-end speedup over stock (SD v1.5 architecture, 256 px, CPU)"
+                harness.plots.label(ax, xlabel, label, f"{sampler}: {label}")
     return missing
-
-
-def noise_verdict(delta: float, ci) -> str:
-    """The protocol's "within noise of stock", or "above stock" when the whole interval is above 0."""
-    if ci[0] > 0:
-        return "above stock"
-    return "yes" if within_noise(delta, ci) else "no"
 
 
 def speed_plot(results: dict, args, stem: Path) -> None:
@@ -370,12 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--boot", type=int, default=None, help="bootstrap draws (default 1000, quick 20)")
     parser.add_argument("--batch", type=int, default=80, help="prompts per pipeline call")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument(
-        "--from-json",
-        type=Path,
-        default=None,
-        help="write the report and plot again from a run's .json (nothing is generated)",
-    )
+    harness.report.add_from_json(parser, plots=True)
     parser.add_argument(
         "--speed",
         type=Path,
@@ -403,29 +300,21 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated samplers (default DPM-Solver-20,DDIM-50)",
     )
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    argv_list = list(argv if argv is not None else sys.argv[1:])
     if args.from_json is not None:
-        saved = json.loads(args.from_json.read_text())
-        args.seed_offset = saved.get("seed_offset", 0)
-        header = args.out.read_text().splitlines()[:7] if args.out.is_file() else []
+        saved, _ = harness.report.report_again(args, render, parser)
         stem = args.out.with_suffix("")
         plot(saved["results"], Path(f"{stem}.png"))
         speed_plot(saved["results"], args, stem)
-        body = report([], args, "", 0.0, saved["pairs"], saved["results"], saved["agreement"], True)
-        args.out.write_text("\n".join(header + body.splitlines()[7:]) + "\n")
         return 0
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    t0 = time.perf_counter()
-    pipe = load_pipeline(args.model, device="cpu", safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    classifier = reference.load_classifier(reference.CLASSIFIER_PATH)
-    pairs = quality.Pairs.held_out(args.quick, args.seed_offset)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started, began = harness.report.started_now(), time.perf_counter()
+    pipe = harness.load_reference(args.model)
+    classifier = harness.load_classifier()
+    pairs = harness.Pairs.held_out(args.quick, args.seed_offset)
     n = len(pairs.prompts)
-    rng = np.random.default_rng(0)
-    draws = [rng.integers(0, n, n) for _ in range(args.boot or (20 if args.quick else 1000))]
-    deepcache = have_deepcache()
+    draws = harness.bootstrap_draws(n, args.boot or (20 if args.quick else 1000))
+    deepcache = harness.have_deepcache()
     intervals = QUICK_INTERVALS if args.quick else INTERVALS
     guidance = reference.guidance_scale(args.model)
 
@@ -435,17 +324,20 @@ def main(argv: list[str] | None = None) -> int:
         rows: dict[str, dict] = {}
         images: dict[str, np.ndarray] = {}
         judge = None
-        for name, full, how in methods(pipe, sampler, intervals, deepcache):
+        for name in methods(pipe, sampler, intervals, deepcache):
             if args.skip is not None and args.skip.search(name):
                 continue
+            full = harness.full_passes(name, harness.Context(steps=sampler.default_steps))
             try:
-                images[name] = run(pipe, sampler, how, pairs.prompts, pairs.seeds, guidance, args.batch)
+                images[name] = harness.run(
+                    pipe, sampler, name, pairs.prompts, pairs.seeds, guidance, args.batch
+                )
             except Exception as error:  # a method that cannot run here (no calibration) is reported as such
                 rows[name] = {"full_passes": full, "error": f"{type(error).__name__}: {error}"}
                 print(f"{sampler.value} {name}: {rows[name]['error']}", flush=True)
                 continue
             if judge is None:
-                judge = Judge(classifier, pairs.labels, images["stock"], draws)
+                judge = harness.Judge(classifier, pairs.labels, images["stock"], draws)
             rows[name] = {"full_passes": full, **judge(images[name])}
             print(
                 f"{sampler.value} {name} ({full} full): {rows[name]['delta'] * 100:+.1f} pts "
@@ -461,19 +353,18 @@ def main(argv: list[str] | None = None) -> int:
             }
         results[sampler.value] = rows
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     stem = args.out.with_suffix("")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     plot(results, Path(f"{stem}.png"))
     speed_plot(results, args, stem)
-    text = report(argv_list, args, started, time.perf_counter() - t0, n, results, agreement, deepcache)
-    args.out.write_text(text)
-    Path(f"{stem}.json").write_text(
-        json.dumps(
-            {"pairs": n, "seed_offset": args.seed_offset, "results": results, "agreement": agreement},
-            indent=1,
-        )
-    )
-    print(text)
+    data = {
+        "run": harness.report.run_facts(harness.report.argv_of(argv), started, began, deepcache=deepcache),
+        "pairs": n,
+        "seed_offset": args.seed_offset,
+        "results": results,
+        "agreement": agreement,
+    }
+    harness.report.write(args.out, render(data, args), data)
     return 0
 
 
@@ -534,23 +425,28 @@ def placement_verdict(rows: dict[str, dict], intervals) -> str:
     )
 
 
-def report(argv, args, started, wall, n, results, agreement, deepcache) -> str:
+def render(data: dict, args: argparse.Namespace) -> str:
+    """The report of a run's JSON ``data``; ``args``: the settings its command line parses to."""
+    run, n, results, agreement = data["run"], data["pairs"], data["results"], data["agreement"]
     intervals = QUICK_INTERVALS if args.quick else INTERVALS
-    lines = [
-        "# Reuse modes against DeepCache on the reference model",
-        "",
-        f"- Command: `{shlex.join(['python', 'benchmarks/modes_frontier.py', *argv])}`",
-        f"- Date: {started}; wall time {wall / 60:.1f} min; {platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads",
-        f"- Model: `{Path(args.model).name}`; {n} pairs (held-out combinations x seeds "
-        f"{args.seed_offset} to {args.seed_offset + n - 1}); guidance "
+    # A run from before --seed-offset (4250dac) saved no offset; its report named no seed range, and printed
+    # the agreement line for a sampler even where no interval ran both (as before ed9ddf6).
+    legacy = "seed_offset" not in data
+    offset = data.get("seed_offset", 0)
+    seeds = "seeds" if legacy else f"seeds {offset} to {offset + n - 1}"
+    lines = harness.report.header(
+        "Reuse modes against DeepCache on the reference model",
+        "modes_frontier.py",
+        run,
+        f"Model: `{Path(args.model).name}`; {n} pairs (held-out combinations x {seeds}); guidance "
         f"{reference.guidance_scale(args.model)}",
-        "- DeepCache: "
+        "DeepCache: "
         + (
-            "installed; DeepCacheSDHelper, branch 0" if deepcache else "not installed (its rows are left out)"
+            "installed; DeepCacheSDHelper, branch 0"
+            if run["deepcache"]
+            else "not installed (its rows are left out)"
         ),
-        "",
-    ]
+    )
     for sampler, rows in results.items():
         lines += [
             f"## {sampler}",
@@ -566,7 +462,7 @@ def report(argv, args, started, wall, n, results, agreement, deepcache) -> str:
             ci = m["delta_ci"]
             lines.append(
                 f"| {name} | {m['full_passes']} | {m['delta'] * 100:+.1f} [{ci[0] * 100:+.1f}, "
-                f"{ci[1] * 100:+.1f}] | {noise_verdict(m['delta'], ci)} | {m['psnr']:.2f} "
+                f"{ci[1] * 100:+.1f}] | {harness.noise_verdict(m['delta'], ci)} | {m['psnr']:.2f} "
                 f"[{m['psnr_ci'][0]:.2f}, {m['psnr_ci'][1]:.2f}] |"
             )
         decides = sampler == Sampler.DPM_SOLVER.value
@@ -581,7 +477,7 @@ def report(argv, args, started, wall, n, results, agreement, deepcache) -> str:
             f"- {placement_verdict(rows, intervals)}",
             "",
         ]
-        if agreement.get(sampler):  # both implementations ran at some interval
+        if agreement.get(sampler) or (legacy and sampler in agreement):  # both ran at some interval
             shown = ", ".join(f"interval {i}: {d:.3g}" for i, d in agreement[sampler].items())
             lines += [f"Largest pixel difference (0-255) of `deep:I` against `deepcache:I`: {shown}.", ""]
     return "\n".join(lines) + "\n"

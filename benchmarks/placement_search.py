@@ -18,23 +18,18 @@ The protocol, written before the first run, is ``benchmarks/results/placement-se
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import shlex
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import frontier, quality  # noqa: E402
-from faster_diffusion import KeySteps, Sampler, reference, use_sampler  # noqa: E402
-from faster_diffusion.app.loading import load_pipeline  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from faster_diffusion import FasterDiffusionConfig, KeySteps, Sampler, reference  # noqa: E402
 from faster_diffusion.calibration import find_calibration, paper_budget  # noqa: E402
 from faster_diffusion.schedule import evenly_spaced_key_steps  # noqa: E402
 
@@ -91,30 +86,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampler", type=Sampler.parse, default=Sampler.DPM_SOLVER)
     parser.add_argument("--budget", type=int, default=None, help="key steps (default: the paper's budget)")
     parser.add_argument("--moves", type=int, default=10, help="at most this many moves per search")
-    quality.add_common_arguments(parser)
+    harness.add_common_arguments(parser)
+    harness.report.add_from_json(parser)
     args = parser.parse_args(argv)
-    quality.apply_common_arguments(parser, args, argv)
+    if args.from_json is not None:
+        harness.report.report_again(args, render)
+        return 0
+    harness.apply_common_arguments(parser, args, argv)
     moves = 1 if args.quick else args.moves
     sampler, steps = args.sampler, args.sampler.default_steps
     budget = args.budget if args.budget is not None else paper_budget(steps)
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    t0 = time.perf_counter()
+    started, began = harness.report.started_now(), time.perf_counter()
 
-    pipe = load_pipeline(args.model, dtype=torch.float32, safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    use_sampler(pipe, sampler)
+    pipe = harness.load_reference(args.model, sampler)
     calibration = find_calibration(pipe, steps)
     if calibration is None:
         raise SystemExit(f"no saved calibration of the reference model for {sampler.value}")
     start = tuple(calibration.indices(budget))
-    classifier = reference.load_classifier(args.classifier)
+    classifier = harness.load_classifier(args.classifier)
     guidance = args.guidance
 
     def images(keys, prompts, seeds):
-        config = quality.Config(
-            "stock" if keys is None else f"keys {keys}", None if keys is None else KeySteps.explicit(keys)
-        )
-        return quality.generate(pipe, sampler, config, prompts, seeds, guidance, args.batch).images
+        config = None if keys is None else FasterDiffusionConfig(key_steps=KeySteps.explicit(keys))
+        return harness.run(pipe, sampler, config, prompts, seeds, guidance, args.batch)
 
     # Search A: the calibration prompts, PSNR against stock.
     options = reference.calibration_options()
@@ -127,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     def score_a(keys):
         if keys not in cache_a:
             cache_a[keys] = round(
-                float(quality.psnr(images(keys, cal_prompts, cal_seeds), cal_stock).mean()), 4
+                float(harness.psnr(images(keys, cal_prompts, cal_seeds), cal_stock).mean()), 4
             )
         return cache_a[keys]
 
@@ -135,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     found_a, path_a = steepest_ascent(score_a, start, steps, moves, lambda m: print(m, flush=True))
 
     # Search B: development pairs, the classifier's count then PSNR.
-    pairs = quality.Pairs.held_out(args.quick)
+    pairs = harness.Pairs.held_out(args.quick)
     dev_seeds = [DEVELOPMENT_SEED_BASE + s for s in pairs.seeds]
-    development = frontier.Judge(classifier, pairs.labels, images(None, pairs.prompts, dev_seeds), draws=[])
+    development = harness.Judge(classifier, pairs.labels, images(None, pairs.prompts, dev_seeds), draws=[])
     dev_stock_right = int(development.stock_correct.sum())
     cache_b: dict[tuple, tuple[int, float]] = {}
 
@@ -146,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             run = images(keys, pairs.prompts, dev_seeds)
             cache_b[keys] = (
                 int(development.correct(run).sum()),
-                round(float(quality.psnr(run, development.stock_images).mean()), 4),
+                round(float(harness.psnr(run, development.stock_images).mean()), 4),
             )
         return cache_b[keys]
 
@@ -155,9 +149,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # One evaluation on the evaluation set.
     n = len(pairs.prompts)
-    rng = np.random.default_rng(0)
-    draws = [rng.integers(0, n, n) for _ in range(args.boot)]
-    judge = frontier.Judge(classifier, pairs.labels, images(None, pairs.prompts, pairs.seeds), draws)
+    draws = harness.bootstrap_draws(n, args.boot)
+    judge = harness.Judge(classifier, pairs.labels, images(None, pairs.prompts, pairs.seeds), draws)
     candidates = {
         "start (auto)": start,
         "A: model alone": found_a,
@@ -167,12 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     evaluated: dict[tuple, dict] = {}
     for keys in dict.fromkeys(candidates.values()):
         scored = judge(images(keys, pairs.prompts, pairs.seeds))
-        within = frontier.within_noise(scored["delta"], scored["delta_ci"])
+        within = harness.within_noise(scored["delta"], scored["delta_ci"])
         evaluated[keys] = {"key_steps": list(keys), **scored, "within_noise": within}
 
     outcome = decide(evaluated[found_a], evaluated[found_b], evaluated[start])
-    wall = time.perf_counter() - t0
+    wall = time.perf_counter() - began
     data = {
+        "run": harness.report.run_facts(args.argv, started, began),
         "sampler": sampler.value,
         "budget": budget,
         "pairs": n,
@@ -189,11 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         "outcome": outcome,
         "seconds": wall,
     }
-    text = report(args.argv, started, wall, data)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps(data, indent=1))
-    print(text)
+    harness.report.write(args.out, render(data), data)
     return 0
 
 
@@ -205,15 +195,16 @@ OUTCOMES = {
 }
 
 
-def report(argv, started, wall, data) -> str:
-    fmt = quality.fmt_ci
+def render(data: dict) -> str:
+    """The report of a run's JSON ``data``."""
+    fmt, run = harness.report.fmt_ci, data["run"]
     lines = [
         f"# Direct searches for a {data['budget']}-key placement, {data['sampler']}, on the reference model",
         "",
-        f"Command: `python {shlex.join(['benchmarks/placement_search.py', *argv])}`  ",
-        f"Started {started}; took {wall / 60:.1f} min on the CPU, float32"
+        f"Command: `{harness.report.command('placement_search.py', run['argv'])}`  ",
+        f"Started {run['started']}; took {data['seconds'] / 60:.1f} min on the CPU, float32"
         + (f", {data['threads']} threads" if "threads" in data else "")
-        + f"; torch {torch.__version__}. "
+        + f"; torch {run['torch']}. "
         "Protocol: `benchmarks/results/placement-search.plan.md`, written before the run.",
         "",
         "Search A (PSNR against stock over the calibration prompts) scored "

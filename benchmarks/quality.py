@@ -37,14 +37,9 @@ features between adjacent steps of stock sampling, plotted to ``feature-change.p
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
-import json
-import platform
-import shlex
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,23 +49,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks import harness  # noqa: E402
 from faster_diffusion import (  # noqa: E402
-    FasterDiffusionConfig,
     KeySteps,
-    NoiseInjection,
     Sampler,
-    apply_faster_diffusion,
     reference,
     use_sampler,
 )
-from faster_diffusion.app.loading import load_pipeline  # noqa: E402
 from faster_diffusion.reference import shapes  # noqa: E402
 from faster_diffusion.schedule import paper_key_steps  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 SAMPLERS = (Sampler.DDIM, Sampler.DPM_SOLVER)
 UNIFORM_KS = (2, 3, 5)
-SEEDS_PER_COMBO = 3
 REAL_PER_COMBO = 4
 REAL_SEED = 50_000  # jitter seeds of the real reference set
 REAL_FLOOR_SEED = 60_000  # jitter seeds of the second real set (the floor of both distances)
@@ -90,82 +81,22 @@ def reversed_paper_key_steps(num_steps: int) -> tuple[int, ...]:
     return (0, *sorted(num_steps - i for i in paper if i > 0))
 
 
-@dataclass
-class Config:
-    name: str
-    key_steps: KeySteps | None  # None: stock
-    noise: bool = True
-
-    def faster(self) -> FasterDiffusionConfig | None:
-        if self.key_steps is None:
-            return None
-        return FasterDiffusionConfig(
-            key_steps=self.key_steps, noise_injection=NoiseInjection(enabled=self.noise)
-        )
-
-
-def configs_for(sampler: Sampler, quick: bool) -> list[Config]:
+def configs_for(sampler: Sampler, quick: bool) -> list[harness.EncoderSetting]:
     steps = sampler.default_steps
-    configs = [Config("stock", None), Config("paper", KeySteps.paper())]
+    configs = [harness.EncoderSetting("stock", None), harness.EncoderSetting("paper", KeySteps.paper())]
     if quick:
-        return [*configs, Config("paper reversed", KeySteps.explicit(reversed_paper_key_steps(steps)))]
+        return [
+            *configs,
+            harness.EncoderSetting("paper reversed", KeySteps.explicit(reversed_paper_key_steps(steps))),
+        ]
     # Calibrated key steps at the paper's budget, resolved from the model folder's calibration file.
-    configs.append(Config("auto", KeySteps.auto()))
-    configs.append(Config("paper, no noise", KeySteps.paper(), noise=False))
-    configs += [Config(f"uniform:{k}", KeySteps.uniform(k)) for k in UNIFORM_KS]
-    configs.append(Config("paper reversed", KeySteps.explicit(reversed_paper_key_steps(steps))))
+    configs.append(harness.EncoderSetting("auto", KeySteps.auto()))
+    configs.append(harness.EncoderSetting("paper, no noise", KeySteps.paper(), noise=False))
+    configs += [harness.EncoderSetting(f"uniform:{k}", KeySteps.uniform(k)) for k in UNIFORM_KS]
+    configs.append(
+        harness.EncoderSetting("paper reversed", KeySteps.explicit(reversed_paper_key_steps(steps)))
+    )
     return configs
-
-
-@dataclass
-class RunResult:
-    images: np.ndarray  # (N, 3, 32, 32) in [-1, 1]
-    seconds: float
-    encoder_passes: int = 0
-    decoder_passes: int = 0
-    key_steps: tuple[int, ...] = ()
-    metrics: dict = field(default_factory=dict)
-
-
-def run_in_batches(
-    runner, prompts, seeds, batch: int, images: torch.Tensor | None = None, **call
-) -> tuple[np.ndarray, float]:
-    """``runner`` over ``prompts`` in calls of ``batch`` prompts, one generator seeded ``seeds[i]`` per
-    prompt, ``images`` (image-to-image inputs) sliced alongside, ``call`` passed to every call. Returns the
-    images, (N, 3, H, W) in [-1, 1], and the seconds spent in the calls."""
-    images_out, seconds = [], 0.0
-    for i in range(0, len(prompts), batch):
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[i : i + batch]]
-        inputs = {} if images is None else {"image": images[i : i + batch]}
-        started = time.perf_counter()
-        with torch.inference_mode():
-            out = runner(
-                list(prompts[i : i + batch]), **inputs, **call, generator=generators, output_type="np"
-            ).images
-        seconds += time.perf_counter() - started
-        images_out.append(out.transpose(0, 3, 1, 2) * 2.0 - 1.0)
-    return np.concatenate(images_out).astype(np.float32), seconds
-
-
-def generate(
-    pipe, sampler: Sampler, config: Config, prompts, seeds, guidance: float, batch: int
-) -> RunResult:
-    use_sampler(pipe, sampler)
-    handle = apply_faster_diffusion(pipe, config.faster()) if config.key_steps is not None else None
-    try:
-        images, seconds = run_in_batches(
-            pipe, prompts, seeds, batch, num_inference_steps=sampler.default_steps, guidance_scale=guidance
-        )
-    finally:
-        if handle is not None:
-            handle.remove()
-    if handle is None:
-        encoder = decoder = sampler.default_steps
-        keys = tuple(range(sampler.default_steps))
-    else:
-        stats = handle.last_run
-        encoder, decoder, keys = stats.encoder_passes, stats.decoder_passes, stats.schedule.indices
-    return RunResult(images, seconds, encoder, decoder, keys)
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -219,13 +150,6 @@ def kernel_distance(a: np.ndarray, b: np.ndarray) -> float:
     return mmd2_unbiased(polynomial_kernel(a, a), polynomial_kernel(b, b), polynomial_kernel(a, b))
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-image PSNR (dB) of images in [-1, 1], (N, C, H, W); identical images give inf."""
-    mse = ((a.astype(np.float64) - b) ** 2).mean(axis=(1, 2, 3))
-    with np.errstate(divide="ignore"):
-        return 10 * np.log10(4.0 / mse)
-
-
 def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-image SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5), averaged over channels."""
     x = torch.from_numpy((a.astype(np.float64) + 1) / 2)
@@ -243,13 +167,6 @@ def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
     return s.mean(dim=(1, 2, 3)).numpy()
-
-
-def classify(classifier, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted labels (N, 5), features (N, 64))."""
-    x = torch.from_numpy(images)
-    labels, features = zip(*(classifier.predict_with_features(c) for c in x.split(256)), strict=True)
-    return torch.cat(labels).numpy(), torch.cat(features).numpy()
 
 
 def half_samples(rng: np.random.Generator, n: int, count: int) -> list[np.ndarray]:
@@ -306,11 +223,6 @@ def half_kernel_distances(
             for h, r in halves
         ]
     )
-
-
-def interval(values: np.ndarray) -> tuple[float, float]:
-    low, high = np.percentile(values, [2.5, 97.5])
-    return float(low), float(high)
 
 
 # ---------------------------------------------------------------------------------------- feature change
@@ -384,25 +296,16 @@ def save_comparison_grid(real: np.ndarray, rows: dict[str, np.ndarray], path: Pa
     draw = ImageDraw.Draw(grid)
     for r, (name, images) in enumerate(all_rows.items()):
         draw.text((4, r * (size + pad) + size // 2 - 6), name, fill="black")
-        for c, tile in enumerate(tiles(images[:count], size)):
+        for c, tile in enumerate(harness.plots.tiles(images[:count], size)):
             grid.paste(tile, (label_width + c * (size + pad), r * (size + pad)))
     grid.save(path)
-
-
-def tiles(images: np.ndarray, size: int) -> list:
-    """Images (N, 3, H, W) in [-1, 1] as PIL images of ``size`` x ``size`` px, upscaled with nearest
-    neighbours so that 32 px images stay sharp."""
-    from PIL import Image
-
-    pixels = ((images.clip(-1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
-    return [Image.fromarray(image).resize((size, size), Image.Resampling.NEAREST) for image in pixels]
 
 
 # ---------------------------------------------------------------------------------------------------- main
 
 
 def evaluate(
-    results: dict[str, RunResult],
+    results: dict[str, harness.RunResult],
     labels: np.ndarray,
     real_features: np.ndarray,
     classifier,
@@ -416,7 +319,7 @@ def evaluate(
     stock = results["stock"]
     per_config = {}
     for name, result in results.items():
-        predicted, features = classify(classifier, result.images)
+        predicted, features = harness.classify(classifier, result.images)
         per_config[name] = ((predicted == labels).all(axis=1).astype(np.float64), features)
         accuracy = reference.attribute_accuracy(predicted, labels)
         result.metrics["all"] = accuracy.pop("all")
@@ -424,11 +327,13 @@ def evaluate(
         result.metrics["fd"] = frechet_distance(features, real_features)
         result.metrics["kid"] = kernel_distance(features, real_features)
         if name != "stock":
-            p, s = psnr(result.images, stock.images), ssim(result.images, stock.images)
+            p, s = harness.psnr(result.images, stock.images), ssim(result.images, stock.images)
             result.metrics["psnr"] = float(np.mean(np.minimum(p, 100.0)))
             result.metrics["ssim"] = float(np.mean(s))
-            result.metrics["psnr_ci"] = interval(np.array([np.minimum(p, 100.0)[d].mean() for d in draws]))
-            result.metrics["ssim_ci"] = interval(np.array([s[d].mean() for d in draws]))
+            result.metrics["psnr_ci"] = harness.interval(
+                np.array([np.minimum(p, 100.0)[d].mean() for d in draws])
+            )
+            result.metrics["ssim_ci"] = harness.interval(np.array([s[d].mean() for d in draws]))
     stock_all, stock_features = per_config["stock"]
     halves = list(zip(half_samples(rng, n, boot), half_samples(rng, len(real_features), boot), strict=True))
     real_kernel = polynomial_kernel(real_features, real_features)
@@ -443,51 +348,84 @@ def evaluate(
         fds = half_fds(features)
         kids = half_kernel_distances(features, real_features, halves, real_kernel)
         accs = np.array([all_correct[d].mean() for d in draws])
-        result.metrics["all_ci"] = interval(accs)
+        result.metrics["all_ci"] = harness.interval(accs)
         result.metrics["fd_ci"] = recentred_interval(result.metrics["fd"], fds)
         result.metrics["kid_ci"] = recentred_interval(result.metrics["kid"], kids)
         if name != "stock":
-            result.metrics["all_delta_ci"] = interval(accs - np.array([stock_all[d].mean() for d in draws]))
+            result.metrics["all_delta_ci"] = harness.interval(
+                accs - np.array([stock_all[d].mean() for d in draws])
+            )
             delta = result.metrics["fd"] - stock.metrics["fd"]
             result.metrics["fd_delta_ci"] = recentred_interval(delta, fds - stock_half)
             delta = result.metrics["kid"] - stock.metrics["kid"]
             result.metrics["kid_delta_ci"] = recentred_interval(delta, kids - stock_half_kid)
 
 
-def _display(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)
+#: The fields of a saved configuration that are not its metrics.
+RUN_FIELDS = ("key_steps", "encoder_passes", "decoder_passes", "seconds")
 
 
-def fmt_ci(value: float, ci: tuple[float, float], digits: int = 1, scale: float = 1.0) -> str:
-    return f"{value * scale:.{digits}f} [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]"
+def typed(data: dict) -> dict[Sampler, dict[str, harness.RunResult]]:
+    """A saved run's results as the report reads them (without images)."""
+    return {
+        Sampler.parse(s): {
+            name: harness.RunResult(
+                images=None,
+                seconds=m["seconds"],
+                encoder_passes=m["encoder_passes"],
+                decoder_passes=m["decoder_passes"],
+                key_steps=tuple(m["key_steps"]),
+                metrics={k: v for k, v in m.items() if k not in RUN_FIELDS},
+            )
+            for name, m in by_config.items()
+        }
+        for s, by_config in data["results"].items()
+    }
+
+
+def render(data: dict, args: argparse.Namespace) -> str:
+    """The report of a run's JSON ``data``; ``args``: the settings its command line parses to."""
+    floor, kid_floor = data["frechet_floor"], data["kid_floor"]
+    return report(
+        data["run"],
+        args.model,
+        data["boot"],
+        data["guidance"],
+        typed(data),
+        floor[0],
+        floor[1:],
+        kid_floor[0],
+        kid_floor[1:],
+        data["real_accuracy"],
+        data["pairs"],
+    )
 
 
 def report(
-    args,
+    run: dict,
+    model: Path,
+    boot: int,
     guidance: float,
-    results: dict[Sampler, dict[str, RunResult]],
+    results: dict[Sampler, dict[str, harness.RunResult]],
     floor: float,
     floor_ci: tuple[float, float],
     kid_floor: float,
     kid_floor_ci: tuple[float, float],
     real_accuracy: dict,
     n_pairs: int,
-    started: str,
-    wall: float,
 ) -> str:
+    fmt_ci = harness.report.fmt_ci
     real_attrs = ", ".join(f"{a} {real_accuracy[a] * 100:.1f}%" for a in shapes.ATTRIBUTES)
+    took = harness.report.minutes(run)
     lines = [
         "# Quality of faster diffusion on the reference model",
         "",
-        f"Command: `{' '.join(shlex.quote(a) for a in ['python', 'benchmarks/quality.py', *args.argv])}`  ",
-        f"Started {started}; took {wall / 60:.1f} min. torch {torch.__version__}, {platform.machine()}, "
-        f"{torch.get_num_threads()} threads.  ",
-        f"Model: `{_display(args.model)}` (trained by `training/train_reference.py`). "
+        f"Command: `{harness.report.command('quality.py', run['argv'])}`  ",
+        f"Started {run['started']}; took {took} min. torch {run['torch']}, {run['machine']}, "
+        f"{run['threads']} threads.  ",
+        f"Model: `{harness.report.display_path(model)}` (trained by `training/train_reference.py`). "
         f"{n_pairs} prompt x seed pairs from attribute combinations that training never saw; guidance "
-        f"{guidance}; 32x32 images. 95% intervals in brackets: bootstrap ({args.boot} resamples) for "
+        f"{guidance}; 32x32 images. 95% intervals in brackets: bootstrap ({boot} resamples) for "
         "accuracies, PSNR and SSIM; half samples without replacement, recentred, for Fréchet and kernel "
         f"distances. KID is the unbiased MMD^2 of the cubic polynomial kernel (Bińkowski et al. 2018), "
         f"shown x {KID_SCALE:g}; it can be negative.",
@@ -541,7 +479,10 @@ def report(
             fidelity = (
                 ("–", "–")
                 if name == "stock"
-                else (fmt_ci(m["psnr"], m["psnr_ci"], 1), fmt_ci(m["ssim"], m["ssim_ci"], 3))
+                else (
+                    fmt_ci(m["psnr"], m["psnr_ci"], 1),
+                    fmt_ci(m["ssim"], m["ssim_ci"], 3),
+                )
             )
             lines.append(
                 f"| {name} | {keys} | {r.encoder_passes} / {r.decoder_passes} | {r.seconds:.1f} | "
@@ -560,60 +501,6 @@ def report(
     return "\n".join(lines)
 
 
-@dataclass
-class Pairs:
-    """The benchmark's prompt x seed pairs: ``per_combo`` seeds for each held-out combination, pair i's seed
-    being ``seed_offset + i`` (i by default)."""
-
-    combos: list[tuple[str, ...]]
-    per_combo: int
-    scenes: list
-    prompts: list[str]
-    seeds: list[int]
-    labels: np.ndarray
-
-    @classmethod
-    def held_out(cls, quick: bool, seed_offset: int = 0) -> Pairs:
-        """All held-out combinations with :data:`SEEDS_PER_COMBO` seeds each, or 4 with 2 for ``quick``; pair
-        i's seed is ``seed_offset + i``."""
-        combos = list(shapes.HELD_OUT_COMBOS[:4] if quick else shapes.HELD_OUT_COMBOS)
-        per_combo = 2 if quick else SEEDS_PER_COMBO
-        scenes = [shapes.Scene(*c) for c in combos for _ in range(per_combo)]
-        return cls(
-            combos=combos,
-            per_combo=per_combo,
-            scenes=scenes,
-            prompts=[shapes.caption(s) for s in scenes],
-            seeds=list(range(seed_offset, seed_offset + len(scenes))),
-            labels=np.array([s.labels() for s in scenes]),
-        )
-
-
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of the benchmarks on the reference model: model, classifier, guidance, bootstrap resamples,
-    batch and threads (see :func:`apply_common_arguments`)."""
-    parser.add_argument("--model", type=Path, default=reference.MODEL_DIR, help="reference model folder")
-    parser.add_argument("--classifier", type=Path, default=reference.CLASSIFIER_PATH)
-    parser.add_argument("--guidance", type=float, default=reference.GUIDANCE_SCALE)
-    parser.add_argument("--boot", type=int, default=None, help="bootstrap resamples (default 1000, quick 20)")
-    parser.add_argument("--batch", type=int, default=80, help="prompts per pipeline call")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-
-
-def apply_common_arguments(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None
-) -> None:
-    """Record the command line for the report, default ``--boot`` (20 with ``--quick``, else 1000), check
-    it, and set the torch threads."""
-    args.argv = list(argv if argv is not None else sys.argv[1:])
-    if args.boot is None:
-        args.boot = 20 if args.quick else 1000
-    if args.boot < 2:
-        parser.error("--boot must be at least 2")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -622,25 +509,27 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="a smoke run: 8 pairs, DDIM-50, 3 configurations"
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "quality.md")
-    add_common_arguments(parser)
+    harness.add_common_arguments(parser)
+    harness.report.add_from_json(parser)
     args = parser.parse_args(argv)
-    apply_common_arguments(parser, args, argv)
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    t0 = time.perf_counter()
+    if args.from_json is not None:
+        harness.report.report_again(args, render, parser)
+        return 0
+    harness.apply_common_arguments(parser, args, argv)
+    started, began = harness.report.started_now(), time.perf_counter()
 
-    pipe = load_pipeline(args.model, device="cpu", safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    classifier = reference.load_classifier(args.classifier)
-    pairs = Pairs.held_out(args.quick)
+    pipe = harness.load_reference(args.model)
+    classifier = harness.load_classifier(args.classifier)
+    pairs = harness.Pairs.held_out(args.quick)
     combos, per_combo, scenes = pairs.combos, pairs.per_combo, pairs.scenes
     prompts, seeds, labels = pairs.prompts, pairs.seeds, pairs.labels
 
     real_scenes = [shapes.Scene(*c) for c in combos for _ in range(REAL_PER_COMBO)]
     real = shapes.render_batch(real_scenes, [REAL_SEED + i for i in range(len(real_scenes))])
-    real_labels, real_features = classify(classifier, real)
+    real_labels, real_features = harness.classify(classifier, real)
     real_accuracy = reference.attribute_accuracy(real_labels, [s.labels() for s in real_scenes])
     floor_images = shapes.render_batch(scenes, [REAL_FLOOR_SEED + i for i in range(len(scenes))])
-    _, floor_features = classify(classifier, floor_images)
+    _, floor_features = harness.classify(classifier, floor_images)
     rng = np.random.default_rng(0)
     floor = frechet_distance(floor_features, real_features)
     floor_halves = list(
@@ -654,14 +543,16 @@ def main(argv: list[str] | None = None) -> int:
         kid_floor, half_kernel_distances(floor_features, real_features, floor_halves)
     )
 
-    results: dict[Sampler, dict[str, RunResult]] = {}
+    results: dict[Sampler, dict[str, harness.RunResult]] = {}
     changes = {}
     for sampler in SAMPLERS:
         # One untimed call first, so one-off start-up costs land on no configuration.
-        generate(pipe, sampler, Config("warm-up", None), prompts[:2], seeds[:2], args.guidance, args.batch)
+        harness.generate(pipe, sampler, None, prompts[:2], seeds[:2], args.guidance, args.batch)
         results[sampler] = {}
         for config in configs_for(sampler, args.quick):
-            result = generate(pipe, sampler, config, prompts, seeds, args.guidance, args.batch)
+            result = harness.generate(
+                pipe, sampler, config.faster(), prompts, seeds, args.guidance, args.batch
+            )
             results[sampler][config.name] = result
             print(f"{sampler.value} {config.name}: {result.seconds:.1f} s", flush=True)
         evaluate(results[sampler], labels, real_features, classifier, args.boot, rng)
@@ -677,21 +568,9 @@ def main(argv: list[str] | None = None) -> int:
             {name: r.images[::per_combo] for name, r in by_config.items()},
             Path(f"{stem}-samples-{sampler.name.lower()}.png"),
         )
-    text = report(
-        args,
-        args.guidance,
-        results,
-        floor,
-        floor_ci,
-        kid_floor,
-        kid_floor_ci,
-        real_accuracy,
-        len(prompts),
-        started,
-        time.perf_counter() - t0,
-    )
-    args.out.write_text(text)
     data = {
+        "run": harness.report.run_facts(args.argv, started, began),
+        "boot": args.boot,
         "guidance": args.guidance,
         "pairs": len(prompts),
         "real_accuracy": real_accuracy,
@@ -712,8 +591,7 @@ def main(argv: list[str] | None = None) -> int:
             for s, by_config in results.items()
         },
     }
-    Path(f"{stem}.json").write_text(json.dumps(data, indent=1))
-    print(text)
+    harness.report.write(args.out, render(data, args), data)
     return 0
 
 

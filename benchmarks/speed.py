@@ -61,7 +61,6 @@ import sys
 import tempfile
 import threading
 import time
-import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,14 +80,12 @@ from diffusers import (  # noqa: E402
     UNet2DConditionModel,
 )
 
+from benchmarks.harness.methods import Context, attach, timed_kinds  # noqa: E402
+from benchmarks.harness.timing import cpu_model, device_name, interleaved, median, spread  # noqa: E402
 from benchmarks.models import build_sd15_pipeline, build_sdxl_pipeline  # noqa: E402
 from faster_diffusion import (  # noqa: E402
-    DeepReuseConfig,
-    FasterDiffusionConfig,
     KeySteps,
-    NoiseInjection,
     Sampler,
-    apply_faster_diffusion,
     use_sampler,
 )
 from fixtures.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline  # noqa: E402
@@ -103,12 +100,8 @@ BATCHED_MODE = "propagation+batched"
 #: (steps ``round(i * N / B)``): a calibrated placement of B full passes costs the same, since a partial step
 #: costs the same wherever it falls; ``deep-batched:I``, deep reuse at ``uniform:I`` with ``batched=True`` (a
 #: full step and its partial steps run as one UNet batch, capped by ``--max-decoder-batch``).
-EXTRA_MODE_KINDS = ("deep", "deep+forecast", "deepcache", "deep-full", "deep-batched")
-
-
-def spread(steps: int, full: int) -> KeySteps:
-    """``full`` full steps of ``steps`` spread evenly, step 0 first."""
-    return KeySteps.explicit(sorted({round(i * steps / full) for i in range(full)}))
+#: A peer registered in ``benchmarks/harness/methods.py`` with ``timed_kinds`` is one more.
+EXTRA_MODE_KINDS = timed_kinds()
 
 
 def parse_extra_mode(text: str, option: str = "--extra-modes") -> tuple[str, int]:
@@ -439,45 +432,12 @@ def attach_mode(
     key_steps: KeySteps,
     max_decoder_batch: int | str | None = "auto",
 ) -> Any:
-    """Attach ``mode`` to ``pipe`` (set for ``sampler``) for a run of ``steps`` steps; return its handle,
-    whose ``remove()`` makes the pipeline stock again and whose ``last_run`` has the pass counts, or ``None``
-    for ``stock``. ``key_steps`` and ``max_decoder_batch``: those of the propagation modes."""
-    if mode == "stock":
-        return None
-    extra = None if mode in MODES else parse_extra_mode(mode)
-    if extra is not None and extra[0] == "deepcache":
-        from DeepCache import DeepCacheSDHelper
-
-        handle = DeepCacheSDHelper(pipe=pipe)
-        handle.set_params(cache_interval=extra[1], cache_branch_id=0)
-        handle.enable()
-        handle.remove = handle.disable
-        # DeepCache keeps no counts: its full steps are every I-th (its "uniform" skip mode).
-        full = tuple(range(0, steps, extra[1]))
-        handle.last_run = types.SimpleNamespace(
-            encoder_passes=len(full),
-            decoder_passes=steps,
-            decoder_batches=steps,
-            schedule=types.SimpleNamespace(indices=full),
-        )
-        return handle
-    if extra is not None:
-        keys = spread(steps, extra[1]) if extra[0] == "deep-full" else KeySteps.uniform(extra[1])
-        config = DeepReuseConfig(
-            key_steps=keys,
-            branch=0,
-            forecast=int(extra[0] == "deep+forecast"),
-            batched=extra[0] == "deep-batched",
-            max_decoder_batch=max_decoder_batch,
-        )
-        return apply_faster_diffusion(pipe, config)
-    config = FasterDiffusionConfig(
-        key_steps=key_steps,
-        parallel=mode == BATCHED_MODE,
-        max_decoder_batch=max_decoder_batch,
-        noise_injection=NoiseInjection(),
-    )
-    return apply_faster_diffusion(pipe, config)
+    """Attach ``mode`` to ``pipe`` (set for ``sampler``) for a run of ``steps`` steps through its registration
+    (``benchmarks/harness/methods.py``); return its handle, whose ``remove()`` makes the pipeline stock again
+    and whose ``last_run`` has the pass counts, or ``None`` for ``stock``. ``key_steps`` and
+    ``max_decoder_batch``: those of the propagation modes (``max_decoder_batch`` also deep reuse's)."""
+    context = Context(steps=steps, key_steps=key_steps, max_decoder_batch=max_decoder_batch)
+    return attach(pipe, mode, context)
 
 
 @dataclass
@@ -721,10 +681,6 @@ def time_unet(
 # ------------------------------------------------------------------------------------------ reporting
 
 
-def _median(values: Sequence[float]) -> float:
-    return statistics.median(values)
-
-
 def _mib(num_bytes: float) -> str:
     return f"{num_bytes / 2**20:,.0f}"
 
@@ -743,27 +699,27 @@ class Summary:
 
     @property
     def loop(self) -> float:
-        return _median([r.loop_seconds for r in self.runs])
+        return median([r.loop_seconds for r in self.runs])
 
     @property
     def e2e(self) -> float:
-        return _median([r.e2e_seconds for r in self.runs])
+        return median([r.e2e_seconds for r in self.runs])
 
     @property
     def loop_speedup(self) -> float:
-        return _median([r.loop_seconds for r in self.stock]) / self.loop
+        return median([r.loop_seconds for r in self.stock]) / self.loop
 
     @property
     def e2e_speedup(self) -> float:
-        return _median([r.e2e_seconds for r in self.stock]) / self.e2e
+        return median([r.e2e_seconds for r in self.stock]) / self.e2e
 
     @property
     def peak_memory(self) -> float:
-        return _median([peak_memory_bytes(r) for r in self.runs])
+        return median([peak_memory_bytes(r) for r in self.runs])
 
     @property
     def memory_vs_stock(self) -> float:
-        return self.peak_memory / _median([peak_memory_bytes(r) for r in self.stock])
+        return self.peak_memory / median([peak_memory_bytes(r) for r in self.stock])
 
 
 def peak_memory_bytes(run: Run) -> int:
@@ -771,10 +727,6 @@ def peak_memory_bytes(run: Run) -> int:
     if run.peak_device_bytes is not None:
         return run.peak_device_bytes
     return run.rss_before + run.peak_call_bytes
-
-
-def _spread(values: Sequence[float]) -> str:
-    return f"{min(values):.2f}–{max(values):.2f}" if len(values) > 1 else "–"
 
 
 def results_table(summaries: list[Summary]) -> list[str]:
@@ -788,11 +740,11 @@ def results_table(summaries: list[Summary]) -> list[str]:
         first = s.runs[0]
         loops = [r.loop_seconds for r in s.runs]
         e2es = [r.e2e_seconds for r in s.runs]
-        peak_loop = _median([r.peak_loop_bytes for r in s.runs])
-        peak_call = _median([r.peak_call_bytes for r in s.runs])
+        peak_loop = median([r.peak_loop_bytes for r in s.runs])
+        peak_call = median([r.peak_call_bytes for r in s.runs])
         lines.append(
-            f"| {s.sampler.value} | {s.mode} | {s.loop:.2f} ({_spread(loops)}) | {s.loop_speedup:.2f}x "
-            f"| {s.e2e:.2f} ({_spread(e2es)}) | {s.e2e_speedup:.2f}x "
+            f"| {s.sampler.value} | {s.mode} | {s.loop:.2f} ({spread(loops)}) | {s.loop_speedup:.2f}x "
+            f"| {s.e2e:.2f} ({spread(e2es)}) | {s.e2e_speedup:.2f}x "
             f"| {first.encoder_passes} / {first.decoder_passes} ({first.decoder_batches}) "
             f"| {_mib(peak_loop)} / {_mib(peak_call)} | {_mib(s.peak_memory)} ({s.memory_vs_stock:.2f}x) |"
         )
@@ -812,14 +764,14 @@ def bound_table(summaries: list[Summary], share: float) -> tuple[list[str], dict
             continue
         n = s.runs[0].decoder_passes
         k = s.runs[0].encoder_passes
-        stock_loop = _median([r.loop_seconds for r in s.stock])
-        stock_e2e = _median([r.e2e_seconds for r in s.stock])
+        stock_loop = median([r.loop_seconds for r in s.stock])
+        stock_e2e = median([r.e2e_seconds for r in s.stock])
         loop_bound = propagation_bound(n, k, share)
         ideal_loop = stock_loop / loop_bound
         e2e_bound = stock_e2e / (stock_e2e - stock_loop + ideal_loop)
         implied = (1 - s.loop / stock_loop) * n / (n - k) if n > k else float("nan")
-        non_key = _median([c for r in s.runs for c in r.non_key_calls()] or [float("nan")])
-        saved = 1 - non_key / _median([c for r in s.stock for c in r.call_seconds] or [float("nan")])
+        non_key = median([c for r in s.runs for c in r.non_key_calls()] or [float("nan")])
+        saved = 1 - non_key / median([c for r in s.stock for c in r.call_seconds] or [float("nan")])
         found[s.sampler] = {
             "loop_bound": loop_bound,
             "e2e_bound": e2e_bound,
@@ -1019,21 +971,6 @@ def dry_run(bench: Bench, args: argparse.Namespace) -> str:
         f"~{total / 60:.0f} min",
     ]
     return "\n".join(lines) + "\n"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
 
 
 def _attention_backend(unet: UNet2DConditionModel) -> str:
@@ -1352,28 +1289,28 @@ def benchmark(argv: Sequence[str] | None = None) -> Benchmark:
     timed_cpu = None
     with RecompileLimitLog() as limit_log:
         # Compiled modes take --compile-warmups warm-ups, the others one (in the round before the timed ones).
-        for repeat in range(-args.compile_warmups if compiled else -1, args.repeats):
-            if repeat == 0:
+        order = [(sampler, mode) for sampler in args.sampler_list for mode in args.modes_for[sampler]]
+        rounds = interleaved(order, args.repeats, warmups=args.compile_warmups if compiled else 1)
+        for repeat, (sampler, mode) in rounds:
+            if repeat == 0 and timed_cpu is None:
                 timed_cpu = CpuUse()
-            for sampler in args.sampler_list:
-                for mode in args.modes_for[sampler]:
-                    runner = compiled.get((sampler, mode), bench)
-                    if (sampler, mode) in failed or (repeat < -1 and runner is bench):
-                        continue
-                    try:
-                        result = runner.run(sampler, mode, repeat)
-                    except Exception as error:  # only a compiled mode's failure is reported rather than fatal
-                        if runner is bench:
-                            raise
-                        failed[(sampler, mode)] = error_text(error)
-                        _log(f"{sampler.value} {mode} failed: {failed[(sampler, mode)]}")
-                        continue
-                    (warmups if repeat < 0 else runs).append(result)
-                    label = "warm-up" if repeat < 0 else f"repeat {repeat + 1}/{args.repeats}"
-                    _log(
-                        f"{label} {sampler.value} {mode}: loop {result.loop_seconds:.2f} s, "
-                        f"e2e {result.e2e_seconds:.2f} s, peak {_mib(peak_memory_bytes(result))} MiB"
-                    )
+            runner = compiled.get((sampler, mode), bench)
+            if (sampler, mode) in failed or (repeat < -1 and runner is bench):
+                continue
+            try:
+                result = runner.run(sampler, mode, repeat)
+            except Exception as error:  # only a compiled mode's failure is reported rather than fatal
+                if runner is bench:
+                    raise
+                failed[(sampler, mode)] = error_text(error)
+                _log(f"{sampler.value} {mode} failed: {failed[(sampler, mode)]}")
+                continue
+            (warmups if repeat < 0 else runs).append(result)
+            label = "warm-up" if repeat < 0 else f"repeat {repeat + 1}/{args.repeats}"
+            _log(
+                f"{label} {sampler.value} {mode}: loop {result.loop_seconds:.2f} s, "
+                f"e2e {result.e2e_seconds:.2f} s, peak {_mib(peak_memory_bytes(result))} MiB"
+            )
     timed_others = timed_cpu.others_percent() if timed_cpu else None
 
     latent_size = size // pipe.vae_scale_factor
@@ -1418,7 +1355,7 @@ def benchmark(argv: Sequence[str] | None = None) -> Benchmark:
         f"- Model: {model}, `{type(pipe).__name__}`; {size} x {size} px; {args.dtype} on {device}, "
         "eval mode, `torch.inference_mode()`; no safety checker"
         + ("; no watermarker" if args.model == "sdxl" else ""),
-        f"- Machine: {_cpu_model()}, {os.cpu_count()} logical CPUs; torch {torch.__version__} "
+        f"- Machine: {cpu_model()}, {os.cpu_count()} logical CPUs; torch {torch.__version__} "
         f"(`torch.get_num_threads()` = {torch.get_num_threads()}), diffusers {diffusers.__version__}, "
         f"transformers {transformers.__version__}, Python {platform.python_version()}",
         f"- UNet memory format: {'channels_last' if args.channels_last else 'contiguous (NCHW), stock'}; "
@@ -1485,7 +1422,7 @@ def benchmark(argv: Sequence[str] | None = None) -> Benchmark:
         "whose timed runs do not sync per call).",
     ]
 
-    where = "CPU" if device.type == "cpu" else f"{device.type.upper()} ({_device_name(device)})"
+    where = "CPU" if device.type == "cpu" else f"{device.type.upper()} ({device_name(device)})"
     title = f"{size} px, {where}" if args.model == "sd15" else f"{args.model.upper()}, {size} px, {where}"
     report = [f"# Faster Diffusion speed benchmark: {title}", "", *settings, "", "## Results", ""]
     report += results_table(summaries)

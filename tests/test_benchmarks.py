@@ -210,7 +210,8 @@ def test_placement_search_climbs_to_the_best_list_and_stops_when_nothing_is_bett
 
 
 def test_frontier_judging_rules():
-    from benchmarks.frontier import smallest_within_noise, spearman, within_noise
+    from benchmarks.frontier import smallest_within_noise, spearman
+    from benchmarks.harness import within_noise
 
     assert within_noise(-0.004, (-0.03, 0.02)) and within_noise(0.0, (0.0, 0.0))
     assert not within_noise(-0.011, (-0.05, 0.01))  # point below -1 point
@@ -307,7 +308,8 @@ def test_speed_benchmark_times_deep_reuse_beside_the_three_modes(tmp_path):
 
 
 def test_modes_frontier_quick_run_judges_deep_reuse_and_the_forecast_rule(tmp_path):
-    from benchmarks.modes_frontier import forecast_verdict, have_deepcache
+    from benchmarks.harness import have_deepcache
+    from benchmarks.modes_frontier import forecast_verdict
 
     out = tmp_path / "m.md"
     speed = ROOT / "benchmarks" / "results" / "speed-256-deep.md"
@@ -409,7 +411,8 @@ def test_deep_variants_budgets_plans_and_rules_read_as_written(tmp_path):
 
 
 def test_depth_choice_budgets_and_rules_read_as_written():
-    from benchmarks.depth_choice import budget_of, verdicts
+    from benchmarks.depth_choice import verdicts
+    from benchmarks.harness.budgets import budget_of
 
     assert budget_of(3, 20, 0.05) == pytest.approx(7 + 13 * 0.05)  # DeepCache:3's cost
     row = dict(delta_ci=(0, 0), psnr_ci=(0, 0))
@@ -459,3 +462,49 @@ def test_head_to_head_rules_and_pairs_read_as_written():
     assert verdict(cell(0.05, (0.01, 0.09), -0.1, (-0.5, 0.3)))["holds"] is False
     # More faithful beyond noise (interval above 0): held.
     assert verdict(cell(0.05, (0.01, 0.09), 0.1, (-0.5, 0.3)))["holds"] is True
+
+
+#: The script that writes each committed report, by the report's name up to its variant.
+REPORT_SCRIPTS = {
+    "frontier": "frontier",
+    "modes-frontier": "modes_frontier",
+    "head-to-head": "head_to_head",
+    "depth-choice": "depth_choice",
+    "deep-variants": "deep_variants",
+    "quality": "quality",
+    "img2img-quality": "img2img_quality",
+    "placement-search": "placement_search",
+}
+
+
+def test_every_committed_report_regenerates_identically_from_its_json(tmp_path):
+    import importlib
+
+    results = ROOT / "benchmarks" / "results"
+    pairs = sorted(p for p in results.glob("*.json") if p.with_suffix(".md").is_file())
+    assert len(pairs) == 21
+    differ = []
+    for path in pairs:
+        prefix = max((p for p in REPORT_SCRIPTS if path.stem.startswith(p)), key=len)
+        script = importlib.import_module(f"benchmarks.{REPORT_SCRIPTS[prefix]}")
+        out = tmp_path / path.with_suffix(".md").name
+        assert script.main(["--from-json", str(path), "--out", str(out)]) == 0
+        if out.read_text() != path.with_suffix(".md").read_text():
+            differ.append(path.name)
+    assert not differ, f"reports that do not regenerate from their JSON: {differ}"
+
+
+def test_every_method_a_committed_report_names_is_one_registration_with_its_full_passes():
+    from benchmarks.harness import Context, full_passes
+    from benchmarks.harness.methods import METHODS, lookup
+    from faster_diffusion import Sampler
+
+    for path in (ROOT / "benchmarks" / "results").glob("modes-frontier*.json"):
+        for sampler, rows in json.loads(path.read_text())["results"].items():
+            context = Context(steps=Sampler.parse(sampler).default_steps)
+            for name, row in rows.items():
+                assert sum(bool(m.pattern.fullmatch(name)) for m in METHODS) == 1, name
+                assert full_passes(name, context) == row["full_passes"], (path.name, name)
+    assert lookup("deepcache:3")[0].needs == "DeepCache"
+    with pytest.raises(KeyError, match="no method is registered for 'tgate:3'"):
+        lookup("tgate:3")

@@ -848,14 +848,14 @@ def test_calibrate_refuses_a_pipeline_with_faster_diffusion_attached(make_pipe):
 
 
 def test_reference_calibration_prompts_are_training_captions_with_seeds_apart_from_the_benchmark():
-    from benchmarks import quality
+    from benchmarks.harness import SEEDS_PER_COMBO
 
     captions = {shapes.caption(shapes.Scene(*combo)): combo for combo in shapes.TRAIN_COMBOS}
     held_out = {shapes.caption(shapes.Scene(*combo)) for combo in shapes.HELD_OUT_COMBOS}
     assert len(reference.CALIBRATION_PROMPTS) == len(reference.CALIBRATION_SEEDS) == 16
     for prompt in reference.CALIBRATION_PROMPTS:
         assert prompt in captions and prompt not in held_out, prompt
-    benchmark_seeds = set(range(len(shapes.HELD_OUT_COMBOS) * quality.SEEDS_PER_COMBO))
+    benchmark_seeds = set(range(len(shapes.HELD_OUT_COMBOS) * SEEDS_PER_COMBO))
     assert benchmark_seeds == set(range(240))
     assert not benchmark_seeds & set(reference.CALIBRATION_SEEDS)
 
