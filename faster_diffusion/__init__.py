@@ -14,15 +14,10 @@ Rethinking the Role of the Encoder for Diffusion Model Inference" (NeurIPS 2024)
 from .calibration import CalibrationError, calibrate, get_calibration
 from .deep import DeepReuseConfig
 from .depth import DepthChoice, choose_depth, measure_step_costs
+from .encoder import FasterDiffusionConfig
+from .engine import FasterDiffusion, RunStats, get_faster_diffusion, remove_faster_diffusion
 from .modes import apply_faster_diffusion
 from .noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, NoiseInjection
-from .propagation import (
-    FasterDiffusion,
-    FasterDiffusionConfig,
-    RunStats,
-    get_faster_diffusion,
-    remove_faster_diffusion,
-)
 from .samplers import Sampler, make_scheduler, use_sampler
 from .schedule import (
     PAPER_DDIM_50_KEY_STEPS,

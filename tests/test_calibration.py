@@ -724,7 +724,7 @@ def test_auto_without_a_calibration_stops_before_the_unet_and_leaves_the_pipelin
         generate_latents(pipe, steps=STEPS)
     assert "DDIMScheduler" in str(error.value) and f"{STEPS} steps" in str(error.value)
     assert calls == [0]
-    assert not handle._state.active and not handle._state.encoder_cache and not handle._state.predictions
+    assert not handle._state.active and not handle._state.cache and not handle._state.predictions
     handle.remove()
     explicit = FasterDiffusionConfig(key_steps=KeySteps.explicit([0, 2, 5]))
     with apply_faster_diffusion(pipe, explicit) as handle:

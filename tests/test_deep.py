@@ -181,7 +181,7 @@ def test_state_is_dropped_after_a_run_and_remove_restores_stock(make_pipe):
     handle = apply_faster_diffusion(pipe, DeepReuseConfig(forecast=1))
     generate_latents(pipe, steps=20)
     state = handle._state
-    assert state.encoder_cache == {} and state.previous_cache == {} and state.predictions == {}
+    assert state.cache == {} and state.previous_cache == {} and state.predictions == {}
     assert get_faster_diffusion(pipe) is handle
     handle.remove()
     assert get_faster_diffusion(pipe) is None

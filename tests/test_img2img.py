@@ -29,7 +29,7 @@ from faster_diffusion import (
     use_sampler,
 )
 from faster_diffusion.calibration import find_calibration, optimal_key_steps
-from faster_diffusion.propagation import RunStats
+from faster_diffusion.engine import RunStats
 from fixtures.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
 
 from .conftest import PAPER, PAPER_ONE_STEP_AT_A_TIME, STOCK_EQUIVALENT, generate_latents

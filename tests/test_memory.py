@@ -247,10 +247,10 @@ def test_free_memory_is_read_once_per_run(make_pipe, monkeypatch):
         reads.append(device)
         return read(device)
 
-    import faster_diffusion.propagation as propagation
+    import faster_diffusion.engine as engine
 
     monkeypatch.setattr(memory, "available_memory_bytes", counting)
-    monkeypatch.setattr(propagation, "available_memory_bytes", counting, raising=False)
+    monkeypatch.setattr(engine, "available_memory_bytes", counting)
     pipe = make_pipe("DDIM-50")
     handle = apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=KeySteps.paper()))
     for run in range(1, 3):

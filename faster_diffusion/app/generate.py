@@ -18,12 +18,13 @@ from typing import Any
 import torch
 
 from ..deep import DeepReuseConfig, deep_modules
+from ..encoder import FasterDiffusionConfig
+from ..engine import RunStats, remove_faster_diffusion
 from ..families import family_of
 from ..memory import AUTO
 from ..modes import MODES, apply_faster_diffusion
 from ..noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, NoiseInjection
 from ..policy import parse_key_steps
-from ..propagation import FasterDiffusionConfig, RunStats, remove_faster_diffusion
 from ..samplers import Sampler, make_scheduler, use_sampler
 from ..schedule import CalibrationError, KeyStepKind, KeySteps, KeyStepSchedule
 from .images import MAX_PIXELS, MAX_SIDE, prepare_image, prepare_mask
