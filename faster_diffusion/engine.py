@@ -199,21 +199,51 @@ def _forecast(current: Any, previous: Any, weights: Sequence[float]) -> Any:
     return walk(current, previous)
 
 
+def _deprecated_stat(old: str, new: str) -> None:
+    warnings.warn(f"RunStats.{old} is deprecated: use {new}", DeprecationWarning, stacklevel=3)
+
+
 @dataclass
 class RunStats:
-    """What one generation did. Counts are per pipeline call, for the whole image batch."""
+    """What one generation did, in any mode. Counts are per pipeline call, for the whole image batch; each
+    step that ran is a full pass or a partial pass (``full_passes + partial_passes`` steps).
 
+    Example:
+        >>> stats = RunStats(full_passes=13, partial_passes=37, unet_batches=50, steps=50)
+        >>> stats.full_passes + stats.partial_passes == stats.steps
+        True
+    """
+
+    #: The key steps of the run (cut to the steps that run).
     schedule: KeyStepSchedule | None = None
-    #: Encoder passes (each over the whole CFG batch of one step).
-    encoder_passes: int = 0
-    #: Decoder passes, counted in steps (a batch of g steps counts g).
-    decoder_passes: int = 0
-    #: Calls of the stock UNet forward (one per decoder batch).
-    decoder_batches: int = 0
+    #: Full UNet passes: the key steps that ran (each over the whole guidance batch of one step).
+    full_passes: int = 0
+    #: Steps served without a full pass, from the kept outputs of the latest full step.
+    partial_passes: int = 0
+    #: Calls of the stock UNet forward (a batch of several steps is one call).
+    unet_batches: int = 0
     #: Scheduler steps taken.
     steps: int = 0
     #: Steps at which prior noise was injected.
     injected_steps: int = 0
+
+    @property
+    def encoder_passes(self) -> int:
+        """Deprecated: :attr:`full_passes`."""
+        _deprecated_stat("encoder_passes", "full_passes")
+        return self.full_passes
+
+    @property
+    def decoder_passes(self) -> int:
+        """Deprecated: ``full_passes + partial_passes``, the steps whose noise prediction was served."""
+        _deprecated_stat("decoder_passes", "full_passes + partial_passes")
+        return self.full_passes + self.partial_passes
+
+    @property
+    def decoder_batches(self) -> int:
+        """Deprecated: :attr:`unet_batches`."""
+        _deprecated_stat("decoder_batches", "unet_batches")
+        return self.unet_batches
 
 
 class _RunState(threading.local):
@@ -526,6 +556,11 @@ class _ReuseHook(ModelHook):
         if step not in state.predictions:
             self._decode(module, step, inputs)
         prediction = state.predictions.pop(step)
+        # Counted as served, so that a batch decoded again after a callback changed it counts each step once.
+        if state.is_key[step]:
+            state.stats.full_passes += 1
+        else:
+            state.stats.partial_passes += 1
         state.unet_calls += 1
         if return_dict:
             return UNet2DConditionOutput(sample=prediction)
@@ -591,9 +626,7 @@ class _ReuseHook(ModelHook):
             state.repeat = 0
         for offset, prediction in enumerate(noise_pred.chunk(steps)):
             state.predictions[start + offset] = prediction
-        state.stats.encoder_passes += int(should_run_full)
-        state.stats.decoder_passes += steps
-        state.stats.decoder_batches += 1
+        state.stats.unet_batches += 1
 
     def _keep_conditional_rows(self, step: int, rows: int, inputs: dict[str, Any]) -> None:
         """At a step that reuses a key step's features, the batch shrank: keep the features of its last rows.

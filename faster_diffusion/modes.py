@@ -59,8 +59,8 @@ def apply_faster_diffusion(pipe: Any, config: Any = None) -> Any:
         <Sampler.DPM_SOLVER: 'DPM-Solver-20'>
         >>> handle = apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=KeySteps.paper()))
         >>> latents = pipe("a red circle", num_inference_steps=20, output_type="latent").images
-        >>> handle.last_run.encoder_passes, handle.last_run.decoder_passes
-        (7, 20)
+        >>> handle.last_run.full_passes, handle.last_run.partial_passes
+        (7, 13)
         >>> handle.remove()
     """
     if config is None:
