@@ -527,13 +527,13 @@ class _ReuseHook(ModelHook):
         bound = self._signature.bind(*args, **kwargs)
         inputs = dict(bound.arguments)
         return_dict = inputs.get("return_dict", True)
-        check_supported_call(module, inputs)
+        check_supported_call(module, inputs, self.handle.config.mode_name)
         step = state.unet_calls
         if step != state.step:
             raise RuntimeError(
-                "faster_diffusion: the UNet was called twice for one scheduler step. Encoder propagation "
-                "supports pipelines that call the UNet once per step with the whole guidance batch, as "
-                "StableDiffusionPipeline does."
+                f"faster_diffusion: the UNet was called twice for one scheduler step. Faster diffusion "
+                f"({self.handle.config.mode_name}) supports pipelines that call the UNet once per step with "
+                "the whole guidance batch, as StableDiffusionPipeline does."
             )
         if step >= state.num_steps:
             raise RuntimeError(
@@ -629,12 +629,12 @@ class _ReuseHook(ModelHook):
         state.stats.unet_batches += 1
 
     def _keep_conditional_rows(self, step: int, rows: int, inputs: dict[str, Any]) -> None:
-        """At a step that reuses a key step's features, the batch shrank: keep the features of its last rows.
+        """At a partial step, the batch shrank: keep the last rows of the full step's kept outputs.
 
         Only classifier-free guidance switched off part-way is supported (diffusers' ``SDCFGCutoffCallback``):
         the new text embeddings are the conditional half of the previous ones, which is the second half of the
-        guidance batch (a view of it, or under model CPU offload a copy equal in value). The encoder treats
-        every row on its own, so the last rows of its features are the features of the conditional rows alone.
+        guidance batch (a view of it, or under model CPU offload a copy equal in value). The UNet treats every
+        row on its own, so the last rows of the kept outputs are those of the conditional rows alone.
         """
         state = self.state
         old_rows = state.cache_rows
@@ -643,11 +643,12 @@ class _ReuseHook(ModelHook):
         if 2 * rows != old_rows or not _is_last_rows_of(inputs.get("encoder_hidden_states"), previous):
             state.reset()
             raise UnsupportedModelError(
-                f"faster_diffusion: the batch changed from {old_rows} to {rows} rows at step {step}, which "
-                "reuses the encoder features of an earlier key step. Encoder propagation supports only "
-                "dropping the unconditional half there (classifier-free guidance switched off, as by "
-                "diffusers' SDCFGCutoffCallback: prompt_embeds cut to its conditional half, "
-                "prompt_embeds.chunk(2)[1]); change the batch at a key step, or use key steps 'all'"
+                f"faster_diffusion: the batch changed from {old_rows} to {rows} rows at step {step}, a "
+                f"partial step, which reuses the outputs of full step {state.cache_step}. Faster diffusion "
+                f"({self.handle.config.mode_name}) supports only dropping the unconditional half there "
+                "(classifier-free guidance switched off, as by diffusers' SDCFGCutoffCallback: prompt_embeds "
+                "cut to its conditional half, prompt_embeds.chunk(2)[1]); change the batch at a full step "
+                "(a key step), or use key steps 'all'"
             )
         state.cache = {slot: last_rows(value, rows) for slot, value in state.cache.items()}
         state.previous_cache = {slot: last_rows(value, rows) for slot, value in state.previous_cache.items()}
@@ -659,7 +660,7 @@ class _ReuseHook(ModelHook):
         Image-to-image (diffusers' ``StableDiffusionImg2ImgPipeline``, ``StableDiffusionXLImg2ImgPipeline``)
         sets the whole schedule of N steps, then runs only its last ``int(N * strength)`` steps; SDXL's
         ``denoising_end`` stops early instead. The rule: the key steps of the whole schedule, cut to the steps
-        that run, with the first step that runs always a key step; ``auto:B`` asks for B encoder passes,
+        that run, with the first step that runs always a key step; ``auto:B`` asks for B full passes,
         which are placed again over the steps that run (:meth:`KeySteps.resolve`). Prior noise
         injection keeps its timesteps, and injects the run's own z: the latents at its first step.
         """
@@ -716,9 +717,10 @@ class _ReuseHook(ModelHook):
         state.reset()
         raise UnsupportedModelError(
             f"faster_diffusion: the run's first UNet call has timestep {shown}, which is not one of the "
-            f"{len(values)} timesteps set by set_timesteps() ({values[0]:g} to {values[-1]:g}). Encoder "
-            "propagation places key steps on the scheduler's own timesteps; a pipeline that passes other "
-            "timesteps is not supported (remove faster diffusion for this pipeline)"
+            f"{len(values)} timesteps set by set_timesteps() ({values[0]:g} to {values[-1]:g}). Faster "
+            f"diffusion ({self.handle.config.mode_name}) places its full steps on the scheduler's own "
+            "timesteps; a pipeline that passes other timesteps is not supported (remove faster diffusion for "
+            "this pipeline)"
         )
 
 
@@ -771,7 +773,7 @@ class FasterDiffusion:
         return self.config.cached_modules(self.unet)
 
     def _follow_cached_modules(self) -> None:
-        """Move the encoder hooks to modules that replaced the hooked ones since: a LoRA that targets
+        """Move the cached modules' hooks to modules that replaced the hooked ones since: a LoRA that targets
         ``conv_in``, loaded after ``apply_faster_diffusion``, wraps it in a new module (peft's), whose own
         computation on the step's latent would otherwise be added to the kept output of the module inside."""
         current = self._current_cached_modules()
@@ -793,7 +795,7 @@ class FasterDiffusion:
 
     def _decoder_splits_the_batch(self) -> bool:
         """Whether a decoder attention processor splits the batch (Perturbed-Attention Guidance's does, with
-        ``chunk(3)``), so that a decoder batch of several steps would mix them; warns once per processor."""
+        ``chunk(3)``), so that a batch of several steps would mix them; warns once per processor."""
         for name, module in self._decoder_attentions:
             processor = type(module.processor)
             if processor not in ROW_WISE_PROCESSORS:
@@ -802,9 +804,9 @@ class FasterDiffusion:
                     warnings.warn(
                         f"faster_diffusion: the attention processor {processor.__name__} on {name} (as set "
                         "by Perturbed-Attention Guidance, PAG, for layers of the decoder) may split the "
-                        "batch, which would mix the steps of a decoder batch; the decoder runs one step at a "
-                        "time in these runs (the encoder is still reused). Apply PAG to the encoder only "
-                        "(pag_applied_layers=['mid']) to keep the batched decoder",
+                        "batch, which would mix the steps of a batch of several steps; the UNet runs one "
+                        "step at a time in these runs (partial steps still reuse the full steps' outputs). "
+                        "Apply PAG to the mid block only (pag_applied_layers=['mid']) to keep batching steps",
                         stacklevel=2,
                     )
                 return True
@@ -898,8 +900,8 @@ class FasterDiffusion:
     def _start_run(self, timesteps: torch.Tensor) -> None:
         state = self._state
         state.reset()
-        check_supported_unet(self.unet)
-        check_supported_scheduler(self.scheduler)
+        check_supported_unet(self.unet, self.config.mode_name)
+        check_supported_scheduler(self.scheduler, self.config.mode_name)
         self._follow_cached_modules()
         # One host read of the timesteps per run (not per step), to place the injection steps.
         values = timesteps.detach().to("cpu", torch.float64).tolist()
@@ -935,11 +937,11 @@ def attach_reuse(pipe: Any, config: ReuseConfig, resolve_auto: AutoResolver | No
     refused = refused_variant(pipe)
     if refused is not None:
         raise UnsupportedModelError(f"faster_diffusion: {refused}")
-    check_supported_unet(unet)
+    check_supported_unet(unet, config.mode_name)
     for name in ("set_timesteps", "step"):
         if not callable(getattr(scheduler, name, None)):
             raise UnsupportedModelError(f"faster_diffusion: the scheduler has no {name}() method")
-    check_supported_scheduler(scheduler)
+    check_supported_scheduler(scheduler, config.mode_name)
     if get_faster_diffusion(pipe) is not None:
         raise RuntimeError(
             "faster_diffusion is already applied to this pipeline, or to another that shares its UNet (as "

@@ -1,8 +1,10 @@
-"""The engine every reuse mode runs on (faster_diffusion/engine.py): what its run stats count, in any mode."""
+"""The engine every reuse mode runs on (faster_diffusion/engine.py): what its run stats count and what its
+refusals say, in any mode."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 from diffusers import StableDiffusionImg2ImgPipeline
 from diffusers.callbacks import SDCFGCutoffCallback
 
@@ -11,8 +13,10 @@ from faster_diffusion import (
     FasterDiffusionConfig,
     KeySteps,
     RunStats,
+    UnsupportedModelError,
     apply_faster_diffusion,
 )
+from fixtures.tiny import build_tiny_pipeline
 
 from .conftest import generate_latents
 from .test_img2img import FIRST_STEP, STEPS, run
@@ -73,3 +77,39 @@ def test_an_image_to_image_run_counts_only_the_steps_that_ran(make_pipe, mode):
     run(pipe)
     assert handle.last_run.schedule.start == FIRST_STEP
     assert_every_step_counted_once(handle.last_run, STEPS - FIRST_STEP)
+
+
+#: Each mode's default config, by the name its messages give it.
+BY_NAME = {config.mode_name: config() for config in (FasterDiffusionConfig, DeepReuseConfig)}
+
+
+def assert_names_only(message: str, mode: str) -> None:
+    """``message`` names ``mode`` and no other mode."""
+    assert mode in message
+    assert [other for other in BY_NAME if other != mode and other in message] == []
+
+
+@pytest.mark.parametrize("mode", BY_NAME)
+def test_a_refused_scheduler_is_refused_in_the_name_of_the_mode_in_use(mode):
+    pipe = build_tiny_pipeline(0)  # SD v1.5's PNDMScheduler, as from_pretrained gives it
+    with pytest.raises(UnsupportedModelError, match="does not support the scheduler PNDMScheduler") as error:
+        apply_faster_diffusion(pipe, BY_NAME[mode])
+    assert f"{mode} needs one UNet call per step" in str(error.value)
+    assert_names_only(str(error.value), mode)
+
+
+@pytest.mark.parametrize("residual", ["down_block_additional_residuals", "mid_block_additional_residual"])
+@pytest.mark.parametrize("mode", BY_NAME)
+def test_controlnet_residuals_are_refused_in_the_name_of_the_mode_in_use(make_pipe, mode, residual):
+    pipe = make_pipe("DDIM-50")
+    apply_faster_diffusion(pipe, BY_NAME[mode])
+    pipe.scheduler.set_timesteps(10)  # a run starts, whose UNet call brings ControlNet's residuals
+    unet = pipe.unet
+    sample = torch.zeros(2, unet.config.in_channels, 8, 8)
+    text = torch.zeros(2, 4, unet.config.cross_attention_dim)
+    residuals = (sample,) if residual.startswith("down") else sample
+    with pytest.raises(
+        UnsupportedModelError, match=f"the UNet input '{residual}' .* is not supported with"
+    ) as error:
+        unet(sample, pipe.scheduler.timesteps[0], encoder_hidden_states=text, **{residual: residuals})
+    assert_names_only(str(error.value), mode)

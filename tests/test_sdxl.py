@@ -88,13 +88,14 @@ def test_parallel_equals_sequential_on_sdxl_and_the_encoder_runs_once_per_key_st
 def test_other_added_conditioning_is_still_refused():
     image_embeds = {"image_embeds": [torch.zeros(1, 4)]}
     pipe = build_tiny_sdxl_pipeline()
-    with pytest.raises(UnsupportedModelError, match=r"added_cond_kwargs \['image_embeds'\].*IP-Adapter"):
-        check_supported_call(pipe.unet, {"added_cond_kwargs": image_embeds})
+    refused = r"added_cond_kwargs \['image_embeds'\] are not supported with deep reuse .*IP-Adapter"
+    with pytest.raises(UnsupportedModelError, match=refused):
+        check_supported_call(pipe.unet, {"added_cond_kwargs": image_embeds}, "deep reuse")
     from diffusers import UNet2DConditionModel
 
     image_unet = UNet2DConditionModel(**{**TINY_SDXL_UNET_CONFIG, "addition_embed_type": "text"})
     with pytest.raises(UnsupportedModelError, match="addition_embed_type='text'"):
-        check_supported_unet(image_unet)
+        check_supported_unet(image_unet, "deep reuse")
 
 
 def test_key_steps_can_be_calibrated_on_sdxl():
