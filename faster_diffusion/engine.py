@@ -41,6 +41,7 @@ How it attaches, without copying ``StableDiffusionPipeline.__call__`` or ``UNet2
 
 from __future__ import annotations
 
+import copy
 import inspect
 import sys
 import threading
@@ -724,11 +725,41 @@ class _ReuseHook(ModelHook):
         )
 
 
+class _Copier:
+    """Set as ``__deepcopy__`` on each object a handle changes (``copy.deepcopy`` looks it up on the
+    instance): the object is copied with the handle taken off for the length of the copy, and put back after.
+
+    A copy of the changed object would not be sound: a module copied with diffusers' hook registry still runs
+    the original's hooks, on the original's weights (the registry's rewritten ``forward`` is a closure over
+    the original's hook chain), the scheduler's and the pipeline's taps are closures over the original's run
+    state, and that state is per thread. A copy of the stock object is. A pipeline's copy then gets a handle
+    of its own, with the same config (``reattach``); a module or scheduler copied alone stays stock: it has
+    no pipeline to run in.
+    """
+
+    def __init__(self, handle: FasterDiffusion, target: Any, reattach: bool) -> None:
+        self._handle = handle
+        self.target = weakref.ref(target)
+        self._reattach = reattach
+
+    def __call__(self, memo: dict[int, Any]) -> Any:
+        handle, target = self._handle, self.target()
+        handle._detach()
+        try:
+            copied = copy.deepcopy(target, memo)
+        finally:
+            handle._attach()
+        if self._reattach:
+            attach_reuse(copied, handle.config, handle._resolve_auto)
+        return copied
+
+
 class FasterDiffusion:
     """Faster diffusion attached to one pipeline. Made by :func:`apply_faster_diffusion`.
 
     ``last_run`` holds the :class:`RunStats` of the latest generation. Use ``remove()`` (or a ``with``
-    block) to take the feature off; the pipeline then gives stock output exactly.
+    block) to take the feature off; the pipeline then gives stock output exactly. ``copy.deepcopy(pipe)``
+    gives a pipeline with a handle of its own, of the same config; a UNet or scheduler copied alone is stock.
     """
 
     def __init__(self, pipe: Any, config: ReuseConfig, resolve_auto: AutoResolver | None = None) -> None:
@@ -743,6 +774,8 @@ class FasterDiffusion:
         # (DiffusionPipeline.from_pipe, or an image-to-image pipeline built on pipe.components), tapped at its
         # first run.
         self._run_ends = [RunEndTap(pipe, self._state)]
+        # The __deepcopy__ of each object this handle changes (_Copier), while attached.
+        self._copiers: list[_Copier] = []
         self._cached_modules = self._current_cached_modules()
         # Attention modules of the decoder, by name, whose processors are read at every run.
         self._decoder_attentions = [
@@ -782,8 +815,10 @@ class FasterDiffusion:
         ):
             return
         self._unhook_cached_modules()
+        self._take_copiers()
         self._cached_modules = current
         self._hook_cached_modules()
+        self._put_copiers()
 
     def _hook_cached_modules(self) -> None:
         for slot, module in enumerate(self._cached_modules):
@@ -827,24 +862,49 @@ class FasterDiffusion:
                 tap = RunEndTap(caller, self._state)
                 tap.attach()  # attaches nothing to a pipeline without a progress bar
                 self._run_ends.append(tap)
+                self._put_copiers()
                 return tap.attached
             frame = frame.f_back
         return False
 
+    def _put_copiers(self) -> None:
+        """Set a :class:`_Copier` as ``__deepcopy__`` on every object this handle changes that has none: the
+        pipelines whose loops it watches (their copies get handles of their own), the UNet, the hooked
+        modules inside it and the scheduler (copied stock)."""
+        copied = {id(copier.target()) for copier in self._copiers}
+        pipes = [(pipe, True) for tap in self._run_ends if (pipe := tap._pipe()) is not None]
+        modules = [self.unet, *self._cached_modules, *self._text_projections, self.scheduler]
+        targets = pipes + [(module, False) for module in modules]
+        for target, reattach in targets:
+            if id(target) not in copied and "__deepcopy__" not in vars(target):
+                copier = _Copier(self, target, reattach)
+                target.__deepcopy__ = copier
+                self._copiers.append(copier)
+                copied.add(id(target))
+
+    def _take_copiers(self) -> None:
+        for copier in self._copiers:
+            target = copier.target()
+            if target is not None and vars(target).get("__deepcopy__") is copier:
+                delattr(target, "__deepcopy__")
+        self._copiers = []
+
     def _attach(self) -> None:
+        """Put the hooks, taps and copiers on; the run state is kept (a run in progress goes on)."""
         self._hook_cached_modules()
         add_hook(self.unet, _ReuseHook(self._state, self), _UNET_HOOK)
         for projection in self._text_projections:
             add_hook(projection, _RepeatedTextHook(self._state), _TEXT_HOOK)
         self._tap.attach()
+        self._run_ends = [tap for tap in self._run_ends if tap._pipe() is not None]
         for tap in self._run_ends:
             tap.attach()
+        self._put_copiers()
         self.attached = True
 
-    def remove(self) -> None:
-        """Take faster diffusion off the pipeline. Safe to call twice."""
-        if not self.attached:
-            return
+    def _detach(self) -> None:
+        """Take the hooks, taps and copiers off, leaving stock objects; the run state is kept."""
+        self._take_copiers()
         self._tap.detach()
         for tap in self._run_ends:
             tap.detach()
@@ -852,8 +912,14 @@ class FasterDiffusion:
         self._unhook_cached_modules()
         for projection in self._text_projections:
             drop_hook(projection, _TEXT_HOOK)
-        self._state.reset()
         self.attached = False
+
+    def remove(self) -> None:
+        """Take faster diffusion off the pipeline. Safe to call twice."""
+        if not self.attached:
+            return
+        self._detach()
+        self._state.reset()
 
     def __enter__(self) -> FasterDiffusion:
         return self

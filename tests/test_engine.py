@@ -3,6 +3,9 @@ refusals say, in any mode."""
 
 from __future__ import annotations
 
+import copy
+from types import SimpleNamespace
+
 import pytest
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline
@@ -15,6 +18,7 @@ from faster_diffusion import (
     RunStats,
     UnsupportedModelError,
     apply_faster_diffusion,
+    get_faster_diffusion,
 )
 from fixtures.tiny import build_tiny_pipeline
 
@@ -113,3 +117,74 @@ def test_controlnet_residuals_are_refused_in_the_name_of_the_mode_in_use(make_pi
     ) as error:
         unet(sample, pipe.scheduler.timesteps[0], encoder_hidden_states=text, **{residual: residuals})
     assert_names_only(str(error.value), mode)
+
+
+#: One config of each mode, for copies.
+COPIED = {
+    "encoder": FasterDiffusionConfig(key_steps=KeySteps.paper()),
+    "deep": DeepReuseConfig(key_steps=KeySteps.uniform(3)),
+}
+
+
+def accelerated(make_pipe, mode: str):
+    """A tiny DDIM pipeline with ``mode`` attached, its handle, and the latents of a 20-step run of it."""
+    pipe = make_pipe("DDIM-50")
+    handle = apply_faster_diffusion(pipe, COPIED[mode])
+    return pipe, handle, generate_latents(pipe, steps=20)
+
+
+@pytest.mark.parametrize("removed", ["copy", "original"])
+@pytest.mark.parametrize("mode", COPIED)
+def test_a_deep_copy_of_an_accelerated_pipeline_is_accelerated_on_its_own(make_pipe, mode, removed):
+    config = COPIED[mode]
+    stock = generate_latents(make_pipe("DDIM-50"), steps=20)
+    pipe, handle, expected = accelerated(make_pipe, mode)  # a run before the copy: none of it is carried over
+    before = handle.last_run
+
+    copied = copy.deepcopy(pipe)
+    own = get_faster_diffusion(copied)
+    assert own is not None and own is not handle and get_faster_diffusion(pipe) is handle
+    assert type(own.config) is type(config) and own.config == config
+    assert (own.unet, own.scheduler, own._pipe()) == (copied.unet, copied.scheduler, copied)
+    assert (handle.unet, handle.scheduler, handle._pipe()) == (pipe.unet, pipe.scheduler, pipe)
+    assert copied.unet is not pipe.unet and copied.scheduler is not pipe.scheduler
+
+    assert torch.equal(generate_latents(copied, steps=20), expected)
+    assert own.last_run.steps == 20 and handle.last_run is before  # the copy's run is the copy's alone
+    assert torch.equal(generate_latents(pipe, steps=20), expected)
+    assert handle.last_run is not before and own.last_run.steps == 20
+
+    gone, kept = (own, handle) if removed == "copy" else (handle, own)
+    gone_pipe, kept_pipe = (copied, pipe) if removed == "copy" else (pipe, copied)
+    gone.remove()
+    assert get_faster_diffusion(gone_pipe) is None and get_faster_diffusion(kept_pipe) is kept
+    assert torch.equal(generate_latents(gone_pipe, steps=20), stock)
+    assert torch.equal(generate_latents(kept_pipe, steps=20), expected)
+
+
+@pytest.mark.parametrize("mode", COPIED)
+def test_a_deep_copy_of_the_unet_or_the_scheduler_alone_is_stock(make_pipe, mode):
+    pipe, handle, expected = accelerated(make_pipe, mode)
+    unet, scheduler = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.scheduler)
+    assert get_faster_diffusion(SimpleNamespace(unet=unet)) is None
+    stock = make_pipe("DDIM-50")
+    copied = type(stock)(**{**stock.components, "unet": unet, "scheduler": scheduler})
+    copied.set_progress_bar_config(disable=True)
+    assert torch.equal(generate_latents(copied, steps=20), generate_latents(stock, steps=20))
+    assert get_faster_diffusion(pipe) is handle
+    assert torch.equal(generate_latents(pipe, steps=20), expected)
+
+
+@pytest.mark.parametrize("mode", COPIED)
+def test_a_deep_copy_made_during_a_run_leaves_the_run_as_it_was(make_pipe, mode):
+    pipe, handle, expected = accelerated(make_pipe, mode)
+    copies = []
+
+    def copy_at_step_5(pipeline, index, timestep, tensors):
+        if index == 5:
+            copies.append(copy.deepcopy(pipeline))
+        return tensors
+
+    assert torch.equal(generate_latents(pipe, steps=20, callback_on_step_end=copy_at_step_5), expected)
+    assert handle.last_run.steps == 20 and handle.last_run.partial_passes > 0
+    assert torch.equal(generate_latents(copies[0], steps=20), expected)
