@@ -22,7 +22,7 @@ A reuse mode is a config that gives the engine, besides its own checks:
   change them in place);
 - ``calibration_target``: what ``key_steps="auto"`` is calibrated for
   (:func:`faster_diffusion.measure.target_modules`);
-- ``mode_name``: the mode's name in messages, such as ``"deep reuse"``.
+- ``mode_name``: the mode's name, which the engine's refusals and errors give (a class attribute).
 
 :func:`attach_reuse` checks the pipeline and attaches; each mode's ``apply_*`` function calls it.
 
@@ -114,7 +114,7 @@ AutoResolver = Callable[..., Any]
 class ReuseConfig(Protocol):
     """What the engine reads from a reuse mode's config (see the module docstring)."""
 
-    #: The mode's name in messages, such as ``"deep reuse"``.
+    #: The mode's name, which refusals and errors give.
     mode_name: ClassVar[str]
     #: The full steps.
     key_steps: KeySteps
@@ -990,10 +990,9 @@ class FasterDiffusion:
 
 
 def attach_reuse(pipe: Any, config: ReuseConfig, resolve_auto: AutoResolver | None = None) -> FasterDiffusion:
-    """Attach a reuse mode whose config says which modules key steps compute and the other steps reuse
-    (``config.cached_modules(unet)``), with ``key_steps``, ``noise_injection``, ``decoder_batch_cap``,
-    ``forecast_slots`` and ``copies_served`` as :class:`FasterDiffusionConfig` has them: the checks, the
-    hooks and the handle that every mode shares."""
+    """Attach the reuse mode of ``config`` (a :class:`ReuseConfig`: which modules full steps compute and
+    partial steps reuse, and the rest the module docstring lists) to ``pipe``, in place: the checks, the hooks
+    and the handle that every mode shares. Each mode's ``apply_*`` function calls it."""
     unet = getattr(pipe, "unet", None)
     scheduler = getattr(pipe, "scheduler", None)
     if unet is None or scheduler is None:
