@@ -188,3 +188,18 @@ def test_a_deep_copy_made_during_a_run_leaves_the_run_as_it_was(make_pipe, mode)
     assert torch.equal(generate_latents(pipe, steps=20, callback_on_step_end=copy_at_step_5), expected)
     assert handle.last_run.steps == 20 and handle.last_run.partial_passes > 0
     assert torch.equal(generate_latents(copies[0], steps=20), expected)
+
+
+def test_a_deep_copy_of_a_pipeline_that_shares_the_unet_gets_a_handle_of_its_own(make_pipe):
+    """An image-to-image pipeline built on ``pipe.components`` runs with ``pipe``'s handle; its copy runs with
+    a handle of its own, and gives the same latents."""
+    pipe, handle, _ = accelerated(make_pipe, "deep")
+    other = StableDiffusionImg2ImgPipeline(**pipe.components)
+    other.set_progress_bar_config(disable=True)
+    expected = run(other)
+    copied = copy.deepcopy(other)
+    own = get_faster_diffusion(copied)
+    assert own is not handle and get_faster_diffusion(other) is handle
+    assert (own.unet, own.scheduler, own._pipe()) == (copied.unet, copied.scheduler, copied)
+    assert torch.equal(run(copied), expected) and own.last_run.schedule.start == FIRST_STEP
+    assert torch.equal(run(other), expected)
