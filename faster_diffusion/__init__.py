@@ -1,7 +1,12 @@
-"""Faster Diffusion for stock diffusers Stable Diffusion pipelines.
+"""Faster Diffusion for stock diffusers Stable Diffusion pipelines: UNet features computed at full steps are
+reused at the partial steps between them.
 
-Encoder propagation with a batched decoder and prior noise injection, after Li et al., "Faster Diffusion:
-Rethinking the Role of the Encoder for Diffusion Model Inference" (NeurIPS 2024).
+Two reuse modes, peers on one engine (:mod:`faster_diffusion.engine`: the hooks, the batching of steps, the
+handle and its :class:`RunStats`): encoder propagation (:mod:`faster_diffusion.encoder`, with a batched
+decoder and prior noise injection, after Li et al., "Faster Diffusion: Rethinking the Role of the Encoder
+for Diffusion Model Inference", NeurIPS 2024) and deep reuse (:mod:`faster_diffusion.deep`, after DeepCache,
+the product's default). :func:`apply_faster_diffusion` applies the mode of the config it is given
+(:mod:`faster_diffusion.modes`).
 
     >>> from faster_diffusion import FasterDiffusionConfig, KeySteps, apply_faster_diffusion, use_sampler
     >>> use_sampler(pipe, "DDIM-50")                                  # doctest: +SKIP
@@ -14,15 +19,10 @@ Rethinking the Role of the Encoder for Diffusion Model Inference" (NeurIPS 2024)
 from .calibration import CalibrationError, calibrate, get_calibration
 from .deep import DeepReuseConfig
 from .depth import DepthChoice, choose_depth, measure_step_costs
+from .encoder import FasterDiffusionConfig
+from .engine import FasterDiffusion, RunStats, get_faster_diffusion, remove_faster_diffusion
 from .modes import apply_faster_diffusion
 from .noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, NoiseInjection
-from .propagation import (
-    FasterDiffusion,
-    FasterDiffusionConfig,
-    RunStats,
-    get_faster_diffusion,
-    remove_faster_diffusion,
-)
 from .samplers import Sampler, make_scheduler, use_sampler
 from .schedule import (
     PAPER_DDIM_50_KEY_STEPS,

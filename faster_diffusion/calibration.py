@@ -62,8 +62,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .engine import get_faster_diffusion
 from .measure import canonical_target, criterion_names, measure_run, target_modules
-from .propagation import get_faster_diffusion
 from .schedule import CalibrationError, KeySteps, paper_key_steps
 
 logger = logging.getLogger(__name__)

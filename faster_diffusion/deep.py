@@ -24,8 +24,8 @@ design runs them on the step's own latent): a partial step then sees only its ow
 latent, so a full step and the partial steps after it run as one batch of the UNet, as encoder propagation's
 decoder does (capped by ``max_decoder_batch``). Its calibration target is ``"deep-batched:B"``.
 
-It runs through the same hooks, taps and guarantees as encoder propagation
-(:mod:`faster_diffusion.propagation`): every step full gives stock output bit for bit, prior noise injection
+It runs through the same engine as encoder propagation (:mod:`faster_diffusion.engine`: the same hooks,
+taps and guarantees): every step full gives stock output bit for bit, prior noise injection
 and every key-step form work, and the state is dropped after every run. Unless ``batched``, a partial step
 needs the step's own latent, so partial steps run one at a time.
 """
@@ -33,14 +33,14 @@ needs the step's own latent, so partial steps run one at a time.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from .engine import AutoResolver, FasterDiffusion, attach_reuse, check_decoder_cap, check_forecast
 from .measure import register_target
 from .memory import AUTO
 from .noise import NoiseInjection
-from .propagation import AutoResolver, FasterDiffusion, attach_reuse, check_decoder_cap, check_forecast
 from .schedule import KeySteps
 
 __all__ = ["DeepReuseConfig", "apply_deep_reuse", "batched_modules", "branch_count", "deep_modules"]
@@ -134,6 +134,9 @@ class DeepReuseConfig:
         >>> DeepReuseConfig(key_steps=KeySteps.uniform(3), branch=0, forecast=1).forecast
         1
     """
+
+    #: The mode's name in messages.
+    mode_name: ClassVar[str] = "deep reuse"
 
     #: The full steps. ``uniform:3`` is DeepCache's ``cache_interval=3``.
     key_steps: KeySteps = field(default_factory=lambda: KeySteps.uniform(3))

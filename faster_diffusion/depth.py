@@ -46,8 +46,8 @@ import torch
 
 from .calibration import Calibration, _default_steps, find_calibration, optimal_key_steps, schedule_cost
 from .deep import DeepReuseConfig, branch_count
+from .engine import get_faster_diffusion
 from .modes import apply_faster_diffusion
-from .propagation import get_faster_diffusion
 from .schedule import CalibrationError, KeySteps
 
 __all__ = [

@@ -5,10 +5,11 @@ cost of reusing step k's features at step j (mean over the run's images), regist
 :func:`register_criterion`. The three built in (``"feature"``, ``"prediction"``, ``"final"``) are described in
 :mod:`faster_diffusion.calibration`. A new criterion is one function and one registration.
 
-Which features are reused is the calibration's *target*: ``"encoder"`` (``conv_in``, the down blocks and the
-mid block, what encoder propagation reuses) or a reuse mode's own, registered with :func:`register_target`
-(deep reuse registers ``"deep:B"``, the modules a partial step of branch B does not run). The run records and
-replays exactly the target's modules, so every criterion measures that mode's reuse.
+Which features are reused is the calibration's *target*, registered by each reuse mode with
+:func:`register_target`: encoder propagation registers ``"encoder"`` (:mod:`faster_diffusion.encoder`), deep
+reuse ``"deep:B"``, the modules a partial step of branch B does not run (:mod:`faster_diffusion.deep`). This
+module names no mode; importing the package registers them all. The run records and replays exactly the
+target's modules, so every criterion measures that mode's reuse.
 """
 
 from __future__ import annotations
@@ -177,8 +178,9 @@ def canonical_target(target: str) -> str:
         raise CalibrationError(f"target must be a text such as 'encoder' or 'deep:0', got {target!r}")
     name, colon, arg = target.strip().partition(":")
     if name not in _TARGETS:
+        known = tuple(sorted(_TARGETS))  # not in the order the modes happened to be imported
         raise CalibrationError(
-            f"target must be one of {tuple(_TARGETS)} (with ':ARG' where one takes it), got {target!r}"
+            f"target must be one of {known} (with ':ARG' where one takes it), got {target!r}"
         )
     default = _TARGETS[name][1]
     if not colon and default is not None:
@@ -194,16 +196,6 @@ def target_modules(unet: torch.nn.Module, target: str) -> list[torch.nn.Module]:
         return _TARGETS[name][0](unet, arg if colon else None)
     except (TypeError, ValueError) as error:
         raise CalibrationError(f"target {target!r}: {error}") from error
-
-
-def encoder_modules(unet: torch.nn.Module, arg: str | None = None) -> list[torch.nn.Module]:
-    """The encoder: ``conv_in``, the down blocks and the mid block (the ``"encoder"`` target)."""
-    if arg is not None:
-        raise ValueError("the encoder target takes no argument")
-    return [unet.conv_in, *unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else [])]
-
-
-register_target("encoder", encoder_modules)
 
 
 @dataclass

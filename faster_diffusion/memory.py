@@ -30,9 +30,9 @@ rounding and other attention kernels may need more.
   buffers of the pipeline's torch modules on the sample's device (:func:`resident_weight_bytes`): UNet, text
   encoder and VAE after ``pipe.to(device)``; the UNet alone under model CPU offload.
 
-Encoder propagation reads the free memory and the resident weights once per run, at its first decoder batch,
-and sizes every batch of the run from them, so runs with the same inputs batch alike within a run (the free
-memory, and so the cap, can still differ between runs).
+The engine (:mod:`faster_diffusion.engine`) reads the free memory and the resident weights once per run, at
+its first batch of steps, and sizes every batch of the run from them, so runs with the same inputs batch alike
+within a run (the free memory, and so the cap, can still differ between runs).
 
 **Speed.** On a GPU, whole groups are the fastest where they fit (the paper's setting); the budget above
 trades some of that for memory at 512 px and up. On the CPU, the decoder cost per step is lowest at about 5
@@ -203,8 +203,8 @@ def auto_decoder_batch_cap(
 
     ``weight_bytes``: the weights the stock run holds on the sample's device (:func:`resident_weight_bytes` of
     the pipeline's modules); by default the UNet's alone. ``available``: the device's free memory; by default
-    read now (:func:`available_memory_bytes`). Encoder propagation passes both, read once per run at its first
-    decoder batch, so that runs with the same inputs batch alike.
+    read now (:func:`available_memory_bytes`). The engine passes both, read once per run at its first batch of
+    steps, so that runs with the same inputs batch alike.
     """
     rows = sample.shape[0]
     row_bytes = decoder_row_bytes(unet.config, sample.shape[-2], sample.shape[-1], sample.element_size())

@@ -5,7 +5,7 @@ returns a handle with ``remove()`` and ``last_run``, and one row in :data:`MODES
 :func:`register_mode`). :func:`apply_faster_diffusion` looks the config's class up there, as diffusers'
 ``enable_cache(config)`` does, and hands the mode calibration's resolver for ``key_steps="auto"``, so that no
 mode imports calibration. Two modes are registered: the paper's encoder propagation
-(:class:`~faster_diffusion.propagation.FasterDiffusionConfig`) and deep reuse
+(:class:`~faster_diffusion.encoder.FasterDiffusionConfig`) and deep reuse
 (:class:`~faster_diffusion.deep.DeepReuseConfig`).
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 
 from .calibration import resolve_auto
 from .deep import DeepReuseConfig, apply_deep_reuse
+from .encoder import FasterDiffusionConfig, apply_encoder_propagation
 from .policy import DEFAULT_MODE, default_key_steps
-from .propagation import FasterDiffusionConfig, apply_encoder_propagation
 
 #: Applies a mode: ``apply(pipe, config, resolve_auto=...)`` attaches it and returns its handle.
 ApplyMode = Callable[..., Any]
@@ -59,8 +59,8 @@ def apply_faster_diffusion(pipe: Any, config: Any = None) -> Any:
         <Sampler.DPM_SOLVER: 'DPM-Solver-20'>
         >>> handle = apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=KeySteps.paper()))
         >>> latents = pipe("a red circle", num_inference_steps=20, output_type="latent").images
-        >>> handle.last_run.encoder_passes, handle.last_run.decoder_passes
-        (7, 20)
+        >>> handle.last_run.full_passes, handle.last_run.partial_passes
+        (7, 13)
         >>> handle.remove()
     """
     if config is None:

@@ -69,7 +69,7 @@ def make_scheduler(sampler: Sampler | str, scheduler_config: Any) -> Any:
 
 def use_sampler(pipe: Any, sampler: Sampler | str) -> Sampler:
     """Give ``pipe`` a fresh scheduler for ``sampler``. Do this before ``apply_faster_diffusion``."""
-    from .propagation import get_faster_diffusion
+    from .engine import get_faster_diffusion
 
     sampler = Sampler.parse(sampler)
     if get_faster_diffusion(pipe) is not None:

@@ -1,7 +1,8 @@
-"""What encoder propagation supports, and the clear errors for the rest: the UNet (Stable Diffusion 1.x/2.x
-and SDXL, no class or added embeddings but SDXL's, no IP-Adapter or GLIGEN), the inputs of a UNet call
-(no ControlNet or adapter residuals), the schedulers, and the attention processors a batched decoder can
-run.
+"""What the reuse modes support, and the clear errors for the rest: the UNet (Stable Diffusion 1.x/2.x and
+SDXL, no class or added embeddings but SDXL's, no IP-Adapter or GLIGEN), the inputs of a UNet call (no
+ControlNet or adapter residuals), the schedulers, and the attention processors a batch of several steps can
+run. The limits are the engine's, shared by every mode; a refusal names the mode in use (``mode``: its
+config's ``mode_name``, such as ``"deep reuse"``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ _TEXT_TIME_INPUTS = frozenset({"text_embeds", "time_ids"})
 #: The ``encoder_hid_dim_type`` that diffusers' ``load_ip_adapter`` sets on a UNet.
 _IP_ADAPTER_PROJECTION = "ip_image_proj"
 
-#: UNet inputs that would change the encoder features in ways propagation cannot reuse.
+#: UNet inputs that would change the cached modules' outputs at every step, so that a partial step could not
+#: reuse those of a full step.
 _UNSUPPORTED_INPUTS = (
     "class_labels",
     "down_block_additional_residuals",
@@ -52,30 +54,32 @@ ROW_WISE_PROCESSORS: tuple[type, ...] = (
 
 
 class UnsupportedModelError(ValueError):
-    """The pipeline or UNet uses a feature that encoder propagation does not support."""
+    """The pipeline or UNet uses a feature that faster diffusion does not support."""
 
 
-def check_supported_call(unet: torch.nn.Module, inputs: dict[str, Any]) -> None:
+def check_supported_call(unet: torch.nn.Module, inputs: dict[str, Any], mode: str) -> None:
+    """Raise :class:`UnsupportedModelError`, naming ``mode``, unless a UNet call of ``inputs`` is one that
+    reuse supports: no ControlNet, T2I-Adapter or class inputs, no added conditioning but SDXL's."""
     for name in _UNSUPPORTED_INPUTS:
         if inputs.get(name) is not None:
             raise UnsupportedModelError(
                 f"faster_diffusion: the UNet input {name!r} (ControlNet, T2I-Adapter or class conditioning) "
-                "is not supported with encoder propagation; remove faster diffusion for this pipeline"
+                f"is not supported with {mode}; remove faster diffusion for this pipeline"
             )
     added = inputs.get("added_cond_kwargs")
     if added and not (unet.config.addition_embed_type == "text_time" and set(added) <= _TEXT_TIME_INPUTS):
         raise UnsupportedModelError(
-            f"faster_diffusion: added_cond_kwargs {sorted(added)} are not supported with encoder propagation "
+            f"faster_diffusion: added_cond_kwargs {sorted(added)} are not supported with {mode} "
             "(supported: SDXL's text_embeds and time_ids on a UNet with addition_embed_type='text_time'; "
             "IP-Adapter's image_embeds are not)"
         )
-    check_supported_unet(unet)
+    check_supported_unet(unet, mode)
 
 
-def check_supported_unet(unet: torch.nn.Module) -> None:
+def check_supported_unet(unet: torch.nn.Module, mode: str) -> None:
     """Raise :class:`UnsupportedModelError` unless ``unet`` is a Stable Diffusion 1.x/2.x or SDXL
     ``UNet2DConditionModel``: no class embedding, no encoder projection, and no added embedding other than
-    SDXL's ``text_time``."""
+    SDXL's ``text_time``. A refusal of a feature names ``mode``."""
     if not isinstance(unet, UNet2DConditionModel):
         raise UnsupportedModelError(
             f"faster_diffusion supports UNet2DConditionModel (Stable Diffusion 1.x/2.x and SDXL), got "
@@ -94,11 +98,11 @@ def check_supported_unet(unet: torch.nn.Module) -> None:
     if getattr(config, "attention_type", "default") in ("gated", "gated-text-image"):
         raise UnsupportedModelError(
             f"faster_diffusion: GLIGEN (a UNet with attention_type={config.attention_type!r}, grounded by "
-            "boxes) is not supported with encoder propagation; remove faster diffusion for this pipeline"
+            f"boxes) is not supported with {mode}; remove faster diffusion for this pipeline"
         )
     if config.encoder_hid_dim_type == _IP_ADAPTER_PROJECTION:
         raise UnsupportedModelError(
-            "faster_diffusion: IP-Adapter is not supported with encoder propagation (an IP-Adapter is "
+            f"faster_diffusion: IP-Adapter is not supported with {mode} (an IP-Adapter is "
             f"loaded: this UNet has encoder_hid_dim_type={_IP_ADAPTER_PROJECTION!r}); call "
             "pipe.unload_ip_adapter() to use faster diffusion, or remove faster diffusion to use the "
             "IP-Adapter"
@@ -111,7 +115,7 @@ def check_supported_unet(unet: torch.nn.Module) -> None:
         )
 
 
-#: Scheduler classes that encoder propagation supports. Each makes one UNet call per scheduler step over
+#: Scheduler classes that the reuse modes support. Each makes one UNet call per scheduler step over
 #: distinct timesteps, so a step index counts what the user asked for; starts from latents at unit scale
 #: (``init_noise_sigma == 1``), so alpha * z_T has the paper's weight; and advances from the sample its
 #: ``step`` is given, so the injected prior noise takes effect. PNDM (its repeated warm-up step), Heun and
@@ -127,9 +131,10 @@ SUPPORTED_SCHEDULERS: tuple[type, ...] = (
 )
 
 
-def check_supported_scheduler(scheduler: Any) -> None:
-    """Raise :class:`UnsupportedModelError` unless ``scheduler`` is one of :data:`SUPPORTED_SCHEDULERS`,
-    configured for sample-space (not flow-matching) sampling from latents at unit scale."""
+def check_supported_scheduler(scheduler: Any, mode: str) -> None:
+    """Raise :class:`UnsupportedModelError`, naming ``mode``, unless ``scheduler`` is one of
+    :data:`SUPPORTED_SCHEDULERS`, configured for sample-space (not flow-matching) sampling from latents at
+    unit scale."""
     name = type(scheduler).__name__
     supported = ", ".join(cls.__name__ for cls in SUPPORTED_SCHEDULERS)
     advice = (
@@ -138,9 +143,8 @@ def check_supported_scheduler(scheduler: Any) -> None:
     )
     if type(scheduler) not in SUPPORTED_SCHEDULERS:
         raise UnsupportedModelError(
-            f"faster_diffusion does not support the scheduler {name}: encoder propagation needs one UNet "
-            f"call per step, latents at unit scale and a step that advances from the sample it is given; "
-            f"{advice}"
+            f"faster_diffusion does not support the scheduler {name}: {mode} needs one UNet call per step, "
+            f"latents at unit scale and a step that advances from the sample it is given; {advice}"
         )
     config = getattr(scheduler, "config", {})
     found = []
@@ -154,5 +158,5 @@ def check_supported_scheduler(scheduler: Any) -> None:
     if found:
         raise UnsupportedModelError(
             f"faster_diffusion does not support the scheduler {name} with {', '.join(found)} (flow matching "
-            f"or sigma-scaled latents); {advice}"
+            f"or sigma-scaled latents) in {mode}; {advice}"
         )

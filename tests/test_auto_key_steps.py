@@ -71,7 +71,7 @@ def test_apply_with_no_config_gives_the_product_s_default(tmp_path, reference_pi
             assert isinstance(handle.config, DeepReuseConfig)
             assert handle.config.key_steps == expected == default_key_steps(reference_pipe, sampler)
             reference_pipe("a large red circle", num_inference_steps=steps, output_type="latent")
-            assert handle.last_run.encoder_passes == full
+            assert handle.last_run.full_passes == full
             assert handle.last_run.schedule.describe().startswith(str(expected))
             if sampler == "DPM-Solver-20":
                 assert handle.last_run.schedule.indices == (0, 3, 6, 9, 13, 17)
@@ -187,7 +187,7 @@ def test_the_cog_model_resolves_default_and_auto_key_steps(tmp_path, capsys):
     outcome = model.generate(request, safety_checker=False)
     out = capsys.readouterr().out
     assert "Calibrating key steps" in out and "Key steps: auto:9, calibrated by feature error" in out
-    assert outcome.faster.stats.encoder_passes == 9
+    assert outcome.faster.stats.full_passes == 9
     assert load_calibrations(folder)
 
 

@@ -173,7 +173,7 @@ def test_cog_choose_branch_runs_the_chosen_branch(timed, capsys):
     outcome = model.generate(request(), choose_branch=True)
     assert "Key steps: depth choice at 7.9412 full passes, branch 1," in capsys.readouterr().out
     indices = outcome.faster.stats.schedule.indices
-    assert len(indices) == 7 and outcome.faster.stats.encoder_passes == 7
+    assert len(indices) == 7 and outcome.faster.stats.full_passes == 7
     # The images are those of branch 1 at those steps, run directly.
     config = DeepReuseConfig(key_steps=KeySteps.explicit(indices), branch=1)
     direct = model.generate(dataclasses.replace(request(), faster=config))

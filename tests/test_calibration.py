@@ -758,12 +758,12 @@ def test_auto_without_a_calibration_stops_before_the_unet_and_leaves_the_pipelin
         generate_latents(pipe, steps=STEPS)
     assert "DDIMScheduler" in str(error.value) and f"{STEPS} steps" in str(error.value)
     assert calls == [0]
-    assert not handle._state.active and not handle._state.encoder_cache and not handle._state.predictions
+    assert not handle._state.active and not handle._state.cache and not handle._state.predictions
     handle.remove()
     explicit = FasterDiffusionConfig(key_steps=KeySteps.explicit([0, 2, 5]))
     with apply_faster_diffusion(pipe, explicit) as handle:
         latents = generate_latents(pipe, steps=STEPS)
-        assert handle.last_run.encoder_passes == 3 and handle.last_run.decoder_passes == STEPS
+        assert (handle.last_run.full_passes, handle.last_run.partial_passes) == (3, STEPS - 3)
     fresh = make_pipe("DDIM-50")
     with apply_faster_diffusion(fresh, explicit):
         torch.testing.assert_close(latents, generate_latents(fresh, steps=STEPS), rtol=0, atol=0)
@@ -778,7 +778,7 @@ def test_auto_uses_the_calibration_of_the_run(make_pipe):
         generate_latents(pipe, steps=STEPS)
         schedule = handle.last_run.schedule
         assert schedule.indices == calibration.indices()
-        assert handle.last_run.encoder_passes == len(calibration.indices())
+        assert handle.last_run.full_passes == len(calibration.indices())
         assert "auto" in schedule.describe() and "calibrated" in schedule.describe()
     with apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=KeySteps.auto(3))) as handle:
         generate_latents(pipe, steps=STEPS)
@@ -823,7 +823,7 @@ def test_auto_refuses_a_run_on_custom_timesteps_and_takes_the_scheduler_s_own(ma
         pipe, FasterDiffusionConfig(key_steps=KeySteps.explicit([0, 3, 6]))
     ) as handle:
         generate_latents(pipe, steps=STEPS, timesteps=custom)  # explicit key steps take any timesteps
-        assert handle.last_run.encoder_passes == 3
+        assert handle.last_run.full_passes == 3
 
 
 @pytest.mark.parametrize("budget", [0, STEPS + 1, 2.5, True])

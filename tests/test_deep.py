@@ -77,7 +77,7 @@ def test_every_step_full_gives_stock_bit_for_bit(make_pipe, sampler):
     stock = generate_latents(pipe, steps=steps)
     handle = apply_faster_diffusion(pipe, DeepReuseConfig(key_steps=KeySteps.every_step(), forecast=1))
     full = generate_latents(pipe, steps=steps)
-    assert handle.last_run.encoder_passes == steps
+    assert handle.last_run.full_passes == steps
     handle.remove()
     assert torch.equal(full, stock)
     assert torch.equal(generate_latents(pipe, steps=steps), stock)
@@ -105,7 +105,7 @@ def test_branch_zero_equals_the_reference(make_pipe, sampler, keys, forecast):
     actual = generate_latents(pipe, steps=steps)
     stats = handle.last_run
     handle.remove()
-    assert stats.encoder_passes == len(full_steps) and stats.decoder_passes == steps
+    assert (stats.full_passes, stats.partial_passes) == (len(full_steps), steps - len(full_steps))
     assert_equal_up_to_rounding(actual, expected)
     stock = generate_latents(pipe, steps=steps)
     assert (actual - stock).abs().max() > 1e-3  # the partial steps did change something
@@ -181,7 +181,7 @@ def test_state_is_dropped_after_a_run_and_remove_restores_stock(make_pipe):
     handle = apply_faster_diffusion(pipe, DeepReuseConfig(forecast=1))
     generate_latents(pipe, steps=20)
     state = handle._state
-    assert state.encoder_cache == {} and state.previous_cache == {} and state.predictions == {}
+    assert state.cache == {} and state.previous_cache == {} and state.predictions == {}
     assert get_faster_diffusion(pipe) is handle
     handle.remove()
     assert get_faster_diffusion(pipe) is None
@@ -282,7 +282,7 @@ def test_deep_mode_on_image_to_image(make_pipe):
     partial = run()
     stats = handle.last_run
     handle.remove()
-    assert stats.decoder_passes == 12 and stats.encoder_passes < 12  # 12 steps run (8-19), some partial
+    assert stats.full_passes + stats.partial_passes == 12 and stats.partial_passes > 0  # 12 steps run (8-19)
     assert not torch.equal(partial, stock)
 
 
@@ -292,7 +292,7 @@ def test_batched_every_step_full_gives_stock_bit_for_bit(make_pipe, sampler):
     stock = generate_latents(pipe, steps=20)
     handle = apply_faster_diffusion(pipe, DeepReuseConfig(key_steps=KeySteps.every_step(), batched=True))
     full = generate_latents(pipe, steps=20)
-    assert handle.last_run.encoder_passes == 20 and handle.last_run.decoder_batches == 20
+    assert handle.last_run.full_passes == 20 and handle.last_run.unet_batches == 20
     handle.remove()
     assert torch.equal(full, stock)
 
@@ -322,8 +322,8 @@ def test_batched_equals_the_reference_and_one_step_at_a_time(make_pipe, sampler,
         results[cap] = generate_latents(pipe, steps=steps)
         stats = handle.last_run
         handle.remove()
-        assert stats.encoder_passes == len(full_steps) and stats.decoder_passes == steps
-        batches[cap] = stats.decoder_batches
+        assert (stats.full_passes, stats.partial_passes) == (len(full_steps), steps - len(full_steps))
+        batches[cap] = stats.unet_batches
         assert_equal_up_to_rounding(results[cap], expected)
     # Whole groups: one UNet call per full step; a cap of 1 runs every step on its own.
     assert batches[None] == len(full_steps) and batches[1] == steps

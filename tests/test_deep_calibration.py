@@ -129,7 +129,7 @@ def test_targets_are_canonical_and_bad_ones_are_refused_by_name(make_pipe):
         ("deep:x", "the branch after 'deep:' must be a whole number, got 'x'"),
         ("deep:99", "branch must be a whole number from 0 to 5 for this UNet"),
         ("encoder:1", "the encoder target takes no argument"),
-        ("decoder", "target must be one of ('encoder', 'deep', 'deep-batched')"),
+        ("decoder", "target must be one of ('deep', 'deep-batched', 'encoder')"),
         ("deep-batched:x", "the branch after 'deep-batched:' must be a whole number, got 'x'"),
         (3, "target must be a text such as 'encoder' or 'deep:0', got 3"),
     ]:

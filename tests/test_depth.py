@@ -117,7 +117,7 @@ def test_choose_depth_runs_on_the_model_s_own_calibrations(make_pipe):
     with apply_faster_diffusion(pipe, choice.config()) as handle:
         pipe("a red circle", num_inference_steps=STEPS, output_type="latent")
         assert handle.last_run.schedule.indices == choice.chosen.indices
-        assert handle.last_run.encoder_passes == choice.chosen.full_steps
+        assert handle.last_run.full_passes == choice.chosen.full_steps
 
 
 BAD_INPUT = [

@@ -121,7 +121,7 @@ def test_last_run_of_another_thread_is_readable(make_pipe):
     worker = threading.Thread(target=lambda: generate_latents(pipe, steps=50))
     worker.start()
     worker.join(120)
-    assert handle.last_run.encoder_passes == 9 and handle.last_run.steps == 50
+    assert handle.last_run.full_passes == 9 and handle.last_run.steps == 50
 
 
 # --- 2. Attention processors that split the batch (Perturbed-Attention Guidance) ----------------------------
@@ -145,13 +145,13 @@ def test_pag_in_the_decoder_is_decoded_one_step_at_a_time_with_a_warning_that_na
         UserWarning, match=r"PAGCFGIdentitySelfAttnProcessor2_0 on up_blocks.*one step at a time"
     ):
         fast = generate_latents(batched, steps=50, pag_scale=3.0)
-    assert (handle.last_run.encoder_passes, handle.last_run.decoder_batches) == (9, 50)
+    assert (handle.last_run.full_passes, handle.last_run.unet_batches) == (9, 50)
     sequential = float64(pag_pipeline(build_tiny_pipeline(0), ["up"]))
     apply_faster_diffusion(sequential, PAPER_ONE_STEP_AT_A_TIME)
     rounding_equal(fast, generate_latents(sequential, steps=50, pag_scale=3.0))
     # The pipeline's own processors are back after the run, and a run without PAG batches its decoder again.
     generate_latents(batched, steps=50, pag_scale=0.0)
-    assert handle.last_run.decoder_batches < 50
+    assert handle.last_run.unet_batches < 50
     # Every step a key step gives stock PAG's output.
     stock = generate_latents(pag_pipeline(build_tiny_pipeline(0), ["up"]), steps=50, pag_scale=3.0)
     same = pag_pipeline(build_tiny_pipeline(0), ["up"])
@@ -317,7 +317,7 @@ def test_a_lora_loaded_after_apply_matches_one_loaded_before(targets):
     expected = generate_latents(before, steps=50)
     rounding_equal(generate_latents(after, steps=50), expected)
     rounding_equal(generate_latents(sequential, steps=50), expected)
-    assert handle.last_run.encoder_passes == 9
+    assert handle.last_run.full_passes == 9
     handle.remove()  # and off again: stock with the LoRA
     stock = float64(build_tiny_pipeline(0))
     add_lora(stock, targets)

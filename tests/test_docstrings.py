@@ -7,10 +7,12 @@ import doctest
 import pytest
 
 import faster_diffusion
-from faster_diffusion import noise, propagation, schedule
+from faster_diffusion import deep, encoder, engine, noise, schedule
+
+MODULES = [faster_diffusion, schedule, noise, engine, encoder, deep]
 
 
-@pytest.mark.parametrize("module", [faster_diffusion, schedule, noise, propagation], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0

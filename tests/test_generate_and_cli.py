@@ -24,9 +24,9 @@ def test_accelerated_run_counts_and_stock_equivalent_matches_stock_pixels(sample
     fast = generate(pipe, request(sampler=sampler, num_outputs=2))
     assert len(fast.images) == 2 and fast.images[0].size == (16, 16)
     keys = KeySteps.paper().resolve(sampler.default_steps)
-    assert (fast.stats.encoder_passes, fast.stats.decoder_passes) == (
+    assert (fast.stats.full_passes, fast.stats.partial_passes) == (
         keys.num_key_steps,
-        sampler.default_steps,
+        sampler.default_steps - keys.num_key_steps,
     )
     assert fast.loop_seconds > 0 and fast.seconds >= fast.loop_seconds
 
@@ -54,7 +54,7 @@ def test_generate_leaves_the_pipeline_stock_even_when_a_step_raises():
         not hasattr(pipe.unet, "_diffusers_hook")
         or pipe.unet._diffusers_hook.get_hook("faster_diffusion") is None
     )
-    assert generate(pipe, request()).stats.encoder_passes == 9
+    assert generate(pipe, request()).stats.full_passes == 9
 
 
 @pytest.mark.parametrize(
@@ -136,7 +136,7 @@ def test_cli_compare_on_a_weights_folder(tmp_path, capsys):
     assert "Key steps: paper: 7 of 20 steps are key steps [0, 1, 2, 3, 5, 10, 15]" in out
     # The automatic cap keeps the three 5-step groups whole: the 1.5x peak-memory aim counts every module the
     # pipeline holds on the device (UNet, text encoder, VAE, safety checker), which leaves room for them.
-    assert "7 encoder / 20 decoder passes in 7 decoder batches" in out
+    assert "7 full / 13 partial UNet passes in 7 UNet batches" in out
     assert "Speedup: " in out and "PSNR" in out
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert files == ["faster-0.png", "faster-1.png", "stock-0.png", "stock-1.png"]

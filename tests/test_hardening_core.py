@@ -132,7 +132,7 @@ def test_cfg_cutoff_inside_a_group_matches_the_reference_and_one_step_at_a_time(
     assert fast.shape == (1, 4, 8, 8)  # one latent per prompt, not one per guidance row
     close(fast, reference)
     close(generate_latents(sequential, steps=50, callback_on_step_end=cutoff(step)), reference)
-    assert handle.last_run.encoder_passes == 9
+    assert handle.last_run.full_passes == 9
 
 
 def test_cfg_cutoff_keeping_the_conditional_half_of_several_images(make_pipe):
@@ -254,7 +254,7 @@ def test_image_to_image_over_the_whole_schedule_is_exact(make_pipe, sampler):
     apply_faster_diffusion(sequential, PAPER_ONE_STEP_AT_A_TIME)
     fast = image_to_image(batched, strength=1.0, steps=20)
     close(fast, image_to_image(sequential, strength=1.0, steps=20))
-    assert (handle.last_run.encoder_passes, handle.last_run.decoder_passes) == (7, 20)
+    assert (handle.last_run.full_passes, handle.last_run.partial_passes) == (7, 13)
 
 
 # --- 5. State is dropped when the pipeline call ends, however it ends ------------------------------------

@@ -117,8 +117,11 @@ def test_supported_scheduler_parallel_equals_sequential_and_costs_key_steps(name
     assert_equal_up_to_rounding(parallel, generate_latents(sequential_pipe, steps=steps))
     schedule = keys.resolve(steps)
     assert handle.last_run.schedule == schedule
-    assert counter.encoder_calls == schedule.num_key_steps == handle.last_run.encoder_passes
-    assert sum(counter.decoder_rows) == 2 * steps and handle.last_run.decoder_passes == steps
+    assert counter.encoder_calls == schedule.num_key_steps == handle.last_run.full_passes
+    assert (
+        sum(counter.decoder_rows) == 2 * steps
+        and handle.last_run.full_passes + handle.last_run.partial_passes == steps
+    )
     assert handle.last_run.steps == steps
 
 
@@ -214,10 +217,10 @@ def test_model_cpu_offload_in_either_order_keeps_propagation_and_removal_keeps_o
         counter = CallCounter(pipe.unet)
         calls = count_offload_hook_calls(pipe.unet)
         assert torch.equal(generate_latents(pipe, steps=50), expected)
-        assert counter.encoder_calls == 9 == handle.last_run.encoder_passes
+        assert counter.encoder_calls == 9 == handle.last_run.full_passes
         # The offload hook hands the UNet fresh copies of its inputs at every call; the cached decoder batch
         # must still be recognised as this call's, not decoded again.
-        assert handle.last_run.decoder_passes == 50
+        assert sum(counter.decoder_rows) == 2 * 50 and handle.last_run.partial_passes == 41
         assert calls[0] == 50  # every UNet call of the loop still goes through the offload hook
 
     handle.remove()
@@ -246,7 +249,7 @@ def test_cfg_cutoff_with_model_cpu_offload_equals_the_result_without_offload(mak
     enable_offload(pipe)
     handle = apply_faster_diffusion(pipe, PAPER)
     assert torch.equal(generate_latents(pipe, steps=50, callback_on_step_end=cutoff()), expected)
-    assert handle.last_run.encoder_passes == 9
+    assert handle.last_run.full_passes == 9
 
 
 # --- torch.compile ------------------------------------------------------------------------------------------
@@ -275,6 +278,6 @@ def test_compiled_unet_gives_the_same_latents_within_the_recompile_limit(make_pi
         torch._dynamo.reset()
     assert_equal_up_to_rounding(first, expected)
     assert torch.equal(second, first)
-    assert handle.last_run.encoder_passes == 5 and handle.last_run.decoder_passes == 10
+    assert (handle.last_run.full_passes, handle.last_run.partial_passes) == (5, 5)
     assert graphs > 0  # the UNet really ran compiled
     assert counters["stats"]["unique_graphs"] - graphs <= 1  # the second run reuses the first run's graphs

@@ -29,7 +29,7 @@ from faster_diffusion import (
     use_sampler,
 )
 from faster_diffusion.calibration import find_calibration, optimal_key_steps
-from faster_diffusion.propagation import RunStats
+from faster_diffusion.engine import RunStats
 from fixtures.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
 
 from .conftest import PAPER, PAPER_ONE_STEP_AT_A_TIME, STOCK_EQUIVALENT, generate_latents
@@ -92,7 +92,7 @@ def test_all_key_steps_equal_stock_image_to_image(family, sampler):
     handle = apply_faster_diffusion(pipe, STOCK_EQUIVALENT)
     assert torch.equal(run(pipe), stock)
     assert handle.last_run.schedule.indices == tuple(range(FIRST_STEP, STEPS))
-    assert (handle.last_run.encoder_passes, handle.last_run.decoder_passes) == (12, 12)
+    assert (handle.last_run.full_passes, handle.last_run.partial_passes) == (12, 0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -110,7 +110,7 @@ def test_image_to_image_parallel_equals_sequential_on_the_cut_key_steps(family, 
         "paper: 3 of the 12 steps that run (8 to 19 of 20) are key steps [8, 10, 15]"
     )
     # One encoder pass per key step; one decoder batch per group: [8, 10), [10, 15), [15, 20).
-    assert (stats.encoder_passes, stats.decoder_passes, stats.decoder_batches, stats.steps) == (3, 12, 3, 12)
+    assert (stats.full_passes, stats.partial_passes, stats.unet_batches, stats.steps) == (3, 9, 3, 12)
     # Injection at the steps that ran whose timestep is below 500 (the paper's tau).
     ran = pipe.scheduler.timesteps[FIRST_STEP:]
     assert stats.injected_steps == int((ran < 500).sum()) > 0
@@ -224,7 +224,7 @@ def test_a_loop_that_passes_timesteps_as_numbers_finds_its_first_step(sampler):
             uncond, cond = noise.chunk(2)
             latents = pipe.scheduler.step(uncond + 7.5 * (cond - uncond), t, latents).prev_sample
     assert handle.last_run.schedule.indices == CUT_PAPER_KEY_STEPS
-    assert (handle.last_run.encoder_passes, handle.last_run.steps) == (3, 12)
+    assert (handle.last_run.full_passes, handle.last_run.steps) == (3, 12)
     assert not handle._state.active
 
 
@@ -264,7 +264,7 @@ def test_sdxl_denoising_end_cuts_the_key_steps_to_the_steps_that_run(sampler):
     assert 0 < ran < STEPS
     assert (stats.schedule.start, stats.schedule.stop) == (0, ran)
     assert stats.schedule.indices == tuple(i for i in KeySteps.paper().resolve(STEPS).indices if i < ran)
-    assert stats.decoder_passes == ran
+    assert stats.full_passes + stats.partial_passes == stats.steps == ran
     assert not handle._state.active and tensors_held(handle) == []
 
 
@@ -299,8 +299,8 @@ def test_every_supported_scheduler_runs_image_to_image_exactly_and_in_parallel(n
     parallel, handle = img2img(FasterDiffusionConfig(key_steps=keys), F64)
     close(parallel, sequential)
     assert handle.last_run.schedule == keys.resolve(steps).cut(steps - ran)
-    assert handle.last_run.encoder_passes == handle.last_run.schedule.num_key_steps
-    assert handle.last_run.decoder_passes == ran
+    assert handle.last_run.full_passes == handle.last_run.schedule.num_key_steps
+    assert handle.last_run.full_passes + handle.last_run.partial_passes == ran
 
 
 def test_an_unsupported_scheduler_is_refused_for_image_to_image_too():
@@ -336,7 +336,7 @@ def test_auto_places_its_budget_over_the_steps_that_run(sampler):
     handle = apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=KeySteps.auto(budget)))
     close(run(pipe), run(sequential_pipe))
     schedule = handle.last_run.schedule
-    assert schedule.indices == expected and handle.last_run.encoder_passes == budget
+    assert schedule.indices == expected and handle.last_run.full_passes == budget
     assert schedule.describe().startswith(f"auto:{budget}, calibrated")
     assert "5 of the 12 steps that run (8 to 19 of 20)" in schedule.describe()
     # The explicit list the command line and Cog echo before the run cuts to the same key steps.
@@ -393,8 +393,8 @@ def check_exact_and_parallel(make, call: dict, *, steps: int) -> RunStats:
     close(fast, run(sequential, steps=steps, **call))
     assert not torch.equal(fast, stock.double())
     stats = handle.last_run
-    assert stats.decoder_passes == stats.steps == stats.schedule.num_steps_run
-    assert stats.encoder_passes == stats.schedule.num_key_steps
+    assert stats.full_passes + stats.partial_passes == stats.steps == stats.schedule.num_steps_run
+    assert stats.full_passes == stats.schedule.num_key_steps
     assert not handle._state.active and tensors_held(handle) == []
     return stats
 
@@ -432,7 +432,7 @@ def test_a_strength_that_runs_one_or_two_steps_is_exact(family, sampler, strengt
     )
     ran = int(STEPS * strength)
     assert stats.schedule.indices == (STEPS - ran,)
-    assert (stats.encoder_passes, stats.decoder_passes, stats.decoder_batches) == (1, ran, 1)
+    assert (stats.full_passes, stats.partial_passes, stats.unet_batches) == (1, ran - 1, 1)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

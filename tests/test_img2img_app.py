@@ -322,7 +322,7 @@ def test_faster_with_every_step_a_key_step_gives_the_stock_pixels(family, streng
     faster = generate(pipe, request)
 
     assert same(faster.images, stock.images) and faster.images[0].size == (72, 64)
-    assert (faster.stats.encoder_passes, faster.stats.decoder_passes) == (steps_run, steps_run)
+    assert (faster.stats.full_passes, faster.stats.partial_passes) == (steps_run, 0)
     assert faster.loop_seconds > 0
     assert (
         not hasattr(pipe.unet, "_diffusers_hook")
@@ -441,7 +441,7 @@ def test_cli_image_to_image_says_what_ran(tmp_path, capsys):
     assert "Sampler: DDIM-50, 4 steps, 64x72, seed 0" in out
     assert f"Input image: {image}\n" in out
     assert "Image-to-image: strength 1, 4 of 4 steps run, output 64x72 (the input image's size)" in out
-    assert "4 encoder / 4 decoder passes" in out and "PSNR inf dB" in out
+    assert "4 full / 0 partial UNet passes" in out and "PSNR inf dB" in out
     assert Image.open(tmp_path / "out" / "faster-0.png").size == (64, 72)
 
 
@@ -457,7 +457,7 @@ def test_faster_image_to_image_skips_the_encoder_at_the_steps_that_run(family):
     stock = generate(pipe, request, accelerate=False)
 
     # Key steps 0, 2, 4, 6, 8 of 10; steps 4 to 9 run: 4, 6 and 8 are key steps.
-    assert (faster.stats.encoder_passes, faster.stats.decoder_passes) == (3, 6)
+    assert (faster.stats.full_passes, faster.stats.partial_passes) == (3, 3)
     # The schedule the request echoes before the run is the one the run used.
     assert request.schedule == faster.stats.schedule
     assert (
@@ -491,7 +491,7 @@ def test_cli_image_to_image_below_strength_1_compares_with_stock(tmp_path, capsy
     assert main([*argv, "--compare"]) == 0
     out = capsys.readouterr().out
     assert "Image-to-image: strength 0.375, 3 of 8 steps run, output 64x64 (the input image's size)" in out
-    assert "3 encoder / 3 decoder passes" in out and "PSNR inf dB" in out
+    assert "3 full / 0 partial UNet passes" in out and "PSNR inf dB" in out
 
 
 def test_run_with_a_prompt_strength_that_runs_no_step_fails_naming_prompt_strength(tmp_path):

@@ -68,7 +68,7 @@ def test_faster_inpainting_with_every_step_full_gives_the_stock_pixels(family, m
     faster = generate(pipe, request)
 
     assert same(faster.images, stock.images)
-    assert faster.stats.encoder_passes == steps_run
+    assert faster.stats.full_passes == steps_run
 
 
 @pytest.mark.parametrize("family", list(BUILDERS))
@@ -77,10 +77,10 @@ def test_faster_inpainting_places_the_key_steps_on_the_steps_that_run(family):
     request = inpaint(strength=0.6, faster=faster_config("uniform:2"))
     faster = generate(pipe, request)
     # Key steps 0, 2, 4, 6, 8 of 10; steps 4 to 9 run: 4, 6 and 8 are key steps.
-    assert (faster.stats.encoder_passes, faster.stats.decoder_passes) == (3, 6)
+    assert (faster.stats.full_passes, faster.stats.partial_passes) == (3, 3)
     assert request.schedule == faster.stats.schedule
     deep = generate(pipe, inpaint(strength=0.6, faster=faster_config("uniform:2", mode="deep")))
-    assert deep.stats.encoder_passes == 3
+    assert deep.stats.full_passes == 3
 
 
 def test_a_mask_is_taken_as_greyscale_of_the_image_size_and_a_bilevel_mask_too():

@@ -193,7 +193,7 @@ def test_faster_diffusion_runs_on_the_lora_d_model(loras):
         )
         stock = generate(pipe, request, accelerate=False, output_type="latent").images[0]
         faster = generate(pipe, request, output_type="latent")
-        assert faster.stats.encoder_passes == 6
+        assert faster.stats.full_passes == 6
         assert_equal_up_to_rounding(faster.images[0], stock)
 
 

@@ -185,8 +185,8 @@ def test_default_config_splits_large_groups_on_the_cpu_and_matches_one_step_at_a
     latents = generate_latents(batched, steps=50)
     assert_equal_up_to_rounding(latents, generate_latents(sequential, steps=50))
     # Paper groups 1, 1, 1, 2, 5, 5, 10, 10, 15 steps; at most 5 steps a batch on the CPU: 1+1+1+1+1+1+2+2+3.
-    assert handle.last_run.decoder_batches == 13
-    assert handle.last_run.decoder_passes == 50
+    assert handle.last_run.unet_batches == 13
+    assert handle.last_run.full_passes + handle.last_run.partial_passes == 50
 
 
 def test_decoder_cross_attention_projects_the_text_once_per_batch(make_pipe):
@@ -206,7 +206,7 @@ def test_decoder_cross_attention_projects_the_text_once_per_batch(make_pipe):
         pipe, FasterDiffusionConfig(key_steps=KeySteps.paper(), max_decoder_batch=5)
     )
     generate_latents(pipe, steps=50)
-    assert handle.last_run.decoder_batches == 13 < 50  # batches of up to 5 steps ran
+    assert handle.last_run.unet_batches == 13 < 50  # batches of up to 5 steps ran
     assert set(projected_rows) == {2}  # the CFG rows of one step, never 2 x 5
     assert len(projected_rows) == 2 * 13
 
@@ -247,13 +247,13 @@ def test_free_memory_is_read_once_per_run(make_pipe, monkeypatch):
         reads.append(device)
         return read(device)
 
-    import faster_diffusion.propagation as propagation
+    import faster_diffusion.engine as engine
 
     monkeypatch.setattr(memory, "available_memory_bytes", counting)
-    monkeypatch.setattr(propagation, "available_memory_bytes", counting, raising=False)
+    monkeypatch.setattr(engine, "available_memory_bytes", counting)
     pipe = make_pipe("DDIM-50")
     handle = apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=KeySteps.paper()))
     for run in range(1, 3):
         generate_latents(pipe, steps=50)
-        assert handle.last_run.decoder_batches == 13
+        assert handle.last_run.unet_batches == 13
         assert len(reads) == run

@@ -45,7 +45,7 @@ def test_all_key_steps_equal_stock_pipeline(make_pipe, sampler):
     handle = apply_faster_diffusion(pipe, STOCK_EQUIVALENT)
     ours = generate_latents(pipe, steps=steps)
     assert torch.equal(ours, stock)
-    assert handle.last_run.encoder_passes == steps
+    assert handle.last_run.full_passes == steps
 
 
 @pytest.mark.parametrize(
@@ -97,7 +97,7 @@ def test_parallel_equals_sequential(make_pipe, sampler, cap):
     # The decoder really ran in batches: one per group, or more when the cap splits groups.
     groups = handle.last_run.schedule.groups
     expected_batches = sum(-(-(stop - start) // (cap or steps)) for start, stop in groups)
-    assert handle.last_run.decoder_batches == expected_batches < steps
+    assert handle.last_run.unet_batches == expected_batches < steps
 
 
 class CallCounter:
@@ -147,7 +147,10 @@ def test_encoder_runs_once_per_key_step_and_decoder_once_per_step(
     assert counter.encoder_calls == num_key_steps
     assert set(counter.encoder_rows) == {rows_per_step}
     assert sum(counter.decoder_rows) == steps * rows_per_step
-    assert (handle.last_run.encoder_passes, handle.last_run.decoder_passes) == (num_key_steps, steps)
+    assert (handle.last_run.full_passes, handle.last_run.partial_passes) == (
+        num_key_steps,
+        steps - num_key_steps,
+    )
     if config.parallel:
         assert max(counter.decoder_rows) > rows_per_step
 
@@ -272,7 +275,7 @@ def test_a_run_that_raises_midway_leaves_the_pipeline_usable(make_pipe):
     with pytest.raises(KeyboardInterrupt):
         generate_latents(pipe, steps=50, callback_on_step_end=explode)
     assert torch.equal(generate_latents(pipe, steps=50), expected)
-    assert handle.last_run.encoder_passes == 9
+    assert handle.last_run.full_passes == 9
     # Another step count in between is fine too: state belongs to one run.
     generate_latents(pipe, steps=12)
     assert handle.last_run.schedule.indices == (0, 1, 2, 3, 5, 10)
@@ -301,7 +304,7 @@ def test_key_step_list_out_of_range_fails_the_call_clearly_then_recovers(make_pi
         generate_latents(pipe, steps=20)
     out = generate_latents(pipe, steps=40)
     assert out.shape == (1, 4, 8, 8)
-    assert get_faster_diffusion(pipe).last_run.encoder_passes == 3
+    assert get_faster_diffusion(pipe).last_run.full_passes == 3
 
 
 @pytest.mark.parametrize(

@@ -79,22 +79,23 @@ def test_parallel_equals_sequential_on_sdxl_and_the_encoder_runs_once_per_key_st
     parallel, stats = latents(whole, sampler, steps, counter, dtype=torch.float64)
     assert_equal_up_to_rounding(parallel, sequential)
     keys = len(KeySteps.paper().resolve(steps).indices)
-    assert (stats.encoder_passes, stats.decoder_passes) == (keys, steps)
+    assert (stats.full_passes, stats.partial_passes) == (keys, steps - keys)
     # 2 prompts with guidance: 4 rows a step.
     assert (counter["encoder"], counter["decoder_rows"]) == (keys, 4 * steps)
-    assert stats.decoder_batches < steps
+    assert stats.unet_batches < steps
 
 
 def test_other_added_conditioning_is_still_refused():
     image_embeds = {"image_embeds": [torch.zeros(1, 4)]}
     pipe = build_tiny_sdxl_pipeline()
-    with pytest.raises(UnsupportedModelError, match=r"added_cond_kwargs \['image_embeds'\].*IP-Adapter"):
-        check_supported_call(pipe.unet, {"added_cond_kwargs": image_embeds})
+    refused = r"added_cond_kwargs \['image_embeds'\] are not supported with deep reuse .*IP-Adapter"
+    with pytest.raises(UnsupportedModelError, match=refused):
+        check_supported_call(pipe.unet, {"added_cond_kwargs": image_embeds}, "deep reuse")
     from diffusers import UNet2DConditionModel
 
     image_unet = UNet2DConditionModel(**{**TINY_SDXL_UNET_CONFIG, "addition_embed_type": "text"})
     with pytest.raises(UnsupportedModelError, match="addition_embed_type='text'"):
-        check_supported_unet(image_unet)
+        check_supported_unet(image_unet, "deep reuse")
 
 
 def test_key_steps_can_be_calibrated_on_sdxl():
@@ -153,7 +154,7 @@ def test_the_generation_layer_runs_an_sdxl_pipeline():
     faster = generate(pipe, request)
     stock = generate(pipe, request, accelerate=False)
     assert faster.nsfw == stock.nsfw == [False]
-    assert (faster.stats.encoder_passes, faster.stats.decoder_passes) == (7, 20)
+    assert (faster.stats.full_passes, faster.stats.partial_passes) == (7, 13)
     assert faster.images[0].size == stock.images[0].size == (16, 16)
 
 
@@ -191,7 +192,7 @@ def test_denoising_end_with_two_images_per_prompt(sampler, steps):
     assert_equal_up_to_rounding(parallel, sequential)
     assert parallel.shape == (2, 4, 8, 8)
     ran = stats.steps
-    assert 0 < ran < steps and stats.decoder_passes == ran
+    assert 0 < ran < steps and stats.full_passes + stats.partial_passes == ran
     assert stats.schedule.indices == tuple(i for i in KeySteps.paper().resolve(steps).indices if i < ran)
 
 

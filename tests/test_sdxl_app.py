@@ -394,7 +394,7 @@ def test_sdxl_default_key_steps_are_calibrated(sdxl_weights, tmp_path):
     outcome = model.generate(request)
 
     assert (folder / "faster_diffusion_calibration.json").is_file()
-    assert outcome.faster.stats.encoder_passes == 3
+    assert outcome.faster.stats.full_passes == 3
 
 
 # ------------------------------------------------------------------------------------------------ download

@@ -342,7 +342,7 @@ def test_an_exception_raised_into_the_waiting_thread_stops_the_run_at_the_next_s
     assert raised == [True]
     assert steps == [0, 1, 2]
     assert isinstance(ended[0], StoppedBetweenSteps) and ended[0].steps_done == 3
-    assert generate(pipe, request).stats.encoder_passes == 9  # the pipeline is whole again
+    assert generate(pipe, request).stats.full_passes == 9  # the pipeline is whole again
 
 
 def interrupt_thread_start(monkeypatch, *, start_first: bool, wait_for: threading.Event | None = None):
@@ -652,5 +652,5 @@ def test_a_request_looks_its_calibration_up_once_and_attaches_once(tmp_path, mon
     request = tiny_request(faster=DeepReuseConfig(key_steps=KeySteps.auto(13)))
     outcome = model.generate(request, safety_checker=False, compare=True)
     assert calls == {"find": 1, "apply": 1, "use_sampler": 3}
-    assert outcome.faster.stats.encoder_passes == 13
+    assert outcome.faster.stats.full_passes == 13
     assert "Calibrating" not in capsys.readouterr().out

@@ -67,10 +67,57 @@ def test_the_package_has_no_import_cycle():
     assert cycles == []
 
 
-def test_propagation_does_not_import_calibration():
+#: The reuse modes' modules, each a peer of the other.
+MODE_MODULES = {"faster_diffusion.encoder", "faster_diffusion.deep"}
+
+
+def test_the_engine_imports_no_mode_and_not_calibration():
+    """The engine runs whichever mode's config it is handed: it imports none of them, nor calibration (the
+    resolver of ``auto`` key steps is handed in)."""
     graph = package_imports()
-    assert "faster_diffusion.calibration" not in graph["faster_diffusion.propagation"]
-    assert "faster_diffusion.calibration" not in graph["faster_diffusion.measure"]
+    assert graph["faster_diffusion.engine"] & (MODE_MODULES | {"faster_diffusion.calibration"}) == set()
+
+
+def test_measure_imports_no_mode_and_not_calibration():
+    """Each mode registers its own calibration target; measuring knows none of them by name."""
+    graph = package_imports()
+    assert graph["faster_diffusion.measure"] & (MODE_MODULES | {"faster_diffusion.calibration"}) == set()
+    assert not hasattr(faster_diffusion.measure, "encoder_modules")
+
+
+def test_each_mode_module_holds_its_config_and_its_choice_of_modules():
+    from faster_diffusion import deep, encoder, measure
+
+    for module, config, choice, target in [
+        (encoder, encoder.FasterDiffusionConfig, encoder.encoder_modules, "encoder"),
+        (deep, deep.DeepReuseConfig, deep.deep_modules, "deep"),
+    ]:
+        assert config.__module__ == choice.__module__ == module.__name__
+        assert isinstance(config.mode_name, str) and config.mode_name
+        assert measure.canonical_target(target).startswith(target)  # registered when the package is imported
+    assert measure._TARGETS["encoder"][0] is encoder.encoder_modules
+    assert {encoder.FasterDiffusionConfig.mode_name, deep.DeepReuseConfig.mode_name} == {
+        "encoder propagation",
+        "deep reuse",
+    }
+
+
+def test_nothing_in_the_package_imports_the_deprecated_propagation_module():
+    graph = package_imports()
+    assert [name for name, targets in graph.items() if "faster_diffusion.propagation" in targets] == []
+
+
+def test_propagation_names_still_import_with_a_deprecation_warning():
+    from faster_diffusion import encoder, engine
+
+    with pytest.warns(DeprecationWarning, match="FasterDiffusionConfig from faster_diffusion.encoder"):
+        from faster_diffusion.propagation import FasterDiffusionConfig
+    assert FasterDiffusionConfig is encoder.FasterDiffusionConfig
+    with pytest.warns(DeprecationWarning, match="attach_reuse from faster_diffusion.engine"):
+        from faster_diffusion.propagation import attach_reuse
+    assert attach_reuse is engine.attach_reuse
+    with pytest.raises(ImportError):
+        from faster_diffusion.propagation import no_such_name  # noqa: F401
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from typing import Any
 from ..calibration import find_calibration, get_calibration
 from ..deep import DeepReuseConfig, branch_count
 from ..depth import DEPTH_CRITERION, choose_depth, full_steps_within, measure_step_costs, run_cost
-from ..propagation import remove_faster_diffusion
+from ..engine import remove_faster_diffusion
 from ..samplers import use_sampler
 from .generate import GenerationRequest, calibration_options
 from .lora import loaded_lora

@@ -18,12 +18,13 @@ from typing import Any
 import torch
 
 from ..deep import DeepReuseConfig, deep_modules
+from ..encoder import FasterDiffusionConfig
+from ..engine import RunStats, remove_faster_diffusion
 from ..families import family_of
 from ..memory import AUTO
 from ..modes import MODES, apply_faster_diffusion
 from ..noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, NoiseInjection
 from ..policy import parse_key_steps
-from ..propagation import FasterDiffusionConfig, RunStats, remove_faster_diffusion
 from ..samplers import Sampler, make_scheduler, use_sampler
 from ..schedule import CalibrationError, KeyStepKind, KeySteps, KeyStepSchedule
 from .images import MAX_PIXELS, MAX_SIDE, prepare_image, prepare_mask
@@ -352,7 +353,7 @@ class GenerationResult:
     images: list[Any]
     nsfw: list[bool]
     accelerated: bool
-    #: Encoder/decoder pass counts (accelerated runs only).
+    #: Full and partial pass counts (accelerated runs only).
     stats: RunStats | None
     #: Wall time of the whole pipeline call.
     seconds: float
@@ -365,16 +366,13 @@ class GenerationResult:
         """One line for logs: the times and, for an accelerated run, the pass counts."""
         if self.stats is None:
             return f"Stock diffusers: {self.seconds:.2f} s ({self.loop_seconds:.2f} s denoising)"
-        if self.mode == "deep":
-            full, steps = self.stats.encoder_passes, self.stats.decoder_passes
-            return (
-                f"Faster diffusion (deep reuse): {self.seconds:.2f} s ({self.loop_seconds:.2f} s denoising), "
-                f"{full} full / {steps - full} partial UNet passes"
-            )
+        stats = self.stats
+        mode = DeepReuseConfig.mode_name if self.mode == "deep" else FasterDiffusionConfig.mode_name
+        served = stats.full_passes + stats.partial_passes
+        batches = f" in {stats.unet_batches} UNet batches" if stats.unet_batches < served else ""
         return (
-            f"Faster diffusion: {self.seconds:.2f} s ({self.loop_seconds:.2f} s denoising), "
-            f"{self.stats.encoder_passes} encoder / {self.stats.decoder_passes} decoder passes in "
-            f"{self.stats.decoder_batches} decoder batches"
+            f"Faster diffusion ({mode}): {self.seconds:.2f} s ({self.loop_seconds:.2f} s denoising), "
+            f"{stats.full_passes} full / {stats.partial_passes} partial UNet passes{batches}"
         )
 
 

@@ -181,8 +181,9 @@ class Outcome:
         """Pass counts and UNet-loop seconds of the faster run (and of the baseline, with the speedup)."""
         stats = self.faster.stats
         metrics: dict[str, int | float] = {
-            "encoder_passes": stats.encoder_passes,
-            "decoder_passes": stats.decoder_passes,
+            # The metric names Cog users read (docs/cog.md): full passes, and every step served.
+            "encoder_passes": stats.full_passes,
+            "decoder_passes": stats.full_passes + stats.partial_passes,
             "unet_seconds": self.faster.loop_seconds,
         }
         if self.stock is not None:
