@@ -73,7 +73,7 @@ from faster_diffusion import (  # noqa: E402
 )
 from faster_diffusion.deep import branch_count, deep_modules  # noqa: E402
 from faster_diffusion.depth import full_steps_within, run_cost  # noqa: E402
-from faster_diffusion.measure import encoder_modules  # noqa: E402
+from faster_diffusion.encoder import encoder_modules  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 COSTS = RESULTS / "deep-variants-costs.json"

@@ -251,9 +251,9 @@ def exactness_checks(device: torch.device, dtypes: Sequence[torch.dtype], size: 
                     sampler,
                     dtype,
                     counted == (keys, steps)
-                    and (stats.encoder_passes, stats.decoder_passes) == (keys, steps),
+                    and (stats.full_passes, stats.full_passes + stats.partial_passes) == (keys, steps),
                     f"encoder ran {counter.encoder_calls} times (|K| = {keys}), decoder {counted[1]} steps "
-                    f"(N = {steps}) in {stats.decoder_batches} batches",
+                    f"(N = {steps}) in {stats.unet_batches} batches",
                 )
             )
     return checks

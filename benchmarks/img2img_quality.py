@@ -140,7 +140,8 @@ def generate_img2img(
         described = f"all {steps_run} steps that run ({steps - steps_run} to {steps - 1} of {steps})"
     else:
         stats = handle.last_run
-        encoder, decoder, described = stats.encoder_passes, stats.decoder_passes, stats.schedule.describe()
+        encoder, decoder = stats.full_passes, stats.full_passes + stats.partial_passes
+        described = stats.schedule.describe()
     return Img2ImgRun(images, seconds, encoder, decoder, described)
 
 

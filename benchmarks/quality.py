@@ -68,7 +68,7 @@ REAL_FLOOR_SEED = 60_000  # jitter seeds of the second real set (the floor of bo
 #: KID is reported times this: the classifier's features have norms of about 70-390 in 64-d, so x . y / 64 is
 #: in the hundreds and the cubic kernel's values are in the millions (Inception features give KIDs near 0.01).
 KID_SCALE = 1e-6
-#: Paper's numbers (SD v1.5, DDIM-50 / DPM-Solver-20, 10K MS-COCO prompts), for the README table.
+#: Paper's numbers (SD v1.5, DDIM-50 / DPM-Solver-20, 10K MS-COCO prompts), quoted in the report beside ours.
 PAPER = {
     Sampler.DDIM: {"fid": (21.75, 21.08), "clip": (0.773, 0.783), "fid_no_noise": 21.71},
     Sampler.DPM_SOLVER: {"fid": (21.36, 21.25), "clip": (0.780, 0.779)},

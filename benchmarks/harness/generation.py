@@ -86,4 +86,5 @@ def generate(pipe, sampler: Sampler, how, prompts, seeds, guidance: float, batch
     if handle is None:
         return RunResult(images, seconds, steps, steps, tuple(range(steps)))
     stats = handle.last_run
-    return RunResult(images, seconds, stats.encoder_passes, stats.decoder_passes, stats.schedule.indices)
+    steps = stats.full_passes + stats.partial_passes
+    return RunResult(images, seconds, stats.full_passes, steps, stats.schedule.indices)

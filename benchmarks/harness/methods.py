@@ -17,7 +17,7 @@ speed protocol (``benchmarks/speed.py``) attach methods through :func:`attach`, 
         timed_kinds=("deepcache",),  # speed.py --extra-modes deepcache:I
     )
 
-A handle's ``last_run`` (``encoder_passes``, ``decoder_passes``, ``decoder_batches``, ``schedule.indices``),
+A handle's ``last_run`` (``full_passes``, ``partial_passes``, ``unet_batches``, ``schedule.indices``),
 where it has one, is what the speed report counts; a peer that keeps no counts sets it from its rule.
 """
 
@@ -249,9 +249,9 @@ def _deepcache(pipe, context: Context, interval: str):
     # DeepCache keeps no counts: its full steps are every I-th (its "uniform" skip mode).
     full = tuple(range(0, context.steps, every))
     handle.last_run = types.SimpleNamespace(
-        encoder_passes=len(full),
-        decoder_passes=context.steps,
-        decoder_batches=context.steps,
+        full_passes=len(full),
+        partial_passes=context.steps - len(full),
+        unet_batches=context.steps,
         schedule=types.SimpleNamespace(indices=full),
     )
     return handle

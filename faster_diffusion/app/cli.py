@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"key steps (with --mode deep, the full steps): {ACCEPTED_FORMS}; default: --mode deep: "
         "auto:13 (DDIM, 50 steps), auto:6@feature (DPM-Solver, 20 steps) or uniform:3 (DPM-Solver++); "
         "--mode encoder: 'paper' for SD v1.5 base "
-        "weights, otherwise 'auto' (DDIM) or 'auto:9' (DPM-Solver, 20 steps); see the README",
+        "weights, otherwise 'auto' (DDIM) or 'auto:9' (DPM-Solver, 20 steps); see docs/usage.md, Key steps",
     )
     parser.add_argument(
         "--mode",
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help=(
             "cap on the steps decoded in one batch (0: automatic, whole groups where they fit a memory "
-            "budget; see README, Memory)"
+            "budget; see docs/usage.md, Memory)"
         ),
     )
     parser.add_argument(

@@ -181,7 +181,9 @@ class Outcome:
         """Pass counts and UNet-loop seconds of the faster run (and of the baseline, with the speedup)."""
         stats = self.faster.stats
         metrics: dict[str, int | float] = {
-            # The metric names Cog users read (docs/cog.md): full passes, and every step served.
+            "full_passes": stats.full_passes,
+            "partial_passes": stats.partial_passes,
+            # The former names, kept for clients that read them (docs/cog.md): full passes, and every step.
             "encoder_passes": stats.full_passes,
             "decoder_passes": stats.full_passes + stats.partial_passes,
             "unet_seconds": self.faster.loop_seconds,
