@@ -184,12 +184,11 @@ def optimal_key_steps(cost: np.ndarray, budget: int) -> tuple[int, ...]:
     cost = np.asarray(cost, dtype=np.float64)
     if cost.ndim != 2 or cost.shape[0] != cost.shape[1] or len(cost) < 1:
         raise ValueError(f"cost must be a square N x N matrix, got shape {cost.shape}")
-    problem = _not_finite(cost)
-    if problem is not None:  # a NaN would win every comparison and place step 0 again and again
-        raise ValueError(f"cost must be finite; it has {problem}")
+    # A NaN would win every comparison, and a sum that overflows would tie every placement: either places step
+    # 0 again and again.
     problem = _unusable(cost)
-    if problem is not None:  # an overflowing sum ties every placement, which places step 0 again and again
-        raise ValueError(f"cost cannot be placed by; it has {problem}")
+    if problem is not None:
+        raise ValueError(f"cost must be finite numbers >= 0 whose sum is finite; it has {problem}")
     n = len(cost)
     if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= n:
         raise CalibrationError(f"key_steps: the budget must be a whole number from 1 to {n}, got {budget!r}")

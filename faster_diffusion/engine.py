@@ -733,8 +733,14 @@ class _Copier:
     the original's hooks, on the original's weights (the registry's rewritten ``forward`` is a closure over
     the original's hook chain), the scheduler's and the pipeline's taps are closures over the original's run
     state, and that state is per thread. A copy of the stock object is. A pipeline's copy then gets a handle
-    of its own, with the same config (``reattach``); a module or scheduler copied alone stays stock: it has
-    no pipeline to run in.
+    of its own, with the same config (``reattach``); pipelines copied in one ``deepcopy`` that share the
+    copied UNet share that handle, as the originals share theirs. A module or scheduler copied alone stays
+    stock: it has no pipeline to run in.
+
+    ``copy.copy`` of a changed object carries this attribute along in the instance's ``__dict__``. Called for
+    any object but its own target, the copier copies that object stock (without itself and without the
+    progress-bar tap it may carry), and touches no handle: a deep copy of a shallow copy is a stock copy of
+    it, and a removed handle stays removed.
     """
 
     def __init__(self, handle: FasterDiffusion, target: Any, reattach: bool) -> None:
@@ -744,14 +750,46 @@ class _Copier:
 
     def __call__(self, memo: dict[int, Any]) -> Any:
         handle, target = self._handle, self.target()
+        copying = _object_being_copied(target)
+        if copying is not target or not handle.attached:
+            return _stock_deepcopy(copying, memo)
         handle._detach()
         try:
             copied = copy.deepcopy(target, memo)
         finally:
             handle._attach()
         if self._reattach:
-            attach_reuse(copied, handle.config, handle._resolve_auto)
+            # memo maps the original handle to its copy, for the other pipelines of this deepcopy.
+            own = memo.get(id(handle))
+            if own is not None and get_faster_diffusion(copied) is own:
+                own._watch(copied)
+            else:
+                memo[id(handle)] = attach_reuse(copied, handle.config, handle._resolve_auto)
         return copied
+
+
+def _object_being_copied(default: Any) -> Any:
+    """The object whose ``__deepcopy__`` is being called: ``copy.deepcopy``'s own argument, read from its
+    frame (CPython's ``copy.deepcopy(x, memo)``); ``default`` if the caller is not ``copy.deepcopy``."""
+    frame = sys._getframe(2)
+    if frame is not None and frame.f_code is copy.deepcopy.__code__:
+        return frame.f_locals.get("x", default)
+    return default
+
+
+def _stock_deepcopy(obj: Any, memo: dict[int, Any]) -> Any:
+    """A deep copy of ``obj`` without the copy hook and the progress-bar tap that a shallow copy carried over
+    in its ``__dict__`` (they are put back on ``obj`` after)."""
+    own = vars(obj)
+    carried = {
+        name: own.pop(name)
+        for name in ("__deepcopy__", "progress_bar")
+        if name in own and (name == "__deepcopy__" or RunEndTap.is_tap(own[name]))
+    }
+    try:
+        return copy.deepcopy(obj, memo)
+    finally:
+        own.update(carried)
 
 
 class FasterDiffusion:
@@ -759,7 +797,10 @@ class FasterDiffusion:
 
     ``last_run`` holds the :class:`RunStats` of the latest generation. Use ``remove()`` (or a ``with``
     block) to take the feature off; the pipeline then gives stock output exactly. ``copy.deepcopy(pipe)``
-    gives a pipeline with a handle of its own, of the same config; a UNet or scheduler copied alone is stock.
+    gives a pipeline with a handle of its own, of the same config; a UNet or scheduler copied alone is stock,
+    and so is a pipeline that shares the UNet but has not run yet (its loop is watched from its first run),
+    and a deep copy of a ``copy.copy``. The copy takes the hooks off the original for its length: don't copy
+    a pipeline while another thread runs it.
     """
 
     def __init__(self, pipe: Any, config: ReuseConfig, resolve_auto: AutoResolver | None = None) -> None:
@@ -856,16 +897,21 @@ class FasterDiffusion:
                 return False
             caller = frame.f_locals.get("self")
             if isinstance(caller, DiffusionPipeline) and getattr(caller, "unet", None) is self.unet:
-                if any(tap.watches(caller) for tap in self._run_ends):
-                    return True
-                self._run_ends = [tap for tap in self._run_ends if tap._pipe() is not None]
-                tap = RunEndTap(caller, self._state)
-                tap.attach()  # attaches nothing to a pipeline without a progress bar
-                self._run_ends.append(tap)
-                self._put_copiers()
-                return tap.attached
+                return self._watch(caller)
             frame = frame.f_back
         return False
+
+    def _watch(self, pipe: Any) -> bool:
+        """Watch ``pipe``'s denoising loop (a pipeline that shares this handle's UNet), so that its runs end
+        when its loop does; returns whether its loop is watched."""
+        if any(tap.watches(pipe) for tap in self._run_ends):
+            return True
+        self._run_ends = [tap for tap in self._run_ends if tap._pipe() is not None]
+        tap = RunEndTap(pipe, self._state)
+        tap.attach()  # attaches nothing to a pipeline without a progress bar
+        self._run_ends.append(tap)
+        self._put_copiers()
+        return tap.attached
 
     def _put_copiers(self) -> None:
         """Set a :class:`_Copier` as ``__deepcopy__`` on every object this handle changes that has none: the

@@ -15,6 +15,7 @@ target's modules, so every criterion measures that mode's reuse.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -186,6 +187,20 @@ def canonical_target(target: str) -> str:
     if not colon and default is not None:
         return f"{name}:{default}"
     return f"{name}:{arg}" if colon else name
+
+
+def __getattr__(name: str) -> Any:
+    """``encoder_modules`` lived here; it is encoder propagation's own now (:mod:`faster_diffusion.encoder`),
+    served from the registered ``"encoder"`` target, with a ``DeprecationWarning``."""
+    if name == "encoder_modules" and "encoder" in _TARGETS:
+        warnings.warn(
+            "faster_diffusion.measure.encoder_modules is deprecated: import encoder_modules from "
+            "faster_diffusion.encoder",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return _TARGETS["encoder"][0]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def target_modules(unet: torch.nn.Module, target: str) -> list[torch.nn.Module]:

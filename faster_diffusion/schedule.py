@@ -1,8 +1,9 @@
-"""Key-step schedules: at which denoising steps the UNet encoder runs.
+"""Key-step schedules: at which denoising steps the whole UNet runs (the full steps).
 
 A key step is an index ``i`` into the scheduler's timesteps ``tau_0 > tau_1 > ... > tau_{N-1}``. At a key
-step the encoder runs; every other step reuses the encoder features of the latest key step (Li et al.,
-"Faster Diffusion", NeurIPS 2024, Sec. 3.2). Step 0 is always a key step.
+step the whole UNet runs; every other step (a partial step) reuses what the latest key step computed: the
+encoder features in encoder propagation (Li et al., "Faster Diffusion", NeurIPS 2024, Sec. 3.2), the deep
+features in deep reuse. Step 0 is always a key step.
 
 Two values live here:
 
@@ -231,7 +232,7 @@ class KeySteps:
 
     @classmethod
     def every_step(cls) -> KeySteps:
-        """Every step is a key step: the encoder always runs, which is plain stock sampling."""
+        """Every step is a key step: the whole UNet always runs, which is plain stock sampling."""
         return cls(KeyStepKind.ALL)
 
     @classmethod
@@ -379,7 +380,8 @@ def _validate_explicit(indices: tuple[int, ...]) -> None:
         raise KeyStepError(f"key_steps: step indices must be >= 0, got {negative[0]}")
     if 0 not in indices:
         raise KeyStepError(
-            f"key_steps: the list must contain step 0 (the first step always runs the encoder), "
+            f"key_steps: the list must contain step 0 (the first step always runs in full: nothing ran "
+            "before it to reuse), "
             f"got {list(indices)}"
         )
     seen = set()
@@ -475,7 +477,7 @@ class KeyStepSchedule:
 
     @property
     def is_key(self) -> tuple[bool, ...]:
-        """For each step index, whether the encoder runs there."""
+        """For each step index, whether it is a key step (the whole UNet runs there)."""
         keys = set(self.indices)
         return tuple(i in keys for i in range(self.num_steps))
 

@@ -155,8 +155,14 @@ class RunEndTap:
                     state.loop_steps = total  # the steps the loop will run, for a run that stops early
             return _LoopProgressBar(original(*args, **kwargs), state.reset)
 
+        progress_bar._faster_diffusion_tap = True
         pipe.progress_bar = progress_bar
         self.attached = True
+
+    @staticmethod
+    def is_tap(value: Any) -> bool:
+        """Whether ``value`` is a ``progress_bar`` this class put on a pipeline (shallow copies carry it)."""
+        return getattr(value, "_faster_diffusion_tap", False) is True
 
     def detach(self) -> None:
         pipe = self._pipe()

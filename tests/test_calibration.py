@@ -515,7 +515,8 @@ def test_costs_that_are_not_finite_are_refused_by_the_calibration_and_the_optimi
         "the 'prediction' cost matrix has 3 values that are not finite: cost[0][2] = nan, cost[1][4] = inf, "
         "cost[2][3] = nan"
     )
-    with pytest.raises(ValueError, match=re.escape("cost must be finite; it has 3 values that are not")):
+    expected = "cost must be finite numbers >= 0 whose sum is finite; it has 3 values that are not"
+    with pytest.raises(ValueError, match=re.escape(expected)):
         optimal_key_steps(np.array(cost), 2)
 
 

@@ -203,3 +203,39 @@ def test_a_deep_copy_of_a_pipeline_that_shares_the_unet_gets_a_handle_of_its_own
     assert (own.unet, own.scheduler, own._pipe()) == (copied.unet, copied.scheduler, copied)
     assert torch.equal(run(copied), expected) and own.last_run.schedule.start == FIRST_STEP
     assert torch.equal(run(other), expected)
+
+
+def test_one_deep_copy_of_two_pipelines_that_share_an_accelerated_unet_gives_them_one_handle(make_pipe):
+    """Both pipelines copied in one ``copy.deepcopy`` share the copied UNet, as the originals share theirs:
+    the copies run with one handle of their own, each giving the originals' latents."""
+    pipe, handle, expected = accelerated(make_pipe, "deep")
+    other = StableDiffusionImg2ImgPipeline(**pipe.components)
+    other.set_progress_bar_config(disable=True)
+    expected_other = run(other)  # the handle now watches both pipelines' loops
+    copies = copy.deepcopy({"text": pipe, "image": other})
+    text, image = copies["text"], copies["image"]
+    assert text.unet is image.unet and text.unet is not pipe.unet
+    own = get_faster_diffusion(text)
+    assert own is not None and own is not handle and get_faster_diffusion(image) is own
+    assert torch.equal(generate_latents(text, steps=20), expected)
+    assert torch.equal(run(image), expected_other) and own.last_run.schedule.start == FIRST_STEP
+    assert get_faster_diffusion(pipe) is handle and torch.equal(generate_latents(pipe, steps=20), expected)
+
+
+@pytest.mark.parametrize("removed", [False, True], ids=["attached", "removed"])
+def test_a_deep_copy_of_a_shallow_copy_is_a_stock_copy_of_it_and_revives_nothing(make_pipe, removed):
+    """``copy.copy(pipe)`` carries the instance's attributes, the handle's copy hook among them; a deep copy
+    of that shallow copy is a copy of it (not of the original), stock, and leaves the original's handle as it
+    was: attached, or removed for good."""
+    stock = generate_latents(make_pipe("DDIM-50"), steps=20)
+    pipe, handle, expected = accelerated(make_pipe, "deep")
+    shallow = copy.copy(pipe)
+    shallow.marker = "the shallow copy"
+    if removed:
+        handle.remove()
+    copied = copy.deepcopy(shallow)
+    assert copied.marker == "the shallow copy" and get_faster_diffusion(copied) is None
+    assert torch.equal(generate_latents(copied, steps=20), stock)
+    assert handle.attached is not removed
+    assert get_faster_diffusion(pipe) is (None if removed else handle)
+    assert torch.equal(generate_latents(pipe, steps=20), stock if removed else expected)

@@ -105,7 +105,8 @@ BAD_TEXT = [
     ("uniform:0", "key_steps: uniform spacing must be a whole number >= 1, got 0"),
     (
         "1,2,3",
-        "key_steps: the list must contain step 0 (the first step always runs the encoder), got [1, 2, 3]",
+        "key_steps: the list must contain step 0 (the first step always runs in full: nothing ran before it "
+        "to reuse), got [1, 2, 3]",
     ),
     ("0,5,5,10", "key_steps: step 5 is listed twice in [0, 5, 5, 10]"),
     ("0,10,5", "key_steps: step indices must be in increasing order, got [0, 10, 5]"),

@@ -82,7 +82,10 @@ def test_measure_imports_no_mode_and_not_calibration():
     """Each mode registers its own calibration target; measuring knows none of them by name."""
     graph = package_imports()
     assert graph["faster_diffusion.measure"] & (MODE_MODULES | {"faster_diffusion.calibration"}) == set()
-    assert not hasattr(faster_diffusion.measure, "encoder_modules")
+    from faster_diffusion.encoder import encoder_modules
+
+    with pytest.warns(DeprecationWarning, match="import encoder_modules from faster_diffusion.encoder"):
+        assert faster_diffusion.measure.encoder_modules is encoder_modules  # the former name, deprecated
 
 
 def test_each_mode_module_holds_its_config_and_its_choice_of_modules():
@@ -118,6 +121,15 @@ def test_propagation_names_still_import_with_a_deprecation_warning():
     assert attach_reuse is engine.attach_reuse
     with pytest.raises(ImportError):
         from faster_diffusion.propagation import no_such_name  # noqa: F401
+    with pytest.raises(ImportError):  # a name engine.py merely imports was never propagation's to give
+        from faster_diffusion.propagation import KeySteps  # noqa: F401
+    import faster_diffusion.propagation as propagation
+
+    assert {"RunStats", "FasterDiffusionConfig", "apply_encoder_propagation"} <= set(dir(propagation))
+    with pytest.warns(DeprecationWarning):
+        namespace: dict = {}
+        exec("from faster_diffusion.propagation import *", namespace)
+    assert namespace["RunStats"] is engine.RunStats and "KeySteps" not in namespace
 
 
 @dataclass(frozen=True)

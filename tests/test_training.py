@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import itertools
 from pathlib import Path
@@ -138,7 +139,7 @@ def test_calibrate_reference_parses_its_flags_before_it_writes_anything(argv, mo
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(script, "load_pipeline", never)
-    monkeypatch.setattr(script, "drop_target", never)
+    monkeypatch.setattr(script, "replace_target", never)
     with pytest.raises(SystemExit) as stop:
         script.main(argv)
     assert stop.value.code == (0 if argv == ["--help"] else 2)
@@ -153,3 +154,23 @@ def test_calibrate_reference_takes_its_rank_correlation_from_the_package_not_a_b
     assert spearman([1.0, 2.0, 3.0], [10.0, 20.0, 30.0]) == pytest.approx(1.0)
     assert spearman([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == pytest.approx(-1.0)
     assert spearman([1.0, 1.0, 2.0], [5.0, 5.0, 6.0]) == pytest.approx(1.0)  # ties
+
+
+def test_calibrate_reference_replaces_one_target_s_entries_and_keeps_the_others(tmp_path):
+    """What the script writes when every sampler is measured: the target's new entries in place of its old
+    ones, the other targets' entries as they were."""
+    import shutil
+
+    from faster_diffusion.calibration import CALIBRATION_FILE, load_calibrations
+
+    script = _calibrate_reference()
+    shutil.copy(reference.MODEL_DIR / CALIBRATION_FILE, tmp_path / CALIBRATION_FILE)
+    shipped = load_calibrations(tmp_path)
+    deep = [c for c in shipped if c.target == "deep:0"]
+    encoder = [c for c in shipped if c.target == "encoder"]
+    assert deep and encoder
+    renewed = [dataclasses.replace(c, seconds=c.seconds + 1.0) for c in deep]
+    script.replace_target(tmp_path, "deep:0", renewed)
+    written = load_calibrations(tmp_path)
+    assert [c for c in written if c.target == "encoder"] == encoder
+    assert [c for c in written if c.target == "deep:0"] == renewed

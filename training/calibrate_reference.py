@@ -36,7 +36,6 @@ from faster_diffusion.calibration import (  # noqa: E402
     CALIBRATION_FILE,
     CRITERIA,
     load_calibrations,
-    save_calibration,
     spearman,
     write_calibrations,
 )
@@ -70,10 +69,13 @@ def halves(pipe) -> None:
             print(f"  {budget} key steps: {'all three agree' if same else 'differ'}: {lists}")
 
 
-def drop_target(folder: Path, target: str) -> None:
-    """Remove ``target``'s entries from ``folder``'s calibration file, keeping the others as they are."""
+def replace_target(folder: Path, target: str, calibrations: list) -> None:
+    """Write ``calibrations`` in place of ``target``'s entries in ``folder``'s calibration file, keeping the
+    other targets' entries as they are."""
+    kept = []
     if (folder / CALIBRATION_FILE).is_file():
-        write_calibrations(folder, [c for c in load_calibrations(folder) if c.target != target])
+        kept = [c for c in load_calibrations(folder) if c.target != target]
+    write_calibrations(folder, [*kept, *calibrations])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -109,9 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.halves:
         halves(pipe)
         return 0
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    drop_target(out_dir or model, target)
+    measured = []
     for sampler in Sampler:
         use_sampler(pipe, sampler)
         started = time.perf_counter()
@@ -120,17 +120,20 @@ def main(argv: list[str] | None = None) -> int:
             num_inference_steps=sampler.default_steps,
             criteria=CRITERIA if args.with_final else ("feature", "prediction"),
             force=True,
-            save=out_dir is None,
+            save=False,
             target=target,
             **reference.calibration_options(model),
         )
-        if out_dir is not None:
-            save_calibration(calibration, out_dir)
+        measured.append(calibration)
         print(
             f"{sampler.value}: {time.perf_counter() - started:.1f} s; {target} auto = "
             f"{list(calibration.indices())} ({calibration.criterion})",
             flush=True,
         )
+    # Written once, when every sampler is measured: a run stopped part-way leaves the file as it was.
+    folder = out_dir or model
+    folder.mkdir(parents=True, exist_ok=True)
+    replace_target(folder, target, measured)
     return 0
 
 
