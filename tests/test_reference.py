@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from faster_diffusion import KeySteps, Sampler, reference
+from faster_diffusion import FasterDiffusionConfig, KeySteps, Sampler, reference
 from faster_diffusion.app.cli import main
 from faster_diffusion.app.loading import inspect_weights, load_pipeline
 from faster_diffusion.reference import shapes
@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import quality  # noqa: E402
+
+from benchmarks import harness  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------- shapes
 
@@ -143,10 +145,10 @@ def test_reference_model_is_a_complete_sd_style_weights_folder():
 @pytest.mark.parametrize("sampler", [Sampler.DDIM, Sampler.DPM_SOLVER])
 def test_reference_model_renders_held_out_prompts_faithfully(reference_pipe, sampler):
     """Stock sampling of prompts training never saw: the classifier must read them back, mostly right."""
-    result = quality.generate(
+    result = harness.generate(
         reference_pipe,
         sampler,
-        quality.Config("stock", None),
+        None,
         [shapes.caption(shapes.Scene(*c)) for c in shapes.HELD_OUT_COMBOS[::8]],
         list(range(10)),
         reference.GUIDANCE_SCALE,
@@ -154,7 +156,7 @@ def test_reference_model_renders_held_out_prompts_faithfully(reference_pipe, sam
     )
     assert result.images.shape == (10, 3, 32, 32)
     labels = np.array([shapes.Scene(*c).labels() for c in shapes.HELD_OUT_COMBOS[::8]])
-    predicted, _ = quality.classify(reference.load_classifier(), result.images)
+    predicted, _ = harness.classify(reference.load_classifier(), result.images)
     assert (predicted == labels).all(axis=1).mean() >= 0.8  # chance: 1 in 972; the first model got 0.6
 
 
@@ -175,10 +177,10 @@ def test_the_sd15_layout_model_renders_held_out_prompts_faithfully():
     pipe = load_pipeline(reference.SD15_LAYOUT_MODEL_DIR, device="cpu", safety_checker=False)
     assert pipe.unet.config.sample_size == 16 and pipe.vae_scale_factor == 2
     combos = shapes.HELD_OUT_COMBOS[::8]
-    result = quality.generate(
+    result = harness.generate(
         pipe,
         Sampler.DPM_SOLVER,
-        quality.Config("stock", None),
+        None,
         [shapes.caption(shapes.Scene(*c)) for c in combos],
         list(range(10)),
         reference.SD15_LAYOUT_GUIDANCE_SCALE,
@@ -186,7 +188,7 @@ def test_the_sd15_layout_model_renders_held_out_prompts_faithfully():
     )
     assert result.images.shape == (10, 3, 32, 32)
     labels = np.array([shapes.Scene(*c).labels() for c in combos])
-    predicted, _ = quality.classify(reference.load_classifier(), result.images)
+    predicted, _ = harness.classify(reference.load_classifier(), result.images)
     assert (predicted == labels).all(axis=1).mean() >= 0.7  # chance: 1 in 972
 
 
@@ -198,8 +200,8 @@ def test_the_quick_start_prompt_renders_right_for_nine_of_seeds_0_to_9(reference
     scene = shapes.Scene("circle", "red", "large", "top left", "white")
     assert shapes.caption(scene) == reference.EXAMPLE_PROMPT
     keys = None if key_steps is None else KeySteps.parse(key_steps)
-    config = quality.Config(key_steps or "stock", keys)
-    result = quality.generate(
+    config = None if keys is None else FasterDiffusionConfig(key_steps=keys)  # encoder propagation
+    result = harness.generate(
         reference_pipe,
         Sampler.DDIM,
         config,
@@ -208,7 +210,7 @@ def test_the_quick_start_prompt_renders_right_for_nine_of_seeds_0_to_9(reference
         reference.GUIDANCE_SCALE,
         batch=10,
     )
-    predicted, _ = quality.classify(reference.load_classifier(), result.images)
+    predicted, _ = harness.classify(reference.load_classifier(), result.images)
     right = (predicted == np.array(scene.labels())).all(axis=1)
     assert right.sum() >= 9, f"right for seeds {np.flatnonzero(right).tolist()}"
 
@@ -247,10 +249,10 @@ def test_frechet_distance_psnr_and_ssim():
     with pytest.raises(ValueError, match="same D"):
         quality.frechet_distance(a, a[:, :2])
     images = rng.uniform(-1, 1, size=(2, 3, 32, 32)).astype(np.float32)
-    assert np.isinf(quality.psnr(images, images)).all()
+    assert np.isinf(harness.psnr(images, images)).all()
     assert quality.ssim(images, images) == pytest.approx([1.0, 1.0])
     # A constant offset d has MSE d^2: PSNR = 10 log10(2^2 / d^2).
-    assert quality.psnr(images * 0.5, images * 0.5 + 0.02) == pytest.approx([10 * np.log10(4 / 0.02**2)] * 2)
+    assert harness.psnr(images * 0.5, images * 0.5 + 0.02) == pytest.approx([10 * np.log10(4 / 0.02**2)] * 2)
     assert quality.ssim(images, -images).max() < 0  # anti-correlated structure
     light, heavy = (np.clip(images + rng.normal(scale=s, size=images.shape), -1, 1) for s in (0.1, 0.5))
     assert (quality.ssim(images, heavy) < quality.ssim(images, light)).all()
