@@ -421,23 +421,25 @@ def main(argv: list[str] | None = None) -> int:
     data = {
         "run": harness.report.run_facts(argv_list, started, began),
         "pairs": len(pairs.prompts),
+        "guidance": guidance,
         "costs": costs,
         "rows": rows,
         "agreement": agreement,
     }
-    harness.report.write(args.out, render(data, args), data)
+    harness.report.write(args.out, data, render, parser)
     return 0
 
 
 def render(data: dict, args: argparse.Namespace) -> str:
     """The report of a run's JSON ``data``; ``args``: the settings its command line parses to."""
     costs, rows, intervals = data["costs"], data["rows"], QUICK_INTERVALS if args.quick else INTERVALS
+    # Runs from before the guidance was recorded ran at the model's, as reference.guidance_scale gives it.
+    guidance = data.get("guidance", reference.guidance_scale(args.model))
     lines = harness.report.header(
         "Deep reuse variants against DeepCache's rule at equal cost",
         "deep_variants.py",
         data["run"],
-        f"Model: `{Path(args.model).name}`; {data['pairs']} pairs; guidance "
-        f"{reference.guidance_scale(args.model)}; {SAMPLER.value}",
+        f"Model: `{Path(args.model).name}`; {data['pairs']} pairs; guidance {guidance}; {SAMPLER.value}",
         f"Step costs in full passes (`{args.costs_file.name}`, {costs.get('date', '?')}, SD v1.5 "
         "architecture, 256 px): partial by branch "
         + ", ".join(f"b{b} {p:.3f}" for b, p in costs["partial"].items())

@@ -116,17 +116,16 @@ def verdicts(budget: dict) -> dict:
     }
 
 
-def report(run: dict, results, partial) -> str:
+def report(saved: harness.budgets.Saved) -> str:
     lines = harness.budgets.header(
         "The depth chooser against every branch at DeepCache's cost",
         "depth_choice.py",
-        run,
-        partial,
+        saved,
         "DPM-Solver-20; candidates placed by each branch's `deep:b` calibration (prediction criterion); "
         "the pick is the candidate of least predicted error; `deep:I` is DeepCache:I's rule",
     )
     kept = []
-    for result in results:
+    for result in saved.results:
         lines += [f"## {result['model']} ({result['pairs']} pairs)", ""]
         lines += [
             "| budget (full passes) | method | full steps | predicted error "

@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             for s, by_strength in results.items()
         },
     }
-    harness.report.write(args.out, report(data["run"], args, data, results), data)
+    harness.report.write(args.out, data, render, parser)
     return 0
 
 

@@ -591,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
             for s, by_config in results.items()
         },
     }
-    harness.report.write(args.out, render(data, args), data)
+    harness.report.write(args.out, data, render, parser)
     return 0
 
 

@@ -29,6 +29,17 @@ def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
     return result
 
 
+def assert_regenerates(script: str, out: Path) -> None:
+    """``benchmarks/<script> --from-json`` on the JSON a run wrote beside ``out`` writes ``out`` again, byte
+    for byte."""
+    import importlib
+
+    again = out.with_name(f"again-{out.name}")
+    module = importlib.import_module(f"benchmarks.{script.removesuffix('.py')}")
+    assert module.main(["--from-json", str(out.with_suffix(".json")), "--out", str(again)]) == 0
+    assert again.read_text() == out.read_text()
+
+
 def test_speed_benchmark_quick_run_writes_a_report(tmp_path):
     out = tmp_path / "speed.md"
     run_script("speed.py", "--quick", "--out", str(out))
@@ -105,11 +116,12 @@ def test_img2img_inputs_show_the_next_held_out_combination():
         input_combos(combos[:1], 3)
 
 
-def test_img2img_quality_benchmark_quick_run_writes_a_report_and_a_grid(tmp_path):
+def test_img2img_quality_benchmark_quick_run_writes_a_report_its_json_regenerates_and_a_grid(tmp_path):
     from PIL import Image
 
     out = tmp_path / "img2img.md"
     run_script("img2img_quality.py", "--quick", "--out", str(out))
+    assert_regenerates("img2img_quality.py", out)  # the report is rendered from the JSON alone
     report = out.read_text()
     assert "Command: `python benchmarks/img2img_quality.py --quick --out" in report
     assert re.search(r"torch [^,]+, \w+, 1 threads", report)
