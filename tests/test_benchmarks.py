@@ -40,9 +40,10 @@ def assert_regenerates(script: str, out: Path) -> None:
     assert again.read_text() == out.read_text()
 
 
-def test_speed_benchmark_quick_run_writes_a_report(tmp_path):
+def test_speed_benchmark_quick_run_writes_a_report_that_its_json_regenerates(tmp_path):
     out = tmp_path / "speed.md"
     run_script("speed.py", "--quick", "--out", str(out))
+    assert_regenerates("speed.py", out)
     report = out.read_text()
     for mode in ("stock", "propagation", "propagation+batched"):
         assert f"| DDIM-50 | {mode} |" in report and f"| DPM-Solver-20 | {mode} |" in report
