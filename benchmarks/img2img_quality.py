@@ -96,8 +96,9 @@ def to_input_images(images: np.ndarray) -> torch.Tensor:
 class Img2ImgRun:
     images: np.ndarray  # (N, 3, 32, 32) in [-1, 1]
     seconds: float
-    encoder_passes: int
-    decoder_passes: int
+    #: Full UNet passes (the encoder's), and steps that run (the decoder's passes).
+    full_passes: int
+    steps: int
     #: What the run used: the cut schedule's ``describe()``, or for stock the steps that ran.
     key_steps: str
     metrics: dict = field(default_factory=dict)
@@ -226,8 +227,8 @@ def typed(data: dict) -> dict[Sampler, dict[float, dict[str, Img2ImgRun]]]:
                 name: Img2ImgRun(
                     images=None,
                     seconds=m["seconds"],
-                    encoder_passes=m["encoder_passes"],
-                    decoder_passes=m["decoder_passes"],
+                    full_passes=m["encoder_passes"],
+                    steps=m["decoder_passes"],
                     key_steps=m["key_steps"],
                     metrics={k: v for k, v in m.items() if k not in RUN_FIELDS},
                 )
@@ -296,7 +297,7 @@ def report(run: dict, args, data: dict, results: dict) -> str:
                     delta = f"{m['all_delta'] * 100:+.1f} [{low * 100:+.1f}, {high * 100:+.1f}]"
                     fidelity, judgement = fmt_ci(m["psnr"], m["psnr_ci"], 1), m["judgement"]
                 lines.append(
-                    f"| {name} | {run.key_steps} | {run.encoder_passes} / {run.decoder_passes} | "
+                    f"| {name} | {run.key_steps} | {run.full_passes} / {run.steps} | "
                     f"{run.seconds:.1f} | {fmt_ci(m['all'], m['all_ci'], 1, 100)} | {delta} | {fidelity} | "
                     f"{judgement} |"
                 )
@@ -386,8 +387,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{strength:g}": {
                     name: {
                         "key_steps": run.key_steps,
-                        "encoder_passes": run.encoder_passes,
-                        "decoder_passes": run.decoder_passes,
+                        "encoder_passes": run.full_passes,
+                        "decoder_passes": run.steps,
                         "seconds": run.seconds,
                         **run.metrics,
                     }

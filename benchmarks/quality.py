@@ -372,8 +372,8 @@ def typed(data: dict) -> dict[Sampler, dict[str, harness.RunResult]]:
             name: harness.RunResult(
                 images=None,
                 seconds=m["seconds"],
-                encoder_passes=m["encoder_passes"],
-                decoder_passes=m["decoder_passes"],
+                full_passes=m["encoder_passes"],
+                steps=m["decoder_passes"],
                 key_steps=tuple(m["key_steps"]),
                 metrics={k: v for k, v in m.items() if k not in RUN_FIELDS},
             )
@@ -485,7 +485,7 @@ def report(
                 )
             )
             lines.append(
-                f"| {name} | {keys} | {r.encoder_passes} / {r.decoder_passes} | {r.seconds:.1f} | "
+                f"| {name} | {keys} | {r.full_passes} / {r.steps} | {r.seconds:.1f} | "
                 f"{stock.seconds / r.seconds:.2f}x | {fmt_ci(m['all'], m['all_ci'], 1, 100)} | {delta_all} | "
                 f"{attrs} | {fmt_ci(m['fd'], m['fd_ci'], 2)} | {delta_fd} | "
                 f"{fmt_ci(m['kid'], m['kid_ci'], 2, KID_SCALE)} | {delta_kid} | "
@@ -581,8 +581,8 @@ def main(argv: list[str] | None = None) -> int:
             s.value: {
                 name: {
                     "key_steps": list(r.key_steps),
-                    "encoder_passes": r.encoder_passes,
-                    "decoder_passes": r.decoder_passes,
+                    "encoder_passes": r.full_passes,
+                    "decoder_passes": r.steps,
                     "seconds": r.seconds,
                     **r.metrics,
                 }
