@@ -73,7 +73,7 @@ def judge_model(model: Path, args, partial: dict[int, float], draws) -> dict:
         cost, choice = harness.budgets.choose_at(pipe, interval, steps, partial, branches, found)
         rows = []
         baseline = {"name": f"deep:{interval}", "branch": 0, "full": len(range(0, steps, interval))}
-        baseline.update(score(DeepReuseConfig(key_steps=KeySteps.uniform(interval))))
+        baseline.update(score(baseline["name"]))
         for c in choice.candidates:
             config = DeepReuseConfig(key_steps=KeySteps.explicit(c.indices), branch=c.branch)
             row = {"name": f"b{c.branch}:{c.full_steps}", "branch": c.branch, "full": c.full_steps}

@@ -509,12 +509,30 @@ def test_every_method_a_committed_report_names_is_one_registration_with_its_full
     from benchmarks.harness.methods import METHODS, lookup
     from faster_diffusion import Sampler
 
-    for path in (ROOT / "benchmarks" / "results").glob("modes-frontier*.json"):
-        for sampler, rows in json.loads(path.read_text())["results"].items():
-            context = Context(steps=Sampler.parse(sampler).default_steps)
-            for name, row in rows.items():
-                assert sum(bool(m.pattern.fullmatch(name)) for m in METHODS) == 1, name
-                assert full_passes(name, context) == row["full_passes"], (path.name, name)
+    results = ROOT / "benchmarks" / "results"
+    # (report, steps, method name, its full passes) of every row whose method is a registration.
+    rows = []
+    for path in results.glob("modes-frontier*.json"):
+        for sampler, by_name in json.loads(path.read_text())["results"].items():
+            steps = Sampler.parse(sampler).default_steps
+            rows += [(path.name, steps, name, row["full_passes"]) for name, row in by_name.items()]
+    for path in (p.with_suffix(".json") for p in results.glob("deep-variants*.md")):
+        by_name = json.loads(path.read_text())["rows"]
+        # The compose and damped step plans are the script's prototype, not methods of the product.
+        rows += [
+            (path.name, 20, name, row["full_passes"])
+            for name, row in by_name.items()
+            if row["family"] not in ("compose", "damped")
+        ]
+    for path in results.glob("depth-choice*.json"):
+        for result in json.loads(path.read_text())["results"]:
+            # The candidates bB:F are placed during the run; the baseline is DeepCache:I's rule.
+            rows += [(path.name, 20, b["baseline"]["name"], b["baseline"]["full"]) for b in result["budgets"]]
+    reports = {report for report, *_ in rows}
+    assert {"modes-frontier.json", "deep-variants.json", "depth-choice.json"} <= reports
+    for report, steps, name, full in rows:
+        assert sum(bool(m.pattern.fullmatch(name)) for m in METHODS) == 1, (report, name)
+        assert full_passes(name, Context(steps=steps)) == full, (report, name)
     assert lookup("deepcache:3")[0].needs == "DeepCache"
     with pytest.raises(KeyError, match="no method is registered for 'tgate:3'"):
         lookup("tgate:3")

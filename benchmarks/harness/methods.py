@@ -189,19 +189,25 @@ def _stock(pipe, context: Context):
 
 
 def _deep(pipe, context: Context, kind: str, interval: str):
+    """Deep reuse, branch 0, a full step every ``interval`` steps: features copied (``deep``), forecast
+    (``deep+forecast``), or batched with their full step (``deep-batched``; ``batched`` in
+    ``deep_variants.py``)."""
     config = DeepReuseConfig(
         key_steps=KeySteps.uniform(int(interval)),
         branch=0,
         forecast=int(kind == "deep+forecast"),
-        batched=kind == "deep-batched",
+        batched=kind in ("deep-batched", "batched"),
         max_decoder_batch=context.max_decoder_batch,
     )
     return apply_faster_diffusion(pipe, config)
 
 
-def _deep_full(pipe, context: Context, budget: str):
+def _deep_full(pipe, context: Context, budget: str, branch: str = "0"):
+    """Deep reuse at ``branch`` (0 for ``deep-full:B``), ``budget`` full steps spread evenly."""
     config = DeepReuseConfig(
-        key_steps=spread(context.steps, int(budget)), branch=0, max_decoder_batch=context.max_decoder_batch
+        key_steps=spread(context.steps, int(budget)),
+        branch=int(branch),
+        max_decoder_batch=context.max_decoder_batch,
     )
     return apply_faster_diffusion(pipe, config)
 
@@ -269,9 +275,12 @@ register_method(
     r"deepcache:(?P<interval>\d+)", _deepcache, uniform_full, needs="DeepCache", timed_kinds=("deepcache",)
 )
 register_method(r"deep-full:(?P<budget>\d+)", _deep_full, _budget, timed_kinds=("deep-full",))
+# ``batched:I`` is ``deep_variants.py``'s name for ``deep-batched:I``.
 register_method(
-    r"(?P<kind>deep-batched):(?P<interval>\d+)", _deep, uniform_full, timed_kinds=("deep-batched",)
+    r"(?P<kind>deep-batched|batched):(?P<interval>\d+)", _deep, uniform_full, timed_kinds=("deep-batched",)
 )
+# ``deep_variants.py``'s depth family: branch b at the budget of DeepCache's interval I.
+register_method(r"depth b(?P<branch>\d+):(?P<budget>\d+) \(I=\d+\)", _deep_full, _budget)
 register_method(r"deep auto:(?P<budget>\d+)(?P<feature> \(feature\))?", _deep_auto, _budget)
 register_method(r"encoder: paper", _encoder, _paper_full)
 register_method(r"encoder: auto:(?P<budget>\d+)", _encoder, _budget)
