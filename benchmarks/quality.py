@@ -315,26 +315,29 @@ def evaluate(
     """Fill ``metrics`` of every result, with intervals over the prompt x seed pairs (drawn jointly for all
     configurations, so differences to stock get intervals too)."""
     n = len(labels)
-    draws = [rng.integers(0, n, n) for _ in range(boot)]
+    # The draws come from ``rng``, which the half samples below go on drawing from (see bootstrap_draws).
+    draws = harness.bootstrap_draws(n, boot, rng=rng)
     stock = results["stock"]
     per_config = {}
-    for name, result in results.items():
+    judge = None
+    for name in ["stock", *(name for name in results if name != "stock")]:
+        result = results[name]
         predicted, features = harness.classify(classifier, result.images)
         per_config[name] = ((predicted == labels).all(axis=1).astype(np.float64), features)
+        if judge is None:
+            judge = harness.Judge(classifier, labels, stock.images, draws, stock_correct=per_config[name][0])
         accuracy = reference.attribute_accuracy(predicted, labels)
         result.metrics["all"] = accuracy.pop("all")
         result.metrics["attributes"] = accuracy
         result.metrics["fd"] = frechet_distance(features, real_features)
         result.metrics["kid"] = kernel_distance(features, real_features)
         if name != "stock":
-            p, s = harness.psnr(result.images, stock.images), ssim(result.images, stock.images)
-            result.metrics["psnr"] = float(np.mean(np.minimum(p, 100.0)))
+            s = ssim(result.images, stock.images)
+            result.metrics["psnr"], psnr_ci = judge.fidelity(result.images)
             result.metrics["ssim"] = float(np.mean(s))
-            result.metrics["psnr_ci"] = harness.interval(
-                np.array([np.minimum(p, 100.0)[d].mean() for d in draws])
-            )
-            result.metrics["ssim_ci"] = harness.interval(np.array([s[d].mean() for d in draws]))
-    stock_all, stock_features = per_config["stock"]
+            result.metrics["psnr_ci"] = psnr_ci
+            result.metrics["ssim_ci"] = harness.interval(judge.boot(s))
+    stock_features = per_config["stock"][1]
     halves = list(zip(half_samples(rng, n, boot), half_samples(rng, len(real_features), boot), strict=True))
     real_kernel = polynomial_kernel(real_features, real_features)
 
@@ -347,14 +350,11 @@ def evaluate(
         all_correct, features = per_config[name]
         fds = half_fds(features)
         kids = half_kernel_distances(features, real_features, halves, real_kernel)
-        accs = np.array([all_correct[d].mean() for d in draws])
-        result.metrics["all_ci"] = harness.interval(accs)
+        result.metrics["all_ci"] = judge.faithfulness(all_correct)[1]
         result.metrics["fd_ci"] = recentred_interval(result.metrics["fd"], fds)
         result.metrics["kid_ci"] = recentred_interval(result.metrics["kid"], kids)
         if name != "stock":
-            result.metrics["all_delta_ci"] = harness.interval(
-                accs - np.array([stock_all[d].mean() for d in draws])
-            )
+            result.metrics["all_delta_ci"] = judge.delta(all_correct)[1]
             delta = result.metrics["fd"] - stock.metrics["fd"]
             result.metrics["fd_delta_ci"] = recentred_interval(delta, fds - stock_half)
             delta = result.metrics["kid"] - stock.metrics["kid"]
