@@ -528,8 +528,12 @@ def test_every_method_a_committed_report_names_is_one_registration_with_its_full
         for result in json.loads(path.read_text())["results"]:
             # The candidates bB:F are placed during the run; the baseline is DeepCache:I's rule.
             rows += [(path.name, 20, b["baseline"]["name"], b["baseline"]["full"]) for b in result["budgets"]]
+    for path in results.glob("quality*.json"):
+        for sampler, by_name in json.loads(path.read_text())["results"].items():
+            steps = Sampler.parse(sampler).default_steps
+            rows += [(path.name, steps, name, row["encoder_passes"]) for name, row in by_name.items()]
     reports = {report for report, *_ in rows}
-    assert {"modes-frontier.json", "deep-variants.json", "depth-choice.json"} <= reports
+    assert {"modes-frontier.json", "deep-variants.json", "depth-choice.json", "quality.json"} <= reports
     for report, steps, name, full in rows:
         assert sum(bool(m.pattern.fullmatch(name)) for m in METHODS) == 1, (report, name)
         assert full_passes(name, Context(steps=steps)) == full, (report, name)

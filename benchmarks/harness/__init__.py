@@ -24,9 +24,9 @@ How to add
   rows that are not a method of the product at a setting, but a prototype or a setting found during the run:
   ``deep_variants.py``'s ``compose:I`` and ``damped:I`` step plans, ``head_to_head.py``'s pick and
   ``depth_choice.py``'s ``bB:F`` candidates (placed by ``choose_depth`` from calibrations made in the run),
-  and ``placement_search.py``'s searched key-step lists. ``quality.py``'s and ``img2img_quality.py``'s
-  :class:`EncoderSetting` rows (encoder propagation at settings the script names, ``paper, no noise``,
-  ``default``...) are methods at a setting that are not registrations yet.
+  and ``placement_search.py``'s searched key-step lists. ``img2img_quality.py``'s :class:`EncoderSetting`
+  rows (encoder propagation on the image-to-image pipeline: ``default``, the encoder policy's key steps
+  then, and ``paper``) are methods at a setting that are not registrations yet.
 - **a model**: a folder in :data:`REFERENCE_MODELS` (``reference.guidance_scale`` knowing its guidance).
 - **a report**: a script whose report is a function of its JSON alone (the JSON's ``run`` is
   :func:`run_facts`'s, the settings are what its recorded command line parses to), which it writes with

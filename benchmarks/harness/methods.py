@@ -38,6 +38,7 @@ from faster_diffusion import (
     apply_faster_diffusion,
 )
 from faster_diffusion.calibration import find_calibration
+from faster_diffusion.schedule import paper_key_steps
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,30 @@ def _encoder(pipe, context: Context, budget: str | None = None):
     return apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=keys))
 
 
+def reversed_paper_key_steps(num_steps: int) -> tuple[int, ...]:
+    """The paper's key steps mirrored in time: same count and gaps, dense at the end instead of the start."""
+    paper = paper_key_steps(num_steps)
+    return (0, *sorted(num_steps - i for i in paper if i > 0))
+
+
+def _encoder_at(pipe, context: Context, keys: str, interval: str | None, no_noise: str | None):
+    """``quality.py``'s encoder propagation at a setting: the paper's key steps, them mirrored in time
+    (``paper reversed``), ``auto`` at the paper's budget or ``uniform:I``; prior noise injection on, or off
+    for ``, no noise``."""
+    if interval is not None:
+        key_steps = KeySteps.uniform(int(interval))
+    elif keys == "paper reversed":
+        key_steps = KeySteps.explicit(reversed_paper_key_steps(context.steps))
+    else:
+        key_steps = KeySteps.auto() if keys == "auto" else KeySteps.paper()
+    noise = NoiseInjection(enabled=no_noise is None)
+    return apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=key_steps, noise_injection=noise))
+
+
+def _encoder_at_full(context: Context, interval: str | None = None, **_: str) -> int:
+    return _paper_full(context) if interval is None else uniform_full(context, interval=interval)
+
+
 def _propagation(pipe, context: Context, batched: str | None):
     """``speed.py``'s propagation modes: its key steps, sequential or batched decoder steps."""
     config = FasterDiffusionConfig(
@@ -285,3 +310,9 @@ register_method(r"deep auto:(?P<budget>\d+)(?P<feature> \(feature\))?", _deep_au
 register_method(r"encoder: paper", _encoder, _paper_full)
 register_method(r"encoder: auto:(?P<budget>\d+)", _encoder, _budget)
 register_method(r"propagation(?P<batched>\+batched)?", _propagation, _speed_keys_full)
+# ``quality.py``'s names (``auto``: at the paper's budget, as many full passes).
+register_method(
+    r"(?P<keys>paper|paper reversed|auto|uniform:(?P<interval>\d+))(?P<no_noise>, no noise)?",
+    _encoder_at,
+    _encoder_at_full,
+)
