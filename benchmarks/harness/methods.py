@@ -138,8 +138,9 @@ def have_deepcache() -> bool:
 
 @dataclass(frozen=True)
 class EncoderSetting:
-    """Encoder propagation at a setting that a script names itself (``quality.py``'s ``paper, no noise``...):
-    its key steps (``None``: stock) and whether prior noise injection is on."""
+    """Encoder propagation at a setting that a script names itself (``img2img_quality.py``'s ``default``, the
+    encoder policy's key steps, and ``paper``): its key steps (``None``: stock) and whether prior noise
+    injection is on. Not a registration: see the harness's docstring."""
 
     name: str
     key_steps: KeySteps | None
