@@ -191,22 +191,20 @@ def run_plan(pipe, plan: str, gain, pairs, guidance: float, batch: int) -> np.nd
 
 
 def methods(steps: int, intervals, costs: dict, families) -> list[tuple[str, str, int, int, float, object]]:
-    """(name, family, interval, full passes, cost in full passes, how): ``how`` is a config, ``None``
-    (stock) or a ``("plan", plan, gain)``."""
+    """(name, family, interval, full passes, cost in full passes, how): ``how`` is the name of a registered
+    method (``harness.methods``), ``None`` (stock) or a prototype's ``("plan", plan, gain)``."""
     out: list = [("stock", "stock", 1, steps, float(steps), None)]
     p = costs["partial"]
     p_e = costs["encoder_reuse"]
     for interval in intervals:
-        uniform = KeySteps.uniform(interval)
         full = len(range(0, steps, interval))
         base = baseline_cost(steps, interval, costs)
-        out.append((f"deep:{interval}", "baseline", interval, full, base, DeepReuseConfig(key_steps=uniform)))
+        out.append((f"deep:{interval}", "baseline", interval, full, base, f"deep:{interval}"))
         if "depth" in families:
             for branch, f in depth_budgets(steps, interval, costs):
-                keys = KeySteps.explicit(spread(steps, f))
                 cost = f + (steps - f) * p[str(branch)]
-                config = DeepReuseConfig(key_steps=keys, branch=branch)
-                out.append((f"depth b{branch}:{f} (I={interval})", "depth", interval, f, cost, config))
+                name = f"depth b{branch}:{f} (I={interval})"
+                out.append((name, "depth", interval, f, cost, name))
         if "compose" in families:
             plan = compose_plan(steps, interval)
             cost = plan.count("F") + plan.count("E") * p_e + plan.count("P") * p["0"]
@@ -218,8 +216,7 @@ def methods(steps: int, intervals, costs: dict, families) -> list[tuple[str, str
             out.append((f"damped:{interval}", "damped", interval, full, base, ("plan", plan, DAMPING)))
         if "batched" in families:
             cost = full + (steps - full) * costs.get("batched_partial", p["0"])
-            config = DeepReuseConfig(key_steps=uniform, batched=True)
-            out.append((f"batched:{interval}", "batched", interval, full, cost, config))
+            out.append((f"batched:{interval}", "batched", interval, full, cost, f"batched:{interval}"))
     return out
 
 
@@ -227,23 +224,9 @@ def checks(pipe, pairs, guidance: float, batch: int, interval: int) -> dict[str,
     """The prototype against the package: largest pixel differences (0-255)."""
     steps = SAMPLER.default_steps
     plan = "".join("F" if s % interval == 0 else "P" for s in range(steps))
-    copied = harness.run(
-        pipe,
-        SAMPLER,
-        DeepReuseConfig(key_steps=KeySteps.uniform(interval)),
-        pairs.prompts,
-        pairs.seeds,
-        guidance,
-        batch,
-    )
+    copied = harness.run(pipe, SAMPLER, f"deep:{interval}", pairs.prompts, pairs.seeds, guidance, batch)
     forecast = harness.run(
-        pipe,
-        SAMPLER,
-        DeepReuseConfig(key_steps=KeySteps.uniform(interval), forecast=1),
-        pairs.prompts,
-        pairs.seeds,
-        guidance,
-        batch,
+        pipe, SAMPLER, f"deep+forecast:{interval}", pairs.prompts, pairs.seeds, guidance, batch
     )
     return {
         "plan vs deep": float(
@@ -421,23 +404,25 @@ def main(argv: list[str] | None = None) -> int:
     data = {
         "run": harness.report.run_facts(argv_list, started, began),
         "pairs": len(pairs.prompts),
+        "guidance": guidance,
         "costs": costs,
         "rows": rows,
         "agreement": agreement,
     }
-    harness.report.write(args.out, render(data, args), data)
+    harness.report.write(args.out, data, render, parser)
     return 0
 
 
 def render(data: dict, args: argparse.Namespace) -> str:
     """The report of a run's JSON ``data``; ``args``: the settings its command line parses to."""
     costs, rows, intervals = data["costs"], data["rows"], QUICK_INTERVALS if args.quick else INTERVALS
+    # Runs from before the guidance was recorded ran at the model's, as reference.guidance_scale gives it.
+    guidance = data.get("guidance", reference.guidance_scale(args.model))
     lines = harness.report.header(
         "Deep reuse variants against DeepCache's rule at equal cost",
         "deep_variants.py",
         data["run"],
-        f"Model: `{Path(args.model).name}`; {data['pairs']} pairs; guidance "
-        f"{reference.guidance_scale(args.model)}; {SAMPLER.value}",
+        f"Model: `{Path(args.model).name}`; {data['pairs']} pairs; guidance {guidance}; {SAMPLER.value}",
         f"Step costs in full passes (`{args.costs_file.name}`, {costs.get('date', '?')}, SD v1.5 "
         "architecture, 256 px): partial by branch "
         + ", ".join(f"b{b} {p:.3f}" for b, p in costs["partial"].items())

@@ -73,7 +73,7 @@ def judge_model(model: Path, args, partial: dict[int, float], draws) -> dict:
         cost, choice = harness.budgets.choose_at(pipe, interval, steps, partial, branches, found)
         rows = []
         baseline = {"name": f"deep:{interval}", "branch": 0, "full": len(range(0, steps, interval))}
-        baseline.update(score(DeepReuseConfig(key_steps=KeySteps.uniform(interval))))
+        baseline.update(score(baseline["name"]))
         for c in choice.candidates:
             config = DeepReuseConfig(key_steps=KeySteps.explicit(c.indices), branch=c.branch)
             row = {"name": f"b{c.branch}:{c.full_steps}", "branch": c.branch, "full": c.full_steps}
@@ -116,17 +116,16 @@ def verdicts(budget: dict) -> dict:
     }
 
 
-def report(run: dict, results, partial) -> str:
+def report(saved: harness.budgets.Saved) -> str:
     lines = harness.budgets.header(
         "The depth chooser against every branch at DeepCache's cost",
         "depth_choice.py",
-        run,
-        partial,
+        saved,
         "DPM-Solver-20; candidates placed by each branch's `deep:b` calibration (prediction criterion); "
         "the pick is the candidate of least predicted error; `deep:I` is DeepCache:I's rule",
     )
     kept = []
-    for result in results:
+    for result in saved.results:
         lines += [f"## {result['model']} ({result['pairs']} pairs)", ""]
         lines += [
             "| budget (full passes) | method | full steps | predicted error "

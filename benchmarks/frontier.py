@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {
         "run": harness.report.run_facts(harness.report.argv_of(argv), started, began, device_name=device),
         "pairs": n,
+        "guidance": guidance,
         "stock": {s.value: v for s, v in stock_rows.items()},
         "correlations": {s.value: v for s, v in correlations.items()},
         "results": {
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             for s, by in results.items()
         },
     }
-    harness.report.write(args.out, render(data, args), data)
+    harness.report.write(args.out, data, render, parser)
     return 0
 
 
@@ -236,7 +237,9 @@ def typed(data: dict) -> tuple[dict, dict, dict]:
 
 def render(data: dict, args: argparse.Namespace) -> str:
     """The report of a run's JSON ``data``; ``args``: the settings its command line parses to."""
-    return write_report(data["run"], args, data["pairs"], *typed(data))
+    # Runs from before the guidance was recorded ran at the reference model's, then and now 5.0.
+    guidance = data.get("guidance", reference.GUIDANCE_SCALE)
+    return write_report(data["run"], args, data["pairs"], guidance, *typed(data))
 
 
 def smallest_within_noise(by_budget: dict[int, dict]) -> tuple[int | None, int | None]:
@@ -251,7 +254,7 @@ def smallest_within_noise(by_budget: dict[int, dict]) -> tuple[int | None, int |
     return first, from_on
 
 
-def write_report(run: dict, args, n, results, correlations, stock_rows) -> str:
+def write_report(run: dict, args, n, guidance, results, correlations, stock_rows) -> str:
     took = harness.report.minutes(run)
     lines = [
         "# Key-step placement: the speed-quality frontier on the reference model",
@@ -259,7 +262,7 @@ def write_report(run: dict, args, n, results, correlations, stock_rows) -> str:
         f"Command: `{harness.report.command('frontier.py', run['argv'])}`  ",
         f"Started {run['started']}; took {took} min on {args.device} ({run['device_name']}), "
         f"{args.dtype}; torch {run['torch']}.  ",
-        f"{n} held-out prompt x seed pairs (the quality benchmark's), guidance {reference.GUIDANCE_SCALE}; "
+        f"{n} held-out prompt x seed pairs (the quality benchmark's), guidance {guidance}; "
         "noise injection on for every schedule. Faithfulness: all five attributes read right. Intervals: 95% "
         "paired bootstrap over the pairs. 'Within noise': the faithfulness difference's interval contains 0 "
         f"and its point is at least {harness.WITHIN_NOISE_POINTS:+.0f} point.",

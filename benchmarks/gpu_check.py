@@ -31,6 +31,10 @@ On a machine with a CUDA GPU and a CUDA build of torch (this script installs not
     script/gpu-check                                   # -> benchmarks/results/gpu-check.md
     script/gpu-check --device cpu --quick --out /tmp/gpu-check.md   # the same code on the CPU, tiny, seconds
     script/gpu-check --device cpu --quick --compile --out /tmp/gpu-check.md   # with compiled rows: a minute
+    script/gpu-check --from-json /tmp/gpu-check.json --out /tmp/again.md   # the report again, from its JSON
+
+The report is rendered from the JSON written beside it alone (the checks, the plans, each speed run's JSON
+and the facts of the run), so ``--from-json`` writes it again.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ if __package__ in (None, ""):  # run as a script: make the package and the bench
 import diffusers  # noqa: E402
 
 from benchmarks import speed  # noqa: E402
+from benchmarks.harness import report as harness_report  # noqa: E402
 from benchmarks.harness.timing import device_name  # noqa: E402
 from faster_diffusion import (  # noqa: E402
     FasterDiffusionConfig,
@@ -125,6 +130,28 @@ class Plan:
         """The ``speed.py`` mode of deep reuse with ``batched=True`` at DeepCache's interval: a full step and
         its partial steps in one UNet batch, which only a GPU's launch costs can reward."""
         return f"deep-batched:{self.cache_interval}"
+
+
+def plan_record(p: Plan) -> dict:
+    """A plan as the JSON keeps it."""
+    return {
+        "sampler": p.sampler.value,
+        "default_keys": str(p.default_keys),
+        "default": p.default,
+        "deepcache": p.deepcache,
+        "full": p.full,
+    }
+
+
+def plan_of(record: dict) -> Plan:
+    """A plan of the JSON (:func:`plan_record`)."""
+    return Plan(
+        Sampler.parse(record["sampler"]),
+        KeySteps.parse(record["default_keys"]),
+        record["default"],
+        record["deepcache"],
+        record["full"],
+    )
 
 
 def plan(sampler: Sampler) -> Plan:
@@ -257,6 +284,23 @@ def exactness_checks(device: torch.device, dtypes: Sequence[torch.dtype], size: 
                 )
             )
     return checks
+
+
+def check_record(c: Check) -> dict:
+    """A check as the JSON keeps it."""
+    return {
+        "name": c.name,
+        "sampler": c.sampler.value,
+        "dtype": str(c.dtype).removeprefix("torch."),
+        "passed": c.passed,
+        "detail": c.detail,
+    }
+
+
+def check_of(record: dict) -> Check:
+    """A check of the JSON (:func:`check_record`)."""
+    dtype = getattr(torch, record["dtype"])
+    return Check(record["name"], Sampler.parse(record["sampler"]), dtype, record["passed"], record["detail"])
 
 
 def exactness_table(checks: list[Check]) -> list[str]:
@@ -458,8 +502,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=speed.COMPILE_WARMUPS,
         help=f"untimed runs of each compiled mode before the timed ones (default {speed.COMPILE_WARMUPS})",
     )
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "gpu-check.md")
+    parser.add_argument("--out", type=Path, default=None, help="the report, its JSON beside it")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help="write the report again from a run's .json to --out (default: beside the JSON); nothing runs",
+    )
     args = parser.parse_args(argv)
+    if args.out is None:
+        default = REPO_ROOT / "benchmarks" / "results" / "gpu-check.md"
+        args.out = args.from_json.with_suffix(".md") if args.from_json is not None else default
     try:
         args.torch_device = torch.device(args.device)
     except RuntimeError as error:
@@ -495,8 +548,67 @@ def cuda_missing_message() -> str:
     )
 
 
+def render(data: dict) -> str:
+    """The report of a run's JSON ``data``, and the settings its recorded command line parses to."""
+    args = parse_args(data["argv"])
+    cuda = args.torch_device.type == "cuda"
+    checks = [check_of(c) for c in data["checks"]]
+    plans = [plan_of(p) for p in data["plans"]]
+    deepcache_error = data["deepcache_error"]
+    runs = [(attention, speed.result_of(saved)) for attention, saved in data["speed"]]
+    versions = data["versions"]
+    name = data["device_name"]
+    report = [
+        f"# GPU check: {name}",
+        "",
+        f"- Command: `{data['command']}`",
+        f"- Date: {data['date']}; torch {versions['torch']} (CUDA {versions['cuda']}), diffusers "
+        f"{versions['diffusers']}, Python {versions['python']}",
+        "",
+        "## Exactness (tiny SD-shaped model on the device)",
+        "",
+        "Tolerance: max |ours - reference| <= atol + rtol x max |reference|, with (atol, rtol) = "
+        + "; ".join(
+            f"{n}, {str(d).removeprefix('torch.')}: ({a:g}, {r:g})" for (n, d), (a, r) in TOLERANCES.items()
+        )
+        + ". TF32 is off for the fp32 checks.",
+        "",
+        *exactness_table(checks),
+    ]
+    for attention, result in runs:
+        model = (
+            "tiny SD-shaped model, 16 px (a smoke run)"
+            if args.quick
+            else f"SD v1.5 architecture, {args.size} px"
+        )
+        report += [
+            "",
+            f"## Speed and memory: {model}, {'fp16' if cuda else 'fp32'}, {attention}, against the paper",
+            "",
+            "The paper's figures are from an A40, SD v1.5, 512 px, fp16; its memory figures are for DDIM-50. "
+            "Measured: end-to-end medians; the batched mode uses the automatic decoder-batch cap.",
+            "",
+            *paper_table(result.summaries, cuda),
+            "",
+            "### The product's default, DeepCache and a compiled UNet, beside the paper's modes (same run)",
+            "",
+            *modes_table(result, plans, deepcache_error, args.compile, cuda),
+            "",
+            *modes_notes(result, plans, deepcache_error, args.compile, args.compile_warmups),
+            "",
+            "<details><summary>Full speed report</summary>",
+            "",
+            result.report.replace("\n# ", "\n### ").replace("\n## ", "\n### "),
+            "</details>",
+        ]
+    return "\n".join(report) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json is not None:
+        harness_report.report_again(args, render)
+        return 0
     device = args.torch_device
     if device.type == "cuda" and not torch.cuda.is_available():
         print(cuda_missing_message(), file=sys.stderr)
@@ -545,53 +657,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = Path(tempfile.gettempdir()) / f"faster-diffusion-gpu-check-speed-{attention}.md"
         runs.append((attention, speed.benchmark([*speed_argv, "--out", str(out)])))
 
-    name = device_name(device)
-    report = [
-        f"# GPU check: {name}",
-        "",
-        f"- Command: `{command}`",
-        f"- Date: {date}; torch {torch.__version__} (CUDA {torch.version.cuda}), diffusers "
-        f"{diffusers.__version__}, Python {platform.python_version()}",
-        "",
-        "## Exactness (tiny SD-shaped model on the device)",
-        "",
-        "Tolerance: max |ours - reference| <= atol + rtol x max |reference|, with (atol, rtol) = "
-        + "; ".join(
-            f"{n}, {str(d).removeprefix('torch.')}: ({a:g}, {r:g})" for (n, d), (a, r) in TOLERANCES.items()
-        )
-        + ". TF32 is off for the fp32 checks.",
-        "",
-        *exactness_table(checks),
-    ]
-    for attention, result in runs:
-        model = (
-            "tiny SD-shaped model, 16 px (a smoke run)"
-            if args.quick
-            else f"SD v1.5 architecture, {args.size} px"
-        )
-        report += [
-            "",
-            f"## Speed and memory: {model}, {'fp16' if cuda else 'fp32'}, {attention}, against the paper",
-            "",
-            "The paper's figures are from an A40, SD v1.5, 512 px, fp16; its memory figures are for DDIM-50. "
-            "Measured: end-to-end medians; the batched mode uses the automatic decoder-batch cap.",
-            "",
-            *paper_table(result.summaries, cuda),
-            "",
-            "### The product's default, DeepCache and a compiled UNet, beside the paper's modes (same run)",
-            "",
-            *modes_table(result, plans, deepcache_error, args.compile, cuda),
-            "",
-            *modes_notes(result, plans, deepcache_error, args.compile, args.compile_warmups),
-            "",
-            "<details><summary>Full speed report</summary>",
-            "",
-            result.report.replace("\n# ", "\n### ").replace("\n## ", "\n### "),
-            "</details>",
-        ]
-    text = "\n".join(report) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text, encoding="utf-8")
+    data = {
+        "argv": list(sys.argv[1:] if argv is None else argv),
+        "command": command,
+        "date": date,
+        "device_name": device_name(device),
+        "versions": {
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "diffusers": diffusers.__version__,
+            "python": platform.python_version(),
+        },
+        "checks": [check_record(c) for c in checks],
+        "deepcache_error": deepcache_error,
+        "plans": [plan_record(p) for p in plans],
+        "speed": [[attention, result.data] for attention, result in runs],
+    }
+    harness_report.write(args.out, data, render)
     failed = [c for c in checks if not c.passed]
     _log(f"wrote {args.out}; exactness: {len(checks) - len(failed)} of {len(checks)} checks passed")
     return 1 if failed else 0

@@ -123,17 +123,16 @@ def points(value: tuple[float, tuple[float, float]]) -> str:
     return f"{mean * 100:+.1f} [{low * 100:+.1f}, {high * 100:+.1f}]"
 
 
-def report(run: dict, results, partial) -> str:
+def report(saved: harness.budgets.Saved) -> str:
     lines = harness.budgets.header(
         "The product's best setting against DeepCache, pair by pair",
         "head_to_head.py",
-        run,
-        partial,
+        saved,
         "DPM-Solver-20; DeepCache is its own `DeepCacheSDHelper` (branch 0); the pick is `choose_depth`'s "
         "at DeepCache's cost; seeds 2000 and up (fresh)",
     )
     totals = {"holds": 0, "beats": 0, "cells": 0}
-    for result in results:
+    for result in saved.results:
         lines += [f"## {result['model']} ({result['pairs']} pairs)", ""]
         lines += [
             "| interval (cost, full passes) | pick | DeepCache − stock (points) | pick − stock (points) "

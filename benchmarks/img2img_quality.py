@@ -61,11 +61,8 @@ SAMPLERS = (Sampler.DDIM, Sampler.DPM_SOLVER)
 STRENGTHS = (0.8, 0.6)
 #: The sampler that makes the input images (stock, the reference guidance scale).
 INPUT_SAMPLER = Sampler.DDIM
-#: The judgement's threshold on the faithfulness difference to stock, in points (fixed with the protocol).
-WITHIN_NOISE_POINTS = -1.0
 #: Pairs shown in the sample grid (DDIM-50, strength 0.8).
 GRID_PAIRS = 8
-WITHIN_NOISE = "within noise of stock"
 
 
 def input_combos(combos: list[tuple[str, ...]], per_combo: int) -> list[tuple[str, ...]]:
@@ -96,8 +93,9 @@ def to_input_images(images: np.ndarray) -> torch.Tensor:
 class Img2ImgRun:
     images: np.ndarray  # (N, 3, 32, 32) in [-1, 1]
     seconds: float
-    encoder_passes: int
-    decoder_passes: int
+    #: Full UNet passes (the encoder's), and steps that run (the decoder's passes).
+    full_passes: int
+    steps: int
     #: What the run used: the cut schedule's ``describe()``, or for stock the steps that ran.
     key_steps: str
     metrics: dict = field(default_factory=dict)
@@ -148,48 +146,25 @@ def generate_img2img(
 # ------------------------------------------------------------------------------------------------ metrics
 
 
-def judge(delta: float, delta_ci: tuple[float, float]) -> str:
-    """The protocol's judgement of a faithfulness difference to stock (fractions, not points)."""
-    if delta_ci[0] <= 0 <= delta_ci[1] and delta * 100 >= WITHIN_NOISE_POINTS:
-        return WITHIN_NOISE
-    if not delta_ci[0] <= 0 <= delta_ci[1]:
-        return "not within noise of stock (the interval excludes 0)"
-    return f"not within noise of stock (below {WITHIN_NOISE_POINTS:g} point)"
-
-
-def evaluate(runs: dict[str, Img2ImgRun], labels: np.ndarray, classifier, draws: list[np.ndarray]) -> None:
-    """Fill ``metrics`` of every run: faithfulness to ``labels`` and, against ``runs["stock"]``, its
-    difference and PSNR, each with a bootstrap interval over the pairs from ``draws`` (the same for every
-    configuration, so that differences get intervals too)."""
-    stock = runs["stock"]
-    correct = {}
+def evaluate(runs: dict[str, Img2ImgRun], judge: harness.Judge) -> None:
+    """Fill ``metrics`` of every run: faithfulness (``judge``'s labels) with its interval and, against
+    ``runs["stock"]`` (``judge``'s stock), its difference with a paired interval, the protocol's judgement,
+    and PSNR with its interval; every configuration on ``judge``'s draws."""
     for name, run in runs.items():
-        predicted, _ = harness.classify(classifier, run.images)
-        correct[name] = (predicted == labels).all(axis=1).astype(np.float64)
-    stock_boot = np.array([correct["stock"][d].mean() for d in draws])
-    for name, run in runs.items():
-        boot = np.array([correct[name][d].mean() for d in draws])
-        run.metrics["all"] = float(correct[name].mean())
-        run.metrics["all_ci"] = harness.interval(boot)
+        correct = judge.stock_correct if name == "stock" else judge.correct(run.images)
+        run.metrics["all"], run.metrics["all_ci"] = judge.faithfulness(correct)
         if name == "stock":
             continue
-        delta = run.metrics["all"] - float(correct["stock"].mean())
-        run.metrics["all_delta"] = delta
-        run.metrics["all_delta_ci"] = harness.interval(boot - stock_boot)
-        run.metrics["judgement"] = judge(delta, run.metrics["all_delta_ci"])
-        p = np.minimum(harness.psnr(run.images, stock.images), 100.0)
-        run.metrics["psnr"] = float(p.mean())
-        run.metrics["psnr_ci"] = harness.interval(np.array([p[d].mean() for d in draws]))
+        run.metrics["all_delta"], run.metrics["all_delta_ci"] = judge.delta(correct)
+        run.metrics["judgement"] = harness.judgement(run.metrics["all_delta"], run.metrics["all_delta_ci"])
+        run.metrics["psnr"], run.metrics["psnr_ci"] = judge.fidelity(run.images)
 
 
 def faithfulness(classifier, images: np.ndarray, labels: np.ndarray, draws: list[np.ndarray]) -> dict:
     """How often all five attributes of ``labels`` are read off ``images``, with its bootstrap interval."""
-    predicted, _ = harness.classify(classifier, images)
-    correct = (predicted == labels).all(axis=1).astype(np.float64)
-    return {
-        "all": float(correct.mean()),
-        "all_ci": harness.interval(np.array([correct[d].mean() for d in draws])),
-    }
+    judge = harness.Judge(classifier, labels, images, draws)  # ``images`` in stock's place: only read
+    share, ci = judge.faithfulness(judge.stock_correct)
+    return {"all": share, "all_ci": ci}
 
 
 # ------------------------------------------------------------------------------------------------- output
@@ -226,8 +201,8 @@ def typed(data: dict) -> dict[Sampler, dict[float, dict[str, Img2ImgRun]]]:
                 name: Img2ImgRun(
                     images=None,
                     seconds=m["seconds"],
-                    encoder_passes=m["encoder_passes"],
-                    decoder_passes=m["decoder_passes"],
+                    full_passes=m["encoder_passes"],
+                    steps=m["decoder_passes"],
                     key_steps=m["key_steps"],
                     metrics={k: v for k, v in m.items() if k not in RUN_FIELDS},
                 )
@@ -269,7 +244,7 @@ def report(run: dict, args, data: dict, results: dict) -> str:
         "in the docstring of `benchmarks/img2img_quality.py`.",
         "",
         "Judgement, stated in advance: **within noise of stock** when the 95% interval of the faithfulness "
-        f"difference contains 0 and its point estimate is >= {WITHIN_NOISE_POINTS:g} point.",
+        f"difference contains 0 and its point estimate is >= {harness.WITHIN_NOISE_POINTS:g} point.",
         "",
         "Sanity rows (the input images, before image-to-image): the classifier reads all five attributes "
         f"of the pair's prompt off {input_all}% of them (should be low: they "
@@ -296,7 +271,7 @@ def report(run: dict, args, data: dict, results: dict) -> str:
                     delta = f"{m['all_delta'] * 100:+.1f} [{low * 100:+.1f}, {high * 100:+.1f}]"
                     fidelity, judgement = fmt_ci(m["psnr"], m["psnr_ci"], 1), m["judgement"]
                 lines.append(
-                    f"| {name} | {run.key_steps} | {run.encoder_passes} / {run.decoder_passes} | "
+                    f"| {name} | {run.key_steps} | {run.full_passes} / {run.steps} | "
                     f"{run.seconds:.1f} | {fmt_ci(m['all'], m['all_ci'], 1, 100)} | {delta} | {fidelity} | "
                     f"{judgement} |"
                 )
@@ -362,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{sampler.value} {strength:g} {config.name}: {runs[config.name].seconds:.1f} s",
                     flush=True,
                 )
-            evaluate(runs, labels, classifier, draws)
+            judge = harness.Judge(classifier, labels, runs["stock"].images, draws)
+            evaluate(runs, judge)
             results[sampler][strength] = runs
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -386,8 +362,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{strength:g}": {
                     name: {
                         "key_steps": run.key_steps,
-                        "encoder_passes": run.encoder_passes,
-                        "decoder_passes": run.decoder_passes,
+                        "encoder_passes": run.full_passes,
+                        "decoder_passes": run.steps,
                         "seconds": run.seconds,
                         **run.metrics,
                     }
@@ -398,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             for s, by_strength in results.items()
         },
     }
-    harness.report.write(args.out, report(data["run"], args, data, results), data)
+    harness.report.write(args.out, data, render, parser)
     return 0
 
 

@@ -196,9 +196,9 @@ def default_method(sampler: str) -> str:
     return str(keys)
 
 
-def plot_speed(results: dict, speedups: dict, path: Path) -> list[str]:
-    """Quality against measured end-to-end speedup, for the samplers the speed reports cover; returns the
-    methods left out for want of a speed."""
+def plot_speed(results: dict, defaults: dict[str, str], speedups: dict, path: Path) -> list[str]:
+    """Quality against measured end-to-end speedup, for the samplers the speed reports cover, the product's
+    default (``defaults``, by sampler) ringed; returns the methods left out for want of a speed."""
     samplers = [s for s in results if any(k[0] == s for k in speedups)]
     missing: list[str] = []
     if not samplers:
@@ -215,7 +215,7 @@ def plot_speed(results: dict, speedups: dict, path: Path) -> list[str]:
                     missing.append(f"{sampler} {name}")
                     continue
                 families.setdefault(re.sub(r":\d+", "", name), []).append((speed, m))
-            name = default_method(sampler)  # ringed on both panels
+            name = defaults[sampler]  # ringed on both panels
             default = results[sampler].get(name, {})
             default_speed = speed_of(name, default.get("full_passes"), sampler, speedups, steps)
             for col, (metric, label, scale) in enumerate(harness.plots.PANELS):
@@ -251,13 +251,18 @@ def plot_speed(results: dict, speedups: dict, path: Path) -> list[str]:
     return missing
 
 
-def speed_plot(results: dict, args, stem: Path) -> None:
+def speed_plot(data: dict, args, stem: Path) -> None:
+    """The quality-against-speed plot of a run's JSON ``data``, if ``--speed`` names speed reports."""
     if not args.speed:
         return
     speedups: dict[tuple[str, str], float] = {}
     for path in args.speed:
         speedups.update(read_speedups(path))
-    missing = plot_speed(results, speedups, Path(f"{stem}-speed.png"))
+    results = data["results"]
+    # Runs from before the defaults were recorded: the policy's default now (what their plots were drawn with
+    # when they were last drawn again).
+    defaults = data.get("defaults") or {s: default_method(s) for s in results}
+    missing = plot_speed(results, defaults, speedups, Path(f"{stem}-speed.png"))
     if missing:
         print(f"no measured speed, left off the speed plot: {', '.join(missing)}")
 
@@ -304,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         saved, _ = harness.report.report_again(args, render, parser)
         stem = args.out.with_suffix("")
         plot(saved["results"], Path(f"{stem}.png"))
-        speed_plot(saved["results"], args, stem)
+        speed_plot(saved, args, stem)
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -356,15 +361,17 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.out.with_suffix("")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot(results, Path(f"{stem}.png"))
-    speed_plot(results, args, stem)
     data = {
         "run": harness.report.run_facts(harness.report.argv_of(argv), started, began, deepcache=deepcache),
         "pairs": n,
         "seed_offset": args.seed_offset,
+        "guidance": guidance,
+        "defaults": {s.value: default_method(s.value) for s in args.samplers},
         "results": results,
         "agreement": agreement,
     }
-    harness.report.write(args.out, render(data, args), data)
+    harness.report.write(args.out, data, render, parser)
+    speed_plot(data, args, stem)
     return 0
 
 
@@ -434,12 +441,13 @@ def render(data: dict, args: argparse.Namespace) -> str:
     legacy = "seed_offset" not in data
     offset = data.get("seed_offset", 0)
     seeds = "seeds" if legacy else f"seeds {offset} to {offset + n - 1}"
+    # Runs from before the guidance was recorded ran at the model's, as reference.guidance_scale gives it.
+    guidance = data.get("guidance", reference.guidance_scale(args.model))
     lines = harness.report.header(
         "Reuse modes against DeepCache on the reference model",
         "modes_frontier.py",
         run,
-        f"Model: `{Path(args.model).name}`; {n} pairs (held-out combinations x {seeds}); guidance "
-        f"{reference.guidance_scale(args.model)}",
+        f"Model: `{Path(args.model).name}`; {n} pairs (held-out combinations x {seeds}); guidance {guidance}",
         "DeepCache: "
         + (
             "installed; DeepCacheSDHelper, branch 0"

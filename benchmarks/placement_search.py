@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         "outcome": outcome,
         "seconds": wall,
     }
-    harness.report.write(args.out, render(data), data)
+    harness.report.write(args.out, data, render)
     return 0
 
 

@@ -51,7 +51,6 @@ if __package__ in (None, ""):
 
 from benchmarks import harness  # noqa: E402
 from faster_diffusion import (  # noqa: E402
-    KeySteps,
     Sampler,
     reference,
     use_sampler,
@@ -75,28 +74,19 @@ PAPER = {
 }
 
 
-def reversed_paper_key_steps(num_steps: int) -> tuple[int, ...]:
-    """The paper's key steps mirrored in time: same count and gaps, dense at the end instead of the start."""
-    paper = paper_key_steps(num_steps)
-    return (0, *sorted(num_steps - i for i in paper if i > 0))
-
-
-def configs_for(sampler: Sampler, quick: bool) -> list[harness.EncoderSetting]:
-    steps = sampler.default_steps
-    configs = [harness.EncoderSetting("stock", None), harness.EncoderSetting("paper", KeySteps.paper())]
+def configs_for(quick: bool) -> list[str]:
+    """The configurations compared with each sampler: registered methods (``harness.methods``)."""
     if quick:
-        return [
-            *configs,
-            harness.EncoderSetting("paper reversed", KeySteps.explicit(reversed_paper_key_steps(steps))),
-        ]
-    # Calibrated key steps at the paper's budget, resolved from the model folder's calibration file.
-    configs.append(harness.EncoderSetting("auto", KeySteps.auto()))
-    configs.append(harness.EncoderSetting("paper, no noise", KeySteps.paper(), noise=False))
-    configs += [harness.EncoderSetting(f"uniform:{k}", KeySteps.uniform(k)) for k in UNIFORM_KS]
-    configs.append(
-        harness.EncoderSetting("paper reversed", KeySteps.explicit(reversed_paper_key_steps(steps)))
-    )
-    return configs
+        return ["stock", "paper", "paper reversed"]
+    # ``auto``: calibrated key steps at the paper's budget, resolved from the model folder's calibration file.
+    return [
+        "stock",
+        "paper",
+        "auto",
+        "paper, no noise",
+        *(f"uniform:{k}" for k in UNIFORM_KS),
+        "paper reversed",
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -315,26 +305,29 @@ def evaluate(
     """Fill ``metrics`` of every result, with intervals over the prompt x seed pairs (drawn jointly for all
     configurations, so differences to stock get intervals too)."""
     n = len(labels)
-    draws = [rng.integers(0, n, n) for _ in range(boot)]
+    # The draws come from ``rng``, which the half samples below go on drawing from (see bootstrap_draws).
+    draws = harness.bootstrap_draws(n, boot, rng=rng)
     stock = results["stock"]
     per_config = {}
-    for name, result in results.items():
+    judge = None
+    for name in ["stock", *(name for name in results if name != "stock")]:
+        result = results[name]
         predicted, features = harness.classify(classifier, result.images)
         per_config[name] = ((predicted == labels).all(axis=1).astype(np.float64), features)
+        if judge is None:
+            judge = harness.Judge(classifier, labels, stock.images, draws, stock_correct=per_config[name][0])
         accuracy = reference.attribute_accuracy(predicted, labels)
         result.metrics["all"] = accuracy.pop("all")
         result.metrics["attributes"] = accuracy
         result.metrics["fd"] = frechet_distance(features, real_features)
         result.metrics["kid"] = kernel_distance(features, real_features)
         if name != "stock":
-            p, s = harness.psnr(result.images, stock.images), ssim(result.images, stock.images)
-            result.metrics["psnr"] = float(np.mean(np.minimum(p, 100.0)))
+            s = ssim(result.images, stock.images)
+            result.metrics["psnr"], psnr_ci = judge.fidelity(result.images)
             result.metrics["ssim"] = float(np.mean(s))
-            result.metrics["psnr_ci"] = harness.interval(
-                np.array([np.minimum(p, 100.0)[d].mean() for d in draws])
-            )
-            result.metrics["ssim_ci"] = harness.interval(np.array([s[d].mean() for d in draws]))
-    stock_all, stock_features = per_config["stock"]
+            result.metrics["psnr_ci"] = psnr_ci
+            result.metrics["ssim_ci"] = harness.interval(judge.boot(s))
+    stock_features = per_config["stock"][1]
     halves = list(zip(half_samples(rng, n, boot), half_samples(rng, len(real_features), boot), strict=True))
     real_kernel = polynomial_kernel(real_features, real_features)
 
@@ -347,14 +340,11 @@ def evaluate(
         all_correct, features = per_config[name]
         fds = half_fds(features)
         kids = half_kernel_distances(features, real_features, halves, real_kernel)
-        accs = np.array([all_correct[d].mean() for d in draws])
-        result.metrics["all_ci"] = harness.interval(accs)
+        result.metrics["all_ci"] = judge.faithfulness(all_correct)[1]
         result.metrics["fd_ci"] = recentred_interval(result.metrics["fd"], fds)
         result.metrics["kid_ci"] = recentred_interval(result.metrics["kid"], kids)
         if name != "stock":
-            result.metrics["all_delta_ci"] = harness.interval(
-                accs - np.array([stock_all[d].mean() for d in draws])
-            )
+            result.metrics["all_delta_ci"] = judge.delta(all_correct)[1]
             delta = result.metrics["fd"] - stock.metrics["fd"]
             result.metrics["fd_delta_ci"] = recentred_interval(delta, fds - stock_half)
             delta = result.metrics["kid"] - stock.metrics["kid"]
@@ -372,8 +362,8 @@ def typed(data: dict) -> dict[Sampler, dict[str, harness.RunResult]]:
             name: harness.RunResult(
                 images=None,
                 seconds=m["seconds"],
-                encoder_passes=m["encoder_passes"],
-                decoder_passes=m["decoder_passes"],
+                full_passes=m["encoder_passes"],
+                steps=m["decoder_passes"],
                 key_steps=tuple(m["key_steps"]),
                 metrics={k: v for k, v in m.items() if k not in RUN_FIELDS},
             )
@@ -485,7 +475,7 @@ def report(
                 )
             )
             lines.append(
-                f"| {name} | {keys} | {r.encoder_passes} / {r.decoder_passes} | {r.seconds:.1f} | "
+                f"| {name} | {keys} | {r.full_passes} / {r.steps} | {r.seconds:.1f} | "
                 f"{stock.seconds / r.seconds:.2f}x | {fmt_ci(m['all'], m['all_ci'], 1, 100)} | {delta_all} | "
                 f"{attrs} | {fmt_ci(m['fd'], m['fd_ci'], 2)} | {delta_fd} | "
                 f"{fmt_ci(m['kid'], m['kid_ci'], 2, KID_SCALE)} | {delta_kid} | "
@@ -549,12 +539,10 @@ def main(argv: list[str] | None = None) -> int:
         # One untimed call first, so one-off start-up costs land on no configuration.
         harness.generate(pipe, sampler, None, prompts[:2], seeds[:2], args.guidance, args.batch)
         results[sampler] = {}
-        for config in configs_for(sampler, args.quick):
-            result = harness.generate(
-                pipe, sampler, config.faster(), prompts, seeds, args.guidance, args.batch
-            )
-            results[sampler][config.name] = result
-            print(f"{sampler.value} {config.name}: {result.seconds:.1f} s", flush=True)
+        for name in configs_for(args.quick):
+            result = harness.generate(pipe, sampler, name, prompts, seeds, args.guidance, args.batch)
+            results[sampler][name] = result
+            print(f"{sampler.value} {name}: {result.seconds:.1f} s", flush=True)
         evaluate(results[sampler], labels, real_features, classifier, args.boot, rng)
         n_change = 8 if args.quick else 64
         changes[sampler] = feature_change(pipe, sampler, prompts[:n_change], seeds[:n_change], args.guidance)
@@ -581,8 +569,8 @@ def main(argv: list[str] | None = None) -> int:
             s.value: {
                 name: {
                     "key_steps": list(r.key_steps),
-                    "encoder_passes": r.encoder_passes,
-                    "decoder_passes": r.decoder_passes,
+                    "encoder_passes": r.full_passes,
+                    "decoder_passes": r.steps,
                     "seconds": r.seconds,
                     **r.metrics,
                 }
@@ -591,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
             for s, by_config in results.items()
         },
     }
-    harness.report.write(args.out, render(data, args), data)
+    harness.report.write(args.out, data, render, parser)
     return 0
 
 

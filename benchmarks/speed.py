@@ -38,6 +38,10 @@ accelerated modes use its preset (9 of 50, 7 of 20); the cost depends only on th
     python benchmarks/speed.py --model sdxl --samplers DPM-Solver-20 --repeats 1   # -> speed-sdxl-256.md
     python benchmarks/speed.py --model sdxl --samplers DPM-Solver-20 --repeats 1 --dry-run   # check, estimate
     python benchmarks/speed.py --quick --extra-modes deep:3@DPM-Solver-20 --compile stock,deep:3@DPM-Solver-20
+    python benchmarks/speed.py --from-json /tmp/speed-quick.json --out /tmp/again.md   # again, from its JSON
+
+The run's measurements and facts go to a JSON beside the report, and the report is rendered from that JSON
+alone (and the settings its recorded command line parses to), so ``--from-json`` writes it again.
 """
 
 from __future__ import annotations
@@ -80,6 +84,7 @@ from diffusers import (  # noqa: E402
     UNet2DConditionModel,
 )
 
+from benchmarks.harness import report as harness_report  # noqa: E402
 from benchmarks.harness.methods import Context, attach, timed_kinds  # noqa: E402
 from benchmarks.harness.timing import cpu_model, device_name, interleaved, median, spread  # noqa: E402
 from benchmarks.models import build_sd15_pipeline, build_sdxl_pipeline  # noqa: E402
@@ -1011,7 +1016,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--samplers", default="DDIM-50,DPM-Solver-20", help="comma-separated: DDIM-50, DPM-Solver-20, ..."
     )
-    parser.add_argument("--out", type=Path, default=None, help="Markdown report (default: see --quick)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="Markdown report, its JSON beside it (default: see --quick; with --from-json, beside the JSON)",
+    )
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help="write the report again from a run's .json to --out (nothing is timed; the header is the run's)",
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -1149,7 +1165,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             # every small op slow down badly when another process shares the cores.
             args.threads = 1
     if args.out is None:
-        if args.quick:
+        if args.from_json is not None:
+            args.out = args.from_json.with_suffix(".md")
+        elif args.quick:
             args.out = Path(tempfile.gettempdir()) / f"faster-diffusion-speed{spec.out_infix}-quick.md"
         else:
             args.out = REPO_ROOT / "benchmarks" / "results" / f"speed{spec.out_infix}-{args.size}.md"
@@ -1170,6 +1188,8 @@ class Benchmark:
     failed: dict[tuple[Sampler, str], str] = field(default_factory=dict)
     #: Functions where Dynamo hit a recompile limit during the runs (:class:`RecompileLimitLog`).
     recompile_limit_hits: list[str] = field(default_factory=list)
+    #: The run's JSON, from which all of the above is read (empty for a dry run).
+    data: dict = field(default_factory=dict)
 
 
 def error_text(error: BaseException, limit: int = 300) -> str:
@@ -1228,12 +1248,18 @@ def compiled_benches(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.from_json is not None:
+        harness_report.report_again(args, render)
+        return 0
     benchmark(argv)
     return 0
 
 
 def benchmark(argv: Sequence[str] | None = None) -> Benchmark:
-    """Run the benchmark with command-line arguments ``argv``; print and write the report, and return it."""
+    """Run the benchmark with command-line arguments ``argv``; write its JSON (``--out`` with suffix
+    ``.json``: the measurements and the facts of the run) and the report rendered from that JSON alone
+    (:func:`render`, as ``--from-json`` renders it), print the report, and return what the JSON says."""
     args = parse_args(argv)
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__), *sys.argv[1:]])
     if argv is not None:
@@ -1330,6 +1356,71 @@ def benchmark(argv: Sequence[str] | None = None) -> Benchmark:
         _log("encoder share: synced stock UNet calls at CFG batch 2 ...")
         time_unet(bench.clock, pipe.unet, latent_size, 1, max(10, args.probe_repeats))
         stock_calls = bench.clock.stock_calls()
+    data = {
+        "argv": list(argv) if argv is not None else sys.argv[1:],
+        "command": command,
+        "date": date,
+        "total_seconds": total_seconds,
+        "build_seconds": build_seconds,
+        "model": model,
+        "pipeline": type(pipe).__name__,
+        "size": size,
+        "device": str(device),
+        "device_name": device_name(device),
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "versions": {
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "attention": _attention_backend(pipe.unet),
+        "load": {"timed_others": timed_others, "start": load_start[0], "end": os.getloadavg()[0]},
+        "recompile_limit_hits": limit_log.functions,
+        "failed": [[sampler.value, mode, error] for (sampler, mode), error in failed.items()],
+        "runs": [run_record(r) for r in warmups + runs],
+        "stock_calls": stock_calls,
+        "probe": [dataclasses.asdict(t) for t in probe],
+        "share_probe": [dataclasses.asdict(t) for t in share_probe],
+    }
+    saved = harness_report.write(args.out, data, render)
+    _log(f"wrote {args.out} and its JSON ({total_seconds / 60:.1f} min)")
+    return result_of(saved)
+
+
+def run_record(run: Run) -> dict:
+    """A timed (or warm-up) run as the JSON keeps it."""
+    return {**dataclasses.asdict(run), "sampler": run.sampler.value}
+
+
+def run_of(record: dict) -> Run:
+    """A run of the JSON (:func:`run_record`) as the report reads it."""
+    return Run(
+        **{
+            **record,
+            "sampler": Sampler.parse(record["sampler"]),
+            "key_steps": tuple(record["key_steps"]),
+            "stock_calls": [tuple(call) for call in record["stock_calls"]],
+        }
+    )
+
+
+def result_of(data: dict) -> Benchmark:
+    """What a run's JSON ``data`` says: its report (rendered from ``data`` alone and the settings its
+    recorded command line parses to), its summaries and its failed modes."""
+    args = parse_args(data["argv"])
+    device = torch.device(data["device"])
+    every = [run_of(r) for r in data["runs"]]
+    warmups = [r for r in every if r.repeat < 0]
+    runs = [r for r in every if r.repeat >= 0]
+    failed = {(Sampler.parse(s), mode): error for s, mode, error in data["failed"]}
+    probe = [UnetTiming(**t) for t in data["probe"]]
+    share_probe = [UnetTiming(**t) for t in data["share_probe"]]
+    stock_calls = data["stock_calls"]
+    size, timed_others, load = data["size"], data["load"]["timed_others"], data["load"]
+    versions = data["versions"]
     shares = [encoder / call for call, encoder in stock_calls]
     call_median = statistics.median(call for call, _ in stock_calls)
     encoder_median = statistics.median(encoder for _, encoder in stock_calls)
@@ -1349,17 +1440,17 @@ def benchmark(argv: Sequence[str] | None = None) -> Benchmark:
     per_run_others = [r.others_cpu_percent for r in runs if r.others_cpu_percent is not None]
 
     settings = [
-        f"- Command: `{command}`",
-        f"- Date: {date}; total run time {total_seconds / 60:.1f} min "
-        f"(pipeline built in {build_seconds:.1f} s)",
-        f"- Model: {model}, `{type(pipe).__name__}`; {size} x {size} px; {args.dtype} on {device}, "
+        f"- Command: `{data['command']}`",
+        f"- Date: {data['date']}; total run time {data['total_seconds'] / 60:.1f} min "
+        f"(pipeline built in {data['build_seconds']:.1f} s)",
+        f"- Model: {data['model']}, `{data['pipeline']}`; {size} x {size} px; {args.dtype} on {device}, "
         "eval mode, `torch.inference_mode()`; no safety checker"
         + ("; no watermarker" if args.model == "sdxl" else ""),
-        f"- Machine: {cpu_model()}, {os.cpu_count()} logical CPUs; torch {torch.__version__} "
-        f"(`torch.get_num_threads()` = {torch.get_num_threads()}), diffusers {diffusers.__version__}, "
-        f"transformers {transformers.__version__}, Python {platform.python_version()}",
+        f"- Machine: {data['cpu']}, {data['cpus']} logical CPUs; torch {versions['torch']} "
+        f"(`torch.get_num_threads()` = {data['threads']}), diffusers {versions['diffusers']}, "
+        f"transformers {versions['transformers']}, Python {versions['python']}",
         f"- UNet memory format: {'channels_last' if args.channels_last else 'contiguous (NCHW), stock'}; "
-        f"attention processor: {_attention_backend(pipe.unet)}; threads: "
+        f"attention processor: {data['attention']}; threads: "
         f"{'set to ' + str(args.threads) if args.threads is not None else 'torch default'}. "
         "Every setting applies identically to all modes.",
         f"- Generation: prompt {args.prompt!r}, negative prompt {args.negative_prompt!r}, guidance "
@@ -1374,13 +1465,13 @@ def benchmark(argv: Sequence[str] | None = None) -> Benchmark:
         "ratios of medians against `stock` of the same run",
         f"- Load by other processes during the timed runs: {timed_others:.0f}% of the machine's CPU capacity "
         f"on average (per run: {min(per_run_others):.0f}–{max(per_run_others):.0f}%); load average "
-        f"{load_start[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"
+        f"{load['start']:.2f} at the start, {load['end']:.2f} at the end"
         if timed_others is not None and per_run_others
         else "- Load by other processes: not measurable on this platform",
     ]
     if args.compile_list:
         graphs = [r.graphs_compiled for r in runs if r.graphs_compiled is not None]
-        settings.append(compiled_line(args.compile_warmups, graphs, limit_log.functions))
+        settings.append(compiled_line(args.compile_warmups, graphs, data["recompile_limit_hits"]))
     method = [
         "- **UNet loop**: from the first call of `pipe.unet` (a forward pre-hook) to the end of the last "
         "scheduler step (`callback_on_step_end` at the last step); measured the same way for every mode.",
@@ -1422,7 +1513,7 @@ def benchmark(argv: Sequence[str] | None = None) -> Benchmark:
         "whose timed runs do not sync per call).",
     ]
 
-    where = "CPU" if device.type == "cpu" else f"{device.type.upper()} ({device_name(device)})"
+    where = "CPU" if device.type == "cpu" else f"{device.type.upper()} ({data['device_name']})"
     title = f"{size} px, {where}" if args.model == "sd15" else f"{args.model.upper()}, {size} px, {where}"
     report = [f"# Faster Diffusion speed benchmark: {title}", "", *settings, "", "## Results", ""]
     report += results_table(summaries)
@@ -1447,13 +1538,18 @@ def benchmark(argv: Sequence[str] | None = None) -> Benchmark:
     report += raw_table(warmups + runs)
     text = "\n".join(report) + "\n"
 
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text, encoding="utf-8")
-    _log(f"wrote {args.out} ({total_seconds / 60:.1f} min)")
     return Benchmark(
-        report=text, summaries=summaries, failed=failed, recompile_limit_hits=limit_log.functions
+        report=text,
+        summaries=summaries,
+        failed=failed,
+        recompile_limit_hits=data["recompile_limit_hits"],
+        data=data,
     )
+
+
+def render(data: dict) -> str:
+    """The report of a run's JSON ``data``."""
+    return result_of(data).report
 
 
 if __name__ == "__main__":

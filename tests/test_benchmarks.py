@@ -29,9 +29,21 @@ def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
     return result
 
 
-def test_speed_benchmark_quick_run_writes_a_report(tmp_path):
+def assert_regenerates(script: str, out: Path) -> None:
+    """``benchmarks/<script> --from-json`` on the JSON a run wrote beside ``out`` writes ``out`` again, byte
+    for byte."""
+    import importlib
+
+    again = out.with_name(f"again-{out.name}")
+    module = importlib.import_module(f"benchmarks.{script.removesuffix('.py')}")
+    assert module.main(["--from-json", str(out.with_suffix(".json")), "--out", str(again)]) == 0
+    assert again.read_text() == out.read_text()
+
+
+def test_speed_benchmark_quick_run_writes_a_report_that_its_json_regenerates(tmp_path):
     out = tmp_path / "speed.md"
     run_script("speed.py", "--quick", "--out", str(out))
+    assert_regenerates("speed.py", out)
     report = out.read_text()
     for mode in ("stock", "propagation", "propagation+batched"):
         assert f"| DDIM-50 | {mode} |" in report and f"| DPM-Solver-20 | {mode} |" in report
@@ -105,11 +117,12 @@ def test_img2img_inputs_show_the_next_held_out_combination():
         input_combos(combos[:1], 3)
 
 
-def test_img2img_quality_benchmark_quick_run_writes_a_report_and_a_grid(tmp_path):
+def test_img2img_quality_benchmark_quick_run_writes_a_report_its_json_regenerates_and_a_grid(tmp_path):
     from PIL import Image
 
     out = tmp_path / "img2img.md"
     run_script("img2img_quality.py", "--quick", "--out", str(out))
+    assert_regenerates("img2img_quality.py", out)  # the report is rendered from the JSON alone
     report = out.read_text()
     assert "Command: `python benchmarks/img2img_quality.py --quick --out" in report
     assert re.search(r"torch [^,]+, \w+, 1 threads", report)
@@ -496,12 +509,34 @@ def test_every_method_a_committed_report_names_is_one_registration_with_its_full
     from benchmarks.harness.methods import METHODS, lookup
     from faster_diffusion import Sampler
 
-    for path in (ROOT / "benchmarks" / "results").glob("modes-frontier*.json"):
-        for sampler, rows in json.loads(path.read_text())["results"].items():
-            context = Context(steps=Sampler.parse(sampler).default_steps)
-            for name, row in rows.items():
-                assert sum(bool(m.pattern.fullmatch(name)) for m in METHODS) == 1, name
-                assert full_passes(name, context) == row["full_passes"], (path.name, name)
+    results = ROOT / "benchmarks" / "results"
+    # (report, steps, method name, its full passes) of every row whose method is a registration.
+    rows = []
+    for path in results.glob("modes-frontier*.json"):
+        for sampler, by_name in json.loads(path.read_text())["results"].items():
+            steps = Sampler.parse(sampler).default_steps
+            rows += [(path.name, steps, name, row["full_passes"]) for name, row in by_name.items()]
+    for path in (p.with_suffix(".json") for p in results.glob("deep-variants*.md")):
+        by_name = json.loads(path.read_text())["rows"]
+        # The compose and damped step plans are the script's prototype, not methods of the product.
+        rows += [
+            (path.name, 20, name, row["full_passes"])
+            for name, row in by_name.items()
+            if row["family"] not in ("compose", "damped")
+        ]
+    for path in results.glob("depth-choice*.json"):
+        for result in json.loads(path.read_text())["results"]:
+            # The candidates bB:F are placed during the run; the baseline is DeepCache:I's rule.
+            rows += [(path.name, 20, b["baseline"]["name"], b["baseline"]["full"]) for b in result["budgets"]]
+    for path in results.glob("quality*.json"):
+        for sampler, by_name in json.loads(path.read_text())["results"].items():
+            steps = Sampler.parse(sampler).default_steps
+            rows += [(path.name, steps, name, row["encoder_passes"]) for name, row in by_name.items()]
+    reports = {report for report, *_ in rows}
+    assert {"modes-frontier.json", "deep-variants.json", "depth-choice.json", "quality.json"} <= reports
+    for report, steps, name, full in rows:
+        assert sum(bool(m.pattern.fullmatch(name)) for m in METHODS) == 1, (report, name)
+        assert full_passes(name, Context(steps=steps)) == full, (report, name)
     assert lookup("deepcache:3")[0].needs == "DeepCache"
     with pytest.raises(KeyError, match="no method is registered for 'tgate:3'"):
         lookup("tgate:3")

@@ -30,6 +30,10 @@ def test_gpu_check_runs_on_the_cpu_and_writes_a_report(tmp_path):
     result = run_gpu_check("--device", "cpu", "--quick", "--samplers", "DPM-Solver-20", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     report = out.read_text()
+    # The report is rendered from the JSON beside it alone: --from-json writes it again, byte for byte.
+    again = tmp_path / "again.md"
+    assert gpu_check.main(["--from-json", str(out.with_suffix(".json")), "--out", str(again)]) == 0
+    assert again.read_text() == report
     for check in ("identity", "parallel = sequential", "call counts"):
         for sampler in ("DDIM-50", "DPM-Solver-20"):
             assert f"| {check} | {sampler} | float32 | PASS |" in report

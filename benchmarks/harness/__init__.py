@@ -19,6 +19,14 @@ How to add
   ``remove()``, ``full(context, **groups)`` its full passes, ``needs=`` the peer's package and
   ``timed_kinds=`` the ``KIND`` of its ``KIND:N`` names that ``speed.py --extra-modes`` times. Judge runs
   (:func:`run`) and speed timing (``speed.py``) attach it through the same registration.
+
+  What is not a registration, and goes through :func:`attached`'s config branch (or a plan of its own):
+  rows that are not a method of the product at a setting, but a prototype or a setting found during the run:
+  ``deep_variants.py``'s ``compose:I`` and ``damped:I`` step plans, ``head_to_head.py``'s pick and
+  ``depth_choice.py``'s ``bB:F`` candidates (placed by ``choose_depth`` from calibrations made in the run),
+  and ``placement_search.py``'s searched key-step lists. ``img2img_quality.py``'s :class:`EncoderSetting`
+  rows (encoder propagation on the image-to-image pipeline: ``default``, the encoder policy's key steps
+  then, and ``paper``) are methods at a setting that are not registrations yet.
 - **a model**: a folder in :data:`REFERENCE_MODELS` (``reference.guidance_scale`` knowing its guidance).
 - **a report**: a script whose report is a function of its JSON alone (the JSON's ``run`` is
   :func:`run_facts`'s, the settings are what its recorded command line parses to), which it writes with
@@ -41,6 +49,7 @@ from .judge import (
     bootstrap_draws,
     classify,
     interval,
+    judgement,
     noise_verdict,
     psnr,
     within_noise,
@@ -80,6 +89,7 @@ __all__ = [
     "have",
     "have_deepcache",
     "interval",
+    "judgement",
     "load_classifier",
     "load_reference",
     "noise_verdict",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -73,11 +74,12 @@ def load_model(model: Path, partial: dict[int, float], sampler: Sampler):
     return pipe, steps, branches, found, load_classifier()
 
 
-def header(title: str, script: str, run: dict, partial: dict[int, float], setting: str) -> list[str]:
+def header(title: str, script: str, saved: Saved, setting: str) -> list[str]:
     """The header both ``depth_choice.py``'s and ``head_to_head.py``'s reports open with: the run, the
-    partial-step costs it used, and ``setting``."""
-    costs = ", ".join(f"b{b} {p:.3f}" for b, p in sorted(partial.items()))
-    line = f"Partial-step costs (full passes, SD v1.5 architecture, 256 px, `{COSTS.name}`): {costs}"
+    partial-step costs it used (and their file's name), and ``setting``."""
+    costs = ", ".join(f"b{b} {p:.3f}" for b, p in sorted(saved.partial.items()))
+    line = f"Partial-step costs (full passes, SD v1.5 architecture, 256 px, `{saved.costs_file}`): {costs}"
+    run = saved.run
     return report.header(title, script, run, line, setting)
 
 
@@ -93,14 +95,27 @@ def add_run_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
     report.add_from_json(parser)
 
 
-def saved(data: dict) -> tuple[list[dict], dict[int, float]]:
-    """The results and partial-step costs of a saved run of either script."""
-    return data["results"], {int(b): p for b, p in data["partial"].items()}
+@dataclass(frozen=True)
+class Saved:
+    """A saved run of either script, as its report reads it."""
+
+    run: dict
+    results: list[dict]
+    #: Partial-step cost by branch.
+    partial: dict[int, float]
+    #: The name of the costs file it read (``--costs-file``).
+    costs_file: str
+
+    @classmethod
+    def of(cls, data: dict) -> Saved:
+        # Runs from before the file's name was recorded read the default file.
+        partial = {int(b): p for b, p in data["partial"].items()}
+        return cls(data["run"], data["results"], partial, data.get("costs_file", COSTS.name))
 
 
 def report_again(args, render) -> None:
-    """``--from-json`` of either script: ``render(run, results, partial)`` of the saved run, to ``--out``."""
-    report.report_again(args, lambda data: render(data["run"], *saved(data)))
+    """``--from-json`` of either script: ``render(Saved.of(data))`` of the saved run, to ``--out``."""
+    report.report_again(args, lambda data: render(Saved.of(data)))
 
 
 def prepare(parser: argparse.ArgumentParser, args) -> dict[int, float]:
@@ -118,5 +133,5 @@ def judge_and_write(args, argv, models, pairs: int, judge_model, render, partial
     draws = bootstrap_draws(pairs, 20 if args.quick else 1000)
     results = [judge_model(model, args, partial, draws) for model in models]
     run = report.run_facts(report.argv_of(argv), started, began)
-    data = {"run": run, "partial": partial, "results": results}
-    report.write(args.out, render(run, results, partial), data)
+    data = {"run": run, "costs_file": args.costs_file.name, "partial": partial, "results": results}
+    report.write(args.out, data, lambda saved: render(Saved.of(saved)))

@@ -64,13 +64,17 @@ def run(pipe, sampler: Sampler, how, prompts, seeds, guidance: float, batch: int
 
 @dataclass
 class RunResult:
-    """A method's run over the pairs: its images, the seconds in its pipeline calls, its passes per image
-    trajectory and key steps, and the metrics a script adds."""
+    """A method's run over the pairs: its images, the seconds in its pipeline calls, its full passes and
+    steps per image trajectory (``RunStats``' ``full_passes``, and ``full_passes + partial_passes``), its key
+    steps, and the metrics a script adds. Reports' JSONs keep the counts under their former names,
+    ``encoder_passes`` and ``decoder_passes``."""
 
     images: np.ndarray  # (N, 3, 32, 32) in [-1, 1]
     seconds: float
-    encoder_passes: int = 0
-    decoder_passes: int = 0
+    #: Full UNet passes (the encoder's, for encoder propagation).
+    full_passes: int = 0
+    #: Steps, full and partial (the decoder's passes, for encoder propagation).
+    steps: int = 0
     key_steps: tuple[int, ...] = ()
     metrics: dict = field(default_factory=dict)
 

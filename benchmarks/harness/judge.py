@@ -58,10 +58,15 @@ class Pairs:
         )
 
 
-def bootstrap_draws(pairs: int, count: int, seed: int = 0) -> list[np.ndarray]:
+def bootstrap_draws(
+    pairs: int, count: int, seed: int = 0, rng: np.random.Generator | None = None
+) -> list[np.ndarray]:
     """``count`` resamples (with replacement) of ``range(pairs)``, from a generator seeded ``seed``: the draws
-    every run of a report is scored on."""
-    rng = np.random.default_rng(seed)
+    every run of a report is scored on. ``rng``: draw from this generator instead, and leave it advanced;
+    ``quality.py`` draws its half samples for FD and KID from the same generator after the draws, so its
+    committed numbers need the draws taken from it (a generator of their own would draw the same resamples,
+    but the half samples after them would change)."""
+    rng = np.random.default_rng(seed) if rng is None else rng
     return [rng.integers(0, pairs, pairs) for _ in range(count)]
 
 
@@ -97,6 +102,20 @@ def within_noise(delta: float, ci: tuple[float, float]) -> bool:
     return ci[0] <= 0.0 <= ci[1] and delta * 100 >= WITHIN_NOISE_POINTS
 
 
+#: :func:`judgement`'s verdict for a run within noise of stock.
+WITHIN_NOISE = "within noise of stock"
+
+
+def judgement(delta: float, ci) -> str:
+    """The protocol's "within noise of stock" in words, with the reason when it is not
+    (``img2img_quality.py``'s reports)."""
+    if within_noise(delta, ci):
+        return WITHIN_NOISE
+    if not ci[0] <= 0 <= ci[1]:
+        return "not within noise of stock (the interval excludes 0)"
+    return f"not within noise of stock (below {WITHIN_NOISE_POINTS:g} point)"
+
+
 def noise_verdict(delta: float, ci) -> str:
     """The protocol's "within noise of stock", or "above stock" when the whole interval is above 0."""
     if ci[0] > 0:
@@ -109,25 +128,52 @@ class Judge:
     read right) as a difference to stock with a paired bootstrap interval, and PSNR against stock's image of
     the same pair (capped at 100 dB) with its interval. Every run is scored on the same ``draws``."""
 
-    def __init__(self, classifier, labels: np.ndarray, stock_images: np.ndarray, draws: list[np.ndarray]):
+    def __init__(
+        self,
+        classifier,
+        labels: np.ndarray,
+        stock_images: np.ndarray,
+        draws: list[np.ndarray],
+        stock_correct: np.ndarray | None = None,
+    ):
+        """``stock_correct``: :meth:`correct` of the stock images, where the caller has read them already."""
         self.classifier, self.labels, self.stock_images, self.draws = classifier, labels, stock_images, draws
-        self.stock_correct = self.correct(stock_images)
-        self.stock_boot = np.array([self.stock_correct[d].mean() for d in draws])
+        self.stock_correct = self.correct(stock_images) if stock_correct is None else stock_correct
+        self.stock_boot = self.boot(self.stock_correct)
 
     def correct(self, images: np.ndarray) -> np.ndarray:
         """1.0 for each image whose five attributes the classifier reads right, else 0.0."""
         return all_right(self.classifier, self.labels, images)
 
+    def boot(self, values: np.ndarray) -> np.ndarray:
+        """The mean of per-pair ``values`` over each draw."""
+        return np.array([values[d].mean() for d in self.draws])
+
+    def faithfulness(self, correct: np.ndarray) -> tuple[float, tuple[float, float]]:
+        """The share of pairs fully right, from :meth:`correct`'s ``correct``, and its 95% interval."""
+        return float(correct.mean()), interval(self.boot(correct))
+
+    def fidelity(self, images: np.ndarray) -> tuple[float, tuple[float, float]]:
+        """Mean PSNR against stock's image of the same pair (capped at 100 dB), and its 95% interval."""
+        p = np.minimum(psnr(images, self.stock_images), PSNR_CAP_DB)
+        return float(p.mean()), interval(self.boot(p))
+
+    def delta(self, correct: np.ndarray) -> tuple[float, tuple[float, float]]:
+        """Faithfulness minus stock's, from :meth:`correct`'s ``correct``, and its paired 95% interval."""
+        difference = float(correct.mean() - self.stock_correct.mean())
+        return difference, interval(self.boot(correct) - self.stock_boot)
+
     def __call__(self, images: np.ndarray) -> dict:
         """``all`` (share fully right), ``delta`` and ``delta_ci`` (to stock), ``psnr`` and ``psnr_ci``."""
         correct = self.correct(images)
-        p = np.minimum(psnr(images, self.stock_images), PSNR_CAP_DB)
+        delta, delta_ci = self.delta(correct)
+        fidelity, fidelity_ci = self.fidelity(images)
         return {
             "all": float(correct.mean()),
-            "delta": float(correct.mean() - self.stock_correct.mean()),
-            "delta_ci": interval(np.array([correct[d].mean() for d in self.draws]) - self.stock_boot),
-            "psnr": float(p.mean()),
-            "psnr_ci": interval(np.array([p[d].mean() for d in self.draws])),
+            "delta": delta,
+            "delta_ci": delta_ci,
+            "psnr": fidelity,
+            "psnr_ci": fidelity_ci,
         }
 
 

@@ -38,6 +38,7 @@ from faster_diffusion import (
     apply_faster_diffusion,
 )
 from faster_diffusion.calibration import find_calibration
+from faster_diffusion.schedule import paper_key_steps
 
 
 @dataclass(frozen=True)
@@ -137,8 +138,9 @@ def have_deepcache() -> bool:
 
 @dataclass(frozen=True)
 class EncoderSetting:
-    """Encoder propagation at a setting that a script names itself (``quality.py``'s ``paper, no noise``...):
-    its key steps (``None``: stock) and whether prior noise injection is on."""
+    """Encoder propagation at a setting that a script names itself (``img2img_quality.py``'s ``default``, the
+    encoder policy's key steps, and ``paper``): its key steps (``None``: stock) and whether prior noise
+    injection is on. Not a registration: see the harness's docstring."""
 
     name: str
     key_steps: KeySteps | None
@@ -189,19 +191,25 @@ def _stock(pipe, context: Context):
 
 
 def _deep(pipe, context: Context, kind: str, interval: str):
+    """Deep reuse, branch 0, a full step every ``interval`` steps: features copied (``deep``), forecast
+    (``deep+forecast``), or batched with their full step (``deep-batched``; ``batched`` in
+    ``deep_variants.py``)."""
     config = DeepReuseConfig(
         key_steps=KeySteps.uniform(int(interval)),
         branch=0,
         forecast=int(kind == "deep+forecast"),
-        batched=kind == "deep-batched",
+        batched=kind in ("deep-batched", "batched"),
         max_decoder_batch=context.max_decoder_batch,
     )
     return apply_faster_diffusion(pipe, config)
 
 
-def _deep_full(pipe, context: Context, budget: str):
+def _deep_full(pipe, context: Context, budget: str, branch: str = "0"):
+    """Deep reuse at ``branch`` (0 for ``deep-full:B``), ``budget`` full steps spread evenly."""
     config = DeepReuseConfig(
-        key_steps=spread(context.steps, int(budget)), branch=0, max_decoder_batch=context.max_decoder_batch
+        key_steps=spread(context.steps, int(budget)),
+        branch=int(branch),
+        max_decoder_batch=context.max_decoder_batch,
     )
     return apply_faster_diffusion(pipe, config)
 
@@ -221,6 +229,30 @@ def _encoder(pipe, context: Context, budget: str | None = None):
     ``budget``."""
     keys = KeySteps.paper() if budget is None else KeySteps.auto(int(budget))
     return apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=keys))
+
+
+def reversed_paper_key_steps(num_steps: int) -> tuple[int, ...]:
+    """The paper's key steps mirrored in time: same count and gaps, dense at the end instead of the start."""
+    paper = paper_key_steps(num_steps)
+    return (0, *sorted(num_steps - i for i in paper if i > 0))
+
+
+def _encoder_at(pipe, context: Context, keys: str, interval: str | None, no_noise: str | None):
+    """``quality.py``'s encoder propagation at a setting: the paper's key steps, them mirrored in time
+    (``paper reversed``), ``auto`` at the paper's budget or ``uniform:I``; prior noise injection on, or off
+    for ``, no noise``."""
+    if interval is not None:
+        key_steps = KeySteps.uniform(int(interval))
+    elif keys == "paper reversed":
+        key_steps = KeySteps.explicit(reversed_paper_key_steps(context.steps))
+    else:
+        key_steps = KeySteps.auto() if keys == "auto" else KeySteps.paper()
+    noise = NoiseInjection(enabled=no_noise is None)
+    return apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=key_steps, noise_injection=noise))
+
+
+def _encoder_at_full(context: Context, interval: str | None = None, **_: str) -> int:
+    return _paper_full(context) if interval is None else uniform_full(context, interval=interval)
 
 
 def _propagation(pipe, context: Context, batched: str | None):
@@ -269,10 +301,19 @@ register_method(
     r"deepcache:(?P<interval>\d+)", _deepcache, uniform_full, needs="DeepCache", timed_kinds=("deepcache",)
 )
 register_method(r"deep-full:(?P<budget>\d+)", _deep_full, _budget, timed_kinds=("deep-full",))
+# ``batched:I`` is ``deep_variants.py``'s name for ``deep-batched:I``.
 register_method(
-    r"(?P<kind>deep-batched):(?P<interval>\d+)", _deep, uniform_full, timed_kinds=("deep-batched",)
+    r"(?P<kind>deep-batched|batched):(?P<interval>\d+)", _deep, uniform_full, timed_kinds=("deep-batched",)
 )
+# ``deep_variants.py``'s depth family: branch b at the budget of DeepCache's interval I.
+register_method(r"depth b(?P<branch>\d+):(?P<budget>\d+) \(I=\d+\)", _deep_full, _budget)
 register_method(r"deep auto:(?P<budget>\d+)(?P<feature> \(feature\))?", _deep_auto, _budget)
 register_method(r"encoder: paper", _encoder, _paper_full)
 register_method(r"encoder: auto:(?P<budget>\d+)", _encoder, _budget)
 register_method(r"propagation(?P<batched>\+batched)?", _propagation, _speed_keys_full)
+# ``quality.py``'s names (``auto``: at the paper's budget, as many full passes).
+register_method(
+    r"(?P<keys>paper|paper reversed|auto|uniform:(?P<interval>\d+))(?P<no_noise>, no noise)?",
+    _encoder_at,
+    _encoder_at_full,
+)

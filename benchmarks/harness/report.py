@@ -83,12 +83,27 @@ def header(title: str, script: str, run: dict, *items: str) -> list[str]:
     return [f"# {title}", "", *setting_lines(script, run), *(f"- {item}" for item in items), ""]
 
 
-def write(out: Path, text: str, data: dict) -> None:
-    """The report to ``out``, ``data`` beside it as ``.json``, and the report to stdout."""
+def rendered(saved: dict, render, parser: argparse.ArgumentParser | None = None) -> str:
+    """``render(saved)``, or, given the script's ``parser``, ``render(saved, settings)`` with the settings
+    the run's recorded command line parses to: how both :func:`write` and :func:`report_again` render."""
+    if parser is None:
+        return render(saved)
+    return render(saved, parser.parse_args(saved["run"]["argv"]))
+
+
+def write(out: Path, data: dict, render, parser: argparse.ArgumentParser | None = None) -> dict:
+    """``data`` to ``out`` with suffix ``.json``, and beside it the report rendered from that JSON, as
+    ``--from-json`` renders it (:func:`rendered`: tuples read back as lists, keys as strings), so that a new
+    run's report is the one its JSON regenerates; the report also goes to stdout. Returns the data as the
+    JSON reads back."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    saved_text = json.dumps(data, indent=1)
+    saved = json.loads(saved_text)
+    text = rendered(saved, render, parser)
     out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    out.with_suffix(".json").write_text(saved_text)
     print(text)
+    return saved
 
 
 def add_from_json(parser: argparse.ArgumentParser, plots: bool = False) -> None:
@@ -110,5 +125,5 @@ def report_again(args: argparse.Namespace, render, parser: argparse.ArgumentPars
     saved = json.loads(args.from_json.read_text())
     settings = parser.parse_args(saved["run"]["argv"]) if parser is not None else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(saved) if parser is None else render(saved, settings))
+    args.out.write_text(rendered(saved, render, parser))
     return saved, settings
