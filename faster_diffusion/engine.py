@@ -664,11 +664,19 @@ class _ReuseHook(ModelHook):
         that run, with the first step that runs always a key step; ``auto:B`` asks for B full passes,
         which are placed again over the steps that run (:meth:`KeySteps.resolve`). Prior noise
         injection keeps its timesteps, and injects the run's own z: the latents at its first step.
+
+        Where the run stops is read from the total of the pipeline's progress bar, which diffusers' SD and
+        SDXL pipelines give in sampler steps (the user's ``num_inference_steps``, or for ``denoising_end``
+        the loop's iterations), so it counts the loop's iterations only when the scheduler calls the UNet
+        once per sampler step (:func:`_one_call_per_step`). Otherwise (Heun, KDPM2, PNDM) the run is served
+        to the end of the timesteps, and a loop that stops early (SDXL's ``denoising_end``,
+        ``pipe._interrupt``) ends the run when it leaves its progress bar's block, with the schedule uncut.
         """
         state = self.state
         first = self._first_step(timestep)
         stop = state.num_steps
-        if state.loop_steps is not None and 0 < state.loop_steps < stop - first:
+        counts_iterations = _one_call_per_step(self.handle.scheduler)
+        if counts_iterations and state.loop_steps is not None and 0 < state.loop_steps < stop - first:
             stop = first + state.loop_steps
         if first > 0 or stop < state.num_steps:
             keys = self.handle.config.key_steps
@@ -967,7 +975,7 @@ class FasterDiffusion:
         state = self._state
         state.reset()
         check_supported_unet(self.unet, self.config.mode_name)
-        check_supported_scheduler(self.scheduler, self.config.mode_name)
+        check_supported_scheduler(self.scheduler, self.config.mode_name, _injects(self.config))
         self._follow_cached_modules()
         # One host read of the timesteps per run (not per step), to place the injection steps.
         values = timesteps.detach().to("cpu", torch.float64).tolist()
@@ -989,6 +997,22 @@ class FasterDiffusion:
         self._latest = state.stats
 
 
+def _injects(config: ReuseConfig) -> bool:
+    """Whether ``config`` injects prior noise at all (the schedulers that allows are fewer)."""
+    injection = config.noise_injection
+    return injection.enabled and injection.alpha > 0 and injection.tau > 0
+
+
+def _one_call_per_step(scheduler: Any) -> bool:
+    """Whether the loop over ``scheduler``'s timesteps calls the UNet once per sampler step, so that the
+    progress bar's total (sampler steps) counts the loop's iterations: not so for Heun and KDPM2 (2N - 1 calls
+    for N steps) or PNDM (N + 1: its warm-up repeats a timestep). A scheduler without ``num_inference_steps``
+    is taken at its word."""
+    steps = getattr(scheduler, "num_inference_steps", None)
+    timesteps = getattr(scheduler, "timesteps", None)
+    return not isinstance(steps, int) or timesteps is None or len(timesteps) == steps
+
+
 def attach_reuse(pipe: Any, config: ReuseConfig, resolve_auto: AutoResolver | None = None) -> FasterDiffusion:
     """Attach the reuse mode of ``config`` (a :class:`ReuseConfig`: which modules full steps compute and
     partial steps reuse, and the rest the module docstring lists) to ``pipe``, in place: the checks, the hooks
@@ -1006,7 +1030,7 @@ def attach_reuse(pipe: Any, config: ReuseConfig, resolve_auto: AutoResolver | No
     for name in ("set_timesteps", "step"):
         if not callable(getattr(scheduler, name, None)):
             raise UnsupportedModelError(f"faster_diffusion: the scheduler has no {name}() method")
-    check_supported_scheduler(scheduler, config.mode_name)
+    check_supported_scheduler(scheduler, config.mode_name, _injects(config))
     if get_faster_diffusion(pipe) is not None:
         raise RuntimeError(
             "faster_diffusion is already applied to this pipeline, or to another that shares its UNet (as "
