@@ -3,10 +3,13 @@ reuse them, attached to a stock diffusers pipeline.
 
 A *full step* runs the whole UNet and keeps the outputs of the mode's cached modules; a *partial step* is
 served those kept outputs (copied, or extrapolated from the latest two full steps) instead of computing them.
-The full steps are the key steps of a :class:`~faster_diffusion.schedule.KeySteps` schedule. A full step and
-the partial steps after it (its group) can run as one batch of the stock UNet forward, with the time embedding
-of each step; the stock pipeline loop then receives the noise predictions one step at a time, as if the UNet
-had run in full at every step.
+The full steps are the key steps of a :class:`~faster_diffusion.schedule.KeySteps` schedule. A *step* is one
+iteration of the pipeline's denoising loop, one UNet call: Heun, KDPM2 and DPMSolverSDE make 2N - 1 of them
+for N sampler steps, PNDM N + 1 (its warm-up repeats a timestep), and key steps and :class:`RunStats` count
+them (as DeepCache does). Every call of the loop is served, to the end of the scheduler's timesteps unless the
+loop announces fewer (:meth:`_ReuseHook._start_steps`). A full step and the partial steps after it (its group)
+can run as one batch of the stock UNet forward, with the time embedding of each step; the stock pipeline loop
+then receives the noise predictions one step at a time, as if the UNet had run in full at every step.
 
 A reuse mode is a config that gives the engine, besides its own checks:
 
