@@ -326,3 +326,105 @@ def test_calibration_on_a_one_call_scheduler_places_auto_full_steps(name):
         assert (handle.last_run.full_passes, handle.last_run.partial_passes) == (2, STEPS - 2)
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("name", ["Heun", "KDPM2-a", "PNDM"])
+def test_image_to_image_serves_every_call_from_its_first_step_to_the_end(name):
+    """Image-to-image starts later (``timesteps[t_start * order:]``) and announces its sampler steps; the run
+    is still served to the end of the timesteps."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = StableDiffusionImg2ImgPipeline(**pipe_with(name).components)
+    image = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(3))
+
+    def img2img():
+        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+            torch.manual_seed(0)
+            return pipe(
+                "a red circle",
+                image=image,
+                strength=0.5,
+                num_inference_steps=STEPS,
+                generator=torch.Generator().manual_seed(0),
+                output_type="latent",
+            ).images
+
+    stock = img2img()
+    calls = [0]
+    hook = pipe.unet.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    for keys in (KeySteps.every_step(), KeySteps.uniform(2)):
+        handle = apply_faster_diffusion(pipe, DeepReuseConfig(key_steps=keys))
+        try:
+            calls[0] = 0
+            latents = img2img()
+            stats = handle.last_run
+            assert stats.full_passes + stats.partial_passes == stats.steps == calls[0]
+            assert_state_dropped(handle)
+        finally:
+            handle.remove()
+        if keys.kind is KeySteps.every_step().kind:
+            assert torch.equal(latents, stock)
+    hook.remove()
+
+
+@pytest.mark.parametrize("name", ["Heun", "Euler"])
+def test_sdxl_denoising_end_serves_the_calls_that_run_and_ends_the_run(name):
+    """SDXL's base stops at ``denoising_end`` (for a refiner): with Heun, the run is served to where the loop
+    stops, and leaving the loop ends it (the schedule is the whole one's, uncut)."""
+    pipe = pipe_with(name, family="SDXL")
+    calls = [0]
+    hook = pipe.unet.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+
+    def base():
+        with torch.inference_mode():
+            return pipe(
+                "a red circle",
+                num_inference_steps=STEPS,
+                denoising_end=0.5,
+                height=16,
+                width=16,
+                generator=torch.Generator().manual_seed(0),
+                output_type="latent",
+            ).images
+
+    try:
+        stock = base()
+        ran = calls[0]
+        assert 0 < ran < loop_calls(pipe)
+        handle = apply_faster_diffusion(pipe, DeepReuseConfig(key_steps=KeySteps.every_step()))
+        try:
+            assert torch.equal(base(), stock)
+            stats = handle.last_run
+            assert stats.full_passes == stats.steps == ran
+            assert_state_dropped(handle)
+        finally:
+            handle.remove()
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("name", ["Heun", "PNDM"])
+def test_an_interrupted_run_ends_cleanly_and_the_next_run_is_whole(name):
+    pipe = pipe_with(name)
+    handle = apply_faster_diffusion(pipe, DeepReuseConfig(key_steps=KeySteps.uniform(2)))
+
+    def stop_after_three(pipeline, step, timestep, kwargs):
+        pipeline._interrupt = step >= 2
+        return kwargs
+
+    try:
+        with torch.inference_mode():
+            pipe(
+                "a red circle",
+                num_inference_steps=STEPS,
+                height=16,
+                width=16,
+                callback_on_step_end=stop_after_three,
+                output_type="latent",
+            )
+        assert handle.last_run.steps == 3 == handle.last_run.full_passes + handle.last_run.partial_passes
+        assert_state_dropped(handle)
+        run(pipe)
+        assert handle.last_run.steps == loop_calls(pipe)
+    finally:
+        handle.remove()
