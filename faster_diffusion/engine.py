@@ -63,7 +63,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from ._hooks import add_hook, drop_hook, last_rows, map_tensors, map_tensors_once, repeat_rows, tensors_in
 from .families import refused_variant
 from .memory import AUTO, auto_decoder_batch_cap, available_memory_bytes, resident_weight_bytes
-from .noise import NoiseInjection
+from .noise import NoiseInjection, latent_scales
 from .schedule import KeyStepError, KeyStepKind, KeySteps, KeyStepSchedule
 from .support import (
     ROW_WISE_PROCESSORS,
@@ -305,6 +305,10 @@ class _RunState(threading.local):
         # The UNet's LoRA layers (peft's), found when the run starts.
         self.adapter_layers: tuple[torch.nn.Module, ...] = ()
         self.initial_latents: torch.Tensor | None = None
+        # With prior noise injection on sigma-scaled latents: each step's latent scale (noise.latent_scales),
+        # read once per run, and the scale of initial_latents.
+        self.latent_scales: tuple[float, ...] = ()
+        self.initial_scale = 1.0
         # (resident weight bytes, free device bytes) for the automatic decoder-batch cap, read at the run's
         # first decoder batch and kept for the run.
         self.device_memory: tuple[int, int] | None = None
@@ -989,6 +993,7 @@ class FasterDiffusion:
         state.is_key = schedule.is_key
         state.group_end = schedule.group_end
         state.inject = self.config.noise_injection.applies_at(values)
+        state.latent_scales = latent_scales(self.scheduler) if any(state.inject) else ()
         state.timesteps = timesteps
         state.timestep_values = tuple(values)
         state.num_steps = len(values)

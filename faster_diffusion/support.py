@@ -15,7 +15,10 @@ from diffusers import (
     DDPMScheduler,
     DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
     LCMScheduler,
+    LMSDiscreteScheduler,
     UNet2DConditionModel,
 )
 from diffusers.models.attention_processor import (
@@ -117,18 +120,27 @@ def check_supported_unet(unet: torch.nn.Module, mode: str) -> None:
 
 #: Scheduler classes that prior noise injection (``x_t + alpha * z_T``, Sec. 3.3 of the paper) supports. Each
 #: starts from latents at unit scale (``init_noise_sigma == 1``), so alpha * z_T has the paper's weight, and
-#: advances from the sample its ``step`` is given, so the injected prior noise takes effect. Euler, Euler
-#: ancestral, LMS, Heun, KDPM2 and the EDM schedulers (sigma-scaled latents), UniPC (its corrector recomputes
-#: the sample), single-step DPM-Solver (steps from the sample of its group's start) and PNDM (its warm-up
-#: repeats a step) are not among them. Exact classes: a subclass may change ``step``. The feature reuse itself
-#: does not depend on the scheduler: without injection, every scheduler of an SD or SDXL pipeline is supported
-#: (:func:`check_supported_scheduler`).
+#: advances from the sample its ``step`` is given, so the injected prior noise takes effect. Heun and KDPM2
+#: (their second call steps from the first call's sample), the EDM schedulers (another preconditioning), UniPC
+#: (its corrector recomputes the sample), single-step DPM-Solver (steps from the sample of its group's start)
+#: and PNDM (its warm-up repeats a step) are not among them, nor among
+#: :data:`SIGMA_SCALED_INJECTION_SCHEDULERS`. Exact classes: a subclass may change ``step``. The feature reuse
+#: itself does not depend on the scheduler: without injection, every scheduler of an SD or SDXL pipeline is
+#: supported (:func:`check_supported_scheduler`).
 INJECTION_SCHEDULERS: tuple[type, ...] = (
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     DEISMultistepScheduler,
     LCMScheduler,
+)
+#: Scheduler classes whose latents are scaled by ``sqrt(1 + sigma^2)`` (``init_noise_sigma != 1``) and whose
+#: ``step`` advances from the sample it is given: prior noise injection scales its addition to them
+#: (:func:`faster_diffusion.noise.latent_scales`).
+SIGMA_SCALED_INJECTION_SCHEDULERS: tuple[type, ...] = (
+    EulerDiscreteScheduler,
+    EulerAncestralDiscreteScheduler,
+    LMSDiscreteScheduler,
 )
 #: The former name of :data:`INJECTION_SCHEDULERS`, from when every reuse needed them.
 SUPPORTED_SCHEDULERS = INJECTION_SCHEDULERS
@@ -159,7 +171,9 @@ def check_supported_scheduler(scheduler: Any, mode: str, noise_injection: bool =
         )
     if not noise_injection:
         return
-    supported = ", ".join(cls.__name__ for cls in INJECTION_SCHEDULERS)
+    if type(scheduler) in SIGMA_SCALED_INJECTION_SCHEDULERS:
+        return
+    supported = ", ".join(cls.__name__ for cls in INJECTION_SCHEDULERS + SIGMA_SCALED_INJECTION_SCHEDULERS)
     fix = (
         "switch prior noise injection off (noise_injection=NoiseInjection.off(); on the command line "
         "--no-noise-injection, in the Cog model noise_injection=false), or set one of those schedulers, such "
@@ -174,6 +188,6 @@ def check_supported_scheduler(scheduler: Any, mode: str, noise_injection: bool =
     if found:
         raise UnsupportedModelError(
             f"faster_diffusion: prior noise injection in {mode} does not support the scheduler {name} "
-            f"({' and '.join(found)}): it needs latents at unit scale and a step that advances from the "
-            f"sample it is given, as {supported} have; {fix}"
+            f"({' and '.join(found)}): it needs a step that advances from the sample it is given, with "
+            f"latents at unit scale or scaled by sqrt(1 + sigma^2), as {supported} have; {fix}"
         )

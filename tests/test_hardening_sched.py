@@ -6,7 +6,6 @@ an error that names it. Offload hooks and a compiled UNet must leave the method'
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 
 import pytest
@@ -19,14 +18,11 @@ from diffusers import (
     DPMSolverSinglestepScheduler,
     EDMDPMSolverMultistepScheduler,
     EDMEulerScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     HeunDiscreteScheduler,
     KDPM2AncestralDiscreteScheduler,
     KDPM2DiscreteScheduler,
     LCMScheduler,
-    LMSDiscreteScheduler,
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
@@ -60,23 +56,20 @@ SUPPORTED = {
 
 #: Families that prior noise injection (on in the paper's config, PAPER) refuses, with why: a repeated or
 #: second evaluation per step, a step that ignores the sample it is given, latents scaled by
-#: ``init_noise_sigma``, or flow matching (refused in every config). Without injection, all but flow matching
-#: run (tests/test_schedulers.py).
+#: ``init_noise_sigma`` other than Euler's, Euler ancestral's and LMS's (whose injection is scaled to them:
+#: tests/test_schedulers.py), or flow matching (refused in every config). Without injection, all but flow
+#: matching run (tests/test_schedulers.py).
 REFUSED = {
     "PNDM": (PNDMScheduler, {}),  # N+1 timesteps with a repeat; its 2nd call steps from the stored sample
     "Heun": (HeunDiscreteScheduler, {}),  # two UNet calls per step
     "KDPM2": (KDPM2DiscreteScheduler, {}),  # two UNet calls per step
     "KDPM2-a": (KDPM2AncestralDiscreteScheduler, {}),  # two UNet calls per step
-    "Euler": (EulerDiscreteScheduler, {}),  # init_noise_sigma ~ 14.6
-    "Euler-a": (EulerAncestralDiscreteScheduler, {}),  # init_noise_sigma ~ 14.6
     "UniPC": (UniPCMultistepScheduler, {}),  # its corrector recomputes the sample it is given
     "DPM-Solver-singlestep": (DPMSolverSinglestepScheduler, {}),  # steps from the sample of the group's start
     "EDM-Euler": (EDMEulerScheduler, None),
     "EDM-DPM-Solver": (EDMDPMSolverMultistepScheduler, None),
     "FlowMatch-Euler": (FlowMatchEulerDiscreteScheduler, None),
 }
-if importlib.util.find_spec("scipy") is not None:  # diffusers' LMS scheduler needs scipy
-    REFUSED["LMS"] = (LMSDiscreteScheduler, {})  # init_noise_sigma ~ 14.6
 
 
 def make_scheduler_pipe(family: dict, name: str, seed: int = 0, dtype: torch.dtype = torch.float32):

@@ -7,6 +7,7 @@ one iteration of the pipeline's loop: one UNet call.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 
@@ -255,7 +256,7 @@ def test_encoder_propagation_without_injection_parallel_equals_sequential(name):
     assert_equal_up_to_rounding(results[True], results[False])
 
 
-@pytest.mark.parametrize("name", ["PNDM", "Euler", "Heun", "UniPC", "EDM-Euler"])
+@pytest.mark.parametrize("name", ["PNDM", "Heun", "KDPM2-a", "UniPC", "DPM++-singlestep", "EDM-Euler"])
 def test_prior_noise_injection_is_refused_by_mode_scheduler_and_fix(name):
     pipe = pipe_with(name)
     scheduler = type(pipe.scheduler).__name__
@@ -428,3 +429,49 @@ def test_an_interrupted_run_ends_cleanly_and_the_next_run_is_whole(name):
         assert handle.last_run.steps == loop_calls(pipe)
     finally:
         handle.remove()
+
+
+class ReferenceInjection:
+    """Prior noise injection written out by hand for sigma-scaled latents, on a stock pipeline's scheduler:
+    before step i's update, when ``timesteps[i] < tau``, ``x += alpha * z * sqrt(1 + sigma_i^2) /
+    sqrt(1 + sigma_0^2)``, with z the latents at the first step (unit noise times ``init_noise_sigma``)."""
+
+    def __init__(self, scheduler, alpha: float, tau: float) -> None:
+        self.scheduler, self.alpha, self.tau = scheduler, alpha, tau
+        self.original = scheduler.step
+        # Its signature is the step's own: the pipeline passes the generator to a step that takes one.
+        scheduler.step = functools.wraps(self.original)(lambda *args, **kwargs: self.step(*args, **kwargs))
+        self.index, self.initial = 0, None
+
+    def step(self, model_output, timestep, sample, *args, **kwargs):
+        scheduler = self.scheduler
+        if self.index == 0:
+            self.initial = sample
+        sigmas = scheduler.sigmas.double()
+        if float(scheduler.timesteps[self.index]) < self.tau:
+            ratio = torch.sqrt(1 + sigmas[self.index] ** 2) / torch.sqrt(1 + sigmas[0] ** 2)
+            sample = sample + self.alpha * float(ratio) * self.initial
+        self.index += 1
+        return self.original(model_output, timestep, sample, *args, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["Euler", "Euler-a", "LMS"])
+@pytest.mark.parametrize("variant", ["default", "karras"])
+def test_prior_noise_injection_on_sigma_scaled_latents_equals_the_hand_written_reference(name, variant):
+    injection = NoiseInjection(alpha=0.05, tau=700)
+    pipe = pipe_with(name, variant, dtype=torch.float64)
+    stock = run(pipe)
+    reference = ReferenceInjection(pipe.scheduler, injection.alpha, injection.tau)
+    expected = run(pipe)
+    del pipe.scheduler.step  # the class's own step again
+    assert reference.index == loop_calls(pipe)
+    handle = apply_faster_diffusion(
+        pipe, FasterDiffusionConfig(key_steps=KeySteps.every_step(), noise_injection=injection)
+    )
+    try:
+        injected = run(pipe)
+        assert 0 < handle.last_run.injected_steps < loop_calls(pipe)
+    finally:
+        handle.remove()
+    assert_equal_up_to_rounding(injected, expected)
+    assert (injected - stock).abs().max() > 1e-3
