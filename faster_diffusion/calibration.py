@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import logging
 import time
@@ -458,19 +459,90 @@ def scheduler_timesteps(scheduler: Any, num_steps: int) -> tuple[int, ...]:
     return tuple(int(t) for t in fresh.timesteps.tolist())
 
 
-def scheduler_key(scheduler: Any) -> str:
-    """The sampler as a calibration key: the scheduler class and the settings that change its steps."""
-    import inspect
+#: Settings :func:`scheduler_key` names first, as it always has (the keys of the calibrations shipped with the
+#: reference models are these alone).
+_KEY_SETTINGS = ("algorithm_type", "solver_order", "prediction_type", "timestep_spacing")
+#: The noise schedule of Stable Diffusion 1.x/2.x and SDXL, which :func:`scheduler_key` leaves unnamed; a
+#: scheduler's other settings are left unnamed at the class's own defaults.
+_PLAIN_SETTINGS: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "trained_betas": None,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+}
 
+
+def scheduler_key(scheduler: Any) -> str:
+    """The sampler as a calibration key: the scheduler class and every setting that changes its sigmas, its
+    timesteps or its update rule.
+
+    ``algorithm_type``, ``solver_order``, ``prediction_type`` and ``timestep_spacing`` are always named; every
+    other setting of the class (Karras, exponential or beta sigmas, ``final_sigmas_type``, ``solver_type``,
+    ``lower_order_final``, ``euler_at_final``, ``variance_type``, ``thresholding``,
+    ``rescale_betas_zero_snr``, the beta schedule, ``steps_offset``, ...) is named when it differs from SD's
+    noise schedule (:data:`_PLAIN_SETTINGS`) or, for the rest, from the class's default. The calibration also
+    stores the run's timesteps, which are checked when it is found.
+
+    Example:
+        >>> from diffusers import EulerDiscreteScheduler
+        >>> scheduler_key(EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+        ...     beta_end=0.012, steps_offset=1, use_karras_sigmas=True))
+        'EulerDiscreteScheduler,prediction_type=epsilon,timestep_spacing=linspace,use_karras_sigmas=True'
+    """
     config = getattr(scheduler, "config", {})
     # A scheduler made with from_config(another's config) carries the other's settings too (a DDIM scheduler
     # made from DPM-Solver's config keeps algorithm_type): only the class's own settings count.
     own = inspect.signature(type(scheduler).__init__).parameters
     parts = [type(scheduler).__name__]
-    for name in ("algorithm_type", "solver_order", "prediction_type", "timestep_spacing"):
+    for name in _KEY_SETTINGS:
         if name in config and name in own:
             parts.append(f"{name}={config[name]}")
+    for name, parameter in own.items():
+        if name in _KEY_SETTINGS or name == "self" or name not in config:
+            continue
+        if name == "final_sigmas_type" and config.get("algorithm_type") in ("dpmsolver", "sde-dpmsolver"):
+            continue  # these algorithms take only "sigma_min" (diffusers refuses "zero"): it says nothing
+        plain = _PLAIN_SETTINGS.get(name, parameter.default)
+        value = config[name]
+        if value == plain or parameter.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            continue
+        if isinstance(value, (list, tuple, dict)):
+            digest = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
+            parts.append(f"{name}=sha256:{digest}")
+        else:
+            parts.append(f"{name}={value}")
     return ",".join(parts)
+
+
+def check_calibratable(scheduler: Any, num_steps: int) -> None:
+    """Raise :class:`CalibrationError`, naming the scheduler and why, unless a calibration of ``num_steps``
+    steps with ``scheduler`` is sound: its loop must call the UNet once per sampler step, since the recorded
+    stock run is measured and replayed step by step, with a ``step`` between calls that the replays of
+    ``"final"`` run again. Heun, KDPM2 (and its ancestral form) and DPMSolverSDE call it twice a step but the
+    last, PNDM once more for its warm-up: their calibrations would be measured on other steps than the ones a
+    run of ``num_steps`` serves. Schedulers that draw noise in ``step`` (Euler ancestral, DDPM, LCM, TCD, the
+    SDE forms of DPM-Solver) draw it from the pipeline's generators, row by row, so the replayed copies of a
+    batch follow the stock run's latents: they are sound."""
+    calls = len(scheduler_timesteps(scheduler, num_steps))
+    if calls != num_steps:
+        name = type(scheduler).__name__
+        # A run under way (key_steps 'auto' counts its UNet calls) says it in the user's own steps.
+        steps, timesteps = (
+            getattr(scheduler, "num_inference_steps", None),
+            getattr(scheduler, "timesteps", None),
+        )
+        if isinstance(steps, int) and timesteps is not None and len(timesteps) != steps:
+            calls, num_steps = len(timesteps), steps
+        raise CalibrationError(
+            f"key_steps 'auto' and calibrate() do not support the scheduler {name}: its loop calls the UNet "
+            f"{calls} times for {num_steps} steps (Heun, KDPM2 and DPMSolverSDE twice a step, PNDM once more "
+            "for its warm-up), and a calibration measures and replays one UNet call per step; pass explicit "
+            "key steps instead (such as 'uniform:3' or a list of UNet calls that starts with 0)"
+        )
 
 
 # ---------------------------------------------------------------------------------- measuring
@@ -705,6 +777,7 @@ def resolve_auto(
 
     Raises :class:`CalibrationError` when none is saved or made for them, or when the run's ``timesteps`` are
     not the scheduler's own for that step count (the only ones a calibration measures)."""
+    check_calibratable(scheduler, num_steps)
     own = scheduler_timesteps(scheduler, num_steps)
     if timesteps is not None:
         given = tuple(int(t) for t in timesteps)
@@ -792,6 +865,7 @@ def get_calibration(
     steps = _default_steps(pipe.scheduler) if num_inference_steps is None else num_inference_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise CalibrationError(f"num_inference_steps must be a whole number >= 2, got {steps!r}")
+    check_calibratable(pipe.scheduler, steps)
     found = None if force else find_calibration(pipe, steps, target=target)
     if found is not None and all(c in found.criteria for c in asked):
         return found.with_criterion(criterion)

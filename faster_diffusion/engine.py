@@ -3,10 +3,13 @@ reuse them, attached to a stock diffusers pipeline.
 
 A *full step* runs the whole UNet and keeps the outputs of the mode's cached modules; a *partial step* is
 served those kept outputs (copied, or extrapolated from the latest two full steps) instead of computing them.
-The full steps are the key steps of a :class:`~faster_diffusion.schedule.KeySteps` schedule. A full step and
-the partial steps after it (its group) can run as one batch of the stock UNet forward, with the time embedding
-of each step; the stock pipeline loop then receives the noise predictions one step at a time, as if the UNet
-had run in full at every step.
+The full steps are the key steps of a :class:`~faster_diffusion.schedule.KeySteps` schedule. A *step* is one
+iteration of the pipeline's denoising loop, one UNet call: Heun, KDPM2 and DPMSolverSDE make 2N - 1 of them
+for N sampler steps, PNDM N + 1 (its warm-up repeats a timestep), and key steps and :class:`RunStats` count
+them (as DeepCache does). Every call of the loop is served, to the end of the scheduler's timesteps unless the
+loop announces fewer (:meth:`_ReuseHook._start_steps`). A full step and the partial steps after it (its group)
+can run as one batch of the stock UNet forward, with the time embedding of each step; the stock pipeline loop
+then receives the noise predictions one step at a time, as if the UNet had run in full at every step.
 
 A reuse mode is a config that gives the engine, besides its own checks:
 
@@ -60,7 +63,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from ._hooks import add_hook, drop_hook, last_rows, map_tensors, map_tensors_once, repeat_rows, tensors_in
 from .families import refused_variant
 from .memory import AUTO, auto_decoder_batch_cap, available_memory_bytes, resident_weight_bytes
-from .noise import NoiseInjection
+from .noise import NoiseInjection, latent_scales
 from .schedule import KeyStepError, KeyStepKind, KeySteps, KeyStepSchedule
 from .support import (
     ROW_WISE_PROCESSORS,
@@ -302,6 +305,10 @@ class _RunState(threading.local):
         # The UNet's LoRA layers (peft's), found when the run starts.
         self.adapter_layers: tuple[torch.nn.Module, ...] = ()
         self.initial_latents: torch.Tensor | None = None
+        # With prior noise injection on sigma-scaled latents: each step's latent scale (noise.latent_scales),
+        # read once per run, and the scale of initial_latents.
+        self.latent_scales: tuple[float, ...] = ()
+        self.initial_scale = 1.0
         # (resident weight bytes, free device bytes) for the automatic decoder-batch cap, read at the run's
         # first decoder batch and kept for the run.
         self.device_memory: tuple[int, int] | None = None
@@ -664,11 +671,19 @@ class _ReuseHook(ModelHook):
         that run, with the first step that runs always a key step; ``auto:B`` asks for B full passes,
         which are placed again over the steps that run (:meth:`KeySteps.resolve`). Prior noise
         injection keeps its timesteps, and injects the run's own z: the latents at its first step.
+
+        Where the run stops is read from the total of the pipeline's progress bar, which diffusers' SD and
+        SDXL pipelines give in sampler steps (the user's ``num_inference_steps``, or for ``denoising_end``
+        the loop's iterations), so it counts the loop's iterations only when the scheduler calls the UNet
+        once per sampler step (:func:`_one_call_per_step`). Otherwise (Heun, KDPM2, PNDM) the run is served
+        to the end of the timesteps, and a loop that stops early (SDXL's ``denoising_end``,
+        ``pipe._interrupt``) ends the run when it leaves its progress bar's block, with the schedule uncut.
         """
         state = self.state
         first = self._first_step(timestep)
         stop = state.num_steps
-        if state.loop_steps is not None and 0 < state.loop_steps < stop - first:
+        counts_iterations = _one_call_per_step(self.handle.scheduler)
+        if counts_iterations and state.loop_steps is not None and 0 < state.loop_steps < stop - first:
             stop = first + state.loop_steps
         if first > 0 or stop < state.num_steps:
             keys = self.handle.config.key_steps
@@ -1013,7 +1028,7 @@ class FasterDiffusion:
         state = self._state
         state.reset()
         check_supported_unet(self.unet, self.config.mode_name)
-        check_supported_scheduler(self.scheduler, self.config.mode_name)
+        check_supported_scheduler(self.scheduler, self.config.mode_name, _injects(self.config))
         self._follow_cached_modules()
         # One host read of the timesteps per run (not per step), to place the injection steps.
         values = timesteps.detach().to("cpu", torch.float64).tolist()
@@ -1024,6 +1039,7 @@ class FasterDiffusion:
         state.is_key = schedule.is_key
         state.group_end = schedule.group_end
         state.inject = self.config.noise_injection.applies_at(values)
+        state.latent_scales = latent_scales(self.scheduler) if any(state.inject) else ()
         state.timesteps = timesteps
         state.timestep_values = tuple(values)
         state.num_steps = len(values)
@@ -1033,6 +1049,22 @@ class FasterDiffusion:
         state.watched = self._watch_calling_pipeline()
         state.active = True
         self._latest = state.stats
+
+
+def _injects(config: ReuseConfig) -> bool:
+    """Whether ``config`` injects prior noise at all (the schedulers that allows are fewer)."""
+    injection = config.noise_injection
+    return injection.enabled and injection.alpha > 0 and injection.tau > 0
+
+
+def _one_call_per_step(scheduler: Any) -> bool:
+    """Whether the loop over ``scheduler``'s timesteps calls the UNet once per sampler step, so that the
+    progress bar's total (sampler steps) counts the loop's iterations: not so for Heun and KDPM2 (2N - 1 calls
+    for N steps) or PNDM (N + 1: its warm-up repeats a timestep). A scheduler without ``num_inference_steps``
+    is taken at its word."""
+    steps = getattr(scheduler, "num_inference_steps", None)
+    timesteps = getattr(scheduler, "timesteps", None)
+    return not isinstance(steps, int) or timesteps is None or len(timesteps) == steps
 
 
 def attach_reuse(pipe: Any, config: ReuseConfig, resolve_auto: AutoResolver | None = None) -> FasterDiffusion:
@@ -1052,7 +1084,7 @@ def attach_reuse(pipe: Any, config: ReuseConfig, resolve_auto: AutoResolver | No
     for name in ("set_timesteps", "step"):
         if not callable(getattr(scheduler, name, None)):
             raise UnsupportedModelError(f"faster_diffusion: the scheduler has no {name}() method")
-    check_supported_scheduler(scheduler, config.mode_name)
+    check_supported_scheduler(scheduler, config.mode_name, _injects(config))
     if get_faster_diffusion(pipe) is not None:
         raise RuntimeError(
             "faster_diffusion is already applied to this pipeline, or to another that shares its UNet (as "

@@ -4,6 +4,14 @@ Reusing encoder features smooths away some high-frequency texture. The paper res
 of the initial latent noise back in late in sampling: for every step whose timestep is below ``tau``,
 ``x_t <- x_t + alpha * z_T``. The addition lands between a step's UNet call and its scheduler step, so the
 UNet sees ``x_t`` and the scheduler sees ``x_t + alpha * z_T`` (the order of the authors' parallel pipeline).
+
+The paper's ``x_t`` and ``z_T`` are variance-preserving (VP) latents, at unit scale. The Euler family of
+schedulers (Euler, Euler ancestral, LMS; ``init_noise_sigma != 1``) keeps its latents larger, by
+``sqrt(1 + sigma_t^2)``: Karras et al. ("Elucidating the Design Space of Diffusion-Based Generative Models",
+NeurIPS 2022, Table 1) write VP's scale as ``s(t) = 1 / sqrt(1 + sigma(t)^2)``. There the same addition, in VP
+terms, reads ``x_t + alpha * z_T * sqrt(1 + sigma_t^2) / sqrt(1 + sigma_first^2)``, with ``z_T`` the latents
+at the run's first step, so that ``z_T / sqrt(1 + sigma_first^2)`` is at unit scale (:func:`latent_scales`).
+For text-to-image with SD's ``leading`` spacing, ``sqrt(1 + sigma_first^2)`` is ``init_noise_sigma``.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -62,6 +71,16 @@ class NoiseInjection:
         if not self.enabled or self.alpha == 0:
             return tuple(False for _ in timesteps)
         return tuple(float(t) < self.tau for t in timesteps)
+
+
+def latent_scales(scheduler: Any) -> tuple[float, ...]:
+    """``sqrt(1 + sigma_i^2)`` for each of the scheduler's sigmas, read once: how much larger its latents are
+    than variance-preserving ones at each step (see the module docstring). Empty for a scheduler whose latents
+    are at unit scale (``init_noise_sigma == 1``), where the addition needs no scaling."""
+    if float(getattr(scheduler, "init_noise_sigma", 1.0)) == 1.0:
+        return ()
+    sigmas = scheduler.sigmas.detach().to("cpu", torch.float64).tolist()
+    return tuple(math.sqrt(1.0 + sigma * sigma) for sigma in sigmas)
 
 
 def inject_prior_noise(latents: torch.Tensor, initial_latents: torch.Tensor, alpha: float) -> torch.Tensor:

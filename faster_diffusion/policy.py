@@ -64,12 +64,13 @@ def read_source(folder: str | Path | None) -> str | None:
 
 
 def sampler_of(scheduler: Any) -> Sampler | None:
-    """The sampler a scheduler is (DDIM, DPM-Solver or DPM-Solver++), or ``None`` for any other."""
+    """The sampler a scheduler is (DDIM, DPM-Solver or DPM-Solver++), or ``None`` for any other (the SDE forms
+    of DPM-Solver, ``sde-dpmsolver`` and ``sde-dpmsolver++``, included: no default was measured for them)."""
     if type(scheduler) is DDIMScheduler:
         return Sampler.DDIM
     if type(scheduler) is DPMSolverMultistepScheduler:
         algorithm = scheduler.config.get("algorithm_type", "dpmsolver++")
-        return Sampler.DPM_SOLVER_PP if algorithm == "dpmsolver++" else Sampler.DPM_SOLVER
+        return {"dpmsolver++": Sampler.DPM_SOLVER_PP, "dpmsolver": Sampler.DPM_SOLVER}.get(algorithm)
     return None
 
 

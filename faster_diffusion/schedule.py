@@ -5,6 +5,12 @@ step the whole UNet runs; every other step (a partial step) reuses what the late
 encoder features in encoder propagation (Li et al., "Faster Diffusion", NeurIPS 2024, Sec. 3.2), the deep
 features in deep reuse. Step 0 is always a key step.
 
+A *step* is one iteration of the pipeline's denoising loop, over all of ``scheduler.timesteps``: one UNet
+call. For most schedulers that is one sampler step; Heun, KDPM2 and DPMSolverSDE make 2N - 1 calls for N
+sampler steps and PNDM N + 1 (its warm-up repeats a timestep), and ``N`` here is then that count of calls.
+Key-step lists, ``uniform:K``, ``auto:B``, calibrations and ``RunStats.steps`` all count UNet calls, as
+DeepCache does.
+
 Two values live here:
 
 - :class:`KeySteps` says *how* to choose key steps (the paper's preset, every k-th step, an explicit list,

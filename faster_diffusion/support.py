@@ -15,7 +15,10 @@ from diffusers import (
     DDPMScheduler,
     DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
     LCMScheduler,
+    LMSDiscreteScheduler,
     UNet2DConditionModel,
 )
 from diffusers.models.attention_processor import (
@@ -115,48 +118,76 @@ def check_supported_unet(unet: torch.nn.Module, mode: str) -> None:
         )
 
 
-#: Scheduler classes that the reuse modes support. Each makes one UNet call per scheduler step over
-#: distinct timesteps, so a step index counts what the user asked for; starts from latents at unit scale
-#: (``init_noise_sigma == 1``), so alpha * z_T has the paper's weight; and advances from the sample its
-#: ``step`` is given, so the injected prior noise takes effect. PNDM (its repeated warm-up step), Heun and
-#: KDPM2 (two UNet calls a step), Euler, Euler ancestral and LMS (sigma-scaled latents), UniPC (its corrector
-#: recomputes the sample), single-step DPM-Solver (steps from the sample of its group's start), EDM and
-#: flow-matching schedulers are not among them. Exact classes: a subclass may change ``step``.
-SUPPORTED_SCHEDULERS: tuple[type, ...] = (
+#: Scheduler classes that prior noise injection (``x_t + alpha * z_T``, Sec. 3.3 of the paper) supports. Each
+#: starts from latents at unit scale (``init_noise_sigma == 1``), so alpha * z_T has the paper's weight, and
+#: advances from the sample its ``step`` is given, so the injected prior noise takes effect. Heun and KDPM2
+#: (their second call steps from the first call's sample), the EDM schedulers (another preconditioning), UniPC
+#: (its corrector recomputes the sample), single-step DPM-Solver (steps from the sample of its group's start)
+#: and PNDM (its warm-up repeats a step) are not among them, nor among
+#: :data:`SIGMA_SCALED_INJECTION_SCHEDULERS`. Exact classes: a subclass may change ``step``. The feature reuse
+#: itself does not depend on the scheduler: without injection, every scheduler of an SD or SDXL pipeline is
+#: supported (:func:`check_supported_scheduler`).
+INJECTION_SCHEDULERS: tuple[type, ...] = (
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     DEISMultistepScheduler,
     LCMScheduler,
 )
+#: Scheduler classes whose latents are scaled by ``sqrt(1 + sigma^2)`` (``init_noise_sigma != 1``) and whose
+#: ``step`` advances from the sample it is given: prior noise injection scales its addition to them
+#: (:func:`faster_diffusion.noise.latent_scales`).
+SIGMA_SCALED_INJECTION_SCHEDULERS: tuple[type, ...] = (
+    EulerDiscreteScheduler,
+    EulerAncestralDiscreteScheduler,
+    LMSDiscreteScheduler,
+)
+#: The former name of :data:`INJECTION_SCHEDULERS`, from when every reuse needed them.
+SUPPORTED_SCHEDULERS = INJECTION_SCHEDULERS
 
 
-def check_supported_scheduler(scheduler: Any, mode: str) -> None:
-    """Raise :class:`UnsupportedModelError`, naming ``mode``, unless ``scheduler`` is one of
-    :data:`SUPPORTED_SCHEDULERS`, configured for sample-space (not flow-matching) sampling from latents at
-    unit scale."""
-    name = type(scheduler).__name__
-    supported = ", ".join(cls.__name__ for cls in SUPPORTED_SCHEDULERS)
-    advice = (
-        f"supported schedulers: {supported}. Set one with faster_diffusion.use_sampler(pipe, 'DDIM-50') "
-        "(or 'DPM-Solver-20', 'DPM-Solver++-20') before apply_faster_diffusion()"
-    )
-    if type(scheduler) not in SUPPORTED_SCHEDULERS:
-        raise UnsupportedModelError(
-            f"faster_diffusion does not support the scheduler {name}: {mode} needs one UNet call per step, "
-            f"latents at unit scale and a step that advances from the sample it is given; {advice}"
-        )
+def _flow_matching(scheduler: Any) -> list[str]:
+    """The settings that make ``scheduler`` a flow-matching sampler (which SD and SDXL UNets are not)."""
     config = getattr(scheduler, "config", {})
     found = []
     if config.get("use_flow_sigmas", False):
         found.append("use_flow_sigmas=True")
     if config.get("prediction_type") == "flow_prediction":
         found.append("prediction_type='flow_prediction'")
+    return found
+
+
+def check_supported_scheduler(scheduler: Any, mode: str, noise_injection: bool = True) -> None:
+    """Raise :class:`UnsupportedModelError`, naming ``mode`` and the scheduler, unless ``scheduler`` can run
+    ``mode``: any scheduler of an SD or SDXL pipeline that is not configured for flow matching, and, when
+    ``noise_injection`` is on, one of :data:`INJECTION_SCHEDULERS` with latents at unit scale."""
+    name = type(scheduler).__name__
+    flow = _flow_matching(scheduler)
+    if flow:
+        raise UnsupportedModelError(
+            f"faster_diffusion does not support the scheduler {name} with {', '.join(flow)} (flow matching, "
+            f"which Stable Diffusion and SDXL UNets are not trained for) in {mode}; use the scheduler "
+            "without those settings"
+        )
+    if not noise_injection:
+        return
+    if type(scheduler) in SIGMA_SCALED_INJECTION_SCHEDULERS:
+        return
+    supported = ", ".join(cls.__name__ for cls in INJECTION_SCHEDULERS + SIGMA_SCALED_INJECTION_SCHEDULERS)
+    fix = (
+        "switch prior noise injection off (noise_injection=NoiseInjection.off(); on the command line "
+        "--no-noise-injection, in the Cog model noise_injection=false), or set one of those schedulers, such "
+        "as with faster_diffusion.use_sampler(pipe, 'DDIM-50') before apply_faster_diffusion()"
+    )
+    found = []
+    if type(scheduler) not in INJECTION_SCHEDULERS:
+        found.append("its step")
     init_noise_sigma = float(getattr(scheduler, "init_noise_sigma", 1.0))
     if init_noise_sigma != 1.0:
-        found.append(f"init_noise_sigma={init_noise_sigma:g}")
+        found.append(f"init_noise_sigma={init_noise_sigma:g} (sigma-scaled latents)")
     if found:
         raise UnsupportedModelError(
-            f"faster_diffusion does not support the scheduler {name} with {', '.join(found)} (flow matching "
-            f"or sigma-scaled latents) in {mode}; {advice}"
+            f"faster_diffusion: prior noise injection in {mode} does not support the scheduler {name} "
+            f"({' and '.join(found)}): it needs a step that advances from the sample it is given, with "
+            f"latents at unit scale or scaled by sqrt(1 + sigma^2), as {supported} have; {fix}"
         )

@@ -75,9 +75,12 @@ class SchedulerTap:
             # z_T: the latents at the run's first step, exactly as the pipeline prepared them (after
             # init_noise_sigma scaling; for image-to-image, the noised input image's latents).
             state.initial_latents = sample
+            state.initial_scale = state.latent_scales[index] if state.latent_scales else 1.0
         should_inject_noise = state.inject[index]
         if should_inject_noise:
             alpha = self.handle.config.noise_injection.alpha
+            if state.latent_scales:  # sigma-scaled latents: the addition in VP terms (noise.latent_scales)
+                alpha = alpha * state.latent_scales[index] / state.initial_scale
             bound.arguments["sample"] = inject_prior_noise(sample, state.initial_latents, alpha)
         result = original(*bound.args, **bound.kwargs)
         state.step += 1

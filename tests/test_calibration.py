@@ -877,7 +877,8 @@ def test_committed_reference_calibrations_are_found_for_each_sampler(sampler, st
 
 
 def test_a_calibration_is_not_reused_for_another_trajectory_of_the_same_sampler(make_pipe):
-    """Karras sigmas keep the scheduler's class and algorithm but move the timesteps: another trajectory."""
+    """Karras sigmas keep the scheduler's class and algorithm but move the sigmas and timesteps: another
+    trajectory, and another key."""
     from diffusers import DPMSolverMultistepScheduler
 
     pipe = make_pipe()
@@ -885,7 +886,7 @@ def test_a_calibration_is_not_reused_for_another_trajectory_of_the_same_sampler(
     get_calibration(pipe, num_inference_steps=6, prompts=PROMPTS[:1], save=False)
     assert find_calibration(pipe, 6) is not None
     karras = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
-    assert scheduler_key(karras) == scheduler_key(pipe.scheduler)
+    assert scheduler_key(karras) == f"{scheduler_key(pipe.scheduler)},use_karras_sigmas=True"
     assert find_calibration(pipe, 6, karras) is None
 
 

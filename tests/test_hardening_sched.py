@@ -6,7 +6,6 @@ an error that names it. Offload hooks and a compiled UNet must leave the method'
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 
 import pytest
@@ -19,14 +18,11 @@ from diffusers import (
     DPMSolverSinglestepScheduler,
     EDMDPMSolverMultistepScheduler,
     EDMEulerScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     HeunDiscreteScheduler,
     KDPM2AncestralDiscreteScheduler,
     KDPM2DiscreteScheduler,
     LCMScheduler,
-    LMSDiscreteScheduler,
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
@@ -58,23 +54,22 @@ SUPPORTED = {
     "LCM": (LCMScheduler, {}),
 }
 
-#: Refused families, with why: a repeated or second evaluation per step, a step that ignores the sample it is
-#: given, latents scaled by ``init_noise_sigma``, or flow matching.
+#: Families that prior noise injection (on in the paper's config, PAPER) refuses, with why: a repeated or
+#: second evaluation per step, a step that ignores the sample it is given, latents scaled by
+#: ``init_noise_sigma`` other than Euler's, Euler ancestral's and LMS's (whose injection is scaled to them:
+#: tests/test_schedulers.py), or flow matching (refused in every config). Without injection, all but flow
+#: matching run (tests/test_schedulers.py).
 REFUSED = {
     "PNDM": (PNDMScheduler, {}),  # N+1 timesteps with a repeat; its 2nd call steps from the stored sample
     "Heun": (HeunDiscreteScheduler, {}),  # two UNet calls per step
     "KDPM2": (KDPM2DiscreteScheduler, {}),  # two UNet calls per step
     "KDPM2-a": (KDPM2AncestralDiscreteScheduler, {}),  # two UNet calls per step
-    "Euler": (EulerDiscreteScheduler, {}),  # init_noise_sigma ~ 14.6
-    "Euler-a": (EulerAncestralDiscreteScheduler, {}),  # init_noise_sigma ~ 14.6
     "UniPC": (UniPCMultistepScheduler, {}),  # its corrector recomputes the sample it is given
     "DPM-Solver-singlestep": (DPMSolverSinglestepScheduler, {}),  # steps from the sample of the group's start
     "EDM-Euler": (EDMEulerScheduler, None),
     "EDM-DPM-Solver": (EDMDPMSolverMultistepScheduler, None),
     "FlowMatch-Euler": (FlowMatchEulerDiscreteScheduler, None),
 }
-if importlib.util.find_spec("scipy") is not None:  # diffusers' LMS scheduler needs scipy
-    REFUSED["LMS"] = (LMSDiscreteScheduler, {})  # init_noise_sigma ~ 14.6
 
 
 def make_scheduler_pipe(family: dict, name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -134,7 +129,7 @@ def test_unsupported_scheduler_is_refused_by_name_at_apply(name):
     message = str(raised.value)
     assert class_name in message
     assert "DDIMScheduler" in message and "DPMSolverMultistepScheduler" in message
-    assert "faster_diffusion.use_sampler" in message
+    assert "faster_diffusion.use_sampler" in message and "NoiseInjection.off()" in message
     assert not hasattr(pipe.unet, "_diffusers_hook") or not pipe.unet._diffusers_hook.hooks
 
 
@@ -154,7 +149,7 @@ def test_scheduler_configuration_is_checked_again_when_a_run_starts():
     handle.remove()
 
 
-def test_stock_sd_pipeline_with_its_pndm_scheduler_is_refused_and_use_sampler_fixes_it():
+def test_stock_sd_pipeline_with_its_pndm_scheduler_is_refused_with_injection_and_use_sampler_fixes_it():
     from faster_diffusion import use_sampler
 
     pipe = build_tiny_pipeline(0)  # SD v1.5's PNDMScheduler, as from_pretrained gives it

@@ -303,7 +303,7 @@ def test_every_supported_scheduler_runs_image_to_image_exactly_and_in_parallel(n
     assert handle.last_run.full_passes + handle.last_run.partial_passes == ran
 
 
-def test_an_unsupported_scheduler_is_refused_for_image_to_image_too():
+def test_a_scheduler_that_injection_does_not_support_is_refused_for_image_to_image_too():
     pipe = StableDiffusionImg2ImgPipeline(**build_tiny_pipeline(0).components)  # SD's own PNDMScheduler
     with pytest.raises(UnsupportedModelError, match=r"PNDMScheduler"):
         apply_faster_diffusion(pipe, PAPER)
