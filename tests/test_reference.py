@@ -312,8 +312,8 @@ def test_half_sample_interval_of_a_mean_is_as_wide_as_its_sampling_interval():
 
 
 def test_reversed_paper_key_steps():
-    assert quality.reversed_paper_key_steps(50) == (0, 15, 25, 35, 40, 45, 47, 48, 49)
-    assert quality.reversed_paper_key_steps(20) == (0, 5, 10, 15, 17, 18, 19)
+    assert harness.methods.reversed_paper_key_steps(50) == (0, 15, 25, 35, 40, 45, 47, 48, 49)
+    assert harness.methods.reversed_paper_key_steps(20) == (0, 5, 10, 15, 17, 18, 19)
 
 
 def test_quality_benchmark_quick_run_writes_a_report(tmp_path):
