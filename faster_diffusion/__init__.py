@@ -8,11 +8,9 @@ for Diffusion Model Inference", NeurIPS 2024) and deep reuse (:mod:`faster_diffu
 the product's default). :func:`apply_faster_diffusion` applies the mode of the config it is given
 (:mod:`faster_diffusion.modes`).
 
-    >>> from faster_diffusion import FasterDiffusionConfig, KeySteps, apply_faster_diffusion, use_sampler
-    >>> use_sampler(pipe, "DDIM-50")                                  # doctest: +SKIP
-    >>> config = FasterDiffusionConfig(key_steps=KeySteps.paper())   # doctest: +SKIP
-    >>> handle = apply_faster_diffusion(pipe, config)                 # doctest: +SKIP
-    >>> image = pipe("an astronaut riding a horse", num_inference_steps=50).images[0]  # doctest: +SKIP
+    >>> from faster_diffusion import apply_faster_diffusion
+    >>> handle = apply_faster_diffusion(pipe)                         # doctest: +SKIP
+    >>> image = pipe("an astronaut riding a horse").images[0]         # doctest: +SKIP
     >>> handle.remove()                                               # doctest: +SKIP
 """
 
@@ -20,7 +18,13 @@ from .calibration import CalibrationError, calibrate, get_calibration
 from .deep import DeepReuseConfig
 from .depth import DepthChoice, choose_depth, measure_step_costs
 from .encoder import FasterDiffusionConfig
-from .engine import FasterDiffusion, RunStats, get_faster_diffusion, remove_faster_diffusion
+from .engine import (
+    CalibrationFallbackWarning,
+    FasterDiffusion,
+    RunStats,
+    get_faster_diffusion,
+    remove_faster_diffusion,
+)
 from .modes import apply_faster_diffusion
 from .noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, NoiseInjection
 from .samplers import Sampler, make_scheduler, use_sampler
@@ -39,6 +43,7 @@ __all__ = [
     "PRIOR_NOISE_ALPHA",
     "PRIOR_NOISE_TAU",
     "CalibrationError",
+    "CalibrationFallbackWarning",
     "DeepReuseConfig",
     "DepthChoice",
     "FasterDiffusion",

@@ -65,7 +65,7 @@ import torch
 
 from .engine import get_faster_diffusion
 from .measure import canonical_target, criterion_names, measure_run, target_modules
-from .schedule import CalibrationError, KeySteps, paper_key_steps
+from .schedule import CalibrationError, CalibrationMissing, KeySteps, paper_key_steps
 
 logger = logging.getLogger(__name__)
 
@@ -755,12 +755,14 @@ def _preferred(calibration: Calibration) -> Calibration:
 
 
 def missing_message(pipe: Any, num_steps: int, target: str = "encoder") -> str:
+    """What a run with ``auto`` key steps says when the model has no calibration for its scheduler and step
+    count: which calibration, and the call that makes it."""
     of, also = ("", "") if target == "encoder" else (f" of {target} reuse", f", target={target!r}")
     return (
-        f"key_steps 'auto' needs a calibration{of} of this model for {scheduler_key(pipe.scheduler)} with "
-        f"{num_steps} steps, and none is saved or was made in this process. Run "
-        f"faster_diffusion.calibrate(pipe, num_inference_steps={num_steps}{also}) once before the call (it "
-        "saves the result next to the weights when they come from a local folder), or pass explicit key steps"
+        f"no calibration{of} of this model for {scheduler_key(pipe.scheduler)} with {num_steps} steps is "
+        "saved or was made in this process. To place the key steps by one, run "
+        f"faster_diffusion.calibrate(pipe, num_inference_steps={num_steps}{also}) once (it saves the result "
+        "next to the weights when they come from a local folder), or pass explicit key steps"
     )
 
 
@@ -775,8 +777,9 @@ def resolve_auto(
     """The calibration ``key_steps="auto"`` is placed from, for a run of ``num_steps`` steps of ``pipe`` with
     ``scheduler``: handed to the reuse modes by :func:`faster_diffusion.apply_faster_diffusion`.
 
-    Raises :class:`CalibrationError` when none is saved or made for them, or when the run's ``timesteps`` are
-    not the scheduler's own for that step count (the only ones a calibration measures)."""
+    Raises :class:`~faster_diffusion.schedule.CalibrationMissing` when none is saved or made for them (the run
+    then places :meth:`KeySteps.fallback` instead, and says so), and :class:`CalibrationError` when the run's
+    ``timesteps`` are not the scheduler's own for that step count (the only ones a calibration measures)."""
     check_calibratable(scheduler, num_steps)
     own = scheduler_timesteps(scheduler, num_steps)
     if timesteps is not None:
@@ -790,7 +793,7 @@ def resolve_auto(
             )
     found = find_calibration(pipe, num_steps, scheduler, own, target) if pipe is not None else None
     if found is None:
-        raise CalibrationError(missing_message(pipe, num_steps, target))
+        raise CalibrationMissing(missing_message(pipe, num_steps, target))
     return found
 
 
@@ -826,7 +829,7 @@ def get_calibration(
     criteria: Sequence[str] | None = None,
     save: bool = True,
     force: bool = False,
-    target: str = "encoder",
+    target: str | None = None,
 ) -> Calibration:
     """The calibration of ``pipe`` (its UNet and current scheduler) for ``num_inference_steps`` steps: the
     saved one if there is one (unless ``force``), else measured now with :func:`measure_costs`, registered
@@ -834,6 +837,10 @@ def get_calibration(
 
     ``target`` is what is reused: ``"encoder"`` (encoder propagation) or ``"deep:B"`` (deep reuse of branch
     B, as :class:`~faster_diffusion.DeepReuseConfig`'s ``calibration_target``); each has its own calibration.
+    ``None``: the target of the faster diffusion attached to ``pipe``, else ``"encoder"``. On a pipeline with
+    faster diffusion attached it calibrates the stock pipeline (:meth:`FasterDiffusion.paused`) and leaves it
+    attached, so ``apply_faster_diffusion(pipe)``, ``calibrate(pipe)``, ``pipe(prompt)`` places the default's
+    ``auto`` key steps by the calibration it made.
 
     Defaults: :data:`DEFAULT_PROMPTS`, one seed each from :data:`DEFAULT_SEED`, guidance 7.5, the pipeline's
     default size, the target's :func:`default_criterion`. ``criterion`` and the ``criteria`` named are
@@ -847,8 +854,25 @@ def get_calibration(
     measured before: the prompts, seeds, guidance and size left out are the saved calibration's. Given other
     ones, it is measured again with them, with its criteria and the new ones (a warning says so).
     """
-    if get_faster_diffusion(pipe) is not None:
-        raise RuntimeError("calibrate: faster diffusion is attached to this pipeline; call remove() first")
+    handle = get_faster_diffusion(pipe)
+    if target is None:
+        target = getattr(handle.config, "calibration_target", "encoder") if handle is not None else "encoder"
+    if handle is not None:  # calibrate the stock pipeline, then put faster diffusion back as it was
+        with handle.paused():
+            return get_calibration(
+                pipe,
+                num_inference_steps=num_inference_steps,
+                prompts=prompts,
+                seeds=seeds,
+                guidance_scale=guidance_scale,
+                height=height,
+                width=width,
+                criterion=criterion,
+                criteria=criteria,
+                save=save,
+                force=force,
+                target=target,
+            )
     target = canonical_target(target)
     target_modules(pipe.unet, target)  # an unknown target, or a branch this UNet lacks, fails here
     criterion = default_criterion(target) if criterion is None else criterion

@@ -44,6 +44,7 @@ How it attaches, without copying ``StableDiffusionPipeline.__call__`` or ``UNet2
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import sys
@@ -64,7 +65,7 @@ from ._hooks import add_hook, drop_hook, last_rows, map_tensors, map_tensors_onc
 from .families import refused_variant
 from .memory import AUTO, auto_decoder_batch_cap, available_memory_bytes, resident_weight_bytes
 from .noise import NoiseInjection, latent_scales
-from .schedule import KeyStepError, KeyStepKind, KeySteps, KeyStepSchedule
+from .schedule import CalibrationMissing, KeyStepError, KeyStepKind, KeySteps, KeyStepSchedule
 from .support import (
     ROW_WISE_PROCESSORS,
     UnsupportedModelError,
@@ -77,6 +78,7 @@ from .taps import RunEndTap, SchedulerTap
 __all__ = [
     "FORECAST_ORDERS",
     "AutoResolver",
+    "CalibrationFallbackWarning",
     "FasterDiffusion",
     "ReuseConfig",
     "RunStats",
@@ -88,6 +90,15 @@ __all__ = [
 ]
 
 _UNET_HOOK = "faster_diffusion"
+
+
+class CalibrationFallbackWarning(UserWarning):
+    """A run with ``auto`` key steps found no calibration of the model for its scheduler and step count and
+    placed :meth:`KeySteps.fallback` instead (``RunStats.fallback`` says the same). Given once per handle,
+    step count and scheduler; ``warnings.filterwarnings("ignore", category=CalibrationFallbackWarning)``
+    silences it."""
+
+
 _CACHED_HOOK = "faster_diffusion_cached"
 _TEXT_HOOK = "faster_diffusion_text"
 
@@ -230,6 +241,9 @@ class RunStats:
     steps: int = 0
     #: Steps at which prior noise was injected.
     injected_steps: int = 0
+    #: ``None``, or why the run's key steps are not the ones asked for: ``auto`` key steps on a model with no
+    #: calibration for the run's scheduler and step count, which ran :meth:`KeySteps.fallback` instead.
+    fallback: str | None = None
 
     @property
     def encoder_passes(self) -> int:
@@ -271,7 +285,9 @@ class _RunState(threading.local):
         self.timesteps: torch.Tensor | None = None
         # The same timesteps read to the host once per run (to place injection and find where a run starts).
         self.timestep_values: tuple[float, ...] = ()
-        # The calibration ``auto`` key steps were placed by, kept to place them again on a cut run.
+        # The key steps the run places (the config's, or their fallback) and the calibration ``auto`` ones
+        # were placed by, kept to place them again on a cut run.
+        self.keys: KeySteps | None = None
         self.calibration: Any = None
         # Steps the pipeline's loop announced (its progress bar's total), when it did: a run that stops early.
         self.loop_steps: int | None = None
@@ -686,7 +702,7 @@ class _ReuseHook(ModelHook):
         if counts_iterations and state.loop_steps is not None and 0 < state.loop_steps < stop - first:
             stop = first + state.loop_steps
         if first > 0 or stop < state.num_steps:
-            keys = self.handle.config.key_steps
+            keys = state.keys or self.handle.config.key_steps
             schedule = keys.resolve(state.num_steps, state.calibration, first, stop)
             state.stats.schedule = schedule
             state.is_key = schedule.is_key
@@ -821,6 +837,8 @@ class FasterDiffusion:
     def __init__(self, pipe: Any, config: ReuseConfig, resolve_auto: AutoResolver | None = None) -> None:
         self.config = config
         self._resolve_auto = resolve_auto
+        # (steps, scheduler, key steps) whose fallback was announced by a CalibrationFallbackWarning.
+        self._fallbacks_said: set[tuple[int, int, str]] = set()
         self._pipe = weakref.ref(pipe)
         self.unet = pipe.unet
         self.scheduler = pipe.scheduler
@@ -975,6 +993,19 @@ class FasterDiffusion:
             drop_hook(projection, _TEXT_HOOK)
         self.attached = False
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Within the block the pipeline is stock (the hooks are off); they go back on after it, as they
+        were. A handle that is removed stays removed. :func:`faster_diffusion.calibrate` runs in this."""
+        if not self.attached:
+            yield
+            return
+        self._detach()
+        try:
+            yield
+        finally:
+            self._attach()
+
     def remove(self) -> None:
         """Take faster diffusion off the pipeline. Safe to call twice."""
         if not self.attached:
@@ -989,8 +1020,39 @@ class FasterDiffusion:
         self.remove()
 
     def schedule_for(self, num_steps: int) -> KeyStepSchedule:
-        """The key-step schedule a run of ``num_steps`` steps will use (validates it now)."""
-        return self.config.key_steps.resolve(num_steps, self._calibration(num_steps))
+        """The key-step schedule a run of ``num_steps`` steps will use (validates it now): for ``auto`` key
+        steps without a calibration, their fallback (:meth:`KeySteps.fallback`)."""
+        keys, calibration, _ = self._placement(num_steps)
+        return keys.resolve(num_steps, calibration)
+
+    def _placement(
+        self, num_steps: int, timesteps: Sequence[float] | None = None
+    ) -> tuple[KeySteps, Any, str | None]:
+        """The key steps a run of ``num_steps`` steps places, the calibration they are placed by, and why
+        they are not the config's (``None`` when they are). ``auto`` key steps on a model with no
+        calibration for the run's scheduler and step count fall back to :meth:`KeySteps.fallback`, as the
+        rule in ``benchmarks/README.md`` ("The first call without a calibration") says, with a
+        :class:`CalibrationFallbackWarning` the first time for this step count and scheduler."""
+        keys = self.config.key_steps.for_steps(num_steps)  # 'auto:B/N' scaled to the run
+        try:
+            return keys, self._calibration(num_steps, timesteps), None
+        except CalibrationMissing as missing:
+            if keys.budget is not None and keys.budget > num_steps:
+                raise KeyStepError(
+                    f"key_steps {str(keys)!r}: a budget of {keys.budget} key steps is more than the "
+                    f"{num_steps} steps of the run"
+                ) from None
+            fallback = keys.fallback(num_steps)
+            count = len(fallback.resolve(num_steps).indices)
+            reason = (
+                f"{missing} This run places {count} key steps as {fallback} (DeepCache's uniform interval) "
+                f"instead of {keys}."
+            )
+            seen = (num_steps, id(self.scheduler), str(keys))
+            if seen not in self._fallbacks_said:
+                self._fallbacks_said.add(seen)
+                warnings.warn(f"faster_diffusion: {reason}", CalibrationFallbackWarning, stacklevel=2)
+            return fallback, None, reason
 
     def _calibration(self, num_steps: int, timesteps: Sequence[float] | None = None) -> Any:
         """For ``key_steps="auto"``: the calibration of this model, sampler and step count, from the resolver
@@ -1032,9 +1094,10 @@ class FasterDiffusion:
         self._follow_cached_modules()
         # One host read of the timesteps per run (not per step), to place the injection steps.
         values = timesteps.detach().to("cpu", torch.float64).tolist()
-        calibration = self._calibration(len(values), values)
-        schedule = self.config.key_steps.resolve(len(values), calibration)
-        state.stats = RunStats(schedule=schedule)
+        keys, calibration, fallback = self._placement(len(values), values)
+        schedule = keys.resolve(len(values), calibration)
+        state.stats = RunStats(schedule=schedule, fallback=fallback)
+        state.keys = keys
         state.calibration = calibration
         state.is_key = schedule.is_key
         state.group_end = schedule.group_end

@@ -17,7 +17,7 @@ from typing import Any
 from .calibration import resolve_auto
 from .deep import DeepReuseConfig, apply_deep_reuse
 from .encoder import FasterDiffusionConfig, apply_encoder_propagation
-from .policy import DEFAULT_MODE, default_key_steps
+from .policy import DEFAULT_MODE, any_steps_default_key_steps
 
 #: Applies a mode: ``apply(pipe, config, resolve_auto=...)`` attaches it and returns its handle.
 ApplyMode = Callable[..., Any]
@@ -44,12 +44,14 @@ def apply_faster_diffusion(pipe: Any, config: Any = None) -> Any:
     class (:data:`MODES`). Returns a handle whose ``remove()`` takes it off again.
 
     ``config=None`` gives the product's default, as the command line and the Cog model use it: deep reuse
-    (:data:`faster_diffusion.policy.DEFAULT_MODE`) with :func:`faster_diffusion.policy.default_key_steps` for
-    this pipeline's scheduler at its own step count (``auto:13`` of 50 with DDIM, ``auto:6@feature`` of 20
-    with DPM-Solver, every third step with DPM-Solver++; for another step count, pass
-    ``DeepReuseConfig(key_steps=default_key_steps(pipe, num_steps=N))``). A config of a
-    mode gives that mode; ``auto`` key steps need a calibration of the model for the run's sampler and step
-    count (:func:`faster_diffusion.calibrate`); a run without one gets a clear error that says so.
+    (:data:`faster_diffusion.policy.DEFAULT_MODE`) with the default key steps for this pipeline's scheduler,
+    for runs of any step count (:func:`faster_diffusion.policy.any_steps_default_key_steps`: ``auto:13/50``
+    with DDIM, 13 full steps of 50 and 7 of 25; ``auto:6/20@feature`` with DPM-Solver; every third step with
+    DPM-Solver++ and every other scheduler). A config of a
+    mode gives that mode; ``auto`` key steps are placed by a calibration of the model for the run's sampler
+    and step count (:func:`faster_diffusion.calibrate`, which also works with faster diffusion attached); a
+    run without one places :meth:`KeySteps.fallback` (DeepCache's uniform interval, with at least as many
+    full steps) and says so once with a :class:`~faster_diffusion.engine.CalibrationFallbackWarning`.
 
     Example:
         >>> from faster_diffusion import FasterDiffusionConfig, KeySteps, apply_faster_diffusion, use_sampler
@@ -65,7 +67,7 @@ def apply_faster_diffusion(pipe: Any, config: Any = None) -> Any:
     """
     if config is None:
         default = DeepReuseConfig if DEFAULT_MODE == "deep" else FasterDiffusionConfig
-        config = default(key_steps=default_key_steps(pipe, mode=DEFAULT_MODE))
+        config = default(key_steps=any_steps_default_key_steps(pipe, mode=DEFAULT_MODE))
     apply = MODES.get(type(config))
     if apply is None:
         known = ", ".join(cls.__name__ for cls in MODES)

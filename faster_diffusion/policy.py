@@ -35,7 +35,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from .calibration import weights_folder
 from .measure import criterion_names
 from .samplers import Sampler
-from .schedule import KeyStepError, KeySteps
+from .schedule import KeyStepError, KeyStepKind, KeySteps
 
 #: Repositories of SD v1.5 base weights: the weights the paper's key steps and its FID evidence are for.
 SD15_REPOS = frozenset({"stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5"})
@@ -120,6 +120,17 @@ def default_key_steps(
     if sampler not in (Sampler.DPM_SOLVER, Sampler.DPM_SOLVER_PP):
         return KeySteps.auto()
     return KeySteps.auto(_budget(num_steps or sampler.default_steps, DPM_SOLVER_DEFAULT_FRACTION))
+
+
+def any_steps_default_key_steps(pipe: Any, mode: str = DEFAULT_MODE) -> KeySteps:
+    """:func:`default_key_steps` for ``pipe``'s scheduler, for a run of any step count: a budget of ``auto``
+    is given per the sampler's own step count and scaled to each run's (``auto:13/50``: 13 of 50 steps, 7 of
+    25), as the command line and Cog scale it. What ``apply_faster_diffusion(pipe)`` uses."""
+    keys = default_key_steps(pipe, mode=mode)
+    sampler = sampler_of(getattr(pipe, "scheduler", None))
+    if keys.kind is not KeyStepKind.AUTO or keys.budget is None or sampler is None:
+        return keys
+    return KeySteps.auto(keys.budget, keys.criterion, per=sampler.default_steps)
 
 
 def _budget(steps: int, fraction: float) -> int:

@@ -72,6 +72,13 @@ class CalibrationError(KeyStepError):
     """A calibration that cannot be made or used; the message says what is missing and how to get it."""
 
 
+class CalibrationMissing(CalibrationError):
+    """No calibration of the model is saved or made for a run's scheduler and step count. A run with ``auto``
+    key steps then places them by :meth:`KeySteps.fallback` and says so (``benchmarks/README.md``, "The first
+    call without a calibration"); :func:`faster_diffusion.calibrate` raises it only where it is asked for a
+    saved calibration alone."""
+
+
 class KeyStepKind(enum.Enum):
     PAPER = "paper"
     UNIFORM = "uniform"
@@ -101,6 +108,20 @@ def uniform_key_steps(num_steps: int, every: int) -> tuple[int, ...]:
     """Every ``every``-th step is a key step: ``i % every == 0`` (the reference code's uniform mode)."""
     _check_num_steps(num_steps)
     return tuple(range(0, num_steps, every))
+
+
+def fallback_interval(num_steps: int, budget: int) -> int:
+    """The uniform interval that stands in for ``budget`` calibrated key steps of ``num_steps``: the largest
+    ``I`` whose ``uniform:I`` has at least ``budget`` key steps (``ceil(num_steps / I) >= budget``), so it is
+    never cheaper than the budget asked: 4 for 13 of 50, 3 for 6 of 20.
+
+    Example:
+        >>> fallback_interval(50, 13), fallback_interval(20, 6), fallback_interval(20, 20)
+        (4, 3, 1)
+    """
+    _check_num_steps(num_steps)
+    _check_budget(num_steps, budget)
+    return max(i for i in range(1, num_steps + 1) if math.ceil(num_steps / i) >= budget)
 
 
 def evenly_spaced_key_steps(num_steps: int, budget: int) -> tuple[int, ...]:
@@ -163,6 +184,9 @@ class KeySteps:
     #: For ``AUTO``: the criterion the calibration is read with (one it measured, such as ``"feature"``);
     #: ``None`` for the calibration target's default (:func:`faster_diffusion.calibration.default_criterion`).
     criterion: str | None = None
+    #: For ``AUTO``: ``budget`` is per this many steps, scaled to the run's (:meth:`for_steps`); ``None``: the
+    #: budget is the run's.
+    per: int | None = None
 
     def __post_init__(self) -> None:
         every = self.every
@@ -180,6 +204,18 @@ class KeySteps:
             and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1)
         ):
             raise KeyStepError(f"key_steps: the auto budget must be a whole number >= 1, got {budget!r}")
+        per = self.per
+        if per is not None and (
+            self.kind is not KeyStepKind.AUTO
+            or isinstance(per, bool)
+            or not isinstance(per, int)
+            or budget is None
+            or not 1 <= budget <= per
+        ):
+            raise KeyStepError(
+                f"key_steps: a budget per steps is 'auto:B/N' with whole numbers 1 <= B <= N, got "
+                f"budget {budget!r} per {per!r}"
+            )
         if self.criterion is not None:
             if self.kind is not KeyStepKind.AUTO:
                 raise KeyStepError("key_steps: only 'auto' key steps are read with a criterion")
@@ -208,12 +244,30 @@ class KeySteps:
         return cls(KeyStepKind.EXPLICIT, indices=indices)
 
     @classmethod
-    def auto(cls, budget: int | None = None, criterion: str | None = None) -> KeySteps:
+    def auto(
+        cls, budget: int | None = None, criterion: str | None = None, per: int | None = None
+    ) -> KeySteps:
         """``budget`` key steps placed from a calibration of the model (:mod:`faster_diffusion.calibration`);
         ``None`` for the paper's count. Resolved at the start of a run, against the calibration for the
         run's model, sampler and step count, read with ``criterion`` (one the calibration measured; ``None``:
-        the default criterion of what the mode reuses)."""
-        return cls(KeyStepKind.AUTO, budget=budget, criterion=criterion)
+        the default criterion of what the mode reuses). ``per``: the budget is ``budget`` per ``per`` steps,
+        scaled to the run's step count (:meth:`for_steps`; ``auto:13/50``), as the one-call default is."""
+        return cls(KeyStepKind.AUTO, budget=budget, criterion=criterion, per=per)
+
+    def for_steps(self, num_steps: int) -> KeySteps:
+        """These key steps for a run of ``num_steps`` steps: ``auto:B/N`` becomes ``auto:b`` with ``b`` the
+        same fraction of the run's steps, rounded half up, at least 1 (``auto:13/50`` is ``auto:13`` for 50
+        steps and ``auto:7`` for 25); any other value is returned as it is.
+
+        Example:
+            >>> str(KeySteps.auto(13, per=50).for_steps(25)), str(KeySteps.auto(6, "feature", 20))
+            ('auto:7', 'auto:6/20@feature')
+        """
+        if self.per is None:
+            return self
+        _check_num_steps(num_steps)
+        budget = min(num_steps, max(1, math.floor(num_steps * self.budget / self.per + 0.5)))
+        return KeySteps.auto(budget, self.criterion)
 
     def placed_by(self, calibration: Any) -> Any:
         """For ``AUTO``: ``calibration`` read with this value's criterion (itself when it names none). A
@@ -246,7 +300,8 @@ class KeySteps:
         """Read the text form a user types.
 
         Accepted: ``paper``, ``all`` (or ``every``), ``auto``, ``auto:B``, ``auto@C`` and ``auto:B@C`` (read
-        with the calibration's criterion ``C``), ``uniform:K`` and a comma-separated index list such as
+        with the calibration's criterion ``C``), ``auto:B/N`` (B per N steps, scaled to the run's),
+        ``uniform:K`` and a comma-separated index list such as
         ``0,1,2,3,5,10,15,25,35`` (spaces and surrounding brackets are allowed). Case does not matter.
         """
         if not isinstance(text, str):
@@ -260,6 +315,14 @@ class KeySteps:
         match = re.fullmatch(r"auto(?:\s*[:=]\s*([^@\s]+))?(?:\s*@\s*(\S*))?", text)
         if match:
             value, criterion = match.groups()
+            per = None
+            if value is not None and re.fullmatch(r"\d+/\d+", value):
+                value, per_text = value.split("/")
+                per = int(per_text)
+                if not 1 <= int(value) <= per:
+                    raise KeyStepError(
+                        f"key_steps: invalid value {raw!r}: 'auto:B/N' needs whole numbers 1 <= B <= N"
+                    )
             if value is not None and (not re.fullmatch(r"\d+", value) or int(value) < 1):
                 raise KeyStepError(
                     f"key_steps: invalid value {raw!r}: the auto budget must be a whole number >= 1, "
@@ -270,7 +333,7 @@ class KeySteps:
                     f"key_steps: invalid value {raw!r}: after '@' comes a criterion such as 'feature', "
                     f"got {criterion!r}"
                 )
-            return cls.auto(None if value is None else int(value), criterion)
+            return cls.auto(None if value is None else int(value), criterion, per)
         match = re.fullmatch(r"uniform\s*[:=]\s*(\S+)", text)
         if match:
             value = match.group(1)
@@ -307,6 +370,8 @@ class KeySteps:
         self, num_steps: int, calibration: Any, start: int, stop: int | None
     ) -> KeyStepSchedule:
         _check_num_steps(num_steps)
+        if self.per is not None:
+            return self.for_steps(num_steps)._resolve_whole(num_steps, calibration, start, stop)
         if self.kind is KeyStepKind.AUTO:
             if calibration is None:
                 raise KeyStepError(
@@ -340,6 +405,17 @@ class KeySteps:
             indices = self.indices
         return KeyStepSchedule(num_steps=num_steps, indices=indices, source=self)
 
+    def fallback(self, num_steps: int) -> KeySteps:
+        """What a run of ``num_steps`` steps places instead of these ``auto`` key steps when the model has
+        no calibration for it: ``uniform:I`` with :func:`fallback_interval`, at least as many key steps as the
+        budget (the paper's count when none is given). Any other kind is returned as it is."""
+        if self.kind is not KeyStepKind.AUTO:
+            return self
+        if self.per is not None:
+            return self.for_steps(num_steps).fallback(num_steps)
+        budget = len(paper_key_steps(num_steps)) if self.budget is None else self.budget
+        return KeySteps.uniform(fallback_interval(num_steps, budget))
+
     def __str__(self) -> str:
         if self.kind is KeyStepKind.UNIFORM:
             return f"uniform:{self.every}"
@@ -347,6 +423,7 @@ class KeySteps:
             return ",".join(str(i) for i in self.indices)
         if self.kind is KeyStepKind.AUTO:
             budget = "" if self.budget is None else f":{self.budget}"
+            budget += "" if self.per is None else f"/{self.per}"
             criterion = "" if self.criterion is None else f"@{self.criterion}"
             return f"auto{budget}{criterion}"
         return self.kind.value

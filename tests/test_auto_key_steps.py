@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-import pytest
+import warnings
 
-from faster_diffusion import DeepReuseConfig, KeySteps, apply_faster_diffusion, reference, use_sampler
+import pytest
+import torch
+
+from faster_diffusion import (
+    CalibrationFallbackWarning,
+    DeepReuseConfig,
+    KeySteps,
+    apply_faster_diffusion,
+    calibrate,
+    reference,
+    use_sampler,
+)
 from faster_diffusion.app.cli import main
 from faster_diffusion.app.download import write_source
 from faster_diffusion.app.generate import GenerationRequest, faster_config
@@ -12,7 +23,7 @@ from faster_diffusion.app.loading import load_pipeline
 from faster_diffusion.app.serving import TextToImage
 from faster_diffusion.calibration import CALIBRATION_FILE, load_calibrations
 from faster_diffusion.policy import default_key_steps, read_source
-from fixtures.tiny import save_tiny_weights
+from fixtures.tiny import build_tiny_pipeline, save_tiny_weights
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -61,21 +72,54 @@ def test_apply_with_no_config_gives_the_product_s_default(tmp_path, reference_pi
     steps, read from the pipeline's scheduler, placed by the model's deep:0 calibration (DPM-Solver's read
     with the feature criterion: [0, 3, 6, 9, 13, 17]; the prediction criterion's are [0, 2, 5, 9, 13, 17]).
     """
-    for sampler, steps, expected, full in [
-        ("DDIM-50", 50, KeySteps.auto(13), 13),
-        ("DPM-Solver-20", 20, KeySteps.auto(6, "feature"), 6),
-        ("DPM-Solver++-20", 20, KeySteps.uniform(3), 7),
+    for sampler, steps, given, expected, full in [
+        ("DDIM-50", 50, KeySteps.auto(13, per=50), KeySteps.auto(13), 13),
+        ("DPM-Solver-20", 20, KeySteps.auto(6, "feature", per=20), KeySteps.auto(6, "feature"), 6),
+        ("DPM-Solver++-20", 20, KeySteps.uniform(3), KeySteps.uniform(3), 7),
     ]:
         use_sampler(reference_pipe, sampler)
         with apply_faster_diffusion(reference_pipe) as handle:
             assert isinstance(handle.config, DeepReuseConfig)
-            assert handle.config.key_steps == expected == default_key_steps(reference_pipe, sampler)
-            reference_pipe("a large red circle", num_inference_steps=steps, output_type="latent")
-            assert handle.last_run.full_passes == full
+            assert handle.config.key_steps == given and given.for_steps(steps) == expected
+            assert expected == default_key_steps(reference_pipe, sampler)
+            with warnings.catch_warnings():
+                warnings.simplefilter(
+                    "error", CalibrationFallbackWarning
+                )  # the built-in model's calibrations are found: no fallback
+                reference_pipe("a large red circle", num_inference_steps=steps, output_type="latent")
+            assert handle.last_run.full_passes == full and handle.last_run.fallback is None
             assert handle.last_run.schedule.describe().startswith(str(expected))
             if sampler == "DPM-Solver-20":
                 assert handle.last_run.schedule.indices == (0, 3, 6, 9, 13, 17)
     use_sampler(reference_pipe, "DDIM-50")
+
+
+@pytest.mark.parametrize(
+    ("sampler", "steps", "fallback", "calibrated"), [("DDIM-50", 25, 4, 7), ("DPM-Solver-20", 10, 4, 3)]
+)
+def test_the_one_call_default_runs_at_any_step_count_without_a_calibration_and_places_by_one_once_made(
+    sampler, steps, fallback, calibrated
+):
+    """``apply_faster_diffusion(pipe)``, then ``pipe(prompt)`` on a model with no calibration: never an error.
+    The default's budget scales to the run (13 of 50 is 7 of 25; 6 of 20 is 3 of 10); with no calibration it
+    runs DeepCache's interval with at least that many full steps and warns; ``calibrate(pipe)`` with the
+    handle attached makes the calibration, and the next call places the budget by it."""
+    pipe = build_tiny_pipeline(0)
+    use_sampler(pipe, sampler)
+    handle = apply_faster_diffusion(pipe)
+    generator = torch.Generator().manual_seed(0)
+    with pytest.warns(CalibrationFallbackWarning, match=rf"calibrate\(pipe, num_inference_steps={steps}"):
+        pipe("a red circle", num_inference_steps=steps, generator=generator, output_type="latent")
+    run = handle.last_run
+    assert run.schedule.indices == tuple(range(0, steps, fallback)) and run.fallback is not None
+    assert run.full_passes >= calibrated and run.full_passes + run.partial_passes == steps
+    calibrate(pipe, num_inference_steps=steps, prompts=["a red circle"], save=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationFallbackWarning)
+        pipe("a red circle", num_inference_steps=steps, generator=generator, output_type="latent")
+    assert handle.last_run.fallback is None and handle.last_run.full_passes == calibrated
+    assert "calibrated" in handle.last_run.schedule.describe()
+    handle.remove()
 
 
 def test_cli_default_on_new_weights_calibrates_once_says_so_and_saves_it(tmp_path, capsys):

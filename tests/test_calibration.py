@@ -9,6 +9,7 @@ import dataclasses
 import itertools
 import json
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -16,12 +17,15 @@ import torch
 
 from faster_diffusion import (
     CalibrationError,
+    CalibrationFallbackWarning,
+    DeepReuseConfig,
     FasterDiffusionConfig,
     KeySteps,
     NoiseInjection,
     apply_faster_diffusion,
     calibrate,
     get_calibration,
+    get_faster_diffusion,
     reference,
     use_sampler,
 )
@@ -46,7 +50,7 @@ from faster_diffusion.calibration import (
 )
 from faster_diffusion.policy import parse_key_steps
 from faster_diffusion.reference import shapes
-from faster_diffusion.schedule import KeyStepError, KeyStepKind
+from faster_diffusion.schedule import KeyStepError, KeyStepKind, fallback_interval, paper_key_steps
 from fixtures.tiny import save_tiny_weights
 
 from .conftest import ROUNDING, generate_latents
@@ -751,23 +755,50 @@ def count_unet_calls(pipe) -> list[int]:
     return calls
 
 
-def test_auto_without_a_calibration_stops_before_the_unet_and_leaves_the_pipeline_usable(make_pipe):
+def test_auto_without_a_calibration_runs_its_fallback_says_so_once_and_how_to_calibrate(make_pipe):
+    """The rule of benchmarks/README.md, "The first call without a calibration": ``auto`` on a model with no
+    calibration for the run runs DeepCache's uniform interval with at least the budget's key steps, bit for
+    bit the same as that interval asked for explicitly, and warns once, naming the call that calibrates."""
     pipe = make_pipe("DDIM-50")
-    calls = count_unet_calls(pipe)
-    handle = apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=KeySteps.auto()))
-    with pytest.raises(CalibrationError, match=rf"calibrate\(pipe, num_inference_steps={STEPS}\)") as error:
-        generate_latents(pipe, steps=STEPS)
-    assert "DDIMScheduler" in str(error.value) and f"{STEPS} steps" in str(error.value)
-    assert calls == [0]
-    assert not handle._state.active and not handle._state.cache and not handle._state.predictions
-    handle.remove()
-    explicit = FasterDiffusionConfig(key_steps=KeySteps.explicit([0, 2, 5]))
-    with apply_faster_diffusion(pipe, explicit) as handle:
+    budget = 3
+    every = fallback_interval(STEPS, budget)
+    assert every > 1 and -(-STEPS // every) >= budget > -(-STEPS // (every + 1))
+    handle = apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=KeySteps.auto(budget)))
+    with pytest.warns(CalibrationFallbackWarning) as said:
         latents = generate_latents(pipe, steps=STEPS)
-        assert (handle.last_run.full_passes, handle.last_run.partial_passes) == (3, STEPS - 3)
+    message = str(said[0].message)
+    assert len(said) == 1 and f"calibrate(pipe, num_inference_steps={STEPS})" in message
+    assert "DDIMScheduler" in message and f"{STEPS} steps" in message and f"uniform:{every}" in message
+    run = handle.last_run
+    assert run.fallback is not None and f"uniform:{every}" in run.fallback
+    assert "instead of auto:3" in run.fallback
+    assert run.schedule.indices == tuple(range(0, STEPS, every))
+    assert run.full_passes == len(run.schedule.indices) >= budget
+    assert handle.schedule_for(STEPS).indices == run.schedule.indices
+    with warnings.catch_warnings():
+        warnings.simplefilter(
+            "error", CalibrationFallbackWarning
+        )  # said once for this step count and scheduler
+        assert torch.equal(generate_latents(pipe, steps=STEPS), latents)
+    handle.remove()
     fresh = make_pipe("DDIM-50")
-    with apply_faster_diffusion(fresh, explicit):
+    with apply_faster_diffusion(fresh, FasterDiffusionConfig(key_steps=KeySteps.uniform(every))) as explicit:
         torch.testing.assert_close(latents, generate_latents(fresh, steps=STEPS), rtol=0, atol=0)
+        assert explicit.last_run.fallback is None
+
+
+@pytest.mark.parametrize(
+    ("steps", "budget", "every"), [(50, 13, 4), (20, 6, 3), (20, 7, 3), (20, 20, 1), (8, 1, 8)]
+)
+def test_the_fallback_is_the_widest_interval_with_at_least_the_budget(steps, budget, every):
+    assert fallback_interval(steps, budget) == every
+    assert KeySteps.auto(budget).fallback(steps) == KeySteps.uniform(every)
+    assert len(KeySteps.uniform(every).resolve(steps).indices) >= budget
+    assert KeySteps.uniform(2).fallback(steps) == KeySteps.uniform(2)  # other kinds are kept
+    paper = len(paper_key_steps(steps))  # plain auto's budget
+    assert KeySteps.auto().fallback(steps) == KeySteps.uniform(fallback_interval(steps, paper))
+    with pytest.raises(KeyStepError, match=re.escape(f"from 1 to {steps}, got {steps + 1}")):
+        KeySteps.auto(steps + 1).fallback(steps)
 
 
 def test_auto_uses_the_calibration_of_the_run(make_pipe):
@@ -793,12 +824,13 @@ def test_auto_uses_the_calibration_of_the_run(make_pipe):
     ):
         generate_latents(pipe, steps=STEPS)
     assert calls == [0]
-    # The calibration is for 8 steps; a run of another step count has none.
+    # The calibration is for 8 steps; a run of another step count has none, and runs its fallback.
     with (
-        apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=KeySteps.auto())),
-        pytest.raises(CalibrationError, match="num_inference_steps=6"),
+        apply_faster_diffusion(pipe, FasterDiffusionConfig(key_steps=KeySteps.auto())) as handle,
+        pytest.warns(CalibrationFallbackWarning, match="num_inference_steps=6"),
     ):
         generate_latents(pipe, steps=6)
+        assert handle.last_run.fallback is not None
 
 
 def test_auto_refuses_a_run_on_custom_timesteps_and_takes_the_scheduler_s_own(make_pipe):
@@ -836,13 +868,26 @@ def test_calibrate_checks_the_budget_before_measuring(make_pipe, budget):
     assert calls == [0]
 
 
-def test_calibrate_refuses_a_pipeline_with_faster_diffusion_attached(make_pipe):
+def test_calibrate_on_an_attached_pipeline_measures_it_stock_and_leaves_it_attached(make_pipe):
+    """``apply_faster_diffusion(pipe)``, ``calibrate(pipe)``, ``pipe(...)``: the calibration is the stock
+    pipeline's (the same matrix as on a pipeline with nothing attached), of the attached mode's target, and
+    the next run is placed by it, with faster diffusion still attached."""
+    options = dict(num_inference_steps=STEPS, prompts=PROMPTS[:1], save=False)
     pipe = make_pipe("DDIM-50")
-    with (
-        apply_faster_diffusion(pipe),
-        pytest.raises(RuntimeError, match=r"faster diffusion is attached.*remove\(\)"),
-    ):
-        calibrate(pipe, num_inference_steps=STEPS, prompts=PROMPTS[:1])
+    handle = apply_faster_diffusion(pipe, DeepReuseConfig(key_steps=KeySteps.auto(3)))
+    keys = calibrate(pipe, 3, **options)
+    assert get_faster_diffusion(pipe) is handle and handle.attached
+    calibration = find_calibration(pipe, STEPS, target="deep:0")
+    assert calibration is not None and "deep:0 reuse" in keys.origin
+    assert find_calibration(pipe, STEPS, target="encoder") is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationFallbackWarning)  # no fallback: the calibration is found
+        generate_latents(pipe, steps=STEPS)
+    assert handle.last_run.schedule.indices == keys.indices and handle.last_run.fallback is None
+    handle.remove()
+    stock = make_pipe("DDIM-50")
+    alone = get_calibration(stock, target="deep:0", **options)
+    np.testing.assert_array_equal(alone.matrix, calibration.matrix)
 
 
 # ---------------------------------------------------------------------------------- the reference model

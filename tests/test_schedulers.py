@@ -35,6 +35,7 @@ from diffusers import (
 )
 
 from faster_diffusion import (
+    CalibrationFallbackWarning,
     DeepReuseConfig,
     FasterDiffusionConfig,
     KeySteps,
@@ -99,7 +100,8 @@ SAMPLE = [
     ("Euler-a", "linspace"),
 ]
 
-#: The one-call default needs no calibration on these (DDIM's and DPM-Solver's default placement does).
+#: The one-call default places its full steps by a calibration on these; without one (the tiny pipelines have
+#: none) it runs DeepCache's interval with as many full steps or more, and warns.
 CALIBRATED_DEFAULTS = {"DDIM"}
 
 STEPS = 4
@@ -159,16 +161,19 @@ def loop_calls(pipe, steps: int = STEPS) -> int:
 @pytest.mark.parametrize("family", ["SD", "SDXL"])
 @pytest.mark.parametrize(("name", "variant"), CASES + SAMPLE)
 def test_the_one_call_default_serves_every_unet_call_with_fewer_full_passes(family, name, variant):
-    if name in CALIBRATED_DEFAULTS:
-        pytest.skip("the default places DDIM's full steps by a calibration (tests/test_auto_key_steps.py)")
     if family == "SDXL" and (name, variant) in SAMPLE:
         pytest.skip("the sample of settings runs on SD")
     pipe = pipe_with(name, variant, family)
     calls = loop_calls(pipe)
     handle = apply_faster_diffusion(pipe)
     try:
-        run(pipe)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            run(pipe)
+        fallbacks = [w for w in said if issubclass(w.category, CalibrationFallbackWarning)]
+        assert len(fallbacks) == (name in CALIBRATED_DEFAULTS)
         stats = handle.last_run
+        assert (stats.fallback is not None) == (name in CALIBRATED_DEFAULTS)
         assert stats.full_passes + stats.partial_passes == stats.steps == calls
         assert 0 < stats.full_passes < calls
         assert_state_dropped(handle)

@@ -234,6 +234,7 @@ def prepare_key_steps(
     keys = request.faster.key_steps
     if keys.kind is not KeyStepKind.AUTO:
         return request
+    keys = keys.for_steps(request.steps)  # 'auto:B/N': B per N steps, as a budget for the request's
     if keys.budget is not None and keys.budget > request.steps:  # before any calibration is measured
         raise CalibrationError(
             f"key_steps: the budget must be a whole number from 1 to {request.steps}, got {keys.budget}"
