@@ -67,8 +67,25 @@ def make_scheduler(sampler: Sampler | str, scheduler_config: Any) -> Any:
         )
 
 
+#: The attribute where :func:`use_sampler` keeps, on a pipeline, the scheduler it set and the config it was
+#: built from.
+_SET_BY_USE_SAMPLER = "_faster_diffusion_sampler_base"
+
+
+def scheduler_config_of(pipe: Any) -> Any:
+    """The scheduler config a sampler for ``pipe`` is built from: the config of the scheduler ``pipe`` had
+    before :func:`use_sampler` replaced it (the model's own), so that no sampler's settings carry over to the
+    next one (DPM-Solver-20's ``final_sigmas_type`` into DPM-Solver++-20). A scheduler set on the pipeline by
+    other means is the new base."""
+    record = getattr(pipe, _SET_BY_USE_SAMPLER, None)
+    if record is not None and record[0] is pipe.scheduler:
+        return record[1]
+    return pipe.scheduler.config
+
+
 def use_sampler(pipe: Any, sampler: Sampler | str) -> Sampler:
-    """Give ``pipe`` a fresh scheduler for ``sampler``. Do this before ``apply_faster_diffusion``."""
+    """Give ``pipe`` a fresh scheduler for ``sampler``, built from :func:`scheduler_config_of`: the same one
+    whichever sampler it had. Do this before ``apply_faster_diffusion``."""
     from .engine import get_faster_diffusion
 
     sampler = Sampler.parse(sampler)
@@ -77,5 +94,7 @@ def use_sampler(pipe: Any, sampler: Sampler | str) -> Sampler:
             "use_sampler: faster diffusion is attached to this pipeline; call remove() first, set the "
             "sampler, then apply it again"
         )
-    pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
+    config = scheduler_config_of(pipe)
+    pipe.scheduler = make_scheduler(sampler, config)
+    setattr(pipe, _SET_BY_USE_SAMPLER, (pipe.scheduler, config))
     return sampler

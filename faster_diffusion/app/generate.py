@@ -25,7 +25,7 @@ from ..memory import AUTO
 from ..modes import MODES, apply_faster_diffusion
 from ..noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, NoiseInjection
 from ..policy import parse_key_steps
-from ..samplers import Sampler, make_scheduler, use_sampler
+from ..samplers import Sampler, make_scheduler, scheduler_config_of, use_sampler
 from ..schedule import CalibrationError, KeyStepKind, KeySteps, KeyStepSchedule
 from .images import MAX_PIXELS, MAX_SIDE, prepare_image, prepare_mask
 from .loading import check_trained_size, safety_check_of
@@ -242,7 +242,7 @@ def prepare_key_steps(
     folder, lora = weights_folder(pipe), loaded_lora(pipe)
     target = getattr(request.faster, "calibration_target", "encoder")  # a registered mode may have none
     # Looked up for the request's sampler without touching the pipeline (the run sets it, once).
-    scheduler = make_scheduler(request.sampler, pipe.scheduler.config)
+    scheduler = make_scheduler(request.sampler, scheduler_config_of(pipe))
     calibration = find_calibration(pipe, request.steps, scheduler, target=target)
     reuse = "" if target == "encoder" else f" of {target} reuse"
     of = reuse
