@@ -179,16 +179,16 @@ class Predictor(BaseRunner):
     def setup(self) -> None:
         """Load the weights from weights/, or from the folder named by FASTER_DIFFUSION_WEIGHTS. An empty or
         missing folder is first filled from the Hugging Face hub (as script/download-weights does), unless
-        HF_HUB_OFFLINE=1 or FASTER_DIFFUSION_FETCH_AT_SETUP=0. The default key steps of every sampler are
-        looked up and logged; setup measures nothing (script/prepare-weights calibrates before cog build, and
-        a missing calibration is made by the first request that needs it, with a warning here)."""
+        HF_HUB_OFFLINE=1 or FASTER_DIFFUSION_FETCH_AT_SETUP=0. The default key steps of every sampler in every
+        mode are looked up and logged; setup measures nothing (script/prepare-weights calibrates before cog
+        build, and a missing calibration is made by the first request that needs it, with a warning here)."""
         from faster_diffusion.app.threads import fit_torch_threads  # torch's threads: the CPUs it may use
 
         fit_torch_threads()
         folder = default_weights_dir().absolute()
         fetch_at_setup(folder)
         self.model = TextToImage.load(folder)
-        self.model.check_default_key_steps(Inputs.sampler.choices)  # measures nothing
+        self.model.check_default_key_steps(Inputs.sampler.choices, Inputs.mode.choices)  # measures nothing
         self.outputs = Path(tempfile.mkdtemp(prefix="faster-diffusion-"))
 
     def run(

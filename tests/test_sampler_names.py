@@ -24,7 +24,7 @@ from diffusers import (
 
 import predict
 from faster_diffusion import DeepReuseConfig, KeySteps, Sampler
-from faster_diffusion.app import cli
+from faster_diffusion.app import cli, prepare
 from faster_diffusion.app.generate import (
     GenerationRequest,
     check_sampler_choice,
@@ -34,8 +34,9 @@ from faster_diffusion.app.generate import (
 )
 from faster_diffusion.app.serving import TextToImage
 from faster_diffusion.calibration import scheduler_timesteps
-from faster_diffusion.policy import default_key_steps
+from faster_diffusion.policy import DEFAULT_KEY_STEPS, default_key_steps, resolve_key_steps
 from faster_diffusion.samplers import PAPER_SAMPLERS, make_scheduler, scheduler_config_of, use_sampler
+from faster_diffusion.schedule import KeyStepKind
 from fixtures.tiny import SD15_SCHEDULER_CONFIG, build_tiny_pipeline, save_tiny_weights
 
 #: Replicate's names: the class and the options cog-sdxl passes to ``from_config``.
@@ -196,6 +197,51 @@ def test_default_key_steps_need_no_calibration_for_replicate_s_names_and_are_unc
     assert default_key_steps(pipe, "DPM-Solver++-20", mode="encoder") == KeySteps.auto(9)
     # The paper's preset at 25 steps: its 50-step list cut at 25.
     assert KeySteps.paper().resolve(25).indices == (0, 1, 2, 3, 5, 10, 15)
+
+
+def test_every_default_the_cog_model_offers_is_calibration_free_or_one_prepare_weights_makes(monkeypatch):
+    """Each (sampler choice x mode) default of the Cog model, on SD v1.5's base weights and on any other: key
+    steps that need no calibration, or 'auto' on a sampler that can be calibrated, which prepare-weights
+    covers (it walks every choice in every mode; tests/test_auto_key_steps.py runs it)."""
+    from faster_diffusion import policy
+
+    assert tuple(predict.Inputs.sampler.choices) == prepare.SAMPLERS
+    assert tuple(predict.Inputs.mode.choices) == prepare.MODES
+    pipe = build_tiny_pipeline(0)
+    auto = {}
+    for source in (None, sorted(policy.SD15_REPOS)[0]):
+        monkeypatch.setattr(policy, "read_source", lambda folder, source=source: source)
+        auto[source] = set()
+        for mode in predict.Inputs.mode.choices:
+            for choice in predict.Inputs.sampler.choices:
+                keys = resolve_key_steps(DEFAULT_KEY_STEPS, pipe, choice, mode=mode)
+                if keys.kind is KeyStepKind.AUTO:
+                    assert Sampler.parse(choice).one_call_per_step, (choice, mode)
+                    auto[source].add((Sampler.parse(choice).value, mode))
+    # Only the paper's samplers have calibrated defaults; Replicate's names measure nothing.
+    assert auto[None] == {
+        ("DDIM-50", "deep"),
+        ("DPM-Solver-20", "deep"),
+        ("DDIM-50", "encoder"),
+        ("DPM-Solver-20", "encoder"),
+        ("DPM-Solver++-20", "encoder"),
+    }
+    assert auto[sorted(policy.SD15_REPOS)[0]] == {("DDIM-50", "deep"), ("DPM-Solver-20", "deep")}
+
+
+def test_prepare_weights_calibrates_only_the_presets_and_setup_then_finds_every_default(tmp_path, capsys):
+    folder = save_tiny_weights(tmp_path / "weights", with_safety_checker=False)
+    model = TextToImage.load(folder)
+    for name in ("K_EULER", "HeunDiscrete", "PNDM", "UniPCMultistep"):
+        for mode in ("deep", "encoder"):
+            described = model.prepare_default_key_steps(name, mode, calibrate=False)  # measures nothing
+            assert "Calibrating" not in capsys.readouterr().out
+            assert described.startswith("uniform:3" if mode == "deep" else "paper")
+    assert model.prepare_default_key_steps("HeunDiscrete", "deep", calibrate=False) == (
+        "uniform:3: 17 of 49 steps are key steps [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 36, 39, 42, "
+        "45, 48] (HeunDiscrete, 25 steps (49 UNet calls, each a step of the key steps))"
+    )
+    assert model.check_default_key_steps(["K_EULER", "KarrasDPM"], ["deep", "encoder"]) == []
 
 
 # ------------------------------------------------------------------------------------------ running

@@ -232,21 +232,26 @@ class TextToImage:
         calls = "" if prepared.unet_calls is None else f" ({prepared.describe_sampler()})"
         return prepared.schedule.describe() + calls
 
-    def check_default_key_steps(self, samplers: Sequence[str]) -> list[str]:
-        """What the Cog setup does about key steps: look each sampler's default up and log it, measuring
-        nothing. Returns the samplers whose calibration is missing (logged with a warning: their first
-        request calibrates first)."""
+    def check_default_key_steps(
+        self, samplers: Sequence[str], modes: Sequence[str] = (DEFAULT_MODE,)
+    ) -> list[str]:
+        """What the Cog setup does about key steps: look the default of each sampler in each reuse mode up and
+        log it, measuring nothing. Returns ``"<sampler>, mode <mode>"`` for each calibration that is missing
+        (logged with a warning: its first request calibrates first)."""
         missing = []
-        for sampler in samplers:
-            try:
-                described = self.prepare_default_key_steps(sampler, calibrate=False)
-                print(f"Default key steps for {sampler}: {described}")
-            except CalibrationError as error:
-                missing.append(sampler)
-                print(
-                    f"Warning: {error}: the first request with the default key steps and {sampler} "
-                    f"calibrates first. Run {PREPARE_COMMAND} before cog build to put it in the image."
-                )
+        for mode in modes:
+            for sampler in samplers:
+                which = f"{sampler}, mode {mode}"
+                try:
+                    described = self.prepare_default_key_steps(sampler, mode, calibrate=False)
+                    print(f"Default key steps for {which}: {described}")
+                except CalibrationError as error:
+                    missing.append(which)
+                    print(
+                        f"Warning: {error}: the first request with the default key steps, {sampler} and mode "
+                        f"{mode} calibrates first. Run {PREPARE_COMMAND} before cog build to put it in the "
+                        "image."
+                    )
         return missing
 
     def key_steps(
