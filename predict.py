@@ -49,18 +49,31 @@ class Inputs:
         default=0.8,
     )
     sampler = Input(
-        description="The sampler and its number of steps, as in the paper.",
-        choices=["DDIM-50", "DPM-Solver-20", "DPM-Solver++-20"],
+        description="The sampler (scheduler). The paper's, with their step counts: 'DDIM-50' (DDIM, 50 steps), 'DPM-Solver-20' (multistep DPM-Solver, 20 steps) and 'DPM-Solver++-20' (multistep DPM-Solver++, 20 steps). Replicate's scheduler names, each the diffusers scheduler built from the model's own scheduler config as cog-sdxl builds it: 'DDIM' (the same as 'DDIM-50'), 'DPMSolverMultistep' (DPM-Solver++, order 2), 'KarrasDPM' (the same with Karras sigmas), 'K_EULER' (Euler), 'K_EULER_ANCESTRAL' (Euler ancestral), 'HeunDiscrete' (Heun), 'PNDM', 'KLMS' (LMS) and 'UniPCMultistep' (UniPC); 50 steps for DDIM and PNDM, 25 for the others. Their default key steps need no calibration and were not measured for quality. In mode 'encoder', prior noise injection does not work with HeunDiscrete, PNDM and UniPCMultistep (set noise_injection to false), and 'auto' key steps do not work with HeunDiscrete and PNDM (they call the UNet more than once a step).",  # noqa: E501
+        choices=[
+            "DDIM-50",
+            "DPM-Solver-20",
+            "DPM-Solver++-20",
+            "DDIM",
+            "DPMSolverMultistep",
+            "KarrasDPM",
+            "K_EULER",
+            "K_EULER_ANCESTRAL",
+            "HeunDiscrete",
+            "PNDM",
+            "KLMS",
+            "UniPCMultistep",
+        ],
         default="DDIM-50",
     )
     num_inference_steps = Input(
-        description="Number of denoising steps. Leave blank for the sampler's own: 50 for DDIM, 20 for DPM-Solver. Key steps are placed for the count asked: the paper's preset scales to it, and 'auto' calibrates for it once (saved next to the weights).",  # noqa: E501
+        description="Number of denoising steps (the sampler's steps; HeunDiscrete calls the UNet 2N - 1 times for N steps and PNDM N + 1 times, and key_steps then index those UNet calls). Leave blank for the sampler's own: 50 for DDIM-50, DDIM and PNDM, 20 for DPM-Solver-20 and DPM-Solver++-20, 25 for the other samplers. Key steps are placed for the count asked: the paper's preset scales to it, and 'auto' calibrates for it once (saved next to the weights).",  # noqa: E501
         ge=1,
         le=500,
         default=None,
     )
     key_steps = Input(
-        description="The key steps: in mode 'deep', the steps where the whole UNet runs (the others run only its shallowest layers); in mode 'encoder', the steps where the UNet encoder runs. 'default': in mode 'deep', 'auto:13' for DDIM (13 of 50, placed by a calibration on the model), 'auto:6@feature' for DPM-Solver (6 of 20, placed by the same calibration read with its 'feature' criterion) and every third step for DPM-Solver++; in mode 'encoder', 'paper' for SD v1.5 base weights, otherwise 'auto' for DDIM and 'auto:9' for DPM-Solver. 'auto' (the paper's number of key steps, placed by a calibration on the model itself, made once and saved), 'auto:B' (B key steps, placed the same way), 'auto:B@C' (the same, read with the calibration's criterion C: 'feature', 'prediction' or 'final'; one not yet measured is measured by the first request that needs it, and 'final' takes about N^3/6 UNet calls per calibration prompt), 'paper' (the paper's key steps), 'all' (every step; in mode 'deep', or with noise_injection off, the stock result), 'uniform:K' (every K-th step), or a comma-separated list of step indices that starts with 0, such as '0,1,2,3,5,10,15,25,35'.",  # noqa: E501 (one literal, for cog build)
+        description="The key steps: in mode 'deep', the steps where the whole UNet runs (the others run only its shallowest layers); in mode 'encoder', the steps where the UNet encoder runs. 'default': in mode 'deep', 'auto:13' for DDIM (13 of 50, placed by a calibration on the model), 'auto:6@feature' for DPM-Solver-20 (6 of 20, placed by the same calibration read with its 'feature' criterion), and every third step for DPM-Solver++-20 and Replicate's scheduler names; in mode 'encoder', 'paper' for SD v1.5 base weights, otherwise 'auto' for DDIM and 'auto:9' for the paper's DPM-Solvers, and 'paper' for Replicate's scheduler names (but DDIM) on any weights (not measured on them). 'auto' (the paper's number of key steps, placed by a calibration on the model itself, made once and saved), 'auto:B' (B key steps, placed the same way), 'auto:B@C' (the same, read with the calibration's criterion C: 'feature', 'prediction' or 'final'; one not yet measured is measured by the first request that needs it, and 'final' takes about N^3/6 UNet calls per calibration prompt), 'paper' (the paper's key steps), 'all' (every step; in mode 'deep', or with noise_injection off, the stock result), 'uniform:K' (every K-th step), or a comma-separated list of step indices that starts with 0, such as '0,1,2,3,5,10,15,25,35'.",  # noqa: E501 (one literal, for cog build)
         default="default",
     )
     mode = Input(
@@ -166,16 +179,16 @@ class Predictor(BaseRunner):
     def setup(self) -> None:
         """Load the weights from weights/, or from the folder named by FASTER_DIFFUSION_WEIGHTS. An empty or
         missing folder is first filled from the Hugging Face hub (as script/download-weights does), unless
-        HF_HUB_OFFLINE=1 or FASTER_DIFFUSION_FETCH_AT_SETUP=0. The default key steps of every sampler are
-        looked up and logged; setup measures nothing (script/prepare-weights calibrates before cog build, and
-        a missing calibration is made by the first request that needs it, with a warning here)."""
+        HF_HUB_OFFLINE=1 or FASTER_DIFFUSION_FETCH_AT_SETUP=0. The default key steps of every sampler in every
+        mode are looked up and logged; setup measures nothing (script/prepare-weights calibrates before cog
+        build, and a missing calibration is made by the first request that needs it, with a warning here)."""
         from faster_diffusion.app.threads import fit_torch_threads  # torch's threads: the CPUs it may use
 
         fit_torch_threads()
         folder = default_weights_dir().absolute()
         fetch_at_setup(folder)
         self.model = TextToImage.load(folder)
-        self.model.check_default_key_steps(Inputs.sampler.choices)  # measures nothing
+        self.model.check_default_key_steps(Inputs.sampler.choices, Inputs.mode.choices)  # measures nothing
         self.outputs = Path(tempfile.mkdtemp(prefix="faster-diffusion-"))
 
     def run(

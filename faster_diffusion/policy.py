@@ -21,6 +21,13 @@ Encoder propagation (``mode="encoder"``), the paper's method, has its own defaul
   (and every sampler but DPM-Solver) keeps the paper's budget (9 of 50: within noise of stock on the reference
   model, where the preset loses 13 points); the DPM-Solver samplers take 9 of 20
   (:data:`DPM_SOLVER_DEFAULT_FRACTION`). The evidence: ``benchmarks/README.md``, "The defaults".
+
+Replicate's scheduler names (``DPMSolverMultistep``, ``KarrasDPM``, ``K_EULER``, ``K_EULER_ANCESTRAL``,
+``HeunDiscrete``, ``PNDM``, ``KLMS``, ``UniPCMultistep``; :class:`~faster_diffusion.samplers.Sampler`) have no
+measured default: deep reuse keeps every third step (:data:`DEEP_DEFAULT_KEY_STEPS`), and encoder propagation
+the paper's preset at the run's step count (:data:`UNMEASURED_ENCODER_KEY_STEPS`). Neither needs a
+calibration, which Heun and PNDM (more than one UNet call a step) could not have; neither was measured for
+quality on these schedulers. ``DDIM`` is ``DDIM-50`` and has its defaults.
 """
 
 from __future__ import annotations
@@ -100,13 +107,21 @@ DEEP_DEFAULTS: dict[Sampler, tuple[float, str | None]] = {
 }
 
 
+#: Encoder propagation's key steps when none are given, for a sampler without a measured default (Replicate's
+#: scheduler names but ``DDIM``): the paper's preset, cut or scaled to the run's step count
+#: (:func:`~faster_diffusion.schedule.paper_key_steps`). Not measured on these schedulers; chosen because it
+#: needs no calibration and is the paper's own.
+UNMEASURED_ENCODER_KEY_STEPS = KeySteps.paper()
+
+
 def default_key_steps(
     pipe: Any, sampler: Sampler | str | None = None, num_steps: int | None = None, mode: str = DEFAULT_MODE
 ) -> KeySteps:
     """The key steps used when none are given (see the module docstring). ``sampler``: the one the run
     uses; ``None`` reads it from ``pipe.scheduler``. ``num_steps``: the run's step count; ``None`` is the
     sampler's own (20 for DPM-Solver). ``mode``: ``"deep"`` (the default) gives :data:`DEEP_DEFAULTS`'s entry,
-    ``"encoder"`` the paper's preset or ``auto``."""
+    ``"encoder"`` the paper's preset or ``auto`` (:data:`UNMEASURED_ENCODER_KEY_STEPS` for a named sampler
+    that is not the paper's)."""
     sampler = Sampler.parse(sampler) if sampler is not None else sampler_of(getattr(pipe, "scheduler", None))
     if num_steps == 1 and not isinstance(num_steps, bool):
         return KeySteps.every_step()  # one step: nothing to reuse, and nothing to calibrate
@@ -115,6 +130,8 @@ def default_key_steps(
             return DEEP_DEFAULT_KEY_STEPS
         fraction, criterion = DEEP_DEFAULTS[sampler]
         return KeySteps.auto(_budget(num_steps or sampler.default_steps, fraction), criterion)
+    if sampler is not None and not sampler.is_paper:
+        return UNMEASURED_ENCODER_KEY_STEPS
     if read_source(weights_folder(pipe)) in SD15_REPOS:
         return KeySteps.paper()
     if sampler not in (Sampler.DPM_SOLVER, Sampler.DPM_SOLVER_PP):

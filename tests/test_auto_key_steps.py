@@ -298,7 +298,8 @@ def test_the_cog_setup_measures_nothing_and_prepare_weights_calibrates_every_def
     out = capsys.readouterr().out
     assert "Calibrating" not in out and "Warning" not in out
     for sampler in prepare.SAMPLERS:
-        assert f"Default key steps for {sampler}: " in out
+        for mode in prepare.MODES:
+            assert f"Default key steps for {sampler}, mode {mode}: " in out
     request = Request(prompt="a red cat", width=16, height=16, num_steps=None)
     predictor.model.generate(request)  # a default request calibrates nothing either
     assert "Calibrating" not in capsys.readouterr().out
@@ -316,7 +317,10 @@ def test_the_cog_setup_measures_nothing_and_prepare_weights_calibrates_every_def
         "Warning: key_steps 'auto:6@feature': no calibration of deep:0 reuse with the feature criterion"
         in out
     )
-    assert "Default key steps for DPM-Solver++-20: uniform:3: 7 of 20 steps are key steps" in out
+    assert "Default key steps for DPM-Solver++-20, mode deep: uniform:3: 7 of 20 steps are key steps" in out
+    # Encoder propagation's defaults are the paper's preset on SD v1.5's base weights: nothing to calibrate.
+    assert "Default key steps for DDIM-50, mode encoder: paper: 9 of 50 steps are key steps" in out
+    assert "no calibration of this model" not in out
 
 
 def test_prepare_weights_downloads_into_an_empty_folder_first_and_fails_clearly(

@@ -26,6 +26,7 @@ from faster_diffusion import (
     calibrate,
     get_calibration,
     get_faster_diffusion,
+    make_scheduler,
     reference,
     use_sampler,
 )
@@ -608,9 +609,9 @@ def test_a_run_s_search_for_its_calibration_refuses_a_file_with_costs_that_are_n
 
 def use_sampler_copy(pipe, sampler):
     """The scheduler ``sampler`` would give ``pipe``, leaving ``pipe`` as it is."""
-    from faster_diffusion.samplers import make_scheduler
+    from faster_diffusion.samplers import scheduler_config_of
 
-    return make_scheduler(sampler, pipe.scheduler.config)
+    return make_scheduler(sampler, scheduler_config_of(pipe))
 
 
 def test_calibrate_saves_next_to_the_weights_and_a_new_process_finds_it(saved_pipe):
@@ -986,12 +987,25 @@ def test_a_criterion_asked_of_a_saved_calibration_is_measured_and_added(make_pip
 
 
 def test_the_scheduler_key_does_not_depend_on_the_sampler_used_before(make_pipe):
-    """use_sampler builds each scheduler from the last one's config, which carries the last one's settings."""
+    """A scheduler built from another's config carries the other's settings, as ``from_config`` of the
+    pipeline's scheduler does after another sampler (use_sampler itself builds every sampler from the model's
+    own config: tests/test_sampler_names.py); the key leaves them out."""
     fresh, after_dpm = make_pipe(), make_pipe()
     use_sampler(fresh, "DDIM-50")
     use_sampler(after_dpm, "DPM-Solver-20")
-    use_sampler(after_dpm, "DDIM-50")
+    after_dpm.scheduler = make_scheduler("DDIM-50", after_dpm.scheduler.config)
     assert "algorithm_type" in after_dpm.scheduler.config
+    assert scheduler_key(after_dpm.scheduler) == scheduler_key(fresh.scheduler)
+
+
+def test_use_sampler_builds_from_the_model_s_config_whatever_the_sampler_before(make_pipe):
+    """DPM-Solver++-20 after DPM-Solver-20 is DPM-Solver++-20 on a fresh pipeline: it ends at sigma 0, and its
+    calibration key is the same, so that a server switching samplers finds the calibration it saved."""
+    fresh, after_dpm = make_pipe(), make_pipe()
+    use_sampler(fresh, "DPM-Solver++-20")
+    use_sampler(after_dpm, "DPM-Solver-20")
+    use_sampler(after_dpm, "DPM-Solver++-20")
+    assert after_dpm.scheduler.config.final_sigmas_type == fresh.scheduler.config.final_sigmas_type == "zero"
     assert scheduler_key(after_dpm.scheduler) == scheduler_key(fresh.scheduler)
 
 

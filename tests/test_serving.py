@@ -96,7 +96,7 @@ def test_input_declarations_are_single_literals_that_cog_build_can_read():
 
 def test_input_limits_agree_with_the_core():
     inputs = predict.Inputs
-    assert inputs.sampler.choices == [sampler.value for sampler in Sampler]
+    assert tuple(inputs.sampler.choices) == Sampler.names()
     assert Sampler.parse(inputs.sampler.default)
     assert inputs.key_steps.default == DEFAULT_KEY_STEPS
     assert (inputs.mode.default, inputs.mode.choices) == (DEFAULT_MODE, list(MODE_NAMES))
@@ -136,7 +136,9 @@ def test_the_defaults_pass_the_input_checks():
         (
             "sampler",
             "ddim",
-            "sampler must be one of 'DDIM-50', 'DPM-Solver-20', 'DPM-Solver++-20', got 'ddim'",
+            "sampler must be one of 'DDIM-50', 'DPM-Solver-20', 'DPM-Solver++-20', 'DDIM', "
+            "'DPMSolverMultistep', 'KarrasDPM', 'K_EULER', 'K_EULER_ANCESTRAL', 'HeunDiscrete', 'PNDM', "
+            "'KLMS', 'UniPCMultistep', got 'ddim'",
         ),
         ("output_format", "jpeg", "output_format must be one of 'webp', 'jpg', 'png', got 'jpeg'"),
         ("output_quality", 101, "output_quality must be between 0 and 100, got 101"),

@@ -40,6 +40,7 @@ from faster_diffusion.calibration import (  # noqa: E402
     write_calibrations,
 )
 from faster_diffusion.measure import canonical_target  # noqa: E402
+from faster_diffusion.samplers import PAPER_SAMPLERS  # noqa: E402
 
 
 def halves(pipe) -> None:
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         halves(pipe)
         return 0
     measured = []
-    for sampler in Sampler:
+    for sampler in PAPER_SAMPLERS:
         use_sampler(pipe, sampler)
         started = time.perf_counter()
         calibration = get_calibration(

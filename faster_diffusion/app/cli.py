@@ -30,8 +30,10 @@ from .generate import (
     MODE_NAMES,
     GenerationRequest,
     GenerationResult,
+    InputNames,
     check_for_model,
     check_image_to_image_steps,
+    check_sampler_choice,
     describe_speedup,
     faster_config,
     generate,
@@ -78,6 +80,16 @@ FIELD_FLAGS = {
 }
 
 
+#: How :func:`~faster_diffusion.app.generate.check_sampler_choice` names the inputs here: by their flags.
+CLI_INPUTS = InputNames(
+    sampler="--sampler",
+    key_steps="--key-steps",
+    noise_on="prior noise injection (on in --mode encoder)",
+    noise_off="pass --no-noise-injection",
+    choose_branch="--branch auto",
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m faster_diffusion",
@@ -87,16 +99,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("prompt", help="the text to render")
     parser.add_argument("--negative-prompt", default="", help="text to steer away from")
     parser.add_argument(
-        "--sampler", default=Sampler.DDIM.value, help=f"one of {', '.join(s.value for s in Sampler)}"
+        "--sampler",
+        default=Sampler.DDIM.value,
+        help=f"one of {', '.join(Sampler.names())} (case-insensitive): the paper's three with their step "
+        "counts, then Replicate's scheduler names (DDIM is DDIM-50; KarrasDPM is DPMSolverMultistep with "
+        "Karras sigmas); see docs/usage.md, The command line",
     )
-    parser.add_argument("--steps", type=int, default=None, help="override the sampler's step count")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="sampler steps (default: the sampler's own: 50 for DDIM-50, DDIM and PNDM, 20 for the paper's "
+        "DPM-Solvers, 25 for the others)",
+    )
     parser.add_argument(
         "--key-steps",
         default=DEFAULT_KEY_STEPS,
         help=f"key steps (with --mode deep, the full steps): {ACCEPTED_FORMS}; default: --mode deep: "
-        "auto:13 (DDIM, 50 steps), auto:6@feature (DPM-Solver, 20 steps) or uniform:3 (DPM-Solver++); "
-        "--mode encoder: 'paper' for SD v1.5 base "
-        "weights, otherwise 'auto' (DDIM) or 'auto:9' (DPM-Solver, 20 steps); see docs/usage.md, Key steps",
+        "auto:13 (DDIM, 50 steps), auto:6@feature (DPM-Solver, 20 steps) or uniform:3 (DPM-Solver++ and "
+        "Replicate's scheduler names); --mode encoder: 'paper' for SD v1.5 base weights, otherwise 'auto' "
+        "(DDIM) or 'auto:9' (DPM-Solver, 20 steps), and 'paper' for Replicate's scheduler names but DDIM "
+        "(not measured on them); see docs/usage.md, Key steps",
     )
     parser.add_argument(
         "--mode",
@@ -271,7 +294,8 @@ def _check_flags(args: argparse.Namespace, image) -> None:
         first = given.steps - image_to_image_steps(given.steps, given.strength)
     if args.key_steps.strip().lower() != DEFAULT_KEY_STEPS:
         keys = parse_key_steps(args.key_steps)
-        if keys.kind is not KeyStepKind.AUTO:
+        # Heun's and PNDM's key steps index UNet calls, counted once the model's scheduler config is read.
+        if keys.kind is not KeyStepKind.AUTO and given.sampler.one_call_per_step:
             keys.resolve(given.steps, start=first)
     _check_device(args.device)
     _check_lora(args)
@@ -383,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
             noise_strength=args.noise_strength,
             noise_threshold=args.noise_threshold,
         )
+        # For --key-steps default, 'paper' stands in until the model is read; no sampler that calls the UNet
+        # more than once a step (Heun, PNDM) has an 'auto' default.
+        choosing = args.branch == AUTO_BRANCH
+        check_sampler_choice(args.sampler, faster, choose_branch=choosing, names=CLI_INPUTS)
         pipe, source, is_reference = _load(args)
         if default:
             keys = resolve_key_steps(DEFAULT_KEY_STEPS, pipe, args.sampler, args.steps, args.mode)
@@ -390,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         request = _request(
             args, model_size(pipe), default_guidance(pipe), faster=faster, image=image, mask=mask
         )
-        check_for_model(pipe, request)
+        check_for_model(pipe, request, choose_branch=choosing)
         if args.lora is not None:  # before the key steps: 'auto' is placed for the LoRA'd model
             use_lora(pipe, args.lora, _lora_scale(args))
         request = prepare_key_steps(pipe, request)
@@ -410,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     width, height = request.output_size
     print(
-        f"Sampler: {request.sampler.value}, {request.steps} steps, {width}x{height}, "
+        f"Sampler: {request.describe_sampler()}, {width}x{height}, "
         f"seed {request.seed}, guidance {request.guidance_scale}"
     )
     if image is not None:

@@ -25,8 +25,9 @@ from ..memory import AUTO
 from ..modes import MODES, apply_faster_diffusion
 from ..noise import PRIOR_NOISE_ALPHA, PRIOR_NOISE_TAU, NoiseInjection
 from ..policy import parse_key_steps
-from ..samplers import Sampler, make_scheduler, use_sampler
+from ..samplers import Sampler, make_scheduler, scheduler_config_of, use_sampler
 from ..schedule import CalibrationError, KeyStepKind, KeySteps, KeyStepSchedule
+from ..support import INJECTION_SCHEDULERS, SIGMA_SCALED_INJECTION_SCHEDULERS
 from .images import MAX_PIXELS, MAX_SIDE, prepare_image, prepare_mask
 from .loading import check_trained_size, safety_check_of
 from .lora import loaded_lora
@@ -44,7 +45,8 @@ class GenerationRequest:
     prompt: str | list[str]
     negative_prompt: str | None = None
     sampler: Sampler = Sampler.DDIM
-    #: Steps; ``None`` uses the sampler's own (50 for DDIM, 20 for DPM-Solver).
+    #: Sampler steps; ``None`` uses the sampler's own (``Sampler.default_steps``: 50 for DDIM and PNDM, 20 for
+    #: the paper's DPM-Solvers, 25 for Replicate's other scheduler names).
     num_steps: int | None = None
     width: int = 512
     height: int = 512
@@ -67,6 +69,11 @@ class GenerationRequest:
     #: SDXL: mark the images with diffusers' invisible watermark (when ``invisible-watermark`` is installed,
     #: as in the Cog image). ``False`` leaves them unmarked. SD 1.x/2.x pipelines have no watermarker.
     watermark: bool = True
+    #: For a sampler whose loop calls the UNet other than once a step (Heun: 2N - 1 calls for N steps; PNDM:
+    #: N + 1 with SD's config), ``(calls, first)``: the UNet calls of the whole schedule and the index of the
+    #: first that runs, which faster diffusion counts as its steps; set from the pipeline's scheduler config
+    #: by :func:`with_unet_calls`. ``None``: one call a step.
+    unet_calls: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
@@ -135,6 +142,22 @@ class GenerationRequest:
         return self.steps - self.steps_run
 
     @property
+    def calls_run(self) -> int:
+        """The UNet calls of the loop that runs: :attr:`steps_run`, or the calls of :attr:`unet_calls`."""
+        if self.unet_calls is None:
+            return self.steps_run
+        calls, first = self.unet_calls
+        return calls - first
+
+    def describe_sampler(self) -> str:
+        """The sampler and its steps for logs, such as ``DDIM-50, 50 steps`` or ``HeunDiscrete, 25 steps (49
+        UNet calls, each a step of the key steps)``."""
+        line = f"{self.sampler.value}, {self.steps} steps"
+        if self.unet_calls is not None:
+            line += f" ({self.unet_calls[0]} UNet calls, each a step of the key steps)"
+        return line
+
+    @property
     def output_size(self) -> tuple[int, int]:
         """(width, height) of the output images: the input image's, or ``width`` and ``height``."""
         return self.image.size if self.image is not None else (self.width, self.height)
@@ -155,8 +178,26 @@ class GenerationRequest:
         """The key steps this request will use (raises ``KeyStepError`` if they do not fit the step count).
 
         With an image, the whole schedule's key steps cut to the steps that run, as faster diffusion cuts them
-        (:meth:`~faster_diffusion.schedule.KeyStepSchedule.cut`)."""
-        return self.faster.key_steps.resolve(self.steps, start=self.first_step)
+        (:meth:`~faster_diffusion.schedule.KeyStepSchedule.cut`). With :attr:`unet_calls`, over the UNet
+        calls, as faster diffusion places them."""
+        steps, first = self.unet_calls or (self.steps, self.first_step)
+        return self.faster.key_steps.resolve(steps, start=first)
+
+
+def with_unet_calls(pipe: Any, request: GenerationRequest) -> GenerationRequest:
+    """``request`` with :attr:`~GenerationRequest.unet_calls` set when its sampler calls the UNet other than
+    once a step, counted on a fresh scheduler of the sampler from ``pipe``'s scheduler config
+    (:func:`~faster_diffusion.samplers.scheduler_config_of`; the
+    image-to-image pipelines start at ``first_step`` times the scheduler's order, as diffusers'
+    ``get_timesteps`` does)."""
+    from ..calibration import scheduler_timesteps
+
+    if request.sampler.one_call_per_step:
+        return dataclasses.replace(request, unet_calls=None)
+    scheduler = make_scheduler(request.sampler, scheduler_config_of(pipe))
+    calls = len(scheduler_timesteps(scheduler, request.steps))
+    first = request.first_step * int(getattr(scheduler, "order", 1))
+    return dataclasses.replace(request, unet_calls=(calls, first))
 
 
 def image_to_image_steps(steps: int, strength: float) -> int:
@@ -177,11 +218,91 @@ def check_image_to_image_steps(
         )
 
 
-def check_for_model(pipe: Any, request: GenerationRequest) -> None:
-    """Refuse, before anything runs, what ``request`` asks of ``pipe``'s model that it cannot do: a deep-reuse
-    branch its UNet does not have (``branch: ...``), and an output size a built-in reference model was not
-    trained for (``image: ...`` or ``width and height: ...``). The messages name the Cog inputs; the command
-    line names the flags."""
+@dataclass(frozen=True)
+class InputNames:
+    """How the messages of :func:`check_sampler_choice` name the inputs: the Cog model's by default
+    (:data:`COG_INPUTS`); the command line gives its flags."""
+
+    sampler: str = "sampler"
+    key_steps: str = "key_steps"
+    #: Prior noise injection switched on, and how to switch it off.
+    noise_on: str = "noise_injection on (mode 'encoder')"
+    noise_off: str = "set noise_injection to false"
+    choose_branch: str = "choose_branch"
+
+
+#: The Cog model's input names.
+COG_INPUTS = InputNames()
+
+#: Why prior noise injection cannot work with a sampler's scheduler (:mod:`faster_diffusion.support`).
+_NO_INJECTION = {
+    Sampler.HEUN: "its second call of a step steps from the first call's sample",
+    Sampler.PNDM: "its warm-up repeats a step",
+    Sampler.UNIPC: "its corrector recomputes the sample",
+}
+#: How a sampler that calls the UNet other than once a step calls it.
+_CALLS = {
+    Sampler.HEUN: "2N - 1 times for N steps (twice a step but the last)",
+    Sampler.PNDM: "N + 1 times for N steps with SD's config (its warm-up repeats a step)",
+}
+
+
+def injection_samplers() -> tuple[Sampler, ...]:
+    """The samplers whose scheduler prior noise injection supports (:mod:`faster_diffusion.support`)."""
+    supported = INJECTION_SCHEDULERS + SIGMA_SCALED_INJECTION_SCHEDULERS
+    return tuple(sampler for sampler in Sampler if sampler.scheduler_class in supported)
+
+
+def check_sampler_choice(
+    sampler: Sampler | str, faster: Any, *, choose_branch: bool = False, names: InputNames = COG_INPUTS
+) -> None:
+    """Refuse, naming the inputs (``names``), what ``sampler`` cannot do with the reuse config ``faster``,
+    before any model work: prior noise injection on a scheduler it does not support (the engine's
+    :func:`~faster_diffusion.support.check_supported_scheduler` would refuse it at the run), and ``auto`` key
+    steps or a branch choice (``choose_branch``), which need a calibration, on a sampler that calls the UNet
+    other than once a step (:func:`~faster_diffusion.calibration.check_calibratable`)."""
+    sampler = Sampler.parse(sampler)
+    noise = faster.noise_injection
+    if noise.enabled and noise.alpha > 0 and noise.tau > 0 and sampler not in injection_samplers():
+        allowed = ", ".join(
+            repr(name) for name in Sampler.names() if Sampler.parse(name) in injection_samplers()
+        )
+        raise ValueError(
+            f"{names.sampler} {sampler.value!r} does not work with {names.noise_on}: the injection needs a "
+            f"scheduler whose step advances from the sample it is given, and "
+            f"{sampler.scheduler_class.__name__}'s does not ({_NO_INJECTION.get(sampler, 'not supported')}); "
+            f"{names.noise_off}, or choose a {names.sampler} that supports it: {allowed}"
+        )
+    if sampler.one_call_per_step:
+        return
+    once = ", ".join(repr(name) for name in Sampler.names() if Sampler.parse(name).one_call_per_step)
+    why = (
+        f"it calls the UNet {_CALLS[sampler]}, and a calibration measures one call a step; {{fix}}, or "
+        f"choose a {names.sampler} that calls the UNet once a step: {once}"
+    )
+    if faster.key_steps.kind is KeyStepKind.AUTO:
+        fix = (
+            f"give {names.key_steps} that need none, such as 'default' (for this sampler, none is "
+            "calibrated), 'uniform:3' or a list of UNet calls"
+        )
+        raise ValueError(
+            f"{names.key_steps} {str(faster.key_steps)!r} needs a calibration, which {names.sampler} "
+            f"{sampler.value!r} cannot have: " + why.format(fix=fix)
+        )
+    if choose_branch:
+        raise ValueError(
+            f"{names.choose_branch} calibrates each branch, which {names.sampler} {sampler.value!r} cannot "
+            "have: " + why.format(fix="give the branch instead")
+        )
+
+
+def check_for_model(pipe: Any, request: GenerationRequest, *, choose_branch: bool = False) -> None:
+    """Refuse, before anything runs, what ``request`` asks of ``pipe``'s model that it cannot do: what its
+    sampler cannot do with its reuse settings (:func:`check_sampler_choice`; ``choose_branch``: the branch is
+    to be chosen), a deep-reuse branch its UNet does not have (``branch: ...``), and an output size a built-in
+    reference model was not trained for (``image: ...`` or ``width and height: ...``). The messages name the
+    Cog inputs; the command line names the flags."""
+    check_sampler_choice(request.sampler, request.faster, choose_branch=choose_branch)
     if isinstance(request.faster, DeepReuseConfig):
         try:
             deep_modules(pipe.unet, request.faster.branch)
@@ -231,9 +352,11 @@ def prepare_key_steps(
         weights_folder,
     )
 
+    request = with_unet_calls(pipe, request)
     keys = request.faster.key_steps
     if keys.kind is not KeyStepKind.AUTO:
         return request
+    check_sampler_choice(request.sampler, request.faster)  # auto on Heun or PNDM: an error naming the inputs
     keys = keys.for_steps(request.steps)  # 'auto:B/N': B per N steps, as a budget for the request's
     if keys.budget is not None and keys.budget > request.steps:  # before any calibration is measured
         raise CalibrationError(
@@ -243,7 +366,7 @@ def prepare_key_steps(
     folder, lora = weights_folder(pipe), loaded_lora(pipe)
     target = getattr(request.faster, "calibration_target", "encoder")  # a registered mode may have none
     # Looked up for the request's sampler without touching the pipeline (the run sets it, once).
-    scheduler = make_scheduler(request.sampler, pipe.scheduler.config)
+    scheduler = make_scheduler(request.sampler, scheduler_config_of(pipe))
     calibration = find_calibration(pipe, request.steps, scheduler, target=target)
     reuse = "" if target == "encoder" else f" of {target} reuse"
     of = reuse
@@ -389,14 +512,17 @@ def warm_up(pipe: Any, request: GenerationRequest) -> None:
     """An untimed stock run of ``request``'s shape, two steps and one image, so that the one-off costs of a
     process's first pipeline call at a size (allocator, thread pool, lazy imports, kernel selection) stay out
     of the timed runs that follow. Without it, the first comparison of a fresh process reported 0.18x."""
-    generate(pipe, dataclasses.replace(request, num_steps=2, num_outputs=1, strength=1.0), accelerate=False)
+    short = dataclasses.replace(request, num_steps=2, num_outputs=1, strength=1.0, unet_calls=None)
+    generate(pipe, short, accelerate=False)
 
 
 class _LoopTimer:
     """Times the denoising loop of one pipeline call, the same way for stock and accelerated runs.
 
-    The start is the first UNet call (a forward pre-hook); the end is the last step's callback. On CUDA the
-    end waits for the GPU once, so the time is real; there is no sync inside the loop.
+    The start is the first UNet call (a forward pre-hook); the end is the last step's callback: the loop's
+    last iteration, as many as the pipeline's timesteps (``pipe._num_timesteps``, which diffusers' SD and SDXL
+    pipelines set before their loop: 2N - 1 for Heun's N steps), else ``num_steps``. On CUDA the end waits for
+    the GPU once, so the time is real; there is no sync inside the loop.
     """
 
     def __init__(self, unet: torch.nn.Module, num_steps: int, user_callback: Callable | None) -> None:
@@ -413,7 +539,8 @@ class _LoopTimer:
     def callback(self, pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         if self.user_callback is not None:
             tensors = self.user_callback(pipe, step, timestep, tensors) or tensors
-        if step == self.num_steps - 1:
+        last = getattr(pipe, "_num_timesteps", None)
+        if step == (last if isinstance(last, int) and last > 0 else self.num_steps) - 1:
             latents = tensors.get("latents")
             if isinstance(latents, torch.Tensor) and latents.device.type == "cuda":
                 torch.cuda.synchronize(latents.device)
@@ -474,7 +601,7 @@ def generate(
         runner.watermark = None  # for this call only (cog-sdxl's apply_watermark=false does the same)
     device = getattr(pipe, "_execution_device", torch.device("cpu"))
     generator = torch.Generator(device=device).manual_seed(request.seed)
-    timer = _LoopTimer(pipe.unet, request.steps_run, step_callback)
+    timer = _LoopTimer(pipe.unet, request.calls_run, step_callback)
     started = time.perf_counter()
     try:
         with torch.inference_mode():

@@ -218,33 +218,40 @@ class TextToImage:
         one chosen for a built-in reference model, as on the command line."""
         return default_guidance(self.pipe)
 
-    def prepare_default_key_steps(self, sampler: str = "DDIM-50", *, calibrate: bool = True) -> str:
-        """The default key steps of ``sampler`` at its own step count, in the default mode
-        (:data:`~faster_diffusion.policy.DEFAULT_MODE`), described; ``auto`` ones are read from the saved
+    def prepare_default_key_steps(
+        self, sampler: str = "DDIM-50", mode: str = DEFAULT_MODE, *, calibrate: bool = True
+    ) -> str:
+        """The default key steps of ``sampler`` at its own step count, in reuse ``mode`` (by default
+        :data:`~faster_diffusion.policy.DEFAULT_MODE`), described; ``auto`` ones are read from the saved
         calibration. With none saved, ``calibrate`` makes and saves it (``script/prepare-weights``, before
         ``cog build``); ``calibrate=False`` raises :class:`~faster_diffusion.schedule.CalibrationError`
-        instead, measuring nothing."""
-        keys = resolve_key_steps(DEFAULT_KEY_STEPS, self.pipe, sampler, mode=DEFAULT_MODE)
-        request = GenerationRequest(
-            prompt="-", sampler=sampler, faster=faster_config(keys, mode=DEFAULT_MODE)
-        )
-        return prepare_key_steps(self.pipe, request, calibrate=calibrate).schedule.describe()
+        instead, measuring nothing. Defaults that need no calibration measure nothing either way."""
+        keys = resolve_key_steps(DEFAULT_KEY_STEPS, self.pipe, sampler, mode=mode)
+        request = GenerationRequest(prompt="-", sampler=sampler, faster=faster_config(keys, mode=mode))
+        prepared = prepare_key_steps(self.pipe, request, calibrate=calibrate)
+        calls = "" if prepared.unet_calls is None else f" ({prepared.describe_sampler()})"
+        return prepared.schedule.describe() + calls
 
-    def check_default_key_steps(self, samplers: Sequence[str]) -> list[str]:
-        """What the Cog setup does about key steps: look each sampler's default up and log it, measuring
-        nothing. Returns the samplers whose calibration is missing (logged with a warning: their first
-        request calibrates first)."""
+    def check_default_key_steps(
+        self, samplers: Sequence[str], modes: Sequence[str] = (DEFAULT_MODE,)
+    ) -> list[str]:
+        """What the Cog setup does about key steps: look the default of each sampler in each reuse mode up and
+        log it, measuring nothing. Returns ``"<sampler>, mode <mode>"`` for each calibration that is missing
+        (logged with a warning: its first request calibrates first)."""
         missing = []
-        for sampler in samplers:
-            try:
-                described = self.prepare_default_key_steps(sampler, calibrate=False)
-                print(f"Default key steps for {sampler}: {described}")
-            except CalibrationError as error:
-                missing.append(sampler)
-                print(
-                    f"Warning: {error}: the first request with the default key steps and {sampler} "
-                    f"calibrates first. Run {PREPARE_COMMAND} before cog build to put it in the image."
-                )
+        for mode in modes:
+            for sampler in samplers:
+                which = f"{sampler}, mode {mode}"
+                try:
+                    described = self.prepare_default_key_steps(sampler, mode, calibrate=False)
+                    print(f"Default key steps for {which}: {described}")
+                except CalibrationError as error:
+                    missing.append(which)
+                    print(
+                        f"Warning: {error}: the first request with the default key steps, {sampler} and mode "
+                        f"{mode} calibrates first. Run {PREPARE_COMMAND} before cog build to put it in the "
+                        "image."
+                    )
         return missing
 
     def key_steps(
@@ -306,12 +313,13 @@ class TextToImage:
 
         Images flagged by the safety checker are dropped; :class:`NSFWError` if that leaves none.
         """
-        check_for_model(self.pipe, request)
+        check_for_model(self.pipe, request, choose_branch=choose_branch)
         use_lora(self.pipe, lora_weights, lora_scale)  # after the cheap checks: it may download
         request = prepare_key_steps(self.pipe, request)  # calibrates first for 'auto' if none is saved
         if choose_branch:  # at the cost of those key steps at branch 0
             request = choose_branch_for(self.pipe, request)
         schedule = request.schedule  # raises KeyStepError for key steps that do not fit the sampler's steps
+        print(f"Sampler: {request.describe_sampler()}")
         print(f"Key steps: {schedule.describe()}")
         print(f"Noise injection: {request.faster.noise_injection.describe()}")
         if request.image is not None:
@@ -352,7 +360,8 @@ def _run(pipe: Any, request: GenerationRequest, *, accelerate: bool) -> Generati
     def report(ended: BaseException | None) -> None:
         if isinstance(ended, StoppedBetweenSteps):
             run = "faster diffusion" if accelerate else "stock diffusers"
-            print(f"Canceled: {run} stopped after {ended.steps_done} of {request.steps_run} steps")
+            steps = "steps" if request.unet_calls is None else "UNet calls"
+            print(f"Canceled: {run} stopped after {ended.steps_done} of {request.calls_run} {steps}")
 
     return run_stoppable(
         lambda stop: generate(pipe, request, accelerate=accelerate, step_callback=stop.callback),
