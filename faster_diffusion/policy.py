@@ -37,7 +37,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 
 from .calibration import weights_folder
 from .measure import criterion_names
@@ -107,6 +113,52 @@ DEEP_DEFAULTS: dict[Sampler, tuple[float, str | None]] = {
 }
 
 
+#: Deep reuse's default for the schedulers users pick most, by :func:`scheduler_family`, measured at 25 steps
+#: by the rule written before the runs (``benchmarks/README.md``, "Defaults for the schedulers users pick
+#: most"): the candidate with the fewest full steps that kept stock quality on both reference models, on two
+#: sets of seeds. Every fourth step for Euler and UniPC (7 full steps of 25). DPM-Solver++ 2M Karras keeps
+#: every third: every fourth lost 1.3 points on the first model's fresh seeds. Euler ancestral keeps every
+#: third with a loss the benchmarks document: no candidate kept stock quality on the first reference model
+#: (every third step lost 15 points there, every second 3.3; a likely cause is the fresh noise it adds at
+#: every step, which the reused features never saw). The interval is kept at other step counts.
+SCHEDULER_DEFAULTS: dict[str, KeySteps] = {
+    "euler": KeySteps.uniform(4),
+    "euler-ancestral": KeySteps.uniform(3),
+    "karras-dpm": KeySteps.uniform(3),
+    "unipc": KeySteps.uniform(4),
+}
+#: The family of :data:`SCHEDULER_DEFAULTS` each of Replicate's names builds.
+SAMPLER_FAMILIES: dict[Sampler, str] = {
+    Sampler.K_EULER: "euler",
+    Sampler.K_EULER_ANCESTRAL: "euler-ancestral",
+    Sampler.KARRAS_DPM: "karras-dpm",
+    Sampler.UNIPC: "unipc",
+}
+#: Settings that change a scheduler's sigmas: a scheduler that sets any of them is not the one measured.
+_SIGMA_SETTINGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas")
+
+
+def scheduler_family(scheduler: Any) -> str | None:
+    """Which scheduler of :data:`SCHEDULER_DEFAULTS` ``scheduler`` is, as measured: Euler or Euler ancestral
+    or UniPC with their own sigmas, or DPM-Solver++ 2M (multistep, order 2) with Karras sigmas and no other
+    sigma setting (``KarrasDPM``); ``None`` for any other scheduler or setting."""
+    config = getattr(scheduler, "config", None) or {}
+    sigmas = {name for name in _SIGMA_SETTINGS if config.get(name)}
+    kind = type(scheduler)
+    if kind is DPMSolverMultistepScheduler:
+        karras_2m = (
+            config.get("algorithm_type", "dpmsolver++") == "dpmsolver++" and config.get("solver_order") == 2
+        )
+        return "karras-dpm" if karras_2m and sigmas == {"use_karras_sigmas"} else None
+    if sigmas:
+        return None
+    return {
+        EulerDiscreteScheduler: "euler",
+        EulerAncestralDiscreteScheduler: "euler-ancestral",
+        UniPCMultistepScheduler: "unipc",
+    }.get(kind)
+
+
 #: Encoder propagation's key steps when none are given, for a sampler without a measured default (Replicate's
 #: scheduler names but ``DDIM``): the paper's preset, cut or scaled to the run's step count
 #: (:func:`~faster_diffusion.schedule.paper_key_steps`). Not measured on these schedulers; chosen because it
@@ -122,10 +174,14 @@ def default_key_steps(
     sampler's own (20 for DPM-Solver). ``mode``: ``"deep"`` (the default) gives :data:`DEEP_DEFAULTS`'s entry,
     ``"encoder"`` the paper's preset or ``auto`` (:data:`UNMEASURED_ENCODER_KEY_STEPS` for a named sampler
     that is not the paper's)."""
-    sampler = Sampler.parse(sampler) if sampler is not None else sampler_of(getattr(pipe, "scheduler", None))
+    scheduler = getattr(pipe, "scheduler", None)
+    family = scheduler_family(scheduler) if sampler is None else SAMPLER_FAMILIES.get(Sampler.parse(sampler))
+    sampler = Sampler.parse(sampler) if sampler is not None else sampler_of(scheduler)
     if num_steps == 1 and not isinstance(num_steps, bool):
         return KeySteps.every_step()  # one step: nothing to reuse, and nothing to calibrate
     if mode == "deep":
+        if family is not None:
+            return SCHEDULER_DEFAULTS[family]
         if sampler not in DEEP_DEFAULTS:
             return DEEP_DEFAULT_KEY_STEPS
         fraction, criterion = DEEP_DEFAULTS[sampler]

@@ -182,11 +182,15 @@ def test_default_steps_and_calls_per_step():
 
 
 def test_default_key_steps_need_no_calibration_for_replicate_s_names_and_are_unchanged_for_the_presets():
+    from faster_diffusion import policy
+
     pipe = build_tiny_pipeline(0)
     for sampler in Sampler:
         if sampler.is_paper:
             continue
-        assert default_key_steps(pipe, sampler, mode="deep") == KeySteps.uniform(3)
+        family = policy.SAMPLER_FAMILIES.get(sampler)  # the measured ones: their own interval
+        expected = KeySteps.uniform(3) if family is None else policy.SCHEDULER_DEFAULTS[family]
+        assert default_key_steps(pipe, sampler, mode="deep") == expected
         assert default_key_steps(pipe, sampler, 30, mode="encoder") == KeySteps.paper()
     # The presets, as before (weights that are not SD v1.5's base: encoder propagation calibrates).
     assert default_key_steps(pipe, "DDIM-50") == KeySteps.auto(13)
@@ -236,7 +240,8 @@ def test_prepare_weights_calibrates_only_the_presets_and_setup_then_finds_every_
         for mode in ("deep", "encoder"):
             described = model.prepare_default_key_steps(name, mode, calibrate=False)  # measures nothing
             assert "Calibrating" not in capsys.readouterr().out
-            assert described.startswith("uniform:3" if mode == "deep" else "paper")
+            every = {"K_EULER": 4, "UniPCMultistep": 4}.get(name, 3)  # policy.SCHEDULER_DEFAULTS
+            assert described.startswith(f"uniform:{every}" if mode == "deep" else "paper")
     assert model.prepare_default_key_steps("HeunDiscrete", "deep", calibrate=False) == (
         "uniform:3: 17 of 49 steps are key steps [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 36, 39, 42, "
         "45, 48] (HeunDiscrete, 25 steps (49 UNet calls, each a step of the key steps))"
@@ -291,14 +296,15 @@ def test_the_command_line_runs_replicate_s_names_with_fewer_full_passes_than_une
     assert cli.main([*argv, "--steps", "6", "--width", "16", "--height", "16"]) == 0
     printed = capsys.readouterr().out
     calls = 11 if sampler == "HeunDiscrete" else 6
-    full = len(range(0, calls, 3))  # the default: every third call
+    every = 4 if sampler == "K_EULER" else 3  # the default: Euler's measured interval, else every third call
+    full = len(range(0, calls, every))
     if sampler == "HeunDiscrete":
         assert (
             "Sampler: HeunDiscrete, 6 steps (11 UNet calls, each a step of the key steps), 16x16" in printed
         )
     else:
         assert "Sampler: K_EULER, 6 steps, 16x16" in printed
-    assert f"Key steps: uniform:3: {full} of {calls} steps are key steps" in printed
+    assert f"Key steps: uniform:{every}: {full} of {calls} steps are key steps" in printed
     assert f"{full} full / {calls - full} partial UNet passes" in printed
     assert (out / "faster-0.png").exists()
 

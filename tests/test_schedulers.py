@@ -44,6 +44,12 @@ from faster_diffusion import (
     apply_faster_diffusion,
 )
 from faster_diffusion.calibration import scheduler_key
+from faster_diffusion.policy import (
+    DEEP_DEFAULT_KEY_STEPS,
+    SCHEDULER_DEFAULTS,
+    default_key_steps,
+    scheduler_family,
+)
 from fixtures.tiny import SD15_SCHEDULER_CONFIG, build_tiny_pipeline, build_tiny_sdxl_pipeline
 
 from .conftest import assert_equal_up_to_rounding
@@ -480,3 +486,58 @@ def test_prior_noise_injection_on_sigma_scaled_latents_equals_the_hand_written_r
         handle.remove()
     assert_equal_up_to_rounding(injected, expected)
     assert (injected - stock).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("name", "variant", "options", "family"),
+    [
+        ("Euler", "default", {}, "euler"),
+        ("Euler", "karras", {}, None),
+        ("Euler-a", "default", {}, "euler-ancestral"),
+        ("UniPC", "default", {}, "unipc"),
+        ("UniPC", "karras", {}, None),
+        ("DPM++", "karras", {}, "karras-dpm"),
+        ("DPM++", "default", {}, None),
+        ("DPM++", "karras", dict(solver_order=3), None),
+        ("SDE-DPM++", "karras", {}, None),
+        ("DPM++", "exponential", {}, None),
+        ("DDIM", "default", {}, None),
+        ("Heun", "default", {}, None),
+    ],
+)
+def test_the_measured_schedulers_get_their_own_default_and_no_other_setting_does(
+    name, variant, options, family
+):
+    """The defaults measured for Euler, Euler ancestral, DPM-Solver++ 2M Karras and UniPC
+    (policy.SCHEDULER_DEFAULTS) apply to those schedulers as measured, whether set by the library user or by
+    their Replicate name, and to no other setting: the rest keep every third step."""
+    scheduler = make_scheduler(name, variant)
+    if options:
+        scheduler = type(scheduler).from_config(scheduler.config, **options)
+    assert scheduler_family(scheduler) == family
+    pipe = pipe_with("DDIM")
+    pipe.scheduler = scheduler
+    expected = SCHEDULER_DEFAULTS[family] if family is not None else None
+    keys = default_key_steps(pipe)
+    if expected is not None:
+        assert keys == expected
+        with apply_faster_diffusion(pipe) as handle:
+            assert handle.config.key_steps == expected
+    elif name != "DDIM":
+        assert keys == DEEP_DEFAULT_KEY_STEPS
+
+
+@pytest.mark.parametrize(
+    ("sampler", "family"),
+    [
+        ("K_EULER", "euler"),
+        ("K_EULER_ANCESTRAL", "euler-ancestral"),
+        ("KarrasDPM", "karras-dpm"),
+        ("UniPCMultistep", "unipc"),
+    ],
+)
+def test_replicate_s_names_build_the_schedulers_their_defaults_were_measured_on(sampler, family):
+    from faster_diffusion import make_scheduler as build
+
+    assert scheduler_family(build(sampler, SD15_SCHEDULER_CONFIG)) == family
+    assert default_key_steps(None, sampler) == SCHEDULER_DEFAULTS[family]

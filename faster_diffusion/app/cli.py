@@ -116,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--key-steps",
         default=DEFAULT_KEY_STEPS,
         help=f"key steps (with --mode deep, the full steps): {ACCEPTED_FORMS}; default: --mode deep: "
-        "auto:13 (DDIM, 50 steps), auto:6@feature (DPM-Solver, 20 steps) or uniform:3 (DPM-Solver++ and "
-        "Replicate's scheduler names); --mode encoder: 'paper' for SD v1.5 base weights, otherwise 'auto' "
+        "auto:13 (DDIM, 50 steps), auto:6@feature (DPM-Solver, 20 steps), uniform:4 (K_EULER, "
+        "UniPCMultistep) or uniform:3 (DPM-Solver++ and the other scheduler names); --mode encoder: "
+        "'paper' for SD v1.5 base weights, otherwise 'auto' "
         "(DDIM) or 'auto:9' (DPM-Solver, 20 steps), and 'paper' for Replicate's scheduler names but DDIM "
         "(not measured on them); see docs/usage.md, Key steps",
     )
