@@ -484,6 +484,9 @@ REPORT_SCRIPTS = {
     "quality": "quality",
     "img2img-quality": "img2img_quality",
     "placement-search": "placement_search",
+    "first-call": "first_call",
+    "schedulers-25": "modes_frontier",
+    "speed-256-schedulers": "speed",
 }
 
 
@@ -492,7 +495,7 @@ def test_every_committed_report_regenerates_identically_from_its_json(tmp_path):
 
     results = ROOT / "benchmarks" / "results"
     pairs = sorted(p for p in results.glob("*.json") if p.with_suffix(".md").is_file())
-    assert len(pairs) == 21
+    assert len(pairs) == 32
     differ = []
     for path in pairs:
         prefix = max((p for p in REPORT_SCRIPTS if path.stem.startswith(p)), key=len)
