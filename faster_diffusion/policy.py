@@ -12,6 +12,10 @@ for other step counts (:data:`DEEP_DEFAULTS`). DPM-Solver++ keeps every third st
 (:data:`DEEP_DEFAULT_KEY_STEPS`): with it, 6 calibrated full steps lost 1.7-2.1 points on the first reference
 model (the third addendum of ``benchmarks/modes_frontier.py``), where every third step kept stock quality.
 
+Euler and UniPC take every fourth step, and DPM-Solver++ 2M Karras and Euler ancestral every third
+(:data:`SCHEDULER_DEFAULTS`, by the rule of ``benchmarks/README.md``, "Defaults for the schedulers users pick
+most"); any other scheduler takes every third (:data:`DEEP_DEFAULT_KEY_STEPS`).
+
 Encoder propagation (``mode="encoder"``), the paper's method, has its own default key steps:
 
 - SD v1.5 base weights (a weights folder whose recorded source, :data:`SOURCE_FILE`, is one of
