@@ -837,8 +837,8 @@ class FasterDiffusion:
     def __init__(self, pipe: Any, config: ReuseConfig, resolve_auto: AutoResolver | None = None) -> None:
         self.config = config
         self._resolve_auto = resolve_auto
-        # (steps, scheduler, key steps) whose fallback was announced by a CalibrationFallbackWarning.
-        self._fallbacks_said: set[tuple[int, int, str]] = set()
+        # (steps, key steps) whose fallback was announced by a CalibrationFallbackWarning.
+        self._fallbacks_said: set[tuple[int, str]] = set()
         self._pipe = weakref.ref(pipe)
         self.unet = pipe.unet
         self.scheduler = pipe.scheduler
@@ -1037,18 +1037,14 @@ class FasterDiffusion:
         try:
             return keys, self._calibration(num_steps, timesteps), None
         except CalibrationMissing as missing:
-            if keys.budget is not None and keys.budget > num_steps:
-                raise KeyStepError(
-                    f"key_steps {str(keys)!r}: a budget of {keys.budget} key steps is more than the "
-                    f"{num_steps} steps of the run"
-                ) from None
+            keys.check_budget_fits(num_steps)
             fallback = keys.fallback(num_steps)
             count = len(fallback.resolve(num_steps).indices)
             reason = (
                 f"{missing} This run places {count} key steps as {fallback} (DeepCache's uniform interval) "
                 f"instead of {keys}."
             )
-            seen = (num_steps, id(self.scheduler), str(keys))
+            seen = (num_steps, str(keys))  # the handle's scheduler cannot change
             if seen not in self._fallbacks_said:
                 self._fallbacks_said.add(seen)
                 warnings.warn(f"faster_diffusion: {reason}", CalibrationFallbackWarning, stacklevel=2)

@@ -37,7 +37,6 @@ quality on these schedulers. ``DDIM`` is ``DDIM-50`` and has its defaults.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +51,7 @@ from diffusers import (
 from .calibration import weights_folder
 from .measure import criterion_names
 from .samplers import Sampler
-from .schedule import KeyStepError, KeyStepKind, KeySteps
+from .schedule import KeyStepError, KeyStepKind, KeySteps, scaled_budget
 
 #: Repositories of SD v1.5 base weights: the weights the paper's key steps and its FID evidence are for.
 SD15_REPOS = frozenset({"stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5"})
@@ -189,14 +188,14 @@ def default_key_steps(
         if sampler not in DEEP_DEFAULTS:
             return DEEP_DEFAULT_KEY_STEPS
         fraction, criterion = DEEP_DEFAULTS[sampler]
-        return KeySteps.auto(_budget(num_steps or sampler.default_steps, fraction), criterion)
+        return KeySteps.auto(scaled_budget(num_steps or sampler.default_steps, fraction), criterion)
     if sampler is not None and not sampler.is_paper:
         return UNMEASURED_ENCODER_KEY_STEPS
     if read_source(weights_folder(pipe)) in SD15_REPOS:
         return KeySteps.paper()
     if sampler not in (Sampler.DPM_SOLVER, Sampler.DPM_SOLVER_PP):
         return KeySteps.auto()
-    return KeySteps.auto(_budget(num_steps or sampler.default_steps, DPM_SOLVER_DEFAULT_FRACTION))
+    return KeySteps.auto(scaled_budget(num_steps or sampler.default_steps, DPM_SOLVER_DEFAULT_FRACTION))
 
 
 def any_steps_default_key_steps(pipe: Any, mode: str = DEFAULT_MODE) -> KeySteps:
@@ -208,11 +207,6 @@ def any_steps_default_key_steps(pipe: Any, mode: str = DEFAULT_MODE) -> KeySteps
     if keys.kind is not KeyStepKind.AUTO or keys.budget is None or sampler is None:
         return keys
     return KeySteps.auto(keys.budget, keys.criterion, per=sampler.default_steps)
-
-
-def _budget(steps: int, fraction: float) -> int:
-    """``fraction`` of ``steps``, rounded half up, at least 1."""
-    return max(1, math.floor(steps * fraction + 0.5))
 
 
 def resolve_key_steps(

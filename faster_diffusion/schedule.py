@@ -110,6 +110,11 @@ def uniform_key_steps(num_steps: int, every: int) -> tuple[int, ...]:
     return tuple(range(0, num_steps, every))
 
 
+def scaled_budget(num_steps: int, fraction: float) -> int:
+    """``fraction`` of ``num_steps`` key steps, rounded half up, at least 1."""
+    return max(1, math.floor(num_steps * fraction + 0.5))
+
+
 def fallback_interval(num_steps: int, budget: int) -> int:
     """The uniform interval that stands in for ``budget`` calibrated key steps of ``num_steps``: the largest
     ``I`` whose ``uniform:I`` has at least ``budget`` key steps (``ceil(num_steps / I) >= budget``), so it is
@@ -254,6 +259,14 @@ class KeySteps:
         scaled to the run's step count (:meth:`for_steps`; ``auto:13/50``), as the one-call default is."""
         return cls(KeyStepKind.AUTO, budget=budget, criterion=criterion, per=per)
 
+    def check_budget_fits(self, num_steps: int) -> None:
+        """Raise :class:`KeyStepError` if an ``auto`` budget is more than a run's ``num_steps`` steps."""
+        if self.budget is not None and self.budget > num_steps:
+            raise KeyStepError(
+                f"key_steps {str(self)!r}: a budget of {self.budget} key steps is more than the "
+                f"{num_steps} steps of the run"
+            )
+
     def for_steps(self, num_steps: int) -> KeySteps:
         """These key steps for a run of ``num_steps`` steps: ``auto:B/N`` becomes ``auto:b`` with ``b`` the
         same fraction of the run's steps, rounded half up, at least 1 (``auto:13/50`` is ``auto:13`` for 50
@@ -266,8 +279,7 @@ class KeySteps:
         if self.per is None:
             return self
         _check_num_steps(num_steps)
-        budget = min(num_steps, max(1, math.floor(num_steps * self.budget / self.per + 0.5)))
-        return KeySteps.auto(budget, self.criterion)
+        return KeySteps.auto(min(num_steps, scaled_budget(num_steps, self.budget / self.per)), self.criterion)
 
     def placed_by(self, calibration: Any) -> Any:
         """For ``AUTO``: ``calibration`` read with this value's criterion (itself when it names none). A
@@ -383,11 +395,7 @@ class KeySteps:
                     f"key_steps {str(self)!r}: the calibration is for {calibration.num_steps} steps, the run "
                     f"has {num_steps}"
                 )
-            if self.budget is not None and self.budget > num_steps:
-                raise KeyStepError(
-                    f"key_steps {str(self)!r}: a budget of {self.budget} key steps is more than the "
-                    f"{num_steps} steps of the run"
-                )
+            self.check_budget_fits(num_steps)
             return self.placed_by(calibration).key_steps(self.budget, start, stop).resolve(num_steps)
         if self.kind is KeyStepKind.PAPER:
             indices = paper_key_steps(num_steps)
